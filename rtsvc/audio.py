@@ -1,0 +1,87 @@
+"""Audio I/O, resampling and the framing constants shared by the mel, the vocoder and the DiT."""
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from rtsvc.errors import UserError
+
+SAMPLE_RATE = 44100  # the model's audio rate
+HOP_LENGTH = 512  # samples per mel frame (86.13 frames/s)
+N_FFT = 2048
+WIN_LENGTH = 2048
+N_MELS = 128
+FMIN = 40.0
+FMAX = 16000.0
+ENCODER_SAMPLE_RATE = 16000  # ContentVec, Whisper and RMVPE take 16 kHz
+
+
+def load_audio(path: str | Path, sample_rate: int | None = SAMPLE_RATE) -> tuple[np.ndarray, int]:
+    """Read any soundfile-supported file as mono float32, resampled to `sample_rate` if given."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"audio file not found: {path}")
+    try:
+        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:  # soundfile raises several types for bad files
+        raise UserError(f"cannot read audio file {path}: {err}") from None
+    audio = audio.mean(axis=1)
+    if audio.size == 0:
+        raise UserError(f"audio file is empty: {path}")
+    if sample_rate is not None and sr != sample_rate:
+        audio = resample(audio, sr, sample_rate)
+        sr = sample_rate
+    return np.ascontiguousarray(audio, dtype=np.float32), sr
+
+
+def save_audio(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write mono float audio; the format follows the file extension (wav, flac, ogg)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sf.write(str(path), np.clip(audio, -1.0, 1.0).astype(np.float32), sample_rate)
+    except Exception as err:
+        raise UserError(f"cannot write audio file {path}: {err}") from None
+
+
+def resample(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Whole-signal resampling (soxr high quality)."""
+    if src_rate == dst_rate:
+        return audio.astype(np.float32, copy=False)
+    return soxr.resample(audio.astype(np.float32), src_rate, dst_rate, quality="HQ").astype(np.float32)
+
+
+class StreamResampler:
+    """Block-by-block resampling with state, for live audio and websocket clients.
+
+    soxr keeps its filter history between calls, so consecutive blocks join without clicks.
+    Output length per call varies by a sample or so; the total follows the rate ratio.
+    """
+
+    def __init__(self, src_rate: int, dst_rate: int):
+        self.src_rate = src_rate
+        self.dst_rate = dst_rate
+        self._stream = None if src_rate == dst_rate else soxr.ResampleStream(
+            src_rate, dst_rate, 1, dtype="float32", quality="HQ"
+        )
+
+    def process(self, block: np.ndarray, last: bool = False) -> np.ndarray:
+        block = np.asarray(block, dtype=np.float32)
+        if self._stream is None:
+            return block
+        return self._stream.resample_chunk(block, last=last)
+
+    def reset(self) -> None:
+        self.__init__(self.src_rate, self.dst_rate)
+
+
+def db_to_gain(db: float) -> float:
+    return float(10.0 ** (db / 20.0))
+
+
+def rms_db(block: np.ndarray) -> float:
+    """Level of a block in dBFS (-inf for digital silence is clamped to -120)."""
+    power = float(np.mean(np.square(block, dtype=np.float64))) if block.size else 0.0
+    return 10.0 * np.log10(max(power, 1e-12))
