@@ -1,0 +1,76 @@
+"""Runtime knobs that a user can change while audio is flowing.
+
+`RuntimeSettings` is shared between a front end (CLI keys, websocket `set` messages) and the
+engine's worker thread. Writers call `update(...)`; the engine takes one `snapshot()` per block,
+so a block never sees half of an update.
+"""
+
+import threading
+from dataclasses import dataclass, fields, replace
+
+from rtsvc.errors import UserError
+
+MAX_PITCH_SHIFT = 36.0  # semitones either way
+MAX_STEPS = 64
+
+
+@dataclass(frozen=True)
+class Knobs:
+    speaker: str | None = None  # None: the model's first speaker
+    pitch_shift: float = 0.0  # semitones
+    formant_shift: float = 1.0  # DSP voice only: spectral envelope stretch factor
+    cfg_strength: float = 2.0  # classifier-free guidance on the Whisper branch (0 = off)
+    steps: int = 4  # rectified-flow sampling steps (grid points) while streaming
+    gate_db: float = -50.0  # input below this level (dBFS) outputs silence and skips the model
+    input_gain_db: float = 0.0
+    output_gain_db: float = 0.0
+    seed: int = 0
+
+
+def validate_knobs(knobs: Knobs) -> Knobs:
+    """Raise UserError for values no voice can use."""
+    if abs(knobs.pitch_shift) > MAX_PITCH_SHIFT:
+        raise UserError(f"pitch_shift must be within ±{MAX_PITCH_SHIFT:g} semitones, got {knobs.pitch_shift}")
+    if not 0.5 <= knobs.formant_shift <= 2.0:
+        raise UserError(f"formant_shift must be between 0.5 and 2.0, got {knobs.formant_shift}")
+    if not 0.0 <= knobs.cfg_strength <= 10.0:
+        raise UserError(f"cfg_strength must be between 0 and 10, got {knobs.cfg_strength}")
+    if not 2 <= knobs.steps <= MAX_STEPS:
+        raise UserError(f"steps must be between 2 and {MAX_STEPS}, got {knobs.steps}")
+    if not -120.0 <= knobs.gate_db <= 0.0:
+        raise UserError(f"gate_db must be between -120 and 0 dBFS, got {knobs.gate_db}")
+    for name in ("input_gain_db", "output_gain_db"):
+        if abs(getattr(knobs, name)) > 40.0:
+            raise UserError(f"{name} must be within ±40 dB, got {getattr(knobs, name)}")
+    return knobs
+
+
+KNOB_NAMES = tuple(f.name for f in fields(Knobs))
+
+
+class RuntimeSettings:
+    """Thread-safe holder of the current `Knobs`."""
+
+    def __init__(self, knobs: Knobs | None = None):
+        self._lock = threading.Lock()
+        self._knobs = validate_knobs(knobs or Knobs())
+
+    def snapshot(self) -> Knobs:
+        with self._lock:
+            return self._knobs
+
+    def update(self, **changes: object) -> Knobs:
+        """Change some knobs at once; unknown names or bad values raise UserError, changing nothing."""
+        unknown = sorted(set(changes) - set(KNOB_NAMES))
+        if unknown:
+            raise UserError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(KNOB_NAMES)}")
+        coerced = {}
+        for name, value in changes.items():
+            kind = type(getattr(Knobs(), name)) if name != "speaker" else str
+            try:
+                coerced[name] = None if value is None and name == "speaker" else kind(value)
+            except (TypeError, ValueError):
+                raise UserError(f"setting {name} needs a {kind.__name__}, got {value!r}") from None
+        with self._lock:
+            self._knobs = validate_knobs(replace(self._knobs, **coerced))
+            return self._knobs
