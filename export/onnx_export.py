@@ -1,0 +1,355 @@
+"""torch -> ONNX for the DiT (its CFG velocity), the vocoder and optionally the feature encoders.
+
+Graphs (names fixed in `rtsvc.bundle`, described in docs/bundle.md):
+  dit.onnx      x [b, n, 128], t [b], spk [b] int64, f0 [b, n], rms [b, n], cvec [b, n, 768],
+                whisper [b, n, 1280], cfg_strength [] -> velocity [b, n, 128]
+                The null-whisper and full branches run as one batch of 2b inside the graph;
+                v = v_null + cfg_strength * (v_full - v_null).
+  vocoder.onnx  mel [b, 128, n] log-mel, f0 [b, n] Hz, phase [b or 1, 9], noise [b, n*512, 9]
+                -> audio [b, n*512]; the harmonic source's randomness is an input, so a run is a
+                pure function of its inputs and ORT matches torch exactly given the same draws.
+Batch and frame count are dynamic axes.
+
+Exporter: the TorchScript exporter (`dynamo=False`) is used first: it exports these models with
+dynamic axes in well under a second and ORT runs the result at the same speed as the dynamo
+export; the dynamo exporter (onnxscript) is the fallback if TorchScript export fails.
+"""
+
+import copy
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from rtsvc import __version__
+from rtsvc.audio import ENCODER_SAMPLE_RATE, FMAX, FMIN, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH
+from rtsvc.bundle import (
+    DIT_FILE,
+    DIT_INPUTS,
+    DIT_OUTPUT,
+    MANIFEST,
+    VOCODER_FILE,
+    VOCODER_INPUTS,
+    VOCODER_OUTPUT,
+    sha256_file,
+    write_manifest,
+)
+from rtsvc.dit import DiT
+from rtsvc.errors import UserError
+from rtsvc.flow import Conditioning, cfg_velocity
+from rtsvc.mel import CLAMP_MIN, LOG_MEL_MAX, LOG_MEL_MIN
+from rtsvc.models import LoadedDiT, load_dit, load_vocoder
+from rtsvc.pretrained import DEFAULT_PRETRAINED_DIR, LAYOUT, resolve_pretrained
+from rtsvc.vocoder import HARMONIC_NUM, NsfHifiGan
+
+if TYPE_CHECKING:
+    from export.parity import ParityRow
+
+DEFAULT_OPSET = 17
+TRACE_FRAMES = 40  # frames of the example input used to trace (any length works afterwards)
+TRACE_BATCH = 2  # >1 so the batch axis is not specialised to 1 while tracing
+ProgressFn = Callable[[str], None]  # called with a label before each step
+MAX_OPSET = 21  # newest opset ONNX Runtime 1.18+ runs everywhere
+DEFAULT_STEPS = 32  # upstream offline default; streaming overrides it with its own knob
+DEFAULT_CFG = 2.0
+
+
+class DitCfgVelocity(nn.Module):
+    """The DiT's classifier-free-guided velocity in one call (what the sampler needs per step).
+
+    Traced through `rtsvc.flow.cfg_velocity` itself (null and full branch as one batch of 2b), so
+    the graph computes exactly what the torch backend does. The trace takes the batched branch;
+    at cfg_strength 0 the graph still runs both halves and returns v_null, the same value.
+    """
+
+    def __init__(self, dit: DiT, half: bool = False):
+        super().__init__()
+        self.dit = dit
+        self.dtype = torch.float16 if half else torch.float32
+
+    def forward(self, x, t, spk, f0, rms, cvec, whisper, cfg_strength):
+        d = self.dtype
+        cond = Conditioning(spk=spk, f0=f0.to(d), rms=rms.to(d), cvec=cvec.to(d), whisper=whisper.to(d))
+        return cfg_velocity(self.dit, x.to(d), t, cond, cfg_strength).float()
+
+
+class VocoderGraph(nn.Module):
+    """The vocoder with its source randomness as explicit inputs."""
+
+    def __init__(self, vocoder: NsfHifiGan, half: bool = False):
+        super().__init__()
+        self.vocoder = vocoder
+        self.dtype = torch.float16 if half else torch.float32
+
+    def forward(self, mel, f0, phase, noise):
+        # the harmonic source is computed in float32 (phase accumulation), then cast to mel's dtype
+        return self.vocoder(mel.to(self.dtype), f0, phase=phase, noise=noise).float()
+
+
+def dit_example(batch: int, frames: int, num_speaker: int, generator: torch.Generator | None = None):
+    """Random but plausible DiT inputs (voiced/unvoiced f0, small rms) in DIT_INPUTS order."""
+    g = generator
+    f0 = torch.rand(batch, frames, generator=g) * 700 + 80
+    f0[:, : max(1, frames // 5)] = 0.0  # an unvoiced stretch, as in real audio
+    return (
+        torch.randn(batch, frames, 128, generator=g),
+        torch.rand(batch, generator=g),
+        torch.randint(0, num_speaker, (batch,), generator=g),
+        f0,
+        torch.rand(batch, frames, generator=g) * 0.2,
+        torch.randn(batch, frames, 768, generator=g),
+        torch.randn(batch, frames, 1280, generator=g),
+        torch.tensor(2.0),
+    )
+
+
+def vocoder_example(batch: int, frames: int, hop: int, generator: torch.Generator | None = None):
+    """Random log-mel in the model's range, f0 with an unvoiced stretch, and the source draws."""
+    g = generator
+    mel = torch.randn(batch, 128, frames, generator=g) * 1.5 - 6.0
+    f0 = torch.rand(batch, frames, generator=g) * 500 + 100
+    f0[:, : max(1, frames // 5)] = 0.0
+    phase = torch.rand(1, 9, generator=g)
+    phase[:, 0] = 0.0
+    noise = torch.randn(batch, frames * hop, 9, generator=g)
+    return mel, f0, phase, noise
+
+
+def _export(module: nn.Module, example: tuple, path: Path, input_names: tuple[str, ...], output: str,
+            dynamic_axes: dict, opset: int) -> str:
+    """Export with the TorchScript exporter, falling back to dynamo; returns which one was used."""
+    module.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # deprecation + tracer warnings about shape arithmetic
+            torch.onnx.export(module, example, str(path), input_names=list(input_names),
+                              output_names=[output], dynamic_axes=dynamic_axes, opset_version=opset,
+                              dynamo=False, do_constant_folding=True)
+        return "torchscript"
+    except Exception as first:  # exporter internals raise many types; try the other exporter
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, example, str(path), input_names=list(input_names),
+                                  output_names=[output], dynamic_axes=dynamic_axes,
+                                  opset_version=max(opset, 18), dynamo=True)
+            return "dynamo"
+        except Exception as second:
+            raise RuntimeError(f"ONNX export failed with both exporters: {first!r}; {second!r}") from second
+
+
+def export_dit(dit: DiT, path: str | Path, opset: int = DEFAULT_OPSET, fp16: bool = False) -> str:
+    """Write dit.onnx (CFG velocity, dynamic batch and frames); returns the exporter used."""
+    dit = dit.to("cpu").eval()
+    module = DitCfgVelocity(copy.deepcopy(dit).half() if fp16 else dit, half=fp16)
+    example = dit_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, torch.Generator().manual_seed(0))
+    per_frame = {0: "batch", 1: "frames"}
+    axes = {"x": per_frame, "t": {0: "batch"}, "spk": {0: "batch"}, "f0": per_frame, "rms": per_frame,
+            "cvec": per_frame, "whisper": per_frame, DIT_OUTPUT: per_frame}
+    return _export(module, example, Path(path), DIT_INPUTS, DIT_OUTPUT, axes, opset)
+
+
+def export_vocoder(vocoder: NsfHifiGan, path: str | Path, opset: int = DEFAULT_OPSET,
+                   fp16: bool = False) -> str:
+    """Write vocoder.onnx (dynamic batch and frames, randomness as inputs); returns the exporter used."""
+    vocoder = vocoder.to("cpu").eval()
+    module = VocoderGraph(copy.deepcopy(vocoder).half() if fp16 else vocoder, half=fp16)
+    example = vocoder_example(TRACE_BATCH, TRACE_FRAMES, vocoder.upp, torch.Generator().manual_seed(0))
+    axes = {"mel": {0: "batch", 2: "frames"}, "f0": {0: "batch", 1: "frames"}, "phase": {0: "phase_batch"},
+            "noise": {0: "batch", 1: "samples"}, VOCODER_OUTPUT: {0: "batch", 1: "samples"}}
+    return _export(module, example, Path(path), VOCODER_INPUTS, VOCODER_OUTPUT, axes, opset)
+
+
+# --- feature encoders (optional: --with-encoders) ---------------------------------------------
+
+CONTENTVEC_FILE = "contentvec.onnx"
+WHISPER_FILE = "whisper_encoder.onnx"
+ENCODER_TRACE_SAMPLES = 16000  # 1 s of 16 kHz audio
+
+
+class ContentVecGraph(nn.Module):
+    """audio [b, samples] at 16 kHz -> last_hidden_state [b, frames, 768]."""
+
+    def __init__(self, hubert: nn.Module):
+        super().__init__()
+        self.hubert = hubert
+
+    def forward(self, audio):
+        return self.hubert(audio).last_hidden_state
+
+
+class WhisperGraph(nn.Module):
+    """Whisper log-mel [b, 128, frames] -> hidden_states[-2] [b, ceil(frames / 2), d] (any frames up
+    to 3000: the padded 30 s input or a streaming window), via `WhisperEncoder.hidden_from_mel`."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.wrapper = encoder  # rtsvc.whisper_encoder.WhisperEncoder
+        self.encoder = encoder.encoder  # registers the weights with this module
+
+    def forward(self, mel):
+        from rtsvc.whisper_encoder import WhisperEncoder
+
+        return WhisperEncoder.hidden_from_mel.__wrapped__(self.wrapper, mel)  # without inference_mode
+
+
+def export_encoders(paths, work: Path, opset: int, tolerance: float, step: ProgressFn):
+    """ContentVec and Whisper encoder graphs + their parity rows; returns (rows, files, exporters)."""
+    from export.parity import check_contentvec, check_whisper
+    from rtsvc.contentvec import ContentVec
+    from rtsvc.whisper_encoder import WhisperEncoder
+
+    step("exporting contentvec.onnx")
+    cvec = ContentVec.load(paths.contentvec, "cpu")
+    g = torch.Generator().manual_seed(0)
+    exporters = {"contentvec": _export(
+        ContentVecGraph(cvec.model), (torch.randn(1, ENCODER_TRACE_SAMPLES, generator=g) * 0.1,),
+        work / CONTENTVEC_FILE, ("audio",), "features",
+        {"audio": {0: "batch", 1: "samples"}, "features": {0: "batch", 1: "frames"}}, opset)}
+    step("parity: contentvec")
+    rows = check_contentvec(work / CONTENTVEC_FILE, ContentVecGraph(cvec.model), tolerance)
+    step("exporting whisper_encoder.onnx")
+    whisper = WhisperEncoder.load(paths.whisper, "cpu")
+    n_mels = whisper.encoder.config.num_mel_bins
+    exporters["whisper"] = _export(
+        WhisperGraph(whisper), (torch.randn(1, n_mels, 200, generator=g),), work / WHISPER_FILE, ("mel",),
+        "features", {"mel": {0: "batch", 2: "frames"}, "features": {0: "batch", 1: "positions"}}, opset)
+    step("parity: whisper encoder")
+    rows += check_whisper(work / WHISPER_FILE, WhisperGraph(whisper), n_mels, tolerance)
+    return rows, {"contentvec": CONTENTVEC_FILE, "whisper": WHISPER_FILE}, exporters
+
+
+# --- the bundle -------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    path: Path  # the bundle (only written when `ok`)
+    rows: "list[ParityRow]"
+    exporters: dict[str, str]  # graph -> exporter used
+    ok: bool
+
+    def failures(self) -> "list[ParityRow]":
+        return [r for r in self.rows if not r.ok]
+
+
+def export_steps(with_encoders: bool) -> int:
+    """How many progress steps `export_bundle` reports (for a progress bar's total)."""
+    return 6 + (4 if with_encoders else 0)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; a bundle is a directory (e.g. my-voice.rtsvc)")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise UserError(f"--out {out} is a non-empty directory that is not a bundle; choose another --out")
+
+
+def _source_info(ckpt: Path) -> dict:
+    return {"checkpoint": ckpt.name, "checkpoint_sha256": sha256_file(ckpt), "rtsvc_version": __version__,
+            "torch_version": torch.__version__}
+
+
+def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encoders: dict[str, str]) -> dict:
+    """Everything a runtime needs besides the graphs; `files` and `format_version` are added by
+    `rtsvc.bundle.write_manifest`."""
+    c = loaded.config
+    return {
+        "name": options["name"],
+        "audio": {"sample_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH, "n_fft": N_FFT,
+                  "win_length": WIN_LENGTH, "n_mels": N_MELS, "fmin": FMIN, "fmax": FMAX,
+                  "mel_scale": "slaney", "log": "natural",
+                  "clamp_min": CLAMP_MIN, "model_mel_range": [LOG_MEL_MIN, LOG_MEL_MAX]},
+        "speakers": dict(loaded.speakers),
+        "dit": {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim, "ff_mult": c.ff_mult,
+                "num_speaker": c.num_speaker, "n_mel": c.n_mel, "cvec_dim": c.cvec_dim,
+                "whisper_dim": c.whisper_dim, "inputs": list(DIT_INPUTS), "output": DIT_OUTPUT},
+        "vocoder": {**asdict(vocoder.config), "harmonics": HARMONIC_NUM + 1, "inputs": list(VOCODER_INPUTS),
+                    "output": VOCODER_OUTPUT},
+        "defaults": {"steps": DEFAULT_STEPS, "cfg_strength": DEFAULT_CFG},
+        "features": {
+            "pretrained_layout": {k: LAYOUT[k] for k in ("contentvec", "whisper", "rmvpe")},
+            "contentvec": {"sample_rate": ENCODER_SAMPLE_RATE, "dim": c.cvec_dim, "frame_rate": 50,
+                           "output": "last_hidden_state", "onnx": encoders.get("contentvec")},
+            "whisper": {"sample_rate": ENCODER_SAMPLE_RATE, "dim": c.whisper_dim, "frame_rate": 50,
+                        "output": "hidden_states[-2]", "onnx": encoders.get("whisper")},
+            "f0": {"extractors": ["rmvpe", "fcpe", "pyworld"], "default": "rmvpe",
+                   "unvoiced": "linear interpolation", "units": "Hz"},
+            "rms": {"frame_length": N_FFT, "hop_length": HOP_LENGTH},
+        },
+        "export": {"opset": options["opset"], "precision": "fp16" if options["fp16"] else "fp32",
+                   "exporters": options["exporters"], "parity": options["parity"]},
+        "source": options["source"],
+    }
+
+
+def _parity_summary(rows: "list[ParityRow]") -> dict:
+    out: dict[str, dict] = {}
+    for r in rows:
+        entry = out.setdefault(r.graph, {"max_abs": 0.0, "max_rel": 0.0, "frames": []})
+        entry["max_abs"] = max(entry["max_abs"], r.max_abs)
+        entry["max_rel"] = max(entry["max_rel"], r.rel)
+        entry["frames"].append(r.frames)
+    return out
+
+
+def export_bundle(
+    ckpt: str | Path, out: str | Path, pretrained_dir: str | Path | None = DEFAULT_PRETRAINED_DIR,
+    vocoder: str | Path | None = None, opset: int = DEFAULT_OPSET, fp16: bool = False,
+    with_encoders: bool = False, tolerance: float | None = None, lengths: tuple[int, ...] = (17, 64, 203),
+    progress: ProgressFn | None = None,
+) -> ExportResult:
+    """Export a checkpoint (+ vocoder, + optional encoders) to a verified bundle at `out`.
+
+    Work happens in a hidden sibling directory; only a bundle whose every graph passes the parity
+    check replaces `out`, so a failed export never leaves a half bundle behind.
+    """
+    from export.parity import check_dit, check_vocoder, default_tolerance  # parity imports this module
+
+    step = progress or (lambda label: None)
+    ckpt, out = Path(ckpt), Path(out)
+    _check_out(out)
+    if not 7 <= opset <= MAX_OPSET:
+        raise UserError(f"--opset must be between 7 and {MAX_OPSET}, got {opset}")
+    tolerance = default_tolerance(fp16) if tolerance is None else tolerance
+    need = ("vocoder", "contentvec", "whisper") if with_encoders else ("vocoder",)
+    paths = resolve_pretrained(pretrained_dir, vocoder=vocoder, need=need)
+    step("loading the checkpoint and vocoder")
+    loaded = load_dit(ckpt, "cpu")
+    voc = load_vocoder(paths.vocoder, "cpu")
+
+    work = out.parent / f".{out.name}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        exporters, encoders = {}, {}
+        step("exporting dit.onnx")
+        exporters["dit"] = export_dit(loaded.model, work / DIT_FILE, opset, fp16)
+        step("exporting vocoder.onnx")
+        exporters["vocoder"] = export_vocoder(voc, work / VOCODER_FILE, opset, fp16)
+        step("parity: dit")
+        rows = check_dit(work / DIT_FILE, loaded.model, lengths, tolerance)
+        step("parity: vocoder")
+        rows += check_vocoder(work / VOCODER_FILE, voc, lengths, tolerance)
+        if with_encoders:
+            enc_rows, encoders, enc_exporters = export_encoders(paths, work, opset, tolerance, step)
+            rows += enc_rows
+            exporters.update(enc_exporters)
+        ok = all(r.ok for r in rows)
+        if not ok:
+            return ExportResult(out, rows, exporters, ok=False)
+        step("writing manifest.json")
+        options = {"name": out.stem, "opset": opset, "fp16": fp16, "exporters": exporters,
+                   "parity": _parity_summary(rows), "source": _source_info(ckpt)}
+        write_manifest(work, build_manifest(loaded, voc, options, encoders))
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return ExportResult(out, rows, exporters, ok=True)

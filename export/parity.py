@@ -1,0 +1,123 @@
+"""Numeric parity of exported graphs: ONNX Runtime against the torch module they came from.
+
+Each graph is run on random inputs of several frame counts (odd ones included, so nothing
+relies on a multiple of a block size) and the worst absolute error is compared with the largest
+reference value: `rel = max|ort - torch| / max|torch|`. The vocoder is fed the same explicit
+phase and noise on both sides, so any difference is numerical, not random.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.onnx_export import DitCfgVelocity, VocoderGraph, dit_example, vocoder_example
+from rtsvc.bundle import DIT_INPUTS, VOCODER_INPUTS
+from rtsvc.dit import DiT
+from rtsvc.onnx_backend import make_session
+from rtsvc.vocoder import NsfHifiGan
+
+DEFAULT_LENGTHS = (17, 64, 203)  # mel frames: 0.2 s, 0.74 s, 2.4 s
+FP32_TOLERANCE = 1e-4  # relative to the largest reference value
+FP16_TOLERANCE = 2e-2
+PARITY_SEED = 1234
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    graph: str
+    batch: int
+    frames: int
+    max_abs: float
+    ref_max: float
+    tolerance: float
+
+    @property
+    def rel(self) -> float:
+        return self.max_abs / max(self.ref_max, 1e-12)
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.max_abs)) and self.rel <= self.tolerance
+
+
+def default_tolerance(fp16: bool) -> float:
+    return FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+
+
+def _batch_for(i: int) -> int:
+    return 2 if i % 2 else 1  # alternate 1 and 2 so the dynamic batch axis is exercised too
+
+
+def _compare(graph: str, reference: Callable, session, names: tuple[str, ...], example: tuple,
+             tolerance: float) -> ParityRow:
+    with torch.no_grad():
+        ref = reference(*example).float().numpy()
+    feeds = {name: value.numpy() for name, value in zip(names, example, strict=True)}
+    out = session.run(None, feeds)[0]
+    if out.shape != ref.shape:
+        raise RuntimeError(f"{graph}: ONNX output shape {out.shape} differs from torch {ref.shape}")
+    err = float(np.max(np.abs(out.astype(np.float64) - ref))) if ref.size else 0.0
+    frames = example[0].shape[1] if graph == "dit" else example[0].shape[-1]
+    ref_max = float(np.max(np.abs(ref))) if ref.size else 0.0
+    return ParityRow(graph, int(example[0].shape[0]), int(frames), err, ref_max, tolerance)
+
+
+def check_dit(onnx_path: str | Path, dit: DiT, lengths=DEFAULT_LENGTHS, tolerance: float = FP32_TOLERANCE,
+              providers: list[str] | None = None) -> list[ParityRow]:
+    """dit.onnx vs the torch DiT (fp32) with CFG 2.0, one row per length."""
+    session = make_session(onnx_path, providers or ["CPUExecutionProvider"])
+    reference = DitCfgVelocity(dit.float().eval())
+    g = torch.Generator().manual_seed(PARITY_SEED)
+    return [_compare("dit", reference, session, DIT_INPUTS,
+                     dit_example(_batch_for(i), n, dit.config.num_speaker, g), tolerance)
+            for i, n in enumerate(lengths)]
+
+
+def check_vocoder(onnx_path: str | Path, vocoder: NsfHifiGan, lengths=DEFAULT_LENGTHS,
+                  tolerance: float = FP32_TOLERANCE, providers: list[str] | None = None) -> list[ParityRow]:
+    """vocoder.onnx vs the torch vocoder (fp32) with identical phase/noise, one row per length."""
+    session = make_session(onnx_path, providers or ["CPUExecutionProvider"])
+    reference = VocoderGraph(vocoder.float().eval())
+    g = torch.Generator().manual_seed(PARITY_SEED)
+    return [_compare("vocoder", reference, session, VOCODER_INPUTS,
+                     vocoder_example(_batch_for(i), n, vocoder.upp, g), tolerance)
+            for i, n in enumerate(lengths)]
+
+
+ENCODER_SECONDS = (0.37, 1.0, 2.3)  # ContentVec input lengths
+WHISPER_FRAMES = (64, 237, 3000)  # Whisper mel frames: streaming windows and the padded 30 s
+
+
+def _encoder_compare(graph: str, reference, session, name: str, x: torch.Tensor, length: int,
+                     tolerance: float) -> ParityRow:
+    with torch.no_grad():
+        ref = reference(x).float().numpy()
+    out = session.run(None, {name: x.numpy()})[0]
+    if out.shape != ref.shape:
+        raise RuntimeError(f"{graph}: ONNX output shape {out.shape} differs from torch {ref.shape}")
+    err = float(np.max(np.abs(out - ref)))
+    return ParityRow(graph, 1, length, err, float(np.max(np.abs(ref))), tolerance)
+
+
+def check_contentvec(onnx_path, reference, tolerance: float = FP32_TOLERANCE) -> list[ParityRow]:
+    """contentvec.onnx vs torch on noise-like 16 kHz audio; `frames` = output frames (50/s)."""
+    session = make_session(onnx_path)
+    g = torch.Generator().manual_seed(PARITY_SEED)
+    rows = []
+    for seconds in ENCODER_SECONDS:
+        audio = torch.randn(1, int(seconds * 16000), generator=g) * 0.1
+        rows.append(_encoder_compare("contentvec", reference, session, "audio", audio, int(seconds * 50),
+                                     tolerance))
+    return rows
+
+
+def check_whisper(onnx_path, reference, n_mels: int, tolerance: float = FP32_TOLERANCE) -> list[ParityRow]:
+    """whisper_encoder.onnx vs torch on random log-mel inputs of several frame counts."""
+    session = make_session(onnx_path)
+    g = torch.Generator().manual_seed(PARITY_SEED)
+    mels = [torch.randn(1, n_mels, n, generator=g) * 0.5 for n in WHISPER_FRAMES]
+    return [_encoder_compare("whisper", reference, session, "mel", mel, mel.shape[-1], tolerance)
+            for mel in mels]

@@ -1,0 +1,248 @@
+"""Benchmarks (`rtsvc bench`): engine compute time per block, and end-to-end loopback latency.
+
+Compute: each configuration streams a synthetic sung tone through `StreamingConverter` and
+reports per-block compute time (mean, p50, p99), real-time factor (compute / block length) and the
+engine's algorithmic latency. Nothing here asserts on time; it prints tables.
+
+Loopback: a private PulseAudio server with two null sinks ("mic", "speaker") stands in for a
+sound card. A measuring process plays tone bursts into "mic" and records "speaker.monitor" in one
+full-duplex stream while `rtsvc live` runs between them; the same rig recording "mic.monitor"
+directly gives the rig's own delay, which is subtracted.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rtsvc.engine import StreamConfig, StreamingConverter
+from rtsvc.errors import UserError
+from rtsvc.settings import Knobs, RuntimeSettings
+from rtsvc.voice import Voice
+
+SAMPLE_RATE = 44100
+WARMUP_BLOCKS = 2  # first blocks pay for lazy initialisation; not timed
+BURST_EVERY_S = 0.5
+BURST_S = 0.06
+
+
+def sung_tone(seconds: float, sample_rate: int = SAMPLE_RATE, f0: float = 180.0, seed: int = 0) -> np.ndarray:
+    """A voice-like test signal: harmonics with vibrato, and a breathy noise gap every second."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.02 * np.sin(2 * np.pi * 5 * t))) / sample_rate
+    x = sum(0.15 / k * np.sin(k * phase) for k in range(1, 15))
+    noise = 0.02 * np.random.default_rng(seed).standard_normal(t.shape[0])
+    gap = (t % 1.0) > 0.85
+    return np.where(gap, noise, x).astype(np.float32)
+
+
+@dataclass
+class BenchCase:
+    label: str  # e.g. "dsp" or "model.ckpt torch"
+    device: str  # "cpu" / "cuda"
+    voice: Voice
+    config: StreamConfig
+    steps: int | None = None  # model voices: sampling steps
+
+
+def bench_case(case: BenchCase, seconds: float = 5.0) -> dict:
+    """Stream `seconds` of the test signal through one configuration; compute-time statistics."""
+    knobs = Knobs(gate_db=-120.0, steps=case.steps or Knobs().steps)  # gate off: every block is timed
+    engine = StreamingConverter(case.voice, RuntimeSettings(knobs), case.config)
+    block = engine.layout.block
+    audio = sung_tone(seconds + (WARMUP_BLOCKS + 1) * block / engine.sample_rate, engine.sample_rate)
+    engine.process(audio[: WARMUP_BLOCKS * block])
+    engine.reset_stats()  # drop warm-up timings
+    engine.process(audio[WARMUP_BLOCKS * block:])
+    st = engine.stats()
+    return {"voice": case.label, "device": case.device, "steps": case.steps, "block_ms": st["block_ms"],
+            "blocks": st["blocks"], "mean_ms": st["compute_ms_mean"], "p50_ms": st["compute_ms_p50"],
+            "p99_ms": st["compute_ms_p99"], "rtf": st["rtf"], "latency_ms": st["latency_ms"]}
+
+
+def bench_table(rows: list[dict], title: str = "rtsvc bench: streaming engine, per-block compute"):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("voice", "device", "steps", "block ms", "blocks", "mean ms", "p50 ms", "p99 ms", "RTF",
+                 "algo latency ms"):
+        table.add_column(name, justify="left" if name in ("voice", "device") else "right")
+    for r in rows:
+        table.add_row(r["voice"], r["device"], "-" if r["steps"] is None else str(r["steps"]),
+                      f"{r['block_ms']:.1f}", str(r["blocks"]), f"{r['mean_ms']:.1f}", f"{r['p50_ms']:.1f}",
+                      f"{r['p99_ms']:.1f}", f"{r['rtf']:.3f}", f"{r['latency_ms']:.1f}")
+    return table
+
+
+def run_bench(cases: list[BenchCase], seconds: float = 5.0, console=None) -> list[dict]:
+    """Run every case (with a progress bar) and print one table; returns the rows."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = console or Console()
+    rows = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=len(cases))
+        for case in cases:
+            progress.update(task, description=f"{case.label} {case.device} block {case.config.block_ms:g} ms")
+            rows.append(bench_case(case, seconds))
+            progress.advance(task)
+    console.print(bench_table(rows))
+    return rows
+
+
+# --- loopback through PulseAudio null sinks ---------------------------------------------------
+
+class PulseServer:
+    """A private PulseAudio daemon with null sinks, for tests and the loopback benchmark.
+
+    `env` points clients (pactl, paplay, PortAudio's `pulse` device) at it. Started as a child
+    process (no daemonising), so it is stopped by its own pid.
+    """
+
+    def __init__(self, sinks: tuple[str, ...] = ("mic", "speaker")):
+        if shutil.which("pulseaudio") is None:
+            raise UserError("pulseaudio is not installed (apt-get install pulseaudio libasound2-plugins)")
+        self.sinks = sinks
+        self.runtime_dir = tempfile.mkdtemp(prefix="rtsvc-pulse-")
+        os.chmod(self.runtime_dir, 0o700)
+        self.env = dict(os.environ, XDG_RUNTIME_DIR=self.runtime_dir, PULSE_RUNTIME_PATH=self.runtime_dir)
+        for name in ("PULSE_SERVER", "PULSE_SINK", "PULSE_SOURCE"):
+            self.env.pop(name, None)
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "PulseServer":
+        args = ["pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "-n", "--disallow-exit",
+                "--log-target=stderr", "--load=module-native-protocol-unix"]
+        args += [f"--load=module-null-sink sink_name={name} rate={SAMPLE_RATE}" for name in self.sinks]
+        self.process = subprocess.Popen(args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise UserError(f"pulseaudio failed to start: {self.process.stderr.read().decode()[-500:]}")
+            if subprocess.run(["pactl", "info"], env=self.env, capture_output=True).returncode == 0:
+                return self
+            time.sleep(0.1)
+        self.__exit__()
+        raise UserError("pulseaudio did not come up within 15 s")
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def client_env(self, sink: str | None = None, source: str | None = None) -> dict:
+        env = dict(self.env)
+        if sink:
+            env["PULSE_SINK"] = sink
+        if source:
+            env["PULSE_SOURCE"] = source
+        return env
+
+
+def burst_train(seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Hann-windowed harmonic bursts (voiced, so any voice passes them) every BURST_EVERY_S."""
+    n = int(BURST_S * sample_rate)
+    t = np.arange(n) / sample_rate
+    burst = np.hanning(n) * sum(0.2 / k * np.sin(2 * np.pi * 220 * k * t) for k in range(1, 8))
+    out = np.zeros(int(seconds * sample_rate), dtype=np.float32)
+    for start in range(int(0.2 * sample_rate), out.shape[0] - n, int(BURST_EVERY_S * sample_rate)):
+        out[start: start + n] = burst
+    return out
+
+
+def envelope(x: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Amplitude envelope (|x| smoothed over 5 ms), robust to a voice changing the waveform."""
+    width = int(0.005 * sample_rate)
+    return np.convolve(np.abs(x), np.ones(width) / width, mode="same")
+
+
+def delay_of(played: np.ndarray, recorded: np.ndarray, max_delay_s: float = 2.0,
+             sample_rate: int = SAMPLE_RATE) -> float:
+    """Seconds by which `recorded` lags `played` (envelope cross-correlation)."""
+    from scipy.signal import correlate
+
+    a, b = envelope(played, sample_rate), envelope(recorded, sample_rate)
+    a, b = a - a.mean(), b - b.mean()
+    corr = correlate(b, a, mode="full", method="fft")[a.shape[0] - 1:]  # lags >= 0
+    corr = corr[: int(max_delay_s * sample_rate)]
+    return float(np.argmax(corr)) / sample_rate
+
+
+def playrec_main(argv: list[str] | None = None) -> None:
+    """Child process of the loopback rig: `python -c ... OUT.npy SECONDS` plays bursts, records, saves.
+
+    A separate process because PortAudio reads PULSE_SINK / PULSE_SOURCE when it starts.
+    """
+    import sounddevice as sd
+
+    out_path, seconds = (argv or sys.argv[1:])[:2]
+    played = burst_train(float(seconds))
+    recorded = sd.playrec(played, samplerate=SAMPLE_RATE, channels=1, device="pulse", blocking=True)
+    np.save(out_path, np.stack((played, recorded[:, 0])))
+
+
+def _rig(server: PulseServer, source: str, seconds: float, workdir: Path) -> float:
+    out = workdir / f"rig-{source}.npy"
+    code = "import sys; from rtsvc.bench import playrec_main; playrec_main(sys.argv[1:])"
+    subprocess.run([sys.executable, "-c", code, str(out), str(seconds)], check=True, timeout=seconds + 30,
+                   env=server.client_env(sink="mic", source=source), capture_output=True)
+    played, recorded = np.load(out)
+    if np.max(np.abs(recorded)) < 1e-3:
+        raise UserError(f"loopback: nothing came back on {source} (is `rtsvc live` passing audio?)")
+    return delay_of(played, recorded)
+
+
+def measure_loopback(live_args: list[str], seconds: float = 6.0, startup_timeout: float = 60.0) -> dict:
+    """End-to-end latency of `rtsvc live LIVE_ARGS` between two PulseAudio null sinks, in ms."""
+    with PulseServer() as server, tempfile.TemporaryDirectory() as tmp:
+        rig_ms = _rig(server, "mic.monitor", seconds, Path(tmp)) * 1000
+        log = Path(tmp) / "live.log"
+        live = start_live(server, ["--duration", str(seconds + 15), *live_args], log)
+        try:
+            wait_for_start(live, log, startup_timeout)
+            time.sleep(1.0)  # let the streams settle
+            total_ms = _rig(server, "speaker.monitor", seconds, Path(tmp)) * 1000
+        finally:
+            live.terminate()
+            try:
+                live.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                live.kill()
+                live.wait()
+    return {"rig_ms": rig_ms, "total_ms": total_ms, "live_ms": total_ms - rig_ms}
+
+
+def start_live(server: PulseServer, args: list[str], log: Path) -> subprocess.Popen:
+    """`rtsvc live --input pulse --output pulse ARGS` reading mic.monitor and playing into "speaker"."""
+    exe = shutil.which("rtsvc")
+    cmd = [exe] if exe else [sys.executable, "-m", "cli"]
+    with open(log, "w") as stream:  # a file, not a pipe: a pipe nobody drains can block the child
+        return subprocess.Popen([*cmd, "live", "--input", "pulse", "--output", "pulse", *args],
+                                env=server.client_env(sink="speaker", source="mic.monitor"),
+                                stdin=subprocess.DEVNULL, stdout=stream, stderr=subprocess.STDOUT,
+                                cwd=str(Path(__file__).resolve().parent.parent))
+
+
+def wait_for_start(process: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Wait for live's start-up line ("live: IN -> OUT ..."); a UserError with its output if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if "live:" in text:
+            return
+        if process.poll() is not None:
+            raise UserError(f"`rtsvc live` exited early (code {process.returncode}): {text[-800:]}")
+        time.sleep(0.1)
+    raise UserError(f"`rtsvc live` did not start within {timeout:.0f} s")

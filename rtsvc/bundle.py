@@ -1,0 +1,152 @@
+"""The `.rtsvc` model bundle: a directory with `manifest.json`, `dit.onnx`, `vocoder.onnx` (+ encoders).
+
+`rtsvc export` writes it, `read_bundle` checks it before anything runs: the manifest must parse,
+its format version must be one this code reads, and every file it lists must exist with the
+sha256 recorded at export time. Any mismatch is refused with one line naming the file, so a
+half-copied or edited bundle never produces audio that silently differs from the checkpoint.
+The format is described for users in docs/bundle.md.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from rtsvc.errors import UserError
+
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MANIFEST = "manifest.json"
+BUNDLE_SUFFIX = ".rtsvc"
+DIT_FILE = "dit.onnx"
+VOCODER_FILE = "vocoder.onnx"
+# graph interfaces (docs/bundle.md): the exporter writes them, the ONNX backend feeds them
+DIT_INPUTS = ("x", "t", "spk", "f0", "rms", "cvec", "whisper", "cfg_strength")
+DIT_OUTPUT = "velocity"
+VOCODER_INPUTS = ("mel", "f0", "phase", "noise")
+VOCODER_OUTPUT = "audio"
+REQUIRED_KEYS = ("format_version", "audio", "speakers", "dit", "defaults", "features", "files")
+HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: its directory and parsed manifest."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def speakers(self) -> dict[str, int]:
+        return dict(self.manifest["speakers"])
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.manifest["audio"]["sample_rate"])
+
+    def file(self, name: str) -> Path:
+        """Absolute path of a listed file (`dit.onnx`, `vocoder.onnx`, an encoder)."""
+        if name not in self.manifest["files"]:
+            raise UserError(f"bundle {self.path}: manifest.json lists no file {name!r}")
+        return self.path / name
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["files"]
+
+
+def is_bundle(path: str | Path) -> bool:
+    """A bundle is a directory holding manifest.json (the `.rtsvc` suffix is a convention only)."""
+    path = Path(path)
+    return path.is_dir() and ((path / MANIFEST).is_file() or path.suffix == BUNDLE_SUFFIX)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
+    """Hash every file in `bundle_dir` (all levels) and write manifest.json with the result.
+
+    `manifest` holds everything but `files` and `format_version`, which are filled in here, so a
+    manifest can never list a file that is not in the bundle or miss one that is (external ONNX
+    weight files included).
+    """
+    bundle_dir = Path(bundle_dir)
+    files = {}
+    for path in sorted(p for p in bundle_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = path.relative_to(bundle_dir).as_posix()
+        files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    full = {"format_version": FORMAT_VERSION, **manifest, "files": files}
+    out = bundle_dir / MANIFEST
+    out.write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
+    return out
+
+
+def _load_manifest(path: Path) -> dict:
+    manifest_path = path / MANIFEST
+    if not path.exists():
+        raise UserError(f"bundle not found: {path}")
+    if not path.is_dir():
+        raise UserError(f"not an rtsvc bundle: {path} is a file (a bundle is a NAME.rtsvc directory)")
+    if not manifest_path.is_file():
+        raise UserError(f"bundle {path}: manifest.json is missing (not a bundle, or an incomplete copy)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"bundle {path}: manifest.json is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"bundle {path}: manifest.json must hold a JSON object")
+    return manifest
+
+
+def _check_version(path: Path, manifest: dict) -> None:
+    version = manifest.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
+        raise UserError(f"bundle {path}: unknown format_version {version!r} (this rtsvc reads {supported}); "
+                        "export it again with this rtsvc or upgrade rtsvc")
+
+
+def _check_keys(path: Path, manifest: dict) -> None:
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise UserError(f"bundle {path}: manifest.json lacks {', '.join(missing)}")
+    for name in (DIT_FILE, VOCODER_FILE):
+        if name not in manifest["files"]:
+            raise UserError(f"bundle {path}: manifest.json does not list {name}")
+
+
+def _check_file(path: Path, name: str, entry: dict, verify_hashes: bool) -> None:
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise UserError(f"bundle {path}: manifest.json lists a file outside the bundle: {name!r}")
+    file = path / rel
+    if not file.is_file():
+        raise UserError(f"bundle {path}: {name} is missing (listed in manifest.json): "
+                        "the bundle is incomplete")
+    if not isinstance(entry, dict) or "sha256" not in entry:
+        raise UserError(f"bundle {path}: manifest.json has no sha256 for {name}")
+    size = entry.get("bytes")
+    if size is not None and file.stat().st_size != size:
+        raise UserError(f"bundle {path}: {name} has {file.stat().st_size} bytes, manifest.json says {size} "
+                        "(file truncated or changed after export)")
+    if verify_hashes:
+        actual = sha256_file(file)
+        if actual != entry["sha256"]:
+            raise UserError(f"bundle {path}: {name} sha256 mismatch (expected {entry['sha256'][:12]}…, "
+                            f"got {actual[:12]}…): the file was changed or corrupted after export")
+
+
+def read_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
+    """Parse and verify a bundle; raise UserError (one line, naming the file) for anything wrong."""
+    path = Path(path)
+    manifest = _load_manifest(path)
+    _check_version(path, manifest)
+    _check_keys(path, manifest)
+    for name, entry in manifest["files"].items():
+        _check_file(path, name, entry, verify_hashes)
+    return Bundle(path=path, manifest=manifest)

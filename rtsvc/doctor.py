@@ -1,0 +1,122 @@
+"""`rtsvc doctor`: what is installed, which devices and ONNX Runtime providers really work,
+which audio devices exist and which pretrained components are found where.
+
+Every probe catches its own failures: a doctor that crashes on a broken install is no help.
+"""
+
+import importlib.metadata
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+PACKAGES = ("torch", "onnxruntime-gpu", "onnxruntime", "transformers", "numpy", "pyworld", "soundfile",
+            "sounddevice", "torchfcpe")
+OPTIONAL = ("onnxruntime", "onnxruntime-gpu")  # either ORT wheel will do
+
+
+@dataclass
+class Check:
+    section: str
+    name: str
+    value: str
+    ok: bool | None = None  # None: informational
+
+
+def _versions() -> list[Check]:
+    rows = [Check("versions", "python", platform.python_version(), True)]
+    for name in PACKAGES:
+        try:
+            rows.append(Check("versions", name, importlib.metadata.version(name), True))
+        except importlib.metadata.PackageNotFoundError:
+            if name not in OPTIONAL:
+                rows.append(Check("versions", name, "not installed", False))
+    return rows
+
+
+def _torch_devices() -> list[Check]:
+    try:
+        import torch
+    except Exception as err:  # a broken torch install is exactly what doctor should report
+        return [Check("torch", "import", f"failed: {err}", False)]
+    rows = [Check("torch", "threads", str(torch.get_num_threads()))]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            memory = f"{props.total_memory / 2**30:.1f} GiB"
+            rows.append(Check("torch", f"cuda:{i}", f"{props.name}, {memory}", True))
+        rows.append(Check("torch", "bf16", str(torch.cuda.is_bf16_supported())))
+    else:
+        rows.append(Check("torch", "cuda", "not available (CPU only)", None))
+    return rows
+
+
+def _onnx_providers() -> list[Check]:
+    """onnxruntime-gpu lists CUDA and TensorRT even with no GPU: report what really starts."""
+    try:
+        from rtsvc.onnx_backend import provider_report
+
+        report = provider_report()
+    except Exception as err:
+        return [Check("onnxruntime", "import", f"failed: {str(err).splitlines()[0]}", False)]
+    rows = []
+    for name, listed, works in report:
+        if works:
+            rows.append(Check("onnxruntime", name, "session starts", True))
+        else:
+            note = "listed but cannot start" if listed else "not listed"
+            rows.append(Check("onnxruntime", name, note, False))
+    return rows
+
+
+def _audio_devices() -> list[Check]:
+    try:
+        import sounddevice as sd
+
+        devices = sd.query_devices()
+    except Exception as err:  # no PortAudio library, no sound server: fine for files and serve
+        return [Check("audio", "sounddevice", f"unavailable ({str(err).splitlines()[0]})", None)]
+    if len(devices) == 0:
+        return [Check("audio", "devices", "none (live needs one; convert and serve do not)", None)]
+    rows = []
+    for i, dev in enumerate(devices):
+        kinds = [f"{dev['max_input_channels']} in"] * bool(dev["max_input_channels"])
+        kinds += [f"{dev['max_output_channels']} out"] * bool(dev["max_output_channels"])
+        rate = f"{dev['default_samplerate']:g} Hz"
+        rows.append(Check("audio", f"[{i}] {dev['name']}", f"{', '.join(kinds)}, {rate}"))
+    return rows
+
+
+def _components(pretrained_dir: Path) -> list[Check]:
+    from rtsvc.pretrained import COMPONENTS, LAYOUT, resolve_pretrained
+
+    found = resolve_pretrained(pretrained_dir, need=())
+    rows = []
+    for name in COMPONENTS:
+        path = getattr(found, name)
+        where = path if path is not None else f"missing ({pretrained_dir / LAYOUT[name]})"
+        rows.append(Check("pretrained", name, where, path is not None))
+    if any(getattr(found, name) is None for name in COMPONENTS):
+        rows.append(Check("pretrained", "fetch", f"rtsvc download --to {pretrained_dir}", None))
+    return rows
+
+
+def doctor_report(pretrained_dir: str | Path = "pretrained") -> list[Check]:
+    pretrained_dir = Path(pretrained_dir)
+    return (_versions() + _torch_devices() + _onnx_providers() + _audio_devices()
+            + _components(pretrained_dir))
+
+
+def render_report(checks: list[Check]) -> Table:
+    table = Table(title="rtsvc doctor", show_lines=False)
+    table.add_column("section", style="bold")
+    table.add_column("item")
+    table.add_column("status")
+    mark = {True: "[green]ok[/] ", False: "[red]no[/] ", None: ""}
+    last = None
+    for check in checks:
+        section = check.section if check.section != last else ""
+        table.add_row(section, check.name, mark[check.ok] + check.value)
+        last = check.section
+    return table

@@ -1,0 +1,323 @@
+"""THE streaming engine: any voice, block by block, with SOLA joins and exact sample accounting.
+
+Shared by `rtsvc live`, `rtsvc serve`, `rtsvc convert --stream` and `rtsvc bench`. Per block:
+
+    ring buffer  [ left context | ... block + crossfade + SOLA search (the "tail") ]   <- new block
+    voice.convert(window, knobs, start_sample, tail)       -> tail samples
+    SOLA: best offset of the tail's head against the previous block's kept tail
+    output = tail[offset : offset + block], its head crossfaded with the kept tail
+    kept tail = tail[offset + block : offset + block + crossfade]
+
+Algorithmic latency (what `latency_samples` reports; exact for a voice that does not move
+waveforms in time, i.e. when SOLA settles on the centre of its search range):
+    block        (a block must be complete before it is converted)
+  + crossfade    (the kept tail that the next block fades into)
+  + SOLA search - centre  (the output is cut `centre` samples into the search range)
+Output and input have the same length at every call: the output is the input delayed by that.
+"""
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from rtsvc.audio import HOP_LENGTH, StreamResampler, db_to_gain
+from rtsvc.errors import UserError
+from rtsvc.settings import Knobs, RuntimeSettings
+from rtsvc.sola import crossfade, find_sola_offset
+from rtsvc.voice import Voice
+
+GATE_FRAME_MS = 10.0  # the gate opens when any 10 ms frame of the block's region is above threshold
+STATS_WINDOW = 2000  # blocks kept for compute-time percentiles
+
+
+@dataclass
+class StreamConfig:
+    """Lengths in milliseconds. Block and context are rounded to whole mel frames (512 samples)
+    so every window starts on the model's frame grid; defaults come from docs/streaming.md."""
+
+    block_ms: float = 150.0
+    context_ms: float = 300.0
+    crossfade_ms: float = 25.0
+    sola_search_ms: float = 10.0
+
+    def validate(self) -> "StreamConfig":
+        if not 10.0 <= self.block_ms <= 2000.0:
+            raise UserError(f"block must be between 10 and 2000 ms, got {self.block_ms:g}")
+        if not 0.0 <= self.context_ms <= 10000.0:
+            raise UserError(f"context must be between 0 and 10000 ms, got {self.context_ms:g}")
+        if not 0.0 <= self.crossfade_ms <= self.block_ms:
+            raise UserError(f"crossfade must be between 0 and the block length, got {self.crossfade_ms:g} ms")
+        if not 0.0 <= self.sola_search_ms <= 100.0:
+            raise UserError(f"SOLA search must be between 0 and 100 ms, got {self.sola_search_ms:g}")
+        return self
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """The config in samples at the voice's rate."""
+
+    block: int
+    context: int
+    crossfade: int
+    search: int
+    window: int  # samples handed to the voice each block
+    tail: int  # output samples asked of the voice: block + crossfade + search
+    centre: int  # nominal SOLA offset
+
+    @classmethod
+    def from_config(cls, config: StreamConfig, sample_rate: int) -> "StreamLayout":
+        def to_samples(ms: float) -> int:
+            return int(round(ms * sample_rate / 1000.0))
+
+        block = max(HOP_LENGTH, int(round(to_samples(config.block_ms) / HOP_LENGTH)) * HOP_LENGTH)
+        crossfade_len, search = to_samples(config.crossfade_ms), to_samples(config.sola_search_ms)
+        tail = block + crossfade_len + search
+        # round the whole window up to whole frames; the extra goes to the left context
+        window = -(-(to_samples(config.context_ms) + tail) // HOP_LENGTH) * HOP_LENGTH
+        return cls(block, window - tail, crossfade_len, search, window, tail, search // 2)
+
+    @property
+    def latency(self) -> int:
+        return self.block + self.crossfade + self.search - self.centre
+
+
+class StreamingConverter:
+    """Streams audio at `voice.sample_rate` through `voice`; see the module docstring."""
+
+    def __init__(self, voice: Voice, settings: RuntimeSettings | None = None,
+                 config: StreamConfig | None = None):
+        self.voice = voice
+        self.settings = settings or RuntimeSettings()
+        self.config = (config or StreamConfig()).validate()
+        self.sample_rate = int(voice.sample_rate)
+        self.layout = StreamLayout.from_config(self.config, self.sample_rate)
+        self.latency_samples = self.layout.latency
+        self.latency_ms = self.latency_samples * 1000.0 / self.sample_rate
+        self._gate_frame = max(1, int(GATE_FRAME_MS * self.sample_rate / 1000))
+        self._lock = threading.Lock()  # guards the counters read by stats() from other threads
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream: silence in every buffer, counters at zero, the voice's caches cleared."""
+        lay = self.layout
+        self._ring = np.zeros(lay.window, dtype=np.float32)
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._out = deque([np.zeros(lay.block, dtype=np.float32)])  # the block of output delay
+        self._out_len = lay.block
+        self._kept_tail = np.zeros(lay.crossfade, dtype=np.float32)
+        self._kept_silent = True
+        # the window of the first block starts at 0: the stream's first sample sits at window - block
+        self._window_start = 0
+        self._in_gain = self._out_gain = None
+        with self._lock:
+            self._samples_in = self._samples_out = 0
+            self._last_offset = lay.centre
+            self._input_db = -120.0
+        self.reset_stats()
+        self.voice.reset()
+
+    def reset_stats(self) -> None:
+        """Zero the block counters and compute times (e.g. after warm-up blocks in a benchmark)."""
+        with self._lock:
+            self._blocks = self._gated = 0
+            self._compute_ms: deque[float] = deque(maxlen=STATS_WINDOW)
+            self._compute_total = 0.0
+
+    # --- public streaming API ---
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        """Feed any number of samples; get as many back, delayed by `latency_samples`."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        self._pending = np.concatenate((self._pending, samples)) if self._pending.size else samples.copy()
+        block = self.layout.block
+        while self._pending.shape[0] >= block:
+            new, self._pending = self._pending[:block], self._pending[block:]
+            out = self._process_block(new)
+            self._out.append(out)
+            self._out_len += out.shape[0]
+        result = self._take(samples.shape[0])
+        with self._lock:
+            self._samples_in += samples.shape[0]
+            self._samples_out += result.shape[0]
+        return result
+
+    def flush(self) -> np.ndarray:
+        """The `latency_samples` still held back (the end of the stream); then a fresh stream starts."""
+        out = self.process(np.zeros(self.latency_samples, dtype=np.float32))
+        self.reset()
+        return out
+
+    def stats(self) -> dict:
+        with self._lock:
+            times = np.array(self._compute_ms, dtype=np.float64)
+            blocks = self._blocks
+            mean = self._compute_total / max(blocks - self._gated, 1)
+            block_ms = self.layout.block * 1000.0 / self.sample_rate
+            return {
+                "blocks": blocks,
+                "gated_blocks": self._gated,
+                "samples_in": self._samples_in,
+                "samples_out": self._samples_out,
+                "compute_ms_mean": mean,
+                "compute_ms_p50": float(np.percentile(times, 50)) if times.size else 0.0,
+                "compute_ms_p99": float(np.percentile(times, 99)) if times.size else 0.0,
+                "compute_ms_last": float(times[-1]) if times.size else 0.0,
+                "block_ms": block_ms,
+                "rtf": mean / block_ms,
+                "latency_ms": self.latency_ms,
+                "latency_samples": self.latency_samples,
+                "sola_offset": self._last_offset,
+                "input_db": self._input_db,
+            }
+
+    # --- internals ---
+    def _take(self, count: int) -> np.ndarray:
+        parts, need = [], count
+        while need > 0:
+            head = self._out[0]
+            if head.shape[0] <= need:
+                parts.append(self._out.popleft())
+                need -= head.shape[0]
+            else:
+                parts.append(head[:need])
+                self._out[0] = head[need:]
+                need = 0
+        self._out_len -= count
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+    def _gain_ramp(self, previous: float | None, target: float, length: int) -> np.ndarray | float:
+        """A gain change ramps over one block instead of stepping (a step would click)."""
+        if previous is None or previous == target:
+            return target
+        return np.linspace(previous, target, length, endpoint=False, dtype=np.float32)
+
+    def _is_gated(self, region: np.ndarray, gate_db: float) -> tuple[bool, float]:
+        """Gate closed when every 10 ms frame of the region is below the threshold."""
+        size = self._gate_frame
+        frames = region[: region.shape[0] // size * size].reshape(-1, size)
+        power = np.mean(np.square(frames, dtype=np.float64), axis=1)
+        loudest_db = 10.0 * np.log10(max(float(power.max()) if power.size else 0.0, 1e-12))
+        return loudest_db < gate_db, loudest_db
+
+    def _process_block(self, new: np.ndarray) -> np.ndarray:
+        lay = self.layout
+        knobs: Knobs = self.settings.snapshot()  # one snapshot per block
+        started = time.perf_counter()
+        in_gain = db_to_gain(knobs.input_gain_db)
+        new = new * self._gain_ramp(self._in_gain, in_gain, lay.block)
+        self._in_gain = in_gain
+        self._ring = np.concatenate((self._ring[lay.block:], new.astype(np.float32)))
+        self._window_start += lay.block
+
+        gated, level_db = self._is_gated(self._ring[-lay.tail:], knobs.gate_db)
+        if gated:
+            converted = np.zeros(lay.tail, dtype=np.float32)
+        else:
+            converted = np.asarray(self.voice.convert(self._ring.copy(), knobs,
+                                                      start_sample=self._window_start - lay.block,
+                                                      tail=lay.tail), dtype=np.float32)
+            if converted.shape != (lay.tail,):
+                raise RuntimeError(f"voice returned {converted.shape[0]} samples, the engine asked for "
+                                   f"{lay.tail}")
+
+        silent_head = gated or not np.any(converted[: lay.crossfade + lay.search])
+        if self._kept_silent or silent_head or lay.crossfade == 0:
+            offset = lay.centre  # nothing to align with: keep the nominal timeline
+        else:
+            offset = find_sola_offset(converted[: lay.crossfade + lay.search], self._kept_tail, lay.centre)
+        out = converted[offset: offset + lay.block].copy()
+        if lay.crossfade:
+            out[: lay.crossfade] = crossfade(self._kept_tail, out[: lay.crossfade])
+        self._kept_tail = converted[offset + lay.block: offset + lay.block + lay.crossfade].copy()
+        self._kept_silent = gated or not np.any(self._kept_tail)
+
+        out_gain = db_to_gain(knobs.output_gain_db)
+        out *= self._gain_ramp(self._out_gain, out_gain, lay.block)
+        self._out_gain = out_gain
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        with self._lock:
+            self._blocks += 1
+            self._input_db = level_db
+            self._last_offset = offset
+            if gated:
+                self._gated += 1
+            else:
+                self._compute_ms.append(elapsed_ms)
+                self._compute_total += elapsed_ms
+        return out
+
+
+class RateAdapter:
+    """The engine at another sample rate (a device or a websocket client), with exact accounting.
+
+    `output_rate` (default: `rate`) lets input and output run at different rates (two devices).
+
+    Input is resampled to the engine's rate and output back, both with streaming soxr; the
+    output of `process` may be a few samples shorter or longer than its input (resampler
+    hold-back), but over a whole stream `sum(process) + flush` equals the samples fed in (scaled
+    by output_rate / rate), and the output timeline is the input's delayed by the engine's latency.
+    """
+
+    def __init__(self, engine: StreamingConverter, rate: int, output_rate: int | None = None):
+        output_rate = rate if output_rate is None else output_rate
+        if rate <= 0 or output_rate <= 0:
+            raise UserError(f"sample rates must be positive, got {rate} and {output_rate}")
+        self.engine = engine
+        self.rate, self.output_rate = int(rate), int(output_rate)
+        self.latency_ms = engine.latency_ms
+        self.reset(reset_engine=False)
+
+    def reset(self, reset_engine: bool = True) -> None:
+        if reset_engine:
+            self.engine.reset()
+        self._to_engine = StreamResampler(self.rate, self.engine.sample_rate)
+        self._from_engine = StreamResampler(self.engine.sample_rate, self.output_rate)
+        self.samples_in = self.samples_out = 0
+        self._held = np.zeros(0, dtype=np.float32)
+
+    def _owed(self) -> int:
+        """Output samples that the input so far entitles (equal to samples_in at one rate)."""
+        return self.samples_in * self.output_rate // self.rate - self.samples_out
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        self.samples_in += samples.shape[0]
+        out = self._from_engine.process(self.engine.process(self._to_engine.process(samples)))
+        if self._held.size:
+            out = np.concatenate((self._held, out))
+        room = max(0, self._owed())  # never run ahead of the input
+        out, self._held = out[:room], out[room:]
+        self.samples_out += out.shape[0]
+        return out
+
+    def flush(self) -> np.ndarray:
+        """Everything still held back, so that total out == total in; then a fresh stream starts."""
+        tail_in = self._to_engine.process(np.zeros(0, dtype=np.float32), last=True)
+        engine_out = np.concatenate((self.engine.process(tail_in), self.engine.flush()))
+        out = np.concatenate((self._held, self._from_engine.process(engine_out, last=True)))
+        missing = self._owed()
+        out = out[:missing] if out.shape[0] >= missing else np.pad(out, (0, missing - out.shape[0]))
+        self.reset(reset_engine=False)  # the engine's flush already reset it
+        return out.astype(np.float32)
+
+
+def convert_stream(voice: Voice, audio: np.ndarray, knobs: Knobs | RuntimeSettings | None = None,
+                   config: StreamConfig | None = None, progress=None) -> np.ndarray:
+    """A whole clip through the engine block by block; returned aligned with the input (latency removed).
+
+    `progress(done, total)` is called after each chunk when given (e.g. a rich progress bar).
+    """
+    settings = knobs if isinstance(knobs, RuntimeSettings) else RuntimeSettings(knobs or Knobs())
+    engine = StreamingConverter(voice, settings, config)
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    chunk = engine.layout.block
+    parts = []
+    for begin in range(0, audio.shape[0], chunk):
+        parts.append(engine.process(audio[begin: begin + chunk]))
+        if progress is not None:
+            progress(min(begin + chunk, audio.shape[0]), audio.shape[0])
+    parts.append(engine.flush())
+    out = np.concatenate(parts)
+    return out[engine.latency_samples: engine.latency_samples + audio.shape[0]]

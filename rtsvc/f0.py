@@ -1,0 +1,187 @@
+"""F0 extractors (RMVPE, FCPE, WORLD) and their alignment to the mel frame grid.
+
+Every extractor takes 16 kHz mono float audio and returns F0 in Hz at 100 frames/s (frame i
+centred at i * 10 ms, `len // 160 + 1` frames), 0 where unvoiced. `f0_to_mel_frames` then does
+what RIFT-SVC's `post_process_f0` does: fill unvoiced frames by linear interpolation between voiced
+ones, resample onto the mel frame times (i * 512 / 44100 s), and put 0 back on frames that are
+mostly unvoiced (so the DiT sees the same zeros it was trained with).
+"""
+
+import contextlib
+import importlib
+import io
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rtsvc.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE
+from rtsvc.errors import UserError
+
+F0_FRAME_RATE = 100  # frames per second of every extractor's output
+F0_HOP = ENCODER_SAMPLE_RATE // F0_FRAME_RATE  # 160 samples at 16 kHz
+F0_METHODS = ("rmvpe", "fcpe", "pyworld", "harvest", "dio")  # pyworld = harvest
+F0_MIN, F0_MAX = 50.0, 1100.0  # WORLD search range (Hz)
+FCPE_THRESHOLD = 0.006  # torchfcpe's default voicing threshold
+
+
+class F0Extractor:
+    """`extractor(audio_16k) -> f0 Hz [len // 160 + 1]` (100 frames/s, 0 = unvoiced)."""
+
+    sample_rate = ENCODER_SAMPLE_RATE
+    frame_rate = F0_FRAME_RATE
+
+    def __init__(self, name: str, fn: Callable[[np.ndarray], np.ndarray]):
+        self.name = name
+        self._fn = fn
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        n = len(audio) // F0_HOP + 1
+        if len(audio) == 0:
+            return np.zeros(1, dtype=np.float32)
+        f0 = np.asarray(self._fn(audio), dtype=np.float32).reshape(-1)
+        # WORLD rounds its frame count differently; pin every extractor to the same grid
+        if len(f0) < n:
+            f0 = np.pad(f0, (0, n - len(f0)))
+        return np.nan_to_num(f0[:n], nan=0.0)
+
+    def __repr__(self) -> str:
+        return f"F0Extractor({self.name!r})"
+
+
+# ---------------------------------------------------------------- RMVPE
+
+def _rmvpe(path: str | Path | None, device: str | torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    from rtsvc.rmvpe import Rmvpe
+
+    if path is None:
+        raise UserError("--f0 rmvpe needs the RMVPE model (rmvpe/model.pt): run `rtsvc download` "
+                        "or pass --rmvpe PATH, or use --f0 fcpe / pyworld")
+    model = Rmvpe.load(path, device)
+    return model.f0
+
+
+# ---------------------------------------------------------------- FCPE
+
+class _NoResample(torch.nn.Module):
+    """Stand-in for torchaudio.transforms.Resample: we always feed FCPE its own 16 kHz rate."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("torchfcpe tried to resample; rtsvc feeds it 16 kHz audio so this must not happen")
+
+
+def _import_torchfcpe():
+    """Import torchfcpe without torchaudio (its mel module only imports `Resample` at import time)."""
+    if "torchfcpe" in sys.modules:
+        return sys.modules["torchfcpe"]
+    try:
+        import torchaudio  # noqa: F401  (a working install is simply used)
+        return importlib.import_module("torchfcpe")
+    except Exception:
+        pass
+    saved = {k: sys.modules.get(k) for k in ("torchaudio", "torchaudio.transforms")}
+    stub, transforms = types.ModuleType("torchaudio"), types.ModuleType("torchaudio.transforms")
+    transforms.Resample = _NoResample
+    stub.transforms = transforms
+    sys.modules.update({"torchaudio": stub, "torchaudio.transforms": transforms})
+    try:
+        return importlib.import_module("torchfcpe")
+    except ImportError as err:
+        raise UserError(f"--f0 fcpe needs torchfcpe (pip install --no-deps torchfcpe): {err}") from None
+    finally:  # the stub must not leak: other libraries probe `import torchaudio`
+        for key, module in saved.items():
+            if module is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = module
+
+
+def _fcpe(device: str | torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    torchfcpe = _import_torchfcpe()
+    with contextlib.redirect_stdout(io.StringIO()):  # torchfcpe prints [INFO]/[WARN] lines while loading
+        model = torchfcpe.spawn_bundled_infer_model(device=str(device))
+    f0_min = float(model.get_model_f0_range()["f0_min"])
+
+    @torch.inference_mode()
+    def run(audio: np.ndarray) -> np.ndarray:
+        wav = torch.from_numpy(np.clip(audio, -1.0, 1.0)).reshape(1, -1, 1)
+        f0 = model(wav, sr=ENCODER_SAMPLE_RATE, decoder_mode="local_argmax", threshold=FCPE_THRESHOLD)
+        f0 = f0.reshape(-1).float().cpu().numpy()
+        return np.where(f0 < f0_min, 0.0, f0)
+
+    return run
+
+
+# ---------------------------------------------------------------- WORLD
+
+def _world(method: str) -> Callable[[np.ndarray], np.ndarray]:
+    import pyworld
+
+    frame_period = 1000.0 / F0_FRAME_RATE
+
+    def run(audio: np.ndarray) -> np.ndarray:
+        x = audio.astype(np.float64)
+        if method == "dio":
+            f0, t = pyworld.dio(x, ENCODER_SAMPLE_RATE, f0_floor=F0_MIN, f0_ceil=F0_MAX,
+                                frame_period=frame_period)
+            return pyworld.stonemask(x, f0, t, ENCODER_SAMPLE_RATE)
+        f0, _ = pyworld.harvest(x, ENCODER_SAMPLE_RATE, f0_floor=F0_MIN, f0_ceil=F0_MAX,
+                                frame_period=frame_period)
+        return f0
+
+    return run
+
+
+def make_f0_extractor(name: str = "rmvpe", rmvpe_path: str | Path | None = None,
+                      device: str | torch.device = "cpu") -> F0Extractor:
+    """rmvpe (needs `rmvpe/model.pt`), fcpe (torchfcpe's bundled model), pyworld/harvest, dio (no weights)."""
+    key = name.lower()
+    if key == "rmvpe":
+        return F0Extractor("rmvpe", _rmvpe(rmvpe_path, device))
+    if key == "fcpe":
+        return F0Extractor("fcpe", _fcpe(device))
+    if key in ("pyworld", "harvest", "dio"):
+        method = "dio" if key == "dio" else "harvest"
+        return F0Extractor(method, _world(method))
+    raise UserError(f"unknown F0 extractor {name!r}: choose one of {', '.join(F0_METHODS)}")
+
+
+def f0_to_mel_frames(f0: np.ndarray, n_frames: int, frame_rate: float = F0_FRAME_RATE,
+                     sample_rate: int = SAMPLE_RATE, hop_length: int = HOP_LENGTH) -> np.ndarray:
+    """Upstream `post_process_f0`: fill unvoiced gaps, resample to mel frame times, re-zero unvoiced.
+
+    A clip with no voiced frame stays all zeros. Returns float32 [n_frames].
+    """
+    f0 = np.asarray(f0, dtype=np.float64).reshape(-1).copy()
+    if n_frames <= 0:
+        return np.zeros(0, dtype=np.float32)
+    if f0.size == 0:
+        return np.zeros(n_frames, dtype=np.float32)
+    uv = f0 <= 0
+    if uv.all():
+        return np.zeros(n_frames, dtype=np.float32)
+    f0 = interpolate_unvoiced(f0).astype(np.float64)
+    src_t = np.arange(len(f0)) / frame_rate
+    dst_t = np.arange(n_frames) * hop_length / sample_rate
+    out = np.interp(dst_t, src_t, f0)
+    out[np.interp(dst_t, src_t, uv.astype(np.float64)) > 0.5] = 0.0
+    return out.astype(np.float32)
+
+
+def interpolate_unvoiced(f0: np.ndarray) -> np.ndarray:
+    """Linear interpolation over unvoiced (0) frames, edges held; all-unvoiced stays 0."""
+    f0 = np.asarray(f0, dtype=np.float64).reshape(-1).copy()
+    uv = f0 <= 0
+    if uv.all() or not uv.any():
+        return f0.astype(np.float32)
+    f0[uv] = np.interp(np.flatnonzero(uv), np.flatnonzero(~uv), f0[~uv])
+    return f0.astype(np.float32)
+
+
+def shift_f0(f0: np.ndarray | torch.Tensor, semitones: float):
+    """Pitch shift: multiply by 2^(semitones / 12) (unvoiced zeros stay zero)."""
+    return f0 * (2.0 ** (semitones / 12.0)) if semitones else f0

@@ -1,0 +1,121 @@
+"""Every conditioning feature of a clip, on the mel frame grid (n = len(audio_44k) // 512 frames).
+
+As upstream infer.py: mel and RMS from the 44.1 kHz audio; ContentVec, Whisper and F0 from the
+same audio resampled to 16 kHz; each encoder's frames resized onto the n mel frames; F0 through
+`f0_to_mel_frames` (fill, resample, re-zero unvoiced). The per-feature methods take any window, so
+the streaming engine can compute them on bounded windows.
+"""
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rtsvc.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
+from rtsvc.f0 import F0Extractor, f0_to_mel_frames, make_f0_extractor, shift_f0
+from rtsvc.mel import log_mel_spectrogram, rms_per_frame
+from rtsvc.pretrained import PretrainedPaths
+
+# How encoder frames (50/s) are stretched onto mel frames (86.13/s). RIFT-SVC V2's
+# `interpolate_tensor` is F.interpolate(mode="nearest") on [1, 1, frames, dim]; V3 switched to
+# `linear_interpolate_tensor` (mode="linear", align_corners=True). We follow V2, the model we load.
+RESIZE_MODE = "nearest"
+
+
+def resize_frames(x: torch.Tensor, n_frames: int, mode: str | None = None) -> torch.Tensor:
+    """[frames, dim] -> [n_frames, dim] along time: "nearest" (V2) or "linear" (align_corners=True, V3)."""
+    mode = mode or RESIZE_MODE
+    if n_frames <= 0:
+        return x.new_zeros(0, x.shape[-1])
+    if x.shape[0] == n_frames:
+        return x
+    if x.shape[0] == 0:
+        raise ValueError("cannot resize an empty feature sequence")
+    seq = x.transpose(0, 1).unsqueeze(0)  # [1, dim, frames]
+    if mode == "nearest":
+        out = F.interpolate(seq, size=n_frames, mode="nearest")
+    elif mode == "linear":
+        out = F.interpolate(seq, size=n_frames, mode="linear", align_corners=True)
+    else:
+        raise ValueError(f"unknown resize mode {mode!r}")
+    return out[0].transpose(0, 1)
+
+
+@dataclass
+class Features:
+    """All conditioning of one clip, n mel frames each, float32 tensors."""
+
+    f0: torch.Tensor  # [n] Hz, 0 = unvoiced (pitch shift already applied)
+    rms: torch.Tensor  # [n]
+    cvec: torch.Tensor  # [n, 768]
+    whisper: torch.Tensor  # [n, 1280]
+    mel: torch.Tensor | None = None  # [n, 128] natural-log mel of the source
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.f0.shape[0])
+
+    def to(self, device: str | torch.device) -> "Features":
+        return Features(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                           for f in fields(self)})
+
+
+class FeatureExtractor:
+    """The loaded encoders + F0 extractor. `extract(audio_44k) -> Features`."""
+
+    def __init__(self, contentvec, whisper, f0: F0Extractor, device: str | torch.device = "cpu"):
+        self.contentvec = contentvec  # rtsvc.contentvec.ContentVec
+        self.whisper_encoder = whisper  # rtsvc.whisper_encoder.WhisperEncoder
+        self.f0_extractor = f0
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(cls, paths: PretrainedPaths, f0: str = "rmvpe",
+                        device: str | torch.device = "cpu") -> "FeatureExtractor":
+        from rtsvc.contentvec import ContentVec
+        from rtsvc.whisper_encoder import WhisperEncoder
+
+        if paths.contentvec is None or paths.whisper is None:
+            raise ValueError("resolve_pretrained(need=...) must include contentvec and whisper")
+        return cls(
+            ContentVec.load(paths.contentvec, device),
+            WhisperEncoder.load(paths.whisper, device),
+            make_f0_extractor(f0, rmvpe_path=paths.rmvpe, device=device),
+            device,
+        )
+
+    # ------------------------------------------------------------ per feature, any window
+
+    def f0(self, audio_16k: np.ndarray, n_frames: int, semitones: float = 0.0) -> torch.Tensor:
+        hz = f0_to_mel_frames(self.f0_extractor(audio_16k), n_frames)
+        return torch.from_numpy(shift_f0(hz, semitones)).to(self.device)
+
+    def content(self, audio_16k: np.ndarray, n_frames: int) -> torch.Tensor:
+        return self.contentvec.encode(audio_16k, n_frames)
+
+    def whisper(self, audio_16k: np.ndarray, n_frames: int, pad_to_30s: bool = True) -> torch.Tensor:
+        return self.whisper_encoder.encode(audio_16k, n_frames, pad_to_30s=pad_to_30s)
+
+    def rms(self, audio_44k: np.ndarray) -> torch.Tensor:
+        return rms_per_frame(audio_44k)[0].to(self.device)
+
+    def mel(self, audio_44k: np.ndarray) -> torch.Tensor:
+        return log_mel_spectrogram(audio_44k)[0].transpose(0, 1).to(self.device)
+
+    # ------------------------------------------------------------ whole clip
+
+    def extract(self, audio_44k: np.ndarray, semitones: float = 0.0, with_mel: bool = True) -> Features:
+        """Features of a 44.1 kHz mono clip on its len // 512 mel frames."""
+        audio_44k = np.asarray(audio_44k, dtype=np.float32).reshape(-1)
+        n = len(audio_44k) // HOP_LENGTH
+        if n == 0:
+            raise ValueError(f"audio shorter than one mel frame ({HOP_LENGTH} samples)")
+        audio_16k = resample(audio_44k, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        return Features(
+            f0=self.f0(audio_16k, n, semitones),
+            rms=self.rms(audio_44k),
+            cvec=self.content(audio_16k, n),
+            whisper=self.whisper(audio_16k, n),
+            mel=self.mel(audio_44k) if with_mel else None,
+        )

@@ -1,0 +1,143 @@
+"""Rectified-flow sampling for RIFT-SVC: Euler steps over the upstream time grid, with
+classifier-free guidance on the Whisper feature (both branches in one batched forward), and
+start noise tied to the absolute mel-frame index so overlapping streaming windows agree.
+
+    grid = linspace(0, 1, steps)                      # steps - 1 Euler updates, as upstream
+    v    = v_null + s * (v_full - v_null)             # null = Whisper replaced by its null embedding
+    x   <- x + (t_next - t) * v(x, t)
+    mel  = denormalize(x)                             # [-1, 1] -> log-mel
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rtsvc.errors import UserError
+from rtsvc.mel import denormalize_mel
+
+N_MELS = 128
+CFG_EPS = 1e-5  # upstream: a strength below this runs the null branch only
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@dataclass
+class Conditioning:
+    """Everything the DiT is conditioned on, on the mel grid (b items, n frames)."""
+    spk: torch.Tensor  # [b] long speaker index
+    f0: torch.Tensor  # [b, n] Hz (0 = unvoiced, normally interpolated away)
+    rms: torch.Tensor  # [b, n]
+    cvec: torch.Tensor  # [b, n, 768]
+    whisper: torch.Tensor  # [b, n, 1280]
+    mask: torch.Tensor | None = None  # [b, n] bool, True = valid frame
+
+    def repeat2(self) -> "Conditioning":
+        """The same conditioning twice along the batch (for the two CFG branches)."""
+        def cat(t):
+            return None if t is None else torch.cat((t, t), dim=0)
+        return Conditioning(cat(self.spk), cat(self.f0), cat(self.rms), cat(self.cvec), cat(self.whisper),
+                            cat(self.mask))
+
+
+def time_grid(steps: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Upstream's grid: `linspace(0, 1, steps)`, i.e. steps - 1 Euler updates (steps >= 2)."""
+    if steps < 2:
+        raise UserError(f"--steps must be at least 2 (got {steps}): the grid linspace(0, 1, steps) "
+                        "needs two points for one Euler update")
+    return torch.linspace(0, 1, steps, device=device)
+
+
+def cfg_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                 cfg_strength: float) -> torch.Tensor:
+    """Guided velocity `v_null + s * (v_full - v_null)` at noisy mel x [b, n, 128] and time t.
+
+    Both branches run as one forward of batch 2b (first half null, second half full). With
+    s below 1e-5 only the null branch runs, exactly as upstream.
+    """
+    b = x.shape[0]
+    t = t.reshape(-1).expand(b) if t.numel() == 1 else t
+    if cfg_strength < CFG_EPS:
+        return model(x=x, spk=cond.spk, f0=cond.f0, rms=cond.rms, cvec=cond.cvec, whisper=cond.whisper,
+                     time=t, drop_whisper=True, mask=cond.mask)
+    c2 = cond.repeat2()
+    drop = torch.arange(2 * b, device=x.device) < b  # null branch first
+    v = model(x=torch.cat((x, x)), spk=c2.spk, f0=c2.f0, rms=c2.rms, cvec=c2.cvec, whisper=c2.whisper,
+              time=torch.cat((t, t)), drop_whisper=drop, mask=c2.mask)
+    v_null, v_full = v[:b], v[b:]
+    return v_null + cfg_strength * (v_full - v_null)
+
+
+def sample(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+           steps: int) -> torch.Tensor:
+    """Euler integration of dx/dt = velocity_fn(x, t) from t=0 (x = noise) to t=1 over time_grid."""
+    grid = time_grid(steps, noise.device)
+    x = noise
+    for i in range(steps - 1):
+        x = x + (grid[i + 1] - grid[i]) * velocity_fn(x, grid[i])
+    return x
+
+
+@torch.no_grad()
+def sample_mel(model: torch.nn.Module, cond: Conditioning, steps: int = 32, cfg_strength: float = 2.0,
+               noise: torch.Tensor | None = None, seed: int = 0, start_frame: int = 0) -> torch.Tensor:
+    """De-normalised log-mel [b, n, 128] for `cond`.
+
+    `noise` [b, n, 128] is the start point; when omitted every item gets
+    `frame_noise(start_frame, n, seed)` (the same noise for the same absolute frames).
+    """
+    b, n = cond.f0.shape
+    param = next(model.parameters())
+    if noise is None:
+        noise = frame_noise(start_frame, n, seed).expand(b, n, N_MELS)
+    noise = noise.to(device=param.device, dtype=param.dtype)
+    x = sample(lambda x, t: cfg_velocity(model, x, t, cond, cfg_strength), noise, steps)
+    return denormalize_mel(x)
+
+
+# --- noise ------------------------------------------------------------------------------------
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A counter-based hash (splitmix64 finaliser); uint64 arithmetic wraps by design."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def counter_normal(start: int, count: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Standard-normal [count, dim] where row i depends only on (seed, start + i, dim).
+
+    Each value hashes its absolute (row, column) counter into two uniforms, then Box-Muller.
+    Used for flow start noise per mel frame (and usable for vocoder noise per sample).
+    """
+    key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) ^ np.uint64(dim))
+    rows = np.arange(start, start + count, dtype=np.int64).astype(np.uint64)
+    counters = rows[:, None] * np.uint64(dim) + np.arange(dim, dtype=np.uint64)[None, :]
+    with np.errstate(over="ignore"):
+        c2 = counters * np.uint64(2) ^ key
+        bits1, bits2 = _splitmix64(c2), _splitmix64(c2 + np.uint64(1))
+    u1 = ((bits1 >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53  # (0, 1]: log is finite
+    u2 = (bits2 >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    return torch.from_numpy(z.astype(np.float32))
+
+
+def frame_noise(start_frame: int, n_frames: int, seed: int = 0, dim: int = N_MELS) -> torch.Tensor:
+    """Start noise [n_frames, dim] for absolute mel frames start_frame ... start_frame + n - 1.
+
+    Deterministic per absolute frame: a window starting at frame 100 and one starting at 90 give
+    the same vector for frame 105, so overlapping streaming windows start from the same noise.
+    """
+    return counter_normal(start_frame, n_frames, dim, seed)
+
+
+def seeded_noise(batch: int, n_frames: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Upstream's seeded noise, for parity checks: torch.manual_seed(seed) then randn(n, 128), per
+    item (so every item gets the same noise). Touches torch's global RNG, as upstream does."""
+    items = []
+    for _ in range(batch):
+        torch.manual_seed(seed)
+        items.append(torch.randn(n_frames, N_MELS, device=device))
+    return torch.stack(items)

@@ -1,0 +1,377 @@
+"""Live microphone -> voice -> speaker with sounddevice (`rtsvc devices`, `rtsvc live`).
+
+Threads: PortAudio's input callback only copies samples into a queue; a worker thread runs the
+engine (resampling in, converting, resampling out) and appends to an output FIFO; the output
+callback only copies from that FIFO. Nothing that can take long runs in a callback.
+
+Output buffering: the engine delivers a block at a time, so the output FIFO is primed with
+`jitter_ms` of silence when the first block arrives; if it ever runs dry (an underrun), it is
+primed again. Overruns (the worker falling behind, or the output clock running slower than the
+input clock) drop the oldest audio and are counted.
+"""
+
+import queue
+import select
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rtsvc.audio import rms_db
+from rtsvc.engine import RateAdapter, StreamConfig, StreamingConverter
+from rtsvc.errors import UserError
+from rtsvc.settings import RuntimeSettings
+from rtsvc.voice import Voice
+
+DEVICE_BLOCK_MS = 10.0  # PortAudio callback size
+JITTER_MS = 40.0  # silence primed into the output FIFO to absorb block-wise delivery
+MAX_QUEUE_S = 1.0  # more unprocessed input than this: drop the oldest (overrun)
+STATUS_HZ = 4.0
+KEY_HELP = ("keys: up/down or +/- pitch ±1 st, 0 pitch 0, f/F formant ∓0.05, g/G gate ∓5 dB, "
+            "i/I input gain ∓1 dB, o/O output gain ∓1 dB, q quit")
+
+
+def _sounddevice():
+    """Import sounddevice lazily: it needs the PortAudio shared library."""
+    try:
+        import sounddevice
+    except OSError as err:
+        raise UserError(f"audio is unavailable ({err}); install PortAudio "
+                        "(apt-get install libportaudio2)") from None
+    return sounddevice
+
+
+def list_devices() -> list[dict]:
+    """Every PortAudio device: index, name, host API, channel counts, default rate, default flags."""
+    sd = _sounddevice()
+    default_in, default_out = sd.default.device
+    hostapis = sd.query_hostapis()
+    return [{
+        "index": i, "name": dev["name"], "hostapi": hostapis[dev["hostapi"]]["name"],
+        "inputs": dev["max_input_channels"], "outputs": dev["max_output_channels"],
+        "default_rate": int(dev["default_samplerate"]),
+        "default_input": i == default_in, "default_output": i == default_out,
+    } for i, dev in enumerate(sd.query_devices())]
+
+
+def find_device(spec: str | int | None, kind: str, devices: list[dict] | None = None) -> dict:
+    """Resolve --input/--output: None (the default device), an index, or a unique name substring."""
+    devices = list_devices() if devices is None else devices
+    channels = "inputs" if kind == "input" else "outputs"
+    usable = [d for d in devices if d[channels] > 0]
+    if not usable:
+        raise UserError(f"no audio {kind} device found (see `rtsvc devices`)")
+    if spec is None or spec == "":
+        chosen = [d for d in usable if d[f"default_{kind}"]]
+        return chosen[0] if chosen else usable[0]
+    text = str(spec).strip()
+    if text.isdigit():
+        match = [d for d in devices if d["index"] == int(text)]
+        if not match:
+            raise UserError(f"no audio device with index {text} (see `rtsvc devices`)")
+        if match[0][channels] == 0:
+            raise UserError(f"device {text} ({match[0]['name']}) has no {kind} channels")
+        return match[0]
+    exact = [d for d in usable if d["name"].lower() == text.lower()]
+    if exact:
+        return exact[0]
+    match = [d for d in usable if text.lower() in d["name"].lower()]
+    if not match:
+        raise UserError(f"no {kind} device matches {text!r} (see `rtsvc devices`)")
+    if len(match) > 1:
+        names = ", ".join(f"{d['index']}: {d['name']}" for d in match)
+        raise UserError(f"{text!r} matches several {kind} devices ({names}); give the index")
+    return match[0]
+
+
+class OutputFifo:
+    """Samples waiting for the output callback; primed with silence, counts underruns."""
+
+    def __init__(self, prime: int, max_level: int):
+        self._lock = threading.Lock()
+        self._chunks: deque[np.ndarray] = deque()
+        self.level = 0
+        self.prime, self.max_level = prime, max_level
+        self.primed = False
+        self.underruns = self.overruns = 0
+        self.started = False  # underruns count only once audio has flowed
+
+    def push(self, samples: np.ndarray) -> None:
+        if samples.size == 0:
+            return
+        with self._lock:
+            if not self.primed:
+                self._chunks.append(np.zeros(self.prime, dtype=np.float32))
+                self.level += self.prime
+                self.primed = self.started = True
+            self._chunks.append(samples)
+            self.level += samples.shape[0]
+            while self.level > self.max_level and len(self._chunks) > 1:  # output clock too slow
+                self.level -= self._chunks.popleft().shape[0]
+                self.overruns += 1
+
+    def pop(self, count: int) -> np.ndarray:
+        out = np.zeros(count, dtype=np.float32)
+        with self._lock:
+            if not self.primed:
+                return out
+            filled = 0
+            while filled < count and self._chunks:
+                head = self._chunks[0]
+                take = min(count - filled, head.shape[0])
+                out[filled: filled + take] = head[:take]
+                filled += take
+                if take == head.shape[0]:
+                    self._chunks.popleft()
+                else:
+                    self._chunks[0] = head[take:]
+            self.level -= filled
+            if filled < count:
+                self.underruns += 1
+                self.primed = False
+        return out
+
+
+@dataclass
+class LiveState:
+    """Counters shared by the callbacks, the worker and the status line."""
+
+    input_overruns: int = 0
+    portaudio_flags: int = 0
+    input_db: float = -120.0
+    frames_in: int = 0  # device frames seen by the callbacks
+    frames_out: int = 0
+    seconds: float = 0.0
+    error: BaseException | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class KeyReader:
+    """Single-key commands from a terminal (cbreak mode), applied to the runtime settings."""
+
+    STEPS = {"+": ("pitch_shift", 1), "=": ("pitch_shift", 1), "-": ("pitch_shift", -1),
+             "\x1b[A": ("pitch_shift", 1), "\x1b[B": ("pitch_shift", -1),
+             "f": ("formant_shift", -0.05), "F": ("formant_shift", 0.05),
+             "g": ("gate_db", -5), "G": ("gate_db", 5),
+             "i": ("input_gain_db", -1), "I": ("input_gain_db", 1),
+             "o": ("output_gain_db", -1), "O": ("output_gain_db", 1)}
+
+    def __init__(self, settings: RuntimeSettings, state: LiveState):
+        self.settings, self.state = settings, state
+        self.message = ""
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def apply(self, key: str) -> None:
+        if key in ("q", "Q"):
+            self.state.stop.set()
+            return
+        if key == "0":
+            self.settings.update(pitch_shift=0.0)
+            return
+        if key not in self.STEPS:
+            return
+        name, step = self.STEPS[key]
+        value = round(getattr(self.settings.snapshot(), name) + step, 3)
+        try:
+            self.settings.update(**{name: value})
+            self.message = ""
+        except UserError as err:
+            self.message = str(err)
+
+    def _run(self) -> None:
+        import termios
+        import tty
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+        try:
+            tty.setcbreak(fd)
+            while not self.state.stop.is_set():
+                if not select.select([fd], [], [], 0.1)[0]:
+                    continue
+                key = sys.stdin.read(1)
+                if key == "\x1b":  # arrow keys arrive as ESC [ A/B
+                    while select.select([fd], [], [], 0.01)[0] and len(key) < 3:
+                        key += sys.stdin.read(1)
+                self.apply(key)
+        finally:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _worker(adapter: RateAdapter, inbox: queue.Queue, fifo: OutputFifo, state: LiveState, recorder) -> None:
+    try:
+        while not state.stop.is_set():
+            try:
+                chunk = inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            out = adapter.process(chunk)
+            fifo.push(out)
+            if recorder is not None and out.size:
+                recorder.write(out)
+    except BaseException as err:  # surfaced by the main loop
+        state.error = err
+        state.stop.set()
+
+
+def _status_text(engine: StreamingConverter, fifo: OutputFifo, state: LiveState, settings: RuntimeSettings,
+                 out_rate: int, device_ms: float, keys: KeyReader | None):
+    from rich.text import Text
+
+    st, knobs = engine.stats(), settings.snapshot()
+    level = max(-60.0, min(0.0, state.input_db))
+    bar = "█" * int((level + 60) / 3) + "·" * (20 - int((level + 60) / 3))
+    buffer_ms = fifo.level * 1000.0 / out_rate
+    text = Text()
+    text.append(f"in {bar} {state.input_db:6.1f} dB  ",
+                style="green" if state.input_db > knobs.gate_db else "dim")
+    text.append(f"latency {engine.latency_ms:.0f} ms algo + {buffer_ms:.0f} buffer "
+                f"+ {device_ms:.0f} device  ")
+    rtf_style = "red" if st["rtf"] > 0.9 else "yellow" if st["rtf"] > 0.6 else "green"
+    text.append(f"compute {st['compute_ms_last']:.1f} ms/{st['block_ms']:.0f} ms block "
+                f"(rtf {st['rtf']:.2f})  ", style=rtf_style)
+    text.append(f"under {fifo.underruns} over {fifo.overruns + state.input_overruns}  ",
+                style="red" if fifo.underruns or fifo.overruns or state.input_overruns else "")
+    text.append(f"pitch {knobs.pitch_shift:+g} formant {knobs.formant_shift:g} gate {knobs.gate_db:g} dB "
+                f"gain {knobs.input_gain_db:+g}/{knobs.output_gain_db:+g} dB  {state.seconds:5.1f} s")
+    if keys is not None and keys.message:
+        text.append(f"\n{keys.message}", style="yellow")
+    return text
+
+
+def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | None = None,
+             input_device: str | int | None = None, output_device: str | int | None = None,
+             input_rate: int | None = None, output_rate: int | None = None, duration: float | None = None,
+             record: str | Path | None = None, jitter_ms: float = JITTER_MS, console=None,
+             keys: bool = True) -> dict:
+    """Run mic -> voice -> speaker until Ctrl-C, `q`, or `duration` seconds; return the final counters."""
+    sd = _sounddevice()
+    from rich.console import Console
+    from rich.live import Live
+
+    console = console or Console(stderr=True)
+    devices = list_devices()
+    dev_in = find_device(input_device, "input", devices)
+    dev_out = find_device(output_device, "output", devices)
+    in_rate = int(input_rate or dev_in["default_rate"])
+    out_rate = int(output_rate or dev_out["default_rate"])
+    engine = StreamingConverter(voice, settings, config)
+    adapter = RateAdapter(engine, in_rate, out_rate)
+    state = LiveState()
+    block_out = int(round(engine.layout.block * out_rate / engine.sample_rate))
+    fifo = OutputFifo(prime=int(jitter_ms * out_rate / 1000),
+                      max_level=int(jitter_ms * out_rate / 1000) + 2 * block_out + out_rate // 5)
+    inbox: queue.Queue = queue.Queue()
+    max_chunks = int(MAX_QUEUE_S * 1000 / DEVICE_BLOCK_MS)
+
+    def on_input(indata, frames, time_info, status):
+        if status:
+            state.portaudio_flags += 1
+        mono = indata[:, 0].copy()
+        state.frames_in += frames
+        state.input_db = rms_db(mono)
+        if inbox.qsize() > max_chunks:  # the worker is behind: drop the oldest audio
+            try:
+                inbox.get_nowait()
+            except queue.Empty:
+                pass
+            state.input_overruns += 1
+        inbox.put(mono)
+
+    def on_output(outdata, frames, time_info, status):
+        if status:
+            state.portaudio_flags += 1
+        outdata[:, 0] = fifo.pop(frames)
+        state.frames_out += frames
+        if outdata.shape[1] > 1:
+            outdata[:, 1:] = outdata[:, :1]
+
+    recorder = None
+    if record is not None:
+        import soundfile as sf
+
+        try:
+            recorder = sf.SoundFile(str(record), "w", samplerate=out_rate, channels=1)
+        except Exception as err:
+            raise UserError(f"cannot write recording {record}: {err}") from None
+    try:
+        try:
+            in_stream = sd.InputStream(device=dev_in["index"], samplerate=in_rate, channels=1,
+                                       dtype="float32", blocksize=int(in_rate * DEVICE_BLOCK_MS / 1000),
+                                       latency="low", callback=on_input)
+            out_channels = min(2, dev_out["outputs"])
+            out_stream = sd.OutputStream(device=dev_out["index"], samplerate=out_rate, channels=out_channels,
+                                         dtype="float32", blocksize=int(out_rate * DEVICE_BLOCK_MS / 1000),
+                                         latency="low", callback=on_output)
+        except sd.PortAudioError as err:
+            raise UserError(f"cannot open audio devices ({dev_in['name']} -> {dev_out['name']}): "
+                            f"{err}") from None
+        device_ms = (in_stream.latency + out_stream.latency) * 1000.0
+        worker = threading.Thread(target=_worker, args=(adapter, inbox, fifo, state, recorder), daemon=True)
+        key_reader = KeyReader(settings, state) if keys and sys.stdin.isatty() else None
+        console.print(f"live: {dev_in['name']} ({in_rate} Hz) -> {dev_out['name']} ({out_rate} Hz), "
+                      f"block {engine.layout.block * 1000 / engine.sample_rate:.0f} ms, "
+                      f"algorithmic latency {engine.latency_ms:.0f} ms. Ctrl-C to stop.", highlight=False,
+                      soft_wrap=True)
+        if key_reader is not None:
+            console.print(KEY_HELP, style="dim", highlight=False)
+            key_reader.start()
+        worker.start()
+        started = time.monotonic()
+        status = lambda: _status_text(engine, fifo, state, settings, out_rate, device_ms, key_reader)  # noqa: E731
+        with in_stream, out_stream, Live(status(), console=console, refresh_per_second=STATUS_HZ,
+                                         transient=False) as panel:
+            try:
+                while not state.stop.is_set():
+                    state.stop.wait(1.0 / STATUS_HZ)
+                    state.seconds = time.monotonic() - started
+                    panel.update(status())
+                    if duration is not None and state.seconds >= duration:
+                        break
+                    if not (in_stream.active and out_stream.active):
+                        raise UserError("the audio stream stopped unexpectedly (was a device unplugged?)")
+            except KeyboardInterrupt:
+                console.print("stopping (Ctrl-C)", highlight=False)
+            finally:
+                state.stop.set()
+        worker.join(timeout=5.0)
+        if state.error is not None:
+            if isinstance(state.error, UserError):
+                raise state.error
+            raise RuntimeError(f"the conversion worker failed: {state.error!r}") from state.error
+    except sd.PortAudioError as err:
+        raise UserError(f"audio device error: {err}") from None
+    finally:
+        if recorder is not None:
+            recorder.close()
+    result = engine.stats()
+    result.update(underruns=fifo.underruns, overruns=fifo.overruns + state.input_overruns,
+                  portaudio_flags=state.portaudio_flags, seconds=state.seconds, input_rate=in_rate,
+                  output_rate=out_rate, device_latency_ms=device_ms)
+    return result
+
+
+def open_voice(model: str | Path | None = None, pretrained_dir: str | Path = "pretrained",
+               backend: str = "auto", device: str = "auto", f0: str = "rmvpe",
+               precision: str = "fp32") -> Voice:
+    """The voice for live/bench: the DSP voice without a model, else a ModelVoice via rtsvc.backends."""
+    if model is None:
+        from rtsvc.dsp_voice import DspVoice
+
+        return DspVoice()
+    from rtsvc.backends import open_model
+    from rtsvc.pretrained import resolve_pretrained
+
+    model = Path(model)
+    need = ["contentvec", "whisper"] + (["rmvpe"] if f0 == "rmvpe" else [])
+    if not model.is_dir():  # a .rtsvc bundle carries its own vocoder
+        need.append("vocoder")
+    paths = resolve_pretrained(Path(pretrained_dir), need=tuple(need))
+    return open_model(model, pretrained=paths, backend=backend, device=device, f0=f0, precision=precision)

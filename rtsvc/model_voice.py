@@ -1,0 +1,225 @@
+"""A `Voice` backed by a RIFT-SVC model, and offline conversion of whole files.
+
+`ModelVoice.convert` runs one window: features (F0, RMS, ContentVec, Whisper on the mel grid)
+-> rectified-flow sampling of the mel with the backend's DiT -> the backend's vocoder. The
+streaming engine calls it on overlapping windows; the start noise of every mel frame is drawn
+from its absolute frame index (`start_sample // 512`), so overlapping windows start from the
+same noise and agree where they overlap.
+
+`convert_offline` is upstream `infer.py`'s long-audio path: slice at silences, bring each slice
+to -18 LUFS (the loudness the models were trained at), convert, optionally restore the slice's
+own loudness, and join the slices with short crossfades into exactly the input's length.
+"""
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from rtsvc.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
+from rtsvc.errors import UserError
+from rtsvc.flow import Conditioning, counter_normal, frame_noise, sample
+from rtsvc.mel import denormalize_mel
+from rtsvc.settings import Knobs, validate_knobs
+from rtsvc.slicer import CROSSFADE_MS, join_with_crossfade, slice_at_silences
+from rtsvc.voice import Voice
+
+if TYPE_CHECKING:
+    from rtsvc.backends import Backend
+    from rtsvc.features import FeatureExtractor
+
+TARGET_LUFS = -18.0  # upstream infer.py --target-loudness (the training data's loudness)
+LOUDNESS_BLOCK_S = 0.1  # upstream meter block size; shorter slices are left as they are
+PEAK_LIMIT = 0.99  # upstream: scale down a normalised slice whose peak passes 1.0
+SILENCE_PEAK_DB = -70.0  # a whole input below this peak is "silent": nothing to convert
+
+Progress = Callable[[int, int], None]  # (slices done, slices total)
+
+
+VOCODER_CONTEXT_FRAMES = 8  # left frames vocoded before a tail: measured -50 dB off at 8, exact at 12
+HARMONICS = 9  # NSF source channels (fundamental + 8 overtones)
+NOISE_SEED_SALT = 0x5EED  # keeps the vocoder's per-sample noise independent of the flow noise
+
+
+# --- the model voice -------------------------------------------------------------------------
+
+class ModelVoice:
+    """A `Voice` on a RIFT-SVC model: `backend` (DiT + vocoder) and `features` (F0, RMS, ContentVec,
+    Whisper extraction on the mel grid)."""
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, backend: "Backend", features: "FeatureExtractor", whisper_pad_30s: bool = True):
+        self.backend = backend
+        self.features = features
+        self.whisper_pad_30s = whisper_pad_30s  # upstream pads every clip to 30 s; streaming may not
+        self.speakers = list(backend.speakers)
+
+    def reset(self) -> None:
+        reset = getattr(self.features, "reset", None)
+        if reset is not None:
+            reset()
+
+    def speaker_index(self, name: str | None) -> int:
+        if name is None:
+            return self.backend.speakers[self.speakers[0]]
+        if name not in self.backend.speakers:
+            raise UserError(f"unknown speaker {name!r}; this model has: {', '.join(self.speakers)}")
+        return self.backend.speakers[name]
+
+    def convert(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
+                tail: int | None = None) -> np.ndarray:
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        length = len(audio)
+        need = length if tail is None else int(tail)
+        if not 0 <= need <= length:
+            raise ValueError(f"tail {tail} must be between 0 and the window length {length}")
+        spk = self.speaker_index(knobs.speaker)  # before any work: a bad name fails fast
+        if need == 0:
+            return np.zeros(0, dtype=np.float32)
+        n = -(-length // HOP_LENGTH)  # whole mel frames; the last one is zero-padded
+        padded = np.pad(audio, (0, n * HOP_LENGTH - length))
+        cond, f0 = self._conditioning(padded, n, spk, knobs.pitch_shift)
+        mel = self._sample(cond, knobs, start_sample // HOP_LENGTH)  # [1, 128, n] log-mel
+        # vocode only the frames under the requested tail, plus the vocoder's left context
+        first = max(0, (length - need) // HOP_LENGTH - VOCODER_CONTEXT_FRAMES)
+        out = self._vocode(mel[..., first:], f0, first, start_sample, knobs.seed)
+        begin = length - need - first * HOP_LENGTH
+        return out[begin:begin + need]
+
+    def _conditioning(self, padded: np.ndarray, n: int, spk: int, semitones: float):
+        feats = self.features
+        audio_16k = resample(padded, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        device = self.backend.device
+        row = lambda a: torch.as_tensor(a, dtype=torch.float32).to(device)[None]  # noqa: E731 - [1, n, ...]
+        f0 = row(feats.f0(audio_16k, n, semitones))  # shifted F0 feeds both the DiT and the vocoder
+        cond = Conditioning(spk=torch.tensor([spk], device=device), f0=f0, rms=row(feats.rms(padded)),
+                            cvec=row(feats.content(audio_16k, n)),
+                            whisper=row(feats.whisper(audio_16k, n, pad_to_30s=self.whisper_pad_30s)))
+        return cond, f0
+
+    def _sample(self, cond: Conditioning, knobs: Knobs, start_frame: int) -> torch.Tensor:
+        n = cond.f0.shape[1]
+        noise = frame_noise(start_frame, n, knobs.seed)[None].to(self.backend.device)
+        velocity = lambda x, t: self.backend.velocity_cfg(x, t, cond, knobs.cfg_strength)  # noqa: E731
+        x = sample(velocity, noise, knobs.steps)
+        return denormalize_mel(x).transpose(1, 2)
+
+    def _vocode(self, mel: torch.Tensor, f0: torch.Tensor, first: int, start_sample: int,
+                seed: int) -> np.ndarray:
+        """Audio of frames first ... n-1. The harmonic phases start where vocoding the whole window
+        would have them at frame `first`, and the noise is tied to absolute samples, so vocoding a
+        tail gives the same samples as vocoding everything (up to the receptive field)."""
+        device = self.backend.device
+        f0_tail = f0[:, first:]
+        cycles = (f0[:, :first].double() * HOP_LENGTH / SAMPLE_RATE).sum(dim=1, keepdim=True)
+        harmonic = torch.arange(1, HARMONICS + 1, dtype=torch.float64, device=device)
+        phase = ((cycles * harmonic) % 1.0 + base_phase(seed).to(device)) % 1.0
+        n_samples = f0_tail.shape[1] * HOP_LENGTH
+        noise = counter_normal(start_sample + first * HOP_LENGTH, n_samples, HARMONICS,
+                               seed ^ NOISE_SEED_SALT)[None].to(device)
+        audio = self.backend.vocode(mel, f0_tail, phase.float(), noise)
+        return audio[0].float().cpu().numpy()
+
+
+def base_phase(seed: int) -> torch.Tensor:
+    """Initial harmonic phases in cycles [1, 9], uniform as upstream (fundamental at 0), seeded."""
+    phase = torch.rand(1, HARMONICS, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    phase[:, 0] = 0.0
+    return phase
+
+
+# --- offline conversion --------------------------------------------------------------------
+
+def peak_dbfs(audio: np.ndarray) -> float:
+    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    return 20 * math.log10(peak) if peak > 0 else -math.inf
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Refuse an output we could not write, before spending minutes on the conversion."""
+    path = Path(path)
+    ext = path.suffix.lower().lstrip(".")
+    if ext.upper() not in sf.available_formats():
+        raise UserError(f"cannot write {path}: unknown audio format {path.suffix or '(no extension)'!r}; "
+                        "use .wav, .flac or .ogg")
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserError(f"cannot write {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {path}: {existing if not path.exists() else path} is not writable")
+    return path
+
+
+def check_input_audio(audio: np.ndarray) -> np.ndarray:
+    """Mono float32 audio with something in it; empty or silent input is a user error."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"expected mono audio [t], got shape {audio.shape}")
+    if audio.size == 0:
+        raise UserError("input is empty (0 samples): nothing to convert")
+    peak = peak_dbfs(audio)
+    if peak < SILENCE_PEAK_DB:
+        raise UserError(f"input is silent (peak {peak:.0f} dBFS): nothing to convert")
+    return audio
+
+
+def _meter(sample_rate: int):
+    import pyloudnorm
+
+    return pyloudnorm.Meter(sample_rate, block_size=LOUDNESS_BLOCK_S)
+
+
+def _loudness(meter, audio: np.ndarray, sample_rate: int) -> float | None:
+    """Integrated loudness in LUFS, or None where it is undefined (too short, all gated)."""
+    if len(audio) < LOUDNESS_BLOCK_S * sample_rate:
+        return None
+    value = float(meter.integrated_loudness(audio.astype(np.float64)))
+    return value if math.isfinite(value) else None
+
+
+def _to_loudness(audio: np.ndarray, loudness: float | None, target: float) -> np.ndarray:
+    if loudness is None:
+        return audio
+    out = audio * 10 ** ((target - loudness) / 20)
+    peak = float(np.max(np.abs(out))) if out.size else 0.0
+    return out * (PEAK_LIMIT / peak) if peak > 1.0 else out
+
+
+def convert_offline(
+    voice: Voice, audio: np.ndarray, knobs: Knobs, progress: Progress | None = None,
+    target_lufs: float | None = TARGET_LUFS, restore_loudness: bool = False,
+    crossfade_ms: float = CROSSFADE_MS,
+) -> np.ndarray:
+    """Convert a whole recording (mono float at `voice.sample_rate`); output has the same length.
+
+    `target_lufs=None` keeps each slice's level (the DSP voice needs no loudness normalisation).
+    """
+    validate_knobs(knobs)
+    audio = check_input_audio(audio)
+    sr = voice.sample_rate
+    pad = int(crossfade_ms * sr / 1000) // 2  # neighbours overlap by 2 * pad and crossfade there
+    ranges = slice_at_silences(audio, sr)
+    meter = _meter(sr) if target_lufs is not None else None
+    pieces = []
+    for i, (a, b) in enumerate(ranges):
+        a, b = max(0, a - pad), min(len(audio), b + pad)
+        piece = audio[a:b]
+        loudness = _loudness(meter, piece, sr) if meter is not None else None
+        if meter is not None:
+            piece = _to_loudness(piece, loudness, target_lufs)
+        voice.reset()  # every slice is a stream of its own
+        out = np.asarray(voice.convert(piece, knobs, start_sample=a), dtype=np.float32)
+        out = np.pad(out[: len(piece)], (0, max(0, len(piece) - len(out))))
+        if restore_loudness and meter is not None and loudness is not None:
+            out = _to_loudness(out, _loudness(meter, out, sr), loudness)
+        pieces.append((a, out))
+        if progress is not None:
+            progress(i + 1, len(ranges))
+    return join_with_crossfade(pieces, len(audio), 2 * pad)

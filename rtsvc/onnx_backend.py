@@ -1,0 +1,242 @@
+"""ONNX Runtime backend: a `.rtsvc` bundle's DiT and vocoder behind the same interface as torch.
+
+Providers: onnxruntime-gpu lists TensorRT and CUDA even on machines with no GPU or no CUDA
+libraries, so a provider counts as usable only if a session actually starts on it
+(`choose_providers`). Automatic choice tries TensorRT, then CUDA, and always keeps CPU last.
+"""
+
+import contextlib
+import io
+import os
+from collections.abc import Sequence
+from functools import cache
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from rtsvc.bundle import DIT_FILE, DIT_OUTPUT, VOCODER_FILE, VOCODER_OUTPUT, Bundle, read_bundle
+from rtsvc.errors import UserError
+from rtsvc.flow import Conditioning
+
+PROVIDER_NAMES = {  # what users type -> ONNX Runtime's name
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+AUTO_ORDER = ("tensorrt", "cuda", "cpu")
+CPU = "CPUExecutionProvider"
+ORT_LOG_ERRORS_ONLY = 3
+ORT_LOG_SILENT = 4
+TRT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "rtsvc", "trt")
+
+
+def _probe_model() -> bytes:
+    """A one-node ONNX graph (Relu) for checking that a provider can start a session."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@cache
+def provider_works(provider: str) -> bool:
+    """True when ONNX Runtime really runs a session on `provider` (ORT silently falls back to CPU)."""
+    if provider not in ort.get_available_providers():
+        return False
+    if provider == CPU:
+        return True
+    options = ort.SessionOptions()
+    options.log_severity_level = ORT_LOG_SILENT
+    ort.set_default_logger_severity(ORT_LOG_SILENT)
+    try:
+        # ORT prints its fallback notice with print(); keep the console clean while probing
+        with contextlib.redirect_stdout(io.StringIO()):
+            session = ort.InferenceSession(_probe_model(), options, providers=[provider])
+        return provider in session.get_providers()
+    except Exception:  # any failure to start means "not usable here"
+        return False
+    finally:
+        ort.set_default_logger_severity(ORT_LOG_ERRORS_ONLY)
+
+
+def parse_providers(spec: str | Sequence[str] | None) -> list[str] | None:
+    """`"cuda,cpu"` or `["cuda", "cpu"]` -> ORT provider names; None or "auto" -> None (automatic)."""
+    if spec is None:
+        return None
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    names = [n for n in names if n]
+    if not names or names == ["auto"]:
+        return None
+    out = []
+    for name in names:
+        key = name.lower()
+        full = PROVIDER_NAMES.get(key) or next((v for v in PROVIDER_NAMES.values() if v.lower() == key), None)
+        if full is None:
+            raise UserError(f"unknown ONNX Runtime provider {name!r}: use auto or a comma list of "
+                            "tensorrt, cuda, cpu")
+        if full not in out:
+            out.append(full)
+    return out
+
+
+def choose_providers(requested: str | Sequence[str] | None = None) -> list[str]:
+    """The providers to open sessions with, best first, CPU always last.
+
+    None / "auto": every provider of TensorRT, CUDA that actually starts here, then CPU.
+    An explicit list (e.g. "cuda,cpu") is honoured in its order; a provider in it that cannot
+    start here is a UserError, since the user asked for it by name.
+    """
+    wanted = parse_providers(requested)
+    if wanted is None:
+        chosen = [PROVIDER_NAMES[n] for n in AUTO_ORDER if provider_works(PROVIDER_NAMES[n])]
+    else:
+        broken = [p for p in wanted if not provider_works(p)]
+        if broken:
+            names = ", ".join(short_name(p) for p in broken)
+            raise UserError(f"ONNX Runtime provider {names} was asked for but cannot start here "
+                            "(no GPU or missing CUDA/TensorRT libraries); try --providers cpu")
+        chosen = list(wanted)
+    if CPU not in chosen:
+        chosen.append(CPU)  # ops a GPU provider lacks run on CPU
+    return chosen
+
+
+def short_name(provider: str) -> str:
+    """`CUDAExecutionProvider` -> `cuda`."""
+    return {v: k for k, v in PROVIDER_NAMES.items() if k != "trt"}.get(provider, provider)
+
+
+def provider_report() -> list[tuple[str, bool, bool]]:
+    """(name, listed by onnxruntime, actually starts) for each known provider: for `rtsvc doctor`."""
+    listed = set(ort.get_available_providers())
+    return [(short_name(PROVIDER_NAMES[n]), PROVIDER_NAMES[n] in listed, provider_works(PROVIDER_NAMES[n]))
+            for n in AUTO_ORDER]
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Full graph optimisation; `threads` caps intra-op threads (None: ORT uses every core)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1  # one graph at a time; parallelism is inside the ops
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.log_severity_level = ORT_LOG_ERRORS_ONLY
+    return options
+
+
+def _provider_entry(provider: str):
+    if provider == "TensorrtExecutionProvider":
+        # engines take minutes to build for a big DiT: keep them between runs
+        os.makedirs(TRT_CACHE_DIR, exist_ok=True)
+        return (provider, {"trt_engine_cache_enable": True, "trt_engine_cache_path": TRT_CACHE_DIR})
+    return provider
+
+
+def make_session(path, providers: Sequence[str] | None = None,
+                 threads: int | None = None) -> ort.InferenceSession:
+    """An InferenceSession on `providers` (ORT names, from `choose_providers`; default CPU)."""
+    providers = list(providers or [CPU])
+    try:
+        return ort.InferenceSession(str(path), session_options(threads),
+                                    providers=[_provider_entry(p) for p in providers])
+    except Exception as err:  # ORT raises its own types for bad or unsupported graphs
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"ONNX Runtime cannot load {path}: {first}") from None
+
+
+# --- the backend ------------------------------------------------------------------------------
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+def _providers_for(device: str, requested: str | Sequence[str] | None) -> list[str]:
+    """`--device cpu` pins ONNX Runtime to CPU unless providers are named; `cuda` needs a GPU one."""
+    if device == "cpu" and parse_providers(requested) is None:
+        return [CPU]
+    providers = choose_providers(requested)
+    if device.startswith("cuda") and not any(p in GPU_PROVIDERS for p in providers):
+        raise UserError("--device cuda was asked for but ONNX Runtime cannot start its CUDA or TensorRT "
+                        "provider here (no GPU or missing CUDA libraries); try --device cpu")
+    return providers
+
+
+class OnnxBackend:
+    """`Backend` (see rtsvc/backends.py) over a bundle's dit.onnx and vocoder.onnx.
+
+    Tensors come in and go out as torch tensors on `device`. On a GPU provider with CUDA torch
+    they stay on the GPU: inputs and outputs are bound by pointer (IO binding), no host copies.
+    """
+
+    def __init__(self, bundle: Bundle, providers: Sequence[str], device: torch.device,
+                 threads: int | None = None):
+        self.bundle = bundle
+        self.speakers = bundle.speakers
+        self.device = device
+        self.dit = make_session(bundle.file(DIT_FILE), providers, threads)
+        self.vocoder = make_session(bundle.file(VOCODER_FILE), providers, threads)
+        self.providers = self.dit.get_providers()
+        self.hop = int(bundle.manifest["audio"]["hop_length"])
+        self.io_binding = self.providers[0] in GPU_PROVIDERS and device.type == "cuda"
+
+    @classmethod
+    def open(cls, path, device: str = "auto", pretrained=None, providers: str | Sequence[str] | None = None,
+             threads: int | None = None) -> "OnnxBackend":
+        """Verify the bundle, pick providers (see `choose_providers`) and start both sessions."""
+        bundle = read_bundle(path)
+        chosen = _providers_for(device, providers)
+        on_gpu = chosen[0] in GPU_PROVIDERS and torch.cuda.is_available()
+        return cls(bundle, chosen, torch.device("cuda" if on_gpu else "cpu"), threads)
+
+    # -- running a graph --
+
+    def _run(self, session: ort.InferenceSession, feeds: dict[str, torch.Tensor], out_name: str,
+             out_shape: tuple[int, ...]) -> torch.Tensor:
+        if not self.io_binding:
+            arrays = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
+            return torch.from_numpy(session.run([out_name], arrays)[0]).to(self.device)
+        binding = session.io_binding()
+        held = []  # keep contiguous copies alive until the run ends
+        for name, value in feeds.items():
+            value = value.detach().to(self.device).contiguous()
+            held.append(value)
+            binding.bind_input(name, "cuda", self.device.index or 0, TORCH_TO_NUMPY[value.dtype],
+                               list(value.shape), value.data_ptr())
+        out = torch.empty(out_shape, dtype=torch.float32, device=self.device)
+        binding.bind_output(out_name, "cuda", self.device.index or 0, np.float32, list(out.shape),
+                            out.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return out
+
+    # -- the Backend protocol --
+
+    def velocity_cfg(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                     cfg_strength: float) -> torch.Tensor:
+        if cond.mask is not None and not bool(cond.mask.all()):
+            raise ValueError("the ONNX DiT has no frame mask input: pass unpadded items")
+        b, n = x.shape[0], x.shape[1]
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+        feeds = {
+            "x": x.float(), "t": t.expand(b) if t.numel() == 1 else t, "spk": cond.spk.long(),
+            "f0": cond.f0.float(), "rms": cond.rms.float(), "cvec": cond.cvec.float(),
+            "whisper": cond.whisper.float(), "cfg_strength": torch.tensor(float(cfg_strength)),
+        }
+        return self._run(self.dit, feeds, DIT_OUTPUT, (b, n, x.shape[2]))
+
+    def vocode(self, log_mel: torch.Tensor, f0: torch.Tensor, phase: torch.Tensor,
+               noise: torch.Tensor) -> torch.Tensor:
+        """log-mel [b, 128, n], F0 [b, n] Hz, source phase [b or 1, 9], noise [b, n*512, 9] -> audio."""
+        b, n = f0.shape
+        feeds = {"mel": log_mel.float(), "f0": f0.float(), "phase": phase, "noise": noise}
+        return self._run(self.vocoder, feeds, VOCODER_OUTPUT, (b, n * self.hop))

@@ -1,0 +1,139 @@
+"""The pretrained directory: where each feature/vocoder component lives, and how to fetch it.
+
+The default layout is RIFT-SVC's own `pretrained/` folder, so existing users can point at theirs:
+
+    pretrained/
+      content-vec-best/                                   transformers HuBERT (+ final_proj)
+      whisper-large-v3/                                   transformers Whisper (encoder used)
+      nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt  openvpi vocoder (+ config.json beside it)
+      rmvpe/model.pt                                      RMVPE state dict
+
+Every component can be overridden on its own by a local path or (for the two transformers models)
+a hub id such as `openai/whisper-large-v3`.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rtsvc.errors import UserError
+
+DEFAULT_PRETRAINED_DIR = "pretrained"
+COMPONENTS = ("contentvec", "whisper", "vocoder", "rmvpe")
+
+# relative location of each component inside a pretrained dir (upstream layout)
+LAYOUT = {
+    "contentvec": "content-vec-best",
+    "whisper": "whisper-large-v3",
+    "vocoder": "nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt",
+    "rmvpe": "rmvpe/model.pt",
+}
+OPTION = {  # the CLI option that overrides each component (named in error messages)
+    "contentvec": "--contentvec",
+    "whisper": "--whisper",
+    "vocoder": "--vocoder",
+    "rmvpe": "--rmvpe",
+}
+# where `rtsvc download` fetches from (upstream pretrained/download.py + the Whisper release)
+HUB_REPO = "Pur1zumu/RIFT-SVC-pretrained"
+HUB_DIRS = ("content-vec-best", "nsf_hifigan_44.1k_hop512_128bin_2024.02", "rmvpe")
+WHISPER_HUB_ID = "openai/whisper-large-v3"
+WHISPER_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
+
+
+@dataclass(frozen=True)
+class PretrainedPaths:
+    """Resolved location of each component: a local path, a hub id (transformers models), or None."""
+
+    contentvec: str | None = None
+    whisper: str | None = None
+    vocoder: str | None = None
+    rmvpe: str | None = None
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    """`owner/name` that is not an existing path: let transformers resolve it (cache or hub)."""
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "~")) and not Path(value).exists()
+
+
+def _component_ok(name: str, path: Path) -> bool:
+    if name in ("contentvec", "whisper"):
+        return (path / "config.json").is_file()
+    if name == "vocoder":
+        return path.is_file() and (path.parent / "config.json").is_file()
+    return path.is_file()
+
+
+def _missing_message(name: str, where: str, pretrained_dir: Path | None) -> str:
+    fetch = f"run `rtsvc download --to {pretrained_dir or DEFAULT_PRETRAINED_DIR}`"
+    what = {
+        "contentvec": "ContentVec (a folder with config.json)",
+        "whisper": "Whisper encoder (a folder with config.json)",
+        "vocoder": "NSF-HiFiGAN vocoder (model.ckpt with config.json beside it)",
+        "rmvpe": "RMVPE F0 model (model.pt)",
+    }[name]
+    return f"{what} not found at {where}: {fetch} or point {OPTION[name]} at it"
+
+
+def resolve_pretrained(
+    pretrained_dir: str | Path | None = DEFAULT_PRETRAINED_DIR,
+    contentvec: str | Path | None = None,
+    whisper: str | Path | None = None,
+    vocoder: str | Path | None = None,
+    rmvpe: str | Path | None = None,
+    need: tuple[str, ...] = COMPONENTS,
+) -> PretrainedPaths:
+    """Find each needed component (its override, else the pretrained dir); UserError names a missing one."""
+    overrides = {"contentvec": contentvec, "whisper": whisper, "vocoder": vocoder, "rmvpe": rmvpe}
+    root = Path(pretrained_dir) if pretrained_dir is not None else None
+    found: dict[str, str | None] = {}
+    for name in COMPONENTS:
+        given = overrides[name]
+        if given is not None:
+            value = str(given)
+            if name in ("contentvec", "whisper") and _looks_like_hub_id(value):
+                found[name] = value
+                continue
+            path = Path(value).expanduser()
+            if name == "vocoder" and path.is_dir():
+                path = path / "model.ckpt"
+            if not _component_ok(name, path):
+                if name in need:
+                    raise UserError(_missing_message(name, str(path), root))
+                found[name] = None
+                continue
+            found[name] = str(path)
+            continue
+        path = root / LAYOUT[name] if root is not None else None
+        if path is not None and _component_ok(name, path):
+            found[name] = str(path)
+        elif name in need:
+            where = str(path) if path is not None else "(no --pretrained-dir given)"
+            raise UserError(_missing_message(name, where, root))
+        else:
+            found[name] = None
+    return PretrainedPaths(**found)
+
+
+def download_pretrained(to: str | Path = DEFAULT_PRETRAINED_DIR,
+                        components: tuple[str, ...] = COMPONENTS) -> Path:
+    """Fetch the components from the model hub into the upstream layout under `to`; returns `to`."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError("huggingface_hub is not installed: pip install huggingface_hub") from None
+    to = Path(to)
+    to.mkdir(parents=True, exist_ok=True)
+    owners = ("contentvec", "vocoder", "rmvpe")  # the component each HUB_DIRS entry holds
+    dirs = [d for d, name in zip(HUB_DIRS, owners, strict=True) if name in components]
+    try:
+        if dirs:
+            snapshot_download(repo_id=HUB_REPO, allow_patterns=[f"{d}/*" for d in dirs], local_dir=str(to))
+        if "whisper" in components:
+            snapshot_download(repo_id=WHISPER_HUB_ID, allow_patterns=list(WHISPER_FILES),
+                              local_dir=str(to / LAYOUT["whisper"]))
+    except Exception as err:  # offline, auth, disk full: all end the same way for the user
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"download from the Hugging Face hub failed ({reason}); check the network "
+                        f"or copy the files into {to} by hand") from None
+    return to

@@ -1,0 +1,125 @@
+"""The built-in WORLD voice: pitch, formants, silence, streaming vs offline."""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.signal
+
+from rtsvc.dsp_voice import DspVoice, shift_envelope
+from rtsvc.engine import StreamConfig, convert_stream
+from rtsvc.errors import UserError
+from rtsvc.settings import Knobs, RuntimeSettings
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import pyworld
+
+SR = 44100
+
+
+def sung_tone(seconds=1.2, f0=180.0, seed=0):
+    """A harmonic tone with vibrato and a breathy (noise) gap in the middle."""
+    t = np.arange(int(seconds * SR)) / SR
+    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.02 * np.sin(2 * np.pi * 5 * t))) / SR
+    x = sum(0.15 / k * np.sin(k * phase) for k in range(1, 15))
+    gap = slice(int(0.45 * SR), int(0.6 * SR))
+    x[gap] = 0.02 * np.random.default_rng(seed).standard_normal(gap.stop - gap.start)
+    return x.astype(np.float32)
+
+
+def median_f0(y, start=0.0, stop=None):
+    y = y[int(start * SR): None if stop is None else int(stop * SR)].astype(np.float64)
+    f0, _ = pyworld.harvest(y, SR, frame_period=10)
+    return float(np.median(f0[f0 > 0]))
+
+
+def log_spectral_distance(a, b):
+    """Mean over frames of the RMS dB difference of the power spectra."""
+    _, _, sa = scipy.signal.stft(a, SR, nperseg=2048, noverlap=1536)
+    _, _, sb = scipy.signal.stft(b, SR, nperseg=2048, noverlap=1536)
+    la, lb = (10 * np.log10(np.abs(s) ** 2 + 1e-8) for s in (sa, sb))
+    return float(np.mean(np.sqrt(np.mean((la - lb) ** 2, axis=0))))
+
+
+@pytest.fixture(scope="module")
+def tone():
+    return sung_tone()
+
+
+def test_pitch_up_an_octave_doubles_f0(tone):
+    voice = DspVoice()
+    out = voice.convert(tone, Knobs(pitch_shift=12))
+    assert out.shape == tone.shape and out.dtype == np.float32
+    assert median_f0(out) / median_f0(tone) == pytest.approx(2.0, rel=0.02)
+    down = voice.convert(tone, Knobs(pitch_shift=-5))
+    assert median_f0(down) / median_f0(tone) == pytest.approx(2 ** (-5 / 12), rel=0.02)
+
+
+def test_unvoiced_part_stays_noise_and_level_is_kept(tone):
+    out = DspVoice().convert(tone, Knobs(pitch_shift=12))
+    gap = slice(int(0.48 * SR), int(0.57 * SR))
+    f0, _ = pyworld.harvest(out[gap].astype(np.float64), SR, frame_period=10)
+    assert np.mean(f0 > 0) < 0.3  # the breathy gap is not turned into a buzz
+    rms_in, rms_out = (np.sqrt(np.mean(s[gap] ** 2)) for s in (tone, out))
+    assert 0.3 < rms_out / rms_in < 3.0
+    voiced = slice(0, int(0.4 * SR))
+    assert 0.4 < np.sqrt(np.mean(out[voiced] ** 2)) / np.sqrt(np.mean(tone[voiced] ** 2)) < 1.5
+
+
+def test_silence_in_silence_out_and_tail():
+    voice = DspVoice()
+    assert not np.any(voice.convert(np.zeros(SR // 4, np.float32), Knobs()))
+    x = sung_tone()[: SR // 2]
+    assert voice.convert(x, Knobs(), start_sample=4096, tail=1000).shape == (1000,)
+    with pytest.raises(ValueError):
+        voice.convert(x, Knobs(), tail=x.shape[0] + 1)
+
+
+def test_formant_shift_moves_the_envelope():
+    env = np.exp(-0.5 * ((np.arange(1025) - 100) / 10.0) ** 2)[None, :] + 1e-6
+    assert np.argmax(shift_envelope(env, 1.5)[0]) == 150
+    assert np.argmax(shift_envelope(env, 0.8)[0]) == 80
+    assert shift_envelope(env, 1.0) is env
+
+
+def test_tail_matches_whole_window_conversion(tone):
+    # the tail path (analysis of the tail frames only) gives the same spectrum as the full path
+    voice = DspVoice()
+    tail = 8000
+    part = voice.convert(tone[:16384], Knobs(pitch_shift=4), tail=tail)
+    whole = voice.convert(tone[:16384], Knobs(pitch_shift=4))[-tail:]
+    assert log_spectral_distance(part, whole) < 3.0
+
+
+def test_streaming_is_close_to_offline(tone):
+    voice = DspVoice()
+    knobs = Knobs(pitch_shift=12, gate_db=-70)
+    offline = voice.convert(tone, knobs)
+    streamed = convert_stream(voice, tone, knobs, StreamConfig())
+    assert streamed.shape == tone.shape
+    gap = log_spectral_distance(streamed, offline)
+    baseline = log_spectral_distance(offline, voice.convert(tone, Knobs(pitch_shift=11, gate_db=-70)))
+    print(f"\nlog-spectral distance streaming vs offline: {gap:.2f} dB "
+          f"(offline +12 vs +11 semitones: {baseline:.2f} dB); "
+          f"F0 {median_f0(streamed):.1f} vs {median_f0(offline):.1f} Hz")
+    assert gap < 3.0 and gap < baseline
+    assert median_f0(streamed) == pytest.approx(median_f0(offline), rel=0.01)
+
+
+def test_pitch_knob_change_mid_stream_takes_effect(tone):
+    settings = RuntimeSettings(Knobs(gate_db=-70))
+    from rtsvc.engine import StreamingConverter
+
+    engine = StreamingConverter(DspVoice(), settings, StreamConfig(block_ms=100, context_ms=100))
+    half = SR * 2 // 5
+    first = engine.process(tone[:half])
+    settings.update(pitch_shift=12)
+    second = np.concatenate((engine.process(tone[half:]), engine.flush()))
+    assert median_f0(first, 0.25) == pytest.approx(median_f0(tone, 0.0, 0.4), rel=0.03)
+    assert median_f0(second, 0.45) == pytest.approx(2 * median_f0(tone, 0.65), rel=0.03)
+
+
+def test_unknown_f0_method_is_a_user_error():
+    with pytest.raises(UserError, match="F0 method"):
+        DspVoice(f0_method="crepe")

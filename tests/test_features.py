@@ -1,0 +1,101 @@
+"""The pretrained dir (layout, overrides, errors, download offline) and all features on the mel grid."""
+
+import numpy as np
+import pytest
+import torch
+
+from rtsvc.audio import HOP_LENGTH, SAMPLE_RATE
+from rtsvc.errors import UserError
+from rtsvc.features import FeatureExtractor, Features, resize_frames
+from rtsvc.pretrained import LAYOUT, PretrainedPaths, download_pretrained, resolve_pretrained
+from tests.tiny_encoders import make_tiny_pretrained_dir
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    return make_tiny_pretrained_dir(tmp_path_factory.mktemp("pretrained"))
+
+
+@pytest.fixture(scope="module")
+def extractor(pretrained):
+    return FeatureExtractor.from_pretrained(resolve_pretrained(pretrained), f0="pyworld")
+
+
+def tone(freq: float, samples: int) -> np.ndarray:
+    t = np.arange(samples) / SAMPLE_RATE
+    return sum(0.2 / k * np.sin(2 * np.pi * freq * k * t) for k in range(1, 5)).astype(np.float32)
+
+
+def test_resolve_finds_the_upstream_layout(pretrained):
+    paths = resolve_pretrained(pretrained)
+    assert paths == PretrainedPaths(**{k: str(pretrained / v) for k, v in LAYOUT.items()})
+
+
+def test_missing_component_names_it_and_how_to_get_it(pretrained, tmp_path):
+    with pytest.raises(UserError) as err:
+        resolve_pretrained(tmp_path)
+    msg = str(err.value)
+    assert "ContentVec" in msg and "rtsvc download --to" in msg and "--contentvec" in msg and "\n" not in msg
+    with pytest.raises(UserError, match="RMVPE.*--rmvpe"):
+        resolve_pretrained(pretrained, rmvpe=tmp_path / "missing.pt")
+    only_vocoder = resolve_pretrained(tmp_path, vocoder=pretrained / LAYOUT["vocoder"], need=("vocoder",))
+    assert only_vocoder.vocoder.endswith("model.ckpt") and only_vocoder.contentvec is None
+
+
+def test_each_component_can_be_overridden(pretrained, tmp_path):
+    paths = resolve_pretrained(tmp_path, contentvec=pretrained / LAYOUT["contentvec"],
+                               whisper="openai/whisper-large-v3",  # a hub id passes through to transformers
+                               vocoder=(pretrained / LAYOUT["vocoder"]).parent,  # a folder means its model.ckpt
+                               rmvpe=pretrained / LAYOUT["rmvpe"])
+    assert paths.whisper == "openai/whisper-large-v3"
+    assert paths.vocoder == str(pretrained / LAYOUT["vocoder"])
+    assert paths.contentvec == str(pretrained / LAYOUT["contentvec"])
+
+
+def test_download_offline_fails_with_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as err:
+        download_pretrained(tmp_path / "pretrained")
+    assert "hub" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_feature_is_on_the_mel_grid(extractor):
+    samples = SAMPLE_RATE + 300  # not a multiple of 512: n = len // 512
+    feats = extractor.extract(tone(220.0, samples))
+    n = samples // HOP_LENGTH
+    assert isinstance(feats, Features) and feats.n_frames == n == 86
+    assert feats.f0.shape == feats.rms.shape == (n,)
+    assert feats.cvec.shape == (n, 768) and feats.whisper.shape == (n, 1280) and feats.mel.shape == (n, 128)
+    assert all(t.dtype == torch.float32 for t in (feats.f0, feats.rms, feats.cvec, feats.whisper, feats.mel))
+    voiced = feats.f0[feats.f0 > 0].numpy()
+    assert len(voiced) > 0.9 * n
+    np.testing.assert_allclose(np.median(voiced), 220.0, rtol=0.01)
+    np.testing.assert_allclose(feats.rms[3:-3].numpy(), feats.rms[3:-3].mean().item(), rtol=0.02)
+
+
+def test_pitch_shift_is_applied_to_the_f0_feature(extractor):
+    audio = tone(220.0, SAMPLE_RATE // 2)
+    up = extractor.extract(audio, semitones=12, with_mel=False)
+    assert up.mel is None
+    np.testing.assert_allclose(np.median(up.f0[up.f0 > 0].numpy()), 440.0, rtol=0.01)
+
+
+def test_window_methods_take_any_window(extractor):
+    audio16 = np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1
+    assert extractor.content(audio16, 43).shape == (43, 768)
+    assert extractor.whisper(audio16, 43, pad_to_30s=False).shape == (43, 1280)
+    assert extractor.f0(audio16, 43).shape == (43,)
+
+
+def test_rmvpe_extractor_through_the_pretrained_dir(pretrained):
+    fe = FeatureExtractor.from_pretrained(resolve_pretrained(pretrained), f0="rmvpe")
+    feats = fe.extract(tone(220.0, 40 * HOP_LENGTH), with_mel=False)
+    assert feats.f0.shape == (40,) and fe.f0_extractor.name == "rmvpe"
+
+
+def test_resize_frames_nearest_and_linear():
+    x = torch.arange(4, dtype=torch.float32)[:, None]  # 4 frames, 1 dim
+    assert resize_frames(x, 8)[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    lin = resize_frames(x, 7, mode="linear")[:, 0]
+    torch.testing.assert_close(lin, torch.linspace(0, 3, 7))  # align_corners=True keeps both ends
+    assert resize_frames(x, 0).shape == (0, 1)

@@ -1,0 +1,139 @@
+"""Live audio for real: `rtsvc live` between two PulseAudio null sinks, plus device lookup units."""
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from rtsvc.bench import PulseServer, start_live, sung_tone, wait_for_start
+from rtsvc.errors import UserError
+from rtsvc.live import KeyReader, LiveState, OutputFifo, find_device
+from rtsvc.settings import RuntimeSettings
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import pyworld
+
+SR = 44100
+TONE_F0 = 180.0
+
+
+def median_f0(x: np.ndarray, rate: int = SR) -> tuple[float, int]:
+    """Median F0 (dio + stonemask: robust on steady synthetic tones) and the number of voiced frames."""
+    x = x.astype(np.float64)
+    f0, t = pyworld.dio(x, rate, f0_floor=80, f0_ceil=800, frame_period=10)
+    f0 = pyworld.stonemask(x, f0, t, rate)
+    voiced = f0[f0 > 0]
+    return (float(np.median(voiced)) if voiced.size else 0.0), int(voiced.size)
+
+
+@pytest.fixture(scope="module")
+def pulse():
+    if shutil.which("pulseaudio") is None:
+        pytest.skip("pulseaudio is not installed (apt-get install pulseaudio libasound2-plugins)")
+    with PulseServer(("mic", "speaker")) as server:
+        yield server
+
+
+def test_live_pitch_up_an_octave_through_pulseaudio(pulse, tmp_path):
+    tone = tmp_path / "tone.wav"
+    sf.write(tone, sung_tone(3.0, f0=TONE_F0), SR)
+    captured, record, log = tmp_path / "speaker.raw", tmp_path / "record.wav", tmp_path / "live.log"
+    with open(captured, "wb") as sink:
+        parec = subprocess.Popen(["parec", "-d", "speaker.monitor", "--raw", "--format=float32le",
+                                  "--channels=1", f"--rate={SR}"], env=pulse.env, stdout=sink)
+    args = ["--pitch", "12", "--duration", "5", "--gate", "-60", "--record", str(record)]
+    live = start_live(pulse, args, log)
+    try:
+        wait_for_start(live, log, timeout=60)
+        time.sleep(0.5)
+        subprocess.run(["paplay", "-d", "mic", str(tone)], env=pulse.env, check=True, timeout=30)
+        assert live.wait(timeout=60) == 0, log.read_text()
+    finally:
+        for proc in (live, parec):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=10)
+    out = np.fromfile(captured, dtype=np.float32)
+    f0_in, _ = median_f0(sung_tone(3.0, f0=TONE_F0))
+    f0_out, voiced = median_f0(out)
+    text = log.read_text()
+    print(f"\nlive via PulseAudio: input F0 {f0_in:.1f} Hz, output F0 {f0_out:.1f} Hz, "
+          f"{voiced / 100:.2f} s voiced of {out.size / SR:.2f} s captured\n{text.strip().splitlines()[-1]}")
+    assert voiced >= 150  # at least 1.5 s of the 3 s tone came through voiced
+    assert f0_out == pytest.approx(2 * f0_in, rel=0.03)
+    assert "stopped after" in text and "underruns" in text
+    rec, rate = sf.read(record, dtype="float32")
+    assert rate == SR and 4.0 * SR < rec.size <= 5.5 * SR
+    assert median_f0(rec)[0] == pytest.approx(2 * f0_in, rel=0.03)
+
+
+def test_live_unknown_device_is_a_clear_error(pulse):
+    env = pulse.client_env()
+    cmd = [sys.executable, "-m", "cli", "live", "--input", "no-such-mic", "--duration", "1"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "no input device matches 'no-such-mic'" in result.stderr
+
+
+def _device(index, name, inputs, outputs, default_in=False, default_out=False):
+    return {"index": index, "name": name, "inputs": inputs, "outputs": outputs,
+            "default_input": default_in, "default_output": default_out}
+
+
+DEVICES = [_device(0, "pulse", 32, 32), _device(1, "USB Mic pulse-ish", 1, 0, default_in=True),
+           _device(2, "HDMI out 1", 0, 2, default_out=True), _device(3, "HDMI out 2", 0, 2)]
+
+
+def test_find_device_by_index_name_and_default():
+    assert find_device(None, "input", DEVICES)["index"] == 1
+    assert find_device(None, "output", DEVICES)["index"] == 2
+    assert find_device("3", "output", DEVICES)["name"] == "HDMI out 2"
+    assert find_device("PULSE", "input", DEVICES)["index"] == 0  # an exact name wins over substrings
+    assert find_device("usb", "input", DEVICES)["index"] == 1
+    with pytest.raises(UserError, match="matches several output devices"):
+        find_device("hdmi", "output", DEVICES)
+    with pytest.raises(UserError, match="no output device matches 'usb'"):
+        find_device("usb", "output", DEVICES)
+    with pytest.raises(UserError, match="no audio device with index 9"):
+        find_device("9", "input", DEVICES)
+    with pytest.raises(UserError, match="has no input channels"):
+        find_device("2", "input", DEVICES)
+
+
+def test_output_fifo_primes_counts_underruns_and_caps_growth():
+    fifo = OutputFifo(prime=100, max_level=1000)
+    assert not fifo.pop(50).any() and fifo.underruns == 0  # silence before any audio, not an underrun
+    fifo.push(np.ones(300, np.float32))
+    first = fifo.pop(150)
+    assert not first[:100].any() and first[100:].all()  # primed with 100 samples of silence
+    assert fifo.pop(250)[:250].sum() == 250 and fifo.level == 0
+    fifo.pop(10)
+    assert fifo.underruns == 1 and not fifo.primed
+    for _ in range(30):
+        fifo.push(np.ones(100, np.float32))
+    assert fifo.level <= 1000 and fifo.overruns > 0
+
+
+def test_keys_change_knobs_and_quit():
+    settings, state = RuntimeSettings(), LiveState()
+    keys = KeyReader(settings, state)
+    for key in ("+", "+", "\x1b[A", "-", "g", "F", "O"):
+        keys.apply(key)
+    knobs = settings.snapshot()
+    assert knobs.pitch_shift == 2 and knobs.gate_db == -55 and knobs.formant_shift == pytest.approx(1.05)
+    assert knobs.output_gain_db == 1
+    keys.apply("0")
+    assert settings.snapshot().pitch_shift == 0
+    for _ in range(20):
+        keys.apply("G")  # past 0 dBFS: refused with a message, the knob keeps its last valid value
+    assert settings.snapshot().gate_db == 0 and "gate_db" in keys.message
+    assert not state.stop.is_set()
+    keys.apply("q")
+    assert state.stop.is_set() and isinstance(state.stop, threading.Event)

@@ -1,0 +1,140 @@
+"""The browser page: served and connectable; driven in headless Chromium with a fake microphone."""
+
+import asyncio
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from websockets.asyncio.client import connect
+
+from tests.test_server import http_get, run, running, settled, tone
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+    "--disable-background-networking", "--disable-component-update", "--disable-extensions",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    "--autoplay-policy=no-user-gesture-required", "--remote-debugging-port=0",
+]
+
+
+def test_page_loads_and_connects_like_the_browser_does():
+    async def main():
+        async with running() as server:
+            page = await asyncio.to_thread(http_get, server.port, "/?autostart=1&token=x")
+            scripts = [await asyncio.to_thread(http_get, server.port, f"/{name}")
+                       for name in ("app.js", "worklet.js")]
+            # what app.js sends, from the page's own origin
+            async with connect(f"ws://127.0.0.1:{server.port}/v1/stream",
+                               origin=f"http://127.0.0.1:{server.port}") as ws:
+                await ws.send(json.dumps({"type": "start", "sample_rate": 48000, "format": "f32le",
+                                          "channels": 1, "pitch_shift": 3}))
+                ready = json.loads(await ws.recv())
+                await ws.send(json.dumps({"type": "set", "output_gain_db": -6}))  # what a slider sends
+                settings = json.loads(await ws.recv())
+            return page, scripts, ready, settings
+
+    page, scripts, ready, settings = run(main())
+    assert page[0] == 200 and b"<script src=\"app.js\">" in page[2]
+    for control in (b'id="speaker"', b'id="pitch_shift"', b'id="output_gain_db"', b'id="status"'):
+        assert control in page[2]
+    assert all(status == 200 for status, _, _ in scripts)
+    assert b'addModule("worklet.js")' in scripts[0][2] and b'"rtsvc-io"' in scripts[1][2]
+    assert ready["type"] == "ready" and ready["format"] == "f32le" and ready["settings"]["pitch_shift"] == 3
+    assert settings == {"type": "settings", "settings": {**ready["settings"], "output_gain_db": -6.0}}
+
+
+async def devtools_page(user_data: Path, timeout: float = 20.0) -> str:
+    """The page target's debugger websocket URL (Chromium writes its port to DevToolsActivePort)."""
+    for _ in range(int(timeout / 0.1)):
+        port_file = user_data / "DevToolsActivePort"
+        if port_file.exists() and port_file.read_text().strip():
+            port = int(port_file.read_text().split()[0])
+
+            def targets(port: int) -> list:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/json/list")
+                return json.loads(conn.getresponse().read())
+
+            pages = [t for t in await asyncio.to_thread(targets, port) if t["type"] == "page"]
+            if pages:
+                return pages[0]["webSocketDebuggerUrl"]
+        await asyncio.sleep(0.1)
+    raise AssertionError("Chromium did not open its devtools port")
+
+
+class Page:
+    """Minimal Chrome DevTools Protocol client: evaluate JavaScript in the page."""
+
+    def __init__(self, ws):
+        self.ws, self.next_id = ws, 0
+
+    async def eval(self, expression: str):
+        self.next_id += 1
+        await self.ws.send(json.dumps({"id": self.next_id, "method": "Runtime.evaluate",
+                                       "params": {"expression": expression, "returnByValue": True}}))
+        while True:
+            reply = json.loads(await self.ws.recv())
+            if reply.get("id") == self.next_id:
+                return reply["result"]["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float = 40.0):
+        for _ in range(int(timeout / 0.25)):
+            value = await self.eval(expression)
+            if value:
+                return value
+            await asyncio.sleep(0.25)
+        state = await self.eval("JSON.stringify(window.rtsvc)")
+        raise AssertionError(f"timed out waiting for {expression}; page state {state}")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_page_streams_fake_microphone_through_the_server_in_headless_chromium(tmp_path):
+    mic = tmp_path / "mic.wav"
+    sf.write(mic, tone(48000, 2.0, f0=220.0), 48000, subtype="PCM_16")
+    user_data = Path(tempfile.mkdtemp(prefix="rtsvc-chromium-", dir=tmp_path))
+
+    async def main():
+        async with running() as server:
+            url = f"http://127.0.0.1:{server.port}/?autostart=1&pitch=12"
+            browser = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={user_data}",
+                                        f"--use-file-for-fake-audio-capture={mic}", url],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       env={**os.environ, "HOME": str(tmp_path)})
+            try:
+                async with connect(await devtools_page(user_data), max_size=None) as cdp:
+                    page = Page(cdp)
+                    ready = await page.wait_for("window.rtsvc && rtsvc.ready && JSON.stringify(rtsvc.ready)")
+                    await page.wait_for("rtsvc.samplesReceived > 24000 && rtsvc.peakReceived > 0")
+                    await page.eval("const g = document.getElementById('output_gain_db'); g.value = '-12';"
+                                    "g.dispatchEvent(new Event('change'))")
+                    await page.wait_for("rtsvc.settings && rtsvc.settings.output_gain_db === -12")
+                    state = json.loads(await page.eval("JSON.stringify(window.rtsvc)"))
+                    live = dict(server.state.__dict__)
+            finally:
+                browser.terminate()
+                try:
+                    browser.wait(10)
+                except subprocess.TimeoutExpired:
+                    browser.kill()
+            await settled(server)
+            return json.loads(ready), state, live, list(server.state.history)
+
+    ready, state, live, history = run(main(), timeout=90)
+    print(f"page state: {state}\nserver session: {history[-1]}")
+    assert ready["format"] == "f32le" and ready["sample_rate"] in (44100, 48000)
+    assert ready["settings"]["pitch_shift"] == 12.0  # from ?pitch=12
+    assert state["error"] is None and state["framesSent"] > 10
+    assert state["samplesReceived"] > 24000 and state["peakReceived"] > 0.02  # converted voice came back
+    assert live["sessions_total"] == 1
+    session = history[-1]
+    assert session["format"] == "f32le" and session["samples_in"] >= state["samplesReceived"] * 0.5
+    assert session["out_peak"] > 0.02 and session["error"] is None
+    assert np.isfinite(state["queuedMs"])

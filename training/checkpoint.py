@@ -1,0 +1,86 @@
+"""Training checkpoints in RIFT-SVC's PyTorch-Lightning layout, written atomically.
+
+What upstream (`train.py` + `RIFTSVCLightningModule`) writes and reads, and so what our
+`rtsvc.models.load_dit`, `rtsvc export` and the upstream code accept:
+
+    state_dict:        {"model.transformer.<DiT key>": tensor}  (the flow wrapper holds the DiT
+                       as `transformer`, the Lightning module holds the wrapper as `model`)
+    hyper_parameters:  {"cfg": {"model": {"name", "cfg": {dim, depth, head_dim, ff_mult}, ...},
+                                "dataset": {sample_rate, hop_length, n_mel_channels, max_frame_len},
+                                "training": {...}, "spk2idx": {name: index}, "seed": int}}
+    epoch, global_step, pytorch-lightning_version, optimizer_states, lr_schedulers
+
+We add `rtsvc` (format version, RNG state) for exact resumption. Everything is plain tensors,
+numbers, strings, lists and dicts, so `torch.load(..., weights_only=True)` reads it.
+The weights saved are schedule-free's evaluation weights (`optimizer.eval()` before saving), the
+ones that should be used for inference.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from rtsvc.errors import UserError
+
+STATE_PREFIX = "model.transformer."
+LIGHTNING_VERSION = "2.4.0"  # what upstream's checkpoints carry; nothing checks it strictly
+FORMAT_VERSION = 1
+
+
+def build_checkpoint(dit_state: dict[str, torch.Tensor], cfg: dict, global_step: int, epoch: int,
+                     optimizer_state: dict | None = None, extra: dict | None = None) -> dict:
+    """Assemble the Lightning-layout dict; `cfg` is the hyper_parameters cfg (with spk2idx)."""
+    return {
+        "epoch": int(epoch),
+        "global_step": int(global_step),
+        "pytorch-lightning_version": LIGHTNING_VERSION,
+        "state_dict": {STATE_PREFIX + k: v.detach().cpu().clone() for k, v in dit_state.items()},
+        "hyper_parameters": {"cfg": cfg},
+        "hparams_name": "kwargs",
+        "optimizer_states": [optimizer_state] if optimizer_state is not None else [],
+        "lr_schedulers": [],
+        "rtsvc": {"format": FORMAT_VERSION, **(extra or {})},
+    }
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict) -> Path:
+    """Write via a temporary file and `os.replace`, so a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a Lightning checkpoint (ours or upstream's); clear errors for wrong files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:  # upstream checkpoints may pickle OmegaConf or numpy objects in their hyper-parameters
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise UserError(f"cannot read checkpoint {path}: {err}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"{path} is not a RIFT-SVC training checkpoint (no state_dict)")
+    cfg = ckpt.get("hyper_parameters", {}).get("cfg")
+    if not isinstance(cfg, dict) or "spk2idx" not in cfg:
+        raise UserError(f"{path} has no hyper_parameters.cfg.spk2idx: not a RIFT-SVC checkpoint")
+    return ckpt
+
+
+def dit_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The DiT's own keys: strip `model.transformer.` (upstream loaders strip `model.`)."""
+    state = checkpoint["state_dict"]
+    return {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+
+
+def speakers_of(checkpoint: dict) -> list[str]:
+    """Speaker names ordered by their embedding row."""
+    spk2idx = checkpoint["hyper_parameters"]["cfg"]["spk2idx"]
+    return [name for name, _ in sorted(spk2idx.items(), key=lambda kv: kv[1])]

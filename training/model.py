@@ -1,0 +1,83 @@
+"""The DiT being trained: size presets, from scratch or from a checkpoint, and the speaker table.
+
+Fine-tuning keeps every speaker of the pretrained checkpoint at its index and appends the
+dataset's new speakers as new `spk_embed` rows, started at the mean of the existing rows (an
+"average voice" that the new speaker moves away from, instead of a random point the other
+weights have never seen).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from rtsvc.dit import DiT, DiTConfig
+from rtsvc.errors import UserError
+from rtsvc.models import load_dit
+
+# upstream config/model/dit-DIM-DEPTH.yaml; head_dim 64 and ff_mult 4 throughout
+MODEL_PRESETS = {
+    "dit-256-4": (256, 4), "dit-384-4": (384, 4), "dit-512-4": (512, 4), "dit-512-8": (512, 8),
+    "dit-768-12": (768, 12), "dit-1024-12": (1024, 12), "dit-1024-16": (1024, 16),
+}
+DEFAULT_MODEL = "dit-768-12"
+
+
+@dataclass
+class TrainModel:
+    dit: DiT
+    spk2idx: dict[str, int]
+    name: str  # preset name, e.g. dit-768-12 (or dim-depth for custom sizes)
+    new_speakers: list[str]
+
+
+def parse_model(name: str) -> DiTConfig:
+    """A preset name, or `dit-DIM-DEPTH` for any size (tests use dit-64-2)."""
+    if name in MODEL_PRESETS:
+        dim, depth = MODEL_PRESETS[name]
+        return DiTConfig(dim=dim, depth=depth)
+    parts = name.split("-")
+    if len(parts) == 3 and parts[0] == "dit" and parts[1].isdigit() and parts[2].isdigit():
+        dim, depth = int(parts[1]), int(parts[2])
+        if dim % 64 == 0 and depth > 0:
+            return DiTConfig(dim=dim, depth=depth)
+    raise UserError(f"unknown --model {name!r}: use one of {', '.join(MODEL_PRESETS)} "
+                    "(or dit-DIM-DEPTH with DIM a multiple of 64)")
+
+
+def model_name(config: DiTConfig) -> str:
+    return f"dit-{config.dim}-{config.depth}"
+
+
+def from_scratch(name: str, speakers: list[str]) -> TrainModel:
+    """A new DiT (spectral init inside `DiT`) with one embedding row per dataset speaker."""
+    config = parse_model(name)
+    config.num_speaker = len(speakers)
+    return TrainModel(DiT(config), {s: i for i, s in enumerate(speakers)}, model_name(config), list(speakers))
+
+
+def extend_speakers(dit: DiT, spk2idx: dict[str, int], speakers: list[str]) -> tuple[DiT, dict, list[str]]:
+    """Append rows for speakers not yet in `spk2idx`; existing indices never move."""
+    new = [s for s in speakers if s not in spk2idx]
+    if not new:
+        return dit, dict(spk2idx), []
+    old = dit.spk_embed.weight.data
+    rows = old.mean(dim=0, keepdim=True).expand(len(new), -1)
+    table = torch.nn.Embedding(old.shape[0] + len(new), old.shape[1])
+    table.weight.data.copy_(torch.cat([old, rows], dim=0))
+    dit.spk_embed = table
+    dit.config.num_speaker = table.num_embeddings
+    mapping = dict(spk2idx)
+    for i, name in enumerate(new):
+        mapping[name] = old.shape[0] + i
+    return dit, mapping, new
+
+
+def from_pretrained(path: str, speakers: list[str], requested: str | None = None) -> TrainModel:
+    """Load an upstream or rtsvc checkpoint (strict) and add the dataset's new speakers."""
+    loaded = load_dit(path, "cpu")
+    name = model_name(loaded.config)
+    if requested is not None and requested != name:
+        raise UserError(f"--model {requested} does not match the pretrained checkpoint ({name}); "
+                        "leave --model out when fine-tuning")
+    dit, spk2idx, new = extend_speakers(loaded.model, loaded.speakers, speakers)
+    return TrainModel(dit.train(), spk2idx, name, new)
