@@ -4,6 +4,7 @@ Every user mistake surfaces as `rtsvc.errors.UserError`, printed as one line wit
 """
 
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -135,9 +136,8 @@ def download(
     """Fetch ContentVec, Whisper large-v3, NSF-HiFiGAN and RMVPE from the Hugging Face hub."""
     from rtsvc.pretrained import download_pretrained
 
-    console.print(f"downloading pretrained components into {to} ...", highlight=False)
-    path = download_pretrained(to)
-    console.print(f"done: {path}", highlight=False)
+    path = download_pretrained(to)  # huggingface_hub shows its own progress bars
+    console.print(f"pretrained components are in {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -525,13 +525,15 @@ def bench(
                 voice = open_voice(model, pretrained_dir, backend=bk, device=dev)
                 cases += [BenchCase(f"{model.name} {bk}", dev, voice, c, s)
                           for c in configs for s in _csv(steps, int, "--steps")]
-    run_bench(cases, seconds, console=Console())
+    wide = Console(width=None if sys.stdout.isatty() else 150)  # tables are not squeezed in logs
+    run_bench(cases, seconds, console=wide)
     if loopback:
         console.print("loopback: starting PulseAudio and `rtsvc live` (DSP voice) ...", highlight=False)
-        res = measure_loopback(["--block-ms", str(configs[0].block_ms), "--gate", "-70"])
-        Console().print(f"loopback end-to-end latency of `rtsvc live` (block {configs[0].block_ms:g} ms): "
+        res = measure_loopback(["--block-ms", str(configs[0].block_ms), "--context-ms", str(context_ms),
+                                "--crossfade-ms", str(crossfade_ms), "--gate", "-70"])
+        wide.print(f"loopback end-to-end latency of `rtsvc live` (block {configs[0].block_ms:g} ms): "
                         f"{res['live_ms']:.0f} ms (rig total {res['total_ms']:.0f} ms, rig alone "
-                        f"{res['rig_ms']:.0f} ms)", highlight=False)
+                        f"{res['rig_ms']:.0f} ms)\n  live: {res['live_summary']}", highlight=False)
 
 
 def _cuda_available() -> bool:
@@ -541,6 +543,8 @@ def _cuda_available() -> bool:
 
 
 def main() -> None:
+    # pyworld 0.3.5 imports pkg_resources; its deprecation warning is noise for users
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     try:
         app()
     except UserError as err:

@@ -12,6 +12,7 @@ directly gives the rig's own delay, which is subtracted.
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,24 +60,28 @@ def bench_case(case: BenchCase, seconds: float = 5.0) -> dict:
     audio = sung_tone(seconds + (WARMUP_BLOCKS + 1) * block / engine.sample_rate, engine.sample_rate)
     engine.process(audio[: WARMUP_BLOCKS * block])
     engine.reset_stats()  # drop warm-up timings
+    cpu = time.process_time()  # CPU seconds of this process: meaningful on a shared, busy machine
     engine.process(audio[WARMUP_BLOCKS * block:])
+    cpu = time.process_time() - cpu
     st = engine.stats()
     return {"voice": case.label, "device": case.device, "steps": case.steps, "block_ms": st["block_ms"],
             "blocks": st["blocks"], "mean_ms": st["compute_ms_mean"], "p50_ms": st["compute_ms_p50"],
-            "p99_ms": st["compute_ms_p99"], "rtf": st["rtf"], "latency_ms": st["latency_ms"]}
+            "p99_ms": st["compute_ms_p99"], "cpu_ms": cpu * 1000.0 / max(st["blocks"], 1), "rtf": st["rtf"],
+            "latency_ms": st["latency_ms"]}
 
 
 def bench_table(rows: list[dict], title: str = "rtsvc bench: streaming engine, per-block compute"):
     from rich.table import Table
 
-    table = Table(title=title)
-    for name in ("voice", "device", "steps", "block ms", "blocks", "mean ms", "p50 ms", "p99 ms", "RTF",
-                 "algo latency ms"):
+    table = Table(title=title, caption="ms = wall-clock compute per block; CPU ms = process CPU time per "
+                  "block; RTF = mean / block length (< 1 keeps up)")
+    for name in ("voice", "device", "steps", "block ms", "blocks", "mean ms", "p50 ms", "p99 ms",
+                 "CPU ms", "RTF", "algo latency ms"):
         table.add_column(name, justify="left" if name in ("voice", "device") else "right")
     for r in rows:
         table.add_row(r["voice"], r["device"], "-" if r["steps"] is None else str(r["steps"]),
                       f"{r['block_ms']:.1f}", str(r["blocks"]), f"{r['mean_ms']:.1f}", f"{r['p50_ms']:.1f}",
-                      f"{r['p99_ms']:.1f}", f"{r['rtf']:.3f}", f"{r['latency_ms']:.1f}")
+                      f"{r['p99_ms']:.1f}", f"{r['cpu_ms']:.1f}", f"{r['rtf']:.3f}", f"{r['latency_ms']:.1f}")
     return table
 
 
@@ -215,13 +220,15 @@ def measure_loopback(live_args: list[str], seconds: float = 6.0, startup_timeout
             time.sleep(1.0)  # let the streams settle
             total_ms = _rig(server, "speaker.monitor", seconds, Path(tmp)) * 1000
         finally:
-            live.terminate()
+            live.send_signal(signal.SIGINT)  # a clean Ctrl-C: live prints its counters
             try:
                 live.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 live.kill()
                 live.wait()
-    return {"rig_ms": rig_ms, "total_ms": total_ms, "live_ms": total_ms - rig_ms}
+        text = log.read_text(errors="replace")
+        summary = text[text.rindex("stopped after"):].strip() if "stopped after" in text else ""
+    return {"rig_ms": rig_ms, "total_ms": total_ms, "live_ms": total_ms - rig_ms, "live_summary": summary}
 
 
 def start_live(server: PulseServer, args: list[str], log: Path) -> subprocess.Popen:

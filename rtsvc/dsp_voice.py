@@ -27,6 +27,7 @@ F0_FLOOR = 50.0
 F0_CEIL = 1100.0
 SILENCE_PEAK = 1e-5  # a window quieter than this everywhere is returned as digital silence
 MARGIN_FRAMES = 2  # extra frames synthesised before the tail so the first tail samples are settled
+F0_CONTEXT = 16 * FRAME_HOP  # left context (93 ms) F0 tracking uses before the tail; more changed nothing
 F0_METHODS = ("dio", "harvest")
 
 
@@ -82,7 +83,11 @@ class DspVoice:
             return np.zeros(0, dtype=np.float32)
         if n < 2 * FRAME_HOP or float(np.max(np.abs(audio))) < SILENCE_PEAK:
             return np.zeros(need, dtype=np.float32)
-        x = audio.astype(np.float64)
+        # analyse from a frame-grid point F0_CONTEXT before the tail (the rest of the window is
+        # context that a model needs but WORLD does not), so frame k of `x` is frame skip + k of `audio`
+        skip = max(0, (n - need - F0_CONTEXT) // FRAME_HOP) * FRAME_HOP
+        x = audio[skip:].astype(np.float64)
+        n -= skip
         f0, times = self._f0(x)
         first = max(0, (n - need) // FRAME_HOP - MARGIN_FRAMES)
         f0, times = np.ascontiguousarray(f0[first:]), np.ascontiguousarray(times[first:])

@@ -110,9 +110,10 @@ class OutputFifo:
                 self.primed = self.started = True
             self._chunks.append(samples)
             self.level += samples.shape[0]
-            while self.level > self.max_level and len(self._chunks) > 1:  # output clock too slow
-                self.level -= self._chunks.popleft().shape[0]
+            if self.level > self.max_level:  # output stalled or its clock is slow: cut latency back
                 self.overruns += 1
+                while self.level > self.max_level // 2 and len(self._chunks) > 1:
+                    self.level -= self._chunks.popleft().shape[0]
 
     def pop(self, count: int) -> np.ndarray:
         out = np.zeros(count, dtype=np.float32)
@@ -341,6 +342,8 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                 console.print("stopping (Ctrl-C)", highlight=False)
             finally:
                 state.stop.set()
+        if not console.is_terminal:
+            console.print()  # end the status line in logs
         worker.join(timeout=5.0)
         if state.error is not None:
             if isinstance(state.error, UserError):

@@ -5,7 +5,8 @@ A RIFT-SVC checkpoint is a PyTorch Lightning file: `state_dict` holds `model.tra
 `hyper_parameters["cfg"]` holds `spk2idx` (speaker name -> index), `model.cfg` (dim, depth,
 head_dim, ff_mult) and `dataset` (sample_rate, hop_length, ...). Lightning may pickle small
 helper objects (OmegaConf containers, AttributeDict); those are read without their packages
-being installed (see `_load_torch_file`).
+being installed (see `_load_torch_file`). Like upstream, such files are fully unpickled, which can
+run code: load only checkpoints you trust.
 """
 
 import pickle
@@ -194,4 +195,4 @@ def load_vocoder(path: str | Path, device: str | torch.device = "cpu") -> NsfHif
         raise UserError(f"{ckpt_path} is not an NSF-HiFiGAN checkpoint: no 'generator' weights{hint}")
     model = NsfHifiGan(config)
     _strict_load(model, fold_weight_norm(dict(ckpt["generator"])), ckpt_path, "NSF-HiFiGAN generator")
-    return model.to(device).eval()
+    return model.requires_grad_(False).to(device).eval()  # inference only: no autograd bookkeeping

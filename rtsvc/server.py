@@ -290,8 +290,11 @@ class StreamServer:
         except ProtocolError as err:
             summary["error"] = err.code
             await _fail(ws, err)
-        except ConnectionClosed:
-            pass  # the client went away (cleanly or not); its session just ends
+        except ConnectionClosed as err:
+            # the client went away (cleanly or not); its session just ends. The connection keeps
+            # this exception: drop its traceback so our frames (and the session) are freed now,
+            # not at the next garbage collection
+            err.__traceback__ = None
         except Exception as err:  # a bug must not take the server down: report and close this client only
             log.exception("session failed")
             summary["error"] = "internal"
@@ -390,10 +393,12 @@ class StreamServer:
 
     @staticmethod
     async def _send_audio(ws: ServerConnection, out: np.ndarray, session: Session, summary: dict) -> None:
+        """Exactly one binary frame per input frame (empty while the resamplers fill up), so even a
+        lockstep client that sends one frame and reads one frame never waits forever."""
         summary["samples_in"], summary["samples_out"] = session.samples_in, session.samples_out
         if out.shape[0]:
             summary["out_peak"] = max(summary["out_peak"], float(np.max(np.abs(out))))
-            await ws.send(encode_pcm(out, session.format))
+        await ws.send(encode_pcm(out, session.format))
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:

@@ -101,7 +101,8 @@ def tiny_pretrained(tmp_path_factory):
     (lambda b: (b / "vocoder.onnx").unlink(), "vocoder.onnx is missing"),
     (lambda b: edit_manifest(b, format_version=99), "unknown format_version 99"),
 ])
-def test_cli_refuses_damaged_bundle_in_one_line(tmp_path, tiny_pretrained, capsys, monkeypatch, damage, message):
+def test_cli_refuses_damaged_bundle_in_one_line(tmp_path, tiny_pretrained, capsys, monkeypatch, damage,
+                                                message):
     bundle = make_fake_bundle(tmp_path / "voice.rtsvc")
     damage(bundle)
     wav = write_wav(tmp_path / "in.wav", harmonic_tone(0.3))

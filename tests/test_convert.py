@@ -5,9 +5,9 @@ import warnings
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from rtsvc.backends import open_model
+from rtsvc.errors import UserError
 from rtsvc.model_voice import convert_offline
 from rtsvc.pretrained import resolve_pretrained
 from rtsvc.settings import Knobs
@@ -147,7 +147,7 @@ def tiny_model(tmp_path_factory):
 
 def test_tiny_model_through_the_cli(tiny_model, tmp_path, capsys, monkeypatch):
     ckpt, pretrained = tiny_model
-    audio = _speech_like([("v", 3.2), ("s", 0.6), ("v", 1.0)])
+    audio = _speech_like([("s", 0.1), ("v", 1.5)])
     src = write_wav(tmp_path / "in.wav", audio)
     args = ["convert", src, tmp_path / "out.wav", "--model", ckpt, "--pretrained-dir", pretrained,
             "--f0", "pyworld", "--steps", "4", "--speaker", "bob", "--device", "cpu"]
@@ -155,18 +155,20 @@ def test_tiny_model_through_the_cli(tiny_model, tmp_path, capsys, monkeypatch):
     assert code == 0, err
     out, sr = sf.read(tmp_path / "out.wav", dtype="float32")
     assert sr == SR and out.shape == audio.shape and np.isfinite(out).all()
-    assert np.sqrt(np.mean(out[: int(3 * SR)] ** 2)) > 1e-3  # the tiny vocoder makes sound
+    assert np.sqrt(np.mean(out[int(0.3 * SR):] ** 2)) > 1e-3  # the tiny vocoder makes sound
 
 
 @pytest.fixture(scope="module")
 def tiny_voice(tiny_model):
     ckpt, pretrained = tiny_model
     paths = resolve_pretrained(pretrained, need=("contentvec", "whisper", "vocoder"))
-    return open_model(ckpt, pretrained=paths, backend="torch", device="cpu", f0="pyworld")
+    voice = open_model(ckpt, pretrained=paths, backend="torch", device="cpu", f0="dio")
+    voice.whisper_pad_30s = False  # short clips: keeps the tiny Whisper cheap
+    return voice
 
 
 def test_model_voice_is_seeded_and_tail_matches_full(tiny_voice):
-    audio = harmonic_tone(1.0, 180.0)
+    audio = harmonic_tone(0.6, 180.0)
     a = tiny_voice.convert(audio, Knobs(steps=3, seed=1))
     b = tiny_voice.convert(audio, Knobs(steps=3, seed=1))
     c = tiny_voice.convert(audio, Knobs(steps=3, seed=2))
@@ -179,15 +181,15 @@ def test_model_voice_is_seeded_and_tail_matches_full(tiny_voice):
     assert np.max(np.abs(tail - a[-9000:])) < 0.01 * np.max(np.abs(a))
 
 
-def test_model_voice_noise_follows_absolute_frames(tiny_voice):
-    """A window shifted by whole frames starts from the same per-frame noise, so the mel (and
-    audio) of the shared frames agree far better than with unrelated noise."""
-    audio = harmonic_tone(1.0, 180.0)
-    shift = 20 * 512
+def test_model_voice_start_noise_depends_on_absolute_position(tiny_voice):
+    audio = harmonic_tone(0.6, 180.0)
     knobs = Knobs(steps=2, seed=0, cfg_strength=0.0)
-    base = tiny_voice.convert(audio[shift:], knobs, start_sample=shift)
-    same = tiny_voice.convert(audio[shift:], knobs, start_sample=shift)
-    other = tiny_voice.convert(audio[shift:], knobs, start_sample=0)
-    np.testing.assert_array_equal(base, same)
-    assert not np.array_equal(base, other)
-    assert torch.is_tensor(tiny_voice.backend.velocity_cfg.__self__.model.spk_embed.weight)
+    at_zero = tiny_voice.convert(audio, knobs, start_sample=0)
+    later = tiny_voice.convert(audio, knobs, start_sample=20 * 512)  # same audio, other frames' noise
+    assert at_zero.shape == later.shape == audio.shape
+    assert np.max(np.abs(at_zero - later)) > 1e-3
+
+
+def test_model_voice_unknown_speaker_lists_valid_ones(tiny_voice):
+    with pytest.raises(UserError, match="unknown speaker 'carol'; this model has: alice, bob"):
+        tiny_voice.convert(harmonic_tone(0.2), Knobs(speaker="carol"))

@@ -1,5 +1,6 @@
 """The V2 DiT: upstream parameter names, shapes, CFG switch, rotary, init, and checkpoint loading."""
 
+import copy
 import math
 import os
 import sys
@@ -14,6 +15,12 @@ from rtsvc.models import load_dit
 from tests.tiny_models import make_tiny_dit_checkpoint, make_tiny_vocoder, tiny_dit_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 # every parameter/buffer name of an upstream V2 DiT with depth 1 (rift_svc/dit.py + modules.py)
 _WB = ("weight", "bias")
@@ -262,3 +269,14 @@ def test_loads_when_pickled_helper_classes_are_not_installed(tmp_path):
     loaded = load_dit(path)
     assert loaded.speakers == {"alice": 0, "bob": 1}
     assert loaded.config.dim == 64 and loaded.dataset["sample_rate"] == 44100
+
+
+def test_bfloat16_runs_close_to_float32(loaded):
+    """Half precision: rotary and time features stay float32 inside, so positions stay exact."""
+    half = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    kw = inputs(n=64)
+    ref = loaded.model(**kw, drop_whisper=False)
+    out = half(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in kw.items()},
+               drop_whisper=False)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()

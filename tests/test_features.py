@@ -6,6 +6,7 @@ import torch
 
 from rtsvc.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.errors import UserError
+from rtsvc.f0 import make_f0_extractor
 from rtsvc.features import FeatureExtractor, Features, resize_frames
 from rtsvc.pretrained import LAYOUT, PretrainedPaths, download_pretrained, resolve_pretrained
 from tests.tiny_encoders import make_tiny_pretrained_dir
@@ -45,7 +46,7 @@ def test_missing_component_names_it_and_how_to_get_it(pretrained, tmp_path):
 def test_each_component_can_be_overridden(pretrained, tmp_path):
     paths = resolve_pretrained(tmp_path, contentvec=pretrained / LAYOUT["contentvec"],
                                whisper="openai/whisper-large-v3",  # a hub id passes through to transformers
-                               vocoder=(pretrained / LAYOUT["vocoder"]).parent,  # a folder means its model.ckpt
+                               vocoder=(pretrained / LAYOUT["vocoder"]).parent,  # folder: its model.ckpt
                                rmvpe=pretrained / LAYOUT["rmvpe"])
     assert paths.whisper == "openai/whisper-large-v3"
     assert paths.vocoder == str(pretrained / LAYOUT["vocoder"])
@@ -87,8 +88,9 @@ def test_window_methods_take_any_window(extractor):
     assert extractor.f0(audio16, 43).shape == (43,)
 
 
-def test_rmvpe_extractor_through_the_pretrained_dir(pretrained):
-    fe = FeatureExtractor.from_pretrained(resolve_pretrained(pretrained), f0="rmvpe")
+def test_rmvpe_extractor_through_the_pretrained_dir(pretrained, extractor):
+    rmvpe = make_f0_extractor("rmvpe", rmvpe_path=resolve_pretrained(pretrained).rmvpe)
+    fe = FeatureExtractor(extractor.contentvec, extractor.whisper_encoder, rmvpe)
     feats = fe.extract(tone(220.0, 40 * HOP_LENGTH), with_mel=False)
     assert feats.f0.shape == (40,) and fe.f0_extractor.name == "rmvpe"
 

@@ -22,6 +22,12 @@ from tests.tiny_models import make_tiny_dit_checkpoint
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return load_dit(make_tiny_dit_checkpoint(tmp_path_factory.mktemp("flow") / "tiny.ckpt")).model

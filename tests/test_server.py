@@ -532,14 +532,22 @@ def test_serve_cli_checks_options_and_passes_them_on(capsys, monkeypatch):
 def test_model_voice_serves_several_clients_with_their_own_speakers(tiny_model, capsys, monkeypatch):
     ckpt, pretrained = tiny_model
     code, err, seen = serve_args_of(["--model", ckpt, "--pretrained-dir", pretrained, "--f0", "pyworld",
-                                     "--device", "cpu", "--speaker", "bob", "--steps", "2", "--block-ms", "100",
-                                     "--context-ms", "100"],
+                                     "--device", "cpu", "--speaker", "bob", "--steps", "2",
+                                     "--block-ms", "100", "--context-ms", "100"],
                                     capsys, monkeypatch)
     assert code == 0, err
     source = seen["source"]
     assert source.speakers == ["alice", "bob"] and seen["knobs"].speaker == "bob"
     first, second = source.make(), source.make()
     assert first is not second and first.backend is second.backend  # weights shared, voices per client
+    make = source.make
+
+    def make_fast():  # the server path is under test here, not Whisper's 30 s padding (slow on CPU)
+        voice = make()
+        voice.whisper_pad_30s = False
+        return voice
+
+    source.make = make_fast
     rate, audio = 16000, tone(16000, 0.4, f0=180.0)
     switch = []
 
@@ -566,3 +574,46 @@ def test_model_voice_serves_several_clients_with_their_own_speakers(tiny_model, 
     for result in (plain, switched):
         assert result["flushed"]["samples_in"] == result["flushed"]["samples_out"] == audio.shape[0]
         assert np.isfinite(result["out"]).all() and np.abs(result["out"]).max() > 1e-4
+
+
+def test_example_client_converts_a_file(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "stream_client.py"
+    spec = importlib.util.spec_from_file_location("stream_client", path)
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    rate, audio = 22050, tone(22050, 0.6, f0=150.0)
+
+    async def main():
+        async with running() as server:
+            return await client.stream_file(audio, rate, url(server), "f32le", knobs={"pitch_shift": -12})
+
+    out, ready = run(main())
+    lag = int(round(ready["latency_ms"] * rate / 1000))
+    assert out.shape == audio.shape
+    assert median_f0(out[lag + 2000: lag + 12000], rate) == pytest.approx(75.0, rel=0.04)
+
+
+def test_every_frame_is_answered_by_one_frame_so_lockstep_clients_work():
+    """The simple client of docs/protocol.md section 8: send a frame, read a frame."""
+    pcm = np.round(tone(16000, 0.5) * 32767).astype("<i2")
+
+    async def main():
+        async with running(identity_source()) as server:
+            async with connect(url(server)) as ws:
+                await ws.send(json.dumps({"type": "start", "sample_rate": 16000, "format": "s16le"}))
+                json.loads(await ws.recv())
+                out = []
+                for i in range(0, len(pcm), 320):
+                    await ws.send(pcm[i:i + 320].tobytes())
+                    out.append(np.frombuffer(await ws.recv(), "<i2"))
+                await ws.send(json.dumps({"type": "flush"}))
+                out.append(np.frombuffer(await ws.recv(), "<i2"))
+                return out, json.loads(await ws.recv())
+
+    out, flushed = run(main())
+    assert len(out) == 26 and out[0].size == 0  # the first answer is empty: resamplers filling up
+    assert flushed == {"type": "flushed", "samples_in": 8000, "samples_out": 8000}
+    assert sum(part.size for part in out) == 8000

@@ -15,6 +15,12 @@ from rtsvc.vocoder import HARMONIC_NUM, SINE_AMP, NsfHifiGan, fold_weight_norm, 
 from tests.tiny_models import make_tiny_dit_checkpoint, make_tiny_vocoder, tiny_vocoder_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 SR = 44100
 
 

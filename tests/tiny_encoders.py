@@ -76,9 +76,7 @@ def make_tiny_whisper(directory: str | Path, seed: int = 0) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = WhisperForConditionalGeneration(tiny_whisper_config()).eval()
-    with torch.no_grad():  # random init leaves the position table at zero for whisper; give it content
-        model.model.encoder.embed_positions.weight.normal_(0.0, 0.02)
+    model = WhisperForConditionalGeneration(tiny_whisper_config()).eval()  # sinusoidal positions, as real
     with quiet_transformers():
         model.save_pretrained(str(directory))
     WhisperFeatureExtractor(feature_size=128).save_pretrained(str(directory))

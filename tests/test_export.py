@@ -1,0 +1,199 @@
+"""`rtsvc export` on tiny models in the official formats: parity, the ONNX backend, and a bundle
+round trip through `rtsvc convert` that must sound like the checkpoint it came from."""
+
+import contextlib
+import io
+import shutil
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import soundfile as sf
+import torch
+
+import cli
+from export.onnx_export import export_bundle, export_dit
+from export.parity import check_dit
+from rtsvc.backends import TorchBackend
+from rtsvc.bundle import read_bundle, sha256_file
+from rtsvc.errors import UserError
+from rtsvc.flow import Conditioning
+from rtsvc.models import load_dit
+from rtsvc.onnx_backend import CPU, OnnxBackend, choose_providers, parse_providers, provider_works
+from rtsvc.pretrained import LAYOUT
+from rtsvc.vocoder import draw_source_randomness
+from tests.cli_helpers import harmonic_tone, run_cli, write_wav
+from tests.tiny_encoders import make_tiny_pretrained_dir
+from tests.tiny_models import make_tiny_dit_checkpoint
+
+LENGTHS = (17, 64, 203)  # mel frames
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    ckpt = make_tiny_dit_checkpoint(root / "tiny.ckpt", speakers=("alice", "bob"))
+    pretrained = make_tiny_pretrained_dir(root / "pretrained")
+    return root, ckpt, pretrained
+
+
+@pytest.fixture(scope="module")
+def exported(tiny):
+    """`rtsvc export` through the real entry point (module scope: one export for the file)."""
+    root, ckpt, pretrained = tiny
+    mp = pytest.MonkeyPatch()  # capsys/monkeypatch are function-scoped: capture by hand here
+    out, err = io.StringIO(), io.StringIO()
+    mp.setattr(sys, "argv", ["rtsvc", "export", str(ckpt), "--out", str(root / "tiny.rtsvc"),
+                             "--pretrained-dir", str(pretrained)])
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        cli.main()
+    mp.undo()
+    assert exc.value.code in (0, None), err.getvalue()
+    return root / "tiny.rtsvc", out.getvalue()
+
+
+def test_export_writes_a_verified_bundle_and_prints_parity(exported, tiny):
+    bundle_path, stdout = exported
+    _, ckpt, pretrained = tiny
+    for graph in ("dit", "vocoder"):
+        assert stdout.count(graph) >= len(LENGTHS), stdout  # one table row per length
+    bundle = read_bundle(bundle_path)
+    m = bundle.manifest
+    assert m["speakers"] == {"alice": 0, "bob": 1}
+    assert (m["dit"]["dim"], m["dit"]["depth"], m["dit"]["num_speaker"]) == (64, 2, 2)
+    assert (m["audio"]["sample_rate"], m["audio"]["hop_length"], m["audio"]["n_mels"]) == (44100, 512, 128)
+    assert m["features"]["pretrained_layout"]["contentvec"] == LAYOUT["contentvec"]
+    assert m["source"]["checkpoint_sha256"] == sha256_file(ckpt)
+    assert m["export"]["parity"]["dit"]["max_rel"] < 1e-4
+    assert sorted(m["files"]) == ["dit.onnx", "vocoder.onnx"]
+    session = ort.InferenceSession(str(bundle.file("dit.onnx")), providers=[CPU])
+    dims = {i.name: i.shape for i in session.get_inputs()}
+    assert dims["x"] == ["batch", "frames", 128] and dims["cfg_strength"] == []
+    assert not (bundle_path.parent / ".tiny.rtsvc.partial").exists()
+
+
+def test_parity_at_several_lengths(exported, tiny):
+    bundle_path, _ = exported
+    _, ckpt, _ = tiny
+    rows = check_dit(bundle_path / "dit.onnx", load_dit(ckpt).model, LENGTHS)
+    assert [r.frames for r in rows] == list(LENGTHS)
+    assert {r.batch for r in rows} == {1, 2}  # the dynamic batch axis is exercised too
+    for r in rows:
+        assert r.ref_max > 0.5  # velocities are not trivially zero
+        assert r.rel < 1e-4, r
+    # the vocoder was checked the same way during export (torch's first call per shape is slow on
+    # CPU, so it is not repeated here); the manifest records it
+    vocoder = read_bundle(bundle_path).manifest["export"]["parity"]["vocoder"]
+    assert vocoder["frames"] == list(LENGTHS) and 0 < vocoder["max_rel"] < 1e-4
+
+
+def _cond(b: int, n: int) -> Conditioning:
+    g = torch.Generator().manual_seed(7)
+    return Conditioning(spk=torch.tensor([1] * b), f0=180 + 80 * torch.rand(b, n, generator=g),
+                        rms=0.1 * torch.rand(b, n, generator=g), cvec=torch.randn(b, n, 768, generator=g),
+                        whisper=torch.randn(b, n, 1280, generator=g))
+
+
+def test_onnx_backend_matches_torch_backend(exported, tiny):
+    bundle_path, _ = exported
+    _, ckpt, pretrained = tiny
+    torch_be = TorchBackend.from_checkpoint(ckpt, pretrained / LAYOUT["vocoder"], torch.device("cpu"))
+    onnx_be = OnnxBackend.open(bundle_path, device="cpu")
+    assert onnx_be.speakers == torch_be.speakers and onnx_be.providers == [CPU]
+    b, n = 2, 33
+    cond = _cond(b, n)
+    x = torch.randn(b, n, 128, generator=torch.Generator().manual_seed(1))
+    for cfg in (0.0, 2.0):
+        want = torch_be.velocity_cfg(x, torch.tensor(0.4), cond, cfg)
+        got = onnx_be.velocity_cfg(x, torch.tensor(0.4), cond, cfg)
+        assert got.shape == (b, n, 128)
+        assert (got - want).abs().max() < 2e-5 * want.abs().max()
+    phase, noise = draw_source_randomness(b, n * 512, torch.Generator().manual_seed(2))
+    mel = torch.randn(b, 128, n, generator=torch.Generator().manual_seed(3)) - 5
+    want = torch_be.vocode(mel, cond.f0, phase, noise)
+    got = onnx_be.vocode(mel, cond.f0, phase, noise)
+    assert got.shape == (b, n * 512) and want.abs().max() > 0.01
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_bundle_round_trip_through_convert_matches_checkpoint(exported, tiny, tmp_path, capsys, monkeypatch):
+    bundle_path, _ = exported
+    _, ckpt, pretrained = tiny
+    wav = write_wav(tmp_path / "in.wav", harmonic_tone(1.2, 180.0, vibrato=0.01))
+    outs = {}
+    for name, model in (("ckpt", ckpt), ("bundle", bundle_path)):
+        outs[name] = tmp_path / f"{name}.flac"
+        args = ["convert", wav, outs[name], "--model", model, "--pretrained-dir", pretrained,
+                "--f0", "pyworld", "--steps", "4", "--seed", "3", "--speaker", "bob"]
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 0, err
+    a, _ = sf.read(outs["ckpt"], dtype="float32")
+    b, _ = sf.read(outs["bundle"], dtype="float32")
+    assert len(a) == len(b) == int(1.2 * 44100)
+    rms = float(np.sqrt(np.mean(a ** 2)))
+    assert rms > 1e-3  # real audio came out
+    gap = float(np.max(np.abs(a - b)))
+    # measured: ~3e-5 (one 16-bit step of the FLAC files); torch and ORT agree to ~1e-6 before writing
+    assert gap < 2e-4, gap
+
+
+def test_tampered_real_bundle_is_refused(exported, tiny, tmp_path, capsys, monkeypatch):
+    bundle_path, _ = exported
+    _, _, pretrained = tiny
+    copy = shutil.copytree(bundle_path, tmp_path / "copy.rtsvc")
+    data = bytearray((copy / "dit.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "dit.onnx").write_bytes(bytes(data))
+    wav = write_wav(tmp_path / "in.wav", harmonic_tone(0.3))
+    code, _, err = run_cli(["convert", wav, tmp_path / "o.wav", "--model", copy,
+                            "--pretrained-dir", pretrained, "--f0", "pyworld"], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "dit.onnx sha256 mismatch" in err, err
+
+
+def test_parity_failure_exits_2_and_leaves_no_bundle(tiny, capsys, monkeypatch):
+    root, ckpt, pretrained = tiny
+    out = root / "strict.rtsvc"
+    code, stdout, err = run_cli(["export", ckpt, "--out", out, "--pretrained-dir", pretrained,
+                                 "--tolerance", "1e-12"], capsys, monkeypatch)
+    assert code == 2
+    assert "NO" in stdout  # the table marks the failing rows
+    last = err.strip().splitlines()[-1]  # the progress bar is above it on stderr
+    assert last.startswith("error: parity check failed") and "tolerance 1e-12" in last, err
+    assert not out.exists() and not (root / ".strict.rtsvc.partial").exists()
+
+
+def test_export_refuses_bad_out_and_opset(tiny, tmp_path):
+    _, ckpt, pretrained = tiny
+    (tmp_path / "notabundle").mkdir()
+    (tmp_path / "notabundle" / "keep.txt").write_text("user data")
+    with pytest.raises(UserError, match="not a bundle"):
+        export_bundle(ckpt, tmp_path / "notabundle", pretrained_dir=pretrained)
+    with pytest.raises(UserError, match="--opset must be between"):
+        export_bundle(ckpt, tmp_path / "x.rtsvc", pretrained_dir=pretrained, opset=3)
+    with pytest.raises(UserError, match="vocoder"):
+        export_bundle(ckpt, tmp_path / "x.rtsvc", pretrained_dir=tmp_path / "empty")
+    assert (tmp_path / "notabundle" / "keep.txt").read_text() == "user data"
+
+
+def test_fp16_dit_export_within_its_tolerance(tiny, tmp_path):
+    _, ckpt, _ = tiny
+    dit = load_dit(ckpt).model
+    export_dit(dit, tmp_path / "dit16.onnx", fp16=True)
+    assert next(dit.parameters()).dtype == torch.float32  # the caller's model is left as it was
+    (row,) = check_dit(tmp_path / "dit16.onnx", dit, (64,), tolerance=2e-2)
+    assert 1e-6 < row.rel < 2e-2, row  # fp16 rounding is visible but small
+
+
+def test_provider_choice():
+    auto = choose_providers()
+    assert auto[-1] == CPU and len(auto) == len(set(auto))
+    assert choose_providers("cpu") == [CPU]
+    assert parse_providers("CUDA, cpu") == ["CUDAExecutionProvider", CPU]
+    assert parse_providers("auto") is None
+    with pytest.raises(UserError, match="unknown ONNX Runtime provider 'rocm'"):
+        choose_providers("rocm")
+    if not provider_works("CUDAExecutionProvider"):  # listed by onnxruntime-gpu, but cannot start here
+        assert "CUDAExecutionProvider" not in auto
+        with pytest.raises(UserError, match="cuda was asked for but cannot start here"):
+            choose_providers("cuda,cpu")
