@@ -100,6 +100,9 @@ def convert(
         from rtsvc.backends import open_model
         from rtsvc.pretrained import resolve_pretrained
 
+        if formant != 1.0:
+            console.print("note: --formant applies to the DSP voice only; ignored with --model",
+                          highlight=False)
         paths = resolve_pretrained(pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
                                    rmvpe=rmvpe, need=_needed_components(model, f0 or "rmvpe"))
         voice = open_model(model, pretrained=paths, backend=backend, device=device, f0=f0 or "rmvpe",
@@ -509,6 +512,13 @@ def bench(
     seconds: float = typer.Option(5.0, help="Audio streamed per configuration, in seconds. Default: 5."),
     loopback: bool = typer.Option(False, help="Also measure end-to-end latency of `rtsvc live` through "
                                   "PulseAudio null sinks (needs pulseaudio). Default: off."),
+    gap: bool = typer.Option(False, help="Also measure how close streaming is to offline (log-spectral "
+                             "distance, dB) for each block length x crossfade (--crossfades) x SOLA "
+                             "search (--sola-searches), DSP voice. Default: off."),
+    crossfades: str = typer.Option("5,10,25,50", help="--gap: comma-separated crossfades in ms. "
+                                   "Default: 5,10,25,50."),
+    sola_searches: str = typer.Option("0,5,10,20", help="--gap: comma-separated SOLA searches in ms. "
+                                      "Default: 0,5,10,20."),
 ) -> None:
     """Per-block compute time (mean/p50/p99), real-time factor and latency per configuration."""
     from rtsvc.bench import BenchCase, measure_loopback, run_bench
@@ -527,6 +537,16 @@ def bench(
                           for c in configs for s in _csv(steps, int, "--steps")]
     wide = Console(width=None if sys.stdout.isatty() else 150)  # tables are not squeezed in logs
     run_bench(cases, seconds, console=wide)
+    if gap:
+        from rtsvc.bench import gap_table, streaming_gap
+
+        grid = [StreamConfig(block_ms=c.block_ms, context_ms=context_ms, crossfade_ms=x, sola_search_ms=s)
+                for c in configs for x in _csv(crossfades, float, "--crossfades")
+                for s in _csv(sola_searches, float, "--sola-searches")]
+        with _progress_bar() as bar:
+            bar.add_task("streaming vs offline", total=None)
+            rows = streaming_gap(open_voice(None), [g.validate() for g in grid])
+        wide.print(gap_table(rows))
     if loopback:
         console.print("loopback: starting PulseAudio and `rtsvc live` (DSP voice) ...", highlight=False)
         res = measure_loopback(["--block-ms", str(configs[0].block_ms), "--context-ms", str(context_ms),

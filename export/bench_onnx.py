@@ -58,25 +58,34 @@ def _cond(n: int, device: torch.device) -> Conditioning:
     return Conditioning(*(t.to(device) for t in (torch.tensor([0]), f0, rms, cvec, whisper)))
 
 
-def _time_block(backend, n: int, steps: int, repeats: int, vocode: bool) -> list[float]:
+def _block_fn(backend, n: int, steps: int, vocode: bool):
+    """A closure running one block on `backend` (inputs prepared once, outside the timing)."""
     device = backend.device
     cond = _cond(n, device)
     noise = torch.randn(1, n, 128, generator=torch.Generator().manual_seed(1)).to(device)
     phase, src = draw_source_randomness(1, n * HOP_LENGTH, torch.Generator().manual_seed(2))
     phase, src = phase.to(device), src.to(device)
-    times = []
-    for i in range(WARMUP + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def block() -> None:
         with torch.inference_mode():
             mel = sample(lambda x, t: backend.velocity_cfg(x, t, cond, CFG), noise, steps)
             if vocode:
                 backend.vocode(mel.transpose(1, 2) * 7 - 5, cond.f0, phase, src)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= WARMUP:
-            times.append((time.perf_counter() - start) * 1000)
+
+    return block
+
+
+def _time_interleaved(blocks: dict, repeats: int) -> dict[str, list[float]]:
+    """Time the backends in turn, block by block, so a busy machine slows them alike."""
+    times: dict[str, list[float]] = {name: [] for name in blocks}
+    for i in range(WARMUP + repeats):
+        for name, block in blocks.items():
+            start = time.perf_counter()
+            block()
+            if i >= WARMUP:
+                times[name].append((time.perf_counter() - start) * 1000)
     return times
 
 
@@ -102,15 +111,57 @@ def run(dims: list[tuple[int, int]], steps_list: list[int], seconds: float, devi
                 for provs in onnx_sets:
                     name = f"onnx {short_name(provs[0])}"
                     backends[name] = OnnxBackend(read_bundle(bundle), provs, dev, threads)
-                for name, backend in backends.items():
-                    for steps in steps_list:
-                        times = _time_block(backend, n, steps, repeats, vocode)
+                for steps in steps_list:
+                    blocks = {name: _block_fn(b, n, steps, vocode) for name, b in backends.items()}
+                    for name, times in _time_interleaved(blocks, repeats).items():
                         rows.append({"model": f"dit-{dim}-{depth}", "device": device, "backend": name,
                                      "steps": steps, "frames": n, "mean_ms": statistics.mean(times),
                                      "p50_ms": statistics.median(times), "min_ms": min(times)})
                         print_row(rows[-1])
             dit.to("cpu")
     return rows
+
+
+def run_encoders(seconds_list: list[float], whisper_layers: int, repeats: int, threads: int | None) -> None:
+    """ContentVec (HuBERT-base size) and a Whisper-large-v3-width encoder with `whisper_layers`
+    layers (time scales with the layer count; large-v3 runs 31 of its 32 for hidden_states[-2]),
+    random weights, torch vs ORT CPU, on unpadded windows of `seconds_list`."""
+    from transformers import HubertConfig, WhisperConfig, WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
+
+    from export.onnx_export import ContentVecGraph, WhisperGraph, _export
+    from rtsvc.contentvec import HubertModelWithFinalProj
+    from rtsvc.onnx_backend import make_session
+    from rtsvc.whisper_encoder import WhisperEncoder
+
+    torch.manual_seed(0)
+    hubert = ContentVecGraph(HubertModelWithFinalProj(HubertConfig()).eval())
+    wcfg = WhisperConfig(d_model=1280, encoder_layers=whisper_layers, encoder_attention_heads=20,
+                         encoder_ffn_dim=5120, num_mel_bins=128)
+    whisper = WhisperGraph(WhisperEncoder(HFWhisperEncoder(wcfg).eval(), WhisperFeatureExtractor(feature_size=128),
+                                          torch.device("cpu")))
+    print("| encoder | window s | backend | mean ms | p50 ms | min ms |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        graphs = {
+            "contentvec (hubert-base)": (hubert, "audio", lambda sec: torch.randn(1, int(sec * 16000)) * 0.1,
+                                         {"audio": {0: "b", 1: "samples"}, "features": {0: "b", 1: "frames"}}),
+            f"whisper-large-v3 width, {whisper_layers} layers": (
+                whisper, "mel", lambda sec: torch.randn(1, 128, int(sec * 100)),
+                {"mel": {0: "b", 2: "frames"}, "features": {0: "b", 1: "positions"}}),
+        }
+        for label, (module, name, make, axes) in graphs.items():
+            path = Path(tmp) / "enc.onnx"
+            _export(module, (make(1.0),), path, (name,), "features", axes, 17)
+            session = make_session(path, threads=threads)
+            for sec in seconds_list:
+                x = make(sec)
+                with torch.inference_mode():
+                    blocks = {"torch": lambda x=x: module(x),
+                              "onnx cpu": lambda x=x: session.run(None, {name: x.numpy()})}
+                    for backend, times in _time_interleaved(blocks, repeats).items():
+                        print(f"| {label} | {sec:g} | {backend} | {statistics.mean(times):.1f} | "
+                              f"{statistics.median(times):.1f} | {min(times):.1f} |", flush=True)
 
 
 def print_row(row: dict) -> None:
@@ -129,8 +180,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10, help="timed blocks per row (default 10)")
     ap.add_argument("--vocoder", action="store_true", help="also vocode the window (real-size random "
                     "vocoder)")
-    ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None, help="threads for torch and ORT intra-op "
+                    "(default: each library's own default)")
+    ap.add_argument("--encoders", action="store_true", help="benchmark ContentVec and Whisper encoders "
+                    "instead of the DiT")
+    ap.add_argument("--whisper-layers", type=int, default=8, help="Whisper layers to build (default 8)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.encoders:
+        run_encoders([1.0, 3.0], args.whisper_layers, args.repeats, args.threads)
+        return
     dims = [tuple(int(v) for v in d.split("-")) for d in args.dims.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads; window {args.seconds:g} s, "
           f"CFG {CFG} (batched), times per block in ms")

@@ -102,6 +102,50 @@ def run_bench(cases: list[BenchCase], seconds: float = 5.0, console=None) -> lis
     return rows
 
 
+# --- streaming vs offline: how the stream settings change the output ---------------------------
+
+def log_spectral_distance(a: np.ndarray, b: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
+    """Mean over STFT frames of the RMS difference of the two power spectra, in dB."""
+    from scipy.signal import stft
+
+    _, _, sa = stft(a, sample_rate, nperseg=2048, noverlap=1536)
+    _, _, sb = stft(b, sample_rate, nperseg=2048, noverlap=1536)
+    la, lb = (10 * np.log10(np.abs(s) ** 2 + 1e-8) for s in (sa, sb))
+    return float(np.mean(np.sqrt(np.mean((la - lb) ** 2, axis=0))))
+
+
+def streaming_gap(voice: Voice, configs: list[StreamConfig], knobs: Knobs | None = None,
+                  seconds: float = 4.0) -> list[dict]:
+    """LSD between `convert_stream` and the offline conversion of the same test signal, per config
+    (how docs/streaming.md chose the default block, crossfade and SOLA search)."""
+    from rtsvc.engine import StreamLayout, convert_stream
+
+    knobs = knobs or Knobs(pitch_shift=5, gate_db=-70.0)
+    audio = sung_tone(seconds, voice.sample_rate)
+    offline = voice.convert(audio, knobs)
+    rows = []
+    for config in configs:
+        streamed = convert_stream(voice, audio, knobs, config)
+        latency = StreamLayout.from_config(config, voice.sample_rate).latency
+        rows.append({"block_ms": config.block_ms, "context_ms": config.context_ms,
+                     "crossfade_ms": config.crossfade_ms, "sola_search_ms": config.sola_search_ms,
+                     "lsd_db": log_spectral_distance(streamed, offline),
+                     "latency_ms": latency * 1000.0 / voice.sample_rate})
+    return rows
+
+
+def gap_table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="streaming vs offline (log-spectral distance, lower = closer)")
+    for name in ("block ms", "context ms", "crossfade ms", "SOLA search ms", "LSD dB", "algo latency ms"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(f"{r['block_ms']:g}", f"{r['context_ms']:g}", f"{r['crossfade_ms']:g}",
+                      f"{r['sola_search_ms']:g}", f"{r['lsd_db']:.2f}", f"{r['latency_ms']:.1f}")
+    return table
+
+
 # --- loopback through PulseAudio null sinks ---------------------------------------------------
 
 class PulseServer:
@@ -157,13 +201,17 @@ class PulseServer:
 
 
 def burst_train(seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Hann-windowed harmonic bursts (voiced, so any voice passes them) every BURST_EVERY_S."""
+    """Hann-windowed harmonic bursts (voiced, so any voice passes them) at irregular intervals
+    around BURST_EVERY_S, so that only the true delay lines the recording up with the bursts."""
     n = int(BURST_S * sample_rate)
     t = np.arange(n) / sample_rate
     burst = np.hanning(n) * sum(0.2 / k * np.sin(2 * np.pi * 220 * k * t) for k in range(1, 8))
     out = np.zeros(int(seconds * sample_rate), dtype=np.float32)
-    for start in range(int(0.2 * sample_rate), out.shape[0] - n, int(BURST_EVERY_S * sample_rate)):
+    rng = np.random.default_rng(7)
+    start = int(0.2 * sample_rate)
+    while start + n < out.shape[0]:
         out[start: start + n] = burst
+        start += int(BURST_EVERY_S * rng.uniform(0.6, 1.4) * sample_rate)
     return out
 
 
@@ -198,15 +246,19 @@ def playrec_main(argv: list[str] | None = None) -> None:
     np.save(out_path, np.stack((played, recorded[:, 0])))
 
 
-def _rig(server: PulseServer, source: str, seconds: float, workdir: Path) -> float:
+def _rig(server: PulseServer, source: str, seconds: float, workdir: Path, attempts: int = 3) -> float:
+    """Play bursts into "mic" while recording `source`; the delay in seconds (retried: a PulseAudio
+    stream sometimes starts late on a busy machine and hears nothing)."""
     out = workdir / f"rig-{source}.npy"
     code = "import sys; from rtsvc.bench import playrec_main; playrec_main(sys.argv[1:])"
-    subprocess.run([sys.executable, "-c", code, str(out), str(seconds)], check=True, timeout=seconds + 30,
-                   env=server.client_env(sink="mic", source=source), capture_output=True)
-    played, recorded = np.load(out)
-    if np.max(np.abs(recorded)) < 1e-3:
-        raise UserError(f"loopback: nothing came back on {source} (is `rtsvc live` passing audio?)")
-    return delay_of(played, recorded)
+    for _ in range(attempts):
+        subprocess.run([sys.executable, "-c", code, str(out), str(seconds)], check=True,
+                       timeout=seconds + 30, env=server.client_env(sink="mic", source=source),
+                       capture_output=True)
+        played, recorded = np.load(out)
+        if np.max(np.abs(recorded)) >= 1e-3:
+            return delay_of(played, recorded)
+    raise UserError(f"loopback: nothing came back on {source} (is `rtsvc live` passing audio?)")
 
 
 def measure_loopback(live_args: list[str], seconds: float = 6.0, startup_timeout: float = 60.0) -> dict:

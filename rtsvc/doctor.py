@@ -25,7 +25,10 @@ class Check:
 
 
 def _versions() -> list[Check]:
-    rows = [Check("versions", "python", platform.python_version(), True)]
+    import rtsvc
+
+    rows = [Check("versions", "rtsvc", rtsvc.__version__, True),
+            Check("versions", "python", platform.python_version(), True)]
     for name in PACKAGES:
         try:
             rows.append(Check("versions", name, importlib.metadata.version(name), True))

@@ -94,8 +94,11 @@ class FeatureExtractor:
     def content(self, audio_16k: np.ndarray, n_frames: int) -> torch.Tensor:
         return self.contentvec.encode(audio_16k, n_frames)
 
-    def whisper(self, audio_16k: np.ndarray, n_frames: int, pad_to_30s: bool = True) -> torch.Tensor:
-        return self.whisper_encoder.encode(audio_16k, n_frames, pad_to_30s=pad_to_30s)
+    def whisper(self, audio_16k: np.ndarray, n_frames: int, pad_to_30s: bool = True,
+                position_offset: int = 0) -> torch.Tensor:
+        """`position_offset` (Whisper frames, 50/s; short windows only): where the window sat in its clip."""
+        return self.whisper_encoder.encode(audio_16k, n_frames, pad_to_30s=pad_to_30s,
+                                           position_offset=position_offset)
 
     def rms(self, audio_44k: np.ndarray) -> torch.Tensor:
         return rms_per_frame(audio_44k)[0].to(self.device)

@@ -31,6 +31,7 @@ DEVICE_BLOCK_MS = 10.0  # PortAudio callback size
 JITTER_MS = 40.0  # silence primed into the output FIFO to absorb block-wise delivery
 MAX_QUEUE_S = 1.0  # more unprocessed input than this: drop the oldest (overrun)
 STATUS_HZ = 4.0
+INPUT_WAIT_S = 10.0  # how long to wait for the first input callback before warning
 KEY_HELP = ("keys: up/down or +/- pitch ±1 st, 0 pitch 0, f/F formant ∓0.05, g/G gate ∓5 dB, "
             "i/I input gain ∓1 dB, o/O output gain ∓1 dB, q quit")
 
@@ -169,6 +170,11 @@ class KeyReader:
     def start(self) -> None:
         self._thread.start()
 
+    def join(self) -> None:
+        """Wait for the reader to put the terminal back (it polls the stop flag every 0.1 s)."""
+        if self._thread.is_alive():
+            self._thread.join(timeout=1.0)
+
     def apply(self, key: str) -> None:
         if key in ("q", "Q"):
             self.state.stop.set()
@@ -204,6 +210,19 @@ class KeyReader:
                 self.apply(key)
         finally:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _wait_for_input(state: LiveState, console, timeout: float = INPUT_WAIT_S) -> None:
+    """Return once the input callback has delivered audio (PulseAudio can take a second or more)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while state.frames_in == 0 and time.monotonic() < deadline and not state.stop.is_set():
+            time.sleep(0.02)
+    except KeyboardInterrupt:
+        state.stop.set()
+        return
+    if state.frames_in == 0:
+        console.print(f"warning: no input audio after {timeout:.0f} s; still waiting", style="yellow")
 
 
 def _worker(adapter: RateAdapter, inbox: queue.Queue, fifo: OutputFifo, state: LiveState, recorder) -> None:
@@ -317,34 +336,37 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
         device_ms = (in_stream.latency + out_stream.latency) * 1000.0
         worker = threading.Thread(target=_worker, args=(adapter, inbox, fifo, state, recorder), daemon=True)
         key_reader = KeyReader(settings, state) if keys and sys.stdin.isatty() else None
-        console.print(f"live: {dev_in['name']} ({in_rate} Hz) -> {dev_out['name']} ({out_rate} Hz), "
-                      f"block {engine.layout.block * 1000 / engine.sample_rate:.0f} ms, "
-                      f"algorithmic latency {engine.latency_ms:.0f} ms. Ctrl-C to stop.", highlight=False,
-                      soft_wrap=True)
-        if key_reader is not None:
-            console.print(KEY_HELP, style="dim", highlight=False)
-            key_reader.start()
         worker.start()
-        started = time.monotonic()
         status = lambda: _status_text(engine, fifo, state, settings, out_rate, device_ms, key_reader)  # noqa: E731
-        with in_stream, out_stream, Live(status(), console=console, refresh_per_second=STATUS_HZ,
-                                         transient=False) as panel:
-            try:
-                while not state.stop.is_set():
-                    state.stop.wait(1.0 / STATUS_HZ)
-                    state.seconds = time.monotonic() - started
-                    panel.update(status())
-                    if duration is not None and state.seconds >= duration:
-                        break
-                    if not (in_stream.active and out_stream.active):
-                        raise UserError("the audio stream stopped unexpectedly (was a device unplugged?)")
-            except KeyboardInterrupt:
-                console.print("stopping (Ctrl-C)", highlight=False)
-            finally:
-                state.stop.set()
+        with in_stream, out_stream:
+            _wait_for_input(state, console)
+            console.print(f"live: {dev_in['name']} ({in_rate} Hz) -> {dev_out['name']} ({out_rate} Hz), "
+                          f"block {engine.layout.block * 1000 / engine.sample_rate:.0f} ms, algorithmic "
+                          f"latency {engine.latency_ms:.0f} ms. Ctrl-C to stop.", highlight=False,
+                          soft_wrap=True)
+            if key_reader is not None:
+                console.print(KEY_HELP, style="dim", highlight=False)
+                key_reader.start()
+            started = time.monotonic()
+            with Live(status(), console=console, refresh_per_second=STATUS_HZ, transient=False) as panel:
+                try:
+                    while not state.stop.is_set():
+                        state.stop.wait(1.0 / STATUS_HZ)
+                        state.seconds = time.monotonic() - started
+                        panel.update(status())
+                        if duration is not None and state.seconds >= duration:
+                            break
+                        if not (in_stream.active and out_stream.active):
+                            raise UserError("the audio stream stopped unexpectedly (was a device unplugged?)")
+                except KeyboardInterrupt:
+                    console.print("stopping (Ctrl-C)", highlight=False)
+                finally:
+                    state.stop.set()
         if not console.is_terminal:
             console.print()  # end the status line in logs
         worker.join(timeout=5.0)
+        if key_reader is not None:
+            key_reader.join()
         if state.error is not None:
             if isinstance(state.error, UserError):
                 raise state.error

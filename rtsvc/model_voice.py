@@ -37,13 +37,11 @@ TARGET_LUFS = -18.0  # upstream infer.py --target-loudness (the training data's 
 LOUDNESS_BLOCK_S = 0.1  # upstream meter block size; shorter slices are left as they are
 PEAK_LIMIT = 0.99  # upstream: scale down a normalised slice whose peak passes 1.0
 SILENCE_PEAK_DB = -70.0  # a whole input below this peak is "silent": nothing to convert
-
-Progress = Callable[[int, int], None]  # (slices done, slices total)
-
-
 VOCODER_CONTEXT_FRAMES = 8  # left frames vocoded before a tail: measured -50 dB off at 8, exact at 12
 HARMONICS = 9  # NSF source channels (fundamental + 8 overtones)
 NOISE_SEED_SALT = 0x5EED  # keeps the vocoder's per-sample noise independent of the flow noise
+
+Progress = Callable[[int, int], None]  # (slices done, slices total)
 
 
 # --- the model voice -------------------------------------------------------------------------
@@ -72,6 +70,7 @@ class ModelVoice:
             raise UserError(f"unknown speaker {name!r}; this model has: {', '.join(self.speakers)}")
         return self.backend.speakers[name]
 
+    @torch.inference_mode()
     def convert(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                 tail: int | None = None) -> np.ndarray:
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
@@ -144,12 +143,11 @@ def peak_dbfs(audio: np.ndarray) -> float:
 def check_output_path(path: str | Path) -> Path:
     """Refuse an output we could not write, before spending minutes on the conversion."""
     path = Path(path)
-    ext = path.suffix.lower().lstrip(".")
-    if ext.upper() not in sf.available_formats():
+    if path.suffix.lstrip(".").upper() not in sf.available_formats():
         raise UserError(f"cannot write {path}: unknown audio format {path.suffix or '(no extension)'!r}; "
                         "use .wav, .flac or .ogg")
-    parent = path.parent if str(path.parent) else Path(".")
-    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
+    # the output's folder may not exist yet (save_audio creates it): check the nearest that does
+    existing = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
     if not existing.is_dir():
         raise UserError(f"cannot write {path}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):

@@ -66,6 +66,7 @@ DEFAULT_MAX_CLIENTS = 8
 DEFAULT_MAX_FRAME_BYTES = 1 << 20  # 1 MiB: ~5.5 s of 48 kHz f32le mono per frame
 DEFAULT_IDLE_TIMEOUT_S = 30.0
 HARD_FRAME_FACTOR = 4  # frames past this multiple of the limit are cut by the websocket layer itself
+START_TIMEOUT_S = 10.0  # a connection must send `start` this soon (at most the idle timeout)
 HISTORY = 256  # finished-session summaries kept for /healthz and tests (bounded: memory stays flat)
 
 
@@ -152,8 +153,7 @@ class Session:
 
     @property
     def latency_ms(self) -> float:
-        extra = getattr(self.adapter, "latency_ms", None)  # resampler delay, if the adapter reports it
-        return float(extra) if extra is not None else float(self.engine.latency_ms)
+        return float(self.adapter.latency_ms)
 
     def process(self, samples: np.ndarray) -> np.ndarray:
         out = self.adapter.process(samples)
@@ -185,7 +185,6 @@ class ServerState:
 
     active: int = 0
     sessions_total: int = 0
-    rejected: int = 0
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
 
 
@@ -237,7 +236,6 @@ class StreamServer:
         if url.path == STREAM_PATH:
             origin = request.headers.get("Origin")
             if origin is not None and not self._origin_allowed(origin, request.headers.get("Host")):
-                self.state.rejected += 1
                 return connection.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
             return None  # go on with the websocket handshake
         if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -304,15 +302,16 @@ class StreamServer:
             self.state.active -= 1
             self.state.history.append(summary)
 
-    async def _recv(self, ws: ServerConnection):
+    async def _recv(self, ws: ServerConnection, timeout: float | None = None):
+        timeout = timeout or self.config.idle_timeout_s
         try:
-            return await asyncio.wait_for(ws.recv(), timeout=self.config.idle_timeout_s)
+            return await asyncio.wait_for(ws.recv(), timeout=timeout)
         except TimeoutError:
-            raise ProtocolError("idle_timeout", f"no message for {self.config.idle_timeout_s:g} s",
-                                CLOSE_POLICY) from None
+            raise ProtocolError("idle_timeout", f"no message for {timeout:g} s", CLOSE_POLICY) from None
 
     async def _open(self, ws: ServerConnection, summary: dict) -> Session:
-        message = await self._recv(ws)
+        # unauthenticated connections hold a client slot only briefly
+        message = await self._recv(ws, min(START_TIMEOUT_S, self.config.idle_timeout_s))
         if isinstance(message, bytes):
             raise ProtocolError("not_started", "send a start message before audio", CLOSE_POLICY)
         message = parse_text(message)

@@ -123,15 +123,22 @@ class WhisperEncoder:
         return feats["input_features"]
 
     @torch.inference_mode()
-    def hidden_from_mel(self, mel: torch.Tensor, layer_index: int = LAYER_INDEX) -> torch.Tensor:
-        """log-mel [1, n_mels, frames] -> hidden state `hidden_states[layer_index]` [1, ceil(frames/2), d]."""
+    def hidden_from_mel(self, mel: torch.Tensor, layer_index: int = LAYER_INDEX,
+                        position_offset: int = 0) -> torch.Tensor:
+        """log-mel [1, n_mels, frames] -> `hidden_states[layer_index]` [1, ceil(frames / 2), d].
+
+        `position_offset` starts the position embeddings further in (clamped so the window fits):
+        a short window then gets the positions its frames had in the clip upstream encoded.
+        """
         enc = self.encoder
         dtype = enc.conv1.weight.dtype
         x = torch.nn.functional.gelu(enc.conv1(mel.to(self.device, dtype)))
         x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
-        if x.shape[1] > enc.embed_positions.num_embeddings:
+        n_pos = enc.embed_positions.num_embeddings
+        if x.shape[1] > n_pos:
             raise ValueError(f"window longer than Whisper's {CHUNK_SECONDS} s context")
-        x = x + enc.embed_positions.weight[: x.shape[1]]
+        start = min(max(0, int(position_offset)), n_pos - x.shape[1])
+        x = x + enc.embed_positions.weight[start: start + x.shape[1]]
         n_layers = len(enc.layers)
         # hidden_states = (embeddings, layer 1 out, ..., layer L-1 out, layer_norm(layer L out))
         stop = layer_index % (n_layers + 1)
@@ -141,22 +148,27 @@ class WhisperEncoder:
             x = layer(x, None)
         return x
 
-    def hidden(self, audio_16k: np.ndarray, pad_to_30s: bool = True) -> torch.Tensor:
-        """Features at 50 frames/s, floor(seconds * 50) of them: [frames, d] float32."""
+    def hidden(self, audio_16k: np.ndarray, pad_to_30s: bool = True,
+               position_offset: int = 0) -> torch.Tensor:
+        """Features at 50 frames/s, floor(seconds * 50) of them: [frames, d] float32.
+
+        `position_offset` (frames, only with pad_to_30s=False): see `hidden_from_mel`.
+        """
         audio = np.asarray(audio_16k, dtype=np.float32).reshape(-1)
         pieces = [audio[i:i + CHUNK_SAMPLES] for i in range(0, max(len(audio), 1), CHUNK_SAMPLES)]
         outs = []
         for piece in pieces:
             if len(piece) < 2 * 160:  # the mel needs a couple of hops; pad a very short tail with silence
                 piece = np.pad(piece, (0, 2 * 160 - len(piece)))
-            h = self.hidden_from_mel(self.log_mel(piece, pad_to_30s))[0]
+            offset = 0 if pad_to_30s else position_offset
+            h = self.hidden_from_mel(self.log_mel(piece, pad_to_30s), position_offset=offset)[0]
             outs.append(h[: math.floor(len(piece) / SAMPLE_RATE * FRAME_RATE)])
         feats = torch.cat(outs, dim=0).float()
         return feats[: max(1, math.floor(len(audio) / SAMPLE_RATE * FRAME_RATE))]
 
     def encode(self, audio_16k: np.ndarray, n_frames: int, pad_to_30s: bool = True,
-               mode: str | None = None) -> torch.Tensor:
+               mode: str | None = None, position_offset: int = 0) -> torch.Tensor:
         """Features resized onto `n_frames` mel frames as upstream does: [n_frames, d] float32 on device."""
         from rtsvc.features import resize_frames
 
-        return resize_frames(self.hidden(audio_16k, pad_to_30s), n_frames, mode)
+        return resize_frames(self.hidden(audio_16k, pad_to_30s, position_offset), n_frames, mode)

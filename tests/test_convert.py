@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from rtsvc.backends import open_model
 from rtsvc.errors import UserError
@@ -193,3 +194,28 @@ def test_model_voice_start_noise_depends_on_absolute_position(tiny_voice):
 def test_model_voice_unknown_speaker_lists_valid_ones(tiny_voice):
     with pytest.raises(UserError, match="unknown speaker 'carol'; this model has: alice, bob"):
         tiny_voice.convert(harmonic_tone(0.2), Knobs(speaker="carol"))
+
+
+def test_model_voice_equals_the_pipeline_composed_by_hand(tiny_voice):
+    """features (shifted F0) -> flow.sample_mel with frame noise -> vocoder with the same F0."""
+    from rtsvc.audio import ENCODER_SAMPLE_RATE, resample
+    from rtsvc.flow import Conditioning, counter_normal, sample_mel
+    from rtsvc.model_voice import HARMONICS, NOISE_SEED_SALT, base_phase
+
+    audio = harmonic_tone(0.5, 160.0)[: 40 * 512]
+    knobs = Knobs(steps=3, seed=5, pitch_shift=12.0, cfg_strength=1.5, speaker="bob")
+    got = tiny_voice.convert(audio, knobs)
+
+    feats, backend = tiny_voice.features, tiny_voice.backend
+    audio_16k = resample(audio, SR, ENCODER_SAMPLE_RATE)
+    f0 = feats.f0(audio_16k, 40, 12.0)[None]
+    plain = feats.f0(audio_16k, 40, 0.0)[None]
+    voiced = plain > 0
+    torch.testing.assert_close(f0[voiced], 2 * plain[voiced])  # an octave up, for the DiT and vocoder
+    cond = Conditioning(spk=torch.tensor([1]), f0=f0, rms=feats.rms(audio)[None],
+                        cvec=feats.content(audio_16k, 40)[None],
+                        whisper=feats.whisper(audio_16k, 40, pad_to_30s=False)[None])
+    mel = sample_mel(backend.model, cond, steps=3, cfg_strength=1.5, seed=5, start_frame=0)
+    noise = counter_normal(0, 40 * 512, HARMONICS, 5 ^ NOISE_SEED_SALT)[None]
+    want = backend.vocoder(mel.transpose(1, 2), f0, phase=base_phase(5).float(), noise=noise)[0]
+    np.testing.assert_allclose(got, want.detach().numpy(), atol=1e-5)

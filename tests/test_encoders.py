@@ -121,3 +121,14 @@ def test_whisper_missing_tensor_is_refused(dirs, tmp_path):
         WhisperEncoder.load(bad)
     with pytest.raises(UserError, match="--whisper"):
         WhisperEncoder.load(tmp_path / "nowhere")
+
+
+def test_whisper_short_window_position_offset_is_clamped_to_the_table(whisper):
+    audio = noise(0.4, seed=4)
+    mel = whisper.log_mel(audio, pad_to_30s=False)  # 40 mel frames -> 20 positions
+    base = whisper.hidden_from_mel(mel)
+    moved = whisper.hidden_from_mel(mel, position_offset=300)
+    assert not torch.allclose(base, moved)
+    torch.testing.assert_close(whisper.hidden_from_mel(mel, position_offset=10**6),
+                               whisper.hidden_from_mel(mel, position_offset=1500 - 20))
+    torch.testing.assert_close(whisper.hidden(audio, pad_to_30s=False, position_offset=300), moved[0])

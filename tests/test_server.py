@@ -5,6 +5,7 @@ import contextlib
 import gc
 import http.client
 import json
+import threading
 import tracemalloc
 import warnings
 
@@ -221,6 +222,34 @@ def test_eight_concurrent_clients_get_identical_independent_streams():
     assert np.abs(results[0]["out"] - results[1]["out"]).max() > 0.05
 
 
+def test_a_stalled_client_does_not_stall_the_others():
+    """One client's conversion blocks in its worker thread until the others are done: if the
+    event loop waited for it, the other client (and /healthz) could never finish."""
+    release = threading.Event()
+
+    class StallingVoice(IdentityVoice):
+        def convert(self, audio, knobs, start_sample=0, tail=None):
+            if knobs.pitch_shift:  # the stalled client's blocks
+                assert release.wait(60)
+            return super().convert(audio, knobs, start_sample, tail)
+
+    source = VoiceSource("stalling", ["echo"], StallingVoice)
+    audio = tone(16000, 0.5)
+
+    async def main():
+        async with running(source, workers=2) as server:
+            stalled = asyncio.create_task(stream(server, audio, 16000, start_extra={"pitch_shift": 1}))
+            await asyncio.sleep(0.3)  # its first block is now stuck in a worker thread
+            await quick_round_trip(server)
+            health = json.loads((await asyncio.to_thread(http_get, server.port, "/healthz"))[2])
+            assert not stalled.done() and health["status"] == "ok" and health["clients"] >= 1
+            release.set()
+            return await stalled
+
+    result = run(main())
+    assert result["flushed"]["samples_in"] == result["flushed"]["samples_out"] == audio.shape[0]
+
+
 # --- bad input: error JSON + close code, and the server keeps serving ------------------------
 
 START = {"type": "start", "sample_rate": 16000, "format": "s16le"}
@@ -284,6 +313,26 @@ def test_bad_input_gets_error_and_close_code_and_server_goes_on(case):
             return server.state.active
 
     assert run(main()) == 0
+
+
+def test_a_failing_voice_closes_only_its_client_with_1011():
+    class BrokenVoice(IdentityVoice):
+        def convert(self, audio, knobs, start_sample=0, tail=None):
+            if knobs.pitch_shift == 5:
+                raise RuntimeError("model blew up")
+            return super().convert(audio, knobs, start_sample, tail)
+
+    async def main():
+        async with running(VoiceSource("broken", ["echo"], BrokenVoice)) as server:
+            async with connect(url(server)) as ws:
+                await ws.send(json.dumps({**START, "pitch_shift": 5}))
+                await ws.recv()
+                await ws.send(to_bytes(tone(16000, 0.5), "s16le"))
+                error = await expect_error(ws, "internal", 1011)
+            await quick_round_trip(server)
+            return error
+
+    assert "RuntimeError" in run(main())["message"]
 
 
 def test_frame_past_the_hard_cap_is_cut_with_1009():
@@ -469,12 +518,12 @@ def test_memory_stays_flat_over_200_connect_disconnect_cycles():
         async with running(identity_source(), knobs=Knobs(gate_db=-120.0)) as server:
             await cycle(server, 20)  # warm-up: pools, caches, imports
             await settled(server)
-            gc.collect()
+            gc.collect()  # (sessions are freed without it; this clears unrelated garbage)
             tracemalloc.start()
             before = tracemalloc.take_snapshot()
             await cycle(server, 200)
             await settled(server)
-            gc.collect()
+            gc.collect()  # (sessions are freed without it; this clears unrelated garbage)
             after = tracemalloc.take_snapshot()
             tracemalloc.stop()
             return server.state, after.compare_to(before, "filename")
@@ -529,6 +578,48 @@ def test_serve_cli_checks_options_and_passes_them_on(capsys, monkeypatch):
     assert seen["stream_config"].block_ms == 100.0
 
 
+def fast_voices(source: VoiceSource) -> VoiceSource:
+    """The server path is under test here, not Whisper's 30 s padding (the slow part on CPU)."""
+    make = source.make
+
+    def make_fast():
+        voice = make()
+        voice.whisper_pad_30s = False
+        return voice
+
+    source.make = make_fast
+    return source
+
+
+@pytest.mark.slow
+def test_bundle_is_served_through_onnx_runtime(tiny_model, tmp_path, capsys, monkeypatch):
+    from export.onnx_export import export_bundle
+
+    ckpt, pretrained = tiny_model
+    bundle = tmp_path / "tiny.rtsvc"
+    export_bundle(ckpt, bundle, pretrained, lengths=(17,))
+    code, err, seen = serve_args_of(["--model", bundle, "--pretrained-dir", pretrained, "--f0", "pyworld",
+                                     "--speaker", "alice", "--steps", "2", "--block-ms", "100",
+                                     "--context-ms", "100"], capsys, monkeypatch)
+    assert code == 0, err
+    source = fast_voices(seen["source"])
+    assert source.name == "tiny.rtsvc" and source.speakers == ["alice", "bob"]
+    assert type(source.make().backend).__name__ == "OnnxBackend"
+    audio = tone(16000, 0.3, f0=180.0)
+
+    async def main():
+        server = StreamServer(ServerConfig(port=0), source, seen["knobs"], seen["stream_config"])
+        await server.start()
+        try:
+            return await stream(server, audio, 16000, "s16le", chunk_ms=100)
+        finally:
+            await server.close()
+
+    result = run(main())
+    assert result["flushed"]["samples_in"] == result["flushed"]["samples_out"] == audio.shape[0]
+    assert np.isfinite(result["out"]).all() and np.abs(result["out"]).max() > 1e-4
+
+
 def test_model_voice_serves_several_clients_with_their_own_speakers(tiny_model, capsys, monkeypatch):
     ckpt, pretrained = tiny_model
     code, err, seen = serve_args_of(["--model", ckpt, "--pretrained-dir", pretrained, "--f0", "pyworld",
@@ -540,14 +631,7 @@ def test_model_voice_serves_several_clients_with_their_own_speakers(tiny_model, 
     assert source.speakers == ["alice", "bob"] and seen["knobs"].speaker == "bob"
     first, second = source.make(), source.make()
     assert first is not second and first.backend is second.backend  # weights shared, voices per client
-    make = source.make
-
-    def make_fast():  # the server path is under test here, not Whisper's 30 s padding (slow on CPU)
-        voice = make()
-        voice.whisper_pad_30s = False
-        return voice
-
-    source.make = make_fast
+    fast_voices(source)
     rate, audio = 16000, tone(16000, 0.4, f0=180.0)
     switch = []
 

@@ -14,12 +14,12 @@ import pytest
 import soundfile as sf
 from websockets.asyncio.client import connect
 
-from tests.test_server import http_get, run, running, settled, tone
+from tests.test_server import TOKEN, http_get, run, running, settled, tone
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-    "--disable-background-networking", "--disable-component-update", "--disable-extensions",
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+    "--disable-sync", "--disable-background-networking", "--disable-component-update", "--disable-extensions",
     "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
     "--autoplay-policy=no-user-gesture-required", "--remote-debugging-port=0",
 ]
@@ -102,8 +102,8 @@ def test_page_streams_fake_microphone_through_the_server_in_headless_chromium(tm
     user_data = Path(tempfile.mkdtemp(prefix="rtsvc-chromium-", dir=tmp_path))
 
     async def main():
-        async with running() as server:
-            url = f"http://127.0.0.1:{server.port}/?autostart=1&pitch=12"
+        async with running(token=TOKEN) as server:
+            url = f"http://127.0.0.1:{server.port}/?autostart=1&pitch=12&token={TOKEN}"
             browser = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={user_data}",
                                         f"--use-file-for-fake-audio-capture={mic}", url],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -282,9 +282,8 @@ def prepare_dataset(root: str | Path, extract: FeatureFn, settings: dict, worker
             result.reused += 1
         else:
             todo.append((speaker, source, key))
-    done = result.reused
     if on_progress:
-        on_progress(done, len(tasks), "")
+        on_progress(result.reused, len(tasks), "")
 
     def work(speaker: str, source: Path, key: dict) -> dict:
         record = process_source(source, speaker, root, extract, settings)
@@ -294,6 +293,29 @@ def prepare_dataset(root: str | Path, extract: FeatureFn, settings: dict, worker
         _atomic_write_bytes(path, lambda p: p.write_text(json.dumps(record)))
         return record
 
+    threads = torch.get_num_threads()
+    # workers x intra-op threads beyond the core count makes torch's spinning threads fight
+    torch.set_num_threads(max(1, threads // max(1, workers)))
+    try:
+        _run_pool(todo, work, workers, records, result, len(tasks), on_progress)
+    finally:
+        torch.set_num_threads(threads)
+    result.metadata_path = str(write_metadata(root, records, settings, result.skipped))
+    for record in records:
+        info = result.speakers.setdefault(record["speaker"], {"clips": 0, "seconds": 0.0, "sources": 0})
+        info["sources"] += 1
+        for clip in record["clips"]:
+            info["clips"] += 1
+            info["seconds"] += clip["frames"] * HOP_LENGTH / SAMPLE_RATE
+            result.clips += 1
+            result.frames += clip["frames"]
+    return result
+
+
+def _run_pool(todo: list, work: Callable, workers: int, records: list[dict], result: PrepareResult,
+              total: int, on_progress: Callable[[int, int, str], None] | None) -> None:
+    """Run `work` over `todo` in threads; failures of one file are recorded, never raised."""
+    done = result.reused
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {pool.submit(work, spk, src, key): src for spk, src, key in todo}
         for future in as_completed(futures):
@@ -305,15 +327,4 @@ def prepare_dataset(root: str | Path, extract: FeatureFn, settings: dict, worker
                 result.skipped.append(Skipped(str(source), str(err).split("\n")[0]))
             done += 1
             if on_progress:
-                on_progress(done, len(tasks), str(source.name))
-
-    result.metadata_path = str(write_metadata(root, records, settings, result.skipped))
-    for record in records:
-        info = result.speakers.setdefault(record["speaker"], {"clips": 0, "seconds": 0.0, "sources": 0})
-        info["sources"] += 1
-        for clip in record["clips"]:
-            info["clips"] += 1
-            info["seconds"] += clip["frames"] * HOP_LENGTH / SAMPLE_RATE
-            result.clips += 1
-            result.frames += clip["frames"]
-    return result
+                on_progress(done, total, str(source.name))

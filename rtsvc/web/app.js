@@ -72,7 +72,7 @@ function onMessage(event) {
     const samples = event.data.byteLength / 4;
     rtsvc.samplesReceived += samples;
     rtsvc.framesReceived += 1;
-    node.port.postMessage(event.data, [event.data]);
+    if (node) node.port.postMessage(event.data, [event.data]);
     return;
   }
   const message = JSON.parse(event.data);
