@@ -126,8 +126,10 @@ def convert(
 def _needed_components(model: Path, f0: str) -> tuple[str, ...]:
     """What a model needs from the pretrained dir (a bundle may carry its own vocoder)."""
     need = ["contentvec", "whisper", "vocoder"] + (["rmvpe"] if f0 == "rmvpe" else [])
-    if model.is_dir():  # .rtsvc bundle: vocoder.onnx inside
-        need.remove("vocoder")
+    if model.is_dir():  # .rtsvc bundle: vocoder.onnx inside (+ encoders if exported --with-encoders)
+        from rtsvc.bundle import bundle_components
+
+        need = [n for n in need if n not in bundle_components(model)]
     return tuple(need)
 
 
@@ -392,8 +394,11 @@ def train(
         precision=precision, save_every=save_every, eval_every=eval_every, log_every=log_every,
         eval_samples=eval_samples, num_workers=num_workers, seed=seed, resume=resume, device=device,
         pretrained_dir=str(pretrained_dir) if pretrained_dir else None))
-    if result.new_speakers:
-        console.print(f"new speakers: {', '.join(result.new_speakers)}", highlight=False)
+    if result.rank != 0:  # torchrun: one report, from rank 0
+        return
+    new = set(result.new_speakers)
+    console.print("speakers: " + ", ".join(f"{n}{' (new)' if n in new else ''}" for n in result.speakers),
+                  highlight=False)
     state = "stopped (Ctrl-C)" if result.interrupted else "finished"
     console.print(f"{state} at step {result.global_step}; checkpoint: {result.last_checkpoint}"
                   + (" (continue with --resume)" if result.interrupted else ""), highlight=False)

@@ -138,14 +138,15 @@ def run_encoders(seconds_list: list[float], whisper_layers: int, repeats: int, t
     hubert = ContentVecGraph(HubertModelWithFinalProj(HubertConfig()).eval())
     wcfg = WhisperConfig(d_model=1280, encoder_layers=whisper_layers, encoder_attention_heads=20,
                          encoder_ffn_dim=5120, num_mel_bins=128)
-    whisper = WhisperGraph(WhisperEncoder(HFWhisperEncoder(wcfg).eval(), WhisperFeatureExtractor(feature_size=128),
-                                          torch.device("cpu")))
+    extractor = WhisperFeatureExtractor(feature_size=128)
+    whisper = WhisperGraph(WhisperEncoder(HFWhisperEncoder(wcfg).eval(), extractor, torch.device("cpu")))
     print("| encoder | window s | backend | mean ms | p50 ms | min ms |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         graphs = {
-            "contentvec (hubert-base)": (hubert, "audio", lambda sec: torch.randn(1, int(sec * 16000)) * 0.1,
-                                         {"audio": {0: "b", 1: "samples"}, "features": {0: "b", 1: "frames"}}),
+            "contentvec (hubert-base)": (
+                hubert, "audio", lambda sec: torch.randn(1, int(sec * 16000)) * 0.1,
+                {"audio": {0: "b", 1: "samples"}, "features": {0: "b", 1: "frames"}}),
             f"whisper-large-v3 width, {whisper_layers} layers": (
                 whisper, "mel", lambda sec: torch.randn(1, 128, int(sec * 100)),
                 {"mel": {0: "b", 2: "frames"}, "features": {0: "b", 1: "positions"}}),
@@ -157,8 +158,8 @@ def run_encoders(seconds_list: list[float], whisper_layers: int, repeats: int, t
             for sec in seconds_list:
                 x = make(sec)
                 with torch.inference_mode():
-                    blocks = {"torch": lambda x=x: module(x),
-                              "onnx cpu": lambda x=x: session.run(None, {name: x.numpy()})}
+                    blocks = {"torch": lambda x=x, m=module: m(x),
+                              "onnx cpu": lambda x=x, s=session, k=name: s.run(None, {k: x.numpy()})}
                     for backend, times in _time_interleaved(blocks, repeats).items():
                         print(f"| {label} | {sec:g} | {backend} | {statistics.mean(times):.1f} | "
                               f"{statistics.median(times):.1f} | {min(times):.1f} |", flush=True)

@@ -169,6 +169,7 @@ def export_vocoder(vocoder: NsfHifiGan, path: str | Path, opset: int = DEFAULT_O
 
 CONTENTVEC_FILE = "contentvec.onnx"
 WHISPER_FILE = "whisper_encoder.onnx"
+WHISPER_PREPROCESSOR_DIR = "whisper_preprocessor"
 ENCODER_TRACE_SAMPLES = 16000  # 1 s of 16 kHz audio
 
 
@@ -221,7 +222,10 @@ def export_encoders(paths, work: Path, opset: int, tolerance: float, step: Progr
         "features", {"mel": {0: "batch", 2: "frames"}, "features": {0: "batch", 1: "positions"}}, opset)
     step("parity: whisper encoder")
     rows += check_whisper(work / WHISPER_FILE, WhisperGraph(whisper), n_mels, tolerance)
-    return rows, {"contentvec": CONTENTVEC_FILE, "whisper": WHISPER_FILE}, exporters
+    whisper.feature_extractor.save_pretrained(str(work / WHISPER_PREPROCESSOR_DIR))  # its log-mel settings
+    files = {"contentvec": CONTENTVEC_FILE, "whisper": WHISPER_FILE,
+             "whisper_preprocessor": f"{WHISPER_PREPROCESSOR_DIR}/preprocessor_config.json"}
+    return rows, files, exporters
 
 
 # --- the bundle -------------------------------------------------------------------------------
@@ -277,7 +281,8 @@ def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encode
             "contentvec": {"sample_rate": ENCODER_SAMPLE_RATE, "dim": c.cvec_dim, "frame_rate": 50,
                            "output": "last_hidden_state", "onnx": encoders.get("contentvec")},
             "whisper": {"sample_rate": ENCODER_SAMPLE_RATE, "dim": c.whisper_dim, "frame_rate": 50,
-                        "output": "hidden_states[-2]", "onnx": encoders.get("whisper")},
+                        "output": "hidden_states[-2]", "onnx": encoders.get("whisper"),
+                        "preprocessor": encoders.get("whisper_preprocessor")},
             "f0": {"extractors": ["rmvpe", "fcpe", "pyworld"], "default": "rmvpe",
                    "unvoiced": "linear interpolation", "units": "Hz"},
             "rms": {"frame_length": N_FFT, "hop_length": HOP_LENGTH},

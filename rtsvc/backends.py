@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from rtsvc.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.compute import pick_device
 from rtsvc.errors import UserError
 from rtsvc.flow import Conditioning, cfg_velocity
@@ -65,7 +66,13 @@ class TorchBackend:
                         precision: str = "fp32") -> "TorchBackend":
         from rtsvc.models import load_dit, load_vocoder
 
-        return cls(load_dit(model_path, device), load_vocoder(vocoder_path, device), device, precision)
+        dit = load_dit(model_path, device)
+        rate = int(dit.dataset.get("sample_rate", SAMPLE_RATE))
+        hop = int(dit.dataset.get("hop_length", HOP_LENGTH))
+        if (rate, hop) != (SAMPLE_RATE, HOP_LENGTH):
+            raise UserError(f"{model_path} was trained at {rate} Hz / hop {hop}; rtsvc runs the "
+                            f"{SAMPLE_RATE} Hz / hop {HOP_LENGTH} models only")
+        return cls(dit, load_vocoder(vocoder_path, device), device, precision)
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -128,5 +135,7 @@ def open_model(model_path: str | Path, pretrained: "PretrainedPaths", backend: s
     from rtsvc.features import FeatureExtractor
     from rtsvc.model_voice import ModelVoice
 
-    features = FeatureExtractor.from_pretrained(pretrained, f0=f0, device=torch_device)
+    own = getattr(model, "feature_extractor", None)  # a bundle exported --with-encoders runs its own
+    features = (own(pretrained, f0, torch_device) if own else None) or \
+        FeatureExtractor.from_pretrained(pretrained, f0=f0, device=torch_device)
     return ModelVoice(model, features)

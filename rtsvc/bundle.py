@@ -150,3 +150,15 @@ def read_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     for name, entry in manifest["files"].items():
         _check_file(path, name, entry, verify_hashes)
     return Bundle(path=path, manifest=manifest)
+
+
+def bundle_components(path: str | Path) -> set[str]:
+    """Pretrained components a bundle carries itself (so a pretrained dir need not have them):
+    always the vocoder; ContentVec and Whisper when exported with --with-encoders. Reads the
+    manifest without verifying (`read_bundle` does that when the model opens)."""
+    try:
+        features = json.loads((Path(path) / MANIFEST).read_text()).get("features", {})
+    except (OSError, ValueError, AttributeError):
+        return {"vocoder"}
+    has = {name for name in ("contentvec", "whisper") if (features.get(name) or {}).get("onnx")}
+    return {"vocoder"} | (has if has == {"contentvec", "whisper"} else set())

@@ -76,14 +76,8 @@ class _NoResample(torch.nn.Module):
 
 def _import_torchfcpe():
     """Import torchfcpe without torchaudio (its mel module only imports `Resample` at import time)."""
-    if "torchfcpe" in sys.modules:
-        return sys.modules["torchfcpe"]
-    try:
-        import torchaudio  # noqa: F401  (a working install is simply used)
+    if "torchfcpe" in sys.modules or "torchaudio" in sys.modules:  # already importable as is
         return importlib.import_module("torchfcpe")
-    except Exception:
-        pass
-    saved = {k: sys.modules.get(k) for k in ("torchaudio", "torchaudio.transforms")}
     stub, transforms = types.ModuleType("torchaudio"), types.ModuleType("torchaudio.transforms")
     transforms.Resample = _NoResample
     stub.transforms = transforms
@@ -93,11 +87,8 @@ def _import_torchfcpe():
     except ImportError as err:
         raise UserError(f"--f0 fcpe needs torchfcpe (pip install --no-deps torchfcpe): {err}") from None
     finally:  # the stub must not leak: other libraries probe `import torchaudio`
-        for key, module in saved.items():
-            if module is None:
-                sys.modules.pop(key, None)
-            else:
-                sys.modules[key] = module
+        sys.modules.pop("torchaudio", None)
+        sys.modules.pop("torchaudio.transforms", None)
 
 
 def _fcpe(device: str | torch.device) -> Callable[[np.ndarray], np.ndarray]:

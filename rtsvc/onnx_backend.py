@@ -182,6 +182,7 @@ class OnnxBackend:
         self.bundle = bundle
         self.speakers = bundle.speakers
         self.device = device
+        self._providers, self._threads = list(providers), threads  # for the optional encoder sessions
         self.dit = make_session(bundle.file(DIT_FILE), providers, threads)
         self.vocoder = make_session(bundle.file(VOCODER_FILE), providers, threads)
         self.providers = self.dit.get_providers()
@@ -240,3 +241,84 @@ class OnnxBackend:
         b, n = f0.shape
         feeds = {"mel": log_mel.float(), "f0": f0.float(), "phase": phase, "noise": noise}
         return self._run(self.vocoder, feeds, VOCODER_OUTPUT, (b, n * self.hop))
+
+    # -- feature encoders exported with --with-encoders --
+
+    def feature_extractor(self, pretrained, f0: str, device: torch.device):
+        """A FeatureExtractor running the bundle's ContentVec and Whisper graphs on this backend's
+        providers (F0 still from `pretrained`), or None when the bundle has no encoder graphs."""
+        features = self.bundle.manifest["features"]
+        cvec_file = features.get("contentvec", {}).get("onnx")
+        whisper_file = features.get("whisper", {}).get("onnx")
+        preprocessor = features.get("whisper", {}).get("preprocessor")
+        if not (cvec_file and whisper_file and preprocessor):
+            return None
+        from transformers import WhisperFeatureExtractor
+
+        from rtsvc.f0 import make_f0_extractor
+        from rtsvc.features import FeatureExtractor
+
+        extractor = WhisperFeatureExtractor.from_pretrained(str(self.bundle.file(preprocessor).parent))
+        return FeatureExtractor(
+            OnnxContentVec(make_session(self.bundle.file(cvec_file), self._providers, self._threads), device),
+            OnnxWhisperEncoder(make_session(self.bundle.file(whisper_file), self._providers, self._threads),
+                               extractor, device),
+            make_f0_extractor(f0, rmvpe_path=pretrained.rmvpe if pretrained else None, device=device),
+            device,
+        )
+
+
+class OnnxContentVec:
+    """`rtsvc.contentvec.ContentVec`'s interface (`hidden`, `encode`, `dim`) over contentvec.onnx."""
+
+    def __init__(self, session: ort.InferenceSession, device: torch.device):
+        self.session = session
+        self.device = device
+        self.dim = int(session.get_outputs()[0].shape[-1])
+
+    def hidden(self, audio_16k) -> torch.Tensor:
+        from rtsvc.contentvec import MIN_SAMPLES
+
+        audio = np.asarray(audio_16k, dtype=np.float32).reshape(1, -1)
+        if audio.shape[-1] < MIN_SAMPLES:
+            audio = np.pad(audio, ((0, 0), (0, MIN_SAMPLES - audio.shape[-1])))
+        return torch.from_numpy(self.session.run(None, {"audio": audio})[0][0]).to(self.device)
+
+    def encode(self, audio_16k, n_frames: int, mode: str | None = None) -> torch.Tensor:
+        from rtsvc.features import resize_frames
+
+        return resize_frames(self.hidden(audio_16k), n_frames, mode)
+
+
+def _whisper_method(name: str):
+    """Borrow a method of `rtsvc.whisper_encoder.WhisperEncoder` (chunking, log-mel, resizing) so the
+    ONNX encoder computes features exactly as the torch one around the network itself."""
+
+    def method(self, *args, **kwargs):
+        from rtsvc.whisper_encoder import WhisperEncoder
+
+        return getattr(WhisperEncoder, name)(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+class OnnxWhisperEncoder:
+    """`rtsvc.whisper_encoder.WhisperEncoder`'s interface over whisper_encoder.onnx, which holds
+    the layers up to hidden_states[-2] (RIFT-SVC's feature)."""
+
+    log_mel = _whisper_method("log_mel")
+    hidden = _whisper_method("hidden")
+    encode = _whisper_method("encode")
+
+    def __init__(self, session: ort.InferenceSession, feature_extractor, device: torch.device):
+        self.session = session
+        self.feature_extractor = feature_extractor
+        self.device = device
+        self.dim = int(session.get_outputs()[0].shape[-1])
+
+    def hidden_from_mel(self, mel: torch.Tensor, layer_index: int = -2) -> torch.Tensor:
+        if layer_index != -2:
+            raise ValueError("whisper_encoder.onnx was exported for hidden_states[-2] only")
+        out = self.session.run(None, {"mel": mel.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(out).to(self.device)

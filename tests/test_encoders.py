@@ -132,3 +132,11 @@ def test_whisper_short_window_position_offset_is_clamped_to_the_table(whisper):
     torch.testing.assert_close(whisper.hidden_from_mel(mel, position_offset=10**6),
                                whisper.hidden_from_mel(mel, position_offset=1500 - 20))
     torch.testing.assert_close(whisper.hidden(audio, pad_to_30s=False, position_offset=300), moved[0])
+
+
+def test_hub_ids_not_in_the_cache_fail_with_one_line_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for load, option in ((WhisperEncoder.load, "--whisper"), (ContentVec.load, "--contentvec")):
+        with pytest.raises(UserError, match=option) as err:
+            load("rtsvc-tests/not-a-cached-model")
+        assert "\n" not in str(err.value)

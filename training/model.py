@@ -27,7 +27,7 @@ class TrainModel:
     dit: DiT
     spk2idx: dict[str, int]
     name: str  # preset name, e.g. dit-768-12 (or dim-depth for custom sizes)
-    new_speakers: list[str]
+    new_speakers: list[str]  # added to a pretrained checkpoint's table
 
 
 def parse_model(name: str) -> DiTConfig:
@@ -52,7 +52,7 @@ def from_scratch(name: str, speakers: list[str]) -> TrainModel:
     """A new DiT (spectral init inside `DiT`) with one embedding row per dataset speaker."""
     config = parse_model(name)
     config.num_speaker = len(speakers)
-    return TrainModel(DiT(config), {s: i for i, s in enumerate(speakers)}, model_name(config), list(speakers))
+    return TrainModel(DiT(config), {s: i for i, s in enumerate(speakers)}, model_name(config), [])
 
 
 def extend_speakers(dit: DiT, spk2idx: dict[str, int], speakers: list[str]) -> tuple[DiT, dict, list[str]]:

@@ -81,6 +81,7 @@ class TrainResult:
     speakers: dict[str, int]
     new_speakers: list[str] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # per step (this rank), for tests and summaries
+    rank: int = 0  # under torchrun only rank 0 reports
 
 
 # --- distributed set-up ---------------------------------------------------------------------------
@@ -341,7 +342,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     vocoder = _vocoder(cfg, meta, device) if d.main and cfg.eval_every > 0 else None
     speakers = [n for n, _ in sorted(tm.spk2idx.items(), key=lambda kv: kv[1])]
 
-    result = TrainResult(out, start_step, False, None, dict(tm.spk2idx), list(tm.new_speakers))
+    result = TrainResult(out, start_step, False, None, dict(tm.spk2idx), list(tm.new_speakers), rank=d.rank)
     step = start_step
     window: list[float] = []
     t_window = time.perf_counter()
@@ -412,6 +413,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     finally:
         if log is not None:
             log.close()
+        if d.world > 1:
+            dist.destroy_process_group()
     result.global_step = step
     return result
 
