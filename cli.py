@@ -379,6 +379,9 @@ def train(
                                "(under torchrun: one GPU per rank)."),
     pretrained_dir: Path | None = typer.Option(None, help="Pretrained components for the validation "
                                                "vocoder. Default: the folder `rtsvc prepare` used."),
+    vocoder: Path | None = typer.Option(None, help="NSF-HiFiGAN model.ckpt for validation audio. Default: "
+                                        "PRETRAINED_DIR/nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt "
+                                        "(none found: plots only)."),
 ) -> None:
     """Train a RIFT-SVC V2 model on a prepared dataset (fine-tune or from scratch; torchrun for DDP)."""
     from training.train import TrainConfig
@@ -393,7 +396,8 @@ def train(
         max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
         precision=precision, save_every=save_every, eval_every=eval_every, log_every=log_every,
         eval_samples=eval_samples, num_workers=num_workers, seed=seed, resume=resume, device=device,
-        pretrained_dir=str(pretrained_dir) if pretrained_dir else None))
+        pretrained_dir=str(pretrained_dir) if pretrained_dir else None,
+        vocoder=str(vocoder) if vocoder else None))
     if result.rank != 0:  # torchrun: one report, from rank 0
         return
     new = set(result.new_speakers)
@@ -417,7 +421,12 @@ def devices() -> None:
     table = Table(title="audio devices (PortAudio)")
     for col in ("index", "name", "host API", "in", "out", "default Hz", "default"):
         table.add_column(col, justify="right" if col in ("index", "in", "out", "default Hz") else "left")
-    for d in list_devices():
+    found = list_devices()
+    if not found:
+        console.print("no audio devices found (no sound card, or PulseAudio/PipeWire not running)",
+                      highlight=False)
+        return
+    for d in found:
         flags = (("input", d["default_input"]), ("output", d["default_output"]))
         default = "/".join(name for name, on in flags if on)
         table.add_row(str(d["index"]), d["name"], d["hostapi"], str(d["inputs"]), str(d["outputs"]),

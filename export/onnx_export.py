@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rtsvc import __version__
@@ -46,6 +47,7 @@ from rtsvc.mel import CLAMP_MIN, LOG_MEL_MAX, LOG_MEL_MIN
 from rtsvc.models import LoadedDiT, load_dit, load_vocoder
 from rtsvc.pretrained import DEFAULT_PRETRAINED_DIR, LAYOUT, resolve_pretrained
 from rtsvc.vocoder import HARMONIC_NUM, NsfHifiGan
+from rtsvc.whisper_encoder import LAYER_INDEX
 
 if TYPE_CHECKING:
     from export.parity import ParityRow
@@ -122,6 +124,28 @@ def vocoder_example(batch: int, frames: int, hop: int, generator: torch.Generato
 
 def _export(module: nn.Module, example: tuple, path: Path, input_names: tuple[str, ...], output: str,
             dynamic_axes: dict, opset: int) -> str:
+    """Export to `path`; returns the exporter used. A graph over protobuf's 2 GB limit (the Whisper
+    encoder of large-v3) gets its weights in one `NAME.onnx.data` file beside it."""
+    scratch = path.parent / f".{path.name}.export"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        exporter = _export_raw(module, example, scratch / path.name, input_names, output, dynamic_axes, opset)
+        if len(list(scratch.iterdir())) == 1:
+            (scratch / path.name).replace(path)
+        else:  # the exporter wrote one file per external tensor: gather them into one
+            import onnx
+
+            model = onnx.load(str(scratch / path.name))
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{path.name}.data")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return exporter
+
+
+def _export_raw(module: nn.Module, example: tuple, path: Path, input_names: tuple[str, ...], output: str,
+                dynamic_axes: dict, opset: int) -> str:
     """Export with the TorchScript exporter, falling back to dynamo; returns which one was used."""
     module.eval()
     try:
@@ -185,18 +209,30 @@ class ContentVecGraph(nn.Module):
 
 
 class WhisperGraph(nn.Module):
-    """Whisper log-mel [b, 128, frames] -> hidden_states[-2] [b, ceil(frames / 2), d] (any frames up
-    to 3000: the padded 30 s input or a streaming window), via `WhisperEncoder.hidden_from_mel`."""
+    """Whisper log-mel [b, 128, frames] (any frames up to 3000: the padded 30 s input or a streaming
+    window) and `position_offset` [] int64 -> hidden_states[-2] [b, ceil(frames / 2), d].
+
+    The same computation as `WhisperEncoder.hidden_from_mel`, with the position-embedding start
+    as a tensor (clamped so the window fits) so it stays an input of the graph.
+    """
 
     def __init__(self, encoder):
         super().__init__()
-        self.wrapper = encoder  # rtsvc.whisper_encoder.WhisperEncoder
-        self.encoder = encoder.encoder  # registers the weights with this module
+        self.encoder = encoder.encoder  # rtsvc.whisper_encoder.WhisperEncoder -> transformers encoder
+        self.stop = LAYER_INDEX % (len(self.encoder.layers) + 1)  # layers before hidden_states[-2]
 
-    def forward(self, mel):
-        from rtsvc.whisper_encoder import WhisperEncoder
-
-        return WhisperEncoder.hidden_from_mel.__wrapped__(self.wrapper, mel)  # without inference_mode
+    def forward(self, mel, position_offset):
+        enc = self.encoder
+        x = F.gelu(enc.conv1(mel))
+        x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
+        table = enc.embed_positions.weight
+        positions = torch.arange(x.shape[1], device=x.device)
+        last_start = table.shape[0] - positions.shape[0]  # the window must fit the table
+        start = torch.minimum(position_offset.clamp(min=0), last_start + positions[:1] * 0)
+        x = x + table[positions + start]
+        for layer in enc.layers[: self.stop]:
+            x = layer(x, None)
+        return x
 
 
 def export_encoders(paths, work: Path, opset: int, tolerance: float, step: ProgressFn):
@@ -218,10 +254,13 @@ def export_encoders(paths, work: Path, opset: int, tolerance: float, step: Progr
     whisper = WhisperEncoder.load(paths.whisper, "cpu")
     n_mels = whisper.encoder.config.num_mel_bins
     exporters["whisper"] = _export(
-        WhisperGraph(whisper), (torch.randn(1, n_mels, 200, generator=g),), work / WHISPER_FILE, ("mel",),
-        "features", {"mel": {0: "batch", 2: "frames"}, "features": {0: "batch", 1: "positions"}}, opset)
+        WhisperGraph(whisper), (torch.randn(1, n_mels, 200, generator=g), torch.tensor(7)),
+        work / WHISPER_FILE, ("mel", "position_offset"), "features",
+        {"mel": {0: "batch", 2: "frames"}, "features": {0: "batch", 1: "positions"}}, opset)
     step("parity: whisper encoder")
-    rows += check_whisper(work / WHISPER_FILE, WhisperGraph(whisper), n_mels, tolerance)
+    # the reference is the runtime's own torch encoder, not the graph module
+    reference = lambda mel, offset: whisper.hidden_from_mel(mel, position_offset=int(offset))  # noqa: E731
+    rows += check_whisper(work / WHISPER_FILE, reference, n_mels, tolerance)
     whisper.feature_extractor.save_pretrained(str(work / WHISPER_PREPROCESSOR_DIR))  # its log-mel settings
     files = {"contentvec": CONTENTVEC_FILE, "whisper": WHISPER_FILE,
              "whisper_preprocessor": f"{WHISPER_PREPROCESSOR_DIR}/preprocessor_config.json"}
@@ -312,7 +351,8 @@ def export_bundle(
     """Export a checkpoint (+ vocoder, + optional encoders) to a verified bundle at `out`.
 
     Work happens in a hidden sibling directory; only a bundle whose every graph passes the parity
-    check replaces `out`, so a failed export never leaves a half bundle behind.
+    check replaces `out`, so a failed export never leaves a half bundle behind. The first graph
+    that fails its check ends the export (its rows are in the result).
     """
     from export.parity import check_dit, check_vocoder, default_tolerance  # parity imports this module
 
@@ -335,18 +375,19 @@ def export_bundle(
         exporters, encoders = {}, {}
         step("exporting dit.onnx")
         exporters["dit"] = export_dit(loaded.model, work / DIT_FILE, opset, fp16)
-        step("exporting vocoder.onnx")
-        exporters["vocoder"] = export_vocoder(voc, work / VOCODER_FILE, opset, fp16)
         step("parity: dit")
         rows = check_dit(work / DIT_FILE, loaded.model, lengths, tolerance)
+        if not all(r.ok for r in rows):  # stop early: the other graphs can take minutes
+            return ExportResult(out, rows, exporters, ok=False)
+        step("exporting vocoder.onnx")
+        exporters["vocoder"] = export_vocoder(voc, work / VOCODER_FILE, opset, fp16)
         step("parity: vocoder")
         rows += check_vocoder(work / VOCODER_FILE, voc, lengths, tolerance)
-        if with_encoders:
+        if with_encoders and all(r.ok for r in rows):
             enc_rows, encoders, enc_exporters = export_encoders(paths, work, opset, tolerance, step)
             rows += enc_rows
             exporters.update(enc_exporters)
-        ok = all(r.ok for r in rows)
-        if not ok:
+        if not all(r.ok for r in rows):
             return ExportResult(out, rows, exporters, ok=False)
         step("writing manifest.json")
         options = {"name": out.stem, "opset": opset, "fp16": fp16, "exporters": exporters,

@@ -89,13 +89,14 @@ def check_vocoder(onnx_path: str | Path, vocoder: NsfHifiGan, lengths=DEFAULT_LE
 
 ENCODER_SECONDS = (0.37, 1.0, 2.3)  # ContentVec input lengths
 WHISPER_FRAMES = (64, 237, 3000)  # Whisper mel frames: streaming windows and the padded 30 s
+WHISPER_OFFSETS = (40, 1450, 0)  # position offsets (the second is clamped so the window fits)
 
 
-def _encoder_compare(graph: str, reference, session, name: str, x: torch.Tensor, length: int,
+def _encoder_compare(graph: str, reference, session, feeds: dict[str, torch.Tensor], length: int,
                      tolerance: float) -> ParityRow:
     with torch.no_grad():
-        ref = reference(x).float().numpy()
-    out = session.run(None, {name: x.numpy()})[0]
+        ref = reference(*feeds.values()).float().numpy()
+    out = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     if out.shape != ref.shape:
         raise RuntimeError(f"{graph}: ONNX output shape {out.shape} differs from torch {ref.shape}")
     err = float(np.max(np.abs(out - ref)))
@@ -109,15 +110,18 @@ def check_contentvec(onnx_path, reference, tolerance: float = FP32_TOLERANCE) ->
     rows = []
     for seconds in ENCODER_SECONDS:
         audio = torch.randn(1, int(seconds * 16000), generator=g) * 0.1
-        rows.append(_encoder_compare("contentvec", reference, session, "audio", audio, int(seconds * 50),
+        rows.append(_encoder_compare("contentvec", reference, session, {"audio": audio}, int(seconds * 50),
                                      tolerance))
     return rows
 
 
 def check_whisper(onnx_path, reference, n_mels: int, tolerance: float = FP32_TOLERANCE) -> list[ParityRow]:
-    """whisper_encoder.onnx vs torch on random log-mel inputs of several frame counts."""
+    """whisper_encoder.onnx vs torch on random log-mel inputs of several frame counts, with position
+    offsets inside the table, past its end (clamped) and zero."""
     session = make_session(onnx_path)
     g = torch.Generator().manual_seed(PARITY_SEED)
-    mels = [torch.randn(1, n_mels, n, generator=g) * 0.5 for n in WHISPER_FRAMES]
-    return [_encoder_compare("whisper", reference, session, "mel", mel, mel.shape[-1], tolerance)
-            for mel in mels]
+    rows = []
+    for n, offset in zip(WHISPER_FRAMES, WHISPER_OFFSETS, strict=True):
+        feeds = {"mel": torch.randn(1, n_mels, n, generator=g) * 0.5, "position_offset": torch.tensor(offset)}
+        rows.append(_encoder_compare("whisper", reference, session, feeds, n, tolerance))
+    return rows

@@ -105,8 +105,12 @@ def _open_onnx(path: Path, device: str, pretrained: "PretrainedPaths", providers
 
 def open_model(model_path: str | Path, pretrained: "PretrainedPaths", backend: str = "auto",
                device: str = "auto", f0: str = "rmvpe", precision: str = "fp32",
-               speaker: str | None = None, providers: str | None = None) -> "ModelVoice":
+               speaker: str | None = None, providers: str | None = None,
+               streaming: bool = False) -> "ModelVoice":
     """A ready `ModelVoice` for a checkpoint (torch) or `.rtsvc` bundle (onnx).
+
+    `streaming=True` gives the variant for the streaming engine (incremental features, see
+    `rtsvc.feature_cache`); the default keeps the upstream offline behaviour.
 
     `speaker`, when given, is checked as soon as the model is read, before the (slow) encoders load.
     """
@@ -138,4 +142,4 @@ def open_model(model_path: str | Path, pretrained: "PretrainedPaths", backend: s
     own = getattr(model, "feature_extractor", None)  # a bundle exported --with-encoders runs its own
     features = (own(pretrained, f0, torch_device) if own else None) or \
         FeatureExtractor.from_pretrained(pretrained, f0=f0, device=torch_device)
-    return ModelVoice(model, features)
+    return ModelVoice(model, features, streaming=streaming)

@@ -18,6 +18,8 @@ from rtsvc.errors import UserError
 
 FRAME_RATE = 50  # HuBERT conv stack: stride 320 samples at 16 kHz
 MIN_SAMPLES = 400  # receptive field of the conv stack: shorter input gives no frame
+# used only for SpecAugment-style masking in training; a converted checkpoint may lack it
+TRAINING_ONLY_WEIGHTS = {"masked_spec_embed"}
 
 
 class HubertModelWithFinalProj(HubertModel):
@@ -54,7 +56,7 @@ def load_transformers_model(cls, name_or_path: str | Path, what: str, option: st
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load {what} from {name_or_path}: {first} (run `rtsvc download` or "
                         f"point {option} at a local folder)") from None
-    missing = list(info.get("missing_keys") or [])
+    missing = [k for k in info.get("missing_keys") or [] if k not in TRAINING_ONLY_WEIGHTS]
     mismatched = list(info.get("mismatched_keys") or [])
     if missing or mismatched:
         raise UserError(f"{name_or_path} does not hold a {what} checkpoint: missing weights {missing[:3]}"

@@ -6,6 +6,13 @@ streaming engine calls it on overlapping windows; the start noise of every mel f
 from its absolute frame index (`start_sample // 512`), so overlapping windows start from the
 same noise and agree where they overlap.
 
+Offline (the default) every call computes every feature over its window as upstream does (Whisper
+padded to 30 s). `ModelVoice(..., streaming=True)` (or `voice.for_streaming()`) is the variant the
+engine wants: a per-stream `rtsvc.feature_cache.FeatureCache` computes F0 and RMS for the new samples
+only, runs ContentVec and Whisper (unpadded) on a bounded window and reuses older frames; `fork()`
+gives a session its own cache over the same backend and encoders; `reset()` clears it.
+`last_ms` holds the last call's time per part (resample, f0, rms, contentvec, whisper, dit, vocoder).
+
 `convert_offline` is upstream `infer.py`'s long-audio path: slice at silences, bring each slice
 to -18 LUFS (the loudness the models were trained at), convert, optionally restore the slice's
 own loudness, and join the slices with short crossfades into exactly the input's length.
@@ -13,6 +20,7 @@ own loudness, and join the slices with short crossfades into exactly the input's
 
 import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +31,8 @@ import torch
 
 from rtsvc.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.errors import UserError
+from rtsvc.f0 import shift_f0
+from rtsvc.feature_cache import ENCODER_CONTEXT_S, FeatureCache
 from rtsvc.flow import Conditioning, counter_normal, frame_noise, sample
 from rtsvc.mel import denormalize_mel
 from rtsvc.settings import Knobs, validate_knobs
@@ -52,13 +62,29 @@ class ModelVoice:
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, backend: "Backend", features: "FeatureExtractor", whisper_pad_30s: bool = True):
+    def __init__(self, backend: "Backend", features: "FeatureExtractor", whisper_pad_30s: bool = True,
+                 streaming: bool = False, encoder_context_s: float | None = ENCODER_CONTEXT_S):
         self.backend = backend
         self.features = features
-        self.whisper_pad_30s = whisper_pad_30s  # upstream pads every clip to 30 s; streaming may not
+        self.whisper_pad_30s = whisper_pad_30s  # upstream pads every clip to 30 s (offline path only)
         self.speakers = list(backend.speakers)
+        self.streaming = streaming
+        self.encoder_context_s = encoder_context_s  # streaming: None = encoders on the whole window
+        self.cache = FeatureCache(features, encoder_context_s) if streaming else None
+        self.last_ms: dict[str, float] = {}
+
+    def for_streaming(self, encoder_context_s: float | None = ENCODER_CONTEXT_S) -> "ModelVoice":
+        """The streaming variant over the same backend and encoders, with a fresh feature cache."""
+        return ModelVoice(self.backend, self.features, self.whisper_pad_30s, True, encoder_context_s)
+
+    def fork(self) -> "ModelVoice":
+        """Same weights, own per-stream state (what the server gives each session)."""
+        return ModelVoice(self.backend, self.features, self.whisper_pad_30s, self.streaming,
+                          self.encoder_context_s)
 
     def reset(self) -> None:
+        if self.cache is not None:
+            self.cache.reset()
         reset = getattr(self.features, "reset", None)
         if reset is not None:
             reset()
@@ -82,14 +108,31 @@ class ModelVoice:
         if need == 0:
             return np.zeros(0, dtype=np.float32)
         n = -(-length // HOP_LENGTH)  # whole mel frames; the last one is zero-padded
-        padded = np.pad(audio, (0, n * HOP_LENGTH - length))
-        cond, f0 = self._conditioning(padded, n, spk, knobs.pitch_shift)
+        if self.cache is not None:
+            cond, f0 = self._stream_conditioning(audio, start_sample, spk, knobs.pitch_shift)
+        else:
+            padded = np.pad(audio, (0, n * HOP_LENGTH - length))
+            self.last_ms = {}
+            cond, f0 = self._conditioning(padded, n, spk, knobs.pitch_shift)
+        started = time.perf_counter()
         mel = self._sample(cond, knobs, start_sample // HOP_LENGTH)  # [1, 128, n] log-mel
+        self.last_ms["dit"] = (time.perf_counter() - started) * 1000.0
         # vocode only the frames under the requested tail, plus the vocoder's left context
+        started = time.perf_counter()
         first = max(0, (length - need) // HOP_LENGTH - VOCODER_CONTEXT_FRAMES)
         out = self._vocode(mel[..., first:], f0, first, start_sample, knobs.seed)
         begin = length - need - first * HOP_LENGTH
+        self.last_ms["vocoder"] = (time.perf_counter() - started) * 1000.0
         return out[begin:begin + need]
+
+    def _stream_conditioning(self, audio: np.ndarray, start_sample: int, spk: int, semitones: float):
+        f0, rms, cvec, whisper = self.cache.window(audio, start_sample)
+        self.last_ms = dict(self.cache.last_ms)
+        device = self.backend.device
+        f0 = shift_f0(f0, semitones).to(device)[None]  # shifted F0 feeds both the DiT and the vocoder
+        cond = Conditioning(spk=torch.tensor([spk], device=device), f0=f0, rms=rms.to(device)[None],
+                            cvec=cvec.to(device)[None], whisper=whisper.to(device)[None])
+        return cond, f0
 
     def _conditioning(self, padded: np.ndarray, n: int, spk: int, semitones: float):
         feats = self.features

@@ -317,8 +317,11 @@ class OnnxWhisperEncoder:
         self.device = device
         self.dim = int(session.get_outputs()[0].shape[-1])
 
-    def hidden_from_mel(self, mel: torch.Tensor, layer_index: int = -2) -> torch.Tensor:
+    def hidden_from_mel(self, mel: torch.Tensor, layer_index: int = -2,
+                        position_offset: int = 0) -> torch.Tensor:
         if layer_index != -2:
             raise ValueError("whisper_encoder.onnx was exported for hidden_states[-2] only")
-        out = self.session.run(None, {"mel": mel.detach().float().cpu().numpy()})[0]
+        feeds = {"mel": mel.detach().float().cpu().numpy(),
+                 "position_offset": np.array(position_offset, dtype=np.int64)}
+        out = self.session.run(None, feeds)[0]
         return torch.from_numpy(out).to(self.device)

@@ -51,7 +51,7 @@ class RmvpeConfig:
         def count(prefix: str) -> int:
             return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
         try:
-            return cls(
+            cfg = cls(
                 n_blocks=count("unet.encoder.layers.0.conv."),
                 n_gru=sum(1 for k in state if k.startswith("fc.0.gru.weight_hh_l") and "reverse" not in k),
                 en_de_layers=count("unet.encoder.layers."),
@@ -59,8 +59,9 @@ class RmvpeConfig:
                 en_out_channels=int(state["unet.encoder.layers.0.conv.0.conv.0.weight"].shape[0]),
                 gru_hidden=int(state["fc.0.gru.weight_hh_l0"].shape[1]),
             )
-        except (KeyError, IndexError, AttributeError):
+        except (KeyError, IndexError, AttributeError, TypeError, ValueError):
             return cls()  # not an RMVPE state dict: the strict key check reports it
+        return cfg if min(cfg.__dict__.values()) > 0 else cls()
 
 
 # ---------------------------------------------------------------- front end

@@ -15,13 +15,15 @@ import torch
 import cli
 from export.onnx_export import export_bundle, export_dit
 from export.parity import check_dit
+from rtsvc.audio import resample
 from rtsvc.backends import TorchBackend
-from rtsvc.bundle import read_bundle, sha256_file
+from rtsvc.bundle import bundle_components, read_bundle, sha256_file
 from rtsvc.errors import UserError
+from rtsvc.features import FeatureExtractor
 from rtsvc.flow import Conditioning
 from rtsvc.models import load_dit
 from rtsvc.onnx_backend import CPU, OnnxBackend, choose_providers, parse_providers, provider_works
-from rtsvc.pretrained import LAYOUT
+from rtsvc.pretrained import LAYOUT, resolve_pretrained
 from rtsvc.vocoder import draw_source_randomness
 from tests.cli_helpers import harmonic_tone, run_cli, write_wav
 from tests.tiny_encoders import make_tiny_pretrained_dir
@@ -40,12 +42,13 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(tiny):
-    """`rtsvc export` through the real entry point (module scope: one export for the file)."""
+    """`rtsvc export --with-encoders` through the real entry point (module scope: one export for the
+    file; the encoders make the bundle independent of ContentVec/Whisper in the pretrained dir)."""
     root, ckpt, pretrained = tiny
     mp = pytest.MonkeyPatch()  # capsys/monkeypatch are function-scoped: capture by hand here
     out, err = io.StringIO(), io.StringIO()
     mp.setattr(sys, "argv", ["rtsvc", "export", str(ckpt), "--out", str(root / "tiny.rtsvc"),
-                             "--pretrained-dir", str(pretrained)])
+                             "--pretrained-dir", str(pretrained), "--with-encoders"])
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
         cli.main()
     mp.undo()
@@ -56,7 +59,7 @@ def exported(tiny):
 def test_export_writes_a_verified_bundle_and_prints_parity(exported, tiny):
     bundle_path, stdout = exported
     _, ckpt, pretrained = tiny
-    for graph in ("dit", "vocoder"):
+    for graph in ("dit", "vocoder", "contentvec", "whisper"):
         assert stdout.count(graph) >= len(LENGTHS), stdout  # one table row per length
     bundle = read_bundle(bundle_path)
     m = bundle.manifest
@@ -66,7 +69,9 @@ def test_export_writes_a_verified_bundle_and_prints_parity(exported, tiny):
     assert m["features"]["pretrained_layout"]["contentvec"] == LAYOUT["contentvec"]
     assert m["source"]["checkpoint_sha256"] == sha256_file(ckpt)
     assert m["export"]["parity"]["dit"]["max_rel"] < 1e-4
-    assert sorted(m["files"]) == ["dit.onnx", "vocoder.onnx"]
+    assert sorted(m["files"]) == ["contentvec.onnx", "dit.onnx", "vocoder.onnx", "whisper_encoder.onnx",
+                                  "whisper_preprocessor/preprocessor_config.json"]
+    assert m["features"]["whisper"]["onnx"] == "whisper_encoder.onnx"
     session = ort.InferenceSession(str(bundle.file("dit.onnx")), providers=[CPU])
     dims = {i.name: i.shape for i in session.get_inputs()}
     assert dims["x"] == ["batch", "frames", 128] and dims["cfg_strength"] == []
@@ -122,9 +127,11 @@ def test_bundle_round_trip_through_convert_matches_checkpoint(exported, tiny, tm
     _, ckpt, pretrained = tiny
     wav = write_wav(tmp_path / "in.wav", harmonic_tone(1.2, 180.0, vibrato=0.01))
     outs = {}
-    for name, model in (("ckpt", ckpt), ("bundle", bundle_path)):
+    empty = tmp_path / "empty"  # the bundle brings its vocoder and encoders; pyworld needs no weights
+    empty.mkdir()
+    for name, model, where in (("ckpt", ckpt, pretrained), ("bundle", bundle_path, empty)):
         outs[name] = tmp_path / f"{name}.flac"
-        args = ["convert", wav, outs[name], "--model", model, "--pretrained-dir", pretrained,
+        args = ["convert", wav, outs[name], "--model", model, "--pretrained-dir", where,
                 "--f0", "pyworld", "--steps", "4", "--seed", "3", "--speaker", "bob"]
         code, _, err = run_cli(args, capsys, monkeypatch)
         assert code == 0, err
@@ -197,3 +204,25 @@ def test_provider_choice():
         assert "CUDAExecutionProvider" not in auto
         with pytest.raises(UserError, match="cuda was asked for but cannot start here"):
             choose_providers("cuda,cpu")
+
+
+def test_bundle_encoders_replace_the_torch_encoders(exported, tiny):
+    bundle_path, _ = exported
+    _, _, pretrained = tiny
+    parity = read_bundle(bundle_path).manifest["export"]["parity"]
+    assert parity["contentvec"]["max_rel"] < 1e-4 and parity["whisper"]["max_rel"] < 1e-4
+    assert bundle_components(bundle_path) == {"vocoder", "contentvec", "whisper"}
+    onnx_features = OnnxBackend.open(bundle_path, device="cpu").feature_extractor(None, "pyworld",
+                                                                                  torch.device("cpu"))
+    torch_features = FeatureExtractor.from_pretrained(resolve_pretrained(pretrained), f0="pyworld")
+    audio = harmonic_tone(0.8, 200.0)
+    audio_16k = resample(audio, 44100, 16000)
+    n = len(audio) // 512
+    for name in ("content", "whisper"):
+        want, got = getattr(torch_features, name)(audio_16k, n), getattr(onnx_features, name)(audio_16k, n)
+        assert got.shape == want.shape == (n, 768 if name == "content" else 1280)
+        assert (got - want).abs().max() < 1e-4 * want.abs().max(), name
+    # the streaming form: an unpadded window whose position embeddings start further in
+    want = torch_features.whisper_encoder.encode(audio_16k, n, pad_to_30s=False, position_offset=40)
+    got = onnx_features.whisper_encoder.encode(audio_16k, n, pad_to_30s=False, position_offset=40)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()

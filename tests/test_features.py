@@ -7,7 +7,7 @@ import torch
 from rtsvc.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.errors import UserError
 from rtsvc.f0 import make_f0_extractor
-from rtsvc.features import FeatureExtractor, Features, resize_frames
+from rtsvc.features import FeatureExtractor, Features, resize_frames, window_fidelity
 from rtsvc.pretrained import LAYOUT, PretrainedPaths, download_pretrained, resolve_pretrained
 from tests.tiny_encoders import make_tiny_pretrained_dir
 
@@ -101,3 +101,17 @@ def test_resize_frames_nearest_and_linear():
     lin = resize_frames(x, 7, mode="linear")[:, 0]
     torch.testing.assert_close(lin, torch.linspace(0, 3, 7))  # align_corners=True keeps both ends
     assert resize_frames(x, 0).shape == (0, 1)
+
+
+def test_window_fidelity_compares_frames_at_the_same_times():
+    audio = np.arange(16000 * 3, dtype=np.float32) + 1.0  # each sample's value is its own time stamp
+
+    def frames(a: np.ndarray) -> torch.Tensor:  # 50 frames/s, a 2-dim feature that encodes the time
+        x = torch.from_numpy(a[::320].copy())
+        return torch.stack([x, torch.ones_like(x) * 1000.0], dim=-1)
+
+    full = frames(audio)
+    same = window_fidelity(full, frames, audio, 0.5, (1.0, 2.5))
+    assert same["cos_min"] > 0.999999 and same["rel_mean"] < 1e-6
+    shifted = window_fidelity(full, lambda a: frames(a + 16000.0), audio, 0.5, (1.0, 2.5))
+    assert shifted["rel_mean"] > 0.5  # a window read one second off is caught

@@ -162,3 +162,19 @@ def test_prepare_rejects_a_folder_without_speakers(tmp_path, capsys, monkeypatch
     code, _, err = run_cli(["prepare", tmp_path, "--f0", "pyworld"], capsys, monkeypatch)
     assert code == 2
     assert "folder named after the speaker" in " ".join(err.split())
+
+
+def test_a_crash_in_one_file_is_reported_not_fatal(tmp_path):
+    make_voices(tmp_path, broken=False)
+    seen = []
+
+    def flaky(audio):
+        seen.append(1)
+        if len(seen) == 2:
+            raise KeyError("encoder exploded")
+        return cheap_extract(audio)
+
+    result = prepare_dataset(tmp_path, flaky, SETTINGS, workers=1)
+    assert result.processed == 5 and len(result.skipped) == 1
+    assert result.skipped[0].reason.startswith("KeyError")
+    assert len(load_metadata(tmp_path)["clips"]) == 5

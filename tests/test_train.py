@@ -76,11 +76,11 @@ def data(tmp_path_factory, pretrained):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data):
-    """40 steps from scratch through the CLI, checkpoints every 20, validation at 40."""
+    """60 steps from scratch through the CLI, checkpoints every 30, validation at 60."""
     out = tmp_path_factory.mktemp("run") / "run"
-    code, output = _cli(["train", "--data", data, "--out", out, "--model", "dit-64-2", "--max-steps", 40,
-                         "--batch-size", 4, "--lr", 3e-3, "--save-every", 20, "--eval-every", 40,
-                         "--log-every", 5, "--num-workers", 0, "--eval-samples", 1, "--device", "cpu"])
+    code, output = _cli(["train", "--data", data, "--out", out, "--model", "dit-64-2", "--max-steps", 60,
+                         "--batch-size", 4, "--lr", 3e-3, "--save-every", 30, "--eval-every", 60,
+                         "--log-every", 1, "--num-workers", 0, "--eval-samples", 1, "--device", "cpu"])
     assert code == 0, output
     return out
 
@@ -109,20 +109,21 @@ def test_prepared_features_follow_the_voices(data):
 def test_train_loss_goes_down_and_metrics_are_logged(trained):
     rows = _metrics(trained)
     train_rows = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in train_rows] == list(range(5, 41, 5))
+    assert [r["step"] for r in train_rows] == list(range(1, 61))
     for r in train_rows:
         assert {"step", "loss", "lr", "steps_per_s", "grad_norm"} <= set(r)
         assert math.isfinite(r["loss"]) and r["steps_per_s"] > 0
-    first, last = train_rows[0]["loss"], np.mean([r["loss"] for r in train_rows[-2:]])
-    assert last < 0.85 * first, (first, last)
+    first = np.mean([r["loss"] for r in train_rows[:3]])
+    last = np.mean([r["loss"] for r in train_rows[-5:]])
+    assert last < 0.8 * first, (first, last)  # measured here: 1.17 -> 0.80
     val = [r for r in rows if "val_loss" in r]
-    assert [r["step"] for r in val] == [40] and math.isfinite(val[0]["val_loss"])
+    assert [r["step"] for r in val] == [60] and val[0]["val_loss"] < first
 
 
 def test_checkpoint_is_upstream_layout_and_loads(trained):
-    assert (trained / "step-20.ckpt").is_file() and (trained / "step-40.ckpt").is_file()
+    assert (trained / "step-30.ckpt").is_file() and (trained / "step-60.ckpt").is_file()
     ckpt = torch.load(trained / "last.ckpt", map_location="cpu", weights_only=True)  # plain types only
-    assert ckpt["global_step"] == 40 and ckpt["optimizer_states"]
+    assert ckpt["global_step"] == 60 and ckpt["optimizer_states"]
     cfg = ckpt["hyper_parameters"]["cfg"]
     assert cfg["spk2idx"] == {"high": 0, "low": 1}
     assert cfg["model"]["cfg"] == {"dim": 64, "depth": 2, "head_dim": 64, "ff_mult": 4}
@@ -136,7 +137,7 @@ def test_checkpoint_is_upstream_layout_and_loads(trained):
 
 
 def test_validation_writes_audio_and_plots(trained, data):
-    step_dir = trained / "val" / "step-40"
+    step_dir = trained / "val" / "step-60"
     wavs = sorted(p.name for p in step_dir.glob("*.wav"))
     assert len(wavs) == 2 and any("recon" in w for w in wavs) and any("-to-" in w for w in wavs)
     assert len(list(step_dir.glob("*.png"))) == 1
@@ -338,8 +339,8 @@ def test_torchrun_two_process_ddp_on_cpu(data, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "cli.py",
            "train", "--data", str(data), "--out", str(out), "--model", "dit-64-2", "--max-steps", "6",
-           "--batch-size", "2", "--lr", "3e-3", "--save-every", "3", "--eval-every", "0", "--log-every", "2", "--num-workers", "0",
-           "--device", "cpu"]
+           "--batch-size", "2", "--lr", "3e-3", "--save-every", "3", "--eval-every", "0", "--log-every", "2",
+           "--num-workers", "0", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -350,3 +351,24 @@ def test_torchrun_two_process_ddp_on_cpu(data, tmp_path):
     assert ckpt["global_step"] == 6 and ckpt["hyper_parameters"]["cfg"]["training"]["world_size"] == 2
     assert (out / "step-3.ckpt").is_file()
     assert load_dit(out / "last.ckpt").speakers == {"high": 0, "low": 1}
+
+
+def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    """tensorboard is optional (not installed here): a stand-in SummaryWriter receives the scalars."""
+    import types
+
+    scalars = []
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = lambda logdir: types.SimpleNamespace(
+        add_scalar=lambda tag, value, step: scalars.append((tag, value, step)), close=lambda: None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    from training.train import MetricsLog
+
+    log = MetricsLog(tmp_path, None)
+    log.write({"step": 10, "loss": 0.5, "lr": 1e-4, "time": 123.0})
+    log.write({"step": 10, "val_loss": 0.4, "val_mel_mse": float("nan")})
+    log.close()
+    assert scalars == [("train/loss", 0.5, 10), ("train/lr", 1e-4, 10), ("val/loss", 0.4, 10)]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[1], parse_constant=lambda c: pytest.fail(f"non-JSON {c}")) == {
+        "step": 10, "val_loss": 0.4, "val_mel_mse": None}

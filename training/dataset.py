@@ -37,9 +37,10 @@ class ClipDataset(Dataset):
         return len(self.clips)
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
+        """Memory-mapped: a crop reads only its own frames of the (large) Whisper/ContentVec arrays."""
         clip = self.clips[index]
-        data = torch.load(self.cache / clip["file"], map_location="cpu", weights_only=True)
-        return {k: data[k].float() for k in FEATURES}
+        data = torch.load(self.cache / clip["file"], map_location="cpu", weights_only=True, mmap=True)
+        return {k: data[k] for k in FEATURES}
 
     def crop_start(self, f0: torch.Tensor, generator: torch.Generator | None) -> int:
         n = f0.shape[0]
@@ -57,8 +58,8 @@ class ClipDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         item = self.load(index)
-        start = self.crop_start(item["f0"], generator)
-        item = {k: v[start:start + self.max_frame_len] for k, v in item.items()}
+        start = self.crop_start(item["f0"].float(), generator)
+        item = {k: v[start:start + self.max_frame_len].float() for k, v in item.items()}
         item["spk_id"] = self.spk2idx[self.clips[index]["speaker"]]
         item["frame_len"] = item["mel"].shape[0]
         return item

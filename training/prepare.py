@@ -323,8 +323,15 @@ def _run_pool(todo: list, work: Callable, workers: int, records: list[dict], res
             try:
                 records.append(future.result())
                 result.processed += 1
-            except (UserError, ValueError, RuntimeError, OSError) as err:
-                result.skipped.append(Skipped(str(source), str(err).split("\n")[0]))
+            except (UserError, ValueError, OSError) as err:  # unreadable, silent, too short
+                result.skipped.append(Skipped(str(source), _first_line(err)))
+            except Exception as err:  # anything else in one file must not end a long run either
+                result.skipped.append(Skipped(str(source), f"{type(err).__name__}: {_first_line(err)}"))
             done += 1
             if on_progress:
                 on_progress(done, total, str(source.name))
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

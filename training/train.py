@@ -34,7 +34,7 @@ from training.loss import WHISPER_DROP, flow_loss
 from training.model import DEFAULT_MODEL, TrainModel, from_pretrained, from_scratch
 from training.optim import BETAS, WARMUP_RATIO, current_lr, make_optimizer
 from training.prepare import load_metadata
-from training.validate import ValSettings, validate
+from training.validate import MAX_VAL_FRAMES, ValSettings, validate
 
 FINETUNE_LR, SCRATCH_LR = 5e-5, 1e-3  # upstream README fine-tune / config pretrain.yaml
 FINETUNE_WD, SCRATCH_WD = 0.01, 0.0
@@ -148,8 +148,7 @@ class MetricsLog:
     def __init__(self, out: Path, resume_step: int | None):
         self.path = out / METRICS
         if resume_step is not None and self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            keep = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in keep))  # steps after it are redone
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -162,17 +161,27 @@ class MetricsLog:
             self.tb = None
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        plain = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        with self.path.open("a") as f:  # strict JSON: NaN / inf become null
+            f.write(json.dumps(plain) + "\n")
         if self.tb is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
-                    self.tb.add_scalar(key if "/" in key else f"train/{key}" if not key.startswith("val")
-                                       else f"val/{key[4:]}", value, record["step"])
+                if key in ("step", "time") or not isinstance(value, int | float) or not math.isfinite(value):
+                    continue
+                tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                self.tb.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a torn last line (crash mid-write) counts as after every step."""
+    try:
+        return json.loads(line).get("step", math.inf)
+    except ValueError:
+        return math.inf
 
 
 class StopFlag:
@@ -285,12 +294,17 @@ def _vocoder(cfg: TrainConfig, meta: dict, device: torch.device):
         paths = resolve_pretrained(pretrained_dir, vocoder=cfg.vocoder, need=("vocoder",))
         return load_vocoder(paths.vocoder, device)
     except UserError:
+        if cfg.vocoder or cfg.pretrained_dir:  # asked for explicitly: a wrong path is an error
+            raise
         return None
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or continue) a training run; returns when max_steps is reached or on Ctrl-C."""
     d, device = init_distributed(cfg.device)
+    if device.type == "cuda":  # TF32 matmuls for whatever runs outside autocast (fp32 runs, the loss)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.out)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -322,9 +336,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_set = ClipDataset(cfg.data, meta, tm.spk2idx, "train", cfg.max_frame_len)
     if len(train_set) == 0:
         raise UserError(f"{cfg.data} has no training clips")
-    val_set = ClipDataset(cfg.data, meta, tm.spk2idx, "val", cfg.max_frame_len)
+    val_set = ClipDataset(cfg.data, meta, tm.spk2idx, "val", MAX_VAL_FRAMES)  # clip starts, uncropped
     if len(val_set) == 0:  # tiny datasets hold nothing out: validate on training clips
-        val_set = ClipDataset(cfg.data, meta, tm.spk2idx, "train", cfg.max_frame_len)
+        val_set = ClipDataset(cfg.data, meta, tm.spk2idx, "train", MAX_VAL_FRAMES)
         val_set.split = "val"
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, start_step, cfg.max_steps,
                                d.rank, d.world)

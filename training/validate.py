@@ -83,9 +83,8 @@ def render_samples(model: torch.nn.Module, dataset: ClipDataset, out_dir: Path, 
     mses = []
     for i in range(min(settings.samples, len(dataset))):
         item = dataset[i]
-        n = min(item["frame_len"], MAX_VAL_FRAMES)
-        batch = _to(collate([{k: (v[:n] if torch.is_tensor(v) else v) for k, v in item.items()}]), device)
-        batch["frame_len"].clamp_(max=n)
+        n = item["frame_len"]  # the dataset already cut it to MAX_VAL_FRAMES
+        batch = _to(collate([item]), device)
         own = int(batch["spk_id"][0])
         targets = [own] + ([(own + 1) % len(speakers)] if len(speakers) > 1 else [])
         name = Path(dataset.clips[i]["file"]).stem
