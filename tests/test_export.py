@@ -49,9 +49,12 @@ def exported(tiny):
     out, err = io.StringIO(), io.StringIO()
     mp.setattr(sys, "argv", ["rtsvc", "export", str(ckpt), "--out", str(root / "tiny.rtsvc"),
                              "--pretrained-dir", str(pretrained), "--with-encoders"])
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
-        cli.main()
-    mp.undo()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with pytest.raises(SystemExit) as exc:
+                cli.main()
+    finally:
+        mp.undo()
     assert exc.value.code in (0, None), err.getvalue()
     return root / "tiny.rtsvc", out.getvalue()
 

@@ -202,7 +202,7 @@ def test_ctrl_c_saves_the_current_step_and_resume_finishes(data, tmp_path, monke
     run = tmp_path / "run"
     result = train(TrainConfig(data=str(data), out=str(run), max_steps=50, save_every=100, eval_every=0,
                                **TINY))
-    assert result.interrupted and result.global_step == 7
+    assert result.interrupted and result.global_step == 7 and len(result.losses) == 7
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 7
     monkeypatch.setattr("training.train.flow_loss", real)
     finished = train(TrainConfig(data=str(data), out=str(run), max_steps=10, save_every=100, eval_every=0,

@@ -358,7 +358,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     result = TrainResult(out, start_step, False, None, dict(tm.spk2idx), list(tm.new_speakers), rank=d.rank)
     step = start_step
-    window: list[float] = []
+    window: list[torch.Tensor] = []  # losses since the last log line, kept on the device (no sync)
     t_window = time.perf_counter()
     progress = _progress(cfg, d, start_step)
     try:
@@ -386,15 +386,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                 else:
                     optimizer.step()
                 step += 1
-                value = float(loss.detach())
-                result.losses.append(value)
-                window.append(value)
+                window.append(loss.detach())
                 epoch = sampler.epoch_at(step - 1)
 
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    mean_loss = _all_mean(sum(window) / len(window), d, device)
+                    values = torch.stack(window).float().cpu().tolist()  # the one sync per log line
+                    result.losses.extend(values)
+                    mean_loss = _all_mean(sum(values) / len(values), d, device)
                     elapsed = time.perf_counter() - t_window
-                    sps = len(window) / elapsed if elapsed > 0 else 0.0
+                    sps = len(values) / elapsed if elapsed > 0 else 0.0
                     if d.main:
                         log.write({"step": step, "loss": mean_loss, "lr": current_lr(optimizer),
                                    "grad_norm": float(grad_norm), "steps_per_s": sps, "epoch": epoch,
@@ -420,6 +420,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     _barrier(d)
                 if _any(stop.requested, d, device) and step < cfg.max_steps:
                     result.interrupted = True
+                    result.losses.extend(torch.stack(window).float().cpu().tolist() if window else [])
                     if d.main and step % cfg.save_every != 0:
                         result.last_checkpoint = _save(out, raw, optimizer, hparams, step, epoch, device,
                                                        keep_step=False)
