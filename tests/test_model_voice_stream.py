@@ -41,8 +41,12 @@ def local_f0(audio: np.ndarray) -> np.ndarray:
     spec = np.fft.rfft(frames, 4 * half)
     acf = np.fft.irfft(np.abs(spec) ** 2)[:, : lags[-1] + 1]
     norm = acf[:, lags] / np.maximum(acf[:, :1], 1e-12)
-    best = np.argmax(norm, axis=1)
-    return np.where((norm[np.arange(n), best] > 0.5) & (acf[:, 0] > 1e-6), 16000.0 / lags[best], 0.0)
+    best = np.clip(np.argmax(norm, axis=1), 1, len(lags) - 2)
+    rows = np.arange(n)
+    left, mid, right = norm[rows, best - 1], norm[rows, best], norm[rows, best + 1]
+    shift = 0.5 * (left - right) / np.where(np.abs(left - 2 * mid + right) > 1e-12, left - 2 * mid + right, 1.0)
+    lag = lags[best] + np.clip(shift, -0.5, 0.5)  # parabolic peak: F0 varies continuously with the input
+    return np.where((mid > 0.5) & (acf[:, 0] > 1e-6), 16000.0 / lag, 0.0)
 
 
 class PrefixReference(FeatureCache):
