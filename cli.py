@@ -106,7 +106,7 @@ def convert(
         paths = resolve_pretrained(pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
                                    rmvpe=rmvpe, need=_needed_components(model, f0 or "rmvpe"))
         voice = open_model(model, pretrained=paths, backend=backend, device=device, f0=f0 or "rmvpe",
-                           precision=precision, speaker=speaker, providers=providers)
+                           precision=precision, speaker=speaker, providers=providers, streaming=stream)
         target_lufs = -18.0
     with _progress_bar() as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
@@ -236,8 +236,8 @@ def serve(
 
         paths = resolve_pretrained(pretrained_dir, need=_needed_components(model, f0 or "rmvpe"))
         source = model_source(open_model(model, pretrained=paths, backend=backend, device=device,
-                                         f0=f0 or "rmvpe", precision=precision, providers=providers),
-                              model.name)
+                                         f0=f0 or "rmvpe", precision=precision, providers=providers,
+                                         streaming=True), model.name)
     if speaker is not None and speaker not in source.speakers:
         raise UserError(f"unknown speaker {speaker!r}; the model has: {', '.join(source.speakers)}")
 

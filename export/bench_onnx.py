@@ -145,21 +145,23 @@ def run_encoders(seconds_list: list[float], whisper_layers: int, repeats: int, t
     with tempfile.TemporaryDirectory() as tmp:
         graphs = {
             "contentvec (hubert-base)": (
-                hubert, "audio", lambda sec: torch.randn(1, int(sec * 16000)) * 0.1,
+                hubert, ("audio",), lambda sec: (torch.randn(1, int(sec * 16000)) * 0.1,),
                 {"audio": {0: "b", 1: "samples"}, "features": {0: "b", 1: "frames"}}),
             f"whisper-large-v3 width, {whisper_layers} layers": (
-                whisper, "mel", lambda sec: torch.randn(1, 128, int(sec * 100)),
+                whisper, ("mel", "position_offset"), lambda sec: (torch.randn(1, 128, int(sec * 100)),
+                                                                  torch.tensor(0)),
                 {"mel": {0: "b", 2: "frames"}, "features": {0: "b", 1: "positions"}}),
         }
-        for label, (module, name, make, axes) in graphs.items():
+        for label, (module, names, make, axes) in graphs.items():
             path = Path(tmp) / "enc.onnx"
-            _export(module, (make(1.0),), path, (name,), "features", axes, 17)
+            _export(module, make(1.0), path, names, "features", axes, 17)
             session = make_session(path, threads=threads)
             for sec in seconds_list:
                 x = make(sec)
+                feeds = {k: v.numpy() for k, v in zip(names, x, strict=True)}
                 with torch.inference_mode():
-                    blocks = {"torch": lambda x=x, m=module: m(x),
-                              "onnx cpu": lambda x=x, s=session, k=name: s.run(None, {k: x.numpy()})}
+                    blocks = {"torch": lambda x=x, m=module: m(*x),
+                              "onnx cpu": lambda f=feeds, s=session: s.run(None, f)}
                     for backend, times in _time_interleaved(blocks, repeats).items():
                         print(f"| {label} | {sec:g} | {backend} | {statistics.mean(times):.1f} | "
                               f"{statistics.median(times):.1f} | {min(times):.1f} |", flush=True)

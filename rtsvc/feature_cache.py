@@ -8,9 +8,10 @@ the new samples change:
     RMS        frames whose 2048-sample frame reaches past the previous end (1280 samples): ~block
     F0         the extractor runs on [previous end - 2 margins, end]; frames from (previous end - margin)
                on are replaced; older frames are kept
-    encoders   ContentVec and Whisper run on [previous end - encoder context, end] (Whisper without the
-               30 s padding, positions where the segment sits in the stream); older frames of the
-               DiT window come from the cache, computed when they were the newest
+    encoders   ContentVec and Whisper run on [previous end - encoder context, end], never more than
+               the window (Whisper without the 30 s padding, positions where the segment sits in the
+               stream); older frames of the DiT window come from the cache, computed when they were
+               the newest
 
 Positions are counted from `origin`, the first sample of the stream (or of the window that broke
 continuity). Grids, all whole samples at 44.1 kHz: mel frames every 512, F0 frames every 441 (10 ms
@@ -20,8 +21,8 @@ inside a segment equals the whole stream's to 6e-7; its edge transients stay ins
 
 Exactness: RMS equals `rms_per_frame` over the whole stream so far (tested to 1e-6). F0 does for an
 extractor whose receptive field fits in `f0_margin_frames` (tested with a local autocorrelation
-tracker); WORLD and RMVPE look slightly further, so a kept frame can differ from a recomputed one
-(measured in docs/streaming.md). Reused encoder frames are an approximation by design (they lacked
+tracker); WORLD's dio agrees to 1e-7 (measured); RMVPE's BiGRU sees its whole input, so its kept
+frames can differ from recomputed ones. Reused encoder frames are an approximation by design (they lacked
 the right context they would get now): `encoder_context_s=None` turns reuse off (encoders on the
 whole window each block), which is what the exactness tests compare against.
 
@@ -41,7 +42,7 @@ F0_HOP = 441  # samples at 44.1 kHz per F0 frame (10 ms; 160 at 16 kHz)
 ENC_HOP = 882  # samples at 44.1 kHz per encoder frame (20 ms; 320 at 16 kHz)
 RMS_PAD = (N_FFT - HOP_LENGTH) // 2  # 768: a mel frame's RMS reads [k*512 - 768, k*512 + 1280)
 RMS_REACH = N_FFT - RMS_PAD  # 1280 samples right of a frame's start
-F0_MARGIN_FRAMES = 0  # 150 ms each side: WORLD's and RMVPE's edge effects are this short (measured)
+F0_MARGIN_FRAMES = 15  # 150 ms each side of the recomputed frames (dio: kept frames agree to 1e-7)
 ENCODER_CONTEXT_S = 1.0  # left context the encoders see before the new samples
 RESAMPLE_EDGE = 2 * F0_HOP  # soxr HQ's edge transient is < 200 samples at 16 kHz (12 ms): 20 ms spare
 ENCODER_EDGE_FRAMES = 5  # the first 100 ms of an encoder segment lack left context: keep cached ones
@@ -195,8 +196,9 @@ class FeatureCache:
         # one 16 kHz segment for F0 and encoders, starting on the encoder grid
         f0_first = max(pe // F0_HOP - self.margin, 0)  # first F0 frame to replace
         f0_a = max((f0_first - self.margin) * F0_HOP, _ceil_to(ps, F0_HOP))
-        enc_a = _ceil_to(s, ENC_HOP) if self.encoder_context is None else \
-            max(_ceil_to(ps, ENC_HOP), (pe - self.encoder_context) // ENC_HOP * ENC_HOP)
+        enc_a = _ceil_to(s, ENC_HOP)  # never more than the window
+        if self.encoder_context is not None:
+            enc_a = max(enc_a, (pe - self.encoder_context) // ENC_HOP * ENC_HOP)
         # one resampling for both, on the F0 grid (so the 16 kHz samples sit on the stream's grid),
         # started early enough that soxr's edge transient never reaches an extractor's input
         seg_a = max(min(f0_a, enc_a) - RESAMPLE_EDGE, _ceil_to(ps, F0_HOP))

@@ -399,4 +399,5 @@ def open_voice(model: str | Path | None = None, pretrained_dir: str | Path = "pr
     if not model.is_dir():  # a .rtsvc bundle carries its own vocoder
         need.append("vocoder")
     paths = resolve_pretrained(Path(pretrained_dir), need=tuple(need))
-    return open_model(model, pretrained=paths, backend=backend, device=device, f0=f0, precision=precision)
+    return open_model(model, pretrained=paths, backend=backend, device=device, f0=f0, precision=precision,
+                      streaming=True)

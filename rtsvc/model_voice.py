@@ -58,7 +58,11 @@ Progress = Callable[[int, int], None]  # (slices done, slices total)
 
 class ModelVoice:
     """A `Voice` on a RIFT-SVC model: `backend` (DiT + vocoder) and `features` (F0, RMS, ContentVec,
-    Whisper extraction on the mel grid)."""
+    Whisper extraction on the mel grid).
+
+    `streaming=True`: features come from a per-stream `FeatureCache` (incremental, Whisper unpadded);
+    `encoder_context_s` is the left context the encoders see (None: the whole window, nothing reused).
+    """
 
     sample_rate = SAMPLE_RATE
 
@@ -135,15 +139,23 @@ class ModelVoice:
         return cond, f0
 
     def _conditioning(self, padded: np.ndarray, n: int, spk: int, semitones: float):
-        feats = self.features
-        audio_16k = resample(padded, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
-        device = self.backend.device
+        """Every feature over the whole window, as upstream (the offline path)."""
+        feats, device = self.features, self.backend.device
         row = lambda a: torch.as_tensor(a, dtype=torch.float32).to(device)[None]  # noqa: E731 - [1, n, ...]
-        f0 = row(feats.f0(audio_16k, n, semitones))  # shifted F0 feeds both the DiT and the vocoder
-        cond = Conditioning(spk=torch.tensor([spk], device=device), f0=f0, rms=row(feats.rms(padded)),
-                            cvec=row(feats.content(audio_16k, n)),
-                            whisper=row(feats.whisper(audio_16k, n, pad_to_30s=self.whisper_pad_30s)))
+        audio_16k = self._timed("resample", resample, padded, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        f0 = row(self._timed("f0", feats.f0, audio_16k, n, semitones))  # shifted: for DiT and vocoder
+        cond = Conditioning(spk=torch.tensor([spk], device=device), f0=f0,
+                            rms=row(self._timed("rms", feats.rms, padded)),
+                            cvec=row(self._timed("contentvec", feats.content, audio_16k, n)),
+                            whisper=row(self._timed("whisper", feats.whisper, audio_16k, n,
+                                                    pad_to_30s=self.whisper_pad_30s)))
         return cond, f0
+
+    def _timed(self, name: str, fn, *args, **kwargs):
+        started = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.last_ms[name] = (time.perf_counter() - started) * 1000.0
+        return out
 
     def _sample(self, cond: Conditioning, knobs: Knobs, start_frame: int) -> torch.Tensor:
         n = cond.f0.shape[1]

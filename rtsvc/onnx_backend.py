@@ -130,6 +130,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     if threads:
         options.intra_op_num_threads = int(threads)
     options.log_severity_level = ORT_LOG_ERRORS_ONLY
+    # ORT's idle workers spin-wait after each run by default; torch (the feature extractors, in
+    # the same process) then loses its cores to them, which made torch 5-30x slower in our
+    # benchmarks on 2 cores. Sleeping workers cost ORT nothing measurable here.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -239,7 +243,7 @@ class OnnxBackend:
                noise: torch.Tensor) -> torch.Tensor:
         """log-mel [b, 128, n], F0 [b, n] Hz, source phase [b or 1, 9], noise [b, n*512, 9] -> audio."""
         b, n = f0.shape
-        feeds = {"mel": log_mel.float(), "f0": f0.float(), "phase": phase, "noise": noise}
+        feeds = {"mel": log_mel.float(), "f0": f0.float(), "phase": phase.float(), "noise": noise.float()}
         return self._run(self.vocoder, feeds, VOCODER_OUTPUT, (b, n * self.hop))
 
     # -- feature encoders exported with --with-encoders --

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from rtsvc.bundle import FORMAT_VERSION, MANIFEST, read_bundle, sha256_file, write_manifest
+from rtsvc.bundle import FORMAT_VERSION, MANIFEST, bundle_components, read_bundle, sha256_file, write_manifest
 from rtsvc.errors import UserError
 from tests.cli_helpers import harmonic_tone, run_cli, write_wav
 from tests.tiny_encoders import make_tiny_pretrained_dir
@@ -58,6 +58,7 @@ def test_manifest_lists_every_file_with_its_hash(bundle):
     assert loaded.speakers == {"alice": 0, "bob": 1}
     assert loaded.sample_rate == 44100
     assert loaded.file("dit.onnx") == bundle / "dit.onnx"
+    assert bundle_components(bundle) == {"vocoder"}  # no encoder graphs: ContentVec/Whisper from pretrained
 
 
 @pytest.mark.parametrize("damage, message", [

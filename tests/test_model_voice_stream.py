@@ -44,7 +44,8 @@ def local_f0(audio: np.ndarray) -> np.ndarray:
     best = np.clip(np.argmax(norm, axis=1), 1, len(lags) - 2)
     rows = np.arange(n)
     left, mid, right = norm[rows, best - 1], norm[rows, best], norm[rows, best + 1]
-    shift = 0.5 * (left - right) / np.where(np.abs(left - 2 * mid + right) > 1e-12, left - 2 * mid + right, 1.0)
+    curve = left - 2 * mid + right
+    shift = 0.5 * (left - right) / np.where(np.abs(curve) > 1e-12, curve, 1.0)
     lag = lags[best] + np.clip(shift, -0.5, 0.5)  # parabolic peak: F0 varies continuously with the input
     return np.where((mid > 0.5) & (acf[:, 0] > 1e-6), 16000.0 / lag, 0.0)
 
