@@ -117,15 +117,24 @@ def log_spectral_distance(a: np.ndarray, b: np.ndarray, sample_rate: int = SAMPL
 def streaming_gap(voice: Voice, configs: list[StreamConfig], knobs: Knobs | None = None,
                   seconds: float = 4.0) -> list[dict]:
     """LSD between `convert_stream` and the offline conversion of the same test signal, per config
-    (how docs/streaming.md chose the default block, crossfade and SOLA search)."""
+    (how docs/streaming.md chose the default block, crossfade and SOLA search).
+
+    `voice` is the offline reference: the DSP voice, or `open_model(..., streaming=False)` (whose
+    `for_streaming()` variant, same weights, is what gets streamed). A streaming model voice as the
+    reference would compare the stream against itself."""
     from rtsvc.engine import StreamLayout, convert_stream
 
+    if getattr(voice, "streaming", False):
+        raise ValueError("streaming_gap needs the offline voice as its reference: "
+                         "open_model(..., streaming=False)")
+    streamed_voice = voice.for_streaming() if hasattr(voice, "for_streaming") else voice
     knobs = knobs or Knobs(pitch_shift=5, gate_db=-70.0)
     audio = sung_tone(seconds, voice.sample_rate)
+    voice.reset()
     offline = voice.convert(audio, knobs)
     rows = []
     for config in configs:
-        streamed = convert_stream(voice, audio, knobs, config)
+        streamed = convert_stream(streamed_voice, audio, knobs, config)
         latency = StreamLayout.from_config(config, voice.sample_rate).latency
         rows.append({"block_ms": config.block_ms, "context_ms": config.context_ms,
                      "crossfade_ms": config.crossfade_ms, "sola_search_ms": config.sola_search_ms,

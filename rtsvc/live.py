@@ -29,6 +29,8 @@ from rtsvc.voice import Voice
 
 DEVICE_BLOCK_MS = 10.0  # PortAudio callback size
 JITTER_MS = 40.0  # silence primed into the output FIFO to absorb block-wise delivery
+MAX_JITTER_MS = 2000.0
+MIN_RATE, MAX_RATE = 8000, 384000  # device rates PortAudio hosts offer
 MAX_QUEUE_S = 1.0  # more unprocessed input than this: drop the oldest (overrun)
 STATUS_HZ = 4.0
 INPUT_WAIT_S = 10.0  # how long to wait for the first input callback before warning
@@ -277,9 +279,8 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
     from rich.live import Live
 
     console = console or Console(stderr=True)
-    devices = list_devices()
-    dev_in = find_device(input_device, "input", devices)
-    dev_out = find_device(output_device, "output", devices)
+    check_live_options(input_rate, output_rate, duration, jitter_ms)
+    dev_in, dev_out = find_devices(input_device, output_device)
     in_rate = int(input_rate or dev_in["default_rate"])
     out_rate = int(output_rate or dev_out["default_rate"])
     engine = StreamingConverter(voice, settings, config)
@@ -383,21 +384,91 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
     return result
 
 
-def open_voice(model: str | Path | None = None, pretrained_dir: str | Path = "pretrained",
-               backend: str = "auto", device: str = "auto", f0: str = "rmvpe",
-               precision: str = "fp32") -> Voice:
-    """The voice for live/bench: the DSP voice without a model, else a ModelVoice via rtsvc.backends."""
+F0_CHOICES = ("rmvpe", "fcpe", "pyworld")  # what --f0 offers (rtsvc.f0 has more, for the DSP voice)
+
+
+def check_f0(f0: str | None) -> str:
+    """--f0 as given (None: rmvpe); anything else is a UserError."""
+    if f0 is not None and f0 not in F0_CHOICES:
+        raise UserError(f"unknown --f0 {f0!r}: use rmvpe, fcpe or pyworld")
+    return f0 or "rmvpe"
+
+
+def needed_components(model: str | Path, f0: str = "rmvpe") -> tuple[str, ...]:
+    """What a model needs from the pretrained dir: a .rtsvc bundle carries its vocoder (and the
+    encoders when exported --with-encoders), so those are not asked of the pretrained dir."""
+    need = ["contentvec", "whisper", "vocoder"] + (["rmvpe"] if f0 == "rmvpe" else [])
+    if Path(model).is_dir():
+        from rtsvc.bundle import bundle_components
+
+        need = [n for n in need if n not in bundle_components(model)]
+    return tuple(need)
+
+
+def open_voice(model: str | Path | None = None, pretrained_dir: str | Path = "pretrained", *,
+               contentvec: str | None = None, whisper: str | None = None, vocoder: str | Path | None = None,
+               rmvpe: str | Path | None = None, backend: str = "auto", device: str = "auto",
+               f0: str | None = None, precision: str = "fp32", speaker: str | None = None,
+               providers: str | None = None, streaming: bool = True) -> Voice:
+    """The voice of every command: the DSP voice without a model, else `open_model` (a ModelVoice
+    on torch or ONNX Runtime). `streaming=False` gives the offline variant (convert, the reference
+    of `rtsvc.bench.streaming_gap`). Options are checked before anything slow loads."""
+    f0 = check_f0(f0)
+    if providers is not None:  # a typo fails here, even where no bundle would use the providers
+        from rtsvc.onnx_backend import parse_providers
+
+        parse_providers(providers)
     if model is None:
         from rtsvc.dsp_voice import DspVoice
 
-        return DspVoice()
+        voice = DspVoice()
+        if speaker is not None and speaker not in voice.speakers:
+            raise UserError(f"unknown speaker {speaker!r}; the voice has: {', '.join(voice.speakers)}")
+        return voice
     from rtsvc.backends import open_model
     from rtsvc.pretrained import resolve_pretrained
 
-    model = Path(model)
-    need = ["contentvec", "whisper"] + (["rmvpe"] if f0 == "rmvpe" else [])
-    if not model.is_dir():  # a .rtsvc bundle carries its own vocoder
-        need.append("vocoder")
-    paths = resolve_pretrained(Path(pretrained_dir), need=tuple(need))
+    paths = resolve_pretrained(Path(pretrained_dir), contentvec=contentvec, whisper=whisper, vocoder=vocoder,
+                               rmvpe=rmvpe, need=needed_components(model, f0))
     return open_model(model, pretrained=paths, backend=backend, device=device, f0=f0, precision=precision,
-                      streaming=True)
+                      speaker=speaker, providers=providers, streaming=streaming)
+
+
+def check_live_options(input_rate: int | None = None, output_rate: int | None = None,
+                       duration: float | None = None, jitter_ms: float = JITTER_MS) -> None:
+    """User mistakes in `rtsvc live` options that would otherwise surface late (after the model loads)."""
+    for name, rate in (("--input-rate", input_rate), ("--output-rate", output_rate)):
+        if rate is not None and not MIN_RATE <= rate <= MAX_RATE:
+            raise UserError(f"{name} must be between {MIN_RATE} and {MAX_RATE} Hz, got {rate}")
+    if duration is not None and duration <= 0:
+        raise UserError(f"--duration must be positive seconds, got {duration:g}")
+    if not 0.0 <= jitter_ms <= MAX_JITTER_MS:
+        raise UserError(f"--jitter-ms must be between 0 and {MAX_JITTER_MS:g} ms, got {jitter_ms:g}")
+
+
+def find_devices(input_device: str | int | None, output_device: str | int | None) -> tuple[dict, dict]:
+    """Both devices of `rtsvc live`, resolved up front so a wrong name fails before a model loads."""
+    devices = list_devices()
+    return find_device(input_device, "input", devices), find_device(output_device, "output", devices)
+
+
+def devices_table(devices: list[dict]):
+    """`rtsvc devices` as a rich table."""
+    from rich.table import Table
+
+    table = Table(title="audio devices (PortAudio)")
+    for col in ("index", "name", "host API", "in", "out", "default Hz", "default"):
+        table.add_column(col, justify="right" if col in ("index", "in", "out", "default Hz") else "left")
+    for d in devices:
+        flags = (("input", d["default_input"]), ("output", d["default_output"]))
+        table.add_row(str(d["index"]), d["name"], d["hostapi"], str(d["inputs"]), str(d["outputs"]),
+                      str(d["default_rate"]), "/".join(name for name, on in flags if on))
+    return table
+
+
+def live_summary(result: dict, record: str | Path | None = None) -> str:
+    """The line `rtsvc live` prints when it stops."""
+    return (f"stopped after {result['seconds']:.1f} s: {result['blocks']} blocks "
+            f"({result['gated_blocks']} gated), compute {result['compute_ms_mean']:.1f} ms/block "
+            f"(p99 {result['compute_ms_p99']:.1f}), underruns {result['underruns']}, "
+            f"overruns {result['overruns']}" + (f", recorded {record}" if record else ""))

@@ -48,6 +48,7 @@ LOUDNESS_BLOCK_S = 0.1  # upstream meter block size; shorter slices are left as 
 PEAK_LIMIT = 0.99  # upstream: scale down a normalised slice whose peak passes 1.0
 SILENCE_PEAK_DB = -70.0  # a whole input below this peak is "silent": nothing to convert
 VOCODER_CONTEXT_FRAMES = 8  # left frames vocoded before a tail: measured -50 dB off at 8, exact at 12
+DIT_CONTEXT_MS = 250.0  # streaming: left context the DiT sees before the vocoded frames (docs/streaming.md)
 HARMONICS = 9  # NSF source channels (fundamental + 8 overtones)
 NOISE_SEED_SALT = 0x5EED  # keeps the vocoder's per-sample noise independent of the flow noise
 
@@ -61,30 +62,38 @@ class ModelVoice:
     Whisper extraction on the mel grid).
 
     `streaming=True`: features come from a per-stream `FeatureCache` (incremental, Whisper unpadded);
-    `encoder_context_s` is the left context the encoders see (None: the whole window, nothing reused).
+    `encoder_context_s` is the left context the encoders see (None: the whole window, nothing reused);
+    `dit_context_ms` is the left context the DiT samples before the frames that get vocoded (None: the
+    whole window). Offline, the DiT always runs on the whole window.
     """
 
     sample_rate = SAMPLE_RATE
 
     def __init__(self, backend: "Backend", features: "FeatureExtractor", whisper_pad_30s: bool = True,
-                 streaming: bool = False, encoder_context_s: float | None = ENCODER_CONTEXT_S):
+                 streaming: bool = False, encoder_context_s: float | None = ENCODER_CONTEXT_S,
+                 dit_context_ms: float | None = DIT_CONTEXT_MS):
+        if dit_context_ms is not None and dit_context_ms < 0:
+            raise UserError(f"DiT context must be at least 0 ms, got {dit_context_ms:g}")
         self.backend = backend
         self.features = features
         self.whisper_pad_30s = whisper_pad_30s  # upstream pads every clip to 30 s (offline path only)
         self.speakers = list(backend.speakers)
         self.streaming = streaming
         self.encoder_context_s = encoder_context_s  # streaming: None = encoders on the whole window
+        self.dit_context_ms = dit_context_ms  # streaming only
         self.cache = FeatureCache(features, encoder_context_s) if streaming else None
         self.last_ms: dict[str, float] = {}
 
-    def for_streaming(self, encoder_context_s: float | None = ENCODER_CONTEXT_S) -> "ModelVoice":
+    def for_streaming(self, encoder_context_s: float | None = ENCODER_CONTEXT_S,
+                      dit_context_ms: float | None = DIT_CONTEXT_MS) -> "ModelVoice":
         """The streaming variant over the same backend and encoders, with a fresh feature cache."""
-        return ModelVoice(self.backend, self.features, self.whisper_pad_30s, True, encoder_context_s)
+        return ModelVoice(self.backend, self.features, self.whisper_pad_30s, True, encoder_context_s,
+                          dit_context_ms)
 
     def fork(self) -> "ModelVoice":
         """Same weights, own per-stream state (what the server gives each session)."""
         return ModelVoice(self.backend, self.features, self.whisper_pad_30s, self.streaming,
-                          self.encoder_context_s)
+                          self.encoder_context_s, self.dit_context_ms)
 
     def reset(self) -> None:
         if self.cache is not None:
@@ -118,16 +127,24 @@ class ModelVoice:
             padded = np.pad(audio, (0, n * HOP_LENGTH - length))
             self.last_ms = {}
             cond, f0 = self._conditioning(padded, n, spk, knobs.pitch_shift)
-        started = time.perf_counter()
-        mel = self._sample(cond, knobs, start_sample // HOP_LENGTH)  # [1, 128, n] log-mel
-        self.last_ms["dit"] = (time.perf_counter() - started) * 1000.0
         # vocode only the frames under the requested tail, plus the vocoder's left context
-        started = time.perf_counter()
         first = max(0, (length - need) // HOP_LENGTH - VOCODER_CONTEXT_FRAMES)
-        out = self._vocode(mel[..., first:], f0, first, start_sample, knobs.seed)
+        dit_first = self._dit_first(first)
+        started = time.perf_counter()
+        # [1, 128, n - dit_first] log-mel; noise by absolute frame, so any crop draws the same noise
+        mel = self._sample(crop(cond, dit_first), knobs, start_sample // HOP_LENGTH + dit_first)
+        self.last_ms["dit"] = (time.perf_counter() - started) * 1000.0
+        started = time.perf_counter()
+        out = self._vocode(mel[..., first - dit_first:], f0, first, start_sample, knobs.seed)
         begin = length - need - first * HOP_LENGTH
         self.last_ms["vocoder"] = (time.perf_counter() - started) * 1000.0
         return out[begin:begin + need]
+
+    def _dit_first(self, first: int) -> int:
+        """First window frame the DiT samples: `dit_context_ms` before the vocoded frames (streaming)."""
+        if self.cache is None or self.dit_context_ms is None:
+            return 0
+        return max(0, first - int(round(self.dit_context_ms * SAMPLE_RATE / 1000.0 / HOP_LENGTH)))
 
     def _stream_conditioning(self, audio: np.ndarray, start_sample: int, spk: int, semitones: float):
         f0, rms, cvec, whisper = self.cache.window(audio, start_sample)
@@ -179,6 +196,15 @@ class ModelVoice:
                                seed ^ NOISE_SEED_SALT)[None].to(device)
         audio = self.backend.vocode(mel, f0_tail, phase.float(), noise)
         return audio[0].float().cpu().numpy()
+
+
+def crop(cond: Conditioning, first: int) -> Conditioning:
+    """The conditioning from frame `first` on (the DiT's positions are relative: rotary + conv)."""
+    if first == 0:
+        return cond
+    cut = lambda t: None if t is None else t[:, first:]  # noqa: E731
+    return Conditioning(cond.spk, cut(cond.f0), cut(cond.rms), cut(cond.cvec), cut(cond.whisper),
+                        cut(cond.mask))
 
 
 def base_phase(seed: int) -> torch.Tensor:
