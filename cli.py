@@ -1,17 +1,25 @@
 """The `rtsvc` command line. Thin: parse options, call the library, print results.
 
 Every user mistake surfaces as `rtsvc.errors.UserError`, printed as one line with exit code 2.
+Options shared by several commands are defined once below (`Annotated` aliases); their defaults
+and the "Default: ..." in their help come from the library's dataclasses (`Knobs`, `StreamConfig`,
+`ServerConfig`), so a default changed there shows up here.
 """
 
 import sys
 import warnings
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
+from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
+from rtsvc.live import JITTER_MS
+from rtsvc.server import ServerConfig
+from rtsvc.settings import MAX_PITCH_SHIFT, MAX_STEPS, Knobs
 
 app = typer.Typer(
     add_completion=False,
@@ -19,14 +27,54 @@ app = typer.Typer(
     help="rtsvc: real-time voice conversion with RIFT-SVC models (live, websocket, files, training).",
 )
 console = Console(stderr=True)
+KNOBS, STREAM, SERVER = Knobs(), StreamConfig(), ServerConfig()
+CONVERT_STEPS = 32  # offline conversion: upstream infer.py's default sampling steps
+BENCH_BLOCKS, BENCH_STEPS = "50,100,150,250", "2,4,8"  # rtsvc bench grids (ms, steps)
+GAP_CROSSFADES, GAP_SEARCHES = "5,10,25,50", "0,5,10,20"  # rtsvc bench --gap grids (ms)
+
+# --- options shared by several commands ------------------------------------------------------
 
 
-# --- commands are added below, one section per feature; keep each a few lines of glue ---
+def _opt(kind: type, help: str, *names: str):
+    """A shared option: `name: Alias = default` in each command (typer.Option inside Annotated)."""
+    return Annotated[kind, typer.Option(*names, help=help)]
 
 
-# --- convert / download / doctor (issue 2) ---------------------------------------------------
+Model = _opt(Path | None, "RIFT-SVC V2 checkpoint (.ckpt) or exported .rtsvc bundle. Default: none, the "
+             "built-in DSP voice.", "--model", "-m")
+Speaker = _opt(str | None, "Target speaker name (serve: the default for new clients). Default: the model's "
+               "first speaker.")
+PretrainedDir = _opt(Path, "Folder of pretrained components in the upstream layout. Default: pretrained/.")
+ContentVec = _opt(str | None, "ContentVec folder or hub id. Default: PRETRAINED_DIR/content-vec-best.")
+Whisper = _opt(str | None, "Whisper folder or hub id. Default: PRETRAINED_DIR/whisper-large-v3.")
+Vocoder = _opt(Path | None, "NSF-HiFiGAN model.ckpt (config.json beside it). Default: PRETRAINED_DIR/"
+               "nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt (a .rtsvc bundle has its own).")
+Rmvpe = _opt(Path | None, "RMVPE model.pt. Default: PRETRAINED_DIR/rmvpe/model.pt.")
+F0 = _opt(str | None, "F0 extractor for models: rmvpe, fcpe or pyworld (the DSP voice always uses "
+          "pyworld). Default: rmvpe.")
+Device = _opt(str, "Torch device: auto, cpu or cuda. Default: auto (CUDA if present).")
+Backend = _opt(str, "Model backend: auto, torch or onnx. Default: auto (onnx for .rtsvc bundles, torch "
+               "for .ckpt).")
+Precision = _opt(str, "Torch compute precision on CUDA: fp32, fp16 or bf16 (CPU always fp32). Default: fp32.")
+Providers = _opt(str | None, "ONNX Runtime providers for .rtsvc bundles, in order, e.g. cuda,cpu (tensorrt, "
+                 "cuda, cpu). Default: automatic (the first of TensorRT, CUDA that starts here, then CPU).")
 
-F0_CHOICES = ("rmvpe", "fcpe", "pyworld")
+Pitch = _opt(float, f"Pitch shift in semitones (±{MAX_PITCH_SHIFT:g}). Default: {KNOBS.pitch_shift:g}.")
+Formant = _opt(float, f"Formant shift factor, DSP voice only (0.5-2.0). Default: {KNOBS.formant_shift:g}.")
+Gate = _opt(float, "Noise gate in dBFS (-120 to 0): quieter blocks give silence and skip the voice. "
+            f"Default: {KNOBS.gate_db:g}.")
+InputGain = _opt(float, f"Input gain in dB (±40). Default: {KNOBS.input_gain_db:g}.")
+OutputGain = _opt(float, f"Output gain in dB (±40). Default: {KNOBS.output_gain_db:g}.")
+Steps = _opt(int, f"Rectified-flow sampling steps for models while streaming (2-{MAX_STEPS}). "
+             f"Default: {KNOBS.steps}.")
+CfgStrength = _opt(float, "Classifier-free guidance strength (0-10, 0 = off). "
+                   f"Default: {KNOBS.cfg_strength:g}.")
+
+BlockMs = _opt(float, "Engine block length in ms (latency and compute per block; rounded to 11.6 ms mel "
+               f"frames). Default: {STREAM.block_ms:g}.")
+ContextMs = _opt(float, f"Left context per block in ms. Default: {STREAM.context_ms:g}.")
+CrossfadeMs = _opt(float, f"SOLA crossfade in ms. Default: {STREAM.crossfade_ms:g}.")
+SolaSearchMs = _opt(float, f"SOLA search window in ms. Default: {STREAM.sola_search_ms:g}.")
 
 
 def _progress_bar():
@@ -36,186 +84,108 @@ def _progress_bar():
                     TimeElapsedColumn(), console=console, transient=False)
 
 
-@app.command()
-def convert(
-    input: Path = typer.Argument(..., help="Input audio file (wav, flac, ogg, mp3; any rate; "
-                                 "mixed to mono)."),
-    output: Path = typer.Argument(..., help="Output file, 44.1 kHz mono; format from the extension "
-                                  "(.wav, .flac, .ogg)."),
-    model: Path | None = typer.Option(None, "--model", "-m", help="RIFT-SVC V2 checkpoint (.ckpt) or "
-                                      "exported .rtsvc bundle. Default: none, the built-in DSP voice."),
-    speaker: str | None = typer.Option(None, help="Target speaker name. Default: the model's first speaker."),
-    pretrained_dir: Path = typer.Option(Path("pretrained"), help="Folder of pretrained components in "
-                                        "the upstream layout. Default: pretrained/."),
-    contentvec: str | None = typer.Option(None, help="ContentVec folder or hub id. Default: "
-                                          "PRETRAINED_DIR/content-vec-best."),
-    whisper: str | None = typer.Option(None, help="Whisper folder or hub id. Default: "
-                                       "PRETRAINED_DIR/whisper-large-v3."),
-    vocoder: Path | None = typer.Option(None, help="NSF-HiFiGAN model.ckpt (config.json beside it). Default: "
-                                        "PRETRAINED_DIR/nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt."),
-    rmvpe: Path | None = typer.Option(None, help="RMVPE model.pt. Default: PRETRAINED_DIR/rmvpe/model.pt."),
-    steps: int = typer.Option(32, help="Rectified-flow sampling steps (grid points, 2-64). Default: 32."),
-    cfg_strength: float = typer.Option(2.0, help="Classifier-free guidance strength (0-10, 0 = off). "
-                                       "Default: 2.0."),
-    pitch: float = typer.Option(0.0, help="Pitch shift in semitones (-36 to 36). Default: 0."),
-    formant: float = typer.Option(1.0, help="Formant shift factor, DSP voice only (0.5-2.0). Default: 1.0."),
-    f0: str | None = typer.Option(None, help="F0 extractor: rmvpe, fcpe or pyworld. Default: rmvpe with "
-                                  "--model; the DSP voice always uses pyworld."),
-    seed: int = typer.Option(0, help="Random seed of the sampler noise (integer). Default: 0."),
-    device: str = typer.Option("auto", help="Torch device: auto, cpu or cuda. Default: auto "
-                               "(CUDA if present)."),
-    backend: str = typer.Option("auto", help="Model backend: auto, torch or onnx. Default: auto (onnx for "
-                                ".rtsvc bundles, torch for .ckpt)."),
-    providers: str | None = typer.Option(None, help="ONNX Runtime providers for .rtsvc bundles, in order, "
-                                         "e.g. cuda,cpu (tensorrt, cuda, cpu). Default: automatic (the "
-                                         "first of TensorRT, CUDA that starts here, then CPU)."),
-    precision: str = typer.Option("fp32", help="Torch compute precision on CUDA: fp32, fp16 or bf16 "
-                                  "(CPU always fp32). Default: fp32."),
-    restore_loudness: bool = typer.Option(False, help="Give each slice back its input loudness instead "
-                                          "of the model's -18 LUFS. Default: off."),
-    stream: bool = typer.Option(False, help="Convert through the streaming engine block by block "
-                                "(what live/serve hear) instead of offline slices. Default: off."),
-    block_ms: float = typer.Option(150.0, help="--stream: block length in ms. Default: 150."),
-    context_ms: float = typer.Option(300.0, help="--stream: left context in ms. Default: 300."),
-    crossfade_ms: float = typer.Option(25.0, help="--stream: SOLA crossfade in ms. Default: 25."),
-) -> None:
-    """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
-    from rtsvc.audio import load_audio, save_audio
-    from rtsvc.model_voice import check_input_audio, check_output_path, convert_offline
-    from rtsvc.settings import Knobs, validate_knobs
-
-    if f0 is not None and f0 not in F0_CHOICES:
-        raise UserError(f"unknown --f0 {f0!r}: use rmvpe, fcpe or pyworld")
-    knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant,
-                                 cfg_strength=cfg_strength, steps=steps, seed=seed))
-    check_output_path(output)
-    audio = check_input_audio(load_audio(input)[0])
-    if model is None:
-        from rtsvc.dsp_voice import DspVoice
-
-        if f0 not in (None, "pyworld"):
-            console.print(f"note: the DSP voice uses pyworld for F0; --f0 {f0} is ignored", highlight=False)
-        voice, target_lufs = DspVoice(), None
-    else:
-        from rtsvc.backends import open_model
-        from rtsvc.pretrained import resolve_pretrained
-
-        if formant != 1.0:
-            console.print("note: --formant applies to the DSP voice only; ignored with --model",
-                          highlight=False)
-        paths = resolve_pretrained(pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
-                                   rmvpe=rmvpe, need=_needed_components(model, f0 or "rmvpe"))
-        voice = open_model(model, pretrained=paths, backend=backend, device=device, f0=f0 or "rmvpe",
-                           precision=precision, speaker=speaker, providers=providers, streaming=stream)
-        target_lufs = -18.0
-    with _progress_bar() as bar:
-        task = bar.add_task("streaming" if stream else "converting", total=None)
-        update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
-        if stream:
-            from rtsvc.engine import StreamConfig, convert_stream
-
-            config = StreamConfig(block_ms=block_ms, context_ms=context_ms, crossfade_ms=crossfade_ms)
-            out = convert_stream(voice, audio, knobs, config.validate(), progress=update)
-        else:
-            out = convert_offline(voice, audio, knobs, progress=update, target_lufs=target_lufs,
-                                  restore_loudness=restore_loudness)
-    save_audio(output, out, voice.sample_rate)
-    console.print(f"wrote {output} ({len(out) / voice.sample_rate:.2f} s)", highlight=False)
+def _say(text: str) -> None:
+    console.print(text, highlight=False, soft_wrap=True)
 
 
-def _needed_components(model: Path, f0: str) -> tuple[str, ...]:
-    """What a model needs from the pretrained dir (a bundle may carry its own vocoder)."""
-    need = ["contentvec", "whisper", "vocoder"] + (["rmvpe"] if f0 == "rmvpe" else [])
-    if model.is_dir():  # .rtsvc bundle: vocoder.onnx inside (+ encoders if exported --with-encoders)
-        from rtsvc.bundle import bundle_components
+def _table(title: str, columns: tuple[str, ...], rows) -> None:
+    """Print a table on stdout: the first column left-aligned, numbers right-aligned."""
+    from rich.table import Table
 
-        need = [n for n in need if n not in bundle_components(model)]
-    return tuple(need)
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+# --- commands, in the order people use them ---------------------------------------------------
 
 
 @app.command()
-def download(
-    to: Path = typer.Option(Path("pretrained"), help="Folder to fill in the upstream layout. "
-                            "Default: pretrained/."),
+def live(
+    model: Model = None, speaker: Speaker = None, pretrained_dir: PretrainedDir = Path("pretrained"),
+    input: str | None = typer.Option(None, "--input", "-i", help="Input device: index or (part of) its "
+                                     "name, see `rtsvc devices`. Default: the system default input."),
+    output: str | None = typer.Option(None, "--output", "-o", help="Output device: index or (part of) "
+                                      "its name. Default: the system default output."),
+    input_rate: int | None = typer.Option(None, help="Input device rate in Hz. Default: the device's."),
+    output_rate: int | None = typer.Option(None, help="Output device rate in Hz. Default: the device's."),
+    pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, gate: Gate = KNOBS.gate_db,
+    input_gain: InputGain = KNOBS.input_gain_db, output_gain: OutputGain = KNOBS.output_gain_db,
+    steps: Steps = KNOBS.steps, cfg_strength: CfgStrength = KNOBS.cfg_strength,
+    block_ms: BlockMs = STREAM.block_ms, context_ms: ContextMs = STREAM.context_ms,
+    crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
+    jitter_ms: float = typer.Option(JITTER_MS, help="Output buffer primed with this much silence (ms) to "
+                                    f"absorb block-wise delivery. Default: {JITTER_MS:g}."),
+    duration: float | None = typer.Option(None, help="Stop after this many seconds and exit 0. Default: "
+                                          "run until Ctrl-C or q."),
+    record: Path | None = typer.Option(None, help="Also write the converted output to this audio file "
+                                       "(output device rate). Default: none."),
+    f0: F0 = None, device: Device = "auto", backend: Backend = "auto", precision: Precision = "fp32",
+    providers: Providers = None, contentvec: ContentVec = None, whisper: Whisper = None,
+    vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
-    """Fetch ContentVec, Whisper large-v3, NSF-HiFiGAN and RMVPE from the Hugging Face hub."""
-    from rtsvc.pretrained import download_pretrained
+    """Microphone -> voice -> speaker in real time. Keys: up/down pitch, g/G gate, q quit (see docs)."""
+    from rtsvc.live import check_live_options, find_devices, live_summary, open_voice, run_live
+    from rtsvc.settings import RuntimeSettings, validate_knobs
 
-    path = download_pretrained(to)  # huggingface_hub shows its own progress bars
-    console.print(f"pretrained components are in {path}", highlight=False, soft_wrap=True)
-
-
-@app.command()
-def doctor(
-    pretrained_dir: Path = typer.Option(Path("pretrained"), help="Folder of pretrained components to "
-                                        "look into. Default: pretrained/."),
-) -> None:
-    """Show versions, torch devices, working ONNX Runtime providers, audio devices, found components."""
-    from rtsvc.doctor import doctor_report, render_report
-
-    Console().print(render_report(doctor_report(pretrained_dir)))
-
-
-# --- serve (issue 5) -------------------------------------------------------------------------
+    knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
+                                 input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
+                                 cfg_strength=cfg_strength))
+    config = StreamConfig(block_ms, context_ms, crossfade_ms, sola_search_ms).validate()
+    check_live_options(input_rate, output_rate, duration, jitter_ms)
+    dev_in, dev_out = find_devices(input, output)  # a wrong device fails before a model loads
+    voice = open_voice(model, pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
+                       rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
+                       speaker=speaker, providers=providers, streaming=True)
+    result = run_live(voice, RuntimeSettings(knobs), config, input_device=dev_in["index"],
+                      output_device=dev_out["index"], input_rate=input_rate, output_rate=output_rate,
+                      duration=duration, record=record, jitter_ms=jitter_ms, console=console)
+    _say(live_summary(result, record))
 
 
 @app.command()
 def serve(
-    model: Path | None = typer.Option(None, "--model", "-m", help="RIFT-SVC V2 checkpoint (.ckpt) or "
-                                      "exported .rtsvc bundle. Default: none, the built-in DSP voice."),
-    speaker: str | None = typer.Option(None, help="Default speaker for new clients (clients may pick "
-                                       "another). Default: the model's first speaker."),
-    pretrained_dir: Path = typer.Option(Path("pretrained"), help="Folder of pretrained components in "
-                                        "the upstream layout. Default: pretrained/."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback needs "
-                             "--token. Default: 127.0.0.1."),
-    port: int = typer.Option(8765, help="TCP port for the websocket, /healthz and the page. Default: 8765."),
+    model: Model = None, speaker: Speaker = None, pretrained_dir: PretrainedDir = Path("pretrained"),
+    host: str = typer.Option(SERVER.host, help="Address to listen on; anything but loopback needs --token. "
+                             f"Default: {SERVER.host}."),
+    port: int = typer.Option(SERVER.port, help=f"TCP port for the websocket, /healthz and the page. "
+                             f"Default: {SERVER.port}."),
     token: str | None = typer.Option(None, envvar="RTSVC_TOKEN", help="Shared secret clients must send "
                                      "(start message or ?token=), at least 8 characters. Default: none "
                                      "(loopback only). Also read from $RTSVC_TOKEN."),
-    max_clients: int = typer.Option(8, help="Most simultaneous streams; more are refused with close "
-                                    "code 1013. Default: 8."),
-    max_frame_bytes: int = typer.Option(1 << 20, help="Largest binary frame in bytes (close code 1009 "
-                                        "above it). Default: 1048576 (1 MiB)."),
-    idle_timeout: float = typer.Option(30.0, help="Seconds without any message before a client is "
-                                       "closed (code 1008). Default: 30."),
+    max_clients: int = typer.Option(SERVER.max_clients, help="Most simultaneous streams; more are refused "
+                                    f"with close code 1013. Default: {SERVER.max_clients}."),
+    max_frame_bytes: int = typer.Option(SERVER.max_frame_bytes, help="Largest binary frame in bytes (close "
+                                        f"code 1009 above it). Default: {SERVER.max_frame_bytes} "
+                                        f"({SERVER.max_frame_bytes / 2**20:g} MiB)."),
+    idle_timeout: float = typer.Option(SERVER.idle_timeout_s, help="Seconds without any message before a "
+                                       f"client is closed (code 1008). Default: {SERVER.idle_timeout_s:g}."),
     allowed_origin: list[str] | None = typer.Option(None, help="Extra browser origin allowed to connect "
                                                     "(repeatable; '*' allows any). The page's own origin "
                                                     "and non-browser clients are always allowed. "
                                                     "Default: none."),
-    workers: int = typer.Option(0, help="Inference threads shared by all clients. Default: 0 (one per "
-                                "CPU core, at most 8)."),
-    pitch: float = typer.Option(0.0, help="Default pitch shift in semitones (-36 to 36). Default: 0."),
-    formant: float = typer.Option(1.0, help="Default formant shift factor, DSP voice only (0.5-2.0). "
-                                  "Default: 1.0."),
-    gate: float = typer.Option(-50.0, help="Default noise gate in dBFS (-120 to 0): quieter blocks give "
-                               "silence and skip the model. Default: -50."),
-    input_gain: float = typer.Option(0.0, help="Default input gain in dB (-40 to 40). Default: 0."),
-    output_gain: float = typer.Option(0.0, help="Default output gain in dB (-40 to 40). Default: 0."),
-    steps: int = typer.Option(4, help="Default rectified-flow sampling steps while streaming (2-64). "
-                              "Default: 4."),
-    cfg_strength: float = typer.Option(2.0, help="Default classifier-free guidance strength (0-10). "
-                                       "Default: 2.0."),
-    block_ms: float = typer.Option(150.0, help="Engine block length in ms (latency and compute per "
-                                   "block). Default: 150."),
-    context_ms: float = typer.Option(300.0, help="Left context per block in ms. Default: 300."),
-    crossfade_ms: float = typer.Option(25.0, help="SOLA crossfade in ms. Default: 25."),
-    f0: str | None = typer.Option(None, help="F0 extractor for models: rmvpe, fcpe or pyworld. "
-                                  "Default: rmvpe."),
-    device: str = typer.Option("auto", help="Torch device: auto, cpu or cuda. Default: auto."),
-    backend: str = typer.Option("auto", help="Model backend: auto, torch or onnx. Default: auto (onnx "
-                                "for .rtsvc bundles, torch for .ckpt)."),
-    providers: str | None = typer.Option(None, help="ONNX Runtime providers for .rtsvc bundles, in order, "
-                                         "e.g. cuda,cpu (tensorrt, cuda, cpu). Default: automatic (the "
-                                         "first of TensorRT, CUDA that starts here, then CPU)."),
-    precision: str = typer.Option("fp32", help="Torch precision on CUDA: fp32, fp16 or bf16. "
-                                  "Default: fp32."),
+    workers: int = typer.Option(SERVER.workers, help="Inference threads shared by all clients. Default: "
+                                f"{SERVER.workers} (one per CPU core, at most 8)."),
+    pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, gate: Gate = KNOBS.gate_db,
+    input_gain: InputGain = KNOBS.input_gain_db, output_gain: OutputGain = KNOBS.output_gain_db,
+    steps: Steps = KNOBS.steps, cfg_strength: CfgStrength = KNOBS.cfg_strength,
+    block_ms: BlockMs = STREAM.block_ms, context_ms: ContextMs = STREAM.context_ms,
+    crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
+    f0: F0 = None, device: Device = "auto", backend: Backend = "auto", precision: Precision = "fp32",
+    providers: Providers = None, contentvec: ContentVec = None, whisper: Whisper = None,
+    vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
-    """Serve the websocket streaming endpoint (protocol v1), /healthz and the browser page for OBS."""
-    from rtsvc.engine import StreamConfig
-    from rtsvc.server import ServerConfig, check_config, dsp_source, model_source
+    """Serve the websocket streaming endpoint (protocol v1), /healthz and the browser page for OBS.
+
+    Knob options (pitch, gate, gains, steps...) are the defaults for new clients, which may change them.
+    """
+    from rtsvc.live import open_voice
+    from rtsvc.server import check_config, dsp_source, model_source
     from rtsvc.server import serve as run_server
-    from rtsvc.settings import Knobs, validate_knobs
+    from rtsvc.settings import validate_knobs
 
     config = ServerConfig(host=host, port=port, token=token, max_clients=max_clients,
                           max_frame_bytes=max_frame_bytes, idle_timeout_s=idle_timeout,
@@ -224,110 +194,102 @@ def serve(
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
                                  input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
                                  cfg_strength=cfg_strength))
-    stream_config = StreamConfig(block_ms=block_ms, context_ms=context_ms,
-                                 crossfade_ms=crossfade_ms).validate()
-    if f0 is not None and f0 not in F0_CHOICES:
-        raise UserError(f"unknown --f0 {f0!r}: use rmvpe, fcpe or pyworld")
-    if model is None:
-        source = dsp_source()
-    else:
-        from rtsvc.backends import open_model
-        from rtsvc.pretrained import resolve_pretrained
-
-        paths = resolve_pretrained(pretrained_dir, need=_needed_components(model, f0 or "rmvpe"))
-        source = model_source(open_model(model, pretrained=paths, backend=backend, device=device,
-                                         f0=f0 or "rmvpe", precision=precision, providers=providers,
-                                         streaming=True), model.name)
-    if speaker is not None and speaker not in source.speakers:
-        raise UserError(f"unknown speaker {speaker!r}; the model has: {', '.join(source.speakers)}")
+    stream_config = StreamConfig(block_ms, context_ms, crossfade_ms, sola_search_ms).validate()
+    voice = open_voice(model, pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
+                       rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
+                       speaker=speaker, providers=providers, streaming=True)
+    source = dsp_source() if model is None else model_source(voice, model.name)
 
     def ready(server) -> None:
         where = f"{host}:{server.port}"
-        console.print(f"rtsvc serving {source.name} voice on http://{where}/ (page, /healthz) and "
-                      f"ws://{where}/v1/stream; Ctrl-C stops", highlight=False, soft_wrap=True)
+        _say(f"rtsvc serving {source.name} voice on http://{where}/ (page, /healthz) and "
+             f"ws://{where}/v1/stream; Ctrl-C stops")
 
     run_server(config, source, knobs, stream_config, on_ready=ready)
 
 
-# --- export (issue 4) ------------------------------------------------------------------------
-
-
-@app.command("export")
-def export_cmd(
-    ckpt: Path = typer.Argument(..., help="RIFT-SVC V2 checkpoint (.ckpt) to export."),
-    out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write, e.g. my-voice.rtsvc "
-                             "(replaced if it is already a bundle). Required."),
-    pretrained_dir: Path = typer.Option(Path("pretrained"), help="Folder of pretrained components in "
-                                        "the upstream layout (vocoder; encoders with --with-encoders). "
-                                        "Default: pretrained/."),
-    vocoder: Path | None = typer.Option(None, help="NSF-HiFiGAN model.ckpt (config.json beside it). Default: "
-                                        "PRETRAINED_DIR/nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt."),
-    opset: int = typer.Option(17, help="ONNX opset version (7-21). Default: 17."),
-    fp16: bool = typer.Option(False, help="Export fp16 graphs (inputs/outputs stay fp32; for GPU "
-                              "providers). Default: off (fp32)."),
-    with_encoders: bool = typer.Option(False, help="Also export ContentVec and the Whisper encoder to "
-                                       "ONNX (large: ~0.4 GB + ~2.4 GB for the real models). Default: off."),
-    tolerance: float | None = typer.Option(None, help="Largest allowed parity error, relative to the "
-                                           "largest torch output value. Default: 1e-4 (fp32), 2e-2 (fp16)."),
+@app.command()
+def convert(
+    input: Path = typer.Argument(..., help="Input audio file (wav, flac, ogg, mp3; any rate; mixed to "
+                                 "mono)."),
+    output: Path = typer.Argument(..., help="Output file, 44.1 kHz mono; format from the extension (.wav, "
+                                  ".flac, .ogg)."),
+    model: Model = None, speaker: Speaker = None, pretrained_dir: PretrainedDir = Path("pretrained"),
+    contentvec: ContentVec = None, whisper: Whisper = None, vocoder: Vocoder = None, rmvpe: Rmvpe = None,
+    steps: int = typer.Option(CONVERT_STEPS, help=f"Rectified-flow sampling steps (grid points, "
+                              f"2-{MAX_STEPS}). Default: {CONVERT_STEPS} (with --stream too)."),
+    cfg_strength: CfgStrength = KNOBS.cfg_strength, pitch: Pitch = KNOBS.pitch_shift,
+    formant: Formant = KNOBS.formant_shift, f0: F0 = None,
+    seed: int = typer.Option(KNOBS.seed, help=f"Random seed of the sampler noise (integer). "
+                             f"Default: {KNOBS.seed}."),
+    device: Device = "auto", backend: Backend = "auto", providers: Providers = None,
+    precision: Precision = "fp32",
+    restore_loudness: bool = typer.Option(False, help="Give each slice back its input loudness instead of "
+                                          "the model's -18 LUFS. Default: off."),
+    stream: bool = typer.Option(False, help="Convert through the streaming engine block by block (what "
+                                "live/serve hear) instead of offline slices. Default: off."),
+    block_ms: BlockMs = STREAM.block_ms, context_ms: ContextMs = STREAM.context_ms,
+    crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
 ) -> None:
-    """Export a checkpoint + vocoder to an ONNX Runtime bundle (.rtsvc), checked against torch."""
-    from rich.table import Table
+    """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
+    from rtsvc.audio import load_audio, save_audio
+    from rtsvc.engine import convert_stream
+    from rtsvc.live import check_f0, open_voice
+    from rtsvc.model_voice import TARGET_LUFS, check_input_audio, check_output_path, convert_offline
+    from rtsvc.settings import validate_knobs
 
-    from export.onnx_export import export_bundle, export_steps
-
+    check_f0(f0)
+    knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant,
+                                 cfg_strength=cfg_strength, steps=steps, seed=seed))
+    config = StreamConfig(block_ms, context_ms, crossfade_ms, sola_search_ms).validate()
+    check_output_path(output)
+    audio = check_input_audio(load_audio(input)[0])
+    if model is None and f0 not in (None, "pyworld"):
+        _say(f"note: the DSP voice uses pyworld for F0; --f0 {f0} is ignored")
+    if model is not None and formant != 1.0:
+        _say("note: --formant applies to the DSP voice only; ignored with --model")
+    voice = open_voice(model, pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
+                       rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
+                       speaker=speaker, providers=providers, streaming=stream)
     with _progress_bar() as bar:
-        task = bar.add_task("exporting", total=export_steps(with_encoders))
-        started = []
-
-        def step(label: str) -> None:  # called as each step starts: the previous ones are done
-            bar.update(task, description=label, completed=len(started))
-            started.append(label)
-
-        result = export_bundle(ckpt, out, pretrained_dir=pretrained_dir, vocoder=vocoder, opset=opset,
-                               fp16=fp16, with_encoders=with_encoders, tolerance=tolerance, progress=step)
-        bar.update(task, completed=export_steps(with_encoders), description="done")
-    table = Table(title="parity: ONNX Runtime (CPU) vs torch")
-    for col in ("graph", "batch", "frames", "max abs error", "max |torch|", "relative", "ok"):
-        table.add_column(col, justify="left" if col == "graph" else "right")
-    for r in result.rows:
-        table.add_row(r.graph, str(r.batch), str(r.frames), f"{r.max_abs:.2e}", f"{r.ref_max:.3g}",
-                      f"{r.rel:.2e}", "yes" if r.ok else "[bold red]NO[/]")
-    Console().print(table)
-    if not result.ok:
-        worst = max(result.failures(), key=lambda r: r.rel)
-        raise UserError(f"parity check failed: {worst.graph} at {worst.frames} frames differs by "
-                        f"{worst.rel:.2e} (relative) > tolerance {worst.tolerance:g}; no bundle written")
-    exporters = ", ".join(f"{k}: {v}" for k, v in result.exporters.items())
-    console.print(f"wrote {result.path} (exporter {exporters})", highlight=False)
+        task = bar.add_task("streaming" if stream else "converting", total=None)
+        update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+        if stream:
+            out = convert_stream(voice, audio, knobs, config, progress=update)
+        else:  # the DSP voice keeps each slice's level; models hear the training loudness
+            out = convert_offline(voice, audio, knobs, progress=update, restore_loudness=restore_loudness,
+                                  target_lufs=None if model is None else TARGET_LUFS)
+    save_audio(output, out, voice.sample_rate)
+    _say(f"wrote {output} ({len(out) / voice.sample_rate:.2f} s)")
 
 
-# --- prepare / train (issue 6) ---------------------------------------------------------------
+@app.command()
+def devices() -> None:
+    """List audio devices (index, name, channels, default rate) for --input / --output."""
+    from rtsvc.live import devices_table, list_devices
+
+    found = list_devices()
+    if not found:
+        _say("no audio devices found (no sound card, or PulseAudio/PipeWire not running)")
+        return
+    Console().print(devices_table(found))
 
 
 @app.command()
 def prepare(
-    data: Path = typer.Argument(..., help="Dataset folder: DATA/SPEAKER/*.wav (flac, ogg, mp3 too); "
-                                "one subfolder per speaker."),
-    pretrained_dir: Path = typer.Option(Path("pretrained"), help="Folder of pretrained components in "
-                                        "the upstream layout. Default: pretrained/."),
+    data: Path = typer.Argument(..., help="Dataset folder: DATA/SPEAKER/*.wav (flac, ogg, mp3 too); one "
+                                "subfolder per speaker."),
+    pretrained_dir: PretrainedDir = Path("pretrained"),
     f0: str = typer.Option("rmvpe", help="F0 extractor: rmvpe, fcpe or pyworld. Default: rmvpe."),
     workers: int = typer.Option(2, help="Files processed in parallel (threads sharing the encoders). "
                                 "Default: 2."),
-    device: str = typer.Option("auto", help="Torch device for the encoders: auto, cpu or cuda. "
-                               "Default: auto (CUDA if present)."),
-    contentvec: str | None = typer.Option(None, help="ContentVec folder or hub id. Default: "
-                                          "PRETRAINED_DIR/content-vec-best."),
-    whisper: str | None = typer.Option(None, help="Whisper folder or hub id. Default: "
-                                       "PRETRAINED_DIR/whisper-large-v3."),
-    rmvpe: Path | None = typer.Option(None, help="RMVPE model.pt. Default: PRETRAINED_DIR/rmvpe/model.pt."),
+    device: Device = "auto", contentvec: ContentVec = None, whisper: Whisper = None, rmvpe: Rmvpe = None,
 ) -> None:
     """Prepare recordings for training: 44.1 kHz, -18 LUFS, sliced, features cached (resumable)."""
-    from rich.table import Table
-
+    from rtsvc.live import check_f0
     from training.prepare import CACHE_DIR, find_sources, make_feature_fn, prepare_dataset
 
-    if f0 not in F0_CHOICES:
-        raise UserError(f"unknown --f0 {f0!r}: use rmvpe, fcpe or pyworld")
+    f0 = check_f0(f0)
     find_sources(data)  # a wrong folder fails before the encoders load
     extract, settings = make_feature_fn(pretrained_dir, f0, device, contentvec, whisper,
                                         str(rmvpe) if rmvpe else None)
@@ -337,14 +299,11 @@ def prepare(
         result = prepare_dataset(data, extract, settings, workers=workers, on_progress=update)
     for skipped in result.skipped:
         console.print(f"[yellow]skipped[/] {skipped.path}: {skipped.reason}", highlight=False)
-    table = Table(title=f"prepared {data} ({CACHE_DIR}/)")
-    for col in ("speaker", "files", "clips", "minutes"):
-        table.add_column(col, justify="left" if col == "speaker" else "right")
-    for name, info in sorted(result.speakers.items()):
-        table.add_row(name, str(info["sources"]), str(info["clips"]), f"{info['seconds'] / 60:.1f}")
-    Console().print(table)
-    console.print(f"{result.processed} file(s) processed, {result.reused} already done, "
-                  f"{len(result.skipped)} skipped; metadata: {result.metadata_path}", highlight=False)
+    _table(f"prepared {data} ({CACHE_DIR}/)", ("speaker", "files", "clips", "minutes"),
+           [(name, str(i["sources"]), str(i["clips"]), f"{i['seconds'] / 60:.1f}")
+            for name, i in sorted(result.speakers.items())])
+    _say(f"{result.processed} file(s) processed, {result.reused} already done, {len(result.skipped)} "
+         f"skipped; metadata: {result.metadata_path}")
 
 
 @app.command()
@@ -408,172 +367,121 @@ def train(
                   + (" (continue with --resume)" if result.interrupted else ""), highlight=False)
 
 
-# --- devices / live / bench (issue 3) --------------------------------------------------------
-
-
-@app.command()
-def devices() -> None:
-    """List audio devices (index, name, channels, default rate) for --input / --output."""
-    from rich.table import Table
-
-    from rtsvc.live import list_devices
-
-    table = Table(title="audio devices (PortAudio)")
-    for col in ("index", "name", "host API", "in", "out", "default Hz", "default"):
-        table.add_column(col, justify="right" if col in ("index", "in", "out", "default Hz") else "left")
-    found = list_devices()
-    if not found:
-        console.print("no audio devices found (no sound card, or PulseAudio/PipeWire not running)",
-                      highlight=False)
-        return
-    for d in found:
-        flags = (("input", d["default_input"]), ("output", d["default_output"]))
-        default = "/".join(name for name, on in flags if on)
-        table.add_row(str(d["index"]), d["name"], d["hostapi"], str(d["inputs"]), str(d["outputs"]),
-                      str(d["default_rate"]), default)
-    Console().print(table)
-
-
-def _csv(text: str, kind: type, what: str) -> list:
-    try:
-        return [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"{what} must be a comma-separated list of numbers, got {text!r}") from None
-
-
-@app.command()
-def live(
-    model: Path | None = typer.Option(None, "--model", "-m", help="RIFT-SVC V2 checkpoint (.ckpt) or "
-                                      "exported .rtsvc bundle. Default: none, the built-in DSP voice."),
-    speaker: str | None = typer.Option(None, help="Target speaker name. Default: the model's first speaker."),
+@app.command("export")
+def export_cmd(
+    ckpt: Path = typer.Argument(..., help="RIFT-SVC V2 checkpoint (.ckpt) to export."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write, e.g. my-voice.rtsvc "
+                             "(replaced if it is already a bundle). Required."),
     pretrained_dir: Path = typer.Option(Path("pretrained"), help="Folder of pretrained components in "
-                                        "the upstream layout. Default: pretrained/."),
-    input: str | None = typer.Option(None, "--input", "-i", help="Input device: index or (part of) its "
-                                     "name, see `rtsvc devices`. Default: the system default input."),
-    output: str | None = typer.Option(None, "--output", "-o", help="Output device: index or (part of) "
-                                      "its name. Default: the system default output."),
-    input_rate: int | None = typer.Option(None, help="Input device rate in Hz. Default: the device's."),
-    output_rate: int | None = typer.Option(None, help="Output device rate in Hz. Default: the device's."),
-    pitch: float = typer.Option(0.0, help="Pitch shift in semitones (-36 to 36). Default: 0."),
-    formant: float = typer.Option(1.0, help="Formant shift factor, DSP voice only (0.5-2.0). Default: 1.0."),
-    gate: float = typer.Option(-50.0, help="Noise gate in dBFS (-120 to 0): quieter blocks give silence "
-                               "and skip the voice. Default: -50."),
-    input_gain: float = typer.Option(0.0, help="Input gain in dB (-40 to 40). Default: 0."),
-    output_gain: float = typer.Option(0.0, help="Output gain in dB (-40 to 40). Default: 0."),
-    steps: int = typer.Option(4, help="Rectified-flow sampling steps for models (2-64). Default: 4."),
-    cfg_strength: float = typer.Option(2.0, help="Classifier-free guidance strength (0-10). Default: 2.0."),
-    block_ms: float = typer.Option(150.0, help="Engine block length in ms (rounded to 11.6 ms mel "
-                                   "frames). Default: 150."),
-    context_ms: float = typer.Option(300.0, help="Left context per block in ms. Default: 300."),
-    crossfade_ms: float = typer.Option(25.0, help="SOLA crossfade in ms. Default: 25."),
-    sola_search_ms: float = typer.Option(10.0, help="SOLA search window in ms. Default: 10."),
-    jitter_ms: float = typer.Option(40.0, help="Output buffer primed with this much silence (ms) to "
-                                    "absorb block-wise delivery. Default: 40."),
-    duration: float | None = typer.Option(None, help="Stop after this many seconds and exit 0. "
-                                          "Default: run until Ctrl-C or q."),
-    record: Path | None = typer.Option(None, help="Also write the converted output to this audio file "
-                                       "(output device rate). Default: none."),
-    f0: str | None = typer.Option(None, help="F0 extractor for models: rmvpe, fcpe or pyworld. "
-                                  "Default: rmvpe."),
-    device: str = typer.Option("auto", help="Torch device: auto, cpu or cuda. Default: auto."),
-    backend: str = typer.Option("auto", help="Model backend: auto, torch or onnx. Default: auto."),
-    precision: str = typer.Option("fp32", help="Torch precision on CUDA: fp32, fp16 or bf16. "
-                                  "Default: fp32."),
+                                        "the upstream layout (vocoder; encoders with --with-encoders). "
+                                        "Default: pretrained/."),
+    vocoder: Path | None = typer.Option(None, help="NSF-HiFiGAN model.ckpt (config.json beside it). Default: "
+                                        "PRETRAINED_DIR/nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt."),
+    opset: int = typer.Option(17, help="ONNX opset version (7-21). Default: 17."),
+    fp16: bool = typer.Option(False, help="Export fp16 graphs (inputs/outputs stay fp32; for GPU "
+                              "providers). Default: off (fp32)."),
+    with_encoders: bool = typer.Option(False, help="Also export ContentVec and the Whisper encoder to "
+                                       "ONNX (large: ~0.4 GB + ~2.4 GB for the real models). Default: off."),
+    tolerance: float | None = typer.Option(None, help="Largest allowed parity error, relative to the "
+                                           "largest torch output value. Default: 1e-4 (fp32), 2e-2 (fp16)."),
 ) -> None:
-    """Microphone -> voice -> speaker in real time. Keys: up/down pitch, g/G gate, q quit (see docs)."""
-    from rtsvc.engine import StreamConfig
-    from rtsvc.live import open_voice, run_live
-    from rtsvc.settings import Knobs, RuntimeSettings, validate_knobs
+    """Export a checkpoint + vocoder to an ONNX Runtime bundle (.rtsvc), checked against torch."""
 
-    if f0 is not None and f0 not in F0_CHOICES:
-        raise UserError(f"unknown --f0 {f0!r}: use rmvpe, fcpe or pyworld")
-    knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
-                                 input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
-                                 cfg_strength=cfg_strength))
-    config = StreamConfig(block_ms=block_ms, context_ms=context_ms, crossfade_ms=crossfade_ms,
-                          sola_search_ms=sola_search_ms).validate()
-    if duration is not None and duration <= 0:
-        raise UserError(f"--duration must be positive seconds, got {duration:g}")
-    voice = open_voice(model, pretrained_dir, backend=backend, device=device, f0=f0 or "rmvpe",
-                       precision=precision)
-    if speaker is not None and speaker not in voice.speakers:
-        raise UserError(f"unknown speaker {speaker!r}; the voice has: {', '.join(voice.speakers)}")
-    result = run_live(voice, RuntimeSettings(knobs), config, input_device=input, output_device=output,
-                      input_rate=input_rate, output_rate=output_rate, duration=duration, record=record,
-                      jitter_ms=jitter_ms, console=console)
-    console.print(f"stopped after {result['seconds']:.1f} s: {result['blocks']} blocks "
-                  f"({result['gated_blocks']} gated), compute {result['compute_ms_mean']:.1f} ms/block "
-                  f"(p99 {result['compute_ms_p99']:.1f}), underruns {result['underruns']}, "
-                  f"overruns {result['overruns']}" + (f", recorded {record}" if record else ""),
-                  highlight=False, soft_wrap=True)
+    from export.onnx_export import export_bundle, export_steps
+
+    with _progress_bar() as bar:
+        task = bar.add_task("exporting", total=export_steps(with_encoders))
+        started = []
+
+        def step(label: str) -> None:  # called as each step starts: the previous ones are done
+            bar.update(task, description=label, completed=len(started))
+            started.append(label)
+
+        result = export_bundle(ckpt, out, pretrained_dir=pretrained_dir, vocoder=vocoder, opset=opset,
+                               fp16=fp16, with_encoders=with_encoders, tolerance=tolerance, progress=step)
+        bar.update(task, completed=export_steps(with_encoders), description="done")
+    _table("parity: ONNX Runtime (CPU) vs torch",
+           ("graph", "batch", "frames", "max abs error", "max |torch|", "relative", "ok"),
+           [(r.graph, str(r.batch), str(r.frames), f"{r.max_abs:.2e}", f"{r.ref_max:.3g}", f"{r.rel:.2e}",
+             "yes" if r.ok else "[bold red]NO[/]") for r in result.rows])
+    if not result.ok:
+        worst = max(result.failures(), key=lambda r: r.rel)
+        raise UserError(f"parity check failed: {worst.graph} at {worst.frames} frames differs by "
+                        f"{worst.rel:.2e} (relative) > tolerance {worst.tolerance:g}; no bundle written")
+    exporters = ", ".join(f"{k}: {v}" for k, v in result.exporters.items())
+    console.print(f"wrote {result.path} (exporter {exporters})", highlight=False)
 
 
 @app.command()
 def bench(
     model: Path | None = typer.Option(None, "--model", "-m", help="Also benchmark this checkpoint or "
                                       ".rtsvc bundle. Default: the DSP voice only."),
-    pretrained_dir: Path = typer.Option(Path("pretrained"), help="Folder of pretrained components. "
-                                        "Default: pretrained/."),
-    block_ms: str = typer.Option("50,100,150,250", help="Comma-separated block lengths in ms. "
-                                 "Default: 50,100,150,250."),
-    steps: str = typer.Option("2,4,8", help="Comma-separated sampling steps for models. Default: 2,4,8."),
+    pretrained_dir: PretrainedDir = Path("pretrained"),
+    block_ms: str = typer.Option(BENCH_BLOCKS, help=f"Comma-separated block lengths in ms. "
+                                 f"Default: {BENCH_BLOCKS}."),
+    steps: str = typer.Option(BENCH_STEPS, help=f"Comma-separated sampling steps for models. "
+                              f"Default: {BENCH_STEPS}."),
     backend: str = typer.Option("auto", help="Comma-separated model backends (torch, onnx, auto). "
                                 "Default: auto."),
     device: str = typer.Option("all", help="Comma-separated torch devices (cpu, cuda) or all (cpu and "
                                "cuda when present). Default: all."),
-    context_ms: float = typer.Option(300.0, help="Left context in ms. Default: 300."),
-    crossfade_ms: float = typer.Option(25.0, help="SOLA crossfade in ms. Default: 25."),
+    context_ms: ContextMs = STREAM.context_ms, crossfade_ms: CrossfadeMs = STREAM.crossfade_ms,
     seconds: float = typer.Option(5.0, help="Audio streamed per configuration, in seconds. Default: 5."),
-    loopback: bool = typer.Option(False, help="Also measure end-to-end latency of `rtsvc live` through "
-                                  "PulseAudio null sinks (needs pulseaudio). Default: off."),
+    loopback: bool = typer.Option(False, help="Also measure end-to-end latency of `rtsvc live` (DSP voice, "
+                                  "first block length) through PulseAudio null sinks (needs pulseaudio). "
+                                  "Default: off."),
     gap: bool = typer.Option(False, help="Also measure how close streaming is to offline (log-spectral "
-                             "distance, dB) for each block length x crossfade (--crossfades) x SOLA "
-                             "search (--sola-searches), DSP voice. Default: off."),
-    crossfades: str = typer.Option("5,10,25,50", help="--gap: comma-separated crossfades in ms. "
-                                   "Default: 5,10,25,50."),
-    sola_searches: str = typer.Option("0,5,10,20", help="--gap: comma-separated SOLA searches in ms. "
-                                      "Default: 0,5,10,20."),
+                             "distance, dB) for each block length x crossfade (--crossfades) x SOLA search "
+                             "(--sola-searches), for the DSP voice and --model. Default: off."),
+    crossfades: str = typer.Option(GAP_CROSSFADES, help=f"--gap: comma-separated crossfades in ms. "
+                                   f"Default: {GAP_CROSSFADES}."),
+    sola_searches: str = typer.Option(GAP_SEARCHES, help=f"--gap: comma-separated SOLA searches in ms. "
+                                      f"Default: {GAP_SEARCHES}."),
+    f0: F0 = None, precision: Precision = "fp32", providers: Providers = None, contentvec: ContentVec = None,
+    whisper: Whisper = None, vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
     """Per-block compute time (mean/p50/p99), real-time factor and latency per configuration."""
-    from rtsvc.bench import BenchCase, measure_loopback, run_bench
-    from rtsvc.engine import StreamConfig
-    from rtsvc.live import open_voice
+    from rtsvc import bench as lib
 
-    devices_ = ["cpu"] + (["cuda"] if _cuda_available() else []) if device == "all" else device.split(",")
     configs = [StreamConfig(block_ms=b, context_ms=context_ms, crossfade_ms=crossfade_ms).validate()
-               for b in _csv(block_ms, float, "--block-ms")]
-    cases = [BenchCase("dsp", "cpu", open_voice(None), c) for c in configs]
-    if model is not None:
-        for dev in devices_:
-            for bk in backend.split(","):
-                voice = open_voice(model, pretrained_dir, backend=bk, device=dev)
-                cases += [BenchCase(f"{model.name} {bk}", dev, voice, c, s)
-                          for c in configs for s in _csv(steps, int, "--steps")]
+               for b in lib.parse_list(block_ms, float, "--block-ms")]
+    grid = lib.gap_grid(configs, lib.parse_list(crossfades, float, "--crossfades"),
+                        lib.parse_list(sola_searches, float, "--sola-searches")) if gap else []
+    devices_, backends = lib.bench_devices(device), backend.split(",")
+    open_args = dict(pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
+                     rmvpe=rmvpe, f0=f0, precision=precision, providers=providers)
+    cases = lib.make_cases(configs, model, lib.parse_list(steps, int, "--steps"), backends, devices_,
+                           **open_args)
     wide = Console(width=None if sys.stdout.isatty() else 150)  # tables are not squeezed in logs
-    run_bench(cases, seconds, console=wide)
-    if gap:
-        from rtsvc.bench import gap_table, streaming_gap
-
-        grid = [StreamConfig(block_ms=c.block_ms, context_ms=context_ms, crossfade_ms=x, sola_search_ms=s)
-                for c in configs for x in _csv(crossfades, float, "--crossfades")
-                for s in _csv(sola_searches, float, "--sola-searches")]
-        with _progress_bar() as bar:
-            bar.add_task("streaming vs offline", total=None)
-            rows = streaming_gap(open_voice(None), [g.validate() for g in grid])
-        wide.print(gap_table(rows))
+    lib.run_bench(cases, seconds, console=wide)
+    if gap:  # a model's gap on the first device and backend
+        lib.run_gap(grid, model, console=wide, backend=backends[0], device=devices_[0], **open_args)
     if loopback:
-        console.print("loopback: starting PulseAudio and `rtsvc live` (DSP voice) ...", highlight=False)
-        res = measure_loopback(["--block-ms", str(configs[0].block_ms), "--context-ms", str(context_ms),
-                                "--crossfade-ms", str(crossfade_ms), "--gate", "-70"])
-        wide.print(f"loopback end-to-end latency of `rtsvc live` (block {configs[0].block_ms:g} ms): "
-                        f"{res['live_ms']:.0f} ms (rig total {res['total_ms']:.0f} ms, rig alone "
-                        f"{res['rig_ms']:.0f} ms)\n  live: {res['live_summary']}", highlight=False)
+        _say("loopback: starting PulseAudio and `rtsvc live` (DSP voice) ...")
+        wide.print(lib.loopback_report(configs[0]), highlight=False)
 
 
-def _cuda_available() -> bool:
-    import torch
+@app.command()
+def download(
+    to: Path = typer.Option(Path("pretrained"), help="Folder to fill in the upstream layout. "
+                            "Default: pretrained/."),
+) -> None:
+    """Fetch ContentVec, Whisper large-v3, NSF-HiFiGAN and RMVPE from the Hugging Face hub."""
+    from rtsvc.pretrained import download_pretrained
 
-    return torch.cuda.is_available()
+    path = download_pretrained(to)  # huggingface_hub shows its own progress bars
+    _say(f"pretrained components are in {path}")
+
+
+@app.command()
+def doctor(
+    pretrained_dir: Path = typer.Option(Path("pretrained"), help="Folder of pretrained components to "
+                                        "look into. Default: pretrained/."),
+) -> None:
+    """Show versions, torch devices, working ONNX Runtime providers, audio devices, found components."""
+    from rtsvc.doctor import doctor_report, render_report
+
+    Console().print(render_report(doctor_report(pretrained_dir)))
 
 
 def main() -> None:

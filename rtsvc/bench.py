@@ -52,6 +52,59 @@ class BenchCase:
     steps: int | None = None  # model voices: sampling steps
 
 
+def parse_list(text: str, kind: type, option: str) -> list:
+    """A comma-separated option value (`--block-ms 50,100`) -> a non-empty list of `kind`."""
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{option} must be a comma-separated list of numbers, got {text!r}") from None
+    if not values:
+        raise UserError(f"{option} needs at least one value")
+    return values
+
+
+def bench_devices(spec: str) -> list[str]:
+    """--device: `all` is cpu plus cuda when torch sees a GPU; else a comma list as given."""
+    if spec != "all":
+        devices = [d.strip() for d in spec.split(",") if d.strip()]
+        for device in devices:
+            if device not in ("cpu", "auto") and not device.startswith("cuda"):
+                raise UserError(f"unknown --device {device!r}: use all or a comma list of cpu, cuda")
+        return devices or ["cpu"]
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def make_cases(configs: list[StreamConfig], model: str | Path | None = None, steps: list[int] = (),
+               backends: list[str] = ("auto",), devices: list[str] = ("cpu",),
+               **open_args) -> list[BenchCase]:
+    """The DSP voice at every config, then (with a model) every device x backend x config x steps;
+    `open_args` go to `rtsvc.live.open_voice` (pretrained dir, component overrides, f0, providers...)."""
+    from rtsvc.live import open_voice
+    from rtsvc.settings import validate_knobs
+
+    for count in steps:
+        validate_knobs(Knobs(steps=count))  # before any model loads
+    dsp_args = {k: v for k, v in open_args.items() if k in ("f0", "providers")}  # checked, unused
+    cases = [BenchCase("dsp", "cpu", open_voice(None, **dsp_args), c) for c in configs]
+    if model is None:
+        return cases
+    for device in devices:
+        for backend in backends:
+            voice = open_voice(model, backend=backend, device=device, streaming=True, **open_args)
+            cases += [BenchCase(f"{Path(model).name} {backend}", device, voice, c, s)
+                      for c in configs for s in steps]
+    return cases
+
+
+def gap_grid(configs: list[StreamConfig], crossfades: list[float],
+             searches: list[float]) -> list[StreamConfig]:
+    """`rtsvc bench --gap`: every block length (and context) x crossfade x SOLA search, validated."""
+    return [StreamConfig(block_ms=c.block_ms, context_ms=c.context_ms, crossfade_ms=x,
+                         sola_search_ms=s).validate() for c in configs for x in crossfades for s in searches]
+
+
 def bench_case(case: BenchCase, seconds: float = 5.0) -> dict:
     """Stream `seconds` of the test signal through one configuration; compute-time statistics."""
     knobs = Knobs(gate_db=-120.0, steps=case.steps or Knobs().steps)  # gate off: every block is timed
@@ -90,6 +143,8 @@ def run_bench(cases: list[BenchCase], seconds: float = 5.0, console=None) -> lis
     from rich.console import Console
     from rich.progress import Progress
 
+    if seconds <= 0:
+        raise UserError(f"--seconds must be positive, got {seconds:g}")
     console = console or Console()
     rows = []
     with Progress(console=console, transient=True) as progress:
@@ -143,10 +198,33 @@ def streaming_gap(voice: Voice, configs: list[StreamConfig], knobs: Knobs | None
     return rows
 
 
-def gap_table(rows: list[dict]):
+def run_gap(grid: list[StreamConfig], model: str | Path | None = None, console=None,
+            **open_args) -> dict[str, list[dict]]:
+    """`rtsvc bench --gap`: `streaming_gap` of the DSP voice and, with a model, of its offline voice
+    (`open_voice(..., streaming=False)`, so the reference is the upstream offline conversion);
+    prints one table per voice, returns the rows by voice."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from rtsvc.live import open_voice
+
+    console = console or Console()
+    labels = ["dsp"] + ([Path(model).name] if model is not None else [])
+    results = {}
+    for label in labels:
+        with Progress(console=console, transient=True) as progress:
+            progress.add_task(f"{label}: streaming vs offline", total=None)
+            voice = open_voice(None) if label == "dsp" else open_voice(model, streaming=False, **open_args)
+            results[label] = streaming_gap(voice, grid)
+        console.print(gap_table(results[label], title=f"{label}: streaming vs offline "
+                                "(log-spectral distance, lower = closer)"))
+    return results
+
+
+def gap_table(rows: list[dict], title: str = "streaming vs offline (log-spectral distance, lower = closer)"):
     from rich.table import Table
 
-    table = Table(title="streaming vs offline (log-spectral distance, lower = closer)")
+    table = Table(title=title)
     for name in ("block ms", "context ms", "crossfade ms", "SOLA search ms", "LSD dB", "algo latency ms"):
         table.add_column(name, justify="right")
     for r in rows:
@@ -290,6 +368,17 @@ def measure_loopback(live_args: list[str], seconds: float = 6.0, startup_timeout
         text = log.read_text(errors="replace")
         summary = text[text.rindex("stopped after"):].strip() if "stopped after" in text else ""
     return {"rig_ms": rig_ms, "total_ms": total_ms, "live_ms": total_ms - rig_ms, "live_summary": summary}
+
+
+def loopback_report(config: StreamConfig, live_args: list[str] = ()) -> str:
+    """`rtsvc bench --loopback`: measure `rtsvc live` (DSP voice) at `config`; a printable summary."""
+    args = ["--block-ms", str(config.block_ms), "--context-ms", str(config.context_ms), "--crossfade-ms",
+            str(config.crossfade_ms), "--sola-search-ms", str(config.sola_search_ms), "--gate", "-70",
+            *live_args]
+    res = measure_loopback(args)
+    return (f"loopback end-to-end latency of `rtsvc live` (block {config.block_ms:g} ms): "
+            f"{res['live_ms']:.0f} ms (rig total {res['total_ms']:.0f} ms, rig alone {res['rig_ms']:.0f} ms)"
+            f"\n  live: {res['live_summary']}")
 
 
 def start_live(server: PulseServer, args: list[str], log: Path) -> subprocess.Popen:

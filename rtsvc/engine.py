@@ -31,6 +31,7 @@ from rtsvc.voice import Voice
 
 GATE_FRAME_MS = 10.0  # the gate opens when any 10 ms frame of the block's region is above threshold
 STATS_WINDOW = 2000  # blocks kept for compute-time percentiles
+MODEL_BLOCK_MS = 150.0  # suggested block for model voices on a CPU (per-block cost 30-300 ms)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class StreamConfig:
     """Lengths in milliseconds. Block and context are rounded to whole mel frames (512 samples)
     so every window starts on the model's frame grid; defaults come from docs/streaming.md."""
 
-    block_ms: float = 150.0
+    block_ms: float = 50.0  # 4 mel frames = 46.4 ms: DSP voice p99 RTF ~0.45 on 2 cores (docs/benchmarks.md)
     context_ms: float = 300.0
     crossfade_ms: float = 25.0
     sola_search_ms: float = 10.0

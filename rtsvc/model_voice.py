@@ -10,7 +10,9 @@ Offline (the default) every call computes every feature over its window as upstr
 padded to 30 s). `ModelVoice(..., streaming=True)` (or `voice.for_streaming()`) is the variant the
 engine wants: a per-stream `rtsvc.feature_cache.FeatureCache` computes F0 and RMS for the new samples
 only, runs ContentVec and Whisper (unpadded) on a bounded window and reuses older frames; `fork()`
-gives a session its own cache over the same backend and encoders; `reset()` clears it.
+gives a session its own cache over the same backend and encoders; `reset()` clears it. The streaming
+DiT samples only the frames that get vocoded plus `dit_context_ms` of left context (the DiT's cost
+grows with its input; features are still computed on the encoders' window).
 `last_ms` holds the last call's time per part (resample, f0, rms, contentvec, whisper, dit, vocoder).
 
 `convert_offline` is upstream `infer.py`'s long-audio path: slice at silences, bring each slice

@@ -14,6 +14,7 @@ from rtsvc.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.backends import open_model
 from rtsvc.bench import log_spectral_distance, sung_tone
 from rtsvc.engine import StreamConfig, StreamLayout, convert_stream
+from rtsvc.errors import UserError
 from rtsvc.f0 import F0Extractor, make_f0_extractor
 from rtsvc.feature_cache import ENC_HOP, F0_HOP, FeatureCache, FrameStore
 from rtsvc.features import FeatureExtractor
@@ -284,3 +285,52 @@ def test_streaming_vs_offline_gap_of_the_tiny_model(tiny, clip):
           f"vs near-silence {silence:.2f} dB)")
     assert np.isfinite(streamed).all() and streamed.shape == clip.shape
     assert gap < 0.6 * silence
+
+
+# --- the DiT's own (shorter) context -----------------------------------------------------------------
+
+class LocalVelocity:
+    """The tiny backend with a frame-local velocity (no attention, no conv): the DiT's output for a
+    frame then depends only on that frame's noise and conditioning, so cropping the DiT's input must
+    not change any vocoded sample. Records how many frames each call saw."""
+
+    def __init__(self, backend):
+        self.backend, self.frames = backend, []
+        self.device, self.speakers, self.vocode = backend.device, backend.speakers, backend.vocode
+
+    def velocity_cfg(self, x, t, cond, cfg_strength):
+        self.frames.append(x.shape[1])
+        return torch.tanh(cond.f0[..., None] / 200.0 + cond.cvec[..., :1] - x) * (1.0 + t)
+
+
+def test_a_shorter_dit_context_draws_the_same_noise_for_the_same_frames(tiny, clip):
+    """With a frame-local velocity, the DiT on [dit context | vocoded frames] gives exactly what the
+    DiT on the whole window gives: start noise by absolute frame, mel sliced at the right frame."""
+    backend = LocalVelocity(tiny.backend)
+    whole = ModelVoice(backend, tiny.features, streaming=True, dit_context_ms=None)
+    short = ModelVoice(backend, tiny.features, streaming=True, dit_context_ms=0.0)
+    a = convert_stream(whole, clip, KNOBS, CONFIG)
+    window_frames = backend.frames[-1]
+    backend.frames.clear()
+    b = convert_stream(short, clip, KNOBS, CONFIG)
+    lay = StreamLayout.from_config(CONFIG, SR)
+    vocoded = lay.window // HOP_LENGTH - ((lay.window - lay.tail) // HOP_LENGTH - 8)  # tail + vocoder context
+    assert window_frames == lay.window // HOP_LENGTH and set(backend.frames) == {vocoded} and vocoded < 40
+    assert np.abs(a).max() > 1e-2
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_dit_context_sets_the_frames_the_dit_sees(tiny, clip):
+    backend = LocalVelocity(tiny.backend)
+    lay = StreamLayout.from_config(CONFIG, SR)
+    window = clip[: lay.window]
+    for ms, extra in ((100.0, 9), (250.0, 22), (1e4, None)):  # 100 ms = 8.6 frames -> 9
+        voice = ModelVoice(backend, tiny.features, streaming=True, dit_context_ms=ms)
+        voice.convert(window, KNOBS, 0, lay.tail)
+        vocoded = lay.window // HOP_LENGTH - ((lay.window - lay.tail) // HOP_LENGTH - 8)
+        assert backend.frames[-1] == (lay.window // HOP_LENGTH if extra is None else vocoded + extra)
+    offline = ModelVoice(backend, tiny.features, whisper_pad_30s=False, dit_context_ms=0.0)
+    offline.convert(window, KNOBS, 0, lay.tail)
+    assert backend.frames[-1] == lay.window // HOP_LENGTH  # offline: always the whole window
+    with pytest.raises(UserError, match="DiT context"):
+        ModelVoice(backend, tiny.features, streaming=True, dit_context_ms=-1.0)

@@ -1,0 +1,197 @@
+"""The CLI's shared options: defaults and help from the library's dataclasses, --providers and the
+pretrained components reaching open_model from every command, user mistakes in live/serve/bench."""
+
+import json
+
+import numpy as np
+import pytest
+import typer
+
+import cli
+import rtsvc.backends
+import rtsvc.live
+from rtsvc.bench import streaming_gap
+from rtsvc.dsp_voice import DspVoice
+from rtsvc.engine import StreamConfig
+from rtsvc.settings import Knobs
+from tests.cli_helpers import run_cli
+from tests.test_cli_errors import fails
+
+ORDER = ["live", "serve", "convert", "devices", "prepare", "train", "export", "bench", "download", "doctor"]
+DEVICES = [{"index": 0, "name": "Fake Mic", "hostapi": "ALSA", "inputs": 1, "outputs": 0,
+            "default_rate": 48000, "default_input": True, "default_output": False},
+           {"index": 1, "name": "Fake Speaker", "hostapi": "ALSA", "inputs": 0, "outputs": 2,
+            "default_rate": 48000, "default_input": False, "default_output": True}]
+
+
+def _commands() -> dict:
+    return typer.main.get_command(cli.app).commands
+
+
+def test_commands_are_listed_in_order_of_use():
+    assert list(_commands()) == ORDER
+
+
+def test_every_option_states_its_default_and_knob_defaults_follow_the_dataclasses():
+    knobs, stream = Knobs(), StreamConfig()
+    from_dataclass = {"pitch": knobs.pitch_shift, "formant": knobs.formant_shift, "gate": knobs.gate_db,
+                      "input_gain": knobs.input_gain_db, "output_gain": knobs.output_gain_db,
+                      "cfg_strength": knobs.cfg_strength, "block_ms": stream.block_ms,
+                      "context_ms": stream.context_ms, "crossfade_ms": stream.crossfade_ms,
+                      "sola_search_ms": stream.sola_search_ms}
+    for name, command in _commands().items():
+        for param in command.params:
+            if param.param_type_name != "option" or param.name == "help":
+                continue
+            text = param.help or ""
+            assert "Default:" in text or "Required." in text, (name, param.name, text)
+            expected = from_dataclass.get(param.name)
+            if expected is not None and not (name == "bench" and param.name == "block_ms"):
+                assert param.default == expected, (name, param.name)
+                assert f"Default: {expected:g}." in text, (name, param.name, text)
+    steps = {n: next(p for p in c.params if p.name == "steps") for n, c in _commands().items()
+             if n in ("live", "serve")}
+    assert all(p.default == knobs.steps and f"Default: {knobs.steps}." in p.help for p in steps.values())
+
+
+@pytest.fixture
+def fake_devices(monkeypatch):
+    monkeypatch.setattr(rtsvc.live, "list_devices", lambda: DEVICES)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--block-ms", "5"], ("block must be between 10 and 2000 ms",)),
+    (["--crossfade-ms", "500"], ("crossfade must be between 0 and the block length",)),
+    (["--providers", "cuda,gpu"], ("unknown ONNX Runtime provider 'gpu'",)),
+    (["--input-rate", "0"], ("--input-rate must be between",)),
+    (["--jitter-ms", "-1"], ("--jitter-ms",)),
+    (["--duration", "0"], ("--duration must be positive",)),
+    (["--f0", "crepe"], ("unknown --f0 'crepe'",)),
+    (["--speaker", "carol"], ("unknown speaker 'carol'", "dsp")),
+    (["--input", "no-such-mic"], ("no input device matches 'no-such-mic'",)),
+    (["--input", "1"], ("device 1 (Fake Speaker) has no input channels",)),
+    # a wrong device is reported before the (missing) model is even looked at
+    (["--output", "HDMI", "--model", "missing.ckpt"], ("no output device matches 'HDMI'",)),
+])
+def test_live_mistakes_are_one_line_and_exit_2(args, words, fake_devices, capsys, monkeypatch):
+    fails(["live", *args], capsys, monkeypatch, *words)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--block-ms", "5"], ("block must be between",)),
+    (["--block-ms", "100,abc"], ("--block-ms must be a comma-separated list of numbers",)),
+    (["--block-ms", ","], ("--block-ms needs at least one value",)),
+    (["--crossfades", "x", "--gap"], ("--crossfades must be a comma-separated list",)),
+    (["--steps", "1"], ("steps must be between 2 and 64",)),
+    (["--providers", "gpu"], ("unknown ONNX Runtime provider 'gpu'",)),
+    (["--device", "gpu"], ("unknown --device 'gpu'",)),
+    (["--seconds", "0"], ("--seconds must be positive",)),
+])
+def test_bench_mistakes_are_one_line_and_exit_2(args, words, capsys, monkeypatch):
+    fails(["bench", *args], capsys, monkeypatch, *words)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--block-ms", "5000"], ("block must be between",)),
+    (["--providers", "gpu"], ("unknown ONNX Runtime provider 'gpu'",)),
+    (["--f0", "crepe"], ("unknown --f0 'crepe'",)),
+])
+def test_serve_mistakes_are_one_line_and_exit_2(args, words, capsys, monkeypatch):
+    fails(["serve", *args], capsys, monkeypatch, *words)
+
+
+@pytest.fixture
+def fake_model(tmp_path, monkeypatch):
+    """A bundle folder carrying its vocoder, a pretrained dir without one, and open_model recorded
+    (returning the DSP voice, so the commands run end to end in a fraction of a second)."""
+    bundle = tmp_path / "voice.rtsvc"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"features": {}}))
+    pretrained = tmp_path / "pretrained"
+    for folder in ("content-vec-best", "whisper-large-v3"):
+        (pretrained / folder).mkdir(parents=True)
+        (pretrained / folder / "config.json").write_text("{}")
+    (pretrained / "rmvpe").mkdir()
+    (pretrained / "rmvpe" / "model.pt").write_bytes(b"x")
+    calls = []
+
+    def open_model(path, pretrained, **kwargs):
+        calls.append(dict(kwargs, path=path, pretrained=pretrained))
+        return DspVoice()
+
+    monkeypatch.setattr(rtsvc.backends, "open_model", open_model)
+    return bundle, pretrained, calls
+
+
+def test_live_passes_providers_and_asks_no_vocoder_of_a_bundle(fake_model, fake_devices, capsys, monkeypatch):
+    bundle, pretrained, calls = fake_model
+    seen = {}
+
+    def run_live(voice, settings, config, **kwargs):
+        seen.update(kwargs, config=config, knobs=settings.snapshot())
+        return {"seconds": 1.0, "blocks": 3, "gated_blocks": 1, "compute_ms_mean": 2.0, "compute_ms_p99": 3.0,
+                "underruns": 0, "overruns": 0}
+
+    monkeypatch.setattr(rtsvc.live, "run_live", run_live)
+    code, _, err = run_cli(["live", "--model", bundle, "--pretrained-dir", pretrained, "--providers", "cpu",
+                            "--pitch", "3", "--block-ms", "100", "--input", "mic"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "stopped after 1.0 s: 3 blocks (1 gated)" in err
+    (call,) = calls
+    assert call["providers"] == "cpu" and call["streaming"] is True and call["f0"] == "rmvpe"
+    assert call["pretrained"].vocoder is None and call["pretrained"].rmvpe.endswith("model.pt")
+    assert seen["input_device"] == 0 and seen["output_device"] == 1
+    assert seen["knobs"].pitch_shift == 3.0 and seen["config"].block_ms == 100.0
+
+
+def test_a_checkpoint_still_needs_the_pretrained_vocoder(fake_model, fake_devices, tmp_path, capsys,
+                                                         monkeypatch):
+    _, pretrained, calls = fake_model
+    ckpt = tmp_path / "voice.ckpt"
+    ckpt.write_bytes(b"x")
+    fails(["live", "--model", ckpt, "--pretrained-dir", pretrained], capsys, monkeypatch,
+          "NSF-HiFiGAN vocoder", "--vocoder")
+    fails(["bench", "--model", ckpt, "--pretrained-dir", pretrained], capsys, monkeypatch,
+          "NSF-HiFiGAN vocoder")
+    assert calls == []
+
+
+def test_bench_passes_providers_and_gap_uses_the_offline_model(fake_model, capsys, monkeypatch):
+    bundle, pretrained, calls = fake_model
+    args = ["bench", "--model", bundle, "--pretrained-dir", pretrained, "--providers", "cpu", "--f0",
+            "pyworld", "--device", "cpu", "--block-ms", "100", "--steps", "2,4", "--seconds", "0.3", "--gap",
+            "--crossfades", "25", "--sola-searches", "10"]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert [(c["providers"], c["streaming"], c["f0"], c["device"]) for c in calls] == \
+        [("cpu", True, "pyworld", "cpu"), ("cpu", False, "pyworld", "cpu")]
+    assert all(c["pretrained"].vocoder is None for c in calls)
+    assert out.count("voice.rtsvc auto") == 2  # steps 2 and 4
+    assert "voice.rtsvc: streaming vs offline" in out and "dsp: streaming vs offline" in out
+
+
+class RecordingVoice(DspVoice):
+    """A DSP voice that notes which variant converted what: offline reference or streamed blocks."""
+
+    def __init__(self, streaming: bool, log: list):
+        super().__init__()
+        self.streaming, self.log = streaming, log
+
+    def for_streaming(self) -> "RecordingVoice":
+        return RecordingVoice(True, self.log)
+
+    def convert(self, audio, knobs, start_sample=0, tail=None):
+        self.log.append((self.streaming, audio.shape[0]))
+        return super().convert(audio, knobs, start_sample, tail)
+
+
+def test_streaming_gap_references_the_offline_voice_and_streams_its_streaming_variant():
+    log = []
+    config = StreamConfig(block_ms=100.0, context_ms=100.0).validate()
+    (row,) = streaming_gap(RecordingVoice(False, log), [config], seconds=1.0)
+    offline = [n for streaming, n in log if not streaming]
+    assert offline == [44100]  # one offline conversion of the whole signal
+    assert len(log) > 5 and all(streaming for streaming, _ in log[1:])  # then block by block
+    assert np.isfinite(row["lsd_db"]) and row["block_ms"] == 100.0
+    with pytest.raises(ValueError, match="offline voice"):
+        streaming_gap(RecordingVoice(True, log), [config], seconds=1.0)
