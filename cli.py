@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from rtsvc.engine import StreamConfig
+from rtsvc.engine import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS, StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
 from rtsvc.live import JITTER_MS
 from rtsvc.server import ServerConfig
@@ -70,8 +70,14 @@ Steps = _opt(int, f"Rectified-flow sampling steps for models while streaming (2-
 CfgStrength = _opt(float, "Classifier-free guidance strength (0-10, 0 = off). "
                    f"Default: {KNOBS.cfg_strength:g}.")
 
-BlockMs = _opt(float, "Engine block length in ms (latency and compute per block; rounded to 11.6 ms mel "
-               f"frames). Default: {STREAM.block_ms:g}.")
+BLOCK_AUTO = (f"auto = {DSP_BLOCK_MS:g} ms (46.4 ms) for the DSP voice, {MODEL_BLOCK_MS:g} ms (150.9 ms) "
+              "with --model")
+BlockMs = Annotated[str, typer.Option(metavar="MS|auto", help="Engine block length in ms, or auto (latency "
+                                      "and compute per block; rounded to 11.6 ms mel frames). "
+                                      f"Default: {BLOCK_AUTO}.")]
+DitContextMs = _opt(float, "Left context in ms the model's DiT samples before the frames it outputs while "
+                    "streaming (>= 0; longer than --context-ms = the whole window; longer costs more DiT "
+                    f"time). Models only. Default: {DIT_CONTEXT_MS:g}.")
 ContextMs = _opt(float, f"Left context per block in ms. Default: {STREAM.context_ms:g}.")
 CrossfadeMs = _opt(float, f"SOLA crossfade in ms. Default: {STREAM.crossfade_ms:g}.")
 SolaSearchMs = _opt(float, f"SOLA search window in ms. Default: {STREAM.sola_search_ms:g}.")
@@ -115,8 +121,9 @@ def live(
     pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, gate: Gate = KNOBS.gate_db,
     input_gain: InputGain = KNOBS.input_gain_db, output_gain: OutputGain = KNOBS.output_gain_db,
     steps: Steps = KNOBS.steps, cfg_strength: CfgStrength = KNOBS.cfg_strength,
-    block_ms: BlockMs = STREAM.block_ms, context_ms: ContextMs = STREAM.context_ms,
+    block_ms: BlockMs = "auto", context_ms: ContextMs = STREAM.context_ms,
     crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
+    dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
     jitter_ms: float = typer.Option(JITTER_MS, help="Output buffer primed with this much silence (ms) to "
                                     f"absorb block-wise delivery. Default: {JITTER_MS:g}."),
     duration: float | None = typer.Option(None, help="Stop after this many seconds and exit 0. Default: "
@@ -134,13 +141,13 @@ def live(
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
                                  input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
                                  cfg_strength=cfg_strength))
-    config = StreamConfig(block_ms, context_ms, crossfade_ms, sola_search_ms).validate()
+    config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_live_options(input_rate, output_rate, duration, jitter_ms)
     dev_in, dev_out = find_devices(input, output)  # a wrong device fails before a model loads
     voice = open_voice(model, pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
                        rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
-                       speaker=speaker, providers=providers, streaming=True)
-    result = run_live(voice, RuntimeSettings(knobs), config, input_device=dev_in["index"],
+                       speaker=speaker, providers=providers, streaming=True, dit_context_ms=dit_context_ms)
+    result = run_live(voice, RuntimeSettings(knobs), config.for_voice(voice), input_device=dev_in["index"],
                       output_device=dev_out["index"], input_rate=input_rate, output_rate=output_rate,
                       duration=duration, record=record, jitter_ms=jitter_ms, console=console)
     _say(live_summary(result, record))
@@ -172,8 +179,9 @@ def serve(
     pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, gate: Gate = KNOBS.gate_db,
     input_gain: InputGain = KNOBS.input_gain_db, output_gain: OutputGain = KNOBS.output_gain_db,
     steps: Steps = KNOBS.steps, cfg_strength: CfgStrength = KNOBS.cfg_strength,
-    block_ms: BlockMs = STREAM.block_ms, context_ms: ContextMs = STREAM.context_ms,
+    block_ms: BlockMs = "auto", context_ms: ContextMs = STREAM.context_ms,
     crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
+    dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
     f0: F0 = None, device: Device = "auto", backend: Backend = "auto", precision: Precision = "fp32",
     providers: Providers = None, contentvec: ContentVec = None, whisper: Whisper = None,
     vocoder: Vocoder = None, rmvpe: Rmvpe = None,
@@ -194,10 +202,11 @@ def serve(
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
                                  input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
                                  cfg_strength=cfg_strength))
-    stream_config = StreamConfig(block_ms, context_ms, crossfade_ms, sola_search_ms).validate()
+    stream_config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms,
+                                 sola_search_ms).validate()
     voice = open_voice(model, pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
                        rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
-                       speaker=speaker, providers=providers, streaming=True)
+                       speaker=speaker, providers=providers, streaming=True, dit_context_ms=dit_context_ms)
     source = dsp_source() if model is None else model_source(voice, model.name)
 
     def ready(server) -> None:
@@ -205,7 +214,7 @@ def serve(
         _say(f"rtsvc serving {source.name} voice on http://{where}/ (page, /healthz) and "
              f"ws://{where}/v1/stream; Ctrl-C stops")
 
-    run_server(config, source, knobs, stream_config, on_ready=ready)
+    run_server(config, source, knobs, stream_config.for_voice(voice), on_ready=ready)
 
 
 @app.command()
@@ -228,8 +237,9 @@ def convert(
                                           "the model's -18 LUFS. Default: off."),
     stream: bool = typer.Option(False, help="Convert through the streaming engine block by block (what "
                                 "live/serve hear) instead of offline slices. Default: off."),
-    block_ms: BlockMs = STREAM.block_ms, context_ms: ContextMs = STREAM.context_ms,
+    block_ms: BlockMs = "auto", context_ms: ContextMs = STREAM.context_ms,
     crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
+    dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
 ) -> None:
     """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
     from rtsvc.audio import load_audio, save_audio
@@ -241,7 +251,7 @@ def convert(
     check_f0(f0)
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant,
                                  cfg_strength=cfg_strength, steps=steps, seed=seed))
-    config = StreamConfig(block_ms, context_ms, crossfade_ms, sola_search_ms).validate()
+    config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_output_path(output)
     audio = check_input_audio(load_audio(input)[0])
     if model is None and f0 not in (None, "pyworld"):
@@ -250,12 +260,12 @@ def convert(
         _say("note: --formant applies to the DSP voice only; ignored with --model")
     voice = open_voice(model, pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
                        rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
-                       speaker=speaker, providers=providers, streaming=stream)
+                       speaker=speaker, providers=providers, streaming=stream, dit_context_ms=dit_context_ms)
     with _progress_bar() as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
         if stream:
-            out = convert_stream(voice, audio, knobs, config, progress=update)
+            out = convert_stream(voice, audio, knobs, config.for_voice(voice), progress=update)
         else:  # the DSP voice keeps each slice's level; models hear the training loudness
             out = convert_offline(voice, audio, knobs, progress=update, restore_loudness=restore_loudness,
                                   target_lufs=None if model is None else TARGET_LUFS)
@@ -417,8 +427,8 @@ def bench(
     model: Path | None = typer.Option(None, "--model", "-m", help="Also benchmark this checkpoint or "
                                       ".rtsvc bundle. Default: the DSP voice only."),
     pretrained_dir: PretrainedDir = Path("pretrained"),
-    block_ms: str = typer.Option(BENCH_BLOCKS, help=f"Comma-separated block lengths in ms. "
-                                 f"Default: {BENCH_BLOCKS}."),
+    block_ms: str = typer.Option(BENCH_BLOCKS, help=f"Comma-separated block lengths in ms; auto is "
+                                 f"{BLOCK_AUTO}. Default: {BENCH_BLOCKS}."),
     steps: str = typer.Option(BENCH_STEPS, help=f"Comma-separated sampling steps for models. "
                               f"Default: {BENCH_STEPS}."),
     backend: str = typer.Option("auto", help="Comma-separated model backends (torch, onnx, auto). "
@@ -426,9 +436,10 @@ def bench(
     device: str = typer.Option("all", help="Comma-separated torch devices (cpu, cuda) or all (cpu and "
                                "cuda when present). Default: all."),
     context_ms: ContextMs = STREAM.context_ms, crossfade_ms: CrossfadeMs = STREAM.crossfade_ms,
+    dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
     seconds: float = typer.Option(5.0, help="Audio streamed per configuration, in seconds. Default: 5."),
     loopback: bool = typer.Option(False, help="Also measure end-to-end latency of `rtsvc live` (DSP voice, "
-                                  "first block length) through PulseAudio null sinks (needs pulseaudio). "
+                                  "each block length) through PulseAudio null sinks (needs pulseaudio). "
                                   "Default: off."),
     gap: bool = typer.Option(False, help="Also measure how close streaming is to offline (log-spectral "
                              "distance, dB) for each block length x crossfade (--crossfades) x SOLA search "
@@ -444,12 +455,13 @@ def bench(
     from rtsvc import bench as lib
 
     configs = [StreamConfig(block_ms=b, context_ms=context_ms, crossfade_ms=crossfade_ms).validate()
-               for b in lib.parse_list(block_ms, float, "--block-ms")]
+               for b in lib.parse_blocks(block_ms)]
     grid = lib.gap_grid(configs, lib.parse_list(crossfades, float, "--crossfades"),
                         lib.parse_list(sola_searches, float, "--sola-searches")) if gap else []
     devices_, backends = lib.bench_devices(device), backend.split(",")
     open_args = dict(pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
-                     rmvpe=rmvpe, f0=f0, precision=precision, providers=providers)
+                     rmvpe=rmvpe, f0=f0, precision=precision, providers=providers,
+                     dit_context_ms=dit_context_ms)
     cases = lib.make_cases(configs, model, lib.parse_list(steps, int, "--steps"), backends, devices_,
                            **open_args)
     wide = Console(width=None if sys.stdout.isatty() else 150)  # tables are not squeezed in logs
@@ -457,8 +469,9 @@ def bench(
     if gap:  # a model's gap on the first device and backend
         lib.run_gap(grid, model, console=wide, backend=backends[0], device=devices_[0], **open_args)
     if loopback:
-        _say("loopback: starting PulseAudio and `rtsvc live` (DSP voice) ...")
-        wide.print(lib.loopback_report(configs[0]), highlight=False)
+        for config in lib.dsp_configs(configs):
+            _say(f"loopback: starting PulseAudio and `rtsvc live` (DSP voice, block {config.block_ms:g} ms)")
+            wide.print(lib.loopback_report(config), highlight=False)
 
 
 @app.command()

@@ -16,6 +16,7 @@ import torch
 
 from rtsvc.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.compute import pick_device
+from rtsvc.engine import DIT_CONTEXT_MS
 from rtsvc.errors import UserError
 from rtsvc.flow import Conditioning, cfg_velocity
 
@@ -106,11 +107,13 @@ def _open_onnx(path: Path, device: str, pretrained: "PretrainedPaths", providers
 def open_model(model_path: str | Path, pretrained: "PretrainedPaths", backend: str = "auto",
                device: str = "auto", f0: str = "rmvpe", precision: str = "fp32",
                speaker: str | None = None, providers: str | None = None,
-               streaming: bool = False) -> "ModelVoice":
+               streaming: bool = False, dit_context_ms: float | None = None) -> "ModelVoice":
     """A ready `ModelVoice` for a checkpoint (torch) or `.rtsvc` bundle (onnx).
 
     `streaming=True` gives the variant for the streaming engine (incremental features, see
-    `rtsvc.feature_cache`); the default keeps the upstream offline behaviour.
+    `rtsvc.feature_cache`); the default keeps the upstream offline behaviour. `dit_context_ms`:
+    the DiT's left context while streaming (default `engine.DIT_CONTEXT_MS`; kept by an offline
+    voice for its `for_streaming()` variant).
 
     `speaker`, when given, is checked as soon as the model is read, before the (slow) encoders load.
     """
@@ -142,4 +145,5 @@ def open_model(model_path: str | Path, pretrained: "PretrainedPaths", backend: s
     own = getattr(model, "feature_extractor", None)  # a bundle exported --with-encoders runs its own
     features = (own(pretrained, f0, torch_device) if own else None) or \
         FeatureExtractor.from_pretrained(pretrained, f0=f0, device=torch_device)
-    return ModelVoice(model, features, streaming=streaming)
+    return ModelVoice(model, features, streaming=streaming,
+                      dit_context_ms=DIT_CONTEXT_MS if dit_context_ms is None else dit_context_ms)

@@ -63,6 +63,27 @@ def parse_list(text: str, kind: type, option: str) -> list:
     return values
 
 
+def parse_blocks(text: str) -> list[float | None]:
+    """`--block-ms 50,auto,150` -> [50.0, None, 150.0] (None: the voice's auto block)."""
+    def block(part: str) -> float | None:
+        return None if part.strip().lower() == "auto" else float(part)
+
+    return parse_list(text, block, "--block-ms")
+
+
+def resolve_configs(configs: list[StreamConfig], voice: Voice) -> list[StreamConfig]:
+    """`configs` with auto blocks resolved for `voice`, duplicates dropped (order kept)."""
+    resolved = [c.for_voice(voice) for c in configs]
+    return [c for i, c in enumerate(resolved) if c not in resolved[:i]]
+
+
+def dsp_configs(configs: list[StreamConfig]) -> list[StreamConfig]:
+    """`configs` as the DSP voice runs them (`rtsvc bench --loopback` measures each)."""
+    from rtsvc.dsp_voice import DspVoice
+
+    return resolve_configs(configs, DspVoice())
+
+
 def bench_devices(spec: str) -> list[str]:
     """--device: `all` is cpu plus cuda when torch sees a GPU; else a comma list as given."""
     if spec != "all":
@@ -86,15 +107,16 @@ def make_cases(configs: list[StreamConfig], model: str | Path | None = None, ste
 
     for count in steps:
         validate_knobs(Knobs(steps=count))  # before any model loads
-    dsp_args = {k: v for k, v in open_args.items() if k in ("f0", "providers")}  # checked, unused
-    cases = [BenchCase("dsp", "cpu", open_voice(None, **dsp_args), c) for c in configs]
+    dsp_args = {k: v for k, v in open_args.items() if k in ("f0", "providers", "dit_context_ms")}  # checked
+    dsp = open_voice(None, **dsp_args)
+    cases = [BenchCase("dsp", "cpu", dsp, c) for c in resolve_configs(configs, dsp)]
     if model is None:
         return cases
     for device in devices:
         for backend in backends:
             voice = open_voice(model, backend=backend, device=device, streaming=True, **open_args)
             cases += [BenchCase(f"{Path(model).name} {backend}", device, voice, c, s)
-                      for c in configs for s in steps]
+                      for c in resolve_configs(configs, voice) for s in steps]
     return cases
 
 
@@ -120,21 +142,23 @@ def bench_case(case: BenchCase, seconds: float = 5.0) -> dict:
     return {"voice": case.label, "device": case.device, "steps": case.steps, "block_ms": st["block_ms"],
             "blocks": st["blocks"], "mean_ms": st["compute_ms_mean"], "p50_ms": st["compute_ms_p50"],
             "p99_ms": st["compute_ms_p99"], "cpu_ms": cpu * 1000.0 / max(st["blocks"], 1), "rtf": st["rtf"],
-            "latency_ms": st["latency_ms"]}
+            "p99_block": st["compute_ms_p99"] / st["block_ms"], "latency_ms": st["latency_ms"]}
 
 
 def bench_table(rows: list[dict], title: str = "rtsvc bench: streaming engine, per-block compute"):
     from rich.table import Table
 
     table = Table(title=title, caption="ms = wall-clock compute per block; CPU ms = process CPU time per "
-                  "block; RTF = mean / block length (< 1 keeps up)")
+                  "block; RTF = mean / block length (< 1 keeps up); p99/block = the real-time margin "
+                  "(keep it well under 1: docs/streaming.md chose blocks at <= 0.6)")
     for name in ("voice", "device", "steps", "block ms", "blocks", "mean ms", "p50 ms", "p99 ms",
-                 "CPU ms", "RTF", "algo latency ms"):
+                 "CPU ms", "RTF", "p99/block", "algo latency ms"):
         table.add_column(name, justify="left" if name in ("voice", "device") else "right")
     for r in rows:
         table.add_row(r["voice"], r["device"], "-" if r["steps"] is None else str(r["steps"]),
                       f"{r['block_ms']:.1f}", str(r["blocks"]), f"{r['mean_ms']:.1f}", f"{r['p50_ms']:.1f}",
-                      f"{r['p99_ms']:.1f}", f"{r['cpu_ms']:.1f}", f"{r['rtf']:.3f}", f"{r['latency_ms']:.1f}")
+                      f"{r['p99_ms']:.1f}", f"{r['cpu_ms']:.1f}", f"{r['rtf']:.3f}", f"{r['p99_block']:.2f}",
+                      f"{r['latency_ms']:.1f}")
     return table
 
 
@@ -189,6 +213,7 @@ def streaming_gap(voice: Voice, configs: list[StreamConfig], knobs: Knobs | None
     offline = voice.convert(audio, knobs)
     rows = []
     for config in configs:
+        config = config.for_voice(streamed_voice)  # an auto block: this voice's
         streamed = convert_stream(streamed_voice, audio, knobs, config)
         latency = StreamLayout.from_config(config, voice.sample_rate).latency
         rows.append({"block_ms": config.block_ms, "context_ms": config.context_ms,

@@ -19,7 +19,7 @@ Output and input have the same length at every call: the output is the input del
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -31,29 +31,57 @@ from rtsvc.voice import Voice
 
 GATE_FRAME_MS = 10.0  # the gate opens when any 10 ms frame of the block's region is above threshold
 STATS_WINDOW = 2000  # blocks kept for compute-time percentiles
-MODEL_BLOCK_MS = 150.0  # suggested block for model voices on a CPU (per-block cost 30-300 ms)
+DSP_BLOCK_MS = 50.0  # 4 mel frames = 46.4 ms: DSP voice p99 ~0.45 of the block, 2 cores (docs/benchmarks.md)
+MODEL_BLOCK_MS = 150.0  # 13 frames = 150.9 ms: a model block costs 30-300 ms on a CPU (tiny: p99 0.28 of it)
+DIT_CONTEXT_MS = 250.0  # streaming model voices: left context the DiT sees before the vocoded frames
+
+
+def auto_block_ms(voice: Voice) -> float:
+    """The block length for `block_ms=None` ("auto"): DSP_BLOCK_MS for the built-in DSP voice,
+    MODEL_BLOCK_MS for anything else (a model, whose per-block cost is mostly fixed)."""
+    from rtsvc.dsp_voice import DspVoice  # lazy: pyworld
+
+    return DSP_BLOCK_MS if isinstance(voice, DspVoice) else MODEL_BLOCK_MS
+
+
+def parse_block_ms(text: str, option: str = "--block-ms") -> float | None:
+    """A block length option: "auto" -> None (see `auto_block_ms`), else milliseconds."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"{option} must be a number of ms or auto, got {text!r}") from None
 
 
 @dataclass
 class StreamConfig:
     """Lengths in milliseconds. Block and context are rounded to whole mel frames (512 samples)
-    so every window starts on the model's frame grid; defaults come from docs/streaming.md."""
+    so every window starts on the model's frame grid; defaults come from docs/streaming.md.
+    `block_ms=None` is "auto": `auto_block_ms(voice)`, resolved by `for_voice` (the engine does)."""
 
-    block_ms: float = 50.0  # 4 mel frames = 46.4 ms: DSP voice p99 RTF ~0.45 on 2 cores (docs/benchmarks.md)
+    block_ms: float | None = None
     context_ms: float = 300.0
     crossfade_ms: float = 25.0
     sola_search_ms: float = 10.0
 
     def validate(self) -> "StreamConfig":
-        if not 10.0 <= self.block_ms <= 2000.0:
+        """Check the ranges (with an auto block, what can be checked before the voice is known)."""
+        if self.block_ms is not None and not 10.0 <= self.block_ms <= 2000.0:
             raise UserError(f"block must be between 10 and 2000 ms, got {self.block_ms:g}")
         if not 0.0 <= self.context_ms <= 10000.0:
             raise UserError(f"context must be between 0 and 10000 ms, got {self.context_ms:g}")
-        if not 0.0 <= self.crossfade_ms <= self.block_ms:
+        block_ms = 2000.0 if self.block_ms is None else self.block_ms  # auto: checked by for_voice
+        if not 0.0 <= self.crossfade_ms <= block_ms:
             raise UserError(f"crossfade must be between 0 and the block length, got {self.crossfade_ms:g} ms")
         if not 0.0 <= self.sola_search_ms <= 100.0:
             raise UserError(f"SOLA search must be between 0 and 100 ms, got {self.sola_search_ms:g}")
         return self
+
+    def for_voice(self, voice: Voice) -> "StreamConfig":
+        """This config with an auto block resolved for `voice` (see `auto_block_ms`), validated."""
+        block_ms = auto_block_ms(voice) if self.block_ms is None else self.block_ms
+        return replace(self, block_ms=block_ms).validate()
 
 
 @dataclass(frozen=True)
@@ -70,6 +98,9 @@ class StreamLayout:
 
     @classmethod
     def from_config(cls, config: StreamConfig, sample_rate: int) -> "StreamLayout":
+        if config.block_ms is None:
+            raise ValueError("an auto block (block_ms=None) needs a voice: use config.for_voice(voice)")
+
         def to_samples(ms: float) -> int:
             return int(round(ms * sample_rate / 1000.0))
 
@@ -92,7 +123,7 @@ class StreamingConverter:
                  config: StreamConfig | None = None):
         self.voice = voice
         self.settings = settings or RuntimeSettings()
-        self.config = (config or StreamConfig()).validate()
+        self.config = (config or StreamConfig()).for_voice(voice)
         self.sample_rate = int(voice.sample_rate)
         self.layout = StreamLayout.from_config(self.config, self.sample_rate)
         self.latency_samples = self.layout.latency

@@ -409,11 +409,16 @@ def open_voice(model: str | Path | None = None, pretrained_dir: str | Path = "pr
                contentvec: str | None = None, whisper: str | None = None, vocoder: str | Path | None = None,
                rmvpe: str | Path | None = None, backend: str = "auto", device: str = "auto",
                f0: str | None = None, precision: str = "fp32", speaker: str | None = None,
-               providers: str | None = None, streaming: bool = True) -> Voice:
+               providers: str | None = None, streaming: bool = True,
+               dit_context_ms: float | None = None) -> Voice:
     """The voice of every command: the DSP voice without a model, else `open_model` (a ModelVoice
     on torch or ONNX Runtime). `streaming=False` gives the offline variant (convert, the reference
-    of `rtsvc.bench.streaming_gap`). Options are checked before anything slow loads."""
+    of `rtsvc.bench.streaming_gap`). `dit_context_ms`: the model's DiT left context while streaming
+    (None: `engine.DIT_CONTEXT_MS`; the DSP voice has no DiT). Options are checked before anything
+    slow loads."""
     f0 = check_f0(f0)
+    if dit_context_ms is not None and not dit_context_ms >= 0:  # `not >=` also refuses NaN
+        raise UserError(f"--dit-context-ms must be at least 0 ms, got {dit_context_ms:g}")
     if providers is not None:  # a typo fails here, even where no bundle would use the providers
         from rtsvc.onnx_backend import parse_providers
 
@@ -431,7 +436,8 @@ def open_voice(model: str | Path | None = None, pretrained_dir: str | Path = "pr
     paths = resolve_pretrained(Path(pretrained_dir), contentvec=contentvec, whisper=whisper, vocoder=vocoder,
                                rmvpe=rmvpe, need=needed_components(model, f0))
     return open_model(model, pretrained=paths, backend=backend, device=device, f0=f0, precision=precision,
-                      speaker=speaker, providers=providers, streaming=streaming)
+                      speaker=speaker, providers=providers, streaming=streaming,
+                      dit_context_ms=dit_context_ms)
 
 
 def check_live_options(input_rate: int | None = None, output_rate: int | None = None,

@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import EllipsisType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +33,7 @@ import soundfile as sf
 import torch
 
 from rtsvc.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
+from rtsvc.engine import DIT_CONTEXT_MS  # streaming: DiT left context (a CLI default: defined torch-free)
 from rtsvc.errors import UserError
 from rtsvc.f0 import shift_f0
 from rtsvc.feature_cache import ENCODER_CONTEXT_S, FeatureCache
@@ -50,7 +52,6 @@ LOUDNESS_BLOCK_S = 0.1  # upstream meter block size; shorter slices are left as 
 PEAK_LIMIT = 0.99  # upstream: scale down a normalised slice whose peak passes 1.0
 SILENCE_PEAK_DB = -70.0  # a whole input below this peak is "silent": nothing to convert
 VOCODER_CONTEXT_FRAMES = 8  # left frames vocoded before a tail: measured -50 dB off at 8, exact at 12
-DIT_CONTEXT_MS = 250.0  # streaming: left context the DiT sees before the vocoded frames (docs/streaming.md)
 HARMONICS = 9  # NSF source channels (fundamental + 8 overtones)
 NOISE_SEED_SALT = 0x5EED  # keeps the vocoder's per-sample noise independent of the flow noise
 
@@ -87,8 +88,12 @@ class ModelVoice:
         self.last_ms: dict[str, float] = {}
 
     def for_streaming(self, encoder_context_s: float | None = ENCODER_CONTEXT_S,
-                      dit_context_ms: float | None = DIT_CONTEXT_MS) -> "ModelVoice":
-        """The streaming variant over the same backend and encoders, with a fresh feature cache."""
+                      dit_context_ms: float | None | EllipsisType = ...) -> "ModelVoice":
+        """The streaming variant over the same backend and encoders, with a fresh feature cache;
+        `dit_context_ms` defaults to this voice's (from `open_model(..., dit_context_ms=)`, else
+        DIT_CONTEXT_MS)."""
+        if dit_context_ms is ...:
+            dit_context_ms = self.dit_context_ms
         return ModelVoice(self.backend, self.features, self.whisper_pad_30s, True, encoder_context_s,
                           dit_context_ms)
 

@@ -2,6 +2,7 @@
 pretrained components reaching open_model from every command, user mistakes in live/serve/bench."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,10 +10,12 @@ import typer
 
 import cli
 import rtsvc.backends
+import rtsvc.bench
 import rtsvc.live
 from rtsvc.bench import streaming_gap
 from rtsvc.dsp_voice import DspVoice
-from rtsvc.engine import StreamConfig
+from rtsvc.engine import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS, StreamConfig
+from rtsvc.model_voice import ModelVoice
 from rtsvc.settings import Knobs
 from tests.cli_helpers import run_cli
 from tests.test_cli_errors import fails
@@ -52,6 +55,13 @@ def test_every_option_states_its_default_and_knob_defaults_follow_the_dataclasse
     steps = {n: next(p for p in c.params if p.name == "steps") for n, c in _commands().items()
              if n in ("live", "serve")}
     assert all(p.default == knobs.steps and f"Default: {knobs.steps}." in p.help for p in steps.values())
+    for name in ("live", "serve", "convert", "bench"):
+        params = {p.name: p for p in _commands()[name].params}
+        assert params["dit_context_ms"].default == DIT_CONTEXT_MS == 250.0, name
+        assert f"Default: {DIT_CONTEXT_MS:g}." in params["dit_context_ms"].help, name
+        block = params["block_ms"]  # auto: both values with their units, in every command
+        assert "auto = 50 ms (46.4 ms) for the DSP voice, 150 ms (150.9 ms) with --model" in block.help, name
+        assert block.default == ("auto" if name != "bench" else "50,100,150,250"), name
 
 
 @pytest.fixture
@@ -70,6 +80,8 @@ def fake_devices(monkeypatch):
     (["--speaker", "carol"], ("unknown speaker 'carol'", "dsp")),
     (["--input", "no-such-mic"], ("no input device matches 'no-such-mic'",)),
     (["--input", "1"], ("device 1 (Fake Speaker) has no input channels",)),
+    (["--block-ms", "fast"], ("--block-ms must be a number of ms or auto, got 'fast'",)),
+    (["--dit-context-ms", "-1"], ("--dit-context-ms must be at least 0 ms, got -1",)),
     # a wrong device is reported before the (missing) model is even looked at
     (["--output", "HDMI", "--model", "missing.ckpt"], ("no output device matches 'HDMI'",)),
 ])
@@ -81,6 +93,8 @@ def test_live_mistakes_are_one_line_and_exit_2(args, words, fake_devices, capsys
     (["--block-ms", "5"], ("block must be between",)),
     (["--block-ms", "100,abc"], ("--block-ms must be a comma-separated list of numbers",)),
     (["--block-ms", ","], ("--block-ms needs at least one value",)),
+    (["--block-ms", "auto,fast"], ("--block-ms must be a comma-separated list of numbers",)),
+    (["--dit-context-ms", "-5"], ("--dit-context-ms must be at least 0 ms",)),
     (["--crossfades", "x", "--gap"], ("--crossfades must be a comma-separated list",)),
     (["--steps", "1"], ("steps must be between 2 and 64",)),
     (["--providers", "gpu"], ("unknown ONNX Runtime provider 'gpu'",)),
@@ -134,14 +148,46 @@ def test_live_passes_providers_and_asks_no_vocoder_of_a_bundle(fake_model, fake_
 
     monkeypatch.setattr(rtsvc.live, "run_live", run_live)
     code, _, err = run_cli(["live", "--model", bundle, "--pretrained-dir", pretrained, "--providers", "cpu",
-                            "--pitch", "3", "--block-ms", "100", "--input", "mic"], capsys, monkeypatch)
+                            "--pitch", "3", "--block-ms", "100", "--input", "mic", "--dit-context-ms", "100"],
+                           capsys, monkeypatch)
     assert code == 0, err
     assert "stopped after 1.0 s: 3 blocks (1 gated)" in err
     (call,) = calls
     assert call["providers"] == "cpu" and call["streaming"] is True and call["f0"] == "rmvpe"
+    assert call["dit_context_ms"] == 100.0
     assert call["pretrained"].vocoder is None and call["pretrained"].rmvpe.endswith("model.pt")
     assert seen["input_device"] == 0 and seen["output_device"] == 1
     assert seen["knobs"].pitch_shift == 3.0 and seen["config"].block_ms == 100.0
+
+
+def test_live_block_is_auto_per_voice_and_explicit_values_win(fake_model, fake_devices, capsys, monkeypatch):
+    bundle, pretrained, _ = fake_model
+    model = ModelVoice(SimpleNamespace(speakers={"alice": 0}), features=None)  # never converts here
+    monkeypatch.setattr(rtsvc.backends, "open_model", lambda *args, **kwargs: model)
+    seen = []
+    result = {"seconds": 1.0, "blocks": 1, "gated_blocks": 0, "compute_ms_mean": 2.0, "compute_ms_p99": 3.0,
+              "underruns": 0, "overruns": 0}
+    monkeypatch.setattr(rtsvc.live, "run_live",
+                        lambda voice, settings, config, **kw: seen.append(config) or result)
+    for args in ([], ["--model", bundle, "--pretrained-dir", pretrained], ["--block-ms", "auto"],
+                 ["--model", bundle, "--pretrained-dir", pretrained, "--block-ms", "70"]):
+        code, _, err = run_cli(["live", *args], capsys, monkeypatch)
+        assert code == 0, err
+    assert [c.block_ms for c in seen] == [DSP_BLOCK_MS, MODEL_BLOCK_MS, DSP_BLOCK_MS, 70.0]
+    assert (DSP_BLOCK_MS, MODEL_BLOCK_MS) == (50.0, 150.0)
+
+
+def test_bench_loopback_measures_every_block_and_the_table_has_the_real_time_margin(capsys, monkeypatch):
+    measured = []
+    monkeypatch.setattr(rtsvc.bench, "loopback_report", lambda config: measured.append(config) or "ok")
+    code, out, err = run_cli(["bench", "--block-ms", "auto,100,50", "--seconds", "0.3", "--loopback"],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    assert [c.block_ms for c in measured] == [50.0, 100.0]  # auto is 50 for the DSP voice: measured once
+    assert "p99/block" in out
+    row = next(line for line in out.splitlines() if "│ dsp" in line and " 104.5 " in line)  # 100 ms: 9 frames
+    p99_ms, margin = (float(cell) for cell in row.split("│")[8:12:3])
+    assert margin == pytest.approx(p99_ms / 104.5, abs=0.006)
 
 
 def test_a_checkpoint_still_needs_the_pretrained_vocoder(fake_model, fake_devices, tmp_path, capsys,
@@ -160,12 +206,13 @@ def test_bench_passes_providers_and_gap_uses_the_offline_model(fake_model, capsy
     bundle, pretrained, calls = fake_model
     args = ["bench", "--model", bundle, "--pretrained-dir", pretrained, "--providers", "cpu", "--f0",
             "pyworld", "--device", "cpu", "--block-ms", "100", "--steps", "2,4", "--seconds", "0.3", "--gap",
+            "--dit-context-ms", "80",
             "--crossfades", "25", "--sola-searches", "10"]
     code, out, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
     assert [(c["providers"], c["streaming"], c["f0"], c["device"]) for c in calls] == \
         [("cpu", True, "pyworld", "cpu"), ("cpu", False, "pyworld", "cpu")]
-    assert all(c["pretrained"].vocoder is None for c in calls)
+    assert all(c["pretrained"].vocoder is None and c["dit_context_ms"] == 80.0 for c in calls)
     assert out.count("voice.rtsvc auto") == 2  # steps 2 and 4
     assert "voice.rtsvc: streaming vs offline" in out and "dsp: streaming vs offline" in out
 

@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from rtsvc.engine import RateAdapter, StreamConfig, StreamingConverter, convert_stream
+from rtsvc.engine import (
+    DSP_BLOCK_MS,
+    MODEL_BLOCK_MS,
+    RateAdapter,
+    StreamConfig,
+    StreamingConverter,
+    StreamLayout,
+    convert_stream,
+    parse_block_ms,
+)
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
 
@@ -197,3 +206,22 @@ def test_rate_adapter_exact_accounting_and_delay(rate):
     delay = engine.latency_samples * rate / SR
     lag = np.argmax(np.correlate(out[burst_at: burst_at + rate // 2], x[burst_at: burst_at + rate // 10]))
     assert abs(lag - delay) <= 2
+
+
+def test_auto_block_is_the_dsp_block_for_the_dsp_voice_and_the_model_block_otherwise():
+    from rtsvc.dsp_voice import DspVoice
+
+    assert StreamConfig().block_ms is None  # auto
+    assert StreamingConverter(DspVoice(), config=StreamConfig()).layout.block == 4 * 512  # 46.4 ms
+    assert StreamingConverter(IdentityVoice(), config=StreamConfig()).layout.block == 13 * 512  # 150.9 ms
+    assert StreamConfig(block_ms=70).for_voice(DspVoice()).block_ms == 70  # explicit wins
+    assert (DSP_BLOCK_MS, MODEL_BLOCK_MS) == (50.0, 150.0)
+    with pytest.raises(UserError, match="crossfade"):  # an auto block is checked once it is known
+        StreamConfig(crossfade_ms=100).validate().for_voice(DspVoice())
+    assert StreamConfig(crossfade_ms=100).for_voice(IdentityVoice()).crossfade_ms == 100
+    with pytest.raises(ValueError, match="for_voice"):
+        StreamLayout.from_config(StreamConfig(), SR)
+    assert parse_block_ms("auto") is None and parse_block_ms(" AUTO ") is None
+    assert parse_block_ms("80") == 80.0
+    with pytest.raises(UserError, match="--block-ms must be a number of ms or auto, got 'fast'"):
+        parse_block_ms("fast")

@@ -13,7 +13,14 @@ import torch
 from rtsvc.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.backends import open_model
 from rtsvc.bench import log_spectral_distance, sung_tone
-from rtsvc.engine import StreamConfig, StreamLayout, convert_stream
+from rtsvc.engine import (
+    DIT_CONTEXT_MS,
+    MODEL_BLOCK_MS,
+    StreamConfig,
+    StreamingConverter,
+    StreamLayout,
+    convert_stream,
+)
 from rtsvc.errors import UserError
 from rtsvc.f0 import F0Extractor, make_f0_extractor
 from rtsvc.feature_cache import ENC_HOP, F0_HOP, FeatureCache, FrameStore
@@ -105,11 +112,17 @@ class StubEncoder:
 # --- fixtures --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream_model")
     ckpt = make_tiny_dit_checkpoint(root / "tiny.ckpt")
     paths = resolve_pretrained(make_tiny_pretrained_dir(root / "pretrained"),
                                need=("contentvec", "whisper", "vocoder"))
+    return ckpt, paths
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_files):
+    ckpt, paths = tiny_files
     return open_model(ckpt, pretrained=paths, backend="torch", device="cpu", f0="dio")
 
 
@@ -334,3 +347,22 @@ def test_dit_context_sets_the_frames_the_dit_sees(tiny, clip):
     assert backend.frames[-1] == lay.window // HOP_LENGTH  # offline: always the whole window
     with pytest.raises(UserError, match="DiT context"):
         ModelVoice(backend, tiny.features, streaming=True, dit_context_ms=-1.0)
+
+
+def test_open_model_passes_the_dit_context_and_for_streaming_keeps_it(tiny, tiny_files):
+    ckpt, paths = tiny_files
+    assert tiny.dit_context_ms == DIT_CONTEXT_MS == 250.0 and tiny.for_streaming().dit_context_ms == 250.0
+    for streaming in (True, False):  # --dit-context-ms reaches live/serve and convert --stream/bench --gap
+        voice = open_model(ckpt, pretrained=paths, backend="torch", device="cpu", f0="dio",
+                           streaming=streaming, dit_context_ms=40.0)
+        assert voice.streaming is streaming and voice.dit_context_ms == 40.0
+        assert voice.for_streaming().dit_context_ms == 40.0 and voice.fork().dit_context_ms == 40.0
+        assert voice.for_streaming(dit_context_ms=None).dit_context_ms is None  # None: the whole window
+
+
+def test_a_model_voice_gets_the_model_block_unless_one_is_given(tiny):
+    voice = tiny.for_streaming()
+    auto = StreamingConverter(voice, config=StreamConfig())
+    assert auto.config.block_ms == MODEL_BLOCK_MS == 150.0 and auto.layout.block == 13 * HOP_LENGTH
+    explicit = StreamingConverter(voice, config=StreamConfig(block_ms=50.0))
+    assert explicit.layout.block == 4 * HOP_LENGTH

@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from rtsvc.engine import StreamConfig, StreamLayout
+from rtsvc.engine import DSP_BLOCK_MS, StreamConfig, StreamLayout
 from rtsvc.errors import UserError
 from rtsvc.server import ServerConfig, StreamServer, VoiceSource, check_config, dsp_source
 from rtsvc.settings import Knobs
@@ -146,7 +146,7 @@ def test_round_trip_accounts_for_every_sample(fmt, rate):
     result, summary = run(main())
     ready, flushed, out = result["ready"], result["flushed"], result["out"]
     assert ready["sample_rate"] == rate and ready["format"] == fmt and ready["speakers"] == ["dsp"]
-    default = StreamLayout.from_config(StreamConfig(), 44100)  # the engine runs at 44.1 kHz
+    default = StreamLayout.from_config(StreamConfig(block_ms=DSP_BLOCK_MS), 44100)  # auto, DSP; at 44.1 kHz
     assert ready["latency_ms"] == pytest.approx(default.latency * 1000 / 44100, abs=0.01)
     assert flushed["samples_in"] == flushed["samples_out"] == audio.shape[0] == out.shape[0]
     assert summary["samples_in"] == summary["samples_out"] == audio.shape[0]

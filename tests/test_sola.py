@@ -51,3 +51,20 @@ def test_crossfade_of_identical_signals_is_identity():
     np.testing.assert_allclose(crossfade(x, x), x, atol=1e-6)
     with pytest.raises(ValueError):
         crossfade(x, x[:-1])
+
+
+def test_numpy_correlation_equals_scipy_direct_and_fft():
+    from scipy.signal import correlate
+
+    import rtsvc.sola as sola
+
+    rng = np.random.default_rng(3)
+    for n, m in ((1544, 1103), (40, 40), (9000, 4000)):  # the defaults' size, no search, the FFT path
+        head, ref = rng.standard_normal(n), rng.standard_normal(m)
+        expected = correlate(head, ref, mode="valid")
+        for direct_max in (sola.DIRECT_MAX, 0):  # as chosen, and forced onto the FFT
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(sola, "DIRECT_MAX", direct_max)
+                got = sola.correlate_valid(head, ref)
+            assert got.shape == expected.shape
+            assert np.max(np.abs(got - expected)) < 1e-9 * np.max(np.abs(expected))
