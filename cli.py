@@ -134,7 +134,7 @@ def live(
     providers: Providers = None, contentvec: ContentVec = None, whisper: Whisper = None,
     vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
-    """Microphone -> voice -> speaker in real time. Keys: up/down pitch, g/G gate, q quit (see docs)."""
+    """Microphone -> voice -> speaker in real time. Keys: up/down pitch, f/F formant, g/G gate, q quit."""
     from rtsvc.live import check_live_options, find_devices, live_summary, open_voice, run_live
     from rtsvc.settings import RuntimeSettings, validate_knobs
 

@@ -13,10 +13,12 @@ line up sample for sample; `--raw` keeps the stream as it came.
 import argparse
 import asyncio
 import json
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
 
 DTYPES = {"s16le": "<i2", "f32le": "<f4"}
 
@@ -75,21 +77,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("input", help="input audio file (any soundfile format; mixed to mono)")
     parser.add_argument("output", help="output WAV, at the input's sample rate")
-    parser.add_argument("--url", default="ws://127.0.0.1:8765/v1/stream", help="server endpoint")
-    parser.add_argument("--token", help="the server's --token, if it has one")
-    parser.add_argument("--format", choices=sorted(DTYPES), default="s16le", help="wire format")
-    parser.add_argument("--chunk-ms", type=float, default=20.0, help="milliseconds of audio per frame")
-    parser.add_argument("--speaker", help="target speaker (see the ready message)")
-    parser.add_argument("--pitch", type=float, default=0.0, help="pitch shift in semitones")
-    parser.add_argument("--realtime", action="store_true", help="send at the audio's own pace")
+    parser.add_argument("--url", default="ws://127.0.0.1:8765/v1/stream",
+                        help="server endpoint (default: %(default)s)")
+    parser.add_argument("--token", help="the server's --token, if it has one (default: none)")
+    parser.add_argument("--format", choices=sorted(DTYPES), default="s16le",
+                        help="wire format (default: %(default)s)")
+    parser.add_argument("--chunk-ms", type=float, default=20.0,
+                        help="milliseconds of audio per frame (default: %(default)g)")
+    parser.add_argument("--speaker", help="target speaker (default: the server's)")
+    parser.add_argument("--pitch", type=float, default=0.0,
+                        help="pitch shift in semitones (default: %(default)g)")
+    parser.add_argument("--realtime", action="store_true",
+                        help="send at the audio's own pace (default: as fast as possible)")
     parser.add_argument("--raw", action="store_true", help="keep the server's latency in the output")
     args = parser.parse_args()
 
-    audio, rate = sf.read(args.input, dtype="float32", always_2d=True)
+    try:
+        if not Path(args.input).is_file():
+            raise FileNotFoundError("no such file")
+        audio, rate = sf.read(args.input, dtype="float32", always_2d=True)
+    except (sf.SoundFileError, OSError) as err:
+        parser.exit(2, f"error: cannot read {args.input}: {err}\n")
     audio = audio.mean(axis=1)
     knobs = {"pitch_shift": args.pitch, **({"speaker": args.speaker} if args.speaker else {})}
-    out, ready = asyncio.run(stream_file(audio, rate, args.url, args.format, args.chunk_ms, args.token,
-                                         knobs, args.realtime))
+    try:
+        out, ready = asyncio.run(stream_file(audio, rate, args.url, args.format, args.chunk_ms, args.token,
+                                             knobs, args.realtime))
+    except (OSError, WebSocketException) as err:  # refused, unreachable, bad URL, dropped connection
+        parser.exit(2, f"error: cannot stream to {args.url} ({err}); is `rtsvc serve` running there?\n")
     if not args.raw:
         lag = int(round(ready["latency_ms"] * rate / 1000))
         out = np.concatenate((out[lag:], np.zeros(min(lag, len(out)), np.float32)))

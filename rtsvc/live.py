@@ -10,6 +10,7 @@ primed again. Overruns (the worker falling behind, or the output clock running s
 input clock) drop the oldest audio and are counted.
 """
 
+import os
 import queue
 import select
 import sys
@@ -205,13 +206,25 @@ class KeyReader:
             while not self.state.stop.is_set():
                 if not select.select([fd], [], [], 0.1)[0]:
                     continue
-                key = sys.stdin.read(1)
-                if key == "\x1b":  # arrow keys arrive as ESC [ A/B
-                    while select.select([fd], [], [], 0.01)[0] and len(key) < 3:
-                        key += sys.stdin.read(1)
-                self.apply(key)
+                # os.read, not sys.stdin.read(1): the text layer buffers the rest of an arrow key's
+                # escape sequence, where select() cannot see it.
+                for key in split_keys(os.read(fd, 64).decode(errors="ignore")):
+                    self.apply(key)
         finally:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def split_keys(data: str) -> list[str]:
+    """Keys in what one terminal read returned: single characters, arrows as ESC [ A (or ESC O A)."""
+    keys, i = [], 0
+    while i < len(data):
+        if data[i] == "\x1b" and i + 2 < len(data) and data[i + 1] in "[O":
+            keys.append("\x1b[" + data[i + 2])
+            i += 3
+        else:
+            keys.append(data[i])
+            i += 1
+    return keys
 
 
 def _wait_for_input(state: LiveState, console, timeout: float = INPUT_WAIT_S) -> None:

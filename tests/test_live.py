@@ -1,8 +1,11 @@
 """Live audio for real: `rtsvc live` between two PulseAudio null sinks, plus device lookup units."""
 
+import os
+import pty
 import shutil
 import subprocess
 import sys
+import termios
 import threading
 import time
 import warnings
@@ -13,7 +16,7 @@ import soundfile as sf
 
 from rtsvc.bench import PulseServer, start_live, sung_tone, wait_for_start
 from rtsvc.errors import UserError
-from rtsvc.live import KeyReader, LiveState, OutputFifo, find_device
+from rtsvc.live import KeyReader, LiveState, OutputFifo, find_device, split_keys
 from rtsvc.settings import RuntimeSettings
 
 with warnings.catch_warnings():
@@ -122,6 +125,33 @@ def test_output_fifo_primes_counts_underruns_and_caps_growth():
         pushes += 1
     assert pushes == 10  # 100 primed + 10 * 100 > 1000
     assert fifo.level <= 500  # an overrun cuts back to half the cap, not just under it
+
+
+def test_key_reader_reads_arrow_keys_from_a_terminal(monkeypatch):
+    """The reader thread on a real pty: an arrow key arrives as one 3-byte write (as terminals send it)."""
+    master, slave = pty.openpty()
+    settings, state = RuntimeSettings(), LiveState()
+    with open(slave) as tty_in:
+        monkeypatch.setattr(sys, "stdin", tty_in)
+        keys = KeyReader(settings, state)
+        keys.start()
+        try:
+            deadline = time.monotonic() + 5
+            while termios.tcgetattr(slave)[3] & termios.ICANON and time.monotonic() < deadline:
+                time.sleep(0.01)  # type only once the reader has put the terminal in cbreak mode
+            os.write(master, b"\x1b[A\x1b[A\x1bOBf")
+            while settings.snapshot().formant_shift == 1.0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            knobs = settings.snapshot()
+            assert knobs.pitch_shift == 1 and knobs.formant_shift == pytest.approx(0.95)
+            os.write(master, b"q")
+            keys.join()
+            assert state.stop.is_set()
+        finally:
+            state.stop.set()
+            keys.join()
+    os.close(master)
+    assert split_keys("+\x1b[Bq") == ["+", "\x1b[B", "q"]
 
 
 def test_keys_change_knobs_and_quit():
