@@ -105,6 +105,10 @@ def main() -> None:
                                              knobs, args.realtime))
     except (OSError, WebSocketException) as err:  # refused, unreachable, bad URL, dropped connection
         parser.exit(2, f"error: cannot stream to {args.url} ({err}); is `rtsvc serve` running there?\n")
+    except SystemExit as err:  # the server refused or ended the stream: its reason, exit 2
+        if isinstance(err.code, str):
+            parser.exit(2, f"error: {err.code}\n")
+        raise
     if not args.raw:
         lag = int(round(ready["latency_ms"] * rate / 1000))
         out = np.concatenate((out[lag:], np.zeros(min(lag, len(out)), np.float32)))
