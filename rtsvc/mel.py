@@ -41,21 +41,32 @@ def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
     return freqs
 
 
+def _hz_to_mel_htk(freq: np.ndarray) -> np.ndarray:
+    return 2595.0 * np.log10(1.0 + np.asarray(freq, dtype=np.float64) / 700.0)
+
+
+def _mel_to_hz_htk(mels: np.ndarray) -> np.ndarray:
+    return 700.0 * (10.0 ** (np.asarray(mels, dtype=np.float64) / 2595.0) - 1.0)
+
+
 @lru_cache(maxsize=8)
 def mel_filterbank(
     sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS,
-    fmin: float = FMIN, fmax: float = FMAX,
+    fmin: float = FMIN, fmax: float = FMAX, htk: bool = False,
 ) -> np.ndarray:
-    """librosa.filters.mel(htk=False, norm='slaney') re-derived: [n_mels, n_fft // 2 + 1]."""
+    """librosa.filters.mel(htk=htk, norm='slaney') re-derived: [n_mels, n_fft // 2 + 1].
+
+    The vocoder's mel uses the slaney scale; RMVPE's front end uses the HTK scale (`htk=True`).
+    """
+    to_mel, to_hz = (_hz_to_mel_htk, _mel_to_hz_htk) if htk else (_hz_to_mel, _mel_to_hz)
     fft_freqs = np.linspace(0, sample_rate / 2, 1 + n_fft // 2)
-    mel_points = _mel_to_hz(np.linspace(_hz_to_mel(np.array([fmin]))[0], _hz_to_mel(np.array([fmax]))[0],
-                                        n_mels + 2))
+    mel_points = to_hz(np.linspace(to_mel(np.array([fmin]))[0], to_mel(np.array([fmax]))[0], n_mels + 2))
     fdiff = np.diff(mel_points)
     ramps = mel_points[:, None] - fft_freqs[None, :]
     lower = -ramps[:-2] / fdiff[:-1, None]
     upper = ramps[2:] / fdiff[1:, None]
     weights = np.maximum(0.0, np.minimum(lower, upper))
-    weights *= (2.0 / (mel_points[2:] - mel_points[:-2]))[:, None]
+    weights *= (2.0 / (mel_points[2:] - mel_points[:-2]))[:, None]  # slaney area normalisation
     return weights.astype(np.float32)
 
 

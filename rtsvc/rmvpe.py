@@ -11,7 +11,6 @@ max(mel, 1e-5). Output: F0 in Hz per 10 ms frame, 0 where the peak salience is u
 """
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtsvc.errors import UserError
+from rtsvc.mel import mel_filterbank
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160  # 10 ms: 100 frames per second
@@ -66,26 +66,9 @@ class RmvpeConfig:
 
 # ---------------------------------------------------------------- front end
 
-def _hz_to_mel_htk(freq: np.ndarray) -> np.ndarray:
-    return 2595.0 * np.log10(1.0 + np.asarray(freq, dtype=np.float64) / 700.0)
-
-
-def _mel_to_hz_htk(mels: np.ndarray) -> np.ndarray:
-    return 700.0 * (10.0 ** (np.asarray(mels, dtype=np.float64) / 2595.0) - 1.0)
-
-
-@lru_cache(maxsize=2)
 def mel_filterbank_htk() -> np.ndarray:
     """librosa.filters.mel(sr=16000, n_fft=1024, n_mels=128, fmin=30, fmax=8000, htk=True): [128, 513]."""
-    fft_freqs = np.linspace(0, SAMPLE_RATE / 2, 1 + N_FFT // 2)
-    mel_points = _mel_to_hz_htk(np.linspace(_hz_to_mel_htk(MEL_FMIN), _hz_to_mel_htk(MEL_FMAX), N_MELS + 2))
-    fdiff = np.diff(mel_points)
-    ramps = mel_points[:, None] - fft_freqs[None, :]
-    lower = -ramps[:-2] / fdiff[:-1, None]
-    upper = ramps[2:] / fdiff[1:, None]
-    weights = np.maximum(0.0, np.minimum(lower, upper))
-    weights *= (2.0 / (mel_points[2:] - mel_points[:-2]))[:, None]  # slaney area normalisation
-    return weights.astype(np.float32)
+    return mel_filterbank(SAMPLE_RATE, N_FFT, N_MELS, MEL_FMIN, MEL_FMAX, htk=True)
 
 
 def rmvpe_log_mel(audio: torch.Tensor) -> torch.Tensor:
