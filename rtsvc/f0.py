@@ -142,9 +142,12 @@ def make_f0_extractor(name: str = "rmvpe", rmvpe_path: str | Path | None = None,
 
 
 def f0_to_mel_frames(f0: np.ndarray, n_frames: int, frame_rate: float = F0_FRAME_RATE,
-                     sample_rate: int = SAMPLE_RATE, hop_length: int = HOP_LENGTH) -> np.ndarray:
+                     sample_rate: int = SAMPLE_RATE, hop_length: int = HOP_LENGTH,
+                     f0_start: int = 0, mel_start: int = 0) -> np.ndarray:
     """Upstream `post_process_f0`: fill unvoiced gaps, resample to mel frame times, re-zero unvoiced.
 
+    `f0_start` / `mel_start` are the stream indices of the first F0 frame and the first mel frame
+    wanted (a streaming window's F0 slice and mel frames sit on the stream's clock; 0 for a clip).
     A clip with no voiced frame stays all zeros. Returns float32 [n_frames].
     """
     f0 = np.asarray(f0, dtype=np.float64).reshape(-1).copy()
@@ -156,8 +159,8 @@ def f0_to_mel_frames(f0: np.ndarray, n_frames: int, frame_rate: float = F0_FRAME
     if uv.all():
         return np.zeros(n_frames, dtype=np.float32)
     f0 = interpolate_unvoiced(f0).astype(np.float64)
-    src_t = np.arange(len(f0)) / frame_rate
-    dst_t = np.arange(n_frames) * hop_length / sample_rate
+    src_t = (f0_start + np.arange(len(f0))) / frame_rate
+    dst_t = (mel_start + np.arange(n_frames)) * hop_length / sample_rate
     out = np.interp(dst_t, src_t, f0)
     out[np.interp(dst_t, src_t, uv.astype(np.float64)) > 0.5] = 0.0
     return out.astype(np.float32)

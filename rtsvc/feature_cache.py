@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from rtsvc.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, N_FFT, SAMPLE_RATE, resample
+from rtsvc.f0 import f0_to_mel_frames
 
 F0_HOP = 441  # samples at 44.1 kHz per F0 frame (10 ms; 160 at 16 kHz)
 ENC_HOP = 882  # samples at 44.1 kHz per encoder frame (20 ms; 320 at 16 kHz)
@@ -253,18 +254,9 @@ class FeatureCache:
         """`rtsvc.f0.f0_to_mel_frames` on the raw frames spanning the window, on stream times."""
         ja = max(s // F0_HOP, self.f0.first)
         jb = min(-(-e // F0_HOP) + 1, self.f0.end)
-        raw = self.f0.rows[ja - self.f0.first: jb - self.f0.first].double().numpy()
-        uv = raw <= 0
-        if raw.size == 0 or uv.all():
-            return torch.zeros(n, dtype=torch.float32, device=self.features.device)
-        filled = raw.copy()
-        if uv.any():
-            filled[uv] = np.interp(np.flatnonzero(uv), np.flatnonzero(~uv), raw[~uv])
-        src_t = np.arange(ja, jb, dtype=np.float64) * F0_HOP
-        dst_t = np.arange(k0, k0 + n, dtype=np.float64) * HOP_LENGTH
-        out = np.interp(dst_t, src_t, filled)
-        out[np.interp(dst_t, src_t, uv.astype(np.float64)) > 0.5] = 0.0
-        return torch.from_numpy(out.astype(np.float32)).to(self.features.device)
+        raw = self.f0.rows[ja - self.f0.first: jb - self.f0.first].numpy()
+        out = f0_to_mel_frames(raw, n, f0_start=ja, mel_start=k0)
+        return torch.from_numpy(out).to(self.features.device)
 
     def _lap(self, name: str, started: float) -> None:
         self.last_ms[name] += (time.perf_counter() - started) * 1000.0
