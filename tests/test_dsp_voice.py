@@ -4,8 +4,8 @@ import warnings
 
 import numpy as np
 import pytest
-import scipy.signal
 
+from rtsvc.bench import log_spectral_distance
 from rtsvc.dsp_voice import DspVoice, shift_envelope
 from rtsvc.engine import StreamConfig, convert_stream
 from rtsvc.errors import UserError
@@ -32,14 +32,6 @@ def median_f0(y, start=0.0, stop=None):
     y = y[int(start * SR): None if stop is None else int(stop * SR)].astype(np.float64)
     f0, _ = pyworld.harvest(y, SR, frame_period=10)
     return float(np.median(f0[f0 > 0]))
-
-
-def log_spectral_distance(a, b):
-    """Mean over frames of the RMS dB difference of the power spectra."""
-    _, _, sa = scipy.signal.stft(a, SR, nperseg=2048, noverlap=1536)
-    _, _, sb = scipy.signal.stft(b, SR, nperseg=2048, noverlap=1536)
-    la, lb = (10 * np.log10(np.abs(s) ** 2 + 1e-8) for s in (sa, sb))
-    return float(np.mean(np.sqrt(np.mean((la - lb) ** 2, axis=0))))
 
 
 @pytest.fixture(scope="module")
