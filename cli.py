@@ -15,11 +15,13 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from rtsvc.engine import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS, StreamConfig, parse_block_ms
+from rtsvc.apps.live import JITTER_MS
+from rtsvc.apps.server import ServerConfig
+from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
-from rtsvc.live import JITTER_MS
-from rtsvc.server import ServerConfig
 from rtsvc.settings import MAX_PITCH_SHIFT, MAX_STEPS, Knobs
+from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
+from rtsvc.voices.spec import VoiceSpec, check_f0, open_voice
 
 app = typer.Typer(
     add_completion=False,
@@ -135,7 +137,7 @@ def live(
     vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
     """Microphone -> voice -> speaker in real time. Keys: up/down pitch, f/F formant, g/G gate, q quit."""
-    from rtsvc.live import check_live_options, find_devices, live_summary, open_voice, run_live
+    from rtsvc.apps.live import check_live_options, find_devices, live_summary, run_live
     from rtsvc.settings import RuntimeSettings, validate_knobs
 
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
@@ -144,9 +146,10 @@ def live(
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_live_options(input_rate, output_rate, duration, jitter_ms)
     dev_in, dev_out = find_devices(input, output)  # a wrong device fails before a model loads
-    voice = open_voice(model, pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
-                       rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
-                       speaker=speaker, providers=providers, streaming=True, dit_context_ms=dit_context_ms)
+    voice = open_voice(VoiceSpec(
+        model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
+        rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
+        providers=providers, streaming=True, dit_context_ms=dit_context_ms))
     result = run_live(voice, RuntimeSettings(knobs), config.for_voice(voice), input_device=dev_in["index"],
                       output_device=dev_out["index"], input_rate=input_rate, output_rate=output_rate,
                       duration=duration, record=record, jitter_ms=jitter_ms, console=console)
@@ -190,9 +193,8 @@ def serve(
 
     Knob options (pitch, gate, gains, steps...) are the defaults for new clients, which may change them.
     """
-    from rtsvc.live import open_voice
-    from rtsvc.server import check_config, dsp_source, model_source
-    from rtsvc.server import serve as run_server
+    from rtsvc.apps.server import check_config, dsp_source, model_source
+    from rtsvc.apps.server import serve as run_server
     from rtsvc.settings import validate_knobs
 
     config = ServerConfig(host=host, port=port, token=token, max_clients=max_clients,
@@ -204,9 +206,10 @@ def serve(
                                  cfg_strength=cfg_strength))
     stream_config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms,
                                  sola_search_ms).validate()
-    voice = open_voice(model, pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
-                       rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
-                       speaker=speaker, providers=providers, streaming=True, dit_context_ms=dit_context_ms)
+    voice = open_voice(VoiceSpec(
+        model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
+        rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
+        providers=providers, streaming=True, dit_context_ms=dit_context_ms))
     source = dsp_source() if model is None else model_source(voice, model.name)
 
     def ready(server) -> None:
@@ -242,10 +245,9 @@ def convert(
     dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
 ) -> None:
     """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
-    from rtsvc.audio import load_audio, save_audio
+    from rtsvc.dsp.audio import load_audio, save_audio
     from rtsvc.engine import convert_stream
-    from rtsvc.live import check_f0, open_voice
-    from rtsvc.model_voice import TARGET_LUFS, check_input_audio, check_output_path, convert_offline
+    from rtsvc.offline import TARGET_LUFS, check_input_audio, check_output_path, convert_offline
     from rtsvc.settings import validate_knobs
 
     check_f0(f0)
@@ -258,9 +260,10 @@ def convert(
         _say(f"note: the DSP voice uses pyworld for F0; --f0 {f0} is ignored")
     if model is not None and formant != 1.0:
         _say("note: --formant applies to the DSP voice only; ignored with --model")
-    voice = open_voice(model, pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
-                       rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
-                       speaker=speaker, providers=providers, streaming=stream, dit_context_ms=dit_context_ms)
+    voice = open_voice(VoiceSpec(
+        model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
+        rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
+        providers=providers, streaming=stream, dit_context_ms=dit_context_ms))
     with _progress_bar() as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
@@ -276,7 +279,7 @@ def convert(
 @app.command()
 def devices() -> None:
     """List audio devices (index, name, channels, default rate) for --input / --output."""
-    from rtsvc.live import devices_table, list_devices
+    from rtsvc.apps.live import devices_table, list_devices
 
     found = list_devices()
     if not found:
@@ -296,7 +299,6 @@ def prepare(
     device: Device = "auto", contentvec: ContentVec = None, whisper: Whisper = None, rmvpe: Rmvpe = None,
 ) -> None:
     """Prepare recordings for training: 44.1 kHz, -18 LUFS, sliced, features cached (resumable)."""
-    from rtsvc.live import check_f0
     from training.prepare import CACHE_DIR, find_sources, make_feature_fn, prepare_dataset
 
     f0 = check_f0(f0)
@@ -452,26 +454,26 @@ def bench(
     whisper: Whisper = None, vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
     """Per-block compute time (mean/p50/p99), real-time factor and latency per configuration."""
-    from rtsvc import bench as lib
+    from rtsvc.apps import bench as lib
+    from rtsvc.apps.loopback import loopback_report
 
     configs = [StreamConfig(block_ms=b, context_ms=context_ms, crossfade_ms=crossfade_ms).validate()
                for b in lib.parse_blocks(block_ms)]
     grid = lib.gap_grid(configs, lib.parse_list(crossfades, float, "--crossfades"),
                         lib.parse_list(sola_searches, float, "--sola-searches")) if gap else []
     devices_, backends = lib.bench_devices(device), backend.split(",")
-    open_args = dict(pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
-                     rmvpe=rmvpe, f0=f0, precision=precision, providers=providers,
+    spec = VoiceSpec(model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper,
+                     vocoder=vocoder, rmvpe=rmvpe, f0=f0, precision=precision, providers=providers,
                      dit_context_ms=dit_context_ms)
-    cases = lib.make_cases(configs, model, lib.parse_list(steps, int, "--steps"), backends, devices_,
-                           **open_args)
+    cases = lib.make_cases(configs, spec, lib.parse_list(steps, int, "--steps"), backends, devices_)
     wide = Console(width=None if sys.stdout.isatty() else 150)  # tables are not squeezed in logs
     lib.run_bench(cases, seconds, console=wide)
     if gap:  # a model's gap on the first device and backend
-        lib.run_gap(grid, model, console=wide, backend=backends[0], device=devices_[0], **open_args)
+        lib.run_gap(grid, spec.with_(backend=backends[0], device=devices_[0]), console=wide)
     if loopback:
         for config in lib.dsp_configs(configs):
             _say(f"loopback: starting PulseAudio and `rtsvc live` (DSP voice, block {config.block_ms:g} ms)")
-            wide.print(lib.loopback_report(config), highlight=False)
+            wide.print(loopback_report(config), highlight=False)
 
 
 @app.command()
@@ -492,7 +494,7 @@ def doctor(
                                         "look into. Default: pretrained/."),
 ) -> None:
     """Show versions, torch devices, working ONNX Runtime providers, audio devices, found components."""
-    from rtsvc.doctor import doctor_report, render_report
+    from rtsvc.apps.doctor import doctor_report, render_report
 
     Console().print(render_report(doctor_report(pretrained_dir)))
 

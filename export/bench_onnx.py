@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 
 from export.onnx_export import export_dit, export_vocoder
-from rtsvc.audio import HOP_LENGTH, SAMPLE_RATE
-from rtsvc.backends import TorchBackend
-from rtsvc.bundle import read_bundle, write_manifest
-from rtsvc.dit import DiT, DiTConfig
-from rtsvc.flow import Conditioning, sample
-from rtsvc.models import LoadedDiT
-from rtsvc.onnx_backend import OnnxBackend, choose_providers, short_name
-from rtsvc.vocoder import NsfHifiGan, VocoderConfig, draw_source_randomness
+from rtsvc.backends.bundle import read_bundle, write_manifest
+from rtsvc.backends.onnx_backend import OnnxBackend, choose_providers, short_name
+from rtsvc.backends.torch_backend import TorchBackend
+from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE
+from rtsvc.models.dit import DiT, DiTConfig
+from rtsvc.models.flow import Conditioning, sample
+from rtsvc.models.loading import LoadedDiT
+from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig, draw_source_randomness
 
 WARMUP = 2
 CFG = 2.0
@@ -129,10 +129,11 @@ def run_encoders(seconds_list: list[float], whisper_layers: int, repeats: int, t
     from transformers import HubertConfig, WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
-    from export.onnx_export import ContentVecGraph, WhisperGraph, _export
-    from rtsvc.contentvec import HubertModelWithFinalProj
-    from rtsvc.onnx_backend import make_session
-    from rtsvc.whisper_encoder import WhisperEncoder
+    from export.graphs import ContentVecGraph, WhisperGraph
+    from export.onnx_export import _export
+    from rtsvc.backends.onnx_backend import make_session
+    from rtsvc.features.contentvec import HubertModelWithFinalProj
+    from rtsvc.features.whisper import WhisperEncoder
 
     torch.manual_seed(0)
     hubert = ContentVecGraph(HubertModelWithFinalProj(HubertConfig()).eval())

@@ -1,6 +1,6 @@
 """torch -> ONNX for the DiT (its CFG velocity), the vocoder and optionally the feature encoders.
 
-Graphs (names fixed in `rtsvc.bundle`, described in docs/bundle.md):
+Graphs (names fixed in `rtsvc.backends.bundle`, described in docs/bundle.md):
   dit.onnx      x [b, n, 128], t [b], spk [b] int64, f0 [b, n], rms [b, n], cvec [b, n, 768],
                 whisper [b, n, 1280], cfg_strength [] -> velocity [b, n, 128]
                 The null-whisper and full branches run as one batch of 2b inside the graph;
@@ -21,15 +21,28 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from export.graphs import (
+    ContentVecGraph,
+    DitCfgVelocity,
+    VocoderGraph,
+    WhisperGraph,
+    dit_example,
+    vocoder_example,
+)
+from export.parity import (
+    ParityRow,
+    check_contentvec,
+    check_dit,
+    check_vocoder,
+    check_whisper,
+    default_tolerance,
+)
 from rtsvc import __version__
-from rtsvc.audio import ENCODER_SAMPLE_RATE, FMAX, FMIN, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH
-from rtsvc.bundle import (
+from rtsvc.backends.bundle import (
     DIT_FILE,
     DIT_INPUTS,
     DIT_OUTPUT,
@@ -40,17 +53,22 @@ from rtsvc.bundle import (
     sha256_file,
     write_manifest,
 )
-from rtsvc.dit import DiT
+from rtsvc.dsp.audio import (
+    ENCODER_SAMPLE_RATE,
+    FMAX,
+    FMIN,
+    HOP_LENGTH,
+    N_FFT,
+    N_MELS,
+    SAMPLE_RATE,
+    WIN_LENGTH,
+)
+from rtsvc.dsp.mel import CLAMP_MIN, LOG_MEL_MAX, LOG_MEL_MIN
 from rtsvc.errors import UserError
-from rtsvc.flow import Conditioning, cfg_velocity
-from rtsvc.mel import CLAMP_MIN, LOG_MEL_MAX, LOG_MEL_MIN
-from rtsvc.models import LoadedDiT, load_dit, load_vocoder
+from rtsvc.models.dit import DiT
+from rtsvc.models.loading import LoadedDiT, load_dit, load_vocoder
+from rtsvc.models.vocoder import HARMONIC_NUM, NsfHifiGan
 from rtsvc.pretrained import DEFAULT_PRETRAINED_DIR, LAYOUT, resolve_pretrained
-from rtsvc.vocoder import HARMONIC_NUM, NsfHifiGan
-from rtsvc.whisper_encoder import LAYER_INDEX
-
-if TYPE_CHECKING:
-    from export.parity import ParityRow
 
 DEFAULT_OPSET = 17
 TRACE_FRAMES = 40  # frames of the example input used to trace (any length works afterwards)
@@ -59,67 +77,6 @@ ProgressFn = Callable[[str], None]  # called with a label before each step
 MAX_OPSET = 21  # newest opset ONNX Runtime 1.18+ runs everywhere
 DEFAULT_STEPS = 32  # upstream offline default; streaming overrides it with its own knob
 DEFAULT_CFG = 2.0
-
-
-class DitCfgVelocity(nn.Module):
-    """The DiT's classifier-free-guided velocity in one call (what the sampler needs per step).
-
-    Traced through `rtsvc.flow.cfg_velocity` itself (null and full branch as one batch of 2b), so
-    the graph computes exactly what the torch backend does. The trace takes the batched branch;
-    at cfg_strength 0 the graph still runs both halves and returns v_null, the same value.
-    """
-
-    def __init__(self, dit: DiT, half: bool = False):
-        super().__init__()
-        self.dit = dit
-        self.dtype = torch.float16 if half else torch.float32
-
-    def forward(self, x, t, spk, f0, rms, cvec, whisper, cfg_strength):
-        d = self.dtype
-        cond = Conditioning(spk=spk, f0=f0.to(d), rms=rms.to(d), cvec=cvec.to(d), whisper=whisper.to(d))
-        return cfg_velocity(self.dit, x.to(d), t, cond, cfg_strength).float()
-
-
-class VocoderGraph(nn.Module):
-    """The vocoder with its source randomness as explicit inputs."""
-
-    def __init__(self, vocoder: NsfHifiGan, half: bool = False):
-        super().__init__()
-        self.vocoder = vocoder
-        self.dtype = torch.float16 if half else torch.float32
-
-    def forward(self, mel, f0, phase, noise):
-        # the harmonic source is computed in float32 (phase accumulation), then cast to mel's dtype
-        return self.vocoder(mel.to(self.dtype), f0, phase=phase, noise=noise).float()
-
-
-def dit_example(batch: int, frames: int, num_speaker: int, generator: torch.Generator | None = None):
-    """Random but plausible DiT inputs (voiced/unvoiced f0, small rms) in DIT_INPUTS order."""
-    g = generator
-    f0 = torch.rand(batch, frames, generator=g) * 700 + 80
-    f0[:, : max(1, frames // 5)] = 0.0  # an unvoiced stretch, as in real audio
-    return (
-        torch.randn(batch, frames, 128, generator=g),
-        torch.rand(batch, generator=g),
-        torch.randint(0, num_speaker, (batch,), generator=g),
-        f0,
-        torch.rand(batch, frames, generator=g) * 0.2,
-        torch.randn(batch, frames, 768, generator=g),
-        torch.randn(batch, frames, 1280, generator=g),
-        torch.tensor(2.0),
-    )
-
-
-def vocoder_example(batch: int, frames: int, hop: int, generator: torch.Generator | None = None):
-    """Random log-mel in the model's range, f0 with an unvoiced stretch, and the source draws."""
-    g = generator
-    mel = torch.randn(batch, 128, frames, generator=g) * 1.5 - 6.0
-    f0 = torch.rand(batch, frames, generator=g) * 500 + 100
-    f0[:, : max(1, frames // 5)] = 0.0
-    phase = torch.rand(1, 9, generator=g)
-    phase[:, 0] = 0.0
-    noise = torch.randn(batch, frames * hop, 9, generator=g)
-    return mel, f0, phase, noise
 
 
 def _export(module: nn.Module, example: tuple, path: Path, input_names: tuple[str, ...], output: str,
@@ -197,49 +154,10 @@ WHISPER_PREPROCESSOR_DIR = "whisper_preprocessor"
 ENCODER_TRACE_SAMPLES = 16000  # 1 s of 16 kHz audio
 
 
-class ContentVecGraph(nn.Module):
-    """audio [b, samples] at 16 kHz -> last_hidden_state [b, frames, 768]."""
-
-    def __init__(self, hubert: nn.Module):
-        super().__init__()
-        self.hubert = hubert
-
-    def forward(self, audio):
-        return self.hubert(audio).last_hidden_state
-
-
-class WhisperGraph(nn.Module):
-    """Whisper log-mel [b, 128, frames] (any frames up to 3000: the padded 30 s input or a streaming
-    window) and `position_offset` [] int64 -> hidden_states[-2] [b, ceil(frames / 2), d].
-
-    The same computation as `WhisperEncoder.hidden_from_mel`, with the position-embedding start
-    as a tensor (clamped so the window fits) so it stays an input of the graph.
-    """
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder.encoder  # rtsvc.whisper_encoder.WhisperEncoder -> transformers encoder
-        self.stop = LAYER_INDEX % (len(self.encoder.layers) + 1)  # layers before hidden_states[-2]
-
-    def forward(self, mel, position_offset):
-        enc = self.encoder
-        x = F.gelu(enc.conv1(mel))
-        x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
-        table = enc.embed_positions.weight
-        positions = torch.arange(x.shape[1], device=x.device)
-        last_start = table.shape[0] - positions.shape[0]  # the window must fit the table
-        start = torch.minimum(position_offset.clamp(min=0), last_start + positions[:1] * 0)
-        x = x + table[positions + start]
-        for layer in enc.layers[: self.stop]:
-            x = layer(x, None)
-        return x
-
-
 def export_encoders(paths, work: Path, opset: int, tolerance: float, step: ProgressFn):
     """ContentVec and Whisper encoder graphs + their parity rows; returns (rows, files, exporters)."""
-    from export.parity import check_contentvec, check_whisper
-    from rtsvc.contentvec import ContentVec
-    from rtsvc.whisper_encoder import WhisperEncoder
+    from rtsvc.features.contentvec import ContentVec
+    from rtsvc.features.whisper import WhisperEncoder
 
     step("exporting contentvec.onnx")
     cvec = ContentVec.load(paths.contentvec, "cpu")
@@ -273,7 +191,7 @@ def export_encoders(paths, work: Path, opset: int, tolerance: float, step: Progr
 @dataclass
 class ExportResult:
     path: Path  # the bundle (only written when `ok`)
-    rows: "list[ParityRow]"
+    rows: list[ParityRow]
     exporters: dict[str, str]  # graph -> exporter used
     ok: bool
 
@@ -332,7 +250,7 @@ def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encode
     }
 
 
-def _parity_summary(rows: "list[ParityRow]") -> dict:
+def _parity_summary(rows: list[ParityRow]) -> dict:
     out: dict[str, dict] = {}
     for r in rows:
         entry = out.setdefault(r.graph, {"max_abs": 0.0, "max_rel": 0.0, "frames": []})
@@ -354,7 +272,6 @@ def export_bundle(
     check replaces `out`, so a failed export never leaves a half bundle behind. The first graph
     that fails its check ends the export (its rows are in the result).
     """
-    from export.parity import check_dit, check_vocoder, default_tolerance  # parity imports this module
 
     step = progress or (lambda label: None)
     ckpt, out = Path(ckpt), Path(out)

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx_export import DitCfgVelocity, VocoderGraph, dit_example, vocoder_example
-from rtsvc.bundle import DIT_INPUTS, VOCODER_INPUTS
-from rtsvc.dit import DiT
-from rtsvc.onnx_backend import make_session
-from rtsvc.vocoder import NsfHifiGan
+from export.graphs import DitCfgVelocity, VocoderGraph, dit_example, vocoder_example
+from rtsvc.backends.bundle import DIT_INPUTS, VOCODER_INPUTS
+from rtsvc.backends.onnx_backend import make_session
+from rtsvc.models.dit import DiT
+from rtsvc.models.vocoder import NsfHifiGan
 
 DEFAULT_LENGTHS = (17, 64, 203)  # mel frames: 0.2 s, 0.74 s, 2.4 s
 FP32_TOLERANCE = 1e-4  # relative to the largest reference value

@@ -23,25 +23,19 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from rtsvc.audio import HOP_LENGTH, StreamResampler, db_to_gain
+from rtsvc.dsp.audio import HOP_LENGTH, StreamResampler, db_to_gain
+from rtsvc.dsp.sola import crossfade, find_sola_offset
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
-from rtsvc.sola import crossfade, find_sola_offset
 from rtsvc.voice import Voice
 
 GATE_FRAME_MS = 10.0  # the gate opens when any 10 ms frame of the block's region is above threshold
 STATS_WINDOW = 2000  # blocks kept for compute-time percentiles
-DSP_BLOCK_MS = 50.0  # 4 mel frames = 46.4 ms: DSP voice p99 ~0.45 of the block, 2 cores (docs/benchmarks.md)
-MODEL_BLOCK_MS = 150.0  # 13 frames = 150.9 ms: a model block costs 30-300 ms on a CPU (tiny: p99 0.28 of it)
-DIT_CONTEXT_MS = 250.0  # streaming model voices: left context the DiT sees before the vocoded frames
 
 
 def auto_block_ms(voice: Voice) -> float:
-    """The block length for `block_ms=None` ("auto"): DSP_BLOCK_MS for the built-in DSP voice,
-    MODEL_BLOCK_MS for anything else (a model, whose per-block cost is mostly fixed)."""
-    from rtsvc.dsp_voice import DspVoice  # lazy: pyworld
-
-    return DSP_BLOCK_MS if isinstance(voice, DspVoice) else MODEL_BLOCK_MS
+    """The block length for `block_ms=None` ("auto"): the one the voice declares."""
+    return float(voice.default_block_ms)
 
 
 def parse_block_ms(text: str, option: str = "--block-ms") -> float | None:

@@ -18,6 +18,7 @@ class Voice(Protocol):
 
     sample_rate: int
     speakers: list[str]
+    default_block_ms: float  # the engine's block for `--block-ms auto`
 
     def convert(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                 tail: int | None = None) -> np.ndarray: ...

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from scipy.signal import lfilter
 
-from rtsvc.features import window_fidelity
+from rtsvc.features.extractor import window_fidelity
 
 SR = 16000
 WINDOWS_S = (0.5, 1.0, 2.0, 4.0)
@@ -59,7 +59,7 @@ def random_whisper():
     from transformers import WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
-    from rtsvc.whisper_encoder import WhisperEncoder
+    from rtsvc.features.whisper import WhisperEncoder
 
     cfg = WhisperConfig(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048,
                         num_mel_bins=128, decoder_layers=0, vocab_size=16, pad_token_id=1, bos_token_id=2,
@@ -71,7 +71,7 @@ def random_whisper():
 def random_contentvec():
     from transformers import HubertConfig
 
-    from rtsvc.contentvec import ContentVec, HubertModelWithFinalProj
+    from rtsvc.features.contentvec import ContentVec, HubertModelWithFinalProj
 
     return ContentVec(HubertModelWithFinalProj(HubertConfig(classifier_proj_size=256)), torch.device("cpu"))
 
@@ -85,7 +85,7 @@ def main() -> None:
     clip = speechlike(12.0)
 
     if args.whisper:
-        from rtsvc.whisper_encoder import WhisperEncoder
+        from rtsvc.features.whisper import WhisperEncoder
 
         enc = WhisperEncoder.load(args.whisper)
     else:
@@ -108,7 +108,7 @@ def main() -> None:
         print(row(w, "short, positions at clip offset, vs whole clip", merge(shifted)))
 
     if args.contentvec:
-        from rtsvc.contentvec import ContentVec
+        from rtsvc.features.contentvec import ContentVec
 
         cv = ContentVec.load(args.contentvec)
     else:

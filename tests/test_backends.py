@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from rtsvc.backends import TorchBackend, open_model
+from rtsvc.backends.torch_backend import TorchBackend
 from rtsvc.errors import UserError
-from rtsvc.flow import Conditioning
-from rtsvc.models import load_dit, load_vocoder
+from rtsvc.models.flow import Conditioning
+from rtsvc.models.loading import load_dit, load_vocoder
 from rtsvc.pretrained import PretrainedPaths
+from rtsvc.voices.spec import VoiceSpec, open_model
 from tests.tiny_models import make_tiny_dit_checkpoint, make_tiny_vocoder
 
 
@@ -76,15 +77,15 @@ def test_open_model_dispatch_errors(tmp_path, tiny):
     ckpt, vocoder = tiny
     paths = PretrainedPaths(vocoder=str(vocoder))
     with pytest.raises(UserError, match="model not found"):
-        open_model(tmp_path / "nope.ckpt", paths)
+        open_model(VoiceSpec(model=tmp_path / "nope.ckpt"), paths)
     with pytest.raises(UserError, match="needs an exported .rtsvc bundle"):
-        open_model(ckpt, paths, backend="onnx")
+        open_model(VoiceSpec(model=ckpt, backend="onnx"), paths)
     with pytest.raises(UserError, match="unknown backend"):
-        open_model(ckpt, paths, backend="tensorflow")
+        open_model(VoiceSpec(model=ckpt, backend="tensorflow"), paths)
     bundle = tmp_path / "voice.rtsvc"
     bundle.mkdir()
     (bundle / "manifest.json").write_text("{}")
     with pytest.raises(UserError, match="runs on --backend onnx"):
-        open_model(bundle, paths, backend="torch")
+        open_model(VoiceSpec(model=bundle, backend="torch"), paths)
     with pytest.raises(UserError, match="vocoder not found"):
-        open_model(ckpt, PretrainedPaths(), backend="torch")
+        open_model(VoiceSpec(model=ckpt, backend="torch"), PretrainedPaths())

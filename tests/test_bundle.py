@@ -9,7 +9,14 @@ import json
 
 import pytest
 
-from rtsvc.bundle import FORMAT_VERSION, MANIFEST, bundle_components, read_bundle, sha256_file, write_manifest
+from rtsvc.backends.bundle import (
+    FORMAT_VERSION,
+    MANIFEST,
+    bundle_components,
+    read_bundle,
+    sha256_file,
+    write_manifest,
+)
 from rtsvc.errors import UserError
 from tests.cli_helpers import harmonic_tone, run_cli, write_wav
 from tests.tiny_encoders import make_tiny_pretrained_dir

@@ -9,14 +9,16 @@ import pytest
 import typer
 
 import cli
-import rtsvc.backends
-import rtsvc.bench
-import rtsvc.live
-from rtsvc.bench import streaming_gap
-from rtsvc.dsp_voice import DspVoice
-from rtsvc.engine import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS, StreamConfig
-from rtsvc.model_voice import ModelVoice
+import rtsvc.apps.bench
+import rtsvc.apps.live
+import rtsvc.apps.loopback
+import rtsvc.voices.spec
+from rtsvc.apps.bench import streaming_gap
+from rtsvc.engine import StreamConfig
 from rtsvc.settings import Knobs
+from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
+from rtsvc.voices.dsp import DspVoice
+from rtsvc.voices.model import ModelVoice
 from tests.cli_helpers import run_cli
 from tests.test_cli_errors import fails
 
@@ -66,7 +68,7 @@ def test_every_option_states_its_default_and_knob_defaults_follow_the_dataclasse
 
 @pytest.fixture
 def fake_devices(monkeypatch):
-    monkeypatch.setattr(rtsvc.live, "list_devices", lambda: DEVICES)
+    monkeypatch.setattr(rtsvc.apps.live, "list_devices", lambda: DEVICES)
 
 
 @pytest.mark.parametrize("args,words", [
@@ -129,11 +131,11 @@ def fake_model(tmp_path, monkeypatch):
     (pretrained / "rmvpe" / "model.pt").write_bytes(b"x")
     calls = []
 
-    def open_model(path, pretrained, **kwargs):
-        calls.append(dict(kwargs, path=path, pretrained=pretrained))
+    def open_model(spec, pretrained):
+        calls.append(dict(vars(spec), path=spec.model, pretrained=pretrained))
         return DspVoice()
 
-    monkeypatch.setattr(rtsvc.backends, "open_model", open_model)
+    monkeypatch.setattr(rtsvc.voices.spec, "open_model", open_model)
     return bundle, pretrained, calls
 
 
@@ -146,7 +148,7 @@ def test_live_passes_providers_and_asks_no_vocoder_of_a_bundle(fake_model, fake_
         return {"seconds": 1.0, "blocks": 3, "gated_blocks": 1, "compute_ms_mean": 2.0, "compute_ms_p99": 3.0,
                 "underruns": 0, "overruns": 0}
 
-    monkeypatch.setattr(rtsvc.live, "run_live", run_live)
+    monkeypatch.setattr(rtsvc.apps.live, "run_live", run_live)
     code, _, err = run_cli(["live", "--model", bundle, "--pretrained-dir", pretrained, "--providers", "cpu",
                             "--pitch", "3", "--block-ms", "100", "--input", "mic", "--dit-context-ms", "100"],
                            capsys, monkeypatch)
@@ -163,11 +165,11 @@ def test_live_passes_providers_and_asks_no_vocoder_of_a_bundle(fake_model, fake_
 def test_live_block_is_auto_per_voice_and_explicit_values_win(fake_model, fake_devices, capsys, monkeypatch):
     bundle, pretrained, _ = fake_model
     model = ModelVoice(SimpleNamespace(speakers={"alice": 0}), features=None)  # never converts here
-    monkeypatch.setattr(rtsvc.backends, "open_model", lambda *args, **kwargs: model)
+    monkeypatch.setattr(rtsvc.voices.spec, "open_model", lambda *args, **kwargs: model)
     seen = []
     result = {"seconds": 1.0, "blocks": 1, "gated_blocks": 0, "compute_ms_mean": 2.0, "compute_ms_p99": 3.0,
               "underruns": 0, "overruns": 0}
-    monkeypatch.setattr(rtsvc.live, "run_live",
+    monkeypatch.setattr(rtsvc.apps.live, "run_live",
                         lambda voice, settings, config, **kw: seen.append(config) or result)
     for args in ([], ["--model", bundle, "--pretrained-dir", pretrained], ["--block-ms", "auto"],
                  ["--model", bundle, "--pretrained-dir", pretrained, "--block-ms", "70"]):
@@ -179,7 +181,8 @@ def test_live_block_is_auto_per_voice_and_explicit_values_win(fake_model, fake_d
 
 def test_bench_loopback_measures_every_block_and_the_table_has_the_real_time_margin(capsys, monkeypatch):
     measured = []
-    monkeypatch.setattr(rtsvc.bench, "loopback_report", lambda config: measured.append(config) or "ok")
+    monkeypatch.setattr(rtsvc.apps.loopback, "loopback_report",
+                        lambda config: measured.append(config) or "ok")
     code, out, err = run_cli(["bench", "--block-ms", "auto,100,50", "--seconds", "0.3", "--loopback"],
                              capsys, monkeypatch)
     assert code == 0, err

@@ -7,11 +7,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from rtsvc.backends import open_model
 from rtsvc.errors import UserError
-from rtsvc.model_voice import convert_offline
+from rtsvc.offline import convert_offline
 from rtsvc.pretrained import resolve_pretrained
 from rtsvc.settings import Knobs
+from rtsvc.voices.defaults import MODEL_BLOCK_MS
+from rtsvc.voices.spec import VoiceSpec, open_model
 from tests.cli_helpers import SR, harmonic_tone, run_cli, write_wav
 from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
@@ -83,6 +84,7 @@ class EchoVoice:
 
     sample_rate = SR
     speakers = ["echo"]
+    default_block_ms = MODEL_BLOCK_MS  # what `auto` gave any voice but the DSP voice
 
     def __init__(self, gain: float = 1.0):
         self.gain, self.calls, self.resets = gain, [], 0
@@ -163,7 +165,7 @@ def test_tiny_model_through_the_cli(tiny_model, tmp_path, capsys, monkeypatch):
 def tiny_voice(tiny_model):
     ckpt, pretrained = tiny_model
     paths = resolve_pretrained(pretrained, need=("contentvec", "whisper", "vocoder"))
-    voice = open_model(ckpt, pretrained=paths, backend="torch", device="cpu", f0="dio")
+    voice = open_model(VoiceSpec(model=ckpt, backend="torch", device="cpu", f0="dio", streaming=False), paths)
     voice.whisper_pad_30s = False  # short clips: keeps the tiny Whisper cheap
     return voice
 
@@ -198,9 +200,9 @@ def test_model_voice_unknown_speaker_lists_valid_ones(tiny_voice):
 
 def test_model_voice_equals_the_pipeline_composed_by_hand(tiny_voice):
     """features (shifted F0) -> flow.sample_mel with frame noise -> vocoder with the same F0."""
-    from rtsvc.audio import ENCODER_SAMPLE_RATE, resample
-    from rtsvc.flow import Conditioning, counter_normal, sample_mel
-    from rtsvc.model_voice import HARMONICS, NOISE_SEED_SALT, base_phase
+    from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, resample
+    from rtsvc.models.flow import Conditioning, counter_normal, sample_mel
+    from rtsvc.voices.model import HARMONICS, NOISE_SEED_SALT, base_phase
 
     audio = harmonic_tone(0.5, 160.0)[: 40 * 512]
     knobs = Knobs(steps=3, seed=5, pitch_shift=12.0, cfg_strength=1.5, speaker="bob")

@@ -9,9 +9,9 @@ import types
 import pytest
 import torch
 
-from rtsvc.dit import DiT, DiTConfig, apply_rotary, sinusoidal_time
 from rtsvc.errors import UserError
-from rtsvc.models import load_dit
+from rtsvc.models.dit import DiT, DiTConfig, apply_rotary, sinusoidal_time
+from rtsvc.models.loading import load_dit
 from tests.tiny_models import make_tiny_dit_checkpoint, make_tiny_vocoder, tiny_dit_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

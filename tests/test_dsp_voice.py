@@ -5,11 +5,11 @@ import warnings
 import numpy as np
 import pytest
 
-from rtsvc.bench import log_spectral_distance
-from rtsvc.dsp_voice import DspVoice, shift_envelope
+from rtsvc.apps.bench import log_spectral_distance
 from rtsvc.engine import StreamConfig, convert_stream
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
+from rtsvc.voices.dsp import DspVoice, shift_envelope
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

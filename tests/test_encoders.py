@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rtsvc.contentvec import ContentVec
 from rtsvc.errors import UserError
-from rtsvc.features import resize_frames
-from rtsvc.whisper_encoder import WhisperEncoder
+from rtsvc.features.contentvec import ContentVec
+from rtsvc.features.frames import resize_frames
+from rtsvc.features.whisper import WhisperEncoder
 from tests.tiny_encoders import make_tiny_contentvec, make_tiny_whisper
 
 

@@ -4,8 +4,6 @@ import numpy as np
 import pytest
 
 from rtsvc.engine import (
-    DSP_BLOCK_MS,
-    MODEL_BLOCK_MS,
     RateAdapter,
     StreamConfig,
     StreamingConverter,
@@ -15,6 +13,7 @@ from rtsvc.engine import (
 )
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
+from rtsvc.voices.defaults import DSP_BLOCK_MS, MODEL_BLOCK_MS
 
 SR = 44100
 
@@ -24,6 +23,7 @@ class IdentityVoice:
 
     sample_rate = SR
     speakers = ["identity"]
+    default_block_ms = MODEL_BLOCK_MS  # what `auto` gave any voice but the DSP voice
 
     def __init__(self):
         self.calls, self.resets = [], 0
@@ -42,6 +42,7 @@ class PhaseJumpVoice:
 
     sample_rate = SR
     speakers = ["tone"]
+    default_block_ms = MODEL_BLOCK_MS  # what `auto` gave any voice but the DSP voice
 
     def __init__(self, freq=441.0, seed=0):
         self.freq, self.rng = freq, np.random.default_rng(seed)
@@ -209,7 +210,7 @@ def test_rate_adapter_exact_accounting_and_delay(rate):
 
 
 def test_auto_block_is_the_dsp_block_for_the_dsp_voice_and_the_model_block_otherwise():
-    from rtsvc.dsp_voice import DspVoice
+    from rtsvc.voices.dsp import DspVoice
 
     assert StreamConfig().block_ms is None  # auto
     assert StreamingConverter(DspVoice(), config=StreamConfig()).layout.block == 4 * 512  # 46.4 ms

@@ -15,16 +15,16 @@ import torch
 import cli
 from export.onnx_export import export_bundle, export_dit
 from export.parity import check_dit
-from rtsvc.audio import resample
-from rtsvc.backends import TorchBackend
-from rtsvc.bundle import bundle_components, read_bundle, sha256_file
+from rtsvc.backends.bundle import bundle_components, read_bundle, sha256_file
+from rtsvc.backends.onnx_backend import CPU, OnnxBackend, choose_providers, parse_providers, provider_works
+from rtsvc.backends.torch_backend import TorchBackend
+from rtsvc.dsp.audio import resample
 from rtsvc.errors import UserError
-from rtsvc.features import FeatureExtractor
-from rtsvc.flow import Conditioning
-from rtsvc.models import load_dit
-from rtsvc.onnx_backend import CPU, OnnxBackend, choose_providers, parse_providers, provider_works
+from rtsvc.features.extractor import FeatureExtractor
+from rtsvc.models.flow import Conditioning
+from rtsvc.models.loading import load_dit
+from rtsvc.models.vocoder import draw_source_randomness
 from rtsvc.pretrained import LAYOUT, resolve_pretrained
-from rtsvc.vocoder import draw_source_randomness
 from tests.cli_helpers import harmonic_tone, run_cli, write_wav
 from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint

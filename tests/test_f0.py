@@ -6,10 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from rtsvc.audio import HOP_LENGTH, SAMPLE_RATE
+from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.errors import UserError
-from rtsvc.f0 import f0_to_mel_frames, interpolate_unvoiced, make_f0_extractor, shift_f0
-from rtsvc.rmvpe import CENTS_OFFSET, N_CLASS, Rmvpe, RmvpeConfig, decode_salience, mel_filterbank_htk
+from rtsvc.features.f0 import f0_to_mel_frames, interpolate_unvoiced, make_f0_extractor, shift_f0
+from rtsvc.features.rmvpe import (
+    CENTS_OFFSET,
+    N_CLASS,
+    Rmvpe,
+    RmvpeConfig,
+    decode_salience,
+    mel_filterbank_htk,
+)
 from tests.tiny_encoders import TINY_RMVPE, make_tiny_rmvpe
 
 SR16 = 16000

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from rtsvc.audio import HOP_LENGTH, SAMPLE_RATE
+from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.errors import UserError
-from rtsvc.f0 import make_f0_extractor
-from rtsvc.features import FeatureExtractor, Features, resize_frames, window_fidelity
+from rtsvc.features.extractor import FeatureExtractor, Features, window_fidelity
+from rtsvc.features.f0 import make_f0_extractor
+from rtsvc.features.frames import resize_frames
 from rtsvc.pretrained import LAYOUT, PretrainedPaths, download_pretrained, resolve_pretrained
 from tests.tiny_encoders import make_tiny_pretrained_dir
 

@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
+from rtsvc.dsp.mel import normalize_mel
 from rtsvc.errors import UserError
-from rtsvc.flow import (
+from rtsvc.models.flow import (
     Conditioning,
     cfg_velocity,
     frame_noise,
@@ -15,8 +16,7 @@ from rtsvc.flow import (
     seeded_noise,
     time_grid,
 )
-from rtsvc.mel import normalize_mel
-from rtsvc.models import load_dit
+from rtsvc.models.loading import load_dit
 from tests.tiny_models import make_tiny_dit_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

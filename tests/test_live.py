@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from rtsvc.bench import PulseServer, start_live, sung_tone, wait_for_start
+from rtsvc.apps.bench import sung_tone
+from rtsvc.apps.live import KeyReader, LiveState, OutputFifo, find_device, split_keys
+from rtsvc.apps.loopback import PulseServer, start_live, wait_for_start
 from rtsvc.errors import UserError
-from rtsvc.live import KeyReader, LiveState, OutputFifo, find_device, split_keys
 from rtsvc.settings import RuntimeSettings
 
 with warnings.catch_warnings():

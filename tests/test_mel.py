@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rtsvc.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE
-from rtsvc.mel import (
+from rtsvc.dsp.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE
+from rtsvc.dsp.mel import (
     denormalize_mel,
     log_mel_spectrogram,
     mel_filterbank,

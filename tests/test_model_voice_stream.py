@@ -10,25 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from rtsvc.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
-from rtsvc.backends import open_model
-from rtsvc.bench import log_spectral_distance, sung_tone
+from rtsvc.apps.bench import log_spectral_distance, sung_tone
+from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
+from rtsvc.dsp.mel import rms_per_frame
 from rtsvc.engine import (
-    DIT_CONTEXT_MS,
-    MODEL_BLOCK_MS,
     StreamConfig,
     StreamingConverter,
     StreamLayout,
     convert_stream,
 )
 from rtsvc.errors import UserError
-from rtsvc.f0 import F0Extractor, make_f0_extractor
-from rtsvc.feature_cache import ENC_HOP, F0_HOP, FeatureCache, FrameStore
-from rtsvc.features import FeatureExtractor
-from rtsvc.mel import rms_per_frame
-from rtsvc.model_voice import ModelVoice
+from rtsvc.features.cache import ENC_HOP, F0_HOP, FeatureCache, FrameStore
+from rtsvc.features.extractor import FeatureExtractor
+from rtsvc.features.f0 import F0Extractor, make_f0_extractor
 from rtsvc.pretrained import resolve_pretrained
 from rtsvc.settings import Knobs
+from rtsvc.voices.defaults import DIT_CONTEXT_MS, MODEL_BLOCK_MS
+from rtsvc.voices.model import ModelVoice
+from rtsvc.voices.spec import VoiceSpec, open_model
 from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
 
@@ -123,7 +122,7 @@ def tiny_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tiny_files):
     ckpt, paths = tiny_files
-    return open_model(ckpt, pretrained=paths, backend="torch", device="cpu", f0="dio")
+    return open_model(VoiceSpec(model=ckpt, backend="torch", device="cpu", f0="dio", streaming=False), paths)
 
 
 @pytest.fixture(scope="module")
@@ -353,8 +352,8 @@ def test_open_model_passes_the_dit_context_and_for_streaming_keeps_it(tiny, tiny
     ckpt, paths = tiny_files
     assert tiny.dit_context_ms == DIT_CONTEXT_MS == 250.0 and tiny.for_streaming().dit_context_ms == 250.0
     for streaming in (True, False):  # --dit-context-ms reaches live/serve and convert --stream/bench --gap
-        voice = open_model(ckpt, pretrained=paths, backend="torch", device="cpu", f0="dio",
-                           streaming=streaming, dit_context_ms=40.0)
+        voice = open_model(VoiceSpec(model=ckpt, backend="torch", device="cpu", f0="dio",
+                                     streaming=streaming, dit_context_ms=40.0), paths)
         assert voice.streaming is streaming and voice.dit_context_ms == 40.0
         assert voice.for_streaming().dit_context_ms == 40.0 and voice.fork().dit_context_ms == 40.0
         assert voice.for_streaming(dit_context_ms=None).dit_context_ms is None  # None: the whole window

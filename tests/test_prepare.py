@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from rtsvc.mel import log_mel_spectrogram, rms_per_frame
+from rtsvc.dsp.mel import log_mel_spectrogram, rms_per_frame
 from tests.cli_helpers import run_cli
 from training.prepare import (
     MIN_CLIP_S,

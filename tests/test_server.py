@@ -14,10 +14,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from rtsvc.engine import DSP_BLOCK_MS, StreamConfig, StreamLayout
+from rtsvc.apps.server import ServerConfig, StreamServer, VoiceSource, check_config, dsp_source
+from rtsvc.engine import StreamConfig, StreamLayout
 from rtsvc.errors import UserError
-from rtsvc.server import ServerConfig, StreamServer, VoiceSource, check_config, dsp_source
 from rtsvc.settings import Knobs
+from rtsvc.voices.defaults import DSP_BLOCK_MS, MODEL_BLOCK_MS
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -31,6 +32,7 @@ class IdentityVoice:
 
     sample_rate = 44100
     speakers = ["echo", "other"]
+    default_block_ms = MODEL_BLOCK_MS  # what `auto` gave any voice but the DSP voice
 
     def convert(self, audio, knobs, start_sample=0, tail=None):
         return audio[-tail:].copy() if tail else audio.copy()
@@ -550,11 +552,12 @@ def tiny_model(tmp_path_factory):
 
 def serve_args_of(args: list, capsys, monkeypatch) -> tuple[int, str, dict]:
     """`rtsvc serve ARGS` with the blocking server loop replaced by a recorder."""
-    import rtsvc.server
+    import rtsvc.apps.server
     from tests.cli_helpers import run_cli
 
     seen = {}
-    monkeypatch.setattr(rtsvc.server, "serve", lambda config, source, knobs, stream_config, on_ready=None:
+    monkeypatch.setattr(rtsvc.apps.server, "serve",
+                        lambda config, source, knobs, stream_config, on_ready=None:
                         seen.update(config=config, source=source, knobs=knobs, stream_config=stream_config))
     code, _, err = run_cli(["serve", *args], capsys, monkeypatch)
     return code, err, seen

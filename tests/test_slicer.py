@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from rtsvc.slicer import join_with_crossfade, slice_at_silences
+from rtsvc.dsp.slicer import join_with_crossfade, slice_at_silences
 
 SR = 44100
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rtsvc.sola import crossfade, fade_curves, find_sola_offset, normalised_xcorr
+from rtsvc.dsp.sola import crossfade, fade_curves, find_sola_offset, normalised_xcorr
 
 
 def test_finds_known_offset_in_noise():
@@ -56,7 +56,7 @@ def test_crossfade_of_identical_signals_is_identity():
 def test_numpy_correlation_equals_scipy_direct_and_fft():
     from scipy.signal import correlate
 
-    import rtsvc.sola as sola
+    import rtsvc.dsp.sola as sola
 
     rng = np.random.default_rng(3)
     for n, m in ((1544, 1103), (40, 40), (9000, 4000)):  # the defaults' size, no search, the FFT path

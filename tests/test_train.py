@@ -21,7 +21,7 @@ import torch
 
 import cli
 from rtsvc.errors import UserError
-from rtsvc.models import load_dit
+from rtsvc.models.loading import load_dit
 from tests.cli_helpers import run_cli
 from tests.test_prepare import SECONDS, VOICES, make_voices, voice
 from tests.tiny_encoders import make_tiny_pretrained_dir

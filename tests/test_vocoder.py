@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from rtsvc.errors import UserError
-from rtsvc.models import load_vocoder
-from rtsvc.vocoder import HARMONIC_NUM, SINE_AMP, NsfHifiGan, fold_weight_norm, sine_source
+from rtsvc.models.loading import load_vocoder
+from rtsvc.models.vocoder import HARMONIC_NUM, SINE_AMP, NsfHifiGan, fold_weight_norm, sine_source
 from tests.tiny_models import make_tiny_dit_checkpoint, make_tiny_vocoder, tiny_vocoder_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from rtsvc.contentvec import quiet_transformers
+from rtsvc.features.hf import quiet_transformers
+from rtsvc.features.rmvpe import Rmvpe, RmvpeConfig
 from rtsvc.pretrained import LAYOUT
-from rtsvc.rmvpe import Rmvpe, RmvpeConfig
 
 TINY_RMVPE = RmvpeConfig(n_blocks=1, inter_layers=1, en_out_channels=2, gru_hidden=8)
 
@@ -35,7 +35,7 @@ def tiny_hubert_config():
 
 def make_tiny_contentvec(directory: str | Path, seed: int = 0, legacy_bin: bool = True) -> Path:
     """Write a tiny content-vec-best folder; `legacy_bin` mimics the published pytorch_model.bin naming."""
-    from rtsvc.contentvec import HubertModelWithFinalProj
+    from rtsvc.features.contentvec import HubertModelWithFinalProj
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

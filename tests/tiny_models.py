@@ -2,7 +2,7 @@
 
 `make_tiny_dit_checkpoint` writes a Lightning checkpoint laid out like an official RIFT-SVC V2
 file; `make_tiny_vocoder` writes an openvpi NSF-HiFiGAN folder (model.ckpt + config.json) with
-weight-norm parameters. Both go through the real loaders in `rtsvc.models`.
+weight-norm parameters. Both go through the real loaders in `rtsvc.models.loading`.
 """
 
 import json
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from rtsvc.dit import DiT, DiTConfig
-from rtsvc.vocoder import NsfHifiGan, VocoderConfig, unfold_weight_norm, weight_norm_layers
+from rtsvc.models.dit import DiT, DiTConfig
+from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig, unfold_weight_norm, weight_norm_layers
 
 TINY_VOCODER_CHANNELS = 32  # real: 512; upsample rates stay the real ones (product 512)
 

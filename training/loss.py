@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from rtsvc.mel import normalize_mel
+from rtsvc.dsp.mel import normalize_mel
 from training.dataset import lengths_to_mask
 
 WHISPER_DROP = 0.2

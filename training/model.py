@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rtsvc.dit import DiT, DiTConfig
 from rtsvc.errors import UserError
-from rtsvc.models import load_dit
+from rtsvc.models.dit import DiT, DiTConfig
+from rtsvc.models.loading import load_dit
 
 # upstream config/model/dit-DIM-DEPTH.yaml; head_dim 64 and ff_mult 4 throughout
 MODEL_PRESETS = {

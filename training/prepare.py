@@ -30,9 +30,9 @@ import numpy as np
 import pyloudnorm
 import torch
 
-from rtsvc.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE, load_audio
+from rtsvc.dsp.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE, load_audio
+from rtsvc.dsp.slicer import slice_at_silences
 from rtsvc.errors import UserError
-from rtsvc.slicer import slice_at_silences
 
 CACHE_DIR = ".rtsvc-cache"
 METADATA = "metadata.json"
@@ -236,7 +236,8 @@ def make_feature_fn(pretrained_dir: str | Path | None, f0: str = "rmvpe", device
                     rmvpe: str | None = None) -> tuple[FeatureFn, dict]:
     """Load the encoders once; returns the per-clip function and the settings that identify it."""
     from rtsvc.compute import pick_device
-    from rtsvc.features import RESIZE_MODE, FeatureExtractor
+    from rtsvc.features.extractor import FeatureExtractor
+    from rtsvc.features.frames import RESIZE_MODE
     from rtsvc.pretrained import resolve_pretrained
 
     need = ("contentvec", "whisper") + (("rmvpe",) if f0 == "rmvpe" else ())

@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from rtsvc.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE
 from rtsvc.compute import pick_device
+from rtsvc.dsp.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE
 from rtsvc.errors import UserError
-from rtsvc.models import load_vocoder
+from rtsvc.models.loading import load_vocoder
 from training.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
 from training.dataset import MAX_FRAME_LEN, ClipDataset, StepBatchSampler, collate
 from training.loss import WHISPER_DROP, flow_loss

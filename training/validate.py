@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtsvc.audio import SAMPLE_RATE, save_audio
-from rtsvc.flow import Conditioning, sample_mel
-from rtsvc.mel import LOG_MEL_MAX, LOG_MEL_MIN
+from rtsvc.dsp.audio import SAMPLE_RATE, save_audio
+from rtsvc.dsp.mel import LOG_MEL_MAX, LOG_MEL_MIN
+from rtsvc.models.flow import Conditioning, sample_mel
 from training.dataset import ClipDataset, collate, lengths_to_mask
 from training.loss import flow_loss
 

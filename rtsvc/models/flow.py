@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rtsvc.dsp.mel import denormalize_mel
 from rtsvc.errors import UserError
-from rtsvc.mel import denormalize_mel
 
 N_MELS = 128
 CFG_EPS = 1e-5  # upstream: a strength below this runs the null branch only

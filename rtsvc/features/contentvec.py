@@ -6,7 +6,6 @@ weight in the file has a home (no unexpected-key warnings) and never call it.
 Input: 16 kHz mono. Output: 768-dim frames at 50 frames/s (20 ms hop, 25 ms receptive window).
 """
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,12 @@ import torch
 from torch import nn
 from transformers import HubertConfig, HubertModel
 
-from rtsvc.errors import UserError
+from rtsvc.features.frames import resize_frames
+from rtsvc.features.hf import load_transformers_model
 
 FRAME_RATE = 50  # HuBERT conv stack: stride 320 samples at 16 kHz
 MIN_SAMPLES = 400  # receptive field of the conv stack: shorter input gives no frame
 # used only for SpecAugment-style masking in training; a converted checkpoint may lack it
-TRAINING_ONLY_WEIGHTS = {"masked_spec_embed"}
 
 
 class HubertModelWithFinalProj(HubertModel):
@@ -28,40 +27,6 @@ class HubertModelWithFinalProj(HubertModel):
     def __init__(self, config: HubertConfig):
         super().__init__(config)
         self.final_proj = nn.Linear(config.hidden_size, config.classifier_proj_size)
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """No progress bars or warnings from transformers while loading: we report key problems ourselves."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def load_transformers_model(cls, name_or_path: str | Path, what: str, option: str, **kwargs):
-    """from_pretrained with one-line user errors and a check that every weight was used and found."""
-    try:
-        with quiet_transformers():
-            model, info = cls.from_pretrained(str(name_or_path), output_loading_info=True, **kwargs)
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load {what} from {name_or_path}: {first} (run `rtsvc download` or "
-                        f"point {option} at a local folder)") from None
-    missing = [k for k in info.get("missing_keys") or [] if k not in TRAINING_ONLY_WEIGHTS]
-    mismatched = list(info.get("mismatched_keys") or [])
-    if missing or mismatched:
-        raise UserError(f"{name_or_path} does not hold a {what} checkpoint: missing weights {missing[:3]}"
-                        f"{', shape mismatch ' + str(mismatched[:2]) if mismatched else ''}")
-    return model, info
 
 
 class ContentVec:
@@ -91,6 +56,4 @@ class ContentVec:
     def encode(self, audio_16k: np.ndarray | torch.Tensor, n_frames: int,
                mode: str | None = None) -> torch.Tensor:
         """Features resized onto `n_frames` mel frames as upstream does: [n_frames, 768] float32."""
-        from rtsvc.features import resize_frames
-
         return resize_frames(self.hidden(audio_16k), n_frames, mode)

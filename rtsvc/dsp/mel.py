@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rtsvc.audio import FMAX, FMIN, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH
+from rtsvc.dsp.audio import FMAX, FMIN, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH
 
 LOG_MEL_MIN = -12.0  # the model maps log-mel in [-12, 2] linearly onto [-1, 1]
 LOG_MEL_MAX = 2.0

@@ -58,7 +58,7 @@ def _torch_devices() -> list[Check]:
 def _onnx_providers() -> list[Check]:
     """onnxruntime-gpu lists CUDA and TensorRT even with no GPU: report what really starts."""
     try:
-        from rtsvc.onnx_backend import provider_report
+        from rtsvc.backends.onnx_backend import provider_report
 
         report = provider_report()
     except Exception as err:

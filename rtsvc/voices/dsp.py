@@ -18,9 +18,10 @@ with warnings.catch_warnings():  # pyworld 0.3.5 imports the deprecated pkg_reso
     warnings.simplefilter("ignore")
     import pyworld
 
-from rtsvc.audio import SAMPLE_RATE
+from rtsvc.dsp.audio import SAMPLE_RATE
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs
+from rtsvc.voices.defaults import DSP_BLOCK_MS
 
 FRAME_HOP = 256  # analysis hop in samples (5.8 ms); 512-aligned windows land on the same frame grid
 F0_FLOOR = 50.0
@@ -53,6 +54,7 @@ class DspVoice:
     """A `Voice` that needs no model: WORLD pitch shift (semitones) and formant shift (factor)."""
 
     speakers = ["dsp"]
+    default_block_ms = DSP_BLOCK_MS
 
     def __init__(self, f0_method: str = "dio", sample_rate: int = SAMPLE_RATE):
         if f0_method not in F0_METHODS:

@@ -36,8 +36,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from rtsvc import __version__
-from rtsvc.errors import UserError
-from rtsvc.protocol import (
+from rtsvc.apps.protocol import (
     CLOSE_INTERNAL,
     CLOSE_POLICY,
     CLOSE_TOO_BIG,
@@ -55,10 +54,11 @@ from rtsvc.protocol import (
     ready_message,
     settings_error,
 )
+from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
 from rtsvc.voice import Voice
 
-log = logging.getLogger("rtsvc.server")
+log = logging.getLogger("rtsvc.apps.server")
 
 WEB_DIR = Path(__file__).parent / "web"
 DEFAULT_PORT = 8765
@@ -422,7 +422,7 @@ async def _fail(ws: ServerConnection, err: ProtocolError) -> None:
 
 
 def dsp_source(f0_method: str = "dio") -> VoiceSource:
-    from rtsvc.dsp_voice import DspVoice
+    from rtsvc.voices.dsp import DspVoice
 
     voice = DspVoice(f0_method)  # stateless: one instance serves every session
     return VoiceSource("dsp", list(voice.speakers), lambda: voice)

@@ -12,7 +12,7 @@ upstream's absolute -30 dBFS drops whole phrases of a recording made at a low le
 
 import numpy as np
 
-from rtsvc.audio import SAMPLE_RATE
+from rtsvc.dsp.audio import SAMPLE_RATE
 
 THRESHOLD_DB = -30.0  # upstream infer.py defaults
 MIN_LENGTH_MS = 3000

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtsvc.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE
+from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE
 from rtsvc.errors import UserError
 
 F0_FRAME_RATE = 100  # frames per second of every extractor's output
@@ -56,7 +56,7 @@ class F0Extractor:
 # ---------------------------------------------------------------- RMVPE
 
 def _rmvpe(path: str | Path | None, device: str | torch.device) -> Callable[[np.ndarray], np.ndarray]:
-    from rtsvc.rmvpe import Rmvpe
+    from rtsvc.features.rmvpe import Rmvpe
 
     if path is None:
         raise UserError("--f0 rmvpe needs the RMVPE model (rmvpe/model.pt): run `rtsvc download` "

@@ -3,7 +3,7 @@
 Read top to bottom: config, rotary embedding, attention, MLP, adaptive layer norms, one DiT
 block, the time / condition / input embeddings, then the whole `DiT`. Parameter names match the
 upstream V2 code (the gated ContentVec/Whisper variant), so an official checkpoint loads with
-`strict=True` once the Lightning prefix `model.transformer.` is removed (see `rtsvc.models`).
+`strict=True` once the Lightning prefix `model.transformer.` is removed (see `rtsvc.models.loading`).
 
 Shapes: x [b, n, 128] noisy normalised mel, spk [b] long, f0 / rms [b, n], cvec [b, n, 768],
 whisper [b, n, 1280], time [b] (or a scalar) in [0, 1]; returns the velocity [b, n, 128].

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from rtsvc.dit import DiT, DiTConfig
 from rtsvc.errors import UserError
-from rtsvc.vocoder import NsfHifiGan, VocoderConfig, fold_weight_norm
+from rtsvc.models.dit import DiT, DiTConfig
+from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig, fold_weight_norm
 
 STATE_PREFIX = "model.transformer."
 VOCODER_CONFIG = "config.json"

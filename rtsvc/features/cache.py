@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rtsvc.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, N_FFT, SAMPLE_RATE, resample
-from rtsvc.f0 import f0_to_mel_frames
+from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, N_FFT, SAMPLE_RATE, resample
+from rtsvc.features.f0 import f0_to_mel_frames
 
 F0_HOP = 441  # samples at 44.1 kHz per F0 frame (10 ms; 160 at 16 kHz)
 ENC_HOP = 882  # samples at 44.1 kHz per encoder frame (20 ms; 320 at 16 kHz)

@@ -21,13 +21,14 @@ import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
-from rtsvc.contentvec import quiet_transformers
+from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE
 from rtsvc.errors import UserError
+from rtsvc.features.frames import resize_frames
+from rtsvc.features.hf import quiet_transformers
 
-SAMPLE_RATE = 16000
 FRAME_RATE = 50  # encoder positions per second (mel hop 160, conv stride 2)
 CHUNK_SECONDS = 30  # the encoder's fixed context: longer audio is encoded in 30 s pieces
-CHUNK_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE
+CHUNK_SAMPLES = CHUNK_SECONDS * ENCODER_SAMPLE_RATE
 LAYER_INDEX = -2  # upstream's default --layer-index
 ENCODER_PREFIXES = ("model.encoder.", "encoder.")  # WhisperForConditionalGeneration / WhisperModel
 
@@ -117,7 +118,8 @@ class WhisperEncoder:
     def log_mel(self, audio_16k: np.ndarray, pad_to_30s: bool = True) -> torch.Tensor:
         """The feature extractor exactly as upstream calls it (do_normalize=True): [1, n_mels, frames]."""
         feats = self.feature_extractor(
-            np.asarray(audio_16k, dtype=np.float32)[None], sampling_rate=SAMPLE_RATE, return_tensors="pt",
+            np.asarray(audio_16k, dtype=np.float32)[None], sampling_rate=ENCODER_SAMPLE_RATE,
+            return_tensors="pt",
             do_normalize=True, padding="max_length" if pad_to_30s else "longest",
         )
         return feats["input_features"]
@@ -162,13 +164,11 @@ class WhisperEncoder:
                 piece = np.pad(piece, (0, 2 * 160 - len(piece)))
             offset = 0 if pad_to_30s else position_offset
             h = self.hidden_from_mel(self.log_mel(piece, pad_to_30s), position_offset=offset)[0]
-            outs.append(h[: math.floor(len(piece) / SAMPLE_RATE * FRAME_RATE)])
+            outs.append(h[: math.floor(len(piece) / ENCODER_SAMPLE_RATE * FRAME_RATE)])
         feats = torch.cat(outs, dim=0).float()
-        return feats[: max(1, math.floor(len(audio) / SAMPLE_RATE * FRAME_RATE))]
+        return feats[: max(1, math.floor(len(audio) / ENCODER_SAMPLE_RATE * FRAME_RATE))]
 
     def encode(self, audio_16k: np.ndarray, n_frames: int, pad_to_30s: bool = True,
                mode: str | None = None, position_offset: int = 0) -> torch.Tensor:
         """Features resized onto `n_frames` mel frames as upstream does: [n_frames, d] float32 on device."""
-        from rtsvc.features import resize_frames
-
         return resize_frames(self.hidden(audio_16k, pad_to_30s, position_offset), n_frames, mode)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtsvc.audio import rms_db
+from rtsvc.dsp.audio import rms_db
 from rtsvc.engine import RateAdapter, StreamConfig, StreamingConverter
 from rtsvc.errors import UserError
 from rtsvc.settings import RuntimeSettings
@@ -395,62 +395,6 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                   portaudio_flags=state.portaudio_flags, seconds=state.seconds, input_rate=in_rate,
                   output_rate=out_rate, device_latency_ms=device_ms)
     return result
-
-
-F0_CHOICES = ("rmvpe", "fcpe", "pyworld")  # what --f0 offers (rtsvc.f0 has more, for the DSP voice)
-
-
-def check_f0(f0: str | None) -> str:
-    """--f0 as given (None: rmvpe); anything else is a UserError."""
-    if f0 is not None and f0 not in F0_CHOICES:
-        raise UserError(f"unknown --f0 {f0!r}: use rmvpe, fcpe or pyworld")
-    return f0 or "rmvpe"
-
-
-def needed_components(model: str | Path, f0: str = "rmvpe") -> tuple[str, ...]:
-    """What a model needs from the pretrained dir: a .rtsvc bundle carries its vocoder (and the
-    encoders when exported --with-encoders), so those are not asked of the pretrained dir."""
-    need = ["contentvec", "whisper", "vocoder"] + (["rmvpe"] if f0 == "rmvpe" else [])
-    if Path(model).is_dir():
-        from rtsvc.bundle import bundle_components
-
-        need = [n for n in need if n not in bundle_components(model)]
-    return tuple(need)
-
-
-def open_voice(model: str | Path | None = None, pretrained_dir: str | Path = "pretrained", *,
-               contentvec: str | None = None, whisper: str | None = None, vocoder: str | Path | None = None,
-               rmvpe: str | Path | None = None, backend: str = "auto", device: str = "auto",
-               f0: str | None = None, precision: str = "fp32", speaker: str | None = None,
-               providers: str | None = None, streaming: bool = True,
-               dit_context_ms: float | None = None) -> Voice:
-    """The voice of every command: the DSP voice without a model, else `open_model` (a ModelVoice
-    on torch or ONNX Runtime). `streaming=False` gives the offline variant (convert, the reference
-    of `rtsvc.bench.streaming_gap`). `dit_context_ms`: the model's DiT left context while streaming
-    (None: `engine.DIT_CONTEXT_MS`; the DSP voice has no DiT). Options are checked before anything
-    slow loads."""
-    f0 = check_f0(f0)
-    if dit_context_ms is not None and not dit_context_ms >= 0:  # `not >=` also refuses NaN
-        raise UserError(f"--dit-context-ms must be at least 0 ms, got {dit_context_ms:g}")
-    if providers is not None:  # a typo fails here, even where no bundle would use the providers
-        from rtsvc.onnx_backend import parse_providers
-
-        parse_providers(providers)
-    if model is None:
-        from rtsvc.dsp_voice import DspVoice
-
-        voice = DspVoice()
-        if speaker is not None and speaker not in voice.speakers:
-            raise UserError(f"unknown speaker {speaker!r}; the voice has: {', '.join(voice.speakers)}")
-        return voice
-    from rtsvc.backends import open_model
-    from rtsvc.pretrained import resolve_pretrained
-
-    paths = resolve_pretrained(Path(pretrained_dir), contentvec=contentvec, whisper=whisper, vocoder=vocoder,
-                               rmvpe=rmvpe, need=needed_components(model, f0))
-    return open_model(model, pretrained=paths, backend=backend, device=device, f0=f0, precision=precision,
-                      speaker=speaker, providers=providers, streaming=streaming,
-                      dit_context_ms=dit_context_ms)
 
 
 def check_live_options(input_rate: int | None = None, output_rate: int | None = None,

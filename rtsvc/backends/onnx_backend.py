@@ -15,9 +15,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from rtsvc.bundle import DIT_FILE, DIT_OUTPUT, VOCODER_FILE, VOCODER_OUTPUT, Bundle, read_bundle
+from rtsvc.backends.bundle import DIT_FILE, DIT_OUTPUT, VOCODER_FILE, VOCODER_OUTPUT, Bundle, read_bundle
 from rtsvc.errors import UserError
-from rtsvc.flow import Conditioning
+from rtsvc.models.flow import Conditioning
 
 PROVIDER_NAMES = {  # what users type -> ONNX Runtime's name
     "tensorrt": "TensorrtExecutionProvider",
@@ -259,8 +259,8 @@ class OnnxBackend:
             return None
         from transformers import WhisperFeatureExtractor
 
-        from rtsvc.f0 import make_f0_extractor
-        from rtsvc.features import FeatureExtractor
+        from rtsvc.features.extractor import FeatureExtractor
+        from rtsvc.features.f0 import make_f0_extractor
 
         extractor = WhisperFeatureExtractor.from_pretrained(str(self.bundle.file(preprocessor).parent))
         return FeatureExtractor(
@@ -281,7 +281,7 @@ class OnnxContentVec:
         self.dim = int(session.get_outputs()[0].shape[-1])
 
     def hidden(self, audio_16k) -> torch.Tensor:
-        from rtsvc.contentvec import MIN_SAMPLES
+        from rtsvc.features.contentvec import MIN_SAMPLES
 
         audio = np.asarray(audio_16k, dtype=np.float32).reshape(1, -1)
         if audio.shape[-1] < MIN_SAMPLES:
@@ -289,7 +289,7 @@ class OnnxContentVec:
         return torch.from_numpy(self.session.run(None, {"audio": audio})[0][0]).to(self.device)
 
     def encode(self, audio_16k, n_frames: int, mode: str | None = None) -> torch.Tensor:
-        from rtsvc.features import resize_frames
+        from rtsvc.features.frames import resize_frames
 
         return resize_frames(self.hidden(audio_16k), n_frames, mode)
 
@@ -299,7 +299,7 @@ def _whisper_method(name: str):
     ONNX encoder computes features exactly as the torch one around the network itself."""
 
     def method(self, *args, **kwargs):
-        from rtsvc.whisper_encoder import WhisperEncoder
+        from rtsvc.features.whisper import WhisperEncoder
 
         return getattr(WhisperEncoder, name)(self, *args, **kwargs)
 

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE
+from rtsvc.dsp.mel import mel_filterbank
 from rtsvc.errors import UserError
-from rtsvc.mel import mel_filterbank
 
-SAMPLE_RATE = 16000
 HOP_LENGTH = 160  # 10 ms: 100 frames per second
 N_FFT = 1024
 N_MELS = 128
@@ -68,7 +68,7 @@ class RmvpeConfig:
 
 def mel_filterbank_htk() -> np.ndarray:
     """librosa.filters.mel(sr=16000, n_fft=1024, n_mels=128, fmin=30, fmax=8000, htk=True): [128, 513]."""
-    return mel_filterbank(SAMPLE_RATE, N_FFT, N_MELS, MEL_FMIN, MEL_FMAX, htk=True)
+    return mel_filterbank(ENCODER_SAMPLE_RATE, N_FFT, N_MELS, MEL_FMIN, MEL_FMAX, htk=True)
 
 
 def rmvpe_log_mel(audio: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""The torch modules that are traced to ONNX: each model with its randomness and guidance as inputs,
+and the example inputs they are traced and parity-checked with."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rtsvc.features.whisper import LAYER_INDEX
+from rtsvc.models.dit import DiT
+from rtsvc.models.flow import Conditioning, cfg_velocity
+from rtsvc.models.vocoder import NsfHifiGan
+
+
+class DitCfgVelocity(nn.Module):
+    """The DiT's classifier-free-guided velocity in one call (what the sampler needs per step).
+
+    Traced through `rtsvc.flow.cfg_velocity` itself (null and full branch as one batch of 2b), so
+    the graph computes exactly what the torch backend does. The trace takes the batched branch;
+    at cfg_strength 0 the graph still runs both halves and returns v_null, the same value.
+    """
+
+    def __init__(self, dit: DiT, half: bool = False):
+        super().__init__()
+        self.dit = dit
+        self.dtype = torch.float16 if half else torch.float32
+
+    def forward(self, x, t, spk, f0, rms, cvec, whisper, cfg_strength):
+        d = self.dtype
+        cond = Conditioning(spk=spk, f0=f0.to(d), rms=rms.to(d), cvec=cvec.to(d), whisper=whisper.to(d))
+        return cfg_velocity(self.dit, x.to(d), t, cond, cfg_strength).float()
+
+
+class VocoderGraph(nn.Module):
+    """The vocoder with its source randomness as explicit inputs."""
+
+    def __init__(self, vocoder: NsfHifiGan, half: bool = False):
+        super().__init__()
+        self.vocoder = vocoder
+        self.dtype = torch.float16 if half else torch.float32
+
+    def forward(self, mel, f0, phase, noise):
+        # the harmonic source is computed in float32 (phase accumulation), then cast to mel's dtype
+        return self.vocoder(mel.to(self.dtype), f0, phase=phase, noise=noise).float()
+
+
+def dit_example(batch: int, frames: int, num_speaker: int, generator: torch.Generator | None = None):
+    """Random but plausible DiT inputs (voiced/unvoiced f0, small rms) in DIT_INPUTS order."""
+    g = generator
+    f0 = torch.rand(batch, frames, generator=g) * 700 + 80
+    f0[:, : max(1, frames // 5)] = 0.0  # an unvoiced stretch, as in real audio
+    return (
+        torch.randn(batch, frames, 128, generator=g),
+        torch.rand(batch, generator=g),
+        torch.randint(0, num_speaker, (batch,), generator=g),
+        f0,
+        torch.rand(batch, frames, generator=g) * 0.2,
+        torch.randn(batch, frames, 768, generator=g),
+        torch.randn(batch, frames, 1280, generator=g),
+        torch.tensor(2.0),
+    )
+
+
+def vocoder_example(batch: int, frames: int, hop: int, generator: torch.Generator | None = None):
+    """Random log-mel in the model's range, f0 with an unvoiced stretch, and the source draws."""
+    g = generator
+    mel = torch.randn(batch, 128, frames, generator=g) * 1.5 - 6.0
+    f0 = torch.rand(batch, frames, generator=g) * 500 + 100
+    f0[:, : max(1, frames // 5)] = 0.0
+    phase = torch.rand(1, 9, generator=g)
+    phase[:, 0] = 0.0
+    noise = torch.randn(batch, frames * hop, 9, generator=g)
+    return mel, f0, phase, noise
+
+
+class ContentVecGraph(nn.Module):
+    """audio [b, samples] at 16 kHz -> last_hidden_state [b, frames, 768]."""
+
+    def __init__(self, hubert: nn.Module):
+        super().__init__()
+        self.hubert = hubert
+
+    def forward(self, audio):
+        return self.hubert(audio).last_hidden_state
+
+
+class WhisperGraph(nn.Module):
+    """Whisper log-mel [b, 128, frames] (any frames up to 3000: the padded 30 s input or a streaming
+    window) and `position_offset` [] int64 -> hidden_states[-2] [b, ceil(frames / 2), d].
+
+    The same computation as `WhisperEncoder.hidden_from_mel`, with the position-embedding start
+    as a tensor (clamped so the window fits) so it stays an input of the graph.
+    """
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder.encoder  # rtsvc.whisper_encoder.WhisperEncoder -> transformers encoder
+        self.stop = LAYER_INDEX % (len(self.encoder.layers) + 1)  # layers before hidden_states[-2]
+
+    def forward(self, mel, position_offset):
+        enc = self.encoder
+        x = F.gelu(enc.conv1(mel))
+        x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
+        table = enc.embed_positions.weight
+        positions = torch.arange(x.shape[1], device=x.device)
+        last_start = table.shape[0] - positions.shape[0]  # the window must fit the table
+        start = torch.minimum(position_offset.clamp(min=0), last_start + positions[:1] * 0)
+        x = x + table[positions + start]
+        for layer in enc.layers[: self.stop]:
+            x = layer(x, None)
+        return x

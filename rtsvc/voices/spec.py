@@ -1,0 +1,143 @@
+"""The one place a voice is opened: `VoiceSpec` describes it, `open_voice(spec)` opens it.
+
+Every front end (`rtsvc live`, `serve`, `convert`, `bench`) builds a `VoiceSpec` from its options
+and passes that object around; a new voice option is a field here, a CLI option, and the code
+that uses it. Torch-free at import (the command line shows these defaults in --help); the voices
+and backends, which need torch, load when a voice is opened.
+
+Without a model the built-in DSP voice opens. A `.ckpt` runs on torch, a `.rtsvc` bundle on ONNX
+Runtime. Options are checked before anything slow loads, the model path first.
+"""
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rtsvc.errors import UserError
+from rtsvc.pretrained import DEFAULT_PRETRAINED_DIR, PretrainedPaths, resolve_pretrained
+from rtsvc.voice import Voice
+from rtsvc.voices.defaults import DIT_CONTEXT_MS
+
+F0_CHOICES = ("rmvpe", "fcpe", "pyworld")  # what --f0 offers (rtsvc.features.f0 has more, for the DSP voice)
+
+
+@dataclass(frozen=True)
+class VoiceSpec:
+    """What voice to open and how. `model=None` is the DSP voice; component paths default to the
+    pretrained dir's upstream layout; `streaming=False` gives the offline variant (convert, the
+    reference of `rtsvc.apps.bench.streaming_gap`)."""
+
+    model: Path | None = None  # .ckpt or .rtsvc bundle
+    pretrained_dir: Path = Path(DEFAULT_PRETRAINED_DIR)
+    contentvec: str | None = None  # folder or hub id
+    whisper: str | None = None  # folder or hub id
+    vocoder: Path | None = None  # NSF-HiFiGAN model.ckpt
+    rmvpe: Path | None = None  # RMVPE model.pt
+    backend: str = "auto"  # auto, torch, onnx
+    device: str = "auto"  # torch device: auto, cpu, cuda
+    f0: str | None = None  # rmvpe (None), fcpe, pyworld
+    precision: str = "fp32"  # torch autocast on CUDA: fp32, fp16, bf16
+    speaker: str | None = None  # checked as soon as the model is read
+    providers: str | None = None  # ONNX Runtime providers, e.g. "cuda,cpu"
+    streaming: bool = True
+    dit_context_ms: float = DIT_CONTEXT_MS  # streaming: left context the DiT samples
+
+    def with_(self, **changes) -> "VoiceSpec":
+        """A copy with some fields changed (bench opens one spec per backend and device)."""
+        return replace(self, **changes)
+
+    def validate(self) -> "VoiceSpec":
+        """User mistakes that need nothing loaded; returns self with `f0` resolved."""
+        f0 = check_f0(self.f0)
+        if not self.dit_context_ms >= 0:  # `not >=` also refuses NaN
+            raise UserError(f"--dit-context-ms must be at least 0 ms, got {self.dit_context_ms:g}")
+        if self.providers is not None:  # a typo fails here, even where no bundle would use them
+            from rtsvc.backends.onnx_backend import parse_providers  # onnxruntime: heavy, optional
+
+            parse_providers(self.providers)
+        if self.model is not None and not Path(self.model).exists():
+            raise UserError(f"model not found: {self.model}")
+        return replace(self, f0=f0)
+
+    def needed_components(self) -> tuple[str, ...]:
+        """What the model needs from the pretrained dir: a .rtsvc bundle carries its vocoder (and the
+        encoders when exported --with-encoders), so those are not asked of the pretrained dir."""
+        f0 = check_f0(self.f0)
+        need = ["contentvec", "whisper", "vocoder"] + (["rmvpe"] if f0 == "rmvpe" else [])
+        if self.model is not None and Path(self.model).is_dir():
+            from rtsvc.backends.bundle import bundle_components
+
+            need = [n for n in need if n not in bundle_components(self.model)]
+        return tuple(need)
+
+    def pretrained_paths(self) -> PretrainedPaths:
+        return resolve_pretrained(Path(self.pretrained_dir), contentvec=self.contentvec,
+                                  whisper=self.whisper, vocoder=self.vocoder, rmvpe=self.rmvpe,
+                                  need=self.needed_components())
+
+
+def check_f0(f0: str | None) -> str:
+    """--f0 as given (None: rmvpe); anything else is a UserError."""
+    if f0 is not None and f0 not in F0_CHOICES:
+        raise UserError(f"unknown --f0 {f0!r}: use rmvpe, fcpe or pyworld")
+    return f0 or "rmvpe"
+
+
+def open_voice(spec: VoiceSpec) -> Voice:
+    """The voice of every command: the DSP voice without a model, else a `ModelVoice` on torch
+    (.ckpt) or ONNX Runtime (.rtsvc bundle)."""
+    spec = spec.validate()
+    if spec.model is None:
+        from rtsvc.voices.dsp import DspVoice  # pyworld
+
+        voice = DspVoice()
+        if spec.speaker is not None and spec.speaker not in voice.speakers:
+            raise UserError(f"unknown speaker {spec.speaker!r}; the voice has: {', '.join(voice.speakers)}")
+        return voice
+    return open_model(spec, spec.pretrained_paths())
+
+
+def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
+    """A ready `ModelVoice` for `spec.model` with components from `pretrained`."""
+    from rtsvc.backends.base import BACKENDS
+    from rtsvc.backends.bundle import is_bundle
+    from rtsvc.compute import pick_device
+    from rtsvc.features.extractor import FeatureExtractor
+    from rtsvc.voices.model import ModelVoice
+
+    if spec.backend not in BACKENDS:
+        raise UserError(f"unknown backend {spec.backend!r}: use auto, torch or onnx")
+    path = Path(spec.model)
+    if not path.exists():
+        raise UserError(f"model not found: {path}")
+    bundle = is_bundle(path)
+    torch_device = pick_device(spec.device)
+    if bundle and spec.backend == "torch":
+        raise UserError(f"{path} is an exported .rtsvc bundle, which runs on --backend onnx; "
+                        "for torch pass the .ckpt it was exported from")
+    if not bundle and spec.backend == "onnx":
+        raise UserError(f"--backend onnx needs an exported .rtsvc bundle (rtsvc export), got {path}")
+    if bundle:
+        model = _open_onnx(path, spec.device, pretrained, spec.providers)
+    else:
+        from rtsvc.backends.torch_backend import TorchBackend
+
+        if pretrained.vocoder is None:
+            raise UserError("NSF-HiFiGAN vocoder not found: run `rtsvc download` or point --vocoder at it")
+        model = TorchBackend.from_checkpoint(path, pretrained.vocoder, torch_device, spec.precision)
+    if spec.speaker is not None and spec.speaker not in model.speakers:
+        raise UserError(f"unknown speaker {spec.speaker!r}; this model has: {', '.join(model.speakers)}")
+    f0 = spec.f0 or "rmvpe"  # library callers may pass any rtsvc.features.f0 method
+    own = getattr(model, "feature_extractor", None)  # a bundle exported --with-encoders runs its own
+    features = (own(pretrained, f0, torch_device) if own else None) or \
+        FeatureExtractor.from_pretrained(pretrained, f0=f0, device=torch_device)
+    return ModelVoice(model, features, streaming=spec.streaming, dit_context_ms=spec.dit_context_ms)
+
+
+def _open_onnx(path: Path, device: str, pretrained: PretrainedPaths, providers: str | None = None):
+    """The ONNX Runtime backend of a `.rtsvc` bundle (onnxruntime: heavy, and optional)."""
+    try:
+        from rtsvc.backends.onnx_backend import OnnxBackend
+    except ImportError as err:
+        raise UserError(f"the onnx backend is not available here ({err}); use a .ckpt with "
+                        "--backend torch") from None
+    return OnnxBackend.open(path, device=device, pretrained=pretrained, providers=providers)
