@@ -14,7 +14,7 @@ from rtsvc.models.vocoder import NsfHifiGan
 class DitCfgVelocity(nn.Module):
     """The DiT's classifier-free-guided velocity in one call (what the sampler needs per step).
 
-    Traced through `rtsvc.flow.cfg_velocity` itself (null and full branch as one batch of 2b), so
+    Traced through `rtsvc.models.flow.cfg_velocity` itself (null and full branch as one batch of 2b), so
     the graph computes exactly what the torch backend does. The trace takes the batched branch;
     at cfg_strength 0 the graph still runs both halves and returns v_null, the same value.
     """
@@ -93,7 +93,7 @@ class WhisperGraph(nn.Module):
 
     def __init__(self, encoder):
         super().__init__()
-        self.encoder = encoder.encoder  # rtsvc.whisper_encoder.WhisperEncoder -> transformers encoder
+        self.encoder = encoder.encoder  # rtsvc.features.whisper.WhisperEncoder -> transformers encoder
         self.stop = LAYER_INDEX % (len(self.encoder.layers) + 1)  # layers before hidden_states[-2]
 
     def forward(self, mel, position_offset):

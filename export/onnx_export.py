@@ -218,7 +218,7 @@ def _source_info(ckpt: Path) -> dict:
 
 def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encoders: dict[str, str]) -> dict:
     """Everything a runtime needs besides the graphs; `files` and `format_version` are added by
-    `rtsvc.bundle.write_manifest`."""
+    `rtsvc.backends.bundle.write_manifest`."""
     c = loaded.config
     return {
         "name": options["name"],

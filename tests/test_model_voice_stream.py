@@ -1,4 +1,4 @@
-"""The streaming ModelVoice: incremental features (rtsvc/feature_cache.py) through the real engine.
+"""The streaming ModelVoice: incremental features (rtsvc/features/cache.py) through the real engine.
 
 Exactness is checked against a reference that recomputes every feature from the whole stream so far
 each block (nothing kept): with a strictly local F0 tracker and encoder reuse off, the cache must

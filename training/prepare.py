@@ -2,7 +2,7 @@
 
 Per source file: read (any soundfile format) as mono 44.1 kHz, loudness-normalise to -18 LUFS
 (pyloudnorm, BS.1770; peaks kept under 0.99 as upstream), slice at silences
-(`rtsvc.slicer.slice_at_silences`, pieces at most 25 s so Whisper's 30 s window holds them), drop
+(`rtsvc.dsp.slicer.slice_at_silences`, pieces at most 25 s so Whisper's 30 s window holds them), drop
 pieces shorter than `MIN_CLIP_S`, then extract log-mel, F0, RMS, ContentVec and Whisper on the mel
 grid and save one `.pt` per clip:
 

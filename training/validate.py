@@ -4,7 +4,7 @@ Every `--eval-every` steps (rank 0 only, schedule-free evaluation weights, dropo
 - `val_loss`: the training objective on the held-out clips with fixed noise and times (seeded),
   so values are comparable between steps;
 - `val_mel_mse`: MSE between sampled and true log-mel (clipped to [-12, 2] like upstream) for a
-  few clips, sampled with the runtime sampler (`rtsvc.flow.sample_mel`, CFG on Whisper);
+  few clips, sampled with the runtime sampler (`rtsvc.models.flow.sample_mel`, CFG on Whisper);
 - RUN/val/step-N/: per clip the reconstruction (own speaker) and a conversion to another speaker
   as WAV (vocoder from the pretrained dir, when found) and a PNG of true / sampled / difference mel.
 Global RNG state is left untouched so validation never changes the training trajectory.

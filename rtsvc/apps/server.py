@@ -3,7 +3,7 @@
 One asyncio event loop owns every socket; it only parses messages and moves bytes. Each client
 gets a `Session` (its own RuntimeSettings, StreamingConverter and RateAdapter), and a session's
 blocks run on `BlockScheduler` worker threads, so a slow client never stalls the loop or the
-other clients. docs/protocol.md describes the wire format; rtsvc/protocol.py parses it.
+other clients. docs/protocol.md describes the wire format; rtsvc/apps/protocol.py parses it.
 
 Batching seam: sessions never call the voice themselves from the loop; they hand a block to
 `BlockScheduler.run(session.process, samples)` and await the result. A batching scheduler can
@@ -243,7 +243,7 @@ class StreamServer:
         if url.path == "/healthz":
             return self._json_response(self.health())
         name = "index.html" if url.path == "/" else unquote(url.path)[1:]
-        path = self._static.get(name)  # only the files directly inside rtsvc/web, by exact name
+        path = self._static.get(name)  # only the files directly inside rtsvc/apps/web, by exact name
         if path is None:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         return self._file_response(path)

@@ -23,7 +23,7 @@ class Backend(Protocol):
                      cfg_strength: float) -> torch.Tensor:
         """Guided velocity [b, n, 128] at time t ([b] or scalar) for the normalised noisy mel x:
         `v_null + s * (v_full - v_null)` with both branches in one batch (s ~ 0: null branch only),
-        as `rtsvc.flow.cfg_velocity`."""
+        as `rtsvc.models.flow.cfg_velocity`."""
         ...
 
     def vocode(self, log_mel: torch.Tensor, f0: torch.Tensor, phase: torch.Tensor,

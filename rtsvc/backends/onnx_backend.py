@@ -175,7 +175,7 @@ def _providers_for(device: str, requested: str | Sequence[str] | None) -> list[s
 
 
 class OnnxBackend:
-    """`Backend` (see rtsvc/backends.py) over a bundle's dit.onnx and vocoder.onnx.
+    """`Backend` (see rtsvc/backends/base.py) over a bundle's dit.onnx and vocoder.onnx.
 
     Tensors come in and go out as torch tensors on `device`. On a GPU provider with CUDA torch
     they stay on the GPU: inputs and outputs are bound by pointer (IO binding), no host copies.
@@ -273,7 +273,7 @@ class OnnxBackend:
 
 
 class OnnxContentVec:
-    """`rtsvc.contentvec.ContentVec`'s interface (`hidden`, `encode`, `dim`) over contentvec.onnx."""
+    """`rtsvc.features.contentvec.ContentVec`'s interface (`hidden`, `encode`, `dim`) over contentvec.onnx."""
 
     def __init__(self, session: ort.InferenceSession, device: torch.device):
         self.session = session
@@ -295,7 +295,7 @@ class OnnxContentVec:
 
 
 def _whisper_method(name: str):
-    """Borrow a method of `rtsvc.whisper_encoder.WhisperEncoder` (chunking, log-mel, resizing) so the
+    """Borrow a method of `rtsvc.features.whisper.WhisperEncoder` (chunking, log-mel, resizing) so the
     ONNX encoder computes features exactly as the torch one around the network itself."""
 
     def method(self, *args, **kwargs):
@@ -308,7 +308,7 @@ def _whisper_method(name: str):
 
 
 class OnnxWhisperEncoder:
-    """`rtsvc.whisper_encoder.WhisperEncoder`'s interface over whisper_encoder.onnx, which holds
+    """`rtsvc.features.whisper.WhisperEncoder`'s interface over whisper_encoder.onnx, which holds
     the layers up to hidden_states[-2] (RIFT-SVC's feature)."""
 
     log_mel = _whisper_method("log_mel")

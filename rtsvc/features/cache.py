@@ -251,7 +251,7 @@ class FeatureCache:
         return store.gather(np.arange(k0, k0 + n) * HOP_LENGTH // ENC_HOP)
 
     def _f0_on_mel(self, k0: int, n: int, s: int, e: int) -> torch.Tensor:
-        """`rtsvc.f0.f0_to_mel_frames` on the raw frames spanning the window, on stream times."""
+        """`rtsvc.features.f0.f0_to_mel_frames` on the raw frames spanning the window, on stream times."""
         ja = max(s // F0_HOP, self.f0.first)
         jb = min(-(-e // F0_HOP) + 1, self.f0.end)
         raw = self.f0.rows[ja - self.f0.first: jb - self.f0.first].numpy()

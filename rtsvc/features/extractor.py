@@ -41,8 +41,8 @@ class FeatureExtractor:
     """The loaded encoders + F0 extractor. `extract(audio_44k) -> Features`."""
 
     def __init__(self, contentvec, whisper, f0: F0Extractor, device: str | torch.device = "cpu"):
-        self.contentvec = contentvec  # rtsvc.contentvec.ContentVec
-        self.whisper_encoder = whisper  # rtsvc.whisper_encoder.WhisperEncoder
+        self.contentvec = contentvec  # rtsvc.features.contentvec.ContentVec
+        self.whisper_encoder = whisper  # rtsvc.features.whisper.WhisperEncoder
         self.f0_extractor = f0
         self.device = torch.device(device)
 

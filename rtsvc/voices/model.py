@@ -8,7 +8,7 @@ same noise and agree where they overlap.
 
 Offline (the default) every call computes every feature over its window as upstream does (Whisper
 padded to 30 s). `ModelVoice(..., streaming=True)` (or `voice.for_streaming()`) is the variant the
-engine wants: a per-stream `rtsvc.feature_cache.FeatureCache` computes F0 and RMS for the new samples
+engine wants: a per-stream `rtsvc.features.cache.FeatureCache` computes F0 and RMS for the new samples
 only, runs ContentVec and Whisper (unpadded) on a bounded window and reuses older frames; `fork()`
 gives a session its own cache over the same backend and encoders; `reset()` clears it. The streaming
 DiT samples only the frames that get vocoded plus `dit_context_ms` of left context (the DiT's cost
