@@ -69,6 +69,8 @@ InputGain = _opt(float, f"Input gain in dB (±40). Default: {KNOBS.input_gain_db
 OutputGain = _opt(float, f"Output gain in dB (±40). Default: {KNOBS.output_gain_db:g}.")
 Steps = _opt(int, f"Rectified-flow sampling steps for models while streaming (2-{MAX_STEPS}). "
              f"Default: {KNOBS.steps}.")
+Denoise = _opt(str, "Noise suppression on the input before conversion: off, deepfilternet (DeepFilterNet3, "
+               "+52 ms latency) or rnnoise (RNNoise, cheaper, +42 ms). Default: off.")
 CfgStrength = _opt(float, "Classifier-free guidance strength (0-10, 0 = off). "
                    f"Default: {KNOBS.cfg_strength:g}.")
 
@@ -123,6 +125,7 @@ def live(
     pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, gate: Gate = KNOBS.gate_db,
     input_gain: InputGain = KNOBS.input_gain_db, output_gain: OutputGain = KNOBS.output_gain_db,
     steps: Steps = KNOBS.steps, cfg_strength: CfgStrength = KNOBS.cfg_strength,
+    denoise: Denoise = KNOBS.denoise,
     block_ms: BlockMs = "auto", context_ms: ContextMs = STREAM.context_ms,
     crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
     dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
@@ -142,7 +145,7 @@ def live(
 
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
                                  input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
-                                 cfg_strength=cfg_strength))
+                                 cfg_strength=cfg_strength, denoise=denoise))
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_live_options(input_rate, output_rate, duration, jitter_ms)
     dev_in, dev_out = find_devices(input, output)  # a wrong device fails before a model loads
@@ -182,6 +185,7 @@ def serve(
     pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, gate: Gate = KNOBS.gate_db,
     input_gain: InputGain = KNOBS.input_gain_db, output_gain: OutputGain = KNOBS.output_gain_db,
     steps: Steps = KNOBS.steps, cfg_strength: CfgStrength = KNOBS.cfg_strength,
+    denoise: Denoise = KNOBS.denoise,
     block_ms: BlockMs = "auto", context_ms: ContextMs = STREAM.context_ms,
     crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
     dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
@@ -203,7 +207,7 @@ def serve(
     check_config(config)  # refuse an open bind without a token before loading any model
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
                                  input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
-                                 cfg_strength=cfg_strength))
+                                 cfg_strength=cfg_strength, denoise=denoise))
     stream_config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms,
                                  sola_search_ms).validate()
     voice = open_voice(VoiceSpec(
@@ -231,7 +235,7 @@ def convert(
     steps: int = typer.Option(CONVERT_STEPS, help=f"Rectified-flow sampling steps (grid points, "
                               f"2-{MAX_STEPS}). Default: {CONVERT_STEPS} (with --stream too)."),
     cfg_strength: CfgStrength = KNOBS.cfg_strength, pitch: Pitch = KNOBS.pitch_shift,
-    formant: Formant = KNOBS.formant_shift, f0: F0 = None,
+    formant: Formant = KNOBS.formant_shift, denoise: Denoise = KNOBS.denoise, f0: F0 = None,
     seed: int = typer.Option(KNOBS.seed, help=f"Random seed of the sampler noise (integer). "
                              f"Default: {KNOBS.seed}."),
     device: Device = "auto", backend: Backend = "auto", providers: Providers = None,
@@ -252,7 +256,7 @@ def convert(
 
     check_f0(f0)
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant,
-                                 cfg_strength=cfg_strength, steps=steps, seed=seed))
+                                 cfg_strength=cfg_strength, steps=steps, seed=seed, denoise=denoise))
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_output_path(output)
     audio = check_input_audio(load_audio(input)[0])

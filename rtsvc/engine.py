@@ -13,6 +13,7 @@ waveforms in time, i.e. when SOLA settles on the centre of its search range):
     block        (a block must be complete before it is converted)
   + crossfade    (the kept tail that the next block fades into)
   + SOLA search - centre  (the output is cut `centre` samples into the search range)
+  + the denoiser's delay   (when the `denoise` knob is on: rtsvc.dsp.denoise runs on the input first)
 Output and input have the same length at every call: the output is the input delayed by that.
 """
 
@@ -120,11 +121,31 @@ class StreamingConverter:
         self.config = (config or StreamConfig()).for_voice(voice)
         self.sample_rate = int(voice.sample_rate)
         self.layout = StreamLayout.from_config(self.config, self.sample_rate)
-        self.latency_samples = self.layout.latency
-        self.latency_ms = self.latency_samples * 1000.0 / self.sample_rate
+        self._denoiser, self._denoise_name, self._denoise_ms = None, "off", 0.0
+        self._switch_denoiser(self.settings.snapshot().denoise)
         self._gate_frame = max(1, int(GATE_FRAME_MS * self.sample_rate / 1000))
         self._lock = threading.Lock()  # guards the counters read by stats() from other threads
         self.reset()
+
+    @property
+    def latency_samples(self) -> int:
+        """Input-to-output delay in samples at `sample_rate` (the denoiser's included when on)."""
+        return self.layout.latency + (self._denoiser.latency_samples if self._denoiser is not None else 0)
+
+    @property
+    def latency_ms(self) -> float:
+        return self.latency_samples * 1000.0 / self.sample_rate
+
+    def _switch_denoiser(self, name: str) -> None:
+        """Follow the `denoise` knob. Switching on delays the output by the denoiser's latency (it
+        starts with that much silence); switching off drops the audio it held. DeepFilterNet takes
+        ~0.3 s to load, so this runs on the engine's thread, never in an audio callback."""
+        from rtsvc.dsp.denoise import make_denoiser  # soxr + ctypes; native libraries load on use
+
+        if self._denoiser is not None:
+            self._denoiser.close()
+        self._denoiser = make_denoiser(name, self.sample_rate)
+        self._denoise_name = name
 
     def reset(self) -> None:
         """Start a new stream: silence in every buffer, counters at zero, the voice's caches cleared."""
@@ -143,6 +164,8 @@ class StreamingConverter:
             self._last_offset = lay.centre
             self._input_db = -120.0
         self.reset_stats()
+        if self._denoiser is not None:
+            self._denoiser.reset()
         self.voice.reset()
 
     def reset_stats(self) -> None:
@@ -156,6 +179,14 @@ class StreamingConverter:
     def process(self, samples: np.ndarray) -> np.ndarray:
         """Feed any number of samples; get as many back, delayed by `latency_samples`."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        count = samples.shape[0]
+        denoise = self.settings.snapshot().denoise
+        if denoise != self._denoise_name:
+            self._switch_denoiser(denoise)
+        if self._denoiser is not None:
+            started = time.perf_counter()
+            samples = self._denoiser.process(samples)
+            self._denoise_ms += (time.perf_counter() - started) * 1000.0  # counted in the next block
         self._pending = np.concatenate((self._pending, samples)) if self._pending.size else samples.copy()
         block = self.layout.block
         while self._pending.shape[0] >= block:
@@ -163,9 +194,9 @@ class StreamingConverter:
             out = self._process_block(new)
             self._out.append(out)
             self._out_len += out.shape[0]
-        result = self._take(samples.shape[0])
+        result = self._take(count)
         with self._lock:
-            self._samples_in += samples.shape[0]
+            self._samples_in += count
             self._samples_out += result.shape[0]
         return result
 
@@ -194,6 +225,7 @@ class StreamingConverter:
                 "rtf": mean / block_ms,
                 "latency_ms": self.latency_ms,
                 "latency_samples": self.latency_samples,
+                "denoise": self._denoise_name,
                 "sola_offset": self._last_offset,
                 "input_db": self._input_db,
             }
@@ -262,7 +294,8 @@ class StreamingConverter:
         out_gain = db_to_gain(knobs.output_gain_db)
         out *= self._gain_ramp(self._out_gain, out_gain, lay.block)
         self._out_gain = out_gain
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        elapsed_ms = (time.perf_counter() - started) * 1000.0 + self._denoise_ms
+        self._denoise_ms = 0.0
         with self._lock:
             self._blocks += 1
             self._input_db = level_db
@@ -292,8 +325,11 @@ class RateAdapter:
             raise UserError(f"sample rates must be positive, got {rate} and {output_rate}")
         self.engine = engine
         self.rate, self.output_rate = int(rate), int(output_rate)
-        self.latency_ms = engine.latency_ms
         self.reset(reset_engine=False)
+
+    @property
+    def latency_ms(self) -> float:
+        return self.engine.latency_ms
 
     def reset(self, reset_engine: bool = True) -> None:
         if reset_engine:

@@ -93,6 +93,10 @@ def convert_offline(
     validate_knobs(knobs)
     audio = check_input_audio(audio)
     sr = voice.sample_rate
+    if knobs.denoise != "off":  # before slicing: the slicer then sees the denoised silences
+        from rtsvc.dsp.denoise import denoise_clip
+
+        audio = denoise_clip(audio, sr, knobs.denoise)
     pad = int(crossfade_ms * sr / 1000) // 2  # neighbours overlap by 2 * pad and crossfade there
     ranges = slice_at_silences(audio, sr)
     meter = _meter(sr) if target_lufs is not None else None

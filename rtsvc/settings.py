@@ -12,6 +12,7 @@ from rtsvc.errors import UserError
 
 MAX_PITCH_SHIFT = 36.0  # semitones either way
 MAX_STEPS = 64
+DENOISE_CHOICES = ("off", "deepfilternet", "rnnoise")  # input noise suppression (rtsvc.dsp.denoise)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Knobs:
     input_gain_db: float = 0.0
     output_gain_db: float = 0.0
     seed: int = 0
+    denoise: str = "off"  # input noise suppression: off, deepfilternet or rnnoise (adds its delay)
 
 
 def validate_knobs(knobs: Knobs) -> Knobs:
@@ -42,6 +44,8 @@ def validate_knobs(knobs: Knobs) -> Knobs:
     for name in ("input_gain_db", "output_gain_db"):
         if abs(getattr(knobs, name)) > 40.0:
             raise UserError(f"{name} must be within ±40 dB, got {getattr(knobs, name)}")
+    if knobs.denoise not in DENOISE_CHOICES:
+        raise UserError(f"denoise must be one of {', '.join(DENOISE_CHOICES)}, got {knobs.denoise!r}")
     return knobs
 
 

