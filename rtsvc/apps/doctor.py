@@ -74,7 +74,8 @@ def _provider_note(name: str, listed: bool, gpu_wheel: bool, gpu_here: bool) -> 
     if name == "cpu":
         return "cannot start (broken onnxruntime install?)"
     if not gpu_here:
-        return f"{name.upper() if name == 'cuda' else 'TensorRT'}: not available on this machine (no NVIDIA GPU)"
+        label = "CUDA" if name == "cuda" else "TensorRT"
+        return f"{label}: not available on this machine (no NVIDIA GPU)"
     if not listed or not gpu_wheel:
         return "not in the CPU onnxruntime installed here; for the GPU see README \"GPU\" (rtsvc[gpu])"
     return "the GPU is there but the provider cannot start (CUDA/cuDNN/TensorRT libraries missing?)"
