@@ -21,7 +21,7 @@ from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
 from rtsvc.settings import MAX_PITCH_SHIFT, MAX_STEPS, Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
-from rtsvc.voices.spec import VoiceSpec, check_f0, open_voice
+from rtsvc.voices.spec import VoiceSpec, check_f0, describe_voice, open_voice
 
 app = typer.Typer(
     add_completion=False,
@@ -117,9 +117,13 @@ def _table(title: str, columns: tuple[str, ...], rows) -> None:
 def live(
     model: Model = None, speaker: Speaker = None, pretrained_dir: PretrainedDir = Path("pretrained"),
     input: str | None = typer.Option(None, "--input", "-i", help="Input device: index or (part of) its "
-                                     "name, see `rtsvc devices`. Default: the system default input."),
-    output: str | None = typer.Option(None, "--output", "-o", help="Output device: index or (part of) "
-                                      "its name. Default: the system default output."),
+                                     "name, PulseAudio/PipeWire sources by name; see `rtsvc devices`. "
+                                     "Default: the system default input."),
+    output: str | None = typer.Option(None, "--output", "-o", help="Output device (or virtual cable): index "
+                                      "or (part of) its name. Default: the system default output."),
+    monitor: str | None = typer.Option(None, help="Also play the converted voice on this device (e.g. "
+                                       "headphones while --output is a virtual cable), at the output rate. "
+                                       "Default: none."),
     input_rate: int | None = typer.Option(None, help="Input device rate in Hz. Default: the device's."),
     output_rate: int | None = typer.Option(None, help="Output device rate in Hz. Default: the device's."),
     pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, gate: Gate = KNOBS.gate_db,
@@ -148,14 +152,16 @@ def live(
                                  cfg_strength=cfg_strength, denoise=denoise))
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_live_options(input_rate, output_rate, duration, jitter_ms)
-    dev_in, dev_out = find_devices(input, output)  # a wrong device fails before a model loads
+    find_devices(input, output, monitor)  # a wrong device fails before a model loads
     voice = open_voice(VoiceSpec(
         model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
         rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
         providers=providers, streaming=True, dit_context_ms=dit_context_ms))
-    result = run_live(voice, RuntimeSettings(knobs), config.for_voice(voice), input_device=dev_in["index"],
-                      output_device=dev_out["index"], input_rate=input_rate, output_rate=output_rate,
-                      duration=duration, record=record, jitter_ms=jitter_ms, console=console)
+    _say(describe_voice(voice, model, speaker))
+    result = run_live(voice, RuntimeSettings(knobs), config.for_voice(voice), input_device=input,
+                      output_device=output, monitor_device=monitor, input_rate=input_rate,
+                      output_rate=output_rate, duration=duration, record=record, jitter_ms=jitter_ms,
+                      console=console)
     _say(live_summary(result, record))
 
 
@@ -215,6 +221,7 @@ def serve(
         rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
         providers=providers, streaming=True, dit_context_ms=dit_context_ms))
     source = dsp_source() if model is None else model_source(voice, model.name)
+    _say(describe_voice(voice, model, speaker))
 
     def ready(server) -> None:
         where = f"{host}:{server.port}"
@@ -268,6 +275,7 @@ def convert(
         model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
         rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
         providers=providers, streaming=stream, dit_context_ms=dit_context_ms))
+    _say(describe_voice(voice, model, speaker))
     with _progress_bar() as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
@@ -378,6 +386,9 @@ def train(
     new = set(result.new_speakers)
     console.print("speakers: " + ", ".join(f"{n}{' (new)' if n in new else ''}" for n in result.speakers),
                   highlight=False)
+    if result.new_speakers:
+        console.print(f"default speaker: {result.new_speakers[0]} (live, convert and serve use it without "
+                      "--speaker)", highlight=False)
     state = "stopped (Ctrl-C)" if result.interrupted else "finished"
     console.print(f"{state} at step {result.global_step}; checkpoint: {result.last_checkpoint}"
                   + (" (continue with --resume)" if result.interrupted else ""), highlight=False)

@@ -232,7 +232,8 @@ def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encode
                 "whisper_dim": c.whisper_dim, "inputs": list(DIT_INPUTS), "output": DIT_OUTPUT},
         "vocoder": {**asdict(vocoder.config), "harmonics": HARMONIC_NUM + 1, "inputs": list(VOCODER_INPUTS),
                     "output": VOCODER_OUTPUT},
-        "defaults": {"steps": DEFAULT_STEPS, "cfg_strength": DEFAULT_CFG},
+        "defaults": {"steps": DEFAULT_STEPS, "cfg_strength": DEFAULT_CFG,
+                     "speaker": next(iter(loaded.speakers))},  # the checkpoint's default (first)
         "features": {
             "pretrained_layout": {k: LAYOUT[k] for k in ("contentvec", "whisper", "rmvpe")},
             "contentvec": {"sample_rate": ENCODER_SAMPLE_RATE, "dim": c.cvec_dim, "frame_rate": 50,

@@ -232,6 +232,8 @@ def _hparams(cfg: TrainConfig, tm: TrainModel, meta_path: str, lr: float, wd: fl
                      "precision": cfg.precision, "world_size": world, "save_weights_only": False,
                      "time_schedule": "lognorm" if cfg.lognorm else "uniform"},
         "spk2idx": dict(tm.spk2idx),
+        # the voice this run adds is what live/convert/serve use without --speaker (rtsvc.models.loading)
+        "default_speaker": tm.new_speakers[0] if tm.new_speakers else None,
     }
 
 

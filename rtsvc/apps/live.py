@@ -13,10 +13,14 @@ input clock) drop the oldest audio and are counted.
 import os
 import queue
 import select
+import shutil
+import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +39,15 @@ MIN_RATE, MAX_RATE = 8000, 384000  # device rates PortAudio hosts offer
 MAX_QUEUE_S = 1.0  # more unprocessed input than this: drop the oldest (overrun)
 STATUS_HZ = 4.0
 INPUT_WAIT_S = 10.0  # how long to wait for the first input callback before warning
-KEY_HELP = ("keys: up/down or +/- pitch ±1 st, 0 pitch 0, f/F formant ∓0.05, g/G gate ∓5 dB, "
-            "i/I input gain ∓1 dB, o/O output gain ∓1 dB, q quit")
+DENOISE_CYCLE = ("off", "deepfilternet", "rnnoise")  # the `n` key steps through these
+
+
+def key_help(voice: Voice) -> str:
+    """The keys that apply to `voice` (formant only for the DSP voice); lowercase lowers, uppercase raises."""
+    formant = "f/F formant -/+0.05, " if getattr(voice, "uses_formant", False) else ""
+    return ("keys (lowercase lowers, uppercase raises): up/down or +/- pitch ±1 semitone, 0 pitch 0, "
+            f"{formant}g/G gate -/+5 dB, i/I input gain -/+1 dB, o/O output gain -/+1 dB, "
+            "n noise suppression off/deepfilternet/rnnoise, q quit")
 
 
 def _sounddevice():
@@ -50,16 +61,77 @@ def _sounddevice():
 
 
 def list_devices() -> list[dict]:
-    """Every PortAudio device: index, name, host API, channel counts, default rate, default flags."""
+    """Every PortAudio device (index, name, host API, channel counts, default rate, default flags),
+    then the PulseAudio/PipeWire sources and sinks, which open through PortAudio's `pulse` device."""
     sd = _sounddevice()
     default_in, default_out = sd.default.device
     hostapis = sd.query_hostapis()
-    return [{
+    devices = [{
         "index": i, "name": dev["name"], "hostapi": hostapis[dev["hostapi"]]["name"],
         "inputs": dev["max_input_channels"], "outputs": dev["max_output_channels"],
         "default_rate": int(dev["default_samplerate"]),
-        "default_input": i == default_in, "default_output": i == default_out,
+        "default_input": i == default_in, "default_output": i == default_out, "pulse": None,
     } for i, dev in enumerate(sd.query_devices())]
+    via = [d["index"] for d in devices if d["name"] == PULSE_DEVICE and d["inputs"] and d["outputs"]]
+    return devices + (pulse_devices(via[0]) if via else [])
+
+
+PULSE_DEVICE = "pulse"  # ALSA's PulseAudio plugin (PipeWire's pulse server answers it too)
+PULSE_ENV = {"input": "PULSE_SOURCE", "output": "PULSE_SINK"}  # read by libpulse when a stream opens
+
+
+def parse_pactl_short(text: str, kind: str, via: int) -> list[dict]:
+    """`pactl list short sources|sinks` lines (index, name, driver, "s16le 2ch 44100Hz", state) as
+    device entries opened through PortAudio device `via` with PULSE_SOURCE / PULSE_SINK set."""
+    devices = []
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if len(fields) < 4:
+            continue
+        spec = fields[3].split()
+        channels = next((int(w[:-2]) for w in spec if w.endswith("ch") and w[:-2].isdigit()), 2)
+        rate = next((int(w[:-2]) for w in spec if w.endswith("Hz") and w[:-2].isdigit()), 48000)
+        devices.append({"index": via, "name": fields[1], "hostapi": "PulseAudio", "pulse": fields[1],
+                        "inputs": channels if kind == "sources" else 0,
+                        "outputs": channels if kind == "sinks" else 0, "default_rate": rate,
+                        "default_input": False, "default_output": False})
+    return devices
+
+
+def pulse_devices(via: int) -> list[dict]:
+    """PulseAudio/PipeWire sources and sinks by name (via pactl); none when pactl or the server is absent."""
+    if shutil.which("pactl") is None:
+        return []
+    found = []
+    for kind in ("sources", "sinks"):
+        try:
+            listing = subprocess.run(["pactl", "list", "short", kind], capture_output=True, text=True,
+                                     timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        if listing.returncode != 0:
+            return []
+        found += parse_pactl_short(listing.stdout, kind, via)
+    return found
+
+
+@contextmanager
+def pulse_routing(device: dict, kind: str) -> Iterator[None]:
+    """Open a stream inside this block: a PulseAudio source/sink entry sets PULSE_SOURCE/PULSE_SINK,
+    which libpulse reads as the ALSA `pulse` device opens (each stream keeps its own)."""
+    name, variable = device.get("pulse"), PULSE_ENV[kind]
+    if name is None:
+        yield
+        return
+    saved = os.environ.get(variable)
+    os.environ[variable] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved
 
 
 def find_device(spec: str | int | None, kind: str, devices: list[dict] | None = None) -> dict:
@@ -74,7 +146,7 @@ def find_device(spec: str | int | None, kind: str, devices: list[dict] | None = 
         return chosen[0] if chosen else usable[0]
     text = str(spec).strip()
     if text.isdigit():
-        match = [d for d in devices if d["index"] == int(text)]
+        match = [d for d in devices if d["index"] == int(text) and not d.get("pulse")]
         if not match:
             raise UserError(f"no audio device with index {text} (see `rtsvc devices`)")
         if match[0][channels] == 0:
@@ -87,8 +159,9 @@ def find_device(spec: str | int | None, kind: str, devices: list[dict] | None = 
     if not match:
         raise UserError(f"no {kind} device matches {text!r} (see `rtsvc devices`)")
     if len(match) > 1:
-        names = ", ".join(f"{d['index']}: {d['name']}" for d in match)
-        raise UserError(f"{text!r} matches several {kind} devices ({names}); give the index")
+        names = ", ".join(d["name"] if d.get("pulse") else f"{d['index']}: {d['name']}" for d in match)
+        raise UserError(f"{text!r} matches several {kind} devices ({names}); give the index or the "
+                        "whole name")
     return match[0]
 
 
@@ -165,8 +238,9 @@ class KeyReader:
              "i": ("input_gain_db", -1), "I": ("input_gain_db", 1),
              "o": ("output_gain_db", -1), "O": ("output_gain_db", 1)}
 
-    def __init__(self, settings: RuntimeSettings, state: LiveState):
+    def __init__(self, settings: RuntimeSettings, state: LiveState, voice: Voice | None = None):
         self.settings, self.state = settings, state
+        self.formant = voice is None or getattr(voice, "uses_formant", False)  # keys only where they apply
         self.message = ""
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -185,7 +259,12 @@ class KeyReader:
         if key == "0":
             self.settings.update(pitch_shift=0.0)
             return
-        if key not in self.STEPS:
+        if key == "n":
+            current = self.settings.snapshot().denoise
+            following = DENOISE_CYCLE[(DENOISE_CYCLE.index(current) + 1) % len(DENOISE_CYCLE)]
+            self.settings.update(denoise=following)
+            return
+        if key not in self.STEPS or (key in "fF" and not self.formant):
             return
         name, step = self.STEPS[key]
         value = round(getattr(self.settings.snapshot(), name) + step, 3)
@@ -227,6 +306,51 @@ def split_keys(data: str) -> list[str]:
     return keys
 
 
+def _writes_to_fd2(console) -> bool:
+    try:
+        return console.file.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a StringIO and the like
+        return False
+
+
+@contextmanager
+def native_stderr_above(console) -> Iterator[None]:
+    """Keep C libraries' messages (ALSA, PortAudio, JACK write straight to fd 2) out of the status
+    line: while live runs, fd 2 is a pipe whose lines `console` prints above the status, and
+    `console` itself writes to a copy of the real stderr. Nothing changes when stderr is no terminal."""
+    if not console.is_terminal:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    own_file = _writes_to_fd2(console)
+    previous = console.file
+    if own_file:
+        console.file = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "r", errors="replace") as lines:
+            for line in lines:
+                if line.strip():
+                    console.print(line.rstrip(), style="dim", highlight=False, markup=False, soft_wrap=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the reader sees the end
+        os.close(saved)
+        reader.join(timeout=1.0)
+        if own_file:
+            console.file.close()
+            console.file = previous
+
+
 def _wait_for_input(state: LiveState, console, timeout: float = INPUT_WAIT_S) -> None:
     """Return once the input callback has delivered audio (PulseAudio can take a second or more)."""
     deadline = time.monotonic() + timeout
@@ -240,7 +364,8 @@ def _wait_for_input(state: LiveState, console, timeout: float = INPUT_WAIT_S) ->
         console.print(f"warning: no input audio after {timeout:.0f} s; still waiting", style="yellow")
 
 
-def _worker(adapter: RateAdapter, inbox: queue.Queue, fifo: OutputFifo, state: LiveState, recorder) -> None:
+def _worker(adapter: RateAdapter, inbox: queue.Queue, fifos: list[OutputFifo], state: LiveState,
+            recorder) -> None:
     try:
         while not state.stop.is_set():
             try:
@@ -248,7 +373,8 @@ def _worker(adapter: RateAdapter, inbox: queue.Queue, fifo: OutputFifo, state: L
             except queue.Empty:
                 continue
             out = adapter.process(chunk)
-            fifo.push(out)
+            for fifo in fifos:  # the output device, and the monitor (headphones) when there is one
+                fifo.push(out)
             if recorder is not None and out.size:
                 recorder.write(out)
     except BaseException as err:  # surfaced by the main loop
@@ -274,10 +400,16 @@ def _status_text(engine: StreamingConverter, fifo: OutputFifo, state: LiveState,
                 f"(rtf {st['rtf']:.2f})  ", style=rtf_style)
     text.append(f"under {fifo.underruns} over {fifo.overruns + state.input_overruns}  ",
                 style="red" if fifo.underruns or fifo.overruns or state.input_overruns else "")
-    text.append(f"pitch {knobs.pitch_shift:+g} formant {knobs.formant_shift:g} gate {knobs.gate_db:g} dB "
-                f"gain {knobs.input_gain_db:+g}/{knobs.output_gain_db:+g} dB  {state.seconds:5.1f} s")
+    formant = f" formant {knobs.formant_shift:g}" if keys is None or keys.formant else ""
+    denoise = f" denoise {knobs.denoise}" if knobs.denoise != "off" else ""
+    gains = f"{knobs.input_gain_db:+g}/{knobs.output_gain_db:+g}"
+    text.append(f"pitch {knobs.pitch_shift:+g}{formant} gate {knobs.gate_db:g} dB gain {gains} dB{denoise}  "
+                f"{state.seconds:5.1f} s")
     if keys is not None and keys.message:
         text.append(f"\n{keys.message}", style="yellow")
+    # one terminal line per line of text, cut at the width: a line the terminal wraps is taller than
+    # rich Live thinks, and each refresh would then leave a copy behind
+    text.no_wrap, text.overflow = True, "ellipsis"
     return text
 
 
@@ -285,23 +417,28 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
              input_device: str | int | None = None, output_device: str | int | None = None,
              input_rate: int | None = None, output_rate: int | None = None, duration: float | None = None,
              record: str | Path | None = None, jitter_ms: float = JITTER_MS, console=None,
-             keys: bool = True) -> dict:
-    """Run mic -> voice -> speaker until Ctrl-C, `q`, or `duration` seconds; return the final counters."""
+             keys: bool = True, monitor_device: str | int | None = None) -> dict:
+    """Run mic -> voice -> speaker until Ctrl-C, `q`, or `duration` seconds; return the final counters.
+
+    Devices are indices or names (`find_device`), PulseAudio/PipeWire sources and sinks included;
+    `monitor_device` also plays the converted voice (e.g. headphones, while the output is a cable).
+    """
     sd = _sounddevice()
     from rich.console import Console
     from rich.live import Live
 
     console = console or Console(stderr=True)
     check_live_options(input_rate, output_rate, duration, jitter_ms)
-    dev_in, dev_out = find_devices(input_device, output_device)
+    dev_in, dev_out, dev_mon = find_devices(input_device, output_device, monitor_device)
     in_rate = int(input_rate or dev_in["default_rate"])
     out_rate = int(output_rate or dev_out["default_rate"])
     engine = StreamingConverter(voice, settings, config)
     adapter = RateAdapter(engine, in_rate, out_rate)
     state = LiveState()
     block_out = int(round(engine.layout.block * out_rate / engine.sample_rate))
-    fifo = OutputFifo(prime=int(jitter_ms * out_rate / 1000),
-                      max_level=int(jitter_ms * out_rate / 1000) + 2 * block_out + out_rate // 5)
+    prime = int(jitter_ms * out_rate / 1000)
+    fifo = OutputFifo(prime=prime, max_level=prime + 2 * block_out + out_rate // 5)
+    monitor_fifo = OutputFifo(prime=prime, max_level=prime + 2 * block_out + out_rate // 5)
     inbox: queue.Queue = queue.Queue()
     max_chunks = int(MAX_QUEUE_S * 1000 / DEVICE_BLOCK_MS)
 
@@ -327,6 +464,18 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
         if outdata.shape[1] > 1:
             outdata[:, 1:] = outdata[:, :1]
 
+    def on_monitor(outdata, frames, time_info, status):
+        outdata[:, 0] = monitor_fifo.pop(frames)
+        if outdata.shape[1] > 1:
+            outdata[:, 1:] = outdata[:, :1]
+
+    def open_output(device: dict, callback):
+        with pulse_routing(device, "output"):
+            return sd.OutputStream(device=device["index"], samplerate=out_rate,
+                                   channels=min(2, device["outputs"]), dtype="float32",
+                                   blocksize=int(out_rate * DEVICE_BLOCK_MS / 1000), latency="low",
+                                   callback=callback)
+
     recorder = None
     if record is not None:
         import soundfile as sf
@@ -337,32 +486,35 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
             raise UserError(f"cannot write recording {record}: {err}") from None
     try:
         try:
-            in_stream = sd.InputStream(device=dev_in["index"], samplerate=in_rate, channels=1,
-                                       dtype="float32", blocksize=int(in_rate * DEVICE_BLOCK_MS / 1000),
-                                       latency="low", callback=on_input)
-            out_channels = min(2, dev_out["outputs"])
-            out_stream = sd.OutputStream(device=dev_out["index"], samplerate=out_rate, channels=out_channels,
-                                         dtype="float32", blocksize=int(out_rate * DEVICE_BLOCK_MS / 1000),
-                                         latency="low", callback=on_output)
+            with pulse_routing(dev_in, "input"):
+                in_stream = sd.InputStream(device=dev_in["index"], samplerate=in_rate, channels=1,
+                                           dtype="float32", blocksize=int(in_rate * DEVICE_BLOCK_MS / 1000),
+                                           latency="low", callback=on_input)
+            out_stream = open_output(dev_out, on_output)
+            mon_stream = open_output(dev_mon, on_monitor) if dev_mon is not None else None
         except sd.PortAudioError as err:
-            raise UserError(f"cannot open audio devices ({dev_in['name']} -> {dev_out['name']}): "
-                            f"{err}") from None
+            names = " + ".join(d["name"] for d in (dev_out, dev_mon) if d is not None)
+            raise UserError(f"cannot open audio devices ({dev_in['name']} -> {names}): {err}") from None
         device_ms = (in_stream.latency + out_stream.latency) * 1000.0
-        worker = threading.Thread(target=_worker, args=(adapter, inbox, fifo, state, recorder), daemon=True)
-        key_reader = KeyReader(settings, state) if keys and sys.stdin.isatty() else None
+        fifos = [fifo] + ([monitor_fifo] if mon_stream is not None else [])
+        worker = threading.Thread(target=_worker, args=(adapter, inbox, fifos, state, recorder),
+                                  daemon=True)
+        key_reader = KeyReader(settings, state, voice) if keys and sys.stdin.isatty() else None
         worker.start()
         status = lambda: _status_text(engine, fifo, state, settings, out_rate, device_ms, key_reader)  # noqa: E731
-        with in_stream, out_stream:
+        with native_stderr_above(console), in_stream, out_stream, (mon_stream or nullcontext()):
             _wait_for_input(state, console)
-            console.print(f"live: {dev_in['name']} ({in_rate} Hz) -> {dev_out['name']} ({out_rate} Hz), "
-                          f"block {engine.layout.block * 1000 / engine.sample_rate:.0f} ms, algorithmic "
-                          f"latency {engine.latency_ms:.0f} ms. Ctrl-C to stop.", highlight=False,
-                          soft_wrap=True)
+            monitor = f", monitor {dev_mon['name']}" if dev_mon is not None else ""
+            console.print(f"live: {dev_in['name']} ({in_rate} Hz) -> {dev_out['name']} ({out_rate} Hz)"
+                          f"{monitor}, block {engine.layout.block * 1000 / engine.sample_rate:.0f} ms, "
+                          f"algorithmic latency {engine.latency_ms:.0f} ms. Ctrl-C to stop.",
+                          highlight=False, soft_wrap=True)
             if key_reader is not None:
-                console.print(KEY_HELP, style="dim", highlight=False)
+                console.print(key_help(voice), style="dim", highlight=False, soft_wrap=True)
                 key_reader.start()
             started = time.monotonic()
-            with Live(status(), console=console, refresh_per_second=STATUS_HZ, transient=False) as panel:
+            with Live(status(), console=console, refresh_per_second=STATUS_HZ, transient=False,
+                      redirect_stderr=False) as panel:
                 try:
                     while not state.stop.is_set():
                         state.stop.wait(1.0 / STATUS_HZ)
@@ -370,7 +522,8 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                         panel.update(status())
                         if duration is not None and state.seconds >= duration:
                             break
-                        if not (in_stream.active and out_stream.active):
+                        if not (in_stream.active and out_stream.active
+                                and (mon_stream is None or mon_stream.active)):
                             raise UserError("the audio stream stopped unexpectedly (was a device unplugged?)")
                 except KeyboardInterrupt:
                     console.print("stopping (Ctrl-C)", highlight=False)
@@ -409,23 +562,29 @@ def check_live_options(input_rate: int | None = None, output_rate: int | None = 
         raise UserError(f"--jitter-ms must be between 0 and {MAX_JITTER_MS:g} ms, got {jitter_ms:g}")
 
 
-def find_devices(input_device: str | int | None, output_device: str | int | None) -> tuple[dict, dict]:
-    """Both devices of `rtsvc live`, resolved up front so a wrong name fails before a model loads."""
+def find_devices(input_device: str | int | None, output_device: str | int | None,
+                 monitor_device: str | int | None = None) -> tuple[dict, dict, dict | None]:
+    """The devices of `rtsvc live` (input, output, monitor or None), resolved up front so a wrong
+    name fails before a model loads."""
     devices = list_devices()
-    return find_device(input_device, "input", devices), find_device(output_device, "output", devices)
+    monitor = find_device(monitor_device, "output", devices) if monitor_device not in (None, "") else None
+    return find_device(input_device, "input", devices), find_device(output_device, "output", devices), monitor
 
 
 def devices_table(devices: list[dict]):
     """`rtsvc devices` as a rich table."""
     from rich.table import Table
 
-    table = Table(title="audio devices (PortAudio)")
+    table = Table(title="audio devices: --input / --output / --monitor take an index or a name "
+                        "(PulseAudio/PipeWire sources and sinks by name)")
     for col in ("index", "name", "host API", "in", "out", "default Hz", "default"):
         table.add_column(col, justify="right" if col in ("index", "in", "out", "default Hz") else "left")
     for d in devices:
         flags = (("input", d["default_input"]), ("output", d["default_output"]))
-        table.add_row(str(d["index"]), d["name"], d["hostapi"], str(d["inputs"]), str(d["outputs"]),
-                      str(d["default_rate"]), "/".join(name for name, on in flags if on))
+        kind = "source" if d["inputs"] else "sink"
+        table.add_row("-" if d.get("pulse") else str(d["index"]), d["name"],
+                      f"PulseAudio {kind}" if d.get("pulse") else d["hostapi"], str(d["inputs"]),
+                      str(d["outputs"]), str(d["default_rate"]), "/".join(name for name, on in flags if on))
     return table
 
 

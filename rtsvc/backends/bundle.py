@@ -38,7 +38,12 @@ class Bundle:
 
     @property
     def speakers(self) -> dict[str, int]:
-        return dict(self.manifest["speakers"])
+        """Name -> index, the default speaker (`defaults.speaker`, the voice `rtsvc train` added) first."""
+        speakers = dict(self.manifest["speakers"])
+        default = self.manifest["defaults"].get("speaker")
+        if default in speakers:
+            speakers = {default: speakers.pop(default), **speakers}
+        return speakers
 
     @property
     def sample_rate(self) -> int:

@@ -155,6 +155,14 @@ def _dit_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, 
                      whisper_dim=state["null_whisper_embed.weight"].shape[1])
 
 
+def _default_first(speakers: dict[str, int], default: object) -> dict[str, int]:
+    """The speaker table with the checkpoint's default speaker (the voice `rtsvc train` added) first:
+    every front end uses the first speaker when none is given. Upstream checkpoints have no default."""
+    if isinstance(default, str) and default in speakers:
+        return {default: speakers[default], **{k: v for k, v in speakers.items() if k != default}}
+    return speakers
+
+
 def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
     """Load a RIFT-SVC V2 Lightning checkpoint; strict keys; UserError on any mismatch."""
     path = Path(path)
@@ -164,7 +172,8 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
     speakers = _as_dict(hparams.get("spk2idx"))
     if not speakers:
         raise UserError(f"{path} has no speaker table (hyper_parameters.cfg.spk2idx)")
-    speakers = {str(name): int(idx) for name, idx in speakers.items()}
+    speakers = _default_first({str(name): int(idx) for name, idx in speakers.items()},
+                              hparams.get("default_speaker"))
     n_speakers = state["spk_embed.weight"].shape[0] if "spk_embed.weight" in state else len(speakers)
     if max(speakers.values()) >= n_speakers:
         raise UserError(f"{path}: speaker table lists index {max(speakers.values())} but the model "

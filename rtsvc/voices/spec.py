@@ -75,6 +75,17 @@ class VoiceSpec:
                                   need=self.needed_components())
 
 
+def describe_voice(voice: Voice, model: Path | None, speaker: str | None = None) -> str:
+    """The line live, convert and serve print: which model and which speaker are active."""
+    if model is None:
+        return "voice: built-in DSP voice (no model)"
+    active = speaker if speaker is not None else voice.speakers[0]
+    others = [name for name in voice.speakers if name != active]
+    listed = ", ".join(others[:8]) + (", ..." if len(others) > 8 else "")
+    rest = f" (also: {listed}; --speaker)" if others else ""
+    return f"voice: {model}, speaker {active}{rest}"
+
+
 def check_f0(f0: str | None) -> str:
     """--f0 as given (None: rmvpe); anything else is a UserError."""
     if f0 is not None and f0 not in F0_CHOICES:
