@@ -15,7 +15,16 @@ import pytest
 import soundfile as sf
 
 from rtsvc.apps.bench import sung_tone
-from rtsvc.apps.live import KeyReader, LiveState, OutputFifo, find_device, split_keys
+from rtsvc.apps.live import (
+    KeyReader,
+    LiveState,
+    OutputFifo,
+    find_device,
+    parse_pactl_short,
+    pulse_devices,
+    pulse_routing,
+    split_keys,
+)
 from rtsvc.apps.loopback import PulseServer, start_live, wait_for_start
 from rtsvc.errors import UserError
 from rtsvc.settings import RuntimeSettings
@@ -171,3 +180,140 @@ def test_keys_change_knobs_and_quit():
     assert not state.stop.is_set()
     keys.apply("q")
     assert state.stop.is_set() and isinstance(state.stop, threading.Event)
+
+
+PACTL_SOURCES = ("0\tmic.monitor\tmodule-null-sink.c\ts16le 2ch 44100Hz\tIDLE\n"
+                 "1\talsa_input.usb-Yeti-00.mono-fallback\tmodule-alsa-card.c\ts16le 1ch 48000Hz\tRUNNING\n")
+
+
+def test_pactl_listing_becomes_devices_opened_through_pulse():
+    found = parse_pactl_short(PACTL_SOURCES, "sources", via=4)
+    assert [(d["name"], d["inputs"], d["outputs"], d["default_rate"], d["index"]) for d in found] == [
+        ("mic.monitor", 2, 0, 44100, 4), ("alsa_input.usb-Yeti-00.mono-fallback", 1, 0, 48000, 4)]
+    assert all(d["pulse"] == d["name"] and d["hostapi"] == "PulseAudio" for d in found)
+    sinks = parse_pactl_short("3\tmic_feed\tmodule-null-sink.c\tfloat32le 2ch 48000Hz\tIDLE\n", "sinks", 4)
+    devices = [_device(4, "pulse", 32, 32), *found, *sinks]
+    for d in devices:
+        d.setdefault("pulse", None)
+    assert find_device("mic", "input", devices)["pulse"] == "mic.monitor"
+    assert find_device("mic_feed", "output", devices)["pulse"] == "mic_feed"
+    assert find_device("4", "input", devices)["name"] == "pulse"  # an index is never a pulse entry
+    with pytest.raises(UserError, match="matches several input devices"):
+        find_device("mon", "input", devices)
+
+
+def test_pulse_sources_and_sinks_are_listed_by_name(pulse, monkeypatch):
+    for name, value in pulse.env.items():
+        monkeypatch.setenv(name, value)
+    names = {(d["name"], d["inputs"] > 0, d["outputs"] > 0) for d in pulse_devices(via=0)}
+    assert {("mic.monitor", True, False), ("speaker", False, True), ("mic", False, True)} <= names
+
+
+def test_pulse_routing_sets_and_restores_the_stream_target(monkeypatch):
+    monkeypatch.setenv("PULSE_SINK", "before")
+    with pulse_routing({"pulse": "speaker"}, "output"):
+        assert os.environ["PULSE_SINK"] == "speaker"
+    assert os.environ["PULSE_SINK"] == "before"
+    monkeypatch.delenv("PULSE_SOURCE", raising=False)
+    with pulse_routing({"pulse": "mic.monitor"}, "input"):
+        assert os.environ["PULSE_SOURCE"] == "mic.monitor"
+    assert "PULSE_SOURCE" not in os.environ
+    with pulse_routing({"pulse": None}, "input"):
+        assert "PULSE_SOURCE" not in os.environ
+
+
+@pytest.mark.slow
+def test_live_by_pulse_names_with_a_monitor(tmp_path):
+    """`rtsvc live --input mic --output speaker --monitor phones`: the converted voice reaches both sinks."""
+    if shutil.which("pulseaudio") is None:
+        pytest.skip("pulseaudio is not installed")
+    tone = tmp_path / "tone.wav"
+    sf.write(tone, sung_tone(3.0, f0=TONE_F0), SR)
+    with PulseServer(("mic", "speaker", "phones")) as server:
+        recorders, files = [], {}
+        for sink in ("speaker", "phones"):
+            files[sink] = tmp_path / f"{sink}.raw"
+            with open(files[sink], "wb") as out:
+                recorders.append(subprocess.Popen(["parec", "-d", f"{sink}.monitor", "--raw",
+                                                   "--format=float32le", "--channels=1", f"--rate={SR}"],
+                                                  env=server.env, stdout=out))
+        log = tmp_path / "live.log"
+        with open(log, "w") as stream:
+            args = ["--input", "mic", "--output", "speaker", "--monitor", "phones", "--pitch", "12",
+                    "--duration", "5", "--gate", "-60"]
+            live = subprocess.Popen([sys.executable, "-m", "cli", "live", *args],
+                                    env=server.client_env(), stdin=subprocess.DEVNULL, stdout=stream,
+                                    stderr=subprocess.STDOUT)
+        try:
+            wait_for_start(live, log, timeout=60)
+            time.sleep(0.5)
+            subprocess.run(["paplay", "-d", "mic", str(tone)], env=server.env, check=True, timeout=30)
+            assert live.wait(timeout=60) == 0, log.read_text()
+        finally:
+            for proc in (live, *recorders):
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=10)
+    text = log.read_text()
+    assert "live: mic.monitor" in text and "-> speaker" in text and "monitor phones" in text, text
+    f0_in, _ = median_f0(sung_tone(3.0, f0=TONE_F0))
+    for sink, path in files.items():
+        f0_out, voiced = median_f0(np.fromfile(path, dtype=np.float32))
+        assert voiced >= 150, (sink, voiced)
+        assert f0_out == pytest.approx(2 * f0_in, rel=0.03), sink
+
+
+def test_native_library_messages_print_above_the_status_line():
+    """ALSA writes to fd 2 directly; while live runs those lines go through the console, whole."""
+    import io
+
+    from rich.console import Console
+
+    from rtsvc.apps.live import native_stderr_above
+
+    sink = io.StringIO()
+    console = Console(file=sink, force_terminal=True, width=120)
+    before = os.fstat(2).st_ino
+    with native_stderr_above(console):
+        os.write(2, b"ALSA lib pcm.c:8570:(snd_pcm_recover) underrun occurred\n")
+        deadline = time.monotonic() + 5
+        while "underrun occurred" not in sink.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert "ALSA lib pcm.c:8570:(snd_pcm_recover) underrun occurred" in sink.getvalue()
+    assert os.fstat(2).st_ino == before  # the real stderr is back
+
+
+def test_key_help_lists_only_keys_that_apply():
+    from rtsvc.apps.live import key_help
+    from rtsvc.voices.dsp import DspVoice
+
+    class ModelLike:
+        speakers = ["alice"]
+
+    assert "f/F formant" in key_help(DspVoice()) and "f/F" not in key_help(ModelLike())
+    assert "lowercase lowers, uppercase raises" in key_help(ModelLike())
+    settings, state = RuntimeSettings(), LiveState()
+    keys = KeyReader(settings, state, ModelLike())
+    keys.apply("F")
+    assert settings.snapshot().formant_shift == 1.0  # no formant key for a model voice
+    keys.apply("n")
+    assert settings.snapshot().denoise == "deepfilternet"
+    keys.apply("n")
+    keys.apply("n")
+    assert settings.snapshot().denoise == "off"
+
+
+def test_status_line_never_wraps():
+    from rich.console import Console
+
+    from rtsvc.apps.live import _status_text
+    from rtsvc.engine import StreamingConverter
+    from rtsvc.voices.dsp import DspVoice
+
+    settings = RuntimeSettings()
+    engine = StreamingConverter(DspVoice(), settings)
+    text = _status_text(engine, OutputFifo(10, 100), LiveState(), settings, 48000, 20.0, None, width=60)
+    console = Console(width=60, force_terminal=True, record=True)
+    console.print(text)
+    lines = console.export_text().splitlines()
+    assert len(lines) == 1 and len(lines[0]) <= 60

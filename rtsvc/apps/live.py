@@ -383,7 +383,7 @@ def _worker(adapter: RateAdapter, inbox: queue.Queue, fifos: list[OutputFifo], s
 
 
 def _status_text(engine: StreamingConverter, fifo: OutputFifo, state: LiveState, settings: RuntimeSettings,
-                 out_rate: int, device_ms: float, keys: KeyReader | None):
+                 out_rate: int, device_ms: float, keys: KeyReader | None, width: int = 200):
     from rich.text import Text
 
     st, knobs = engine.stats(), settings.snapshot()
@@ -405,11 +405,13 @@ def _status_text(engine: StreamingConverter, fifo: OutputFifo, state: LiveState,
     gains = f"{knobs.input_gain_db:+g}/{knobs.output_gain_db:+g}"
     text.append(f"pitch {knobs.pitch_shift:+g}{formant} gate {knobs.gate_db:g} dB gain {gains} dB{denoise}  "
                 f"{state.seconds:5.1f} s")
+    # each line cut at the terminal width: a line the terminal wraps is taller than rich Live thinks,
+    # and every refresh would then leave a copy behind
+    text.truncate(width, overflow="ellipsis")
     if keys is not None and keys.message:
-        text.append(f"\n{keys.message}", style="yellow")
-    # one terminal line per line of text, cut at the width: a line the terminal wraps is taller than
-    # rich Live thinks, and each refresh would then leave a copy behind
-    text.no_wrap, text.overflow = True, "ellipsis"
+        message = Text(keys.message, style="yellow")
+        message.truncate(width, overflow="ellipsis")
+        text = Text("\n").join([text, message])
     return text
 
 
@@ -501,7 +503,8 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                                   daemon=True)
         key_reader = KeyReader(settings, state, voice) if keys and sys.stdin.isatty() else None
         worker.start()
-        status = lambda: _status_text(engine, fifo, state, settings, out_rate, device_ms, key_reader)  # noqa: E731
+        status = lambda: _status_text(engine, fifo, state, settings, out_rate, device_ms,  # noqa: E731
+                                      key_reader, max(20, console.width - 1))
         with native_stderr_above(console), in_stream, out_stream, (mon_stream or nullcontext()):
             _wait_for_input(state, console)
             monitor = f", monitor {dev_mon['name']}" if dev_mon is not None else ""
