@@ -152,11 +152,12 @@ def live(
                                  cfg_strength=cfg_strength, denoise=denoise))
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_live_options(input_rate, output_rate, duration, jitter_ms)
+    spec = VoiceSpec(model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper,
+                     vocoder=vocoder, rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
+                     speaker=speaker, providers=providers, streaming=True, dit_context_ms=dit_context_ms)
+    spec.validate()  # a wrong --model is said first
     find_devices(input, output, monitor)  # a wrong device fails before a model loads
-    voice = open_voice(VoiceSpec(
-        model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
-        rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
-        providers=providers, streaming=True, dit_context_ms=dit_context_ms))
+    voice = open_voice(spec)
     _say(describe_voice(voice, model, speaker))
     result = run_live(voice, RuntimeSettings(knobs), config.for_voice(voice), input_device=input,
                       output_device=output, monitor_device=monitor, input_rate=input_rate,
@@ -416,6 +417,7 @@ def export_cmd(
 
     from export.onnx_export import export_bundle, export_steps
 
+    VoiceSpec(model=ckpt).validate()  # a wrong path is said before the progress bar starts
     with _progress_bar() as bar:
         task = bar.add_task("exporting", total=export_steps(with_encoders))
         started = []

@@ -276,6 +276,8 @@ def export_bundle(
 
     step = progress or (lambda label: None)
     ckpt, out = Path(ckpt), Path(out)
+    if not ckpt.exists():  # the model path first, before any missing component
+        raise UserError(f"model not found: {ckpt}")
     _check_out(out)
     if not 7 <= opset <= MAX_OPSET:
         raise UserError(f"--opset must be between 7 and {MAX_OPSET}, got {opset}")

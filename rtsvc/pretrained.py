@@ -72,6 +72,8 @@ def _missing_message(name: str, where: str, pretrained_dir: Path | None) -> str:
         "vocoder": "NSF-HiFiGAN vocoder (model.ckpt with config.json beside it)",
         "rmvpe": "RMVPE F0 model (model.pt)",
     }[name]
+    if name == "rmvpe":  # FCPE ships inside the torchfcpe package: nothing to download
+        return f"{what} not found at {where}: {fetch}, point --rmvpe at it, or use --f0 fcpe (no download)"
     return f"{what} not found at {where}: {fetch} or point {OPTION[name]} at it"
 
 

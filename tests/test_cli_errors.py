@@ -95,7 +95,7 @@ def test_missing_pretrained_component_says_which_and_how_to_get_it(files, tmp_pa
     fails([*base, "--pretrained-dir", files["pretrained"], "--whisper", tmp_path / "no-whisper"],
           capsys, monkeypatch, "Whisper", "no-whisper", "--whisper")
     fails([*base, "--pretrained-dir", files["pretrained"], "--rmvpe", tmp_path / "r.pt"],
-          capsys, monkeypatch, "RMVPE", "--rmvpe")
+          capsys, monkeypatch, "RMVPE", "--rmvpe", "or use --f0 fcpe (no download)")
 
 
 @pytest.mark.parametrize("option,value,words", [
@@ -132,3 +132,18 @@ def test_doctor_reports_and_exits_zero(files, capsys, monkeypatch):
     assert "missing" not in out  # the tiny pretrained dir is complete
     code, out, _ = run_cli(["doctor", "--pretrained-dir", files["root"] / "none"], capsys, monkeypatch)
     assert code == 0 and "missing" in out and "rtsvc download" in out
+
+
+@pytest.mark.parametrize("command", ["live", "serve", "convert", "bench", "export"])
+def test_a_wrong_model_path_is_reported_before_missing_components(command, files, tmp_path, capsys,
+                                                                     monkeypatch):
+    """With no pretrained components at all, the first thing said is still that --model is wrong."""
+    missing, empty = files["root"] / "no-such-voice.ckpt", tmp_path / "empty-pretrained"
+    empty.mkdir()
+    args = {"live": ["live", "--model", missing, "--input", "no-such-mic"],
+            "serve": ["serve", "--model", missing, "--port", "0"],
+            "convert": ["convert", files["tone"], tmp_path / "o.wav", "--model", missing],
+            "bench": ["bench", "--model", missing, "--seconds", "0.5"],
+            "export": ["export", missing, "--out", tmp_path / "o.rtsvc"]}[command]
+    line = fails([*args, "--pretrained-dir", empty], capsys, monkeypatch, "no-such-voice.ckpt")
+    assert "not found" in line and "ContentVec" not in line and "vocoder" not in line.lower()
