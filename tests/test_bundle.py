@@ -12,6 +12,7 @@ import pytest
 from rtsvc.backends.bundle import (
     FORMAT_VERSION,
     MANIFEST,
+    Bundle,
     bundle_components,
     read_bundle,
     sha256_file,
@@ -119,3 +120,21 @@ def test_cli_refuses_damaged_bundle_in_one_line(tmp_path, tiny_pretrained, capsy
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_default_speaker_comes_first_and_commands_name_it(bundle):
+    from rtsvc.voices.spec import describe_voice
+
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["defaults"]["speaker"] = "bob"
+    loaded = Bundle(bundle, manifest)
+    assert list(loaded.speakers) == ["bob", "alice"] and loaded.speakers["bob"] == 1
+
+    class Voice:
+        speakers = list(loaded.speakers)
+
+    assert describe_voice(Voice(), bundle) == f"voice: {bundle}, speaker bob (also: alice; --speaker)"
+    chosen = describe_voice(Voice(), bundle, "alice")
+    assert chosen == f"voice: {bundle}, speaker alice (also: bob; --speaker)"
+    assert describe_voice(Voice(), None) == "voice: built-in DSP voice (no model)"

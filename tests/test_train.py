@@ -153,6 +153,7 @@ def test_export_then_convert_the_trained_checkpoint(trained, pretrained, tmp_pat
     assert code == 0, err
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert "low" in json.dumps(manifest) and "high" in json.dumps(manifest)
+    assert manifest["defaults"]["speaker"] == "high"  # the first voice the run added
     source = tmp_path / "in.wav"
     sf.write(source, voice(200.0, 0.6, 1.5, seed=5, sr=44100), 44100)
     out = tmp_path / "out.wav"
@@ -220,12 +221,15 @@ def test_finetune_from_an_upstream_checkpoint_adds_new_speakers(data, tmp_path):
     assert result.new_speakers == ["high", "low"]
     loaded = load_dit(tmp_path / "ft" / "last.ckpt")
     assert loaded.speakers == {"alice": 0, "bob": 1, "high": 2, "low": 3}
+    assert list(loaded.speakers)[0] == "high"  # the new voice is the default (first) speaker
     assert (loaded.config.head_dim, loaded.config.ff_mult) == (32, 2)  # the pretrained size is kept
     assert loaded.model.spk_embed.weight.shape == (4, 64)
     # old speakers keep their rows (small moves from 4 steps of weight decay only)
     assert torch.allclose(loaded.model.spk_embed.weight[:2], before, atol=1e-3)
     ckpt = torch.load(tmp_path / "ft" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["cfg"]["model"]["pretrained_path"] == str(upstream)
+    assert ckpt["hyper_parameters"]["cfg"]["default_speaker"] == "high"
+    assert list(load_dit(upstream).speakers) == ["alice", "bob"]  # upstream: no default, table order
     with pytest.raises(UserError, match="does not match the pretrained checkpoint"):
         train(TrainConfig(data=str(data), out=str(tmp_path / "ft2"), pretrained=str(upstream), max_steps=4,
                           **dict(TINY, model="dit-128-2")))
