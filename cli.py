@@ -497,11 +497,20 @@ def bench(
 def download(
     to: Path = typer.Option(Path("pretrained"), help="Folder to fill in the upstream layout. "
                             "Default: pretrained/."),
+    voice: list[str] | None = typer.Option(None, help="Pretrained voice checkpoint to fetch too "
+                                           "(repeatable): pretrain-v2, pretrain-v3-512-8, "
+                                           "pretrain-v3-768-12, pretrain-v3-1024-16, or none. "
+                                           "Default: pretrain-v2."),
 ) -> None:
-    """Fetch ContentVec, Whisper large-v3, NSF-HiFiGAN and RMVPE from the Hugging Face hub."""
-    from rtsvc.pretrained import download_pretrained
+    """Fetch ContentVec, Whisper large-v3, NSF-HiFiGAN, RMVPE and pretrained voice checkpoints."""
+    from rtsvc.pretrained import DEFAULT_VOICES, download_pretrained
 
-    path = download_pretrained(to)  # huggingface_hub shows its own progress bars
+    voices = tuple(v for v in (voice or DEFAULT_VOICES) if v != "none")
+
+    def step(i: int, total: int, item) -> None:  # huggingface_hub draws each file's progress bar
+        _say(f"[{i + 1}/{total}] {item.label}: {item.describe()} -> {item.local_dir}")
+
+    path = download_pretrained(to, voices=voices, on_step=step)
     _say(f"pretrained components are in {path}")
 
 

@@ -12,6 +12,7 @@ Every component can be overridden on its own by a local path or (for the two tra
 a hub id such as `openai/whisper-large-v3`.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,19 @@ OPTION = {  # the CLI option that overrides each component (named in error messa
     "rmvpe": "--rmvpe",
 }
 # where `rtsvc download` fetches from (upstream pretrained/download.py + the Whisper release)
-HUB_REPO = "Pur1zumu/RIFT-SVC-pretrained"
-HUB_DIRS = ("content-vec-best", "nsf_hifigan_44.1k_hop512_128bin_2024.02", "rmvpe")
+MODULES_REPO = "Pur1zumu/RIFT-SVC-modules"  # ContentVec, NSF-HiFiGAN, RMVPE in the upstream layout
+MODULE_DIRS = {"contentvec": "content-vec-best", "vocoder": "nsf_hifigan_44.1k_hop512_128bin_2024.02",
+               "rmvpe": "rmvpe"}
 WHISPER_HUB_ID = "openai/whisper-large-v3"
 WHISPER_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
+VOICES_REPO = "Pur1zumu/RIFT-SVC-pretrained"  # the published pretrained voice checkpoints
+VOICE_CHECKPOINTS = {  # --voice NAME -> file (upstream README); saved as PRETRAINED_DIR/FILE
+    "pretrain-v2": "pretrain-v2-final_dit-768-12_300000steps-lr0.0003.ckpt",
+    "pretrain-v3-512-8": "pretrain-v3_dit-512-8.ckpt",
+    "pretrain-v3-768-12": "pretrain-v3_dit-768-12.ckpt",
+    "pretrain-v3-1024-16": "pretrain-v3_dit-1024-16.ckpt",
+}
+DEFAULT_VOICES = ("pretrain-v2",)
 
 
 @dataclass(frozen=True)
@@ -117,25 +127,58 @@ def resolve_pretrained(
     return PretrainedPaths(**found)
 
 
-def download_pretrained(to: str | Path = DEFAULT_PRETRAINED_DIR,
-                        components: tuple[str, ...] = COMPONENTS) -> Path:
-    """Fetch the components from the model hub into the upstream layout under `to`; returns `to`."""
+@dataclass(frozen=True)
+class DownloadItem:
+    """One hub fetch of `rtsvc download`: which repository, which files, into which folder."""
+
+    label: str
+    repo: str
+    files: tuple[str, ...]  # file names or glob patterns inside the repository
+    local_dir: Path
+
+    def describe(self) -> str:
+        return f"{self.repo} ({', '.join(self.files)})"
+
+
+def download_plan(to: str | Path = DEFAULT_PRETRAINED_DIR, components: tuple[str, ...] = COMPONENTS,
+                  voices: tuple[str, ...] = DEFAULT_VOICES) -> list[DownloadItem]:
+    """What `rtsvc download` fetches, in order; UserError for an unknown voice name."""
+    unknown = [v for v in voices if v not in VOICE_CHECKPOINTS]
+    if unknown:
+        raise UserError(f"unknown --voice {unknown[0]!r}: use {', '.join(VOICE_CHECKPOINTS)} or none")
+    to = Path(to)
+    names = {"contentvec": "ContentVec", "vocoder": "NSF-HiFiGAN vocoder", "rmvpe": "RMVPE"}
+    plan = [DownloadItem(names[c], MODULES_REPO, (f"{MODULE_DIRS[c]}/*",), to)
+            for c in ("contentvec", "vocoder", "rmvpe") if c in components]
+    if "whisper" in components:
+        plan.append(DownloadItem("Whisper large-v3 encoder", WHISPER_HUB_ID, WHISPER_FILES,
+                                 to / LAYOUT["whisper"]))
+    plan += [DownloadItem(f"voice checkpoint {v}", VOICES_REPO, (VOICE_CHECKPOINTS[v],), to) for v in voices]
+    return plan
+
+
+def download_pretrained(to: str | Path = DEFAULT_PRETRAINED_DIR, components: tuple[str, ...] = COMPONENTS,
+                        voices: tuple[str, ...] = DEFAULT_VOICES,
+                        on_step: Callable[[int, int, DownloadItem], None] | None = None) -> Path:
+    """Fetch the components and voice checkpoints from the model hub into the upstream layout under
+    `to`; `on_step(i, n, item)` before each fetch (huggingface_hub draws per-file progress bars).
+    Offline or failing, the UserError names every repository and file needed, to copy by hand."""
+    plan = download_plan(to, components, voices)
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise UserError("huggingface_hub is not installed: pip install huggingface_hub") from None
     to = Path(to)
     to.mkdir(parents=True, exist_ok=True)
-    owners = ("contentvec", "vocoder", "rmvpe")  # the component each HUB_DIRS entry holds
-    dirs = [d for d, name in zip(HUB_DIRS, owners, strict=True) if name in components]
-    try:
-        if dirs:
-            snapshot_download(repo_id=HUB_REPO, allow_patterns=[f"{d}/*" for d in dirs], local_dir=str(to))
-        if "whisper" in components:
-            snapshot_download(repo_id=WHISPER_HUB_ID, allow_patterns=list(WHISPER_FILES),
-                              local_dir=str(to / LAYOUT["whisper"]))
-    except Exception as err:  # offline, auth, disk full: all end the same way for the user
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"download from the Hugging Face hub failed ({reason}); check the network "
-                        f"or copy the files into {to} by hand") from None
+    for i, item in enumerate(plan):
+        if on_step is not None:
+            on_step(i, len(plan), item)
+        try:
+            snapshot_download(repo_id=item.repo, allow_patterns=list(item.files),
+                              local_dir=str(item.local_dir))
+        except Exception as err:  # offline, auth, disk full: all end the same way for the user
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            needed = "; ".join(f"{x.describe()} -> {x.local_dir}" for x in plan[i:])
+            raise UserError(f"download of {item.label} from the Hugging Face hub failed ({reason}); "
+                            f"still needed: {needed}") from None
     return to

@@ -118,9 +118,18 @@ def test_cuda_without_a_gpu(files, tmp_path, capsys, monkeypatch):
     fails(args, capsys, monkeypatch, "no CUDA GPU")
 
 
-def test_download_offline_is_one_clear_line(tmp_path, capsys, monkeypatch):
+def test_download_offline_is_one_clear_line_naming_what_is_needed(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    fails(["download", "--to", tmp_path / "pre"], capsys, monkeypatch, "download", "failed")
+    code, out, err = run_cli(["download", "--to", tmp_path / "pre", "--voice", "pretrain-v3-768-12"],
+                             capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert "[1/5] ContentVec: Pur1zumu/RIFT-SVC-modules (content-vec-best/*)" in err  # progress steps
+    line = err.strip().splitlines()[-1]
+    for needed in ("download of ContentVec from the Hugging Face hub failed", "Pur1zumu/RIFT-SVC-modules",
+                   "nsf_hifigan_44.1k_hop512_128bin_2024.02/*", "rmvpe/*", "openai/whisper-large-v3",
+                   "model.safetensors", "Pur1zumu/RIFT-SVC-pretrained (pretrain-v3_dit-768-12.ckpt)"):
+        assert needed in line, needed
+    fails(["download", "--voice", "pretrain-v9"], capsys, monkeypatch, "unknown --voice 'pretrain-v9'")
 
 
 def test_doctor_reports_and_exits_zero(files, capsys, monkeypatch):
