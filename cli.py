@@ -312,7 +312,7 @@ def prepare(
     device: Device = "auto", contentvec: ContentVec = None, whisper: Whisper = None, rmvpe: Rmvpe = None,
 ) -> None:
     """Prepare recordings for training: 44.1 kHz, -18 LUFS, sliced, features cached (resumable)."""
-    from training.prepare import CACHE_DIR, find_sources, make_feature_fn, prepare_dataset
+    from training.prepare import CACHE_DIR, find_sources, make_feature_fn, prepare_dataset, too_little_audio
 
     f0 = check_f0(f0)
     find_sources(data)  # a wrong folder fails before the encoders load
@@ -329,6 +329,8 @@ def prepare(
             for name, i in sorted(result.speakers.items())])
     _say(f"{result.processed} file(s) processed, {result.reused} already done, {len(result.skipped)} "
          f"skipped; metadata: {result.metadata_path}")
+    for warning in too_little_audio(result):
+        console.print(f"[yellow]warning[/] {warning}", highlight=False)
 
 
 @app.command()

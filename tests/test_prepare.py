@@ -178,3 +178,14 @@ def test_a_crash_in_one_file_is_reported_not_fatal(tmp_path):
     assert result.processed == 5 and len(result.skipped) == 1
     assert result.skipped[0].reason.startswith("KeyError")
     assert len(load_metadata(tmp_path)["clips"]) == 5
+
+
+def test_too_little_audio_is_warned_per_speaker(prepared):
+    from training.prepare import too_little_audio
+
+    _, result = prepared  # 3 x 2 s per speaker: far too little to fine-tune on
+    warnings = too_little_audio(result)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("speaker high has only 0.1 min of usable audio")
+    assert "about 10 min or more" in warnings[0]
+    assert too_little_audio(result, minimum_min=0.05) == []  # 6 s each is above 3 s

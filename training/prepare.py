@@ -45,6 +45,10 @@ MIN_CLIP_S = 1.0  # shorter pieces teach little and mostly hold breaths / clicks
 MAX_CLIP_S = 25.0  # Whisper sees 30 s; the slicer splits longer pieces
 VAL_PER_SPEAKER = 1  # held-out clips per speaker (upstream stratified split), if it has >= 3
 SPLIT_SEED = 42
+# Upstream RIFT-SVC's README names no minimum; common SVC fine-tuning practice (RVC's training tips
+# count 10-20 minutes) is ~10 minutes of clean audio per voice, and a few minutes is too little.
+FEW_MINUTES = 5.0  # below this, `rtsvc prepare` warns
+ENOUGH_MINUTES = 10.0  # what the warning recommends
 
 FeatureFn = Callable[[np.ndarray], dict[str, torch.Tensor]]
 
@@ -65,6 +69,13 @@ class PrepareResult:
     processed: int = 0  # source files worked on in this run
     reused: int = 0  # source files whose cache was already complete
     skipped: list[Skipped] = field(default_factory=list)
+
+
+def too_little_audio(result: PrepareResult, minimum_min: float = FEW_MINUTES) -> list[str]:
+    """One warning per speaker with less than `minimum_min` minutes of usable clips."""
+    return [f"speaker {name} has only {info['seconds'] / 60:.1f} min of usable audio; fine-tuning wants "
+            f"about {ENOUGH_MINUTES:g} min or more of clean recordings (upstream RIFT-SVC names no minimum)"
+            for name, info in sorted(result.speakers.items()) if info["seconds"] < 60 * minimum_min]
 
 
 # --- audio preparation --------------------------------------------------------------------------
