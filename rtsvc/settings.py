@@ -52,6 +52,39 @@ def validate_knobs(knobs: Knobs) -> Knobs:
 KNOB_NAMES = tuple(f.name for f in fields(Knobs))
 
 
+@dataclass(frozen=True)
+class KnobControl:
+    """How a control panel (the page `rtsvc serve` serves) shows a knob: a slider over
+    [minimum, maximum] in `step`s, or a choice of `choices`. `voices`: "all", "dsp" or "model"."""
+
+    name: str
+    label: str
+    minimum: float = 0.0
+    maximum: float = 0.0
+    step: float = 1.0
+    unit: str = ""
+    voices: str = "all"
+    choices: tuple[str, ...] = ()
+
+
+# The page builds its controls from this list (GET /v1/info): a new knob gets a control by a line here.
+KNOB_CONTROLS = (
+    KnobControl("pitch_shift", "pitch", -24, 24, 1, "semitones"),
+    KnobControl("formant_shift", "formant", 0.5, 2.0, 0.01, "x", voices="dsp"),
+    KnobControl("cfg_strength", "guidance (cfg)", 0, 10, 0.1, voices="model"),
+    KnobControl("steps", "sampling steps", 2, 32, 1, voices="model"),
+    KnobControl("gate_db", "noise gate", -120, 0, 1, "dBFS"),
+    KnobControl("denoise", "noise suppression", choices=DENOISE_CHOICES),
+    KnobControl("input_gain_db", "input gain", -40, 40, 1, "dB"),
+    KnobControl("output_gain_db", "output gain", -40, 40, 1, "dB"),
+)
+
+
+def knob_controls(voice_kind: str) -> list[KnobControl]:
+    """The controls that apply to a "dsp" or "model" voice."""
+    return [c for c in KNOB_CONTROLS if c.voices in ("all", voice_kind)]
+
+
 class RuntimeSettings:
     """Thread-safe holder of the current `Knobs`."""
 

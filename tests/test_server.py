@@ -706,3 +706,23 @@ def test_every_frame_is_answered_by_one_frame_so_lockstep_clients_work():
     assert len(out) == 26 and out[0].size == 0  # the first answer is empty: resamplers filling up
     assert flushed == {"type": "flushed", "samples_in": 8000, "samples_out": 8000}
     assert sum(part.size for part in out) == 8000
+
+
+def test_info_gives_the_page_speakers_controls_and_latency_before_start():
+    async def main():
+        async with running(token=TOKEN) as server:
+            refused = await asyncio.to_thread(http_get, server.port, "/v1/info")
+            status, kind, body = await asyncio.to_thread(http_get, server.port, f"/v1/info?token={TOKEN}")
+            return refused, status, kind, json.loads(body)
+
+    refused, status, kind, info = run(main())
+    assert refused[0] == 401
+    assert status == 200 and kind.startswith("application/json")
+    assert info["voice"] == "dsp" and info["speakers"] == ["dsp"] and info["settings"]["denoise"] == "off"
+    assert info["latency_ms"] == pytest.approx(76.2, abs=0.5)  # the DSP voice's auto block (README)
+    names = [c["name"] for c in info["controls"]]
+    assert "formant_shift" in names and "cfg_strength" not in names  # only what the DSP voice uses
+    denoise = next(c for c in info["controls"] if c["name"] == "denoise")
+    assert denoise["choices"] == ["off", "deepfilternet", "rnnoise"]
+    assert 45 < info["denoise_latency_ms"]["deepfilternet"] < 60
+    assert 35 < info["denoise_latency_ms"]["rnnoise"] < 50

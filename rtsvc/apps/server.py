@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -55,7 +55,7 @@ from rtsvc.apps.protocol import (
     settings_error,
 )
 from rtsvc.errors import UserError
-from rtsvc.settings import Knobs, RuntimeSettings
+from rtsvc.settings import DENOISE_CHOICES, Knobs, RuntimeSettings, knob_controls
 from rtsvc.voice import Voice
 
 log = logging.getLogger("rtsvc.apps.server")
@@ -67,6 +67,7 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 20  # 1 MiB: ~5.5 s of 48 kHz f32le mono per fram
 DEFAULT_IDLE_TIMEOUT_S = 30.0
 HARD_FRAME_FACTOR = 4  # frames past this multiple of the limit are cut by the websocket layer itself
 START_TIMEOUT_S = 10.0  # a connection must send `start` this soon (at most the idle timeout)
+INFO_PATH = "/v1/info"  # voice, speakers, defaults, controls and latency for the page, before Start
 HISTORY = 256  # finished-session summaries kept for /healthz and tests (bounded: memory stays flat)
 
 
@@ -242,6 +243,11 @@ class StreamServer:
             return connection.respond(HTTPStatus.NOT_FOUND, f"the websocket endpoint is {STREAM_PATH}\n")
         if url.path == "/healthz":
             return self._json_response(self.health())
+        if url.path == INFO_PATH:  # speaker names: for token holders only, like the stream
+            given = (parse_qs(url.query).get("token") or [""])[0]
+            if self.config.token and not hmac.compare_digest(given.encode(), self.config.token.encode()):
+                return connection.respond(HTTPStatus.UNAUTHORIZED, "token required (?token=)\n")
+            return self._json_response(self.info())
         name = "index.html" if url.path == "/" else unquote(url.path)[1:]
         path = self._static.get(name)  # only the files directly inside rtsvc/apps/web, by exact name
         if path is None:
@@ -260,6 +266,26 @@ class StreamServer:
                 "voice": self.source.name, "clients": self.state.active,
                 "max_clients": self.config.max_clients, "sessions_total": self.state.sessions_total,
                 "auth": bool(self.config.token)}
+
+    def info(self) -> dict:
+        """What the page shows before Start: voice, speakers, default settings, the controls that apply,
+        and the engine latency (the denoiser's, per choice, is added when it is on)."""
+        from rtsvc.dsp.audio import SAMPLE_RATE
+        from rtsvc.dsp.denoise import denoise_latency_samples
+        from rtsvc.engine import StreamConfig, StreamLayout
+        from rtsvc.voices.defaults import DSP_BLOCK_MS, MODEL_BLOCK_MS
+
+        kind = "dsp" if self.source.name == "dsp" else "model"
+        config = self.stream_config or StreamConfig()
+        if config.block_ms is None:  # auto, as the voice would resolve it
+            config = replace(config, block_ms=DSP_BLOCK_MS if kind == "dsp" else MODEL_BLOCK_MS)
+        latency = StreamLayout.from_config(config, SAMPLE_RATE).latency
+        return {"voice": self.source.name, "speakers": list(self.source.speakers),
+                "settings": knobs_dict(self.knobs), "auth": bool(self.config.token),
+                "latency_ms": round(latency * 1000 / SAMPLE_RATE, 1),
+                "denoise_latency_ms": {name: round(denoise_latency_samples(name, SAMPLE_RATE) * 1000
+                                                   / SAMPLE_RATE, 1) for name in DENOISE_CHOICES[1:]},
+                "controls": [asdict(c) for c in knob_controls(kind)]}
 
     @staticmethod
     def _json_response(payload: dict) -> Response:

@@ -248,6 +248,12 @@ class Denoiser:
         self.close()
 
 
+def denoise_latency_samples(backend: str, sample_rate: int, resample_quality: str = "LQ") -> int:
+    """`Denoiser(sample_rate, backend).latency_samples` without loading the model (for the page)."""
+    delay = (_DeepFilterNet if backend == "deepfilternet" else _RNNoise).delay
+    return _headroom(int(sample_rate), resample_quality) + round(delay * sample_rate / MODEL_RATE)
+
+
 def make_denoiser(name: str, sample_rate: int) -> Denoiser | None:
     """The denoiser a `--denoise` value names (None for "off"); UserError for an unknown name."""
     if name == "off":
