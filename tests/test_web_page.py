@@ -1,6 +1,7 @@
 """The browser page: served and connectable; driven in headless Chromium with a fake microphone."""
 
 import asyncio
+import base64
 import http.client
 import json
 import os
@@ -43,10 +44,12 @@ def test_page_loads_and_connects_like_the_browser_does():
 
     page, scripts, ready, settings = run(main())
     assert page[0] == 200 and b"<script src=\"app.js\">" in page[2]
-    for control in (b'id="speaker"', b'id="pitch_shift"', b'id="output_gain_db"', b'id="status"'):
+    for control in (b'id="speaker"', b'id="controls"', b'id="mic"', b'id="output"', b'id="status"',
+                    b'id="preset-save"', b'id="input-meter"'):
         assert control in page[2]
     assert all(status == 200 for status, _, _ in scripts)
     assert b'addModule("worklet.js")' in scripts[0][2] and b'"rtsvc-io"' in scripts[1][2]
+    assert b'withToken("/v1/info")' in scripts[0][2]  # the knob controls come from the server
     assert ready["type"] == "ready" and ready["format"] == "f32le" and ready["settings"]["pitch_shift"] == 3
     assert settings == {"type": "settings", "settings": {**ready["settings"], "output_gain_db": -6.0}}
 
@@ -76,14 +79,17 @@ class Page:
     def __init__(self, ws):
         self.ws, self.next_id = ws, 0
 
-    async def eval(self, expression: str):
+    async def call(self, method: str, **params) -> dict:
         self.next_id += 1
-        await self.ws.send(json.dumps({"id": self.next_id, "method": "Runtime.evaluate",
-                                       "params": {"expression": expression, "returnByValue": True}}))
+        await self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
         while True:
             reply = json.loads(await self.ws.recv())
             if reply.get("id") == self.next_id:
-                return reply["result"]["result"].get("value")
+                return reply.get("result", {})
+
+    async def eval(self, expression: str):
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
 
     async def wait_for(self, expression: str, timeout: float = 40.0):
         for _ in range(int(timeout / 0.25)):
@@ -138,3 +144,97 @@ def test_page_streams_fake_microphone_through_the_server_in_headless_chromium(tm
     assert session["format"] == "f32le" and session["samples_in"] >= state["samplesReceived"] * 0.5
     assert session["out_peak"] > 0.02 and session["error"] is None
     assert np.isfinite(state["queuedMs"])
+
+
+def _run_chromium(url: str, mic: Path, user_data: Path, home: Path) -> subprocess.Popen:
+    return subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, "--window-size=900,1100",
+                             f"--user-data-dir={user_data}", f"--use-file-for-fake-audio-capture={mic}", url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HOME": str(home)})
+
+
+PANEL_STATE = """JSON.stringify({
+  speakers: [...document.getElementById('speaker').options].map(o => o.value),
+  controls: [...document.querySelectorAll('#controls input, #controls select')].map(e => e.id),
+  denoise: [...document.getElementById('denoise').options].map(o => o.value),
+  mics: document.getElementById('mic').options.length,
+  status: document.getElementById('status').textContent,
+  pitch: document.getElementById('pitch_shift').value,
+  denoiseValue: document.getElementById('denoise').value,
+  presets: [...document.getElementById('preset-list').options].map(o => o.value),
+  saved: JSON.parse(localStorage.getItem('rtsvc.settings') || 'null'),
+})"""
+
+
+def _set(control: str, value) -> str:
+    return (f"(() => {{ const e = document.getElementById({control!r}); e.value = {json.dumps(str(value))};"
+            " e.dispatchEvent(new Event('change')); return true; })()")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_control_panel_renders_keeps_settings_and_presets_in_headless_chromium(tmp_path):
+    """Before Start: speakers, knob controls from /v1/info, latency, device pickers; settings survive a
+    reload; presets save and load; a screenshot shows the panel drawn; Start streams with them."""
+    from PIL import Image
+
+    mic = tmp_path / "mic.wav"
+    sf.write(mic, tone(48000, 2.0, f0=220.0), 48000, subtype="PCM_16")
+    user_data = Path(tempfile.mkdtemp(prefix="rtsvc-chromium-", dir=tmp_path))
+    shot = tmp_path / "panel.png"
+
+    async def main():
+        async with running(token=TOKEN) as server:
+            url = f"http://127.0.0.1:{server.port}/?token={TOKEN}"
+            browser = _run_chromium(url, mic, user_data, tmp_path)
+            try:
+                async with connect(await devtools_page(user_data), max_size=None) as cdp:
+                    page = Page(cdp)
+                    await page.wait_for("window.rtsvc && rtsvc.panelReady")
+                    before = json.loads(await page.eval(PANEL_STATE))
+                    await page.eval(_set("pitch_shift", 7))
+                    await page.eval("document.getElementById('preset-name').value = 'robot';"
+                                    "document.getElementById('preset-save').click()")
+                    await page.eval(_set("pitch_shift", -3))
+                    await page.eval(_set("preset-list", "robot"))
+                    await page.eval("document.getElementById('preset-load').click()")
+                    await page.eval(_set("denoise", "rnnoise"))
+                    edited = json.loads(await page.eval(PANEL_STATE))
+                    await page.eval("location.reload()")
+                    await asyncio.sleep(0.5)
+                    await page.wait_for("window.rtsvc && rtsvc.panelReady")
+                    reloaded = json.loads(await page.eval(PANEL_STATE))
+                    png = await page.call("Page.captureScreenshot", format="png")
+                    shot.write_bytes(base64.b64decode(png["data"]))
+                    await page.eval("document.getElementById('start').click()")
+                    ready = await page.wait_for("rtsvc.ready && JSON.stringify(rtsvc.ready)")
+                    await page.wait_for("rtsvc.samplesReceived > 9600")
+                    state = json.loads(await page.eval("JSON.stringify(window.rtsvc)"))
+            finally:
+                browser.terminate()
+                try:
+                    browser.wait(10)
+                except subprocess.TimeoutExpired:
+                    browser.kill()
+            await settled(server)
+            return before, edited, reloaded, json.loads(ready), state
+
+    before, edited, reloaded, ready, state = run(main(), timeout=120)
+    print(f"panel before Start: {before}\nafter a reload: {reloaded}\nscreenshot: {shot}")
+    assert before["speakers"] == ["dsp"]
+    assert before["controls"] == ["pitch_shift", "formant_shift", "gate_db", "denoise", "input_gain_db",
+                                  "output_gain_db"]  # the DSP voice's knobs, from /v1/info
+    assert before["denoise"] == ["off", "deepfilternet", "rnnoise"]
+    assert "latency ≈ 76 ms in the engine" in before["status"] and before["mics"] >= 1
+    assert edited["pitch"] == "7" and edited["presets"] == ["robot"]  # the preset brought 7 back
+    assert "noise suppression" in edited["status"]  # its latency is shown before Start
+    assert reloaded["pitch"] == "7" and reloaded["denoiseValue"] == "rnnoise"
+    assert reloaded["presets"] == ["robot"]
+    assert reloaded["saved"]["pitch_shift"] == 7 and reloaded["saved"]["denoise"] == "rnnoise"
+    image = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert image.shape[0] >= 600 and image.shape[1] >= 600
+    assert image.std() > 10 and len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # drawn, not blank
+    top = image[: image.shape[0] // 2]
+    assert (top.mean(axis=2) > 150).mean() > 0.002  # light text on the dark panel
+    assert ready["settings"]["pitch_shift"] == 7 and ready["settings"]["denoise"] == "rnnoise"
+    assert ready["latency_ms"] > 76 + 30  # the denoiser's delay is in the reported latency
+    assert state["error"] is None and state["samplesReceived"] > 9600

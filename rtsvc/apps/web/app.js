@@ -1,29 +1,200 @@
 // rtsvc page: microphone -> ws /v1/stream (f32le at the AudioContext rate) -> speakers.
+// A control panel: device pickers, speaker, the knobs the server lists in GET /v1/info (built from
+// rtsvc.settings.KNOB_CONTROLS, so a new knob needs no change here), level meters, settings kept in
+// localStorage between visits, named presets.
 // URL options: ?token=T (servers started with --token), ?autostart=1 (OBS), ?speaker=S,
 // ?pitch=N (semitones), ?obs=1 (transparent background), ?chunk_ms=20.
 "use strict";
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
-const KNOBS = ["pitch_shift", "formant_shift", "input_gain_db", "output_gain_db", "gate_db"];
+const SETTINGS_KEY = "rtsvc.settings";  // last used knobs, speaker and devices
+const PRESETS_KEY = "rtsvc.presets";    // {name: settings}
 
 // read by tests (headless Chromium) and handy in the devtools console
 const rtsvc = window.rtsvc = {
-  state: "stopped", error: null, ready: null, settings: null, stats: null,
+  state: "stopped", error: null, ready: null, settings: null, stats: null, info: null,
   samplesSent: 0, samplesReceived: 0, framesSent: 0, framesReceived: 0, peakReceived: 0,
-  underruns: 0, dropped: 0, queuedMs: 0, backlogSkipped: 0,
+  underruns: 0, dropped: 0, queuedMs: 0, backlogSkipped: 0, devices: {inputs: 0, outputs: 0},
 };
 
 let ctx = null, ws = null, node = null, mic = null, statsTimer = null;
+let controls = [];  // the /v1/info control descriptions
+
+function token() { return params.get("token"); }
+function withToken(path) { return token() ? `${path}?token=${encodeURIComponent(token())}` : path; }
 
 function setStatus(text, isError) {
   $("status").textContent = text;
   $("status").classList.toggle("error", !!isError);
 }
 
+function loadJson(key, fallback) {
+  try { return JSON.parse(localStorage.getItem(key)) || fallback; } catch (e) { return fallback; }
+}
+
+// --- settings: the controls' values, kept between visits -------------------------------------
+
+function currentSettings() {
+  const settings = {speaker: $("speaker").value || null, mic: $("mic").value, output: $("output").value};
+  for (const c of controls) {
+    settings[c.name] = c.choices.length ? $(c.name).value : Number($(c.name).value);
+  }
+  return settings;
+}
+
+function knobValues(settings) {
+  const knobs = {};
+  for (const c of controls) if (settings[c.name] !== undefined) knobs[c.name] = settings[c.name];
+  if (settings.speaker && rtsvc.info && rtsvc.info.speakers.includes(settings.speaker)) {
+    knobs.speaker = settings.speaker;
+  }
+  return knobs;
+}
+
+function showValue(name, value) {
+  const input = $(name);
+  if (!input) return;
+  input.value = value;
+  const label = document.querySelector(`output[for=${name}]`);
+  if (label) label.value = value;
+}
+
+function applySettings(settings) {
+  for (const c of controls) if (settings[c.name] !== undefined && settings[c.name] !== null) showValue(c.name, settings[c.name]);
+  if (settings.speaker && rtsvc.info && rtsvc.info.speakers.includes(settings.speaker)) $("speaker").value = settings.speaker;
+  for (const id of ["mic", "output"]) {
+    if (settings[id] !== undefined && [...$(id).options].some((o) => o.value === settings[id])) $(id).value = settings[id];
+  }
+  showLatency();
+}
+
+function saveSettings() {
+  localStorage.setItem(SETTINGS_KEY, JSON.stringify(currentSettings()));
+}
+
+function send(message) {
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(message));
+}
+
+function onControlChange(name) {
+  saveSettings();
+  showLatency();
+  const value = currentSettings()[name];
+  send({type: "set", [name]: value});
+}
+
+// --- building the panel from /v1/info -----------------------------------------------------------
+
+function buildControls(list) {
+  controls = list;
+  const box = $("controls");
+  box.textContent = "";
+  for (const c of list) {
+    const row = document.createElement("div");
+    row.className = "row";
+    const label = document.createElement("label");
+    label.htmlFor = c.name;
+    label.textContent = c.unit && c.unit !== "x" ? `${c.label} (${c.unit})` : c.label;
+    row.appendChild(label);
+    let input;
+    if (c.choices.length) {
+      input = document.createElement("select");
+      for (const choice of c.choices) {
+        const option = document.createElement("option");
+        option.value = option.textContent = choice;
+        input.appendChild(option);
+      }
+      row.appendChild(input);
+      row.appendChild(document.createElement("span"));
+    } else {
+      input = document.createElement("input");
+      Object.assign(input, {type: "range", min: c.minimum, max: c.maximum, step: c.step});
+      const shown = document.createElement("output");
+      shown.htmlFor = c.name;
+      row.appendChild(input);
+      row.appendChild(shown);
+      input.addEventListener("input", () => { shown.value = input.value; });
+    }
+    input.id = c.name;
+    input.addEventListener("change", () => onControlChange(c.name));
+    box.appendChild(row);
+  }
+}
+
+function fillSpeakers(speakers, current) {
+  const select = $("speaker");
+  select.textContent = "";
+  for (const name of speakers) {
+    const option = document.createElement("option");
+    option.value = option.textContent = name;
+    select.appendChild(option);
+  }
+  if (current) select.value = current;
+}
+
+async function loadInfo() {
+  const response = await fetch(withToken("/v1/info"));
+  if (!response.ok) throw new Error(`GET /v1/info: ${response.status} ${await response.text()}`);
+  const info = rtsvc.info = await response.json();
+  $("voice").textContent = info.voice === "dsp" ? "voice: built-in DSP voice" :
+    `voice: ${info.voice} (${info.speakers.length} speaker${info.speakers.length === 1 ? "" : "s"})`;
+  buildControls(info.controls);
+  fillSpeakers(info.speakers, info.settings.speaker || info.speakers[0]);
+  const saved = loadJson(SETTINGS_KEY, {});
+  const fromUrl = {};
+  if (params.get("speaker")) fromUrl.speaker = params.get("speaker");
+  if (params.get("pitch")) fromUrl.pitch_shift = Number(params.get("pitch"));
+  applySettings({...info.settings, ...saved, ...fromUrl});
+}
+
+// --- devices ------------------------------------------------------------------------------------
+
+async function listDevices() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.enumerateDevices) return;
+  const devices = await navigator.mediaDevices.enumerateDevices();
+  const saved = currentSettings();
+  for (const [id, kind, noun] of [["mic", "audioinput", "microphone"], ["output", "audiooutput", "output"]]) {
+    const select = $(id);
+    select.textContent = "";
+    const fallback = document.createElement("option");
+    fallback.value = "";
+    fallback.textContent = "system default";
+    select.appendChild(fallback);
+    let n = 0;
+    for (const d of devices.filter((x) => x.kind === kind && x.deviceId && x.deviceId !== "default")) {
+      const option = document.createElement("option");
+      option.value = d.deviceId;
+      option.textContent = d.label || `${noun} ${++n}`;
+      select.appendChild(option);
+    }
+    if ([...select.options].some((o) => o.value === saved[id])) select.value = saved[id];
+    rtsvc.devices[id === "mic" ? "inputs" : "outputs"] = select.options.length - 1;
+  }
+  const canPick = typeof AudioContext !== "undefined" && "setSinkId" in AudioContext.prototype;
+  $("output").disabled = !canPick;
+  $("output-note").textContent = canPick ? "" : "browser default";
+}
+
+// --- latency and status -------------------------------------------------------------------------
+
+function denoiseMs() {
+  const choice = $("denoise") ? $("denoise").value : "off";
+  return rtsvc.info && choice !== "off" ? rtsvc.info.denoise_latency_ms[choice] || 0 : 0;
+}
+
 function showLatency() {
-  if (!rtsvc.ready || !ctx) return;
-  const engine = rtsvc.ready.latency_ms;
+  if (!rtsvc.info) return;
+  if (!rtsvc.ready || !ctx) {
+    if (rtsvc.state === "stopped" || rtsvc.state === "closed") {
+      const engine = rtsvc.info.latency_ms + denoiseMs();
+      setStatus(`stopped; latency ≈ ${engine.toFixed(0)} ms in the engine` +
+        (denoiseMs() ? ` (${denoiseMs().toFixed(0)} of it noise suppression)` : "") +
+        " + browser buffers once started");
+    }
+    return;
+  }
+  const engine = (rtsvc.stats && rtsvc.stats.latency_ms !== undefined) ? Number(rtsvc.stats.latency_ms) : rtsvc.ready.latency_ms;
   const device = 1000 * ((ctx.baseLatency || 0) + (ctx.outputLatency || 0));
   const chunk = 1000 * chunkFrames() / ctx.sampleRate;
   const total = engine + rtsvc.queuedMs + device + chunk;
@@ -42,30 +213,47 @@ function chunkFrames() {
   return Math.max(128, Math.round(ctx.sampleRate * ms / 1000));
 }
 
-function send(message) {
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(message));
-}
+// --- presets ------------------------------------------------------------------------------------
 
-function fillSpeakers(speakers, current) {
-  const select = $("speaker");
+function listPresets(selected) {
+  const presets = loadJson(PRESETS_KEY, {});
+  const select = $("preset-list");
   select.textContent = "";
-  for (const name of speakers) {
+  for (const name of Object.keys(presets).sort()) {
     const option = document.createElement("option");
     option.value = option.textContent = name;
     select.appendChild(option);
   }
-  if (current) select.value = current;
+  if (selected) select.value = selected;
 }
 
-function applySettings(settings) {
-  rtsvc.settings = settings;
-  for (const name of KNOBS) {
-    if (settings[name] === undefined) continue;
-    $(name).value = settings[name];
-    document.querySelector(`output[for=${name}]`).value = settings[name];
-  }
-  if (settings.speaker) $("speaker").value = settings.speaker;
+function savePreset() {
+  const name = $("preset-name").value.trim() || $("preset-list").value;
+  if (!name) return;
+  const presets = loadJson(PRESETS_KEY, {});
+  const {mic, output, ...settings} = currentSettings();  // presets are about the voice, not the devices
+  presets[name] = settings;
+  localStorage.setItem(PRESETS_KEY, JSON.stringify(presets));
+  listPresets(name);
 }
+
+function loadPreset() {
+  const settings = loadJson(PRESETS_KEY, {})[$("preset-list").value];
+  if (!settings) return;
+  applySettings(settings);
+  saveSettings();
+  const knobs = knobValues(settings);
+  if (Object.keys(knobs).length) send({type: "set", ...knobs});
+}
+
+function deletePreset() {
+  const presets = loadJson(PRESETS_KEY, {});
+  delete presets[$("preset-list").value];
+  localStorage.setItem(PRESETS_KEY, JSON.stringify(presets));
+  listPresets();
+}
+
+// --- streaming ----------------------------------------------------------------------------------
 
 function onMessage(event) {
   if (typeof event.data !== "string") {
@@ -80,9 +268,10 @@ function onMessage(event) {
     rtsvc.ready = message;
     rtsvc.state = "streaming";
     fillSpeakers(message.speakers, message.settings.speaker);
+    rtsvc.settings = message.settings;
     applySettings(message.settings);
-    showLatency();
   } else if (message.type === "settings") {
+    rtsvc.settings = message.settings;
     applySettings(message.settings);
   } else if (message.type === "stats") {
     rtsvc.stats = message;
@@ -97,9 +286,12 @@ async function start() {
   try {
     rtsvc.state = "starting";
     ctx = new AudioContext({latencyHint: "interactive"});
+    if ($("output").value && ctx.setSinkId) await ctx.setSinkId($("output").value);
     await ctx.audioWorklet.addModule("worklet.js");
-    mic = await navigator.mediaDevices.getUserMedia({audio: {
-      channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false}});
+    const audio = {channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false};
+    if ($("mic").value) audio.deviceId = {exact: $("mic").value};
+    mic = await navigator.mediaDevices.getUserMedia({audio});
+    listDevices();  // labels are only given once the microphone is allowed
     const frames = chunkFrames();
     node = new AudioWorkletNode(ctx, "rtsvc-io", {
       numberOfInputs: 1, numberOfOutputs: 1, outputChannelCount: [2],
@@ -121,18 +313,16 @@ async function start() {
         rtsvc.peakReceived = Math.max(rtsvc.peakReceived, e.data.peak);
         rtsvc.queuedMs = 1000 * e.data.queued / ctx.sampleRate;
         $("meter").style.width = `${Math.min(100, 100 * e.data.peak)}%`;
+        $("input-meter").style.width = `${Math.min(100, 100 * e.data.inPeak)}%`;
         showLatency();
       }
     };
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const token = params.get("token");
-    ws = new WebSocket(`${scheme}//${location.host}/v1/stream` + (token ? `?token=${encodeURIComponent(token)}` : ""));
+    ws = new WebSocket(`${scheme}//${location.host}` + withToken("/v1/stream"));
     ws.binaryType = "arraybuffer";
     ws.onopen = () => {
-      const start = {type: "start", sample_rate: ctx.sampleRate, format: "f32le", channels: 1};
-      if (params.get("speaker")) start.speaker = params.get("speaker");
-      if (params.get("pitch")) start.pitch_shift = Number(params.get("pitch"));
-      ws.send(JSON.stringify(start));
+      ws.send(JSON.stringify({type: "start", sample_rate: ctx.sampleRate, format: "f32le", channels: 1,
+                              ...knobValues(currentSettings())}));
     };
     ws.onmessage = onMessage;
     ws.onclose = (e) => {
@@ -159,20 +349,22 @@ function stop() {
   if (mic) mic.getTracks().forEach((t) => t.stop());
   if (ctx) ctx.close();
   ws = node = mic = ctx = null;
+  rtsvc.ready = null;
   if (rtsvc.state !== "closed" && rtsvc.state !== "failed") rtsvc.state = "stopped";
   $("start").disabled = false;
   $("stop").disabled = true;
 }
 
-for (const name of KNOBS) {
-  const input = $(name);
-  const label = document.querySelector(`output[for=${name}]`);
-  input.addEventListener("input", () => { label.value = input.value; });
-  input.addEventListener("change", () => send({type: "set", [name]: Number(input.value)}));
-}
-$("speaker").addEventListener("change", () => send({type: "set", speaker: $("speaker").value}));
+$("speaker").addEventListener("change", () => onControlChange("speaker"));
+for (const id of ["mic", "output"]) $(id).addEventListener("change", saveSettings);
 $("start").addEventListener("click", start);
 $("stop").addEventListener("click", stop);
+$("preset-save").addEventListener("click", savePreset);
+$("preset-load").addEventListener("click", loadPreset);
+$("preset-delete").addEventListener("click", deletePreset);
 document.addEventListener("click", () => { if (ctx && ctx.state === "suspended") ctx.resume(); });
 if (params.get("obs") === "1") document.body.classList.add("obs");
-if (params.get("autostart") === "1") start();
+listPresets();
+Promise.all([listDevices().catch(() => {}), loadInfo()])
+  .then(() => { rtsvc.panelReady = true; if (params.get("autostart") === "1") start(); })
+  .catch((err) => { rtsvc.error = {code: "page", message: String(err)}; setStatus(`cannot load: ${err}`, true); });

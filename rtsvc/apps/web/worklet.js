@@ -18,6 +18,7 @@ class RtsvcIo extends AudioWorkletProcessor {
     this.underruns = 0;
     this.dropped = 0;
     this.peak = 0;
+    this.inPeak = 0;
     this.sinceReport = 0;
     this.port.onmessage = (e) => this.enqueue(new Float32Array(e.data));
   }
@@ -38,7 +39,10 @@ class RtsvcIo extends AudioWorkletProcessor {
   capture(input) {
     const n = input ? input.length : 128;
     for (let i = 0; i < n; i++) {
-      this.chunk[this.fill++] = input ? input[i] : 0;
+      const v = input ? input[i] : 0;
+      this.chunk[this.fill++] = v;
+      const a = v < 0 ? -v : v;
+      if (a > this.inPeak) this.inPeak = a;
       if (this.fill === this.chunkFrames) {
         this.port.postMessage(this.chunk.buffer, [this.chunk.buffer]);
         this.chunk = new Float32Array(this.chunkFrames);
@@ -75,8 +79,8 @@ class RtsvcIo extends AudioWorkletProcessor {
     this.sinceReport += out.length;
     if (this.sinceReport >= sampleRate / 4) {
       this.port.postMessage({type: "status", queued: this.queued, underruns: this.underruns,
-                             dropped: this.dropped, peak: this.peak});
-      this.sinceReport = 0; this.peak = 0;
+                             dropped: this.dropped, peak: this.peak, inPeak: this.inPeak});
+      this.sinceReport = 0; this.peak = 0; this.inPeak = 0;
     }
     return true;
   }
