@@ -44,8 +44,10 @@ def _opt(kind: type, help: str, *names: str):
 
 Model = _opt(Path | None, "RIFT-SVC V2 checkpoint (.ckpt) or exported .rtsvc bundle. Default: none, the "
              "built-in DSP voice.", "--model", "-m")
-Speaker = _opt(str | None, "Target speaker name (serve: the default for new clients). Default: the model's "
-               "first speaker.")
+Speaker = _opt(str | None, "Target speaker name. Default: the model's default (first) speaker; a voice you "
+               "fine-tuned is its model's default.")
+ServeSpeaker = _opt(str | None, "Target speaker for new clients (each client may choose another). Default: "
+                    "the model's default (first) speaker.")
 PretrainedDir = _opt(Path, "Folder of pretrained components in the upstream layout. Default: pretrained/.")
 ContentVec = _opt(str | None, "ContentVec folder or hub id. Default: PRETRAINED_DIR/content-vec-best.")
 Whisper = _opt(str | None, "Whisper folder or hub id. Default: PRETRAINED_DIR/whisper-large-v3.")
@@ -156,11 +158,12 @@ def live(
                      vocoder=vocoder, rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
                      speaker=speaker, providers=providers, streaming=True, dit_context_ms=dit_context_ms)
     spec.validate()  # a wrong --model is said first
-    find_devices(input, output, monitor)  # a wrong device fails before a model loads
+    dev_in, dev_out, dev_mon = find_devices(input, output, monitor)  # before a model loads
     voice = open_voice(spec)
+    config = config.for_voice(voice)
     _say(describe_voice(voice, model, speaker))
-    result = run_live(voice, RuntimeSettings(knobs), config.for_voice(voice), input_device=input,
-                      output_device=output, monitor_device=monitor, input_rate=input_rate,
+    result = run_live(voice, RuntimeSettings(knobs), config, input_device=dev_in,
+                      output_device=dev_out, monitor_device=dev_mon, input_rate=input_rate,
                       output_rate=output_rate, duration=duration, record=record, jitter_ms=jitter_ms,
                       console=console)
     _say(live_summary(result, record))
@@ -168,7 +171,7 @@ def live(
 
 @app.command()
 def serve(
-    model: Model = None, speaker: Speaker = None, pretrained_dir: PretrainedDir = Path("pretrained"),
+    model: Model = None, speaker: ServeSpeaker = None, pretrained_dir: PretrainedDir = Path("pretrained"),
     host: str = typer.Option(SERVER.host, help="Address to listen on; anything but loopback needs --token. "
                              f"Default: {SERVER.host}."),
     port: int = typer.Option(SERVER.port, help=f"TCP port for the websocket, /healthz and the page. "
@@ -222,6 +225,7 @@ def serve(
         rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
         providers=providers, streaming=True, dit_context_ms=dit_context_ms))
     source = dsp_source() if model is None else model_source(voice, model.name)
+    stream_config = stream_config.for_voice(voice)
     _say(describe_voice(voice, model, speaker))
 
     def ready(server) -> None:
@@ -229,7 +233,7 @@ def serve(
         _say(f"rtsvc serving {source.name} voice on http://{where}/ (page, /healthz) and "
              f"ws://{where}/v1/stream; Ctrl-C stops")
 
-    run_server(config, source, knobs, stream_config.for_voice(voice), on_ready=ready)
+    run_server(config, source, knobs, stream_config, on_ready=ready)
 
 
 @app.command()
@@ -276,12 +280,13 @@ def convert(
         model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
         rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
         providers=providers, streaming=stream, dit_context_ms=dit_context_ms))
+    config = config.for_voice(voice)
     _say(describe_voice(voice, model, speaker))
     with _progress_bar() as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
         if stream:
-            out = convert_stream(voice, audio, knobs, config.for_voice(voice), progress=update)
+            out = convert_stream(voice, audio, knobs, config, progress=update)
         else:  # the DSP voice keeps each slice's level; models hear the training loudness
             out = convert_offline(voice, audio, knobs, progress=update, restore_loudness=restore_loudness,
                                   target_lufs=None if model is None else TARGET_LUFS)
@@ -530,8 +535,14 @@ def doctor(
 def main() -> None:
     # pyworld 0.3.5 imports pkg_resources; its deprecation warning is noise for users
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    command = typer.main.get_command(app)
+    for sub in command.commands.values():  # every help text says its default once, in its own words
+        for param in sub.params:
+            param.show_default = False
+            if isinstance(param, typer.core.TyperArgument):  # usage says INPUT, not typer's {input}
+                param._usage_display_name = lambda name=param.name.upper(): name
     try:
-        app()
+        command(prog_name="rtsvc")
     except UserError as err:
         # one line whatever the terminal width, and no markup parsing of the message
         console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True, highlight=False)

@@ -66,6 +66,20 @@ def test_every_option_states_its_default_and_knob_defaults_follow_the_dataclasse
         assert block.default == ("auto" if name != "bench" else "50,100,150,250"), name
 
 
+@pytest.mark.parametrize("command", ORDER)
+def test_help_says_each_default_once_with_real_argument_names(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, _ = run_cli([command, "--help"], capsys, monkeypatch)
+    assert code == 0
+    usage = next(line for line in out.splitlines() if "Usage:" in line)
+    assert usage.strip().startswith(f"Usage: rtsvc {command}") and "{" not in usage, usage
+    assert "[default:" not in out  # typer's own copy of the default, next to ours
+    for param in _commands()[command].params:
+        assert (param.help or "").count("Default:") <= 1, (command, param.name)
+    if command != "serve":
+        assert "new clients" not in out and "serve:" not in out  # serve's wording stays in serve
+
+
 @pytest.fixture
 def fake_devices(monkeypatch):
     monkeypatch.setattr(rtsvc.apps.live, "list_devices", lambda: DEVICES)
@@ -84,8 +98,9 @@ def fake_devices(monkeypatch):
     (["--input", "1"], ("device 1 (Fake Speaker) has no input channels",)),
     (["--block-ms", "fast"], ("--block-ms must be a number of ms or auto, got 'fast'",)),
     (["--dit-context-ms", "-1"], ("--dit-context-ms must be at least 0 ms, got -1",)),
-    # a wrong device is reported before the (missing) model is even looked at
-    (["--output", "HDMI", "--model", "missing.ckpt"], ("no output device matches 'HDMI'",)),
+    # a wrong --model is said first, then a wrong device, both before any model loads
+    (["--output", "HDMI", "--model", "missing.ckpt"], ("model not found: missing.ckpt",)),
+    (["--output", "HDMI"], ("no output device matches 'HDMI'",)),
 ])
 def test_live_mistakes_are_one_line_and_exit_2(args, words, fake_devices, capsys, monkeypatch):
     fails(["live", *args], capsys, monkeypatch, *words)
@@ -158,7 +173,8 @@ def test_live_passes_providers_and_asks_no_vocoder_of_a_bundle(fake_model, fake_
     assert call["providers"] == "cpu" and call["streaming"] is True and call["f0"] == "rmvpe"
     assert call["dit_context_ms"] == 100.0
     assert call["pretrained"].vocoder is None and call["pretrained"].rmvpe.endswith("model.pt")
-    assert seen["input_device"] == 0 and seen["output_device"] == 1
+    assert seen["input_device"]["index"] == 0 and seen["output_device"]["index"] == 1
+    assert seen["monitor_device"] is None
     assert seen["knobs"].pitch_shift == 3.0 and seen["config"].block_ms == 100.0
 
 

@@ -416,14 +416,15 @@ def _status_text(engine: StreamingConverter, fifo: OutputFifo, state: LiveState,
 
 
 def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | None = None,
-             input_device: str | int | None = None, output_device: str | int | None = None,
+             input_device: str | int | dict | None = None, output_device: str | int | dict | None = None,
              input_rate: int | None = None, output_rate: int | None = None, duration: float | None = None,
              record: str | Path | None = None, jitter_ms: float = JITTER_MS, console=None,
-             keys: bool = True, monitor_device: str | int | None = None) -> dict:
+             keys: bool = True, monitor_device: str | int | dict | None = None) -> dict:
     """Run mic -> voice -> speaker until Ctrl-C, `q`, or `duration` seconds; return the final counters.
 
-    Devices are indices or names (`find_device`), PulseAudio/PipeWire sources and sinks included;
-    `monitor_device` also plays the converted voice (e.g. headphones, while the output is a cable).
+    Devices are indices or names (`find_device`), PulseAudio/PipeWire sources and sinks included, or
+    the entries `find_devices` returned; `monitor_device` also plays the converted voice (e.g.
+    headphones, while the output is a cable).
     """
     sd = _sounddevice()
     from rich.console import Console
@@ -431,7 +432,10 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
 
     console = console or Console(stderr=True)
     check_live_options(input_rate, output_rate, duration, jitter_ms)
-    dev_in, dev_out, dev_mon = find_devices(input_device, output_device, monitor_device)
+    if isinstance(input_device, dict) and isinstance(output_device, dict):  # resolved by find_devices
+        dev_in, dev_out, dev_mon = input_device, output_device, monitor_device
+    else:
+        dev_in, dev_out, dev_mon = find_devices(input_device, output_device, monitor_device)
     in_rate = int(input_rate or dev_in["default_rate"])
     out_rate = int(output_rate or dev_out["default_rate"])
     engine = StreamingConverter(voice, settings, config)
