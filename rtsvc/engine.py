@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from rtsvc.dsp.audio import HOP_LENGTH, StreamResampler, db_to_gain
+from rtsvc.dsp.denoise import make_denoiser  # the native libraries load only when one is made
 from rtsvc.dsp.sola import crossfade, find_sola_offset
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
@@ -140,8 +141,6 @@ class StreamingConverter:
         """Follow the `denoise` knob. Switching on delays the output by the denoiser's latency (it
         starts with that much silence); switching off drops the audio it held. DeepFilterNet takes
         ~0.3 s to load, so this runs on the engine's thread, never in an audio callback."""
-        from rtsvc.dsp.denoise import make_denoiser  # soxr + ctypes; native libraries load on use
-
         if self._denoiser is not None:
             self._denoiser.close()
         self._denoiser = make_denoiser(name, self.sample_rate)

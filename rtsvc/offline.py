@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from rtsvc.dsp.denoise import denoise_clip
 from rtsvc.dsp.slicer import CROSSFADE_MS, join_with_crossfade, slice_at_silences
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, validate_knobs
@@ -94,8 +95,6 @@ def convert_offline(
     audio = check_input_audio(audio)
     sr = voice.sample_rate
     if knobs.denoise != "off":  # before slicing: the slicer then sees the denoised silences
-        from rtsvc.dsp.denoise import denoise_clip
-
         audio = denoise_clip(audio, sr, knobs.denoise)
     pad = int(crossfade_ms * sr / 1000) // 2  # neighbours overlap by 2 * pad and crossfade there
     ranges = slice_at_silences(audio, sr)

@@ -164,3 +164,15 @@ def test_denoise_clip_is_aligned_and_cleaner(signals) -> None:
     skip = SR // 4
     gain = ts.aligned_snr(clean, out, 0, skip) - ts.aligned_snr(clean, noisy, 0, skip)
     assert gain >= MIN_GAIN_DB["rnnoise"], gain
+
+
+@needs_espeak
+def test_offline_convert_denoises_first(signals) -> None:
+    from rtsvc.offline import convert_offline
+
+    clean, noisy = signals(SR)
+    out = convert_offline(IdentityVoice(), noisy, Knobs(denoise=_backend("rnnoise")), target_lufs=None)
+    assert out.shape == noisy.shape
+    skip = SR // 4
+    gain = ts.aligned_snr(clean, out, 0, skip) - ts.aligned_snr(clean, noisy, 0, skip)
+    assert gain >= MIN_GAIN_DB["rnnoise"], gain
