@@ -11,7 +11,8 @@ What upstream (`train.py` + `RIFTSVCLightningModule`) writes and reads, and so w
     epoch, global_step, pytorch-lightning_version, optimizer_states, lr_schedulers
 
 We add `rtsvc` (format version, RNG state) for exact resumption. Everything is plain tensors,
-numbers, strings, lists and dicts, so `torch.load(..., weights_only=True)` reads it.
+numbers, strings, lists and dicts; `load_checkpoint` reads ours and upstream's (OmegaConf configs
+become plain dicts) through `rtsvc.models.safe_load`, which never runs code from the file.
 The weights saved are schedule-free's evaluation weights (`optimizer.eval()` before saving), the
 ones that should be used for inference.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rtsvc.errors import UserError
+from rtsvc.models.safe_load import load_torch_file
 
 STATE_PREFIX = "model.transformer."
 LIGHTNING_VERSION = "2.4.0"  # what upstream's checkpoints carry; nothing checks it strictly
@@ -59,13 +61,7 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        try:  # upstream checkpoints may pickle OmegaConf or numpy objects in their hyper-parameters
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise UserError(f"cannot read checkpoint {path}: {err}") from None
+    ckpt = load_torch_file(path, "training checkpoint")  # allow-listed: never runs code from the file
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"{path} is not a RIFT-SVC training checkpoint (no state_dict)")
     cfg = ckpt.get("hyper_parameters", {}).get("cfg")

@@ -21,6 +21,7 @@ from torch import nn
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE
 from rtsvc.dsp.mel import mel_filterbank
 from rtsvc.errors import UserError
+from rtsvc.models.safe_load import load_torch_file
 
 HOP_LENGTH = 160  # 10 ms: 100 frames per second
 N_FFT = 1024
@@ -241,12 +242,7 @@ class Rmvpe(nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Rmvpe":
         """Load `rmvpe/model.pt` (a state dict, or a training checkpoint holding it under "model")."""
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"RMVPE model not found: {path}")
-        try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise UserError(f"cannot read RMVPE model {path}: {err}") from None
+        ckpt = load_torch_file(path, "RMVPE model")
         state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
             raise UserError(f"{path} is not an RMVPE checkpoint (expected a state dict)")

@@ -25,6 +25,7 @@ from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE
 from rtsvc.errors import UserError
 from rtsvc.features.frames import resize_frames
 from rtsvc.features.hf import quiet_transformers
+from rtsvc.models.safe_load import load_torch_file
 
 FRAME_RATE = 50  # encoder positions per second (mel hop 160, conv stride 2)
 CHUNK_SECONDS = 30  # the encoder's fixed context: longer audio is encoded in 30 s pieces
@@ -73,7 +74,7 @@ def _read_encoder_weights(folder: Path) -> dict[str, torch.Tensor]:
     if not bins:
         raise UserError(f"no Whisper weights (*.safetensors or pytorch_model.bin) in {folder}")
     for file in bins:
-        for key, value in torch.load(str(file), map_location="cpu", weights_only=True).items():
+        for key, value in load_torch_file(file, "Whisper weights").items():
             for prefix in ENCODER_PREFIXES:
                 if key.startswith(prefix):
                     state[key[len(prefix):]] = value

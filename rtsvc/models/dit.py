@@ -113,10 +113,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Depthwise conv over time, LayerNorm, Linear up, ReLU^2, dropout, Linear down."""
 
-    def __init__(self, dim: int, dim_out: int | None = None, mult: float = 4, dropout: float = 0.0):
+    def __init__(self, dim: int, dim_out: int | None = None, mult: float = 4, dropout: float = 0.0,
+                 kernel_size: int = CONV_KERNEL):
         super().__init__()
         inner = int(dim * mult)
-        self.dwconv = nn.Conv1d(dim, dim, CONV_KERNEL, padding=CONV_KERNEL // 2, groups=dim)
+        self.dwconv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
         self.dropout = nn.Dropout(dropout)
         self.mlp_proj = nn.Linear(dim, inner)
@@ -156,12 +157,13 @@ class AdaLayerNormZeroFinal(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, dim: int, head_dim: int, ff_mult: float, dropout: float):
+    def __init__(self, dim: int, head_dim: int, ff_mult: float, dropout: float,
+                 kernel_size: int = CONV_KERNEL):
         super().__init__()
         self.attn_norm = AdaLayerNormZero(dim)
         self.attn = Attention(dim, head_dim, dropout)
         self.mlp_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
-        self.mlp = MLP(dim, mult=ff_mult, dropout=dropout)
+        self.mlp = MLP(dim, mult=ff_mult, dropout=dropout, kernel_size=kernel_size)
 
     def forward(self, x, t, rope, mask=None):
         norm, gate, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, t)
@@ -216,7 +218,9 @@ class CondEmbedding(nn.Module):
 
 
 class InputEmbedding(nn.Module):
-    """Noisy mel + condition -> the transformer's input (V2: MLP residual, then LayerNorm)."""
+    """Noisy mel + condition -> the transformer's input, as the V2 release (ec67126): projection,
+    LayerNorm, then the MLP residual. (911dd19, after the V2 checkpoints were published, moved the
+    LayerNorm after the residual; the published weights were trained with this order.)"""
 
     def __init__(self, n_mel: int, dim: int):
         super().__init__()
@@ -226,13 +230,15 @@ class InputEmbedding(nn.Module):
         self.ln = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = self.proj(torch.cat((self.mel_embed(x), cond), dim=-1))
-        return self.ln(self.mlp(x) + x)
+        x = self.ln(self.proj(torch.cat((self.mel_embed(x), cond), dim=-1)))
+        return self.mlp(x) + x
 
 
 # --- the model --------------------------------------------------------------------------------
 
 class DiT(nn.Module):
+    family = "v2"
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         c = self.config = config
@@ -268,7 +274,7 @@ class DiT(nn.Module):
         return self.output(self.norm_out(x, t))
 
 
-def init_spectral(model: DiT, init_std: float = 1.0) -> None:
+def init_spectral(model: nn.Module, init_std: float = 1.0) -> None:
     """Upstream initialisation (spectral parameterisation, arXiv 2310.17813): normal weights with
     std = init_std / sqrt(fan_in) * min(1, sqrt(fan_out / fan_in)), zero biases, embeddings with
     std init_std / sqrt(dim); the adaptive-norm projections, the embedding MLPs' outputs and the
@@ -287,5 +293,6 @@ def init_spectral(model: DiT, init_std: float = 1.0) -> None:
     for m in zeroed:
         nn.init.zeros_(m.weight)
         nn.init.zeros_(m.bias)
-    nn.init.zeros_(model.cond_embed.mlp.mlp_out.weight)  # upstream zeroes only the weight here
-    nn.init.zeros_(model.input_embed.mlp.mlp_out.weight)
+    for embed in (model.cond_embed, model.input_embed):  # V2 only (V3's embeddings have no MLP)
+        if hasattr(embed, "mlp"):
+            nn.init.zeros_(embed.mlp.mlp_out.weight)  # upstream zeroes only the weight here

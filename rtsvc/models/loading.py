@@ -1,16 +1,15 @@
-"""Loading RIFT-SVC V2 DiT checkpoints and openvpi NSF-HiFiGAN vocoders, with strict keys.
+"""Loading RIFT-SVC V2 / V3 DiT checkpoints and openvpi NSF-HiFiGAN vocoders, with strict keys.
 
 A RIFT-SVC checkpoint is a PyTorch Lightning file: `state_dict` holds `model.transformer.<DiT key>`
 (the rectified-flow wrapper `model` holds the DiT as `transformer`), and
-`hyper_parameters["cfg"]` holds `spk2idx` (speaker name -> index), `model.cfg` (dim, depth,
-head_dim, ff_mult) and `dataset` (sample_rate, hop_length, ...). Lightning may pickle small
-helper objects (OmegaConf containers, AttributeDict); those are read without their packages
-being installed (see `_load_torch_file`). Like upstream, such files are fully unpickled, which can
-run code: load only checkpoints you trust.
+`hyper_parameters["cfg"]` holds `spk2idx` (speaker name -> index), the model size (V2:
+`model.cfg` {dim, depth, head_dim, ff_mult}; V3: `model` itself, flat), `dataset` and `training`
+(V3 LoRA fine-tunes: lora_rank, lora_alpha). The family is told by the state dict's keys.
+Lightning may pickle small helper objects (OmegaConf containers, AttributeDict);
+`rtsvc.models.safe_load` reads those as plain dicts through an allow-list, so loading a
+checkpoint never runs code from it.
 """
 
-import pickle
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,9 @@ import torch
 
 from rtsvc.errors import UserError
 from rtsvc.models.dit import DiT, DiTConfig
+from rtsvc.models.dit_v3 import DiTV3, DiTV3Config
+from rtsvc.models.lora import lora_rank_of
+from rtsvc.models.safe_load import load_torch_file
 from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig, fold_weight_norm
 
 STATE_PREFIX = "model.transformer."
@@ -26,15 +28,17 @@ VOCODER_CONFIG = "config.json"
 VOCODER_CHECKPOINT = "model.ckpt"
 DIT_CONFIG_KEYS = ("dim", "depth", "head_dim", "ff_mult", "dropout")
 V3_MARKERS = ("null_spk_embed.weight", "tembed.time_emb.weight")  # V3 DiT keys absent from V2
+V2_MARKERS = ("null_whisper_embed.weight", "time_embed.time_emb.weight")  # V2 DiT keys absent from V3
 
 
 @dataclass
 class LoadedDiT:
-    model: DiT  # eval mode, on the requested device
+    model: DiT | DiTV3  # eval mode, on the requested device
     speakers: dict[str, int]  # name -> speaker index
-    config: DiTConfig
+    config: DiTConfig | DiTV3Config
     path: Path
     dataset: dict[str, Any]  # the checkpoint's dataset settings (sample_rate, hop_length, ...)
+    family: str = "v2"  # "v2" (ContentVec + Whisper) or "v3" (ContentVec, null speaker)
 
     def speaker_index(self, name: str) -> int:
         if name not in self.speakers:
@@ -43,66 +47,7 @@ class LoadedDiT:
         return self.speakers[name]
 
 
-# --- reading torch files without optional pickled classes ------------------------------------
-
-class _Stub(dict):
-    """Stands in for a pickled class whose package is not installed (dict-like Lightning or
-    OmegaConf helpers). Keeps whatever state the pickle restores so it can still be read."""
-
-    def __setstate__(self, state):
-        self._state = state
-        content = state.get("_content") if isinstance(state, dict) else None
-        if isinstance(content, dict):  # OmegaConf keeps a container's items here
-            self.update(content)
-
-    def __call__(self, *args, **kwargs):
-        return _Stub()
-
-
-class _PermissiveUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Stub,), {"__module__": module})
-
-
-_permissive_pickle = types.SimpleNamespace(
-    Unpickler=_PermissiveUnpickler, load=pickle.load, __name__="rtsvc_permissive_pickle")
-
-
-def _load_torch_file(path: Path, what: str) -> Any:
-    """torch.load with clear errors: safe `weights_only` first, then a full unpickle (Lightning
-    checkpoints may hold plain Python objects) where missing classes become dict stubs."""
-    if not path.exists():
-        raise UserError(f"{what} not found: {path}")
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a directory, expected a checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # not loadable with the safe loader: fall through to the full unpickler
-    except Exception as err:  # noqa: BLE001 - torch raises many types for non-torch files
-        raise UserError(f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {err})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_permissive_pickle)
-    except Exception as err:  # noqa: BLE001
-        raise UserError(f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {err})") from None
-
-
-def _plain(obj: Any) -> Any:
-    """Plain Python view of config objects (dict, AttributeDict, OmegaConf containers or stubs)."""
-    if isinstance(obj, _Stub) and isinstance(getattr(obj, "_state", None), dict) and "_val" in obj._state:
-        return _plain(obj._state["_val"])  # an OmegaConf value node
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj
-
-
 def _as_dict(obj: Any) -> dict:
-    obj = _plain(obj)
     return obj if isinstance(obj, dict) else {}
 
 
@@ -125,6 +70,17 @@ def _strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
 
 # --- DiT ------------------------------------------------------------------------------------
 
+def dit_family(state: dict[str, torch.Tensor]) -> str:
+    """"v2" or "v3" from a DiT state dict's keys (never from a flag): V2 conditions on Whisper
+    (`null_whisper_embed`, `time_embed`), V3 has a null speaker (`null_spk_embed`, `tembed`)."""
+    if all(k in state for k in V3_MARKERS):
+        return "v3"
+    if all(k in state for k in V2_MARKERS):
+        return "v2"
+    raise UserError("not a RIFT-SVC V2 or V3 DiT: found neither V2 keys (null_whisper_embed, time_embed) "
+                    "nor V3 keys (null_spk_embed, tembed); V1 checkpoints are not supported")
+
+
 def _dit_state(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         hint = ""
@@ -137,15 +93,12 @@ def _dit_state(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
     others = [k for k in ckpt["state_dict"] if k.startswith("model.") and not k.startswith(STATE_PREFIX)]
     if not state:
         raise UserError(f"{path} is not a RIFT-SVC model checkpoint: no '{STATE_PREFIX}*' weights")
-    if any(k in state for k in V3_MARKERS) or "null_whisper_embed.weight" not in state:
-        raise UserError(f"{path} is not a RIFT-SVC V2 checkpoint (no Whisper conditioning; V1/V3 "
-                        "checkpoints are not supported): use a V2 model such as pretrain-v2")
     state.update({k[len("model."):]: ckpt["state_dict"][k] for k in others})  # reported by the strict load
     return state
 
 
-def _dit_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, path: Path) -> DiTConfig:
-    model_cfg = _as_dict(_as_dict(hparams.get("model")).get("cfg"))
+def _v2_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, path: Path) -> DiTConfig:
+    model_cfg = _as_dict(_as_dict(hparams.get("model")).get("cfg"))  # V2: cfg.model = {name, cfg: {...}}
     if not {"dim", "depth"} <= set(model_cfg):
         raise UserError(f"{path} has no model size in hyper_parameters.cfg.model.cfg (dim, depth)")
     kw = {k: model_cfg[k] for k in DIT_CONFIG_KEYS if k in model_cfg}
@@ -163,11 +116,34 @@ def _default_first(speakers: dict[str, int], default: object) -> dict[str, int]:
     return speakers
 
 
+def _v3_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, path: Path) -> DiTV3Config:
+    model_cfg = _as_dict(hparams.get("model"))  # V3: cfg.model = flat DiT kwargs
+    if not {"dim", "depth"} <= set(model_cfg):
+        raise UserError(f"{path} has no model size in hyper_parameters.cfg.model (dim, depth)")
+    kw = {k: model_cfg[k] for k in (*DIT_CONFIG_KEYS, "kernel_size") if k in model_cfg}
+    rank = lora_rank_of(state)
+    alpha = None
+    if rank is not None:
+        alpha = _as_dict(hparams.get("training")).get("lora_alpha")
+        if alpha is None:
+            raise UserError(f"{path} carries LoRA adapters (rank {rank}) but no "
+                            "hyper_parameters.cfg.training.lora_alpha to scale them")
+    return DiTV3Config(**kw, num_speaker=n_speakers,
+                       n_mel=int(model_cfg.get("n_mel_channels", state["output.weight"].shape[0])),
+                       cvec_dim=state["cond_embed.cvec_embed.weight"].shape[1],
+                       lora_rank=rank, lora_alpha=None if alpha is None else float(alpha))
+
+
 def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
-    """Load a RIFT-SVC V2 Lightning checkpoint; strict keys; UserError on any mismatch."""
+    """Load a RIFT-SVC V2 or V3 Lightning checkpoint (family told by its keys, LoRA adapters
+    included); strict keys; UserError on any mismatch."""
     path = Path(path)
-    ckpt = _load_torch_file(path, "model checkpoint")
+    ckpt = load_torch_file(path, "model checkpoint")
     state = _dit_state(ckpt, path)
+    try:
+        family = dit_family(state)
+    except UserError as err:
+        raise UserError(f"{path} is {err}") from None
     hparams = _as_dict(_as_dict(ckpt.get("hyper_parameters")).get("cfg"))
     speakers = _as_dict(hparams.get("spk2idx"))
     if not speakers:
@@ -178,11 +154,18 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
     if max(speakers.values()) >= n_speakers:
         raise UserError(f"{path}: speaker table lists index {max(speakers.values())} but the model "
                         f"has {n_speakers} speaker embeddings")
-    config = _dit_config(hparams, state, n_speakers, path)
-    model = DiT(config)
-    _strict_load(model, state, path, f"RIFT-SVC V2 DiT ({config.dim}-{config.depth})")
+    if family == "v3":
+        config = _v3_config(hparams, state, n_speakers, path)
+        model = DiTV3(config)
+        lora = f", LoRA rank {config.lora_rank}" if config.lora_rank else ""
+        what = f"RIFT-SVC V3 DiT ({config.dim}-{config.depth}{lora})"
+    else:
+        config = _v2_config(hparams, state, n_speakers, path)
+        model = DiT(config)
+        what = f"RIFT-SVC V2 DiT ({config.dim}-{config.depth})"
+    _strict_load(model, state, path, what)
     return LoadedDiT(model=model.to(device).eval(), speakers=speakers, config=config, path=path,
-                     dataset=_as_dict(hparams.get("dataset")))
+                     dataset=_as_dict(hparams.get("dataset")), family=family)
 
 
 # --- vocoder --------------------------------------------------------------------------------
@@ -197,7 +180,7 @@ def load_vocoder(path: str | Path, device: str | torch.device = "cpu") -> NsfHif
     if not config_path.exists():
         raise UserError(f"vocoder config not found: {config_path} (config.json must sit beside model.ckpt)")
     config = VocoderConfig.from_json(config_path)
-    ckpt = _load_torch_file(ckpt_path, "vocoder checkpoint")
+    ckpt = load_torch_file(ckpt_path, "vocoder checkpoint")
     if not isinstance(ckpt, dict) or "generator" not in ckpt:
         is_dit = isinstance(ckpt, dict) and "state_dict" in ckpt
         hint = " (it looks like a RIFT-SVC model checkpoint)" if is_dit else ""

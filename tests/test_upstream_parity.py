@@ -1,0 +1,79 @@
+"""Checkpoints made by (transcriptions of) the upstream code load through `load_dit` and compute
+what upstream computes: V2 as released (ec67126), V3 at c03fa59 with and without LoRA."""
+
+import pytest
+import torch
+
+from rtsvc.models import load_dit
+from tests.upstream.fixtures import make_v2_release, make_v3_head
+
+N = 37  # frames; not a multiple of anything
+
+
+def _inputs(b=2, n=N, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, n - 5:] = False  # a padded item, as in a batch of unequal clips
+    return dict(x=torch.randn(b, n, 128, generator=g), spk=torch.tensor([0, 1])[:b],
+                f0=200 + 100 * torch.rand(b, n, generator=g), rms=torch.rand(b, n, generator=g) * 0.2,
+                cvec=torch.randn(b, n, 768, generator=g), time=torch.rand(b, generator=g), mask=mask)
+
+
+def test_v2_release_checkpoint_matches_upstream(tmp_path):
+    path, upstream = make_v2_release(tmp_path / "v2.ckpt")
+    loaded = load_dit(path)
+    assert loaded.family == "v2" and loaded.speakers == {"alice": 0, "bob": 1}
+    kw = _inputs()
+    kw["whisper"] = torch.randn(2, N, 1280, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for drop in (False, True, torch.tensor([True, False])):
+            ours, ref = loaded.model(**kw, drop_whisper=drop), upstream(**kw, drop_whisper=drop)
+            assert (ours - ref).abs().max() < 1e-4
+        # the branches differ, so the comparison above would catch a swapped null embedding
+        null, full = loaded.model(**kw, drop_whisper=True), loaded.model(**kw, drop_whisper=False)
+        assert (null - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("lora", [None, (4, 8.0)])
+def test_v3_checkpoint_matches_upstream(tmp_path, lora):
+    rank, alpha = lora or (None, None)
+    path, upstream = make_v3_head(tmp_path / "v3.ckpt", lora_rank=rank, lora_alpha=alpha)
+    loaded = load_dit(path)
+    assert loaded.family == "v3" and loaded.config.lora_rank == rank
+    kw = _inputs()
+    with torch.no_grad():
+        for extra in ({}, {"drop_speaker": True}, {"drop_speaker": torch.tensor([False, True])},
+                      {"skip_layers": 1}, {"skip_layers": [0, 1]}):
+            ours, ref = loaded.model(**kw, **extra), upstream(**kw, **extra)
+            assert (ours - ref).abs().max() < 1e-4, extra
+        assert (loaded.model(**kw, drop_speaker=True) - loaded.model(**kw)).abs().max() > 1e-3
+
+
+def test_lora_adapters_change_the_output_and_merge_exactly(tmp_path):
+    path, _ = make_v3_head(tmp_path / "lora.ckpt", lora_rank=4, lora_alpha=8.0)
+    loaded = load_dit(path)
+    kw = _inputs()
+    with torch.no_grad():
+        before = loaded.model(**kw)
+        base = loaded.model.transformer_blocks[0].attn.k_proj
+        scale = base.scale
+        assert scale == pytest.approx(8.0 / 2.0)  # alpha / sqrt(rank)
+        loaded.model.merge_lora()
+        assert isinstance(loaded.model.transformer_blocks[0].attn.k_proj, torch.nn.Linear)
+        after = loaded.model(**kw)
+    assert (before - after).abs().max() < 1e-4
+    assert not any(k.endswith((".A", ".B")) for k in loaded.model.state_dict())
+
+
+def test_lora_checkpoint_without_alpha_is_refused(tmp_path):
+    from omegaconf import OmegaConf
+
+    from rtsvc.errors import UserError
+    path, _ = make_v3_head(tmp_path / "lora.ckpt", lora_rank=4, lora_alpha=8.0)
+    ckpt = torch.load(path, weights_only=False)
+    cfg = OmegaConf.to_container(ckpt["hyper_parameters"]["cfg"])
+    del cfg["training"]["lora_alpha"]
+    ckpt["hyper_parameters"]["cfg"] = OmegaConf.create(cfg)
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="no hyper_parameters.cfg.training.lora_alpha"):
+        load_dit(path)
