@@ -13,6 +13,7 @@ from rtsvc.errors import UserError
 MAX_PITCH_SHIFT = 36.0  # semitones either way
 MAX_STEPS = 64
 DENOISE_CHOICES = ("off", "deepfilternet", "rnnoise")  # input noise suppression (rtsvc.dsp.denoise)
+MAX_DEPTH = 64  # DiT blocks a skip-layer index may name
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,12 @@ class Knobs:
     speaker: str | None = None  # None: the model's first speaker
     pitch_shift: float = 0.0  # semitones
     formant_shift: float = 1.0  # DSP voice only: spectral envelope stretch factor
-    cfg_strength: float = 2.0  # classifier-free guidance on the Whisper branch (0 = off)
+    cfg_strength: float = 2.0  # V2: classifier-free guidance on the Whisper branch (0 = off)
+    ds_cfg_strength: float = 0.2  # V3: content-degradation guidance (0 = off)
+    spk_cfg_strength: float = 0.8  # V3: speaker guidance through the null speaker (0 = off)
+    skip_cfg_strength: float = 0.0  # V3: skip-layer guidance (0 = off)
+    cfg_skip_layers: int = -1  # V3: the block the skip-layer pass bypasses (0-based; -1 = none)
+    cfg_rescale: float = 0.7  # V3: guidance rescale towards the unguided std (0 = off)
     steps: int = 4  # rectified-flow sampling steps (grid points) while streaming
     gate_db: float = -50.0  # input below this level (dBFS) outputs silence and skips the model
     input_gain_db: float = 0.0
@@ -35,8 +41,14 @@ def validate_knobs(knobs: Knobs) -> Knobs:
         raise UserError(f"pitch_shift must be within ±{MAX_PITCH_SHIFT:g} semitones, got {knobs.pitch_shift}")
     if not 0.5 <= knobs.formant_shift <= 2.0:
         raise UserError(f"formant_shift must be between 0.5 and 2.0, got {knobs.formant_shift}")
-    if not 0.0 <= knobs.cfg_strength <= 10.0:
-        raise UserError(f"cfg_strength must be between 0 and 10, got {knobs.cfg_strength}")
+    for name in ("cfg_strength", "ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength"):
+        if not 0.0 <= getattr(knobs, name) <= 10.0:  # `not <=` also refuses NaN
+            raise UserError(f"{name} must be between 0 and 10, got {getattr(knobs, name)}")
+    if not 0.0 <= knobs.cfg_rescale <= 1.0:
+        raise UserError(f"cfg_rescale must be between 0 and 1, got {knobs.cfg_rescale}")
+    if not -1 <= knobs.cfg_skip_layers < MAX_DEPTH:
+        raise UserError(f"cfg_skip_layers must be a block index 0..{MAX_DEPTH - 1} or -1 (none), "
+                        f"got {knobs.cfg_skip_layers}")
     if not 2 <= knobs.steps <= MAX_STEPS:
         raise UserError(f"steps must be between 2 and {MAX_STEPS}, got {knobs.steps}")
     if not -120.0 <= knobs.gate_db <= 0.0:

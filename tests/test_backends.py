@@ -6,6 +6,7 @@ import torch
 from rtsvc.backends.torch_backend import TorchBackend
 from rtsvc.errors import UserError
 from rtsvc.models.flow import Conditioning
+from rtsvc.models.guidance import Guidance
 from rtsvc.models.loading import load_dit, load_vocoder
 from rtsvc.pretrained import PretrainedPaths
 from rtsvc.voices.spec import VoiceSpec, open_model
@@ -33,7 +34,7 @@ def _cond(b: int, n: int, seed: int = 0) -> Conditioning:
                         whisper=torch.randn(b, n, 1280, generator=g))
 
 
-def test_velocity_cfg_batches_both_branches_like_two_calls(backend):
+def test_v2_guided_velocity_batches_both_branches_like_two_calls(backend):
     b, n = 2, 20
     cond = _cond(b, n)
     x = torch.randn(b, n, 128, generator=torch.Generator().manual_seed(1))
@@ -44,11 +45,13 @@ def test_velocity_cfg_batches_both_branches_like_two_calls(backend):
         full = backend.model(**kw, drop_whisper=False)
         null = backend.model(**kw, drop_whisper=True)
     assert (full - null).abs().max() > 1e-4  # whisper matters, so the test can tell branches apart
-    got = backend.velocity_cfg(x, t, cond, 2.0)
+    got = backend.guided_velocity(x, t, cond, Guidance(cfg_strength=2.0))
     assert got.shape == (b, n, 128)
     torch.testing.assert_close(got, null + 2.0 * (full - null), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(backend.velocity_cfg(x, t, cond, 0.0), null, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(backend.velocity_cfg(x, t, cond, 1.0), full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(backend.guided_velocity(x, t, cond, Guidance(cfg_strength=0.0)),
+                               null, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(backend.guided_velocity(x, t, cond, Guidance(cfg_strength=1.0)),
+                               full, atol=1e-5, rtol=1e-4)
 
 
 def test_vocode_gives_512_samples_per_frame_and_is_a_function_of_its_inputs(backend):

@@ -201,7 +201,8 @@ def test_model_voice_unknown_speaker_lists_valid_ones(tiny_voice):
 def test_model_voice_equals_the_pipeline_composed_by_hand(tiny_voice):
     """features (shifted F0) -> flow.sample_mel with frame noise -> vocoder with the same F0."""
     from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, resample
-    from rtsvc.models.flow import Conditioning, counter_normal, sample_mel
+    from rtsvc.models.flow import Conditioning, counter_normal
+    from rtsvc.models.guidance import Guidance, sample_mel
     from rtsvc.voices.model import HARMONICS, NOISE_SEED_SALT, base_phase
 
     audio = harmonic_tone(0.5, 160.0)[: 40 * 512]
@@ -217,7 +218,8 @@ def test_model_voice_equals_the_pipeline_composed_by_hand(tiny_voice):
     cond = Conditioning(spk=torch.tensor([1]), f0=f0, rms=feats.rms(audio)[None],
                         cvec=feats.content(audio_16k, 40)[None],
                         whisper=feats.whisper(audio_16k, 40, pad_to_30s=False)[None])
-    mel = sample_mel(backend.model, cond, steps=3, cfg_strength=1.5, seed=5, start_frame=0)
+    mel = sample_mel(backend.model, cond, steps=3, guidance=Guidance(cfg_strength=1.5), seed=5,
+                     start_frame=0)
     noise = counter_normal(0, 40 * 512, HARMONICS, 5 ^ NOISE_SEED_SALT)[None]
     want = backend.vocoder(mel.transpose(1, 2), f0, phase=base_phase(5).float(), noise=noise)[0]
     np.testing.assert_allclose(got, want.detach().numpy(), atol=1e-5)

@@ -22,6 +22,7 @@ from rtsvc.dsp.audio import resample
 from rtsvc.errors import UserError
 from rtsvc.features.extractor import FeatureExtractor
 from rtsvc.models.flow import Conditioning
+from rtsvc.models.guidance import Guidance
 from rtsvc.models.loading import load_dit
 from rtsvc.models.vocoder import draw_source_randomness
 from rtsvc.pretrained import LAYOUT, resolve_pretrained
@@ -113,8 +114,8 @@ def test_onnx_backend_matches_torch_backend(exported, tiny):
     cond = _cond(b, n)
     x = torch.randn(b, n, 128, generator=torch.Generator().manual_seed(1))
     for cfg in (0.0, 2.0):
-        want = torch_be.velocity_cfg(x, torch.tensor(0.4), cond, cfg)
-        got = onnx_be.velocity_cfg(x, torch.tensor(0.4), cond, cfg)
+        want = torch_be.guided_velocity(x, torch.tensor(0.4), cond, Guidance(cfg_strength=cfg))
+        got = onnx_be.guided_velocity(x, torch.tensor(0.4), cond, Guidance(cfg_strength=cfg))
         assert got.shape == (b, n, 128)
         assert (got - want).abs().max() < 2e-5 * want.abs().max()
     phase, noise = draw_source_randomness(b, n * 512, torch.Generator().manual_seed(2))

@@ -12,10 +12,10 @@ from rtsvc.models.flow import (
     cfg_velocity,
     frame_noise,
     sample,
-    sample_mel,
     seeded_noise,
     time_grid,
 )
+from rtsvc.models.guidance import Guidance, sample_mel
 from rtsvc.models.loading import load_dit
 from tests.tiny_models import make_tiny_dit_checkpoint
 
@@ -98,14 +98,17 @@ def test_euler_uses_left_points_of_the_grid():
     assert torch.allclose(out, target, atol=1e-5)
 
 
+V2_CFG2 = Guidance(cfg_strength=2.0)
+
+
 def test_sample_mel_shapes_range_and_determinism(model):
     cond = conditioning(n=12)
-    a = sample_mel(model, cond, steps=4, cfg_strength=2.0, seed=3)
+    a = sample_mel(model, cond, steps=4, guidance=V2_CFG2, seed=3)
     assert a.shape == (2, 12, 128)
-    assert torch.equal(a, sample_mel(model, cond, steps=4, cfg_strength=2.0, seed=3))
-    assert not torch.allclose(a, sample_mel(model, cond, steps=4, cfg_strength=2.0, seed=4))
+    assert torch.equal(a, sample_mel(model, cond, steps=4, guidance=V2_CFG2, seed=3))
+    assert not torch.allclose(a, sample_mel(model, cond, steps=4, guidance=V2_CFG2, seed=4))
     noise = frame_noise(0, 12, seed=3).expand(2, 12, 128)
-    assert torch.equal(a, sample_mel(model, cond, steps=4, cfg_strength=2.0, noise=noise))
+    assert torch.equal(a, sample_mel(model, cond, steps=4, guidance=V2_CFG2, noise=noise))
     # output is de-normalised log-mel: normalising it back gives the flow's own [-1, 1]-scale values
     x = sample(lambda x, t: cfg_velocity(model, x, t, cond, 2.0), noise, 4)
     assert torch.allclose(normalize_mel(a), x, atol=1e-5)

@@ -309,8 +309,9 @@ class LocalVelocity:
     def __init__(self, backend):
         self.backend, self.frames = backend, []
         self.device, self.speakers, self.vocode = backend.device, backend.speakers, backend.vocode
+        self.family = backend.family
 
-    def velocity_cfg(self, x, t, cond, cfg_strength):
+    def guided_velocity(self, x, t, cond, guidance):
         self.frames.append(x.shape[1])
         return torch.tanh(cond.f0[..., None] / 200.0 + cond.cvec[..., :1] - x) * (1.0 + t)
 

@@ -77,3 +77,43 @@ def test_lora_checkpoint_without_alpha_is_refused(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(UserError, match="no hyper_parameters.cfg.training.lora_alpha"):
         load_dit(path)
+
+
+def _strengths(ds, spk, skip, layers, rescale):
+    return dict(ds_cfg_strength=ds, spk_cfg_strength=spk, skip_cfg_strength=skip, cfg_skip_layers=layers,
+                cfg_rescale=rescale)
+
+
+@pytest.mark.parametrize("strengths", [
+    _strengths(0.2, 0.8, 0.0, None, 0.7),  # upstream's defaults
+    _strengths(0.2, 0.0, 0.5, 1, 0.7),
+    _strengths(0.0, 1.0, 0.0, None, 0.0),
+    _strengths(0.0, 0.0, 0.0, None, 0.7),
+])
+def test_v3_sampler_matches_upstream_on_the_same_noise(tmp_path, strengths):
+    from rtsvc.dsp.mel import denormalize_mel
+    from rtsvc.models.flow import Conditioning, sample
+    from rtsvc.models.guidance import Guidance, degrade_content, guided_velocity
+    from tests.upstream.v3_head import RF, make_bad_cvec
+
+    path, upstream = make_v3_head(tmp_path / "v3.ckpt", lora_rank=2, lora_alpha=4.0)
+    loaded = load_dit(path)
+    kw = _inputs(b=2)
+    src_mel = torch.full((2, N, 128), -7.0)
+    frame_len = kw["mask"].sum(1)
+    bad = torch.cat([make_bad_cvec(kw["cvec"][i:i + 1], N) for i in range(2)])
+    assert torch.allclose(degrade_content(kw["cvec"]), bad, atol=1e-6)
+    steps = 6
+    torch.manual_seed(123)
+    ref = RF(upstream).sample(src_mel, kw["spk"], kw["f0"], kw["rms"], kw["cvec"], frame_len=frame_len,
+                              steps=steps, bad_cvec=bad, **strengths)
+
+    layers = strengths.pop("cfg_skip_layers")
+    guidance = Guidance(**strengths, cfg_skip_layers=None if layers is None else (layers,))
+    cond = Conditioning(spk=kw["spk"], f0=kw["f0"], rms=kw["rms"], cvec=kw["cvec"], mask=kw["mask"])
+    torch.manual_seed(123)
+    noise = torch.randn(2, N, 128).masked_fill(~kw["mask"][..., None], 0)  # upstream's first draw
+    with torch.no_grad():
+        x = sample(lambda x, t: guided_velocity(loaded.model, x, t, cond, guidance), noise, steps)
+    ours = torch.where(kw["mask"][..., None], denormalize_mel(x), src_mel)
+    assert (ours - ref).abs().max() < 1e-4

@@ -18,7 +18,8 @@ import torch
 
 from rtsvc.dsp.audio import SAMPLE_RATE, save_audio
 from rtsvc.dsp.mel import LOG_MEL_MAX, LOG_MEL_MIN
-from rtsvc.models.flow import Conditioning, sample_mel
+from rtsvc.models.flow import Conditioning
+from rtsvc.models.guidance import Guidance, sample_mel
 from training.dataset import ClipDataset, collate, lengths_to_mask
 from training.loss import flow_loss
 
@@ -31,7 +32,10 @@ VAL_BATCH = 8
 class ValSettings:
     samples: int = 2  # clips sampled, vocoded and plotted
     steps: int = 32  # sampler grid points (upstream eval_sample_steps)
-    cfg_strength: float = 2.0  # upstream eval_cfg_strength
+    cfg_strength: float = 2.0  # V2: upstream eval_cfg_strength; V3 samples with upstream's infer defaults
+
+    def guidance(self) -> Guidance:
+        return Guidance(cfg_strength=self.cfg_strength)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -91,9 +95,9 @@ def render_samples(model: torch.nn.Module, dataset: ClipDataset, out_dir: Path, 
         true_mel = batch["mel"][0].float().cpu().numpy()
         for target in targets:
             cond = Conditioning(spk=torch.tensor([target], device=device), f0=batch["f0"], rms=batch["rms"],
-                                cvec=batch["cvec"], whisper=batch["whisper"],
+                                cvec=batch["cvec"], whisper=batch.get("whisper"),
                                 mask=lengths_to_mask(batch["frame_len"], n))
-            mel = sample_mel(model, cond, steps=settings.steps, cfg_strength=settings.cfg_strength,
+            mel = sample_mel(model, cond, steps=settings.steps, guidance=settings.guidance(),
                              seed=VAL_SEED).float()
             label = "recon" if target == own else f"to-{speakers[target]}"
             gen = mel[0].cpu().numpy()

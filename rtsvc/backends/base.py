@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 
 from rtsvc.models.flow import Conditioning
+from rtsvc.models.guidance import Guidance
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -18,12 +19,13 @@ BACKENDS = ("auto", "torch", "onnx")
 class Backend(Protocol):
     speakers: dict[str, int]  # name -> speaker index
     device: torch.device
+    family: str  # "v2" or "v3": which conditioning (Whisper or not) and guidance the DiT takes
 
-    def velocity_cfg(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                     cfg_strength: float) -> torch.Tensor:
-        """Guided velocity [b, n, 128] at time t ([b] or scalar) for the normalised noisy mel x:
-        `v_null + s * (v_full - v_null)` with both branches in one batch (s ~ 0: null branch only),
-        as `rtsvc.models.flow.cfg_velocity`."""
+    def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                        guidance: Guidance) -> torch.Tensor:
+        """Guided velocity [b, n, 128] at time t ([b] or scalar) for the normalised noisy mel x, as
+        `rtsvc.models.guidance.guided_velocity`: V2 reads `guidance.cfg_strength` (Whisper CFG), V3
+        its ds / spk / skip strengths, skip layers and rescale."""
         ...
 
     def vocode(self, log_mel: torch.Tensor, f0: torch.Tensor, phase: torch.Tensor,

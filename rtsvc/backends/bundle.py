@@ -46,6 +46,11 @@ class Bundle:
         return speakers
 
     @property
+    def family(self) -> str:
+        """The DiT family: "v2" or "v3" (bundles written before V3 support are V2)."""
+        return str(self.manifest.get("family", "v2"))
+
+    @property
     def sample_rate(self) -> int:
         return int(self.manifest["audio"]["sample_rate"])
 
@@ -166,4 +171,13 @@ def bundle_components(path: str | Path) -> set[str]:
     except (OSError, ValueError, AttributeError):
         return {"vocoder"}
     has = {name for name in ("contentvec", "whisper") if (features.get(name) or {}).get("onnx")}
-    return {"vocoder"} | (has if has == {"contentvec", "whisper"} else set())
+    encoders = {"contentvec", "whisper"} if bundle_family(path) == "v2" else {"contentvec"}
+    return {"vocoder"} | (has if has >= encoders else set())
+
+
+def bundle_family(path: str | Path) -> str:
+    """The DiT family a bundle's manifest records ("v2" when it records none: older bundles)."""
+    try:
+        return str(json.loads((Path(path) / MANIFEST).read_text()).get("family", "v2"))
+    except (OSError, ValueError, AttributeError):
+        return "v2"

@@ -7,7 +7,8 @@ import torch
 
 from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.errors import UserError
-from rtsvc.models.flow import Conditioning, cfg_velocity
+from rtsvc.models.flow import Conditioning
+from rtsvc.models.guidance import Guidance, guided_velocity
 from rtsvc.models.loading import load_dit, load_vocoder
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -27,6 +28,7 @@ class TorchBackend:
         self.vocoder = vocoder
         self.device = device
         self.speakers = dict(dit.speakers)
+        self.family = dit.family
         self.dtype = PRECISIONS[precision]
 
     @classmethod
@@ -46,11 +48,11 @@ class TorchBackend:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     @torch.inference_mode()
-    def velocity_cfg(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                     cfg_strength: float) -> torch.Tensor:
+    def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                        guidance: Guidance) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         with self._autocast():
-            return cfg_velocity(self.model, x, t, cond, cfg_strength).float()
+            return guided_velocity(self.model, x, t, cond, guidance).float()
 
     @torch.inference_mode()
     def vocode(self, log_mel: torch.Tensor, f0: torch.Tensor, phase: torch.Tensor,

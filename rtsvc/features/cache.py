@@ -104,8 +104,9 @@ class FrameStore:
 class FeatureCache:
     """Per-stream features of `features` (a `rtsvc.features.FeatureExtractor`) for sliding windows.
 
-    `window(audio, start_sample)` -> (f0 Hz unshifted [n], rms [n], cvec [n, 768], whisper [n, 1280]),
-    n = ceil(len / 512) mel frames, on `features.device`. `last_ms` holds the last call's time per part.
+    `window(audio, start_sample)` -> (f0 Hz unshifted [n], rms [n], cvec [n, 768], whisper [n, 1280]
+    or None when `features` has no Whisper encoder (V3)), n = ceil(len / 512) mel frames, on
+    `features.device`. `last_ms` holds the last call's time per part.
     """
 
     def __init__(self, features, encoder_context_s: float | None = ENCODER_CONTEXT_S,
@@ -142,8 +143,9 @@ class FeatureCache:
             self._cold(audio, start_sample)
         s = start_sample - self.origin
         k0 = s // HOP_LENGTH
+        whisper = self._enc_on_mel(self.whisper, k0, n) if self.features.whisper_encoder is not None else None
         out = self._f0_on_mel(k0, n, s, s + len(audio)), self._rms_on_mel(k0, n), \
-            self._enc_on_mel(self.cvec, k0, n), self._enc_on_mel(self.whisper, k0, n)
+            self._enc_on_mel(self.cvec, k0, n, self.features.content_resize), whisper
         aligned = s % HOP_LENGTH == 0 and len(audio) % HOP_LENGTH == 0
         self._prev_start, self._prev_audio = (s, audio.copy()) if aligned else (None, audio[:0])
         self.f0.trim(s // F0_HOP - 1)
@@ -232,11 +234,13 @@ class FeatureCache:
         started = time.perf_counter()
         cvec = feats.contentvec.hidden(audio_16k).to(feats.device)
         self._lap("contentvec", started)
-        started = time.perf_counter()
-        whisper = feats.whisper_encoder.hidden(audio_16k, pad_to_30s=False, position_offset=first_frame)
-        whisper = whisper.to(feats.device)
-        self._lap("whisper", started)
-        for store, rows in ((self.cvec, cvec), (self.whisper, whisper)):
+        computed = [(self.cvec, cvec)]
+        if feats.whisper_encoder is not None:  # V3 models have no Whisper
+            started = time.perf_counter()
+            whisper = feats.whisper_encoder.hidden(audio_16k, pad_to_30s=False, position_offset=first_frame)
+            computed.append((self.whisper, whisper.to(feats.device)))
+            self._lap("whisper", started)
+        for store, rows in computed:
             if keep_before is None:
                 store.clear()
             store.write(first_frame, rows.float(), keep_before=keep_before)
@@ -245,10 +249,17 @@ class FeatureCache:
     def _rms_on_mel(self, k0: int, n: int) -> torch.Tensor:
         return self.rms.gather(np.arange(k0, k0 + n)).to(self.features.device)
 
-    def _enc_on_mel(self, store: FrameStore, k0: int, n: int) -> torch.Tensor:
+    def _enc_on_mel(self, store: FrameStore, k0: int, n: int, mode: str = "nearest") -> torch.Tensor:
         # V2's "nearest" resize on a window is frame floor(k * frames / n), i.e. the encoder frame at
-        # the mel frame's time: the same rule on the stream's grid keeps every frame's choice fixed
-        return store.gather(np.arange(k0, k0 + n) * HOP_LENGTH // ENC_HOP)
+        # the mel frame's time: the same rule on the stream's grid keeps every frame's choice fixed.
+        # V3's "linear" (align_corners) resize puts mel frame k at encoder position ~k * frames / n:
+        # on the stream's grid, the linear blend of the two encoder frames around the mel frame's time
+        if mode == "nearest":
+            return store.gather(np.arange(k0, k0 + n) * HOP_LENGTH // ENC_HOP)
+        pos = np.arange(k0, k0 + n) * (HOP_LENGTH / ENC_HOP)
+        lo = np.floor(pos).astype(np.int64)
+        weight = torch.from_numpy((pos - lo).astype(np.float32))[:, None].to(store.rows.device)
+        return torch.lerp(store.gather(lo), store.gather(lo + 1), weight)
 
     def _f0_on_mel(self, k0: int, n: int, s: int, e: int) -> torch.Tensor:
         """`rtsvc.features.f0.f0_to_mel_frames` on the raw frames spanning the window, on stream times."""

@@ -17,6 +17,10 @@ from rtsvc.dsp.mel import log_mel_spectrogram, rms_per_frame
 from rtsvc.features.f0 import F0Extractor, f0_to_mel_frames, make_f0_extractor, shift_f0
 from rtsvc.pretrained import PretrainedPaths
 
+# per model family: (Whisper needed, how ContentVec goes onto the mel grid) as upstream: V2's
+# utils.interpolate_tensor is "nearest", V3's linear_interpolate_tensor is "linear" (align_corners)
+FAMILY_FEATURES = {"v2": (True, "nearest"), "v3": (False, "linear")}
+
 
 @dataclass
 class Features:
@@ -25,7 +29,7 @@ class Features:
     f0: torch.Tensor  # [n] Hz, 0 = unvoiced (pitch shift already applied)
     rms: torch.Tensor  # [n]
     cvec: torch.Tensor  # [n, 768]
-    whisper: torch.Tensor  # [n, 1280]
+    whisper: torch.Tensor | None  # [n, 1280]; None for V3 models (no Whisper)
     mel: torch.Tensor | None = None  # [n, 128] natural-log mel of the source
 
     @property
@@ -38,27 +42,40 @@ class Features:
 
 
 class FeatureExtractor:
-    """The loaded encoders + F0 extractor. `extract(audio_44k) -> Features`."""
+    """The loaded encoders + F0 extractor. `extract(audio_44k) -> Features`.
 
-    def __init__(self, contentvec, whisper, f0: F0Extractor, device: str | torch.device = "cpu"):
-        self.contentvec = contentvec  # rtsvc.features.contentvec.ContentVec
-        self.whisper_encoder = whisper  # rtsvc.features.whisper.WhisperEncoder
+    Per model family (`FAMILY_FEATURES`): V2 wants ContentVec and Whisper resized with "nearest"
+    onto the mel grid; V3 wants ContentVec only, resized "linear" (align_corners); `whisper=None`
+    then, and no Whisper is loaded or computed.
+    """
+
+    def __init__(self, contentvec, whisper, f0: F0Extractor, device: str | torch.device = "cpu",
+                 content_resize: str = "nearest"):
+        self.contentvec = contentvec  # rtsvc.contentvec.ContentVec
+        self.whisper_encoder = whisper  # rtsvc.whisper_encoder.WhisperEncoder, or None (V3)
         self.f0_extractor = f0
         self.device = torch.device(device)
+        self.content_resize = content_resize  # how ContentVec frames go onto the mel grid
 
     @classmethod
     def from_pretrained(cls, paths: PretrainedPaths, f0: str = "rmvpe",
-                        device: str | torch.device = "cpu") -> "FeatureExtractor":
+                        device: str | torch.device = "cpu", family: str = "v2") -> "FeatureExtractor":
         from rtsvc.features.contentvec import ContentVec
-        from rtsvc.features.whisper import WhisperEncoder
 
-        if paths.contentvec is None or paths.whisper is None:
-            raise ValueError("resolve_pretrained(need=...) must include contentvec and whisper")
+        uses_whisper, content_resize = FAMILY_FEATURES[family]
+        if paths.contentvec is None or (uses_whisper and paths.whisper is None):
+            raise ValueError("resolve_pretrained(need=...) must include what the family needs")
+        whisper = None
+        if uses_whisper:
+            from rtsvc.features.whisper import WhisperEncoder
+
+            whisper = WhisperEncoder.load(paths.whisper, device)
         return cls(
             ContentVec.load(paths.contentvec, device),
-            WhisperEncoder.load(paths.whisper, device),
+            whisper,
             make_f0_extractor(f0, rmvpe_path=paths.rmvpe, device=device),
             device,
+            content_resize,
         )
 
     # ------------------------------------------------------------ per feature, any window
@@ -68,7 +85,7 @@ class FeatureExtractor:
         return torch.from_numpy(shift_f0(hz, semitones)).to(self.device)
 
     def content(self, audio_16k: np.ndarray, n_frames: int) -> torch.Tensor:
-        return self.contentvec.encode(audio_16k, n_frames)
+        return self.contentvec.encode(audio_16k, n_frames, self.content_resize)
 
     def whisper(self, audio_16k: np.ndarray, n_frames: int, pad_to_30s: bool = True,
                 position_offset: int = 0) -> torch.Tensor:
@@ -95,7 +112,7 @@ class FeatureExtractor:
             f0=self.f0(audio_16k, n, semitones),
             rms=self.rms(audio_44k),
             cvec=self.content(audio_16k, n),
-            whisper=self.whisper(audio_16k, n),
+            whisper=self.whisper(audio_16k, n) if self.whisper_encoder is not None else None,
             mel=self.mel(audio_44k) if with_mel else None,
         )
 

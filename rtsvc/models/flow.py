@@ -1,6 +1,7 @@
-"""Rectified-flow sampling for RIFT-SVC: Euler steps over the upstream time grid, with
-classifier-free guidance on the Whisper feature (both branches in one batched forward), and
-start noise tied to the absolute mel-frame index so overlapping streaming windows agree.
+"""Rectified-flow sampling for RIFT-SVC: Euler steps over the upstream time grid, V2's
+classifier-free guidance on the Whisper feature (both branches in one batched forward; V3's
+guidance is in `rtsvc.models.guidance`), and start noise tied to the absolute mel-frame index so
+overlapping streaming windows agree.
 
     grid = linspace(0, 1, steps)                      # steps - 1 Euler updates, as upstream
     v    = v_null + s * (v_full - v_null)             # null = Whisper replaced by its null embedding
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rtsvc.dsp.mel import denormalize_mel
 from rtsvc.errors import UserError
 
 N_MELS = 128
@@ -29,15 +29,25 @@ class Conditioning:
     f0: torch.Tensor  # [b, n] Hz (0 = unvoiced, normally interpolated away)
     rms: torch.Tensor  # [b, n]
     cvec: torch.Tensor  # [b, n, 768]
-    whisper: torch.Tensor  # [b, n, 1280]
+    whisper: torch.Tensor | None = None  # [b, n, 1280]; V2 only
     mask: torch.Tensor | None = None  # [b, n] bool, True = valid frame
+    bad_cvec: torch.Tensor | None = None  # [b, n, 768] V3 content-degradation guidance (None: made on use)
 
     def repeat2(self) -> "Conditioning":
         """The same conditioning twice along the batch (for the two CFG branches)."""
         def cat(t):
             return None if t is None else torch.cat((t, t), dim=0)
         return Conditioning(cat(self.spk), cat(self.f0), cat(self.rms), cat(self.cvec), cat(self.whisper),
-                            cat(self.mask))
+                            cat(self.mask), cat(self.bad_cvec))
+
+    def crop(self, first: int) -> "Conditioning":
+        """The conditioning from frame `first` on."""
+        if first == 0:
+            return self
+        def cut(t):
+            return None if t is None else t[:, first:]
+        return Conditioning(self.spk, cut(self.f0), cut(self.rms), cut(self.cvec), cut(self.whisper),
+                            cut(self.mask), cut(self.bad_cvec))
 
 
 def time_grid(steps: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -76,23 +86,6 @@ def sample(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], no
     for i in range(steps - 1):
         x = x + (grid[i + 1] - grid[i]) * velocity_fn(x, grid[i])
     return x
-
-
-@torch.no_grad()
-def sample_mel(model: torch.nn.Module, cond: Conditioning, steps: int = 32, cfg_strength: float = 2.0,
-               noise: torch.Tensor | None = None, seed: int = 0, start_frame: int = 0) -> torch.Tensor:
-    """De-normalised log-mel [b, n, 128] for `cond`.
-
-    `noise` [b, n, 128] is the start point; when omitted every item gets
-    `frame_noise(start_frame, n, seed)` (the same noise for the same absolute frames).
-    """
-    b, n = cond.f0.shape
-    param = next(model.parameters())
-    if noise is None:
-        noise = frame_noise(start_frame, n, seed).expand(b, n, N_MELS)
-    noise = noise.to(device=param.device, dtype=param.dtype)
-    x = sample(lambda x, t: cfg_velocity(model, x, t, cond, cfg_strength), noise, steps)
-    return denormalize_mel(x)
 
 
 # --- noise ------------------------------------------------------------------------------------

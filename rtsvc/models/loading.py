@@ -134,6 +134,16 @@ def _v3_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, p
                        lora_rank=rank, lora_alpha=None if alpha is None else float(alpha))
 
 
+def checkpoint_family(path: str | Path) -> str:
+    """"v2" or "v3" of a RIFT-SVC checkpoint without reading its weights (tensors are mapped)."""
+    path = Path(path)
+    state = _dit_state(load_torch_file(path, "model checkpoint", mmap=True), path)
+    try:
+        return dit_family(state)
+    except UserError as err:
+        raise UserError(f"{path} is {err}") from None
+
+
 def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
     """Load a RIFT-SVC V2 or V3 Lightning checkpoint (family told by its keys, LoRA adapters
     included); strict keys; UserError on any mismatch."""

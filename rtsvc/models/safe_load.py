@@ -142,16 +142,18 @@ allow_list_pickle = types.SimpleNamespace(Unpickler=AllowListUnpickler, load=_lo
                                           __name__="rtsvc_allow_list_pickle")
 
 
-def load_torch_file(path: str | Path, what: str) -> Any:
+def load_torch_file(path: str | Path, what: str, mmap: bool = False) -> Any:
     """torch.load of `path` through the allow-list; UserError (one line) for a missing file, a
-    file that is not a torch file, or one that names a global outside the allow-list."""
+    file that is not a torch file, or one that names a global outside the allow-list. `mmap=True`
+    maps tensor data instead of reading it (cheap when only the structure is wanted)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{what} not found: {path}")
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory, expected a file")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=allow_list_pickle)
+        loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=allow_list_pickle,
+                            mmap=mmap)
     except RefusedGlobal as err:
         raise UserError(f"refusing to load {what} {path}: it references {err.qualified}, which is not "
                         "tensor data or a known config class (loading it could run code)") from None

@@ -30,6 +30,7 @@ from rtsvc.errors import UserError
 from rtsvc.features.cache import ENCODER_CONTEXT_S, FeatureCache
 from rtsvc.features.f0 import shift_f0
 from rtsvc.models.flow import Conditioning, counter_normal, frame_noise, sample
+from rtsvc.models.guidance import Guidance, with_bad_cvec
 from rtsvc.settings import Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, MODEL_BLOCK_MS
 
@@ -143,7 +144,8 @@ class ModelVoice:
         device = self.backend.device
         f0 = shift_f0(f0, semitones).to(device)[None]  # shifted F0 feeds both the DiT and the vocoder
         cond = Conditioning(spk=torch.tensor([spk], device=device), f0=f0, rms=rms.to(device)[None],
-                            cvec=cvec.to(device)[None], whisper=whisper.to(device)[None])
+                            cvec=cvec.to(device)[None],
+                            whisper=None if whisper is None else whisper.to(device)[None])
         return cond, f0
 
     def _conditioning(self, padded: np.ndarray, n: int, spk: int, semitones: float):
@@ -152,11 +154,13 @@ class ModelVoice:
         row = lambda a: torch.as_tensor(a, dtype=torch.float32).to(device)[None]  # noqa: E731 - [1, n, ...]
         audio_16k = self._timed("resample", resample, padded, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
         f0 = row(self._timed("f0", feats.f0, audio_16k, n, semitones))  # shifted: for DiT and vocoder
+        whisper = None
+        if feats.whisper_encoder is not None:  # V2 only
+            whisper = row(self._timed("whisper", feats.whisper, audio_16k, n,
+                                      pad_to_30s=self.whisper_pad_30s))
         cond = Conditioning(spk=torch.tensor([spk], device=device), f0=f0,
                             rms=row(self._timed("rms", feats.rms, padded)),
-                            cvec=row(self._timed("contentvec", feats.content, audio_16k, n)),
-                            whisper=row(self._timed("whisper", feats.whisper, audio_16k, n,
-                                                    pad_to_30s=self.whisper_pad_30s)))
+                            cvec=row(self._timed("contentvec", feats.content, audio_16k, n)), whisper=whisper)
         return cond, f0
 
     def _timed(self, name: str, fn, *args, **kwargs):
@@ -168,7 +172,10 @@ class ModelVoice:
     def _sample(self, cond: Conditioning, knobs: Knobs, start_frame: int) -> torch.Tensor:
         n = cond.f0.shape[1]
         noise = frame_noise(start_frame, n, knobs.seed)[None].to(self.backend.device)
-        velocity = lambda x, t: self.backend.velocity_cfg(x, t, cond, knobs.cfg_strength)  # noqa: E731
+        guidance = guidance_of(knobs)
+        if self.backend.family == "v3":
+            cond = with_bad_cvec(cond, guidance)  # once per window, not per step
+        velocity = lambda x, t: self.backend.guided_velocity(x, t, cond, guidance)  # noqa: E731
         x = sample(velocity, noise, knobs.steps)
         return denormalize_mel(x).transpose(1, 2)
 
@@ -191,11 +198,15 @@ class ModelVoice:
 
 def crop(cond: Conditioning, first: int) -> Conditioning:
     """The conditioning from frame `first` on (the DiT's positions are relative: rotary + conv)."""
-    if first == 0:
-        return cond
-    cut = lambda t: None if t is None else t[:, first:]  # noqa: E731
-    return Conditioning(cond.spk, cut(cond.f0), cut(cond.rms), cut(cond.cvec), cut(cond.whisper),
-                        cut(cond.mask))
+    return cond.crop(first)
+
+
+def guidance_of(knobs: Knobs) -> Guidance:
+    """The guidance settings of both families from the live knobs."""
+    layers = None if knobs.cfg_skip_layers < 0 else (knobs.cfg_skip_layers,)
+    return Guidance(cfg_strength=knobs.cfg_strength, ds_cfg_strength=knobs.ds_cfg_strength,
+                    spk_cfg_strength=knobs.spk_cfg_strength, skip_cfg_strength=knobs.skip_cfg_strength,
+                    cfg_skip_layers=layers, cfg_rescale=knobs.cfg_rescale)
 
 
 def base_phase(seed: int) -> torch.Tensor:

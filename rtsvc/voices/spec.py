@@ -62,7 +62,8 @@ class VoiceSpec:
         """What the model needs from the pretrained dir: a .rtsvc bundle carries its vocoder (and the
         encoders when exported --with-encoders), so those are not asked of the pretrained dir."""
         f0 = check_f0(self.f0)
-        need = ["contentvec", "whisper", "vocoder"] + (["rmvpe"] if f0 == "rmvpe" else [])
+        whisper = ["whisper"] if self.model is None or model_family(self.model) == "v2" else []  # V3: none
+        need = ["contentvec", *whisper, "vocoder"] + (["rmvpe"] if f0 == "rmvpe" else [])
         if self.model is not None and Path(self.model).is_dir():
             from rtsvc.backends.bundle import bundle_components
 
@@ -84,6 +85,17 @@ def describe_voice(voice: Voice, model: Path | None, speaker: str | None = None)
     listed = ", ".join(others[:8]) + (", ..." if len(others) > 8 else "")
     rest = f" (also: {listed}; --speaker)" if others else ""
     return f"voice: {model}, speaker {active}{rest}"
+
+
+def model_family(model: str | Path) -> str:
+    """"v2" or "v3" of a .ckpt (from its keys, weights not read) or a .rtsvc bundle (its manifest)."""
+    from rtsvc.backends.bundle import bundle_family, is_bundle
+
+    if is_bundle(model):
+        return bundle_family(model)
+    from rtsvc.models.loading import checkpoint_family  # torch
+
+    return checkpoint_family(model)
 
 
 def check_f0(f0: str | None) -> str:
@@ -140,7 +152,7 @@ def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
     f0 = spec.f0 or "rmvpe"  # library callers may pass any rtsvc.features.f0 method
     own = getattr(model, "feature_extractor", None)  # a bundle exported --with-encoders runs its own
     features = (own(pretrained, f0, torch_device) if own else None) or \
-        FeatureExtractor.from_pretrained(pretrained, f0=f0, device=torch_device)
+        FeatureExtractor.from_pretrained(pretrained, f0=f0, device=torch_device, family=model.family)
     return ModelVoice(model, features, streaming=spec.streaming, dit_context_ms=spec.dit_context_ms)
 
 

@@ -1,0 +1,122 @@
+"""Guided velocity for both DiT families, from one `Guidance` holding every family's settings.
+
+V2 (`rtsvc.models.flow.cfg_velocity`): classifier-free guidance on Whisper,
+    v = v_null + cfg_strength * (v_full - v_null).
+
+V3 (upstream rf.py `RF.sample` at c03fa59), p_c = the velocity with every condition:
+    p = p_c
+    ds   > 0: p += ds   * (p - v(cvec = bad_cvec))        content-degradation guidance
+    spk  > 0: p += spk  * (p - v(null speaker))           speaker guidance
+    skip > 0: p += skip * (p - v(skip cfg_skip_layers))   skip-layer guidance
+    rescale > 0 and any of them on: p = r * p * std(p_c) / std(p) + (1 - r) * p
+each step using the updated p; std is the unbiased std over the whole tensor (batch, frames incl.
+padding, channels). The p_c, bad-cvec and null-speaker passes run as one batched forward, items
+interleaved per input item as upstream; the skip pass is a second forward. A strength <= 1e-5
+skips its pass. `bad_cvec` is upstream's `extract_features` blur of the mel-aligned ContentVec
+(`degrade_content`).
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from rtsvc.dsp.mel import denormalize_mel
+from rtsvc.models.flow import CFG_EPS, N_MELS, Conditioning, cfg_velocity, frame_noise, sample
+
+CVEC_DOWNSAMPLE_RATE = 2  # upstream --cvec-downsample-rate
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Guidance settings of both families; each family reads its own (names as upstream's CLI)."""
+    cfg_strength: float = 2.0  # V2: Whisper CFG
+    ds_cfg_strength: float = 0.2  # V3: content-degradation guidance
+    spk_cfg_strength: float = 0.8  # V3: speaker guidance (null speaker)
+    skip_cfg_strength: float = 0.0  # V3: skip-layer guidance
+    cfg_skip_layers: tuple[int, ...] | None = None  # V3: blocks bypassed by the skip pass (0-based)
+    cfg_rescale: float = 0.7  # V3: guidance rescale
+
+
+def degrade_content(cvec: torch.Tensor, rate: int = CVEC_DOWNSAMPLE_RATE) -> torch.Tensor:
+    """Upstream's bad_cvec: of the mel-aligned ContentVec [b, n, d] keep frames 0, 2, 4, ..., resize
+    them linearly (align_corners) to count // rate frames, then back to n (a ~4x blur in time)."""
+    n = cvec.shape[1]
+    kept = cvec[:, ::2].transpose(1, 2)  # [b, d, ceil(n / 2)]
+    low = F.interpolate(kept, size=max(1, kept.shape[-1] // rate), mode="linear", align_corners=True)
+    return F.interpolate(low, size=n, mode="linear", align_corners=True).transpose(1, 2)
+
+
+def with_bad_cvec(cond: Conditioning, guidance: Guidance) -> Conditioning:
+    """`cond` with its bad_cvec made, when content-degradation guidance is on and it has none."""
+    if guidance.ds_cfg_strength <= CFG_EPS or cond.bad_cvec is not None:
+        return cond
+    return replace(cond, bad_cvec=degrade_content(cond.cvec))
+
+
+def v3_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                guidance: Guidance) -> torch.Tensor:
+    """Guided V3 velocity [b, n, 128] at noisy mel x and time t (see the module docstring)."""
+    g = guidance
+    b = x.shape[0]
+    t = t.reshape(-1).expand(b) if t.numel() == 1 else t
+    use_ds, use_spk = g.ds_cfg_strength > CFG_EPS, g.spk_cfg_strength > CFG_EPS
+    use_skip = g.skip_cfg_strength > CFG_EPS
+    guided = use_ds or use_spk or use_skip
+    cvecs, drops = [cond.cvec], [False]
+    if use_ds:
+        bad = cond.bad_cvec if cond.bad_cvec is not None else degrade_content(cond.cvec)
+        cvecs.append(bad)
+        drops.append(False)
+    if use_spk:
+        cvecs.append(cond.cvec)
+        drops.append(True)
+    k = len(cvecs)
+
+    def rep(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.repeat_interleave(k, dim=0)
+
+    preds = model(x=rep(x), spk=rep(cond.spk), f0=rep(cond.f0), rms=rep(cond.rms),
+                  cvec=torch.stack(cvecs, dim=1).flatten(0, 1), time=rep(t),
+                  drop_speaker=torch.tensor(drops, device=x.device).repeat(b), mask=rep(cond.mask))
+    preds = preds.unflatten(0, (b, k))
+    pred = preds[:, 0]
+    std_cond = pred.std()
+    branch = 1
+    if use_ds:
+        pred = pred + (pred - preds[:, branch]) * g.ds_cfg_strength
+        branch += 1
+    if use_spk:
+        pred = pred + (pred - preds[:, branch]) * g.spk_cfg_strength
+    if use_skip:
+        skipped = model(x=x, spk=cond.spk, f0=cond.f0, rms=cond.rms, cvec=cond.cvec, time=t, mask=cond.mask,
+                        skip_layers=list(g.cfg_skip_layers) if g.cfg_skip_layers is not None else None)
+        pred = pred + (pred - skipped) * g.skip_cfg_strength
+    if g.cfg_rescale > CFG_EPS and guided:
+        pred = g.cfg_rescale * (pred * (std_cond / pred.std())) + (1 - g.cfg_rescale) * pred
+    return pred
+
+
+def guided_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                    guidance: Guidance) -> torch.Tensor:
+    """The guided velocity of either family (`model.family` is "v2" or "v3")."""
+    if getattr(model, "family", "v2") == "v3":
+        return v3_velocity(model, x, t, cond, guidance)
+    return cfg_velocity(model, x, t, cond, guidance.cfg_strength)
+
+
+@torch.no_grad()
+def sample_mel(model: torch.nn.Module, cond: Conditioning, steps: int = 32, guidance: Guidance = Guidance(),
+               noise: torch.Tensor | None = None, seed: int = 0, start_frame: int = 0) -> torch.Tensor:
+    """De-normalised log-mel [b, n, 128] for `cond`, guided as `guidance` says for the model's family.
+
+    `noise` [b, n, 128] is the start point; when omitted every item gets
+    `frame_noise(start_frame, n, seed)` (the same noise for the same absolute frames).
+    """
+    b, n = cond.f0.shape
+    param = next(model.parameters())
+    if noise is None:
+        noise = frame_noise(start_frame, n, seed).expand(b, n, N_MELS)
+    noise = noise.to(device=param.device, dtype=param.dtype)
+    x = sample(lambda x, t: guided_velocity(model, x, t, cond, guidance), noise, steps)
+    return denormalize_mel(x)
