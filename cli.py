@@ -42,15 +42,16 @@ def _opt(kind: type, help: str, *names: str):
     return Annotated[kind, typer.Option(*names, help=help)]
 
 
-Model = _opt(Path | None, "RIFT-SVC V2 checkpoint (.ckpt) or exported .rtsvc bundle. Default: none, the "
-             "built-in DSP voice.", "--model", "-m")
+Model = _opt(Path | None, "RIFT-SVC V2 or V3 checkpoint (.ckpt, LoRA fine-tunes too) or exported .rtsvc "
+             "bundle. Default: none, the built-in DSP voice.", "--model", "-m")
 Speaker = _opt(str | None, "Target speaker name. Default: the model's default (first) speaker; a voice you "
                "fine-tuned is its model's default.")
 ServeSpeaker = _opt(str | None, "Target speaker for new clients (each client may choose another). Default: "
                     "the model's default (first) speaker.")
 PretrainedDir = _opt(Path, "Folder of pretrained components in the upstream layout. Default: pretrained/.")
 ContentVec = _opt(str | None, "ContentVec folder or hub id. Default: PRETRAINED_DIR/content-vec-best.")
-Whisper = _opt(str | None, "Whisper folder or hub id. Default: PRETRAINED_DIR/whisper-large-v3.")
+Whisper = _opt(str | None, "Whisper folder or hub id (V2 models only). Default: "
+               "PRETRAINED_DIR/whisper-large-v3.")
 Vocoder = _opt(Path | None, "NSF-HiFiGAN model.ckpt (config.json beside it). Default: PRETRAINED_DIR/"
                "nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt (a .rtsvc bundle has its own).")
 Rmvpe = _opt(Path | None, "RMVPE model.pt. Default: PRETRAINED_DIR/rmvpe/model.pt.")
@@ -73,8 +74,18 @@ Steps = _opt(int, f"Rectified-flow sampling steps for models while streaming (2-
              f"Default: {KNOBS.steps}.")
 Denoise = _opt(str, "Noise suppression on the input before conversion: off, deepfilternet (DeepFilterNet3, "
                "+52 ms latency) or rnnoise (RNNoise, cheaper, +42 ms). Default: off.")
-CfgStrength = _opt(float, "Classifier-free guidance strength (0-10, 0 = off). "
+CfgStrength = _opt(float, "V2 models: classifier-free guidance strength on Whisper (0-10, 0 = off). "
                    f"Default: {KNOBS.cfg_strength:g}.")
+DsCfg = _opt(float, "V3 models: content-degradation guidance strength (0-10, 0 = off and its pass skipped). "
+             f"Default: {KNOBS.ds_cfg_strength:g}.")
+SpkCfg = _opt(float, "V3 models: speaker guidance strength, against the null speaker (0-10, 0 = off). "
+              f"Default: {KNOBS.spk_cfg_strength:g}.")
+SkipCfg = _opt(float, "V3 models: skip-layer guidance strength (0-10, 0 = off). "
+               f"Default: {KNOBS.skip_cfg_strength:g}.")
+SkipLayers = _opt(int, "V3 models: the DiT block (0-based) the skip-layer guidance pass bypasses; upstream "
+                  f"suggests depth/2; -1 = none. Default: {KNOBS.cfg_skip_layers}.")
+Rescale = _opt(float, "V3 models: guidance rescale towards the unguided velocity's std (0-1, 0 = off). "
+               f"Default: {KNOBS.cfg_rescale:g}.")
 
 BLOCK_AUTO = (f"auto = {DSP_BLOCK_MS:g} ms (46.4 ms) for the DSP voice, {MODEL_BLOCK_MS:g} ms (150.9 ms) "
               "with --model")
@@ -132,6 +143,9 @@ def live(
     input_gain: InputGain = KNOBS.input_gain_db, output_gain: OutputGain = KNOBS.output_gain_db,
     steps: Steps = KNOBS.steps, cfg_strength: CfgStrength = KNOBS.cfg_strength,
     denoise: Denoise = KNOBS.denoise,
+    ds_cfg_strength: DsCfg = KNOBS.ds_cfg_strength, spk_cfg_strength: SpkCfg = KNOBS.spk_cfg_strength,
+    skip_cfg_strength: SkipCfg = KNOBS.skip_cfg_strength, cfg_skip_layers: SkipLayers = KNOBS.cfg_skip_layers,
+    cfg_rescale: Rescale = KNOBS.cfg_rescale,
     block_ms: BlockMs = "auto", context_ms: ContextMs = STREAM.context_ms,
     crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
     dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
@@ -151,7 +165,9 @@ def live(
 
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
                                  input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
-                                 cfg_strength=cfg_strength, denoise=denoise))
+                                 cfg_strength=cfg_strength, ds_cfg_strength=ds_cfg_strength,
+                                 spk_cfg_strength=spk_cfg_strength, skip_cfg_strength=skip_cfg_strength,
+                                 cfg_skip_layers=cfg_skip_layers, cfg_rescale=cfg_rescale, denoise=denoise))
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_live_options(input_rate, output_rate, duration, jitter_ms)
     spec = VoiceSpec(model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper,
@@ -196,6 +212,9 @@ def serve(
     input_gain: InputGain = KNOBS.input_gain_db, output_gain: OutputGain = KNOBS.output_gain_db,
     steps: Steps = KNOBS.steps, cfg_strength: CfgStrength = KNOBS.cfg_strength,
     denoise: Denoise = KNOBS.denoise,
+    ds_cfg_strength: DsCfg = KNOBS.ds_cfg_strength, spk_cfg_strength: SpkCfg = KNOBS.spk_cfg_strength,
+    skip_cfg_strength: SkipCfg = KNOBS.skip_cfg_strength, cfg_skip_layers: SkipLayers = KNOBS.cfg_skip_layers,
+    cfg_rescale: Rescale = KNOBS.cfg_rescale,
     block_ms: BlockMs = "auto", context_ms: ContextMs = STREAM.context_ms,
     crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
     dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
@@ -217,7 +236,9 @@ def serve(
     check_config(config)  # refuse an open bind without a token before loading any model
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
                                  input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
-                                 cfg_strength=cfg_strength, denoise=denoise))
+                                 cfg_strength=cfg_strength, ds_cfg_strength=ds_cfg_strength,
+                                 spk_cfg_strength=spk_cfg_strength, skip_cfg_strength=skip_cfg_strength,
+                                 cfg_skip_layers=cfg_skip_layers, cfg_rescale=cfg_rescale, denoise=denoise))
     stream_config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms,
                                  sola_search_ms).validate()
     voice = open_voice(VoiceSpec(
@@ -246,8 +267,11 @@ def convert(
     contentvec: ContentVec = None, whisper: Whisper = None, vocoder: Vocoder = None, rmvpe: Rmvpe = None,
     steps: int = typer.Option(CONVERT_STEPS, help=f"Rectified-flow sampling steps (grid points, "
                               f"2-{MAX_STEPS}). Default: {CONVERT_STEPS} (with --stream too)."),
-    cfg_strength: CfgStrength = KNOBS.cfg_strength, pitch: Pitch = KNOBS.pitch_shift,
-    formant: Formant = KNOBS.formant_shift, denoise: Denoise = KNOBS.denoise, f0: F0 = None,
+    cfg_strength: CfgStrength = KNOBS.cfg_strength, ds_cfg_strength: DsCfg = KNOBS.ds_cfg_strength,
+    spk_cfg_strength: SpkCfg = KNOBS.spk_cfg_strength, skip_cfg_strength: SkipCfg = KNOBS.skip_cfg_strength,
+    cfg_skip_layers: SkipLayers = KNOBS.cfg_skip_layers, cfg_rescale: Rescale = KNOBS.cfg_rescale,
+    pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, denoise: Denoise = KNOBS.denoise,
+    f0: F0 = None,
     seed: int = typer.Option(KNOBS.seed, help=f"Random seed of the sampler noise (integer). "
                              f"Default: {KNOBS.seed}."),
     device: Device = "auto", backend: Backend = "auto", providers: Providers = None,
@@ -268,7 +292,10 @@ def convert(
 
     check_f0(f0)
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant,
-                                 cfg_strength=cfg_strength, steps=steps, seed=seed, denoise=denoise))
+                                 cfg_strength=cfg_strength, ds_cfg_strength=ds_cfg_strength,
+                                 spk_cfg_strength=spk_cfg_strength, skip_cfg_strength=skip_cfg_strength,
+                                 cfg_skip_layers=cfg_skip_layers, cfg_rescale=cfg_rescale, steps=steps,
+                                 seed=seed, denoise=denoise))
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_output_path(output)
     audio = check_input_audio(load_audio(input)[0])
