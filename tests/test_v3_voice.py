@@ -61,7 +61,8 @@ def test_v3_backend_guided_velocity_is_the_guidance_module(v3):
     cond = Conditioning(spk=torch.tensor([1]), f0=200 + torch.rand(1, 20, generator=g) * 50,
                         rms=torch.rand(1, 20, generator=g) * 0.1, cvec=torch.randn(1, 20, 768, generator=g))
     x = torch.randn(1, 20, 128, generator=g)
-    guidance = Guidance(ds_cfg_strength=0.3, spk_cfg_strength=0.5, skip_cfg_strength=0.2, cfg_skip_layers=(0,))
+    guidance = Guidance(ds_cfg_strength=0.3, spk_cfg_strength=0.5, skip_cfg_strength=0.2,
+                        cfg_skip_layers=(0,))
     with torch.no_grad():
         want = v3_velocity(voice.backend.model, x, torch.tensor(0.3), cond, guidance)
     torch.testing.assert_close(voice.backend.guided_velocity(x, torch.tensor(0.3), cond, guidance), want)
@@ -86,6 +87,7 @@ def test_v3_convert_through_the_cli(v3, tmp_path, capsys, monkeypatch, stream):
 def test_bad_v3_knob_is_one_line(v3, tmp_path, capsys, monkeypatch):
     ckpt, pretrained = v3
     src = write_wav(tmp_path / "in.wav", harmonic_tone(0.3))
-    code, _, err = run_cli(["convert", src, tmp_path / "o.wav", "--model", ckpt, "--pretrained-dir", pretrained,
-                            "--cfg-rescale", "1.5"], capsys, monkeypatch)
+    args = ["convert", src, tmp_path / "o.wav", "--model", ckpt, "--pretrained-dir", pretrained,
+            "--cfg-rescale", "1.5"]
+    code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 2 and "cfg_rescale must be between 0 and 1" in err and err.count("\n") == 1
