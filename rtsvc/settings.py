@@ -83,7 +83,12 @@ class KnobControl:
 KNOB_CONTROLS = (
     KnobControl("pitch_shift", "pitch", -24, 24, 1, "semitones"),
     KnobControl("formant_shift", "formant", 0.5, 2.0, 0.01, "x", voices="dsp"),
-    KnobControl("cfg_strength", "guidance (cfg)", 0, 10, 0.1, voices="model"),
+    KnobControl("cfg_strength", "guidance (cfg, V2 models)", 0, 10, 0.1, voices="model"),
+    KnobControl("ds_cfg_strength", "content guidance (V3)", 0, 10, 0.05, voices="model"),
+    KnobControl("spk_cfg_strength", "speaker guidance (V3)", 0, 10, 0.05, voices="model"),
+    KnobControl("skip_cfg_strength", "skip-layer guidance (V3)", 0, 10, 0.05, voices="model"),
+    KnobControl("cfg_skip_layers", "skipped block (V3, -1 none)", -1, MAX_DEPTH - 1, 1, voices="model"),
+    KnobControl("cfg_rescale", "guidance rescale (V3)", 0, 1, 0.05, voices="model"),
     KnobControl("steps", "sampling steps", 2, 32, 1, voices="model"),
     KnobControl("gate_db", "noise gate", -120, 0, 1, "dBFS"),
     KnobControl("denoise", "noise suppression", choices=DENOISE_CHOICES),

@@ -91,3 +91,17 @@ def test_bad_v3_knob_is_one_line(v3, tmp_path, capsys, monkeypatch):
             "--cfg-rescale", "1.5"]
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 2 and "cfg_rescale must be between 0 and 1" in err and err.count("\n") == 1
+
+
+def test_v3_knobs_are_live_settings():
+    from rtsvc.errors import UserError
+    from rtsvc.settings import RuntimeSettings
+    settings = RuntimeSettings()
+    knobs = settings.update(ds_cfg_strength="0.5", spk_cfg_strength=1, cfg_skip_layers=4, cfg_rescale=0.0)
+    assert (knobs.ds_cfg_strength, knobs.spk_cfg_strength, knobs.cfg_skip_layers, knobs.cfg_rescale) == \
+        (0.5, 1.0, 4, 0.0)
+    with pytest.raises(UserError, match="skip_cfg_strength must be between 0 and 10"):
+        settings.update(skip_cfg_strength=-1)
+    with pytest.raises(UserError, match="cfg_skip_layers must be"):
+        settings.update(cfg_skip_layers=-2)
+    assert settings.snapshot() == knobs  # a refused update changes nothing
