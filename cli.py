@@ -431,7 +431,8 @@ def train(
 
 @app.command("export")
 def export_cmd(
-    ckpt: Path = typer.Argument(..., help="RIFT-SVC V2 checkpoint (.ckpt) to export."),
+    ckpt: Path = typer.Argument(..., help="RIFT-SVC V2 or V3 checkpoint (.ckpt; V3 LoRA adapters are merged) "
+                                "to export."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write, e.g. my-voice.rtsvc "
                              "(replaced if it is already a bundle). Required."),
     pretrained_dir: Path = typer.Option(Path("pretrained"), help="Folder of pretrained components in "
@@ -442,6 +443,10 @@ def export_cmd(
     opset: int = typer.Option(17, help="ONNX opset version (7-21). Default: 17."),
     fp16: bool = typer.Option(False, help="Export fp16 graphs (inputs/outputs stay fp32; for GPU "
                               "providers). Default: off (fp32)."),
+    cfg_skip_layers: int = typer.Option(-1, help="V3 models: also put the skip-layer guidance pass into the "
+                                        "graph, bypassing this DiT block (0-based; the bundle then honours "
+                                        "--skip-cfg-strength with this block only); -1 = no skip pass. "
+                                        "Default: -1."),
     with_encoders: bool = typer.Option(False, help="Also export ContentVec and the Whisper encoder to "
                                        "ONNX (large: ~0.4 GB + ~2.4 GB for the real models). Default: off."),
     tolerance: float | None = typer.Option(None, help="Largest allowed parity error, relative to the "
@@ -461,7 +466,8 @@ def export_cmd(
             started.append(label)
 
         result = export_bundle(ckpt, out, pretrained_dir=pretrained_dir, vocoder=vocoder, opset=opset,
-                               fp16=fp16, with_encoders=with_encoders, tolerance=tolerance, progress=step)
+                               fp16=fp16, with_encoders=with_encoders, tolerance=tolerance, progress=step,
+                               skip_layers=None if cfg_skip_layers < 0 else (cfg_skip_layers,))
         bar.update(task, completed=export_steps(with_encoders), description="done")
     _table("parity: ONNX Runtime (CPU) vs torch",
            ("graph", "batch", "frames", "max abs error", "max |torch|", "relative", "ok"),

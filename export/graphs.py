@@ -7,7 +7,9 @@ from torch import nn
 
 from rtsvc.features.whisper import LAYER_INDEX
 from rtsvc.models.dit import DiT
+from rtsvc.models.dit_v3 import DiTV3
 from rtsvc.models.flow import Conditioning, cfg_velocity
+from rtsvc.models.guidance import degrade_content, v3_velocity_all_branches
 from rtsvc.models.vocoder import NsfHifiGan
 
 
@@ -28,6 +30,33 @@ class DitCfgVelocity(nn.Module):
         d = self.dtype
         cond = Conditioning(spk=spk, f0=f0.to(d), rms=rms.to(d), cvec=cvec.to(d), whisper=whisper.to(d))
         return cfg_velocity(self.dit, x.to(d), t, cond, cfg_strength).float()
+
+
+class DitV3GuidedVelocity(nn.Module):
+    """A V3 DiT's guided velocity in one call: the plain, bad-cvec and null-speaker passes as one
+    batch of 3b, plus the skip-layer pass when exported with `skip_layers` (fixed in the graph);
+    the strengths are inputs (`rtsvc.models.guidance.v3_velocity_all_branches`)."""
+
+    def __init__(self, dit: DiTV3, skip_layers: tuple[int, ...] | None = None, half: bool = False):
+        super().__init__()
+        self.dit = dit
+        self.skip_layers = skip_layers
+        self.dtype = torch.float16 if half else torch.float32
+
+    def forward(self, x, t, spk, f0, rms, cvec, bad_cvec, ds_cfg_strength, spk_cfg_strength,
+                skip_cfg_strength, cfg_rescale):
+        d = self.dtype
+        cond = Conditioning(spk=spk, f0=f0.to(d), rms=rms.to(d), cvec=cvec.to(d), bad_cvec=bad_cvec.to(d))
+        return v3_velocity_all_branches(self.dit, x.to(d), t, cond, ds_cfg_strength, spk_cfg_strength,
+                                        skip_cfg_strength, cfg_rescale, self.skip_layers).float()
+
+
+def dit_v3_example(batch: int, frames: int, num_speaker: int, generator: torch.Generator | None = None):
+    """Random V3 DiT inputs in DIT_V3_INPUTS order, every guidance pass on."""
+    x, t, spk, f0, rms, cvec, _, _ = dit_example(batch, frames, num_speaker, generator)
+    bad = degrade_content(cvec)
+    return (x, t, spk, f0, rms, cvec, bad, torch.tensor(0.2), torch.tensor(0.8), torch.tensor(0.5),
+            torch.tensor(0.7))
 
 
 class VocoderGraph(nn.Module):

@@ -28,9 +28,11 @@ from torch import nn
 from export.graphs import (
     ContentVecGraph,
     DitCfgVelocity,
+    DitV3GuidedVelocity,
     VocoderGraph,
     WhisperGraph,
     dit_example,
+    dit_v3_example,
     vocoder_example,
 )
 from export.parity import (
@@ -46,6 +48,7 @@ from rtsvc.backends.bundle import (
     DIT_FILE,
     DIT_INPUTS,
     DIT_OUTPUT,
+    DIT_V3_INPUTS,
     MANIFEST,
     VOCODER_FILE,
     VOCODER_INPUTS,
@@ -66,6 +69,7 @@ from rtsvc.dsp.audio import (
 from rtsvc.dsp.mel import CLAMP_MIN, LOG_MEL_MAX, LOG_MEL_MIN
 from rtsvc.errors import UserError
 from rtsvc.models.dit import DiT
+from rtsvc.models.dit_v3 import DiTV3
 from rtsvc.models.loading import LoadedDiT, load_dit, load_vocoder
 from rtsvc.models.vocoder import HARMONIC_NUM, NsfHifiGan
 from rtsvc.pretrained import DEFAULT_PRETRAINED_DIR, LAYOUT, resolve_pretrained
@@ -124,15 +128,26 @@ def _export_raw(module: nn.Module, example: tuple, path: Path, input_names: tupl
             raise RuntimeError(f"ONNX export failed with both exporters: {first!r}; {second!r}") from second
 
 
-def export_dit(dit: DiT, path: str | Path, opset: int = DEFAULT_OPSET, fp16: bool = False) -> str:
-    """Write dit.onnx (CFG velocity, dynamic batch and frames); returns the exporter used."""
+def export_dit(dit: DiT | DiTV3, path: str | Path, opset: int = DEFAULT_OPSET, fp16: bool = False,
+               skip_layers: tuple[int, ...] | None = None) -> str:
+    """Write dit.onnx (the guided velocity, dynamic batch and frames); returns the exporter used.
+    V2: Whisper CFG. V3: every guidance pass, with `skip_layers` fixed in the graph (None: no skip
+    pass); a LoRA DiT is exported merged (W + alpha / sqrt(rank) B A^T)."""
     dit = dit.to("cpu").eval()
-    module = DitCfgVelocity(copy.deepcopy(dit).half() if fp16 else dit, half=fp16)
-    example = dit_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
     per_frame = {0: "batch", 1: "frames"}
     axes = {"x": per_frame, "t": {0: "batch"}, "spk": {0: "batch"}, "f0": per_frame, "rms": per_frame,
-            "cvec": per_frame, "whisper": per_frame, DIT_OUTPUT: per_frame}
-    return _export(module, example, Path(path), DIT_INPUTS, DIT_OUTPUT, axes, opset)
+            "cvec": per_frame, DIT_OUTPUT: per_frame}
+    if dit.family == "v3":
+        dit = copy.deepcopy(dit)
+        dit.merge_lora()
+        module = DitV3GuidedVelocity(dit.half() if fp16 else dit, skip_layers, half=fp16)
+        example = dit_v3_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, g)
+        axes["bad_cvec"] = per_frame
+        return _export(module, example, Path(path), DIT_V3_INPUTS, DIT_OUTPUT, axes, opset)
+    module = DitCfgVelocity(copy.deepcopy(dit).half() if fp16 else dit, half=fp16)
+    example = dit_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, g)
+    return _export(module, example, Path(path), DIT_INPUTS, DIT_OUTPUT, {**axes, "whisper": per_frame}, opset)
 
 
 def export_vocoder(vocoder: NsfHifiGan, path: str | Path, opset: int = DEFAULT_OPSET,
@@ -154,8 +169,9 @@ WHISPER_PREPROCESSOR_DIR = "whisper_preprocessor"
 ENCODER_TRACE_SAMPLES = 16000  # 1 s of 16 kHz audio
 
 
-def export_encoders(paths, work: Path, opset: int, tolerance: float, step: ProgressFn):
-    """ContentVec and Whisper encoder graphs + their parity rows; returns (rows, files, exporters)."""
+def export_encoders(paths, work: Path, opset: int, tolerance: float, step: ProgressFn,
+                    with_whisper: bool = True):
+    """ContentVec and (V2) Whisper encoder graphs + their parity rows; returns (rows, files, exporters)."""
     from rtsvc.features.contentvec import ContentVec
     from rtsvc.features.whisper import WhisperEncoder
 
@@ -168,6 +184,8 @@ def export_encoders(paths, work: Path, opset: int, tolerance: float, step: Progr
         {"audio": {0: "batch", 1: "samples"}, "features": {0: "batch", 1: "frames"}}, opset)}
     step("parity: contentvec")
     rows = check_contentvec(work / CONTENTVEC_FILE, ContentVecGraph(cvec.model), tolerance)
+    if not with_whisper:  # V3 models take no Whisper
+        return rows, {"contentvec": CONTENTVEC_FILE}, exporters
     step("exporting whisper_encoder.onnx")
     whisper = WhisperEncoder.load(paths.whisper, "cpu")
     n_mels = whisper.encoder.config.num_mel_bins
@@ -220,27 +238,44 @@ def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encode
     """Everything a runtime needs besides the graphs; `files` and `format_version` are added by
     `rtsvc.backends.bundle.write_manifest`."""
     c = loaded.config
+    v3 = loaded.family == "v3"
+    if v3:
+        lora = None if c.lora_rank is None else {"rank": c.lora_rank, "alpha": c.lora_alpha, "merged": True}
+        skip = options.get("skip_layers")
+        dit = {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim, "ff_mult": c.ff_mult,
+               "num_speaker": c.num_speaker, "n_mel": c.n_mel, "cvec_dim": c.cvec_dim,
+               "kernel_size": c.kernel_size, "lora": lora,
+               "cfg_skip_layers": None if skip is None else list(skip),
+               "inputs": list(DIT_V3_INPUTS), "output": DIT_OUTPUT}
+        defaults = {"steps": DEFAULT_STEPS, "ds_cfg_strength": 0.2, "spk_cfg_strength": 0.8,
+                    "skip_cfg_strength": 0.0, "cfg_rescale": 0.7}
+    else:
+        dit = {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim, "ff_mult": c.ff_mult,
+               "num_speaker": c.num_speaker, "n_mel": c.n_mel, "cvec_dim": c.cvec_dim,
+               "whisper_dim": c.whisper_dim, "inputs": list(DIT_INPUTS), "output": DIT_OUTPUT}
+        defaults = {"steps": DEFAULT_STEPS, "cfg_strength": DEFAULT_CFG}
+    whisper = None if v3 else {"sample_rate": ENCODER_SAMPLE_RATE, "dim": c.whisper_dim, "frame_rate": 50,
+                               "output": "hidden_states[-2]", "onnx": encoders.get("whisper"),
+                               "preprocessor": encoders.get("whisper_preprocessor")}
     return {
         "name": options["name"],
+        "family": loaded.family,
         "audio": {"sample_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH, "n_fft": N_FFT,
                   "win_length": WIN_LENGTH, "n_mels": N_MELS, "fmin": FMIN, "fmax": FMAX,
                   "mel_scale": "slaney", "log": "natural",
                   "clamp_min": CLAMP_MIN, "model_mel_range": [LOG_MEL_MIN, LOG_MEL_MAX]},
         "speakers": dict(loaded.speakers),
-        "dit": {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim, "ff_mult": c.ff_mult,
-                "num_speaker": c.num_speaker, "n_mel": c.n_mel, "cvec_dim": c.cvec_dim,
-                "whisper_dim": c.whisper_dim, "inputs": list(DIT_INPUTS), "output": DIT_OUTPUT},
+        "dit": dit,
         "vocoder": {**asdict(vocoder.config), "harmonics": HARMONIC_NUM + 1, "inputs": list(VOCODER_INPUTS),
                     "output": VOCODER_OUTPUT},
-        "defaults": {"steps": DEFAULT_STEPS, "cfg_strength": DEFAULT_CFG,
-                     "speaker": next(iter(loaded.speakers))},  # the checkpoint's default (first)
+        "defaults": {**defaults, "speaker": next(iter(loaded.speakers))},  # the checkpoint's default (first)
         "features": {
-            "pretrained_layout": {k: LAYOUT[k] for k in ("contentvec", "whisper", "rmvpe")},
+            "pretrained_layout": {k: LAYOUT[k] for k in (("contentvec", "rmvpe") if v3 else
+                                                         ("contentvec", "whisper", "rmvpe"))},
             "contentvec": {"sample_rate": ENCODER_SAMPLE_RATE, "dim": c.cvec_dim, "frame_rate": 50,
-                           "output": "last_hidden_state", "onnx": encoders.get("contentvec")},
-            "whisper": {"sample_rate": ENCODER_SAMPLE_RATE, "dim": c.whisper_dim, "frame_rate": 50,
-                        "output": "hidden_states[-2]", "onnx": encoders.get("whisper"),
-                        "preprocessor": encoders.get("whisper_preprocessor")},
+                           "output": "last_hidden_state", "resize": "linear" if v3 else "nearest",
+                           "onnx": encoders.get("contentvec")},
+            "whisper": whisper,
             "f0": {"extractors": ["rmvpe", "fcpe", "pyworld"], "default": "rmvpe",
                    "unvoiced": "linear interpolation", "units": "Hz"},
             "rms": {"frame_length": N_FFT, "hop_length": HOP_LENGTH},
@@ -265,7 +300,7 @@ def export_bundle(
     ckpt: str | Path, out: str | Path, pretrained_dir: str | Path | None = DEFAULT_PRETRAINED_DIR,
     vocoder: str | Path | None = None, opset: int = DEFAULT_OPSET, fp16: bool = False,
     with_encoders: bool = False, tolerance: float | None = None, lengths: tuple[int, ...] = (17, 64, 203),
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | None = None, skip_layers: tuple[int, ...] | None = None,
 ) -> ExportResult:
     """Export a checkpoint (+ vocoder, + optional encoders) to a verified bundle at `out`.
 
@@ -282,10 +317,16 @@ def export_bundle(
     if not 7 <= opset <= MAX_OPSET:
         raise UserError(f"--opset must be between 7 and {MAX_OPSET}, got {opset}")
     tolerance = default_tolerance(fp16) if tolerance is None else tolerance
-    need = ("vocoder", "contentvec", "whisper") if with_encoders else ("vocoder",)
-    paths = resolve_pretrained(pretrained_dir, vocoder=vocoder, need=need)
     step("loading the checkpoint and vocoder")
     loaded = load_dit(ckpt, "cpu")
+    if skip_layers is not None and loaded.family != "v3":
+        raise UserError("--cfg-skip-layers applies to V3 models only; this checkpoint is V2")
+    if skip_layers is not None and not all(0 <= i < loaded.config.depth for i in skip_layers):
+        raise UserError(f"--cfg-skip-layers must name blocks 0..{loaded.config.depth - 1}, "
+                        f"got {list(skip_layers)}")
+    encoders_needed = ("contentvec", "whisper") if loaded.family == "v2" else ("contentvec",)
+    need = ("vocoder", *encoders_needed) if with_encoders else ("vocoder",)
+    paths = resolve_pretrained(pretrained_dir, vocoder=vocoder, need=need)
     voc = load_vocoder(paths.vocoder, "cpu")
 
     work = out.parent / f".{out.name}.partial"
@@ -294,9 +335,9 @@ def export_bundle(
     try:
         exporters, encoders = {}, {}
         step("exporting dit.onnx")
-        exporters["dit"] = export_dit(loaded.model, work / DIT_FILE, opset, fp16)
-        step("parity: dit")
-        rows = check_dit(work / DIT_FILE, loaded.model, lengths, tolerance)
+        exporters["dit"] = export_dit(loaded.model, work / DIT_FILE, opset, fp16, skip_layers)
+        step("parity: dit")  # against the torch DiT as loaded (LoRA unmerged)
+        rows = check_dit(work / DIT_FILE, loaded.model, lengths, tolerance, skip_layers=skip_layers)
         if not all(r.ok for r in rows):  # stop early: the other graphs can take minutes
             return ExportResult(out, rows, exporters, ok=False)
         step("exporting vocoder.onnx")
@@ -304,14 +345,15 @@ def export_bundle(
         step("parity: vocoder")
         rows += check_vocoder(work / VOCODER_FILE, voc, lengths, tolerance)
         if with_encoders and all(r.ok for r in rows):
-            enc_rows, encoders, enc_exporters = export_encoders(paths, work, opset, tolerance, step)
+            enc_rows, encoders, enc_exporters = export_encoders(paths, work, opset, tolerance, step,
+                                                                with_whisper=loaded.family == "v2")
             rows += enc_rows
             exporters.update(enc_exporters)
         if not all(r.ok for r in rows):
             return ExportResult(out, rows, exporters, ok=False)
         step("writing manifest.json")
         options = {"name": out.stem, "opset": opset, "fp16": fp16, "exporters": exporters,
-                   "parity": _parity_summary(rows), "source": _source_info(ckpt)}
+                   "parity": _parity_summary(rows), "source": _source_info(ckpt), "skip_layers": skip_layers}
         write_manifest(work, build_manifest(loaded, voc, options, encoders))
         if out.exists():
             shutil.rmtree(out)

@@ -13,10 +13,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.graphs import DitCfgVelocity, VocoderGraph, dit_example, vocoder_example
-from rtsvc.backends.bundle import DIT_INPUTS, VOCODER_INPUTS
+from export.graphs import (
+    DitCfgVelocity,
+    DitV3GuidedVelocity,
+    VocoderGraph,
+    dit_example,
+    dit_v3_example,
+    vocoder_example,
+)
+from rtsvc.backends.bundle import DIT_INPUTS, DIT_V3_INPUTS, VOCODER_INPUTS
 from rtsvc.backends.onnx_backend import make_session
 from rtsvc.models.dit import DiT
+from rtsvc.models.dit_v3 import DiTV3
 from rtsvc.models.vocoder import NsfHifiGan
 
 DEFAULT_LENGTHS = (17, 64, 203)  # mel frames: 0.2 s, 0.74 s, 2.4 s
@@ -65,14 +73,20 @@ def _compare(graph: str, reference: Callable, session, names: tuple[str, ...], e
     return ParityRow(graph, int(example[0].shape[0]), int(frames), err, ref_max, tolerance)
 
 
-def check_dit(onnx_path: str | Path, dit: DiT, lengths=DEFAULT_LENGTHS, tolerance: float = FP32_TOLERANCE,
-              providers: list[str] | None = None) -> list[ParityRow]:
-    """dit.onnx vs the torch DiT (fp32) with CFG 2.0, one row per length."""
+def check_dit(onnx_path: str | Path, dit: DiT | DiTV3, lengths=DEFAULT_LENGTHS,
+              tolerance: float = FP32_TOLERANCE, providers: list[str] | None = None,
+              skip_layers: tuple[int, ...] | None = None) -> list[ParityRow]:
+    """dit.onnx vs the torch DiT (fp32), one row per length: V2 with CFG 2.0; V3 with every guidance
+    pass on (ds 0.2, spk 0.8, skip 0.5, rescale 0.7), the DiT as loaded (LoRA unmerged)."""
     session = make_session(onnx_path, providers or ["CPUExecutionProvider"])
-    reference = DitCfgVelocity(dit.float().eval())
     g = torch.Generator().manual_seed(PARITY_SEED)
-    return [_compare("dit", reference, session, DIT_INPUTS,
-                     dit_example(_batch_for(i), n, dit.config.num_speaker, g), tolerance)
+    if dit.family == "v3":
+        reference = DitV3GuidedVelocity(dit.float().eval(), skip_layers)
+        names, example = DIT_V3_INPUTS, dit_v3_example
+    else:
+        reference, names, example = DitCfgVelocity(dit.float().eval()), DIT_INPUTS, dit_example
+    return [_compare("dit", reference, session, names, example(_batch_for(i), n, dit.config.num_speaker, g),
+                     tolerance)
             for i, n in enumerate(lengths)]
 
 

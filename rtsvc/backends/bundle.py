@@ -21,7 +21,9 @@ BUNDLE_SUFFIX = ".rtsvc"
 DIT_FILE = "dit.onnx"
 VOCODER_FILE = "vocoder.onnx"
 # graph interfaces (docs/bundle.md): the exporter writes them, the ONNX backend feeds them
-DIT_INPUTS = ("x", "t", "spk", "f0", "rms", "cvec", "whisper", "cfg_strength")
+DIT_INPUTS = ("x", "t", "spk", "f0", "rms", "cvec", "whisper", "cfg_strength")  # V2
+DIT_V3_INPUTS = ("x", "t", "spk", "f0", "rms", "cvec", "bad_cvec", "ds_cfg_strength", "spk_cfg_strength",
+                 "skip_cfg_strength", "cfg_rescale")
 DIT_OUTPUT = "velocity"
 VOCODER_INPUTS = ("mel", "f0", "phase", "noise")
 VOCODER_OUTPUT = "audio"

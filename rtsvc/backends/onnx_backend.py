@@ -17,7 +17,8 @@ import torch
 
 from rtsvc.backends.bundle import DIT_FILE, DIT_OUTPUT, VOCODER_FILE, VOCODER_OUTPUT, Bundle, read_bundle
 from rtsvc.errors import UserError
-from rtsvc.models.flow import Conditioning
+from rtsvc.models.flow import CFG_EPS, Conditioning
+from rtsvc.models.guidance import Guidance, degrade_content
 
 PROVIDER_NAMES = {  # what users type -> ONNX Runtime's name
     "tensorrt": "TensorrtExecutionProvider",
@@ -185,6 +186,9 @@ class OnnxBackend:
                  threads: int | None = None):
         self.bundle = bundle
         self.speakers = bundle.speakers
+        self.family = bundle.family
+        layers = bundle.manifest["dit"].get("cfg_skip_layers")
+        self.skip_layers = None if layers is None else tuple(int(i) for i in layers)  # fixed in the V3 graph
         self.device = device
         self._providers, self._threads = list(providers), threads  # for the optional encoder sessions
         self.dit = make_session(bundle.file(DIT_FILE), providers, threads)
@@ -226,18 +230,36 @@ class OnnxBackend:
 
     # -- the Backend protocol --
 
-    def velocity_cfg(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                     cfg_strength: float) -> torch.Tensor:
+    def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                        guidance: Guidance) -> torch.Tensor:
         if cond.mask is not None and not bool(cond.mask.all()):
             raise ValueError("the ONNX DiT has no frame mask input: pass unpadded items")
         b, n = x.shape[0], x.shape[1]
         t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
-        feeds = {
-            "x": x.float(), "t": t.expand(b) if t.numel() == 1 else t, "spk": cond.spk.long(),
-            "f0": cond.f0.float(), "rms": cond.rms.float(), "cvec": cond.cvec.float(),
-            "whisper": cond.whisper.float(), "cfg_strength": torch.tensor(float(cfg_strength)),
-        }
+        feeds = {"x": x.float(), "t": t.expand(b) if t.numel() == 1 else t, "spk": cond.spk.long(),
+                 "f0": cond.f0.float(), "rms": cond.rms.float(), "cvec": cond.cvec.float()}
+        if self.family == "v3":
+            self._check_skip_layers(guidance)
+            bad = cond.bad_cvec if cond.bad_cvec is not None else degrade_content(cond.cvec)
+            scalar = lambda v: torch.tensor(float(v))  # noqa: E731
+            feeds.update(bad_cvec=bad.float(), ds_cfg_strength=scalar(guidance.ds_cfg_strength),
+                         spk_cfg_strength=scalar(guidance.spk_cfg_strength),
+                         skip_cfg_strength=scalar(guidance.skip_cfg_strength),
+                         cfg_rescale=scalar(guidance.cfg_rescale))
+        else:
+            feeds.update(whisper=cond.whisper.float(),
+                         cfg_strength=torch.tensor(float(guidance.cfg_strength)))
         return self._run(self.dit, feeds, DIT_OUTPUT, (b, n, x.shape[2]))
+
+    def _check_skip_layers(self, guidance: Guidance) -> None:
+        """The skip-layer pass is fixed in the graph at export: other layers cannot be honoured."""
+        if guidance.skip_cfg_strength <= CFG_EPS or guidance.cfg_skip_layers == self.skip_layers:
+            return
+        exported = f"skip layers {list(self.skip_layers)}" if self.skip_layers else "no skip-layer pass"
+        wanted = list(guidance.cfg_skip_layers or [])
+        raise UserError(f"bundle {self.bundle.path} was exported with {exported}; skip-layer guidance "
+                        f"with layers {wanted} needs `rtsvc export --cfg-skip-layers` with those layers "
+                        "(or the .ckpt on --backend torch)")
 
     def vocode(self, log_mel: torch.Tensor, f0: torch.Tensor, phase: torch.Tensor,
                noise: torch.Tensor) -> torch.Tensor:
@@ -251,24 +273,29 @@ class OnnxBackend:
     def feature_extractor(self, pretrained, f0: str, device: torch.device):
         """A FeatureExtractor running the bundle's ContentVec and Whisper graphs on this backend's
         providers (F0 still from `pretrained`), or None when the bundle has no encoder graphs."""
-        features = self.bundle.manifest["features"]
-        cvec_file = features.get("contentvec", {}).get("onnx")
-        whisper_file = features.get("whisper", {}).get("onnx")
-        preprocessor = features.get("whisper", {}).get("preprocessor")
-        if not (cvec_file and whisper_file and preprocessor):
-            return None
-        from transformers import WhisperFeatureExtractor
-
-        from rtsvc.features.extractor import FeatureExtractor
+        from rtsvc.features.extractor import FAMILY_FEATURES, FeatureExtractor
         from rtsvc.features.f0 import make_f0_extractor
 
-        extractor = WhisperFeatureExtractor.from_pretrained(str(self.bundle.file(preprocessor).parent))
+        features = self.bundle.manifest["features"]
+        uses_whisper, content_resize = FAMILY_FEATURES[self.family]
+        cvec_file = (features.get("contentvec") or {}).get("onnx")
+        whisper_file = (features.get("whisper") or {}).get("onnx")
+        preprocessor = (features.get("whisper") or {}).get("preprocessor")
+        if not cvec_file or (uses_whisper and not (whisper_file and preprocessor)):
+            return None
+        whisper = None
+        if uses_whisper:
+            from transformers import WhisperFeatureExtractor
+
+            extractor = WhisperFeatureExtractor.from_pretrained(str(self.bundle.file(preprocessor).parent))
+            whisper = OnnxWhisperEncoder(make_session(self.bundle.file(whisper_file), self._providers,
+                                                      self._threads), extractor, device)
         return FeatureExtractor(
             OnnxContentVec(make_session(self.bundle.file(cvec_file), self._providers, self._threads), device),
-            OnnxWhisperEncoder(make_session(self.bundle.file(whisper_file), self._providers, self._threads),
-                               extractor, device),
+            whisper,
             make_f0_extractor(f0, rmvpe_path=pretrained.rmvpe if pretrained else None, device=device),
             device,
+            content_resize,
         )
 
 

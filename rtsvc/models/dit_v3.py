@@ -122,10 +122,11 @@ class DiTV3(nn.Module):
         b, n = x.shape[0], x.shape[1]
         if time.ndim == 0:
             time = time.expand(b)
-        if isinstance(drop_speaker, bool):
-            drop_speaker = torch.full((b,), drop_speaker, dtype=torch.bool, device=x.device)
         null = self.null_spk_embed.weight[0][None]
-        speaker = torch.where(drop_speaker.bool()[:, None], null, self.spk_embed(spk))
+        if isinstance(drop_speaker, bool):  # a Python branch, no bool tensor: keeps ONNX tracing simple
+            speaker = null.expand(b, -1) if drop_speaker else self.spk_embed(spk)
+        else:
+            speaker = torch.where(drop_speaker.bool()[:, None], null, self.spk_embed(spk))
         t = self.tembed(time) + speaker
         x = self.input_embed(x, self.cond_embed(f0, rms, cvec))
         rope = self.rotary_embed(n)

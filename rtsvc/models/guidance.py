@@ -97,6 +97,38 @@ def v3_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
     return pred
 
 
+def v3_velocity_all_branches(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                             ds: torch.Tensor, spk: torch.Tensor, skip: torch.Tensor, rescale: torch.Tensor,
+                             skip_layers: tuple[int, ...] | None = None) -> torch.Tensor:
+    """`v3_velocity` with the strengths as 0-d tensors, for a traced graph (ONNX): every pass runs
+    (the p_c / bad-cvec / null-speaker batch, and the skip pass when `skip_layers` is given), and a
+    strength <= 1e-5 contributes nothing, which gives `v3_velocity`'s value for any strengths."""
+    b = x.shape[0]
+    t = t.reshape(-1).expand(b) if t.numel() == 1 else t
+    bad = cond.bad_cvec if cond.bad_cvec is not None else degrade_content(cond.cvec)
+
+    def rep(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.repeat_interleave(3, dim=0)
+
+    drops = torch.arange(3 * b, device=x.device) % 3 == 2  # [plain, bad cvec, null speaker] per item
+    preds = model(x=rep(x), spk=rep(cond.spk), f0=rep(cond.f0), rms=rep(cond.rms),
+                  cvec=torch.stack((cond.cvec, bad, cond.cvec), dim=1).flatten(0, 1), time=rep(t),
+                  drop_speaker=drops).unflatten(0, (b, 3))
+    pred = preds[:, 0]
+    std_cond = pred.std()
+    ds_on, spk_on, skip_on = ds > CFG_EPS, spk > CFG_EPS, skip > CFG_EPS
+    pred = torch.where(ds_on, pred + (pred - preds[:, 1]) * ds, pred)
+    pred = torch.where(spk_on, pred + (pred - preds[:, 2]) * spk, pred)
+    if skip_layers is not None:
+        skipped = model(x=x, spk=cond.spk, f0=cond.f0, rms=cond.rms, cvec=cond.cvec, time=t,
+                        skip_layers=list(skip_layers))
+        pred = torch.where(skip_on, pred + (pred - skipped) * skip, pred)
+    else:
+        skip_on = torch.zeros_like(skip_on)
+    rescaled = rescale * (pred * (std_cond / pred.std())) + (1 - rescale) * pred
+    return torch.where((ds_on | spk_on | skip_on) & (rescale > CFG_EPS), rescaled, pred)
+
+
 def guided_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                     guidance: Guidance) -> torch.Tensor:
     """The guided velocity of either family (`model.family` is "v2" or "v3")."""
