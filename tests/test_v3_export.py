@@ -32,8 +32,8 @@ def exported(tmp_path_factory):
     shutil.rmtree(pretrained / LAYOUT["whisper"])
     mp = pytest.MonkeyPatch()
     out, err = io.StringIO(), io.StringIO()
-    mp.setattr(sys, "argv", ["rtsvc", "export", str(ckpt), "--out", str(root / "v3.rtsvc"), "--pretrained-dir",
-                             str(pretrained), "--cfg-skip-layers", "1", "--with-encoders"])
+    mp.setattr(sys, "argv", ["rtsvc", "export", str(ckpt), "--out", str(root / "v3.rtsvc"),
+                             "--pretrained-dir", str(pretrained), "--cfg-skip-layers", "1", "--with-encoders"])
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             with pytest.raises(SystemExit) as exc:
@@ -48,7 +48,8 @@ def test_v3_bundle_manifest(exported):
     bundle_path, _, _ = exported
     m = read_bundle(bundle_path).manifest
     assert m["family"] == "v3" and m["features"]["whisper"] is None
-    assert m["dit"]["lora"] == {"rank": 4, "alpha": 8.0, "merged": True} and m["dit"]["cfg_skip_layers"] == [1]
+    assert m["dit"]["lora"] == {"rank": 4, "alpha": 8.0, "merged": True}
+    assert m["dit"]["cfg_skip_layers"] == [1]
     assert m["export"]["parity"]["dit"]["max_rel"] < 1e-4
     assert sorted(m["files"]) == ["contentvec.onnx", "dit.onnx", "vocoder.onnx"]
 
@@ -87,7 +88,8 @@ def test_v3_bundle_converts_through_the_cli(exported, tmp_path, capsys, monkeypa
     audio = harmonic_tone(0.8, 170.0)
     src = write_wav(tmp_path / "in.wav", audio)
     args = ["convert", src, tmp_path / "out.wav", "--model", bundle_path, "--pretrained-dir", pretrained,
-            "--f0", "pyworld", "--steps", "3", "--stream", "--skip-cfg-strength", "0.3", "--cfg-skip-layers", "1"]
+            "--f0", "pyworld", "--steps", "3", "--stream", "--skip-cfg-strength", "0.3",
+            "--cfg-skip-layers", "1"]
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
     out, sr = sf.read(tmp_path / "out.wav", dtype="float32")
