@@ -342,6 +342,9 @@ def prepare(
     workers: int = typer.Option(2, help="Files processed in parallel (threads sharing the encoders). "
                                 "Default: 2."),
     device: Device = "auto", contentvec: ContentVec = None, whisper: Whisper = None, rmvpe: Rmvpe = None,
+    family: str = typer.Option("v2", help="Model family the features are for: v2 (ContentVec + Whisper) or "
+                               "v3 (ContentVec only, as upstream V3 prepares it; no Whisper needed). "
+                               "Default: v2."),
 ) -> None:
     """Prepare recordings for training: 44.1 kHz, -18 LUFS, sliced, features cached (resumable)."""
     from training.prepare import CACHE_DIR, find_sources, make_feature_fn, prepare_dataset, too_little_audio
@@ -349,7 +352,7 @@ def prepare(
     f0 = check_f0(f0)
     find_sources(data)  # a wrong folder fails before the encoders load
     extract, settings = make_feature_fn(pretrained_dir, f0, device, contentvec, whisper,
-                                        str(rmvpe) if rmvpe else None)
+                                        str(rmvpe) if rmvpe else None, family)
     with _progress_bar() as bar:
         task = bar.add_task("preparing", total=None)
         update = lambda done, total, name: bar.update(task, completed=done, total=total)  # noqa: E731
@@ -400,8 +403,16 @@ def train(
     vocoder: Path | None = typer.Option(None, help="NSF-HiFiGAN model.ckpt for validation audio. Default: "
                                         "PRETRAINED_DIR/nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt "
                                         "(none found: plots only)."),
+    lora_rank: int | None = typer.Option(None, help="V3: train LoRA adapters of this rank on every "
+                                         "attn.k_proj / v_proj plus the speaker table, nothing else (needs "
+                                         "--lora-alpha). Default: off (all weights train)."),
+    lora_alpha: float | None = typer.Option(None, help="V3: LoRA scale numerator; adapters add (x A) B^T * "
+                                            "alpha / sqrt(rank). Default: none (required with --lora-rank)."),
+    freeze_adaln_and_tembed: bool = typer.Option(False, help="V3: keep the time embedding and every adaptive "
+                                                 "norm fixed (upstream's fine-tune option). Default: off."),
 ) -> None:
-    """Train a RIFT-SVC V2 model on a prepared dataset (fine-tune or from scratch; torchrun for DDP)."""
+    """Train a RIFT-SVC V2 or V3 model on a prepared dataset (fine-tune, LoRA or from scratch; the family
+    follows --pretrained, else the dataset's `prepare --family`; torchrun for DDP)."""
     from training.train import TrainConfig
     from training.train import train as run_training
 
@@ -415,7 +426,8 @@ def train(
         precision=precision, save_every=save_every, eval_every=eval_every, log_every=log_every,
         eval_samples=eval_samples, num_workers=num_workers, seed=seed, resume=resume, device=device,
         pretrained_dir=str(pretrained_dir) if pretrained_dir else None,
-        vocoder=str(vocoder) if vocoder else None))
+        vocoder=str(vocoder) if vocoder else None, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        freeze_adaln_and_tembed=freeze_adaln_and_tembed))
     if result.rank != 0:  # torchrun: one report, from rank 0
         return
     new = set(result.new_speakers)

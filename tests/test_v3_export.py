@@ -33,7 +33,8 @@ def exported(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     out, err = io.StringIO(), io.StringIO()
     mp.setattr(sys, "argv", ["rtsvc", "export", str(ckpt), "--out", str(root / "v3.rtsvc"),
-                             "--pretrained-dir", str(pretrained), "--cfg-skip-layers", "1", "--with-encoders"])
+                             "--pretrained-dir", str(pretrained), "--cfg-skip-layers", "1",
+                             "--with-encoders"])
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             with pytest.raises(SystemExit) as exc:

@@ -19,7 +19,12 @@ from training.prepare import cache_root
 MAX_FRAME_LEN = 256  # upstream dataset.max_frame_len (about 3 s)
 CROP_TRIES = 10
 MAX_UNVOICED = 0.9
-FEATURES = ("mel", "f0", "rms", "cvec", "whisper")
+FEATURES = ("mel", "f0", "rms", "cvec", "whisper")  # V2; V3 data has no "whisper"
+
+
+def data_family(metadata: dict) -> str:
+    """The model family a prepared dataset was made for (datasets from before V3 support: v2)."""
+    return metadata.get("settings", {}).get("family", "v2")
 
 
 class ClipDataset(Dataset):
@@ -32,6 +37,8 @@ class ClipDataset(Dataset):
         self.spk2idx = spk2idx
         self.split = split
         self.max_frame_len = max_frame_len
+        v2 = data_family(metadata) == "v2"
+        self.features = FEATURES if v2 else tuple(f for f in FEATURES if f != "whisper")
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -40,7 +47,7 @@ class ClipDataset(Dataset):
         """Memory-mapped: a crop reads only its own frames of the (large) Whisper/ContentVec arrays."""
         clip = self.clips[index]
         data = torch.load(self.cache / clip["file"], map_location="cpu", weights_only=True, mmap=True)
-        return {k: data[k] for k in FEATURES}
+        return {k: data[k] for k in self.features}
 
     def crop_start(self, f0: torch.Tensor, generator: torch.Generator | None) -> int:
         n = f0.shape[0]
@@ -67,7 +74,7 @@ class ClipDataset(Dataset):
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
     """Pad to the longest item; `frame_len` marks the valid frames."""
-    out = {k: pad_sequence([item[k] for item in batch], batch_first=True) for k in FEATURES}
+    out = {k: pad_sequence([item[k] for item in batch], batch_first=True) for k in FEATURES if k in batch[0]}
     out["spk_id"] = torch.tensor([item["spk_id"] for item in batch], dtype=torch.long)
     out["frame_len"] = torch.tensor([item["frame_len"] for item in batch], dtype=torch.long)
     return out

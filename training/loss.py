@@ -1,4 +1,5 @@
-"""The rectified-flow training objective (upstream `RF.forward`, V2 with Whisper dropout).
+"""The rectified-flow training objective (upstream `RF.forward`: V2 with Whisper dropout, V3 with
+speaker dropout).
 
     x1 = normalised mel, x0 ~ N(0, I), t ~ lognorm (or uniform)
     x_t = (1 - t) x0 + t x1,  target velocity x1 - x0
@@ -16,7 +17,8 @@ import torch
 from rtsvc.dsp.mel import normalize_mel
 from training.dataset import lengths_to_mask
 
-WHISPER_DROP = 0.2
+WHISPER_DROP = 0.2  # V2
+SPEAKER_DROP_SCRATCH, SPEAKER_DROP_FINETUNE = 0.2, 0.0  # V3: upstream pretrain.yaml / finetune.yaml
 
 
 def sample_time(batch: int, generator: torch.Generator, device: torch.device,
@@ -30,9 +32,18 @@ def sample_time(batch: int, generator: torch.Generator, device: torch.device,
     return torch.sigmoid(math.sqrt(2.0) * torch.erfinv(2 * u - 1))
 
 
+def speaker_drop(batch: int, prob: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """V3 (upstream lightning_module): exactly int(batch * prob) random items use the null speaker."""
+    order = torch.randperm(batch, generator=generator, device=device)
+    return torch.zeros(batch, dtype=torch.bool, device=device).index_fill(0, order[: int(batch * prob)], True)
+
+
 def flow_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
-              whisper_drop: float = WHISPER_DROP, lognorm: bool = True) -> torch.Tensor:
-    """Masked MSE between predicted and true velocity; `batch` tensors already on the device."""
+              whisper_drop: float = WHISPER_DROP, lognorm: bool = True, family: str = "v2",
+              spk_drop: float = SPEAKER_DROP_FINETUNE) -> torch.Tensor:
+    """Masked MSE between predicted and true velocity; `batch` tensors already on the device.
+    V2 drops Whisper per item with probability `whisper_drop`; V3 drops the speaker of exactly
+    int(b * spk_drop) items."""
     mel = batch["mel"]
     b, n, _ = mel.shape
     device = mel.device
@@ -42,8 +53,12 @@ def flow_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], generator:
     t = sample_time(b, generator, device, lognorm)
     tt = t[:, None, None]
     x_t = (1 - tt) * x0 + tt * x1
-    drop = torch.rand(b, generator=generator, device=device) < whisper_drop
-    pred = model(x=x_t, spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=batch["cvec"],
-                 whisper=batch["whisper"], time=t, drop_whisper=drop, mask=mask)
+    if family == "v3":
+        pred = model(x=x_t, spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=batch["cvec"], time=t,
+                     drop_speaker=speaker_drop(b, spk_drop, generator, device), mask=mask)
+    else:
+        drop = torch.rand(b, generator=generator, device=device) < whisper_drop
+        pred = model(x=x_t, spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=batch["cvec"],
+                     whisper=batch["whisper"], time=t, drop_whisper=drop, mask=mask)
     err = (pred.float() - (x1 - x0)) ** 2
     return err[mask].mean()

@@ -12,7 +12,9 @@ import torch
 
 from rtsvc.errors import UserError
 from rtsvc.models.dit import DiT, DiTConfig
+from rtsvc.models.dit_v3 import DiTV3, DiTV3Config
 from rtsvc.models.loading import load_dit
+from rtsvc.models.lora import LoRALinear
 
 # upstream config/model/dit-DIM-DEPTH.yaml; head_dim 64 and ff_mult 4 throughout
 MODEL_PRESETS = {
@@ -24,10 +26,14 @@ DEFAULT_MODEL = "dit-768-12"
 
 @dataclass
 class TrainModel:
-    dit: DiT
+    dit: DiT | DiTV3
     spk2idx: dict[str, int]
     name: str  # preset name, e.g. dit-768-12 (or dim-depth for custom sizes)
     new_speakers: list[str]  # added to a pretrained checkpoint's table
+
+    @property
+    def family(self) -> str:
+        return self.dit.family
 
 
 def parse_model(name: str) -> DiTConfig:
@@ -48,11 +54,45 @@ def model_name(config: DiTConfig) -> str:
     return f"dit-{config.dim}-{config.depth}"
 
 
-def from_scratch(name: str, speakers: list[str]) -> TrainModel:
-    """A new DiT (spectral init inside `DiT`) with one embedding row per dataset speaker."""
+def from_scratch(name: str, speakers: list[str], family: str = "v2") -> TrainModel:
+    """A new DiT of `family` (spectral init inside) with one embedding row per dataset speaker."""
     config = parse_model(name)
     config.num_speaker = len(speakers)
-    return TrainModel(DiT(config), {s: i for i, s in enumerate(speakers)}, model_name(config), [])
+    if family == "v3":
+        config = DiTV3Config(dim=config.dim, depth=config.depth, num_speaker=len(speakers))
+        dit = DiTV3(config)
+    else:
+        dit = DiT(config)
+    return TrainModel(dit, {s: i for i, s in enumerate(speakers)}, model_name(config), [])
+
+
+def set_trainable(dit: DiT | DiTV3, lora_rank: int | None = None, lora_alpha: float | None = None,
+                  freeze_adaln_and_tembed: bool = False) -> None:
+    """What trains. `lora_rank`: add adapters (if the DiT has none yet) on every attn.k_proj /
+    attn.v_proj and train only them and the speaker table (upstream `apply_lora`, whose optimizer
+    groups then miss A and B; here they train). `freeze_adaln_and_tembed`: upstream's option,
+    the time embedding and every adaptive-norm projection stay fixed. V3 only."""
+    if (lora_rank is not None or freeze_adaln_and_tembed) and dit.family != "v3":
+        raise UserError("--lora-rank and --freeze-adaln-and-tembed need a V3 model (this one is V2)")
+    if lora_rank is not None:
+        if lora_rank < 1:
+            raise UserError(f"--lora-rank must be at least 1, got {lora_rank}")
+        if lora_alpha is None:
+            raise UserError("--lora-rank needs --lora-alpha (the adapters' scale is alpha / sqrt(rank))")
+        if dit.config.lora_rank is None:
+            dit.add_lora(lora_rank, lora_alpha)
+        elif (dit.config.lora_rank, dit.config.lora_alpha) != (lora_rank, lora_alpha):
+            raise UserError(f"the checkpoint already has LoRA rank {dit.config.lora_rank} alpha "
+                            f"{dit.config.lora_alpha}; pass those or leave --lora-rank out")
+        for param in dit.parameters():
+            param.requires_grad = False
+        dit.spk_embed.weight.requires_grad = True
+        for module in dit.modules():
+            if isinstance(module, LoRALinear):
+                module.A.requires_grad = module.B.requires_grad = True
+    if freeze_adaln_and_tembed:
+        for param in dit.adaln_and_time_parameters():
+            param.requires_grad = False
 
 
 def extend_speakers(dit: DiT, spk2idx: dict[str, int], speakers: list[str]) -> tuple[DiT, dict, list[str]]:

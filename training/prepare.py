@@ -166,7 +166,8 @@ def _clip_tensors(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name in ("mel", "f0", "rms"):
         out[name] = features[name].detach().float().cpu().contiguous()
     for name in ("cvec", "whisper"):
-        out[name] = features[name].detach().to(torch.float16).cpu().contiguous()
+        if name in features:  # V3 data has no Whisper
+            out[name] = features[name].detach().to(torch.float16).cpu().contiguous()
     n = out["mel"].shape[0]
     for name, value in out.items():
         if value.shape[0] != n:
@@ -244,30 +245,53 @@ def load_metadata(root: str | Path) -> dict:
 
 def make_feature_fn(pretrained_dir: str | Path | None, f0: str = "rmvpe", device: str = "auto",
                     contentvec: str | None = None, whisper: str | None = None,
-                    rmvpe: str | None = None) -> tuple[FeatureFn, dict]:
-    """Load the encoders once; returns the per-clip function and the settings that identify it."""
+                    rmvpe: str | None = None, family: str = "v2") -> tuple[FeatureFn, dict]:
+    """Load the encoders once; returns the per-clip function and the settings that identify it.
+    `family` "v3": no Whisper; ContentVec as upstream's V3 prepare_cvec.py (`content_100fps`)."""
     from rtsvc.compute import pick_device
-    from rtsvc.features.extractor import FeatureExtractor
-    from rtsvc.features.frames import RESIZE_MODE
+    from rtsvc.features.extractor import FAMILY_FEATURES, FeatureExtractor
     from rtsvc.pretrained import resolve_pretrained
 
-    need = ("contentvec", "whisper") + (("rmvpe",) if f0 == "rmvpe" else ())
+    if family not in FAMILY_FEATURES:
+        raise UserError(f"unknown --family {family!r}: use v2 or v3")
+    uses_whisper, resize = FAMILY_FEATURES[family]
+    need = ("contentvec",) + (("whisper",) if uses_whisper else ()) + (("rmvpe",) if f0 == "rmvpe" else ())
     paths = resolve_pretrained(pretrained_dir, contentvec=contentvec, whisper=whisper, rmvpe=rmvpe, need=need)
-    extractor = FeatureExtractor.from_pretrained(paths, f0=f0, device=pick_device(device))
+    extractor = FeatureExtractor.from_pretrained(paths, f0=f0, device=pick_device(device), family=family)
 
     def extract(audio: np.ndarray) -> dict[str, torch.Tensor]:
         feats = extractor.extract(audio)
-        return {"mel": feats.mel, "f0": feats.f0, "rms": feats.rms, "cvec": feats.cvec,
-                "whisper": feats.whisper}
+        out = {"mel": feats.mel, "f0": feats.f0, "rms": feats.rms, "cvec": feats.cvec}
+        if uses_whisper:
+            out["whisper"] = feats.whisper
+        else:
+            out["cvec"] = content_100fps(extractor, audio, feats.n_frames)
+        return out
 
     def ident(value: str | None) -> str | None:
         return str(Path(value).resolve()) if value and Path(value).exists() else value
 
-    settings = {"f0": f0, "resize": RESIZE_MODE, "contentvec": ident(paths.contentvec),
-                "whisper": ident(paths.whisper), "rmvpe": ident(paths.rmvpe) if f0 == "rmvpe" else None,
+    settings = {"family": family, "f0": f0, "resize": resize, "contentvec": ident(paths.contentvec),
+                "whisper": ident(paths.whisper) if uses_whisper else None,
+                "rmvpe": ident(paths.rmvpe) if f0 == "rmvpe" else None,
                 "pretrained_dir": ident(str(pretrained_dir)) if pretrained_dir else None,
                 "target_lufs": TARGET_LUFS, "min_clip_s": MIN_CLIP_S, "max_clip_s": MAX_CLIP_S}
     return extract, settings
+
+
+def content_100fps(extractor, audio_44k: np.ndarray, n_frames: int) -> torch.Tensor:
+    """ContentVec for V3 training as upstream's scripts/prepare_cvec.py: a second pass on the 16 kHz
+    audio advanced by 160 samples (10 ms; tail zeroed) interleaved with the first gives 100 frames/s,
+    then a linear (align_corners) resize onto the mel grid. [n_frames, 768]."""
+    from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, resample
+    from rtsvc.features.frames import resize_frames
+
+    audio_16k = resample(audio_44k, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+    shifted = np.concatenate((audio_16k[160:], np.zeros(160, dtype=audio_16k.dtype)))
+    first, second = extractor.contentvec.hidden(audio_16k), extractor.contentvec.hidden(shifted)
+    frames = min(first.shape[0], second.shape[0])
+    both = torch.stack((first[:frames], second[:frames]), dim=1).flatten(0, 1)  # f0 s0 f1 s1 ...
+    return resize_frames(both, n_frames, "linear").to(extractor.device)
 
 
 # --- the whole dataset --------------------------------------------------------------------------

@@ -29,9 +29,9 @@ from rtsvc.dsp.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE
 from rtsvc.errors import UserError
 from rtsvc.models.loading import load_vocoder
 from training.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
-from training.dataset import MAX_FRAME_LEN, ClipDataset, StepBatchSampler, collate
-from training.loss import WHISPER_DROP, flow_loss
-from training.model import DEFAULT_MODEL, TrainModel, from_pretrained, from_scratch
+from training.dataset import MAX_FRAME_LEN, ClipDataset, StepBatchSampler, collate, data_family
+from training.loss import SPEAKER_DROP_FINETUNE, SPEAKER_DROP_SCRATCH, WHISPER_DROP, flow_loss
+from training.model import DEFAULT_MODEL, TrainModel, from_pretrained, from_scratch, set_trainable
 from training.optim import BETAS, WARMUP_RATIO, current_lr, make_optimizer
 from training.prepare import load_metadata
 from training.validate import MAX_VAL_FRAMES, ValSettings, validate
@@ -70,6 +70,10 @@ class TrainConfig:
     pretrained_dir: str | None = None  # for the validation vocoder; default: the one prepare used
     vocoder: str | None = None
     progress: bool = True
+    lora_rank: int | None = None  # V3: train LoRA adapters (+ the speaker table) only
+    lora_alpha: float | None = None
+    freeze_adaln_and_tembed: bool = False  # V3: upstream's fine-tune option
+    spk_drop: float | None = None  # V3 speaker drop; None: 0.2 from scratch, 0 fine-tuning (upstream)
 
 
 @dataclass
@@ -214,14 +218,26 @@ def _worker_init(_: int) -> None:
 
 # --- the run --------------------------------------------------------------------------------------
 
-def _hparams(cfg: TrainConfig, tm: TrainModel, meta_path: str, lr: float, wd: float, world: int) -> dict:
+def _hparams(cfg: TrainConfig, tm: TrainModel, meta_path: str, lr: float, wd: float, world: int,
+             spk_drop: float) -> dict:
     c = tm.dit.config
+    if tm.family == "v3":  # upstream V3: cfg.model is the DiT's kwargs, flat
+        model = {"dim": c.dim, "depth": c.depth, "n_mel_channels": c.n_mel, "head_dim": c.head_dim,
+                 "ff_mult": c.ff_mult, "kernel_size": c.kernel_size}
+        family_training = {"drop_spk_prob": spk_drop, "freeze_adaln_and_tembed": cfg.freeze_adaln_and_tembed,
+                           "pretrained_path": cfg.pretrained}
+        if c.lora_rank is not None:
+            family_training.update(lora_training=cfg.lora_rank is not None, lora_rank=c.lora_rank,
+                                   lora_alpha=c.lora_alpha)
+    else:
+        model = {"name": tm.name, "cfg": {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim,
+                                          "ff_mult": c.ff_mult},
+                 "lognorm": cfg.lognorm, "whisper_drop_prob": cfg.whisper_drop,
+                 "pretrained_path": cfg.pretrained}
+        family_training = {}
     return {
         "seed": cfg.seed,
-        "model": {"name": tm.name, "cfg": {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim,
-                                           "ff_mult": c.ff_mult},
-                  "lognorm": cfg.lognorm, "whisper_drop_prob": cfg.whisper_drop,
-                  "pretrained_path": cfg.pretrained},
+        "model": model,
         "dataset": {"data_dir": str(cfg.data), "meta_info_path": meta_path, "sample_rate": SAMPLE_RATE,
                     "hop_length": HOP_LENGTH, "n_mel_channels": N_MELS, "max_frame_len": cfg.max_frame_len},
         "training": {"learning_rate": lr, "betas": str(BETAS), "weight_decay": wd,
@@ -230,7 +246,7 @@ def _hparams(cfg: TrainConfig, tm: TrainModel, meta_path: str, lr: float, wd: fl
                      "save_per_steps": cfg.save_every, "test_per_steps": cfg.eval_every,
                      "eval_sample_steps": cfg.eval_steps, "eval_cfg_strength": cfg.eval_cfg,
                      "precision": cfg.precision, "world_size": world, "save_weights_only": False,
-                     "time_schedule": "lognorm" if cfg.lognorm else "uniform"},
+                     "time_schedule": "lognorm" if cfg.lognorm else "uniform", **family_training},
         "spk2idx": dict(tm.spk2idx),
         # the voice this run adds is what live/convert/serve use without --speaker (rtsvc.models.loading)
         "default_speaker": tm.new_speakers[0] if tm.new_speakers else None,
@@ -269,7 +285,8 @@ def _save(out: Path, raw, optimizer, hparams: dict, step: int, epoch: int, devic
     return last
 
 
-def _build_model(cfg: TrainConfig, speakers: list[str], out: Path) -> tuple[TrainModel, dict | None]:
+def _build_model(cfg: TrainConfig, speakers: list[str], out: Path,
+                 family: str) -> tuple[TrainModel, dict | None]:
     if cfg.resume:
         last = out / LAST
         if not last.is_file():
@@ -281,10 +298,16 @@ def _build_model(cfg: TrainConfig, speakers: list[str], out: Path) -> tuple[Trai
             raise UserError(f"--resume: the data has new speaker(s) {', '.join(missing)}; start a new run "
                             f"with --pretrained {last} to add them")
         tm.new_speakers = []
+        training = ckpt["hyper_parameters"]["cfg"].get("training", {})  # what trained stays so
+        set_trainable(tm.dit, training.get("lora_rank") if training.get("lora_training") else None,
+                      training.get("lora_alpha"), bool(training.get("freeze_adaln_and_tembed")))
         return tm, ckpt
     if cfg.pretrained:
-        return from_pretrained(cfg.pretrained, speakers, cfg.model), None
-    return from_scratch(cfg.model or DEFAULT_MODEL, speakers), None
+        tm = from_pretrained(cfg.pretrained, speakers, cfg.model)
+    else:
+        tm = from_scratch(cfg.model or DEFAULT_MODEL, speakers, family)
+    set_trainable(tm.dit, cfg.lora_rank, cfg.lora_alpha, cfg.freeze_adaln_and_tembed)
+    return tm, None
 
 
 def _vocoder(cfg: TrainConfig, meta: dict, device: torch.device):
@@ -314,12 +337,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise UserError(f"{out / LAST} exists: add --resume to continue that run, or choose another --out")
     meta = load_metadata(cfg.data)
     torch.manual_seed(cfg.seed + d.rank)
-    tm, resumed = _build_model(cfg, meta["speakers"], out)
+    family = data_family(meta)
+    tm, resumed = _build_model(cfg, meta["speakers"], out, family)
+    if tm.family != family:
+        raise UserError(f"{cfg.data} was prepared for {family.upper()} models but the model is "
+                        f"{tm.family.upper()}: run `rtsvc prepare {cfg.data} --family {tm.family}`")
     start_step = int(resumed["global_step"]) if resumed else 0
     if start_step >= cfg.max_steps:
         raise UserError(f"the run is already at step {start_step}; raise --max-steps to train further")
 
     finetune = bool(cfg.pretrained)
+    spk_drop = cfg.spk_drop
+    if spk_drop is None:
+        spk_drop = SPEAKER_DROP_FINETUNE if finetune else SPEAKER_DROP_SCRATCH
     lr = cfg.lr if cfg.lr is not None else (FINETUNE_LR if finetune else SCRATCH_LR)
     wd = cfg.weight_decay if cfg.weight_decay is not None else (FINETUNE_WD if finetune else SCRATCH_WD)
     raw = tm.dit.to(device).train()
@@ -350,7 +380,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                         generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
     amp = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    hparams = _hparams(cfg, tm, str(Path(cfg.data) / ".rtsvc-cache" / "metadata.json"), lr, wd, d.world)
+    hparams = _hparams(cfg, tm, str(Path(cfg.data) / ".rtsvc-cache" / "metadata.json"), lr, wd, d.world,
+                       spk_drop)
     if resumed is not None:  # the run keeps the settings it started with; only its length changes
         hparams = resumed["hyper_parameters"]["cfg"]
         hparams["training"]["max_steps"] = cfg.max_steps
@@ -373,7 +404,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 generator = torch.Generator(device=device).manual_seed(seed)
                 ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
                 with ctx:
-                    loss = flow_loss(model, batch, generator, cfg.whisper_drop, cfg.lognorm)
+                    loss = flow_loss(model, batch, generator, cfg.whisper_drop, cfg.lognorm, tm.family,
+                                     spk_drop)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()

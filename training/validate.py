@@ -50,7 +50,7 @@ def validation_loss(model: torch.nn.Module, dataset: ClipDataset, device: torch.
     for first in range(0, len(dataset), VAL_BATCH):
         items = [dataset[i] for i in range(first, min(len(dataset), first + VAL_BATCH))]
         batch = _to(collate(items), device)
-        loss = flow_loss(model, batch, generator, whisper_drop=0.0)
+        loss = flow_loss(model, batch, generator, whisper_drop=0.0, family=model.family, spk_drop=0.0)
         total += float(loss) * len(items)
         count += len(items)
     return total / max(count, 1)
