@@ -553,16 +553,18 @@ def download(
                                            "(repeatable): pretrain-v2, pretrain-v3-512-8, "
                                            "pretrain-v3-768-12, pretrain-v3-1024-16, or none. "
                                            "Default: pretrain-v2."),
+    family: str = typer.Option("all", help="Components for which models: v2 (ContentVec, Whisper, vocoder, "
+                               "RMVPE), v3 (the same without Whisper, ~3 GB less) or all. Default: all."),
 ) -> None:
-    """Fetch ContentVec, Whisper large-v3, NSF-HiFiGAN, RMVPE and pretrained voice checkpoints."""
-    from rtsvc.pretrained import DEFAULT_VOICES, download_pretrained
+    """Fetch ContentVec, Whisper large-v3 (V2 models), NSF-HiFiGAN, RMVPE and pretrained voice checkpoints."""
+    from rtsvc.pretrained import DEFAULT_VOICES, components_for, download_pretrained
 
     voices = tuple(v for v in (voice or DEFAULT_VOICES) if v != "none")
 
     def step(i: int, total: int, item) -> None:  # huggingface_hub draws each file's progress bar
         _say(f"[{i + 1}/{total}] {item.label}: {item.describe()} -> {item.local_dir}")
 
-    path = download_pretrained(to, voices=voices, on_step=step)
+    path = download_pretrained(to, components_for(family), voices=voices, on_step=step)
     _say(f"pretrained components are in {path}")
 
 

@@ -9,7 +9,8 @@ The default layout is RIFT-SVC's own `pretrained/` folder, so existing users can
       rmvpe/model.pt                                      RMVPE state dict
 
 Every component can be overridden on its own by a local path or (for the two transformers models)
-a hub id such as `openai/whisper-large-v3`.
+a hub id such as `openai/whisper-large-v3`. Whisper is needed by V2 models only
+(`FAMILY_COMPONENTS`): a folder without it is complete for V3.
 """
 
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from rtsvc.errors import UserError
 
 DEFAULT_PRETRAINED_DIR = "pretrained"
 COMPONENTS = ("contentvec", "whisper", "vocoder", "rmvpe")
+# what each model family needs (rmvpe only with --f0 rmvpe, the default): V3 takes no Whisper
+FAMILY_COMPONENTS = {"v2": COMPONENTS, "v3": ("contentvec", "vocoder", "rmvpe")}
 
 # relative location of each component inside a pretrained dir (upstream layout)
 LAYOUT = {
@@ -125,6 +128,15 @@ def resolve_pretrained(
         else:
             found[name] = None
     return PretrainedPaths(**found)
+
+
+def components_for(family: str) -> tuple[str, ...]:
+    """The components a model family needs: "v2", "v3", or "all" (both)."""
+    if family == "all":
+        return COMPONENTS
+    if family not in FAMILY_COMPONENTS:
+        raise UserError(f"unknown model family {family!r}: use v2, v3 or all")
+    return FAMILY_COMPONENTS[family]
 
 
 @dataclass(frozen=True)

@@ -105,3 +105,26 @@ def test_v3_knobs_are_live_settings():
     with pytest.raises(UserError, match="cfg_skip_layers must be"):
         settings.update(cfg_skip_layers=-2)
     assert settings.snapshot() == knobs  # a refused update changes nothing
+
+
+def test_doctor_says_a_folder_without_whisper_is_complete_for_v3(v3, capsys, monkeypatch):
+    from rtsvc.apps.doctor import _components
+    _, pretrained = v3
+    rows = {row.name: row for row in _components(pretrained)}
+    assert rows["for V3 models"].ok and rows["for V3 models"].value == "complete"
+    assert not rows["for V2 models"].ok and "missing whisper" in rows["for V2 models"].value
+    assert "--family v2" in rows["for V2 models"].value
+    assert rows["whisper (V2)"].ok is False and rows["contentvec (V2/V3)"].ok
+
+
+def test_download_v3_fetches_no_whisper(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw))
+    code, _, err = run_cli(["download", "--to", tmp_path / "pre", "--family", "v3"], capsys, monkeypatch)
+    assert code == 0, err
+    assert len(calls) == 1 and calls[0]["repo_id"] == "Pur1zumu/RIFT-SVC-pretrained"
+    assert not any("whisper" in pattern for pattern in calls[0]["allow_patterns"])
+    calls.clear()
+    assert run_cli(["download", "--to", tmp_path / "pre"], capsys, monkeypatch)[0] == 0
+    assert [c["repo_id"] for c in calls] == ["Pur1zumu/RIFT-SVC-pretrained", "openai/whisper-large-v3"]

@@ -124,16 +124,20 @@ def _audio_devices() -> list[Check]:
 
 
 def _components(pretrained_dir: Path) -> list[Check]:
-    from rtsvc.pretrained import COMPONENTS, LAYOUT, resolve_pretrained
+    from rtsvc.pretrained import COMPONENTS, FAMILY_COMPONENTS, LAYOUT, resolve_pretrained
 
     found = resolve_pretrained(pretrained_dir, need=())
     rows = []
     for name in COMPONENTS:
         path = getattr(found, name)
+        users = "/".join(f.upper() for f, needs in FAMILY_COMPONENTS.items() if name in needs)
         where = path if path is not None else f"missing ({pretrained_dir / LAYOUT[name]})"
-        rows.append(Check("pretrained", name, where, path is not None))
-    if any(getattr(found, name) is None for name in COMPONENTS):
-        rows.append(Check("pretrained", "fetch", f"rtsvc download --to {pretrained_dir}", None))
+        rows.append(Check("pretrained", f"{name} ({users})", where, path is not None))
+    for family, needs in FAMILY_COMPONENTS.items():
+        missing = [name for name in needs if getattr(found, name) is None]
+        state = "complete" if not missing else f"missing {', '.join(missing)}: rtsvc download --family " \
+            f"{family} --to {pretrained_dir}"
+        rows.append(Check("pretrained", f"for {family.upper()} models", state, not missing))
     return rows
 
 
