@@ -1,0 +1,72 @@
+"""Per-block DiT cost of a V3 voice against a V2 voice of the same size (issue 9; docs/benchmarks.md).
+
+Random weights at the published sizes; the frames a streaming block samples with the defaults
+(block 150.9 ms = 13 frames + 8 vocoder-context frames + 250 ms DiT context = 22 frames: 43
+frames), the sampler of `ModelVoice` (steps - 1 guided velocity calls) with each family's default
+guidance (V2: Whisper CFG 2.0, 2 passes batched; V3: ds 0.2 + spk 0.8, 3 passes batched, rescale
+0.7; and V3 with skip-layer guidance on, one more pass). The variants are timed alternately, block
+by block. Run: PYTHONPATH=. python tests/measure_v3_block_cost.py [--dims 512-8,768-12] [--reps 10]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from rtsvc.models.dit import DiT, DiTConfig
+from rtsvc.models.dit_v3 import DiTV3, DiTV3Config
+from rtsvc.models.flow import Conditioning, frame_noise, sample
+from rtsvc.models.guidance import Guidance, guided_velocity, with_bad_cvec
+
+FRAMES = 43
+
+
+def conditioning(n: int, whisper: bool) -> Conditioning:
+    g = torch.Generator().manual_seed(0)
+    return Conditioning(spk=torch.tensor([0]), f0=150 + 100 * torch.rand(1, n, generator=g),
+                        rms=0.1 * torch.rand(1, n, generator=g),
+                        cvec=torch.randn(1, n, 768, generator=g),
+                        whisper=torch.randn(1, n, 1280, generator=g) if whisper else None)
+
+
+@torch.inference_mode()
+def block_ms(model, cond: Conditioning, guidance: Guidance, steps: int) -> float:
+    started = time.perf_counter()
+    if model.family == "v3":
+        cond = with_bad_cvec(cond, guidance)
+    noise = frame_noise(0, cond.f0.shape[1])[None]
+    sample(lambda x, t: guided_velocity(model, x, t, cond, guidance), noise, steps)
+    return (time.perf_counter() - started) * 1000.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dims", default="512-8,768-12")
+    parser.add_argument("--steps", default="2,4")
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {FRAMES} frames per block")
+    print("| DiT | steps | V2 (cfg 2.0) ms | V3 (ds+spk) ms | V3 (+skip) ms | V3/V2 | V3+skip/V2 |")
+    print("|---|---|---|---|---|---|---|")
+    for dims in args.dims.split(","):
+        dim, depth = map(int, dims.split("-"))
+        v2, v3 = DiT(DiTConfig(dim=dim, depth=depth)).eval(), DiTV3(DiTV3Config(dim=dim, depth=depth)).eval()
+        variants = [(v2, conditioning(FRAMES, True), Guidance()),
+                    (v3, conditioning(FRAMES, False), Guidance()),
+                    (v3, conditioning(FRAMES, False),
+                     Guidance(skip_cfg_strength=0.5, cfg_skip_layers=(depth // 2,)))]
+        for steps in map(int, args.steps.split(",")):
+            for model, cond, guidance in variants:  # warm-up
+                block_ms(model, cond, guidance, steps)
+            times = [[], [], []]
+            for _ in range(args.reps):
+                for i, (model, cond, guidance) in enumerate(variants):
+                    times[i].append(block_ms(model, cond, guidance, steps))
+            med = [statistics.median(t) for t in times]
+            print(f"| {dims} | {steps} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} | "
+                  f"{med[1] / med[0]:.2f} | {med[2] / med[0]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
