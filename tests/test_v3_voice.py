@@ -128,3 +128,48 @@ def test_download_v3_fetches_no_whisper(tmp_path, monkeypatch, capsys):
     calls.clear()
     assert run_cli(["download", "--to", tmp_path / "pre"], capsys, monkeypatch)[0] == 0
     assert [c["repo_id"] for c in calls] == ["Pur1zumu/RIFT-SVC-pretrained", "openai/whisper-large-v3"]
+
+
+def test_v3_voice_is_served_and_its_guidance_is_live(v3, capsys, monkeypatch):
+    import asyncio
+    import json
+
+    from rtsvc.apps.server import ServerConfig, StreamServer
+    from tests.test_server import fast_voices, run, serve_args_of, stream, tone
+    ckpt, pretrained = v3
+    code, err, seen = serve_args_of(["--model", ckpt, "--pretrained-dir", pretrained, "--f0", "pyworld",
+                                     "--device", "cpu", "--steps", "2", "--block-ms", "100",
+                                     "--context-ms", "100", "--spk-cfg-strength", "1.5"], capsys, monkeypatch)
+    assert code == 0, err
+    source = seen["source"]
+    assert seen["knobs"].spk_cfg_strength == 1.5
+    fast_voices(source)
+    rate, audio = 16000, tone(16000, 0.4, f0=180.0)
+
+    async def between(ws, sent):
+        if sent == rate // 5:
+            await ws.send(json.dumps({"type": "set", "ds_cfg_strength": 0.0, "cfg_rescale": 0.5}))
+
+    async def main():
+        server = StreamServer(ServerConfig(port=0), source, seen["knobs"], seen["stream_config"])
+        await server.start()
+        try:
+            return await asyncio.gather(stream(server, audio, rate, "f32le", chunk_ms=100, between=between))
+        finally:
+            await server.close()
+
+    (result,) = run(main())
+    assert result["ready"]["settings"]["spk_cfg_strength"] == 1.5
+    settings = next(m for m in result["messages"] if m["type"] == "settings")["settings"]
+    assert (settings["ds_cfg_strength"], settings["cfg_rescale"]) == (0.0, 0.5)
+    assert result["flushed"]["samples_in"] == result["flushed"]["samples_out"] == audio.shape[0]
+    assert np.isfinite(result["out"]).all() and np.abs(result["out"]).max() > 1e-4
+
+
+def test_v3_voice_benches(v3, capsys, monkeypatch):
+    ckpt, pretrained = v3
+    code, out, err = run_cli(["bench", "--model", ckpt, "--pretrained-dir", pretrained, "--f0", "pyworld",
+                              "--block-ms", "150", "--steps", "2", "--seconds", "1", "--device", "cpu",
+                              "--backend", "torch"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "v3-lora" in out or "model" in out
