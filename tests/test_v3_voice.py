@@ -166,10 +166,13 @@ def test_v3_voice_is_served_and_its_guidance_is_live(v3, capsys, monkeypatch):
     assert np.isfinite(result["out"]).all() and np.abs(result["out"]).max() > 1e-4
 
 
-def test_v3_voice_benches(v3, capsys, monkeypatch):
+def test_v3_voice_benches(v3):
+    from rtsvc.apps.bench import bench_case, make_cases
+    from rtsvc.engine import StreamConfig
     ckpt, pretrained = v3
-    code, out, err = run_cli(["bench", "--model", ckpt, "--pretrained-dir", pretrained, "--f0", "pyworld",
-                              "--block-ms", "150", "--steps", "2", "--seconds", "1", "--device", "cpu",
-                              "--backend", "torch"], capsys, monkeypatch)
-    assert code == 0, err
-    assert "v3-lora" in out or "model" in out
+    spec = VoiceSpec(model=ckpt, pretrained_dir=pretrained, f0="pyworld")
+    cases = make_cases([StreamConfig(block_ms=150.0).validate()], spec, [2], ["torch"], ["cpu"])
+    model_cases = [c for c in cases if c.label.startswith("v3-lora.ckpt")]
+    assert len(model_cases) == 1 and model_cases[0].voice.backend.family == "v3"
+    row = bench_case(model_cases[0], seconds=0.5)
+    assert row["blocks"] >= 3 and row["mean_ms"] > 0 and row["steps"] == 2
