@@ -270,8 +270,8 @@ def convert(
     cfg_strength: CfgStrength = KNOBS.cfg_strength, ds_cfg_strength: DsCfg = KNOBS.ds_cfg_strength,
     spk_cfg_strength: SpkCfg = KNOBS.spk_cfg_strength, skip_cfg_strength: SkipCfg = KNOBS.skip_cfg_strength,
     cfg_skip_layers: SkipLayers = KNOBS.cfg_skip_layers, cfg_rescale: Rescale = KNOBS.cfg_rescale,
-    pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, denoise: Denoise = KNOBS.denoise,
-    f0: F0 = None,
+    pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift,
+    denoise: Denoise = KNOBS.denoise, f0: F0 = None,
     seed: int = typer.Option(KNOBS.seed, help=f"Random seed of the sampler noise (integer). "
                              f"Default: {KNOBS.seed}."),
     device: Device = "auto", backend: Backend = "auto", providers: Providers = None,

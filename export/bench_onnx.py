@@ -25,11 +25,13 @@ from rtsvc.backends.torch_backend import TorchBackend
 from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.models.dit import DiT, DiTConfig
 from rtsvc.models.flow import Conditioning, sample
+from rtsvc.models.guidance import Guidance
 from rtsvc.models.loading import LoadedDiT
 from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig, draw_source_randomness
 
 WARMUP = 2
 CFG = 2.0
+GUIDANCE = Guidance(cfg_strength=CFG)
 
 
 def _random_dit(dim: int, depth: int) -> DiT:
@@ -68,7 +70,7 @@ def _block_fn(backend, n: int, steps: int, vocode: bool):
 
     def block() -> None:
         with torch.inference_mode():
-            mel = sample(lambda x, t: backend.velocity_cfg(x, t, cond, CFG), noise, steps)
+            mel = sample(lambda x, t: backend.guided_velocity(x, t, cond, GUIDANCE), noise, steps)
             if vocode:
                 backend.vocode(mel.transpose(1, 2) * 7 - 5, cond.f0, phase, src)
         if device.type == "cuda":
