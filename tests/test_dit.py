@@ -211,7 +211,7 @@ def test_wrong_kind_of_file(tmp_path):
         load_dit(tmp_path / "nope.ckpt")
     text = tmp_path / "notes.ckpt"
     text.write_text("hello")
-    with pytest.raises(UserError, match="not a readable PyTorch"):
+    with pytest.raises(UserError, match="not a PyTorch checkpoint"):
         load_dit(text)
     with pytest.raises(UserError, match="vocoder"):
         load_dit(make_tiny_vocoder(tmp_path / "voc"))

@@ -62,5 +62,5 @@ def test_omegaconf_config_becomes_plain_data(tmp_path):
 def test_not_a_torch_file(tmp_path):
     path = tmp_path / "x.ckpt"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="not a readable PyTorch"):
+    with pytest.raises(UserError, match="not a PyTorch checkpoint"):
         load_torch_file(path, "model checkpoint")

@@ -14,6 +14,7 @@ import builtins
 import collections
 import pickle
 import types
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,7 @@ def load_torch_file(path: str | Path, what: str, mmap: bool = False) -> Any:
         raise UserError(f"{what} not found: {path}")
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory, expected a file")
+    mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format; legacy files are read
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=allow_list_pickle,
                             mmap=mmap)
@@ -159,5 +161,6 @@ def load_torch_file(path: str | Path, what: str, mmap: bool = False) -> Any:
                         "tensor data or a known config class (loading it could run code)") from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for non-torch files
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{path} is not a readable PyTorch {what} ({type(err).__name__}: {first})") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint (reading it as a {what}: "
+                        f"{type(err).__name__}: {first})") from None
     return plain(loaded)
