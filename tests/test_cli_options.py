@@ -212,8 +212,9 @@ def test_bench_loopback_measures_every_block_and_the_table_has_the_real_time_mar
 def test_a_checkpoint_still_needs_the_pretrained_vocoder(fake_model, fake_devices, tmp_path, capsys,
                                                          monkeypatch):
     _, pretrained, calls = fake_model
-    ckpt = tmp_path / "voice.ckpt"
-    ckpt.write_bytes(b"x")
+    from tests.tiny_models import make_tiny_dit_checkpoint
+
+    ckpt = make_tiny_dit_checkpoint(tmp_path / "voice.ckpt")  # its family decides what it needs
     fails(["live", "--model", ckpt, "--pretrained-dir", pretrained], capsys, monkeypatch,
           "NSF-HiFiGAN vocoder", "--vocoder")
     fails(["bench", "--model", ckpt, "--pretrained-dir", pretrained], capsys, monkeypatch,

@@ -134,7 +134,7 @@ def test_rmvpe_wrong_key_is_refused(tmp_path):
     with pytest.raises(UserError, match="cnn.weight"):
         Rmvpe.load(bad)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read RMVPE"):
+    with pytest.raises(UserError, match="not a PyTorch checkpoint .reading it as a RMVPE model"):
         Rmvpe.load(tmp_path / "junk.pt")
 
 
