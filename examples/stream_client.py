@@ -38,7 +38,9 @@ async def stream_file(audio: np.ndarray, rate: int, url: str = "ws://127.0.0.1:8
                       fmt: str = "s16le", chunk_ms: float = 20.0, token: str | None = None,
                       knobs: dict | None = None, realtime: bool = False) -> tuple[np.ndarray, dict]:
     """Convert mono float `audio` at `rate`; returns (output of the same length, the ready message)."""
-    start = {"type": "start", "sample_rate": rate, "format": fmt, "channels": 1, **(knobs or {})}
+    # a file sent as fast as possible waits for a busy server; a paced (live) one is kept live
+    start = {"type": "start", "sample_rate": rate, "format": fmt, "channels": 1, "realtime": realtime,
+             **(knobs or {})}
     if token:
         start["token"] = token
     async with connect(url, max_size=None) as ws:

@@ -5,6 +5,7 @@ engine's worker thread. Writers call `update(...)`; the engine takes one `snapsh
 so a block never sees half of an update.
 """
 
+import math
 import threading
 from dataclasses import dataclass, fields, replace
 
@@ -14,6 +15,7 @@ MAX_PITCH_SHIFT = 36.0  # semitones either way
 MAX_STEPS = 64
 DENOISE_CHOICES = ("off", "deepfilternet", "rnnoise")  # input noise suppression (rtsvc.dsp.denoise)
 MAX_DEPTH = 64  # DiT blocks a skip-layer index may name
+MAX_SEED = 2**32 - 1  # the sampler hashes the seed as an unsigned 32/64-bit key
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,11 @@ class Knobs:
 
 
 def validate_knobs(knobs: Knobs) -> Knobs:
-    """Raise UserError for values no voice can use."""
+    """Raise UserError for values no voice can use (NaN and infinity included: they compare False)."""
+    for f in fields(knobs):
+        value = getattr(knobs, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{f.name} must be a finite number, got {value}")
     if abs(knobs.pitch_shift) > MAX_PITCH_SHIFT:
         raise UserError(f"pitch_shift must be within ±{MAX_PITCH_SHIFT:g} semitones, got {knobs.pitch_shift}")
     if not 0.5 <= knobs.formant_shift <= 2.0:
@@ -58,6 +64,8 @@ def validate_knobs(knobs: Knobs) -> Knobs:
             raise UserError(f"{name} must be within ±40 dB, got {getattr(knobs, name)}")
     if knobs.denoise not in DENOISE_CHOICES:
         raise UserError(f"denoise must be one of {', '.join(DENOISE_CHOICES)}, got {knobs.denoise!r}")
+    if not 0 <= knobs.seed <= MAX_SEED:
+        raise UserError(f"seed must be between 0 and {MAX_SEED}, got {knobs.seed}")
     return knobs
 
 
@@ -123,7 +131,7 @@ class RuntimeSettings:
             kind = type(getattr(Knobs(), name)) if name != "speaker" else str
             try:
                 coerced[name] = None if value is None and name == "speaker" else kind(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise UserError(f"setting {name} needs a {kind.__name__}, got {value!r}") from None
         with self._lock:
             self._knobs = validate_knobs(replace(self._knobs, **coerced))

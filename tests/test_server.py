@@ -95,11 +95,13 @@ async def stream(server, audio: np.ndarray, rate: int, fmt: str = "s16le", chunk
                  start_extra: dict | None = None, between=None, query: str = "") -> dict:
     """Start, send `audio` in chunks while reading, flush; returns output, ready, flushed, messages.
 
-    `between(ws, sent_samples)` is awaited after each chunk (to send `set` mid-stream).
+    `between(ws, sent_samples)` is awaited after each chunk (to send `set` mid-stream). The audio
+    goes as fast as possible, like a file (`realtime: false`: nothing is dropped however long the
+    conversion of many clients on a busy CI machine takes).
     """
     async with connect(url(server, query), max_size=None) as ws:
         await ws.send(json.dumps({"type": "start", "sample_rate": rate, "format": fmt, "channels": 1,
-                                  **(start_extra or {})}))
+                                  "realtime": False, **(start_extra or {})}))
         ready = json.loads(await ws.recv())
         assert ready["type"] == "ready", ready
         parts, messages = [], []
@@ -387,7 +389,11 @@ def test_client_limit_refuses_with_1013_and_frees_the_slot():
     async def main():
         async with running(identity_source(), max_clients=2) as server:
             first, second = await connect(url(server)), await connect(url(server))
+            for ws in (first, second):  # a slot is taken by a started stream
+                await ws.send(json.dumps(START))
+                assert json.loads(await ws.recv())["type"] == "ready"
             async with connect(url(server)) as third:
+                await third.send(json.dumps(START))
                 await expect_error(third, "too_many_clients", 1013)
             await first.close()
             await second.close()

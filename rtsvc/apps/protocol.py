@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rtsvc.errors import UserError
-from rtsvc.settings import KNOB_NAMES
+from rtsvc.settings import KNOB_NAMES, Knobs
 
 PROTOCOL_VERSION = 1
 STREAM_PATH = "/v1/stream"
@@ -23,11 +23,13 @@ MAX_TEXT_BYTES = 4096  # a control message never needs more
 
 # websocket close codes (RFC 6455 section 7.4.1)
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # the server is shutting down
 CLOSE_UNSUPPORTED = 1003  # data the server cannot use (bad JSON, format, rate, samples)
-CLOSE_POLICY = 1008  # order, auth, idle time
+CLOSE_POLICY = 1008  # order, auth, idle time, a client that does not read
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
-CLOSE_TRY_LATER = 1013  # the server is full
+CLOSE_TRY_LATER = 1013  # the server is full or behind
+START_FIELDS = ("type", "sample_rate", "format", "channels", "version", "token", "realtime", "warnings")
 
 
 class ProtocolError(Exception):
@@ -52,60 +54,103 @@ class StartRequest:
     sample_rate: int
     format: str
     token: str | None
-    knobs: dict  # knob name -> raw value, validated later by RuntimeSettings.update
+    knobs: dict  # knob name -> value of the right type; ranges are checked by RuntimeSettings.update
+    realtime: bool = True  # a live source: late input is dropped to bound latency (False: a file)
+    warnings: bool = False  # the client wants `warning` messages (they interleave with audio)
+
+
+def dumps(message: dict) -> str:
+    """Standard JSON only: a NaN or infinity here is a server bug, never sent as a bare token."""
+    return json.dumps(message, allow_nan=False)
 
 
 def parse_text(text: str) -> dict:
-    """A text frame as a JSON object with a string `type`."""
-    if len(text) > MAX_TEXT_BYTES:
-        raise ProtocolError("too_big", f"text messages are limited to {MAX_TEXT_BYTES} bytes", CLOSE_TOO_BIG)
+    """A text frame as a JSON object with a string `type`.
+
+    Python's parser also reads NaN, Infinity and 1e400 (as float infinity); such values reach the
+    validators, which refuse every non-finite number with the field's own error."""
+    size = len(text.encode("utf-8", "surrogatepass"))  # the limit is in bytes, as on the wire
+    if size > MAX_TEXT_BYTES:
+        raise ProtocolError("too_big", f"text message of {size} bytes is over the {MAX_TEXT_BYTES}-byte "
+                            "limit", CLOSE_TOO_BIG)
     try:
         message = json.loads(text)
-    except ValueError as err:
-        raise ProtocolError("bad_json", f"text frame is not valid JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # RecursionError: deeply nested arrays
+        raise ProtocolError("bad_json", f"text frame is not valid JSON: {str(err)[:200]}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError("bad_message", 'text frames must be JSON objects with a string "type"')
     return message
 
 
+def _describe(value: object) -> str:
+    return repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+
+
+def check_knob_value(name: str, value: object, fatal: bool = True) -> object:
+    """The wire type of one runtime setting: numbers are JSON numbers (not strings, not booleans),
+    finite; integers are JSON integers; speaker is a string or null. Ranges: RuntimeSettings."""
+    kind = type(getattr(Knobs(), name)) if name != "speaker" else str
+    if kind is str:
+        ok = value is None or isinstance(value, str)
+        wanted = "a string or null"
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        wanted = "an integer"
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        wanted = "a finite number"
+    if not ok:
+        raise ProtocolError("bad_setting", f"{name} must be {wanted}, got {_describe(value)}", fatal=fatal)
+    return value
+
+
+def _check_knobs(changes: dict, fatal: bool) -> dict:
+    unknown = sorted(set(changes) - set(KNOB_NAMES))
+    if unknown:
+        raise ProtocolError("bad_setting", f"unknown setting(s) {', '.join(unknown)}; valid: "
+                            f"{', '.join(KNOB_NAMES)}", fatal=fatal)
+    return {name: check_knob_value(name, value, fatal) for name, value in changes.items()}
+
+
 def parse_start(message: dict) -> StartRequest:
-    """Validate a `start` message; knob values are checked by the caller's RuntimeSettings."""
+    """Validate a `start` message: types and ranges of every field (knob ranges: RuntimeSettings)."""
+    extra = sorted(set(message) - set(KNOB_NAMES) - set(START_FIELDS))
+    if extra:
+        raise ProtocolError("bad_message", f"unknown field(s) in start: {', '.join(map(_describe, extra))}")
     rate = message.get("sample_rate")
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or rate != int(rate):
-        raise ProtocolError("bad_rate", f"sample_rate must be an integer in Hz, got {rate!r}")
-    if not MIN_RATE <= int(rate) <= MAX_RATE:
+    if isinstance(rate, bool) or not isinstance(rate, int):
+        raise ProtocolError("bad_rate", f"sample_rate must be an integer in Hz, got {_describe(rate)}")
+    if not MIN_RATE <= rate <= MAX_RATE:
         raise ProtocolError("bad_rate", f"sample_rate must be between {MIN_RATE} and {MAX_RATE} Hz, "
                             f"got {rate}")
     fmt = message.get("format", "s16le")
-    if fmt not in FORMATS:
-        raise ProtocolError("bad_format", f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ProtocolError("bad_format", f"format must be one of {', '.join(FORMATS)}, got {_describe(fmt)}")
     channels = message.get("channels", 1)
-    if channels != 1 or isinstance(channels, bool):
-        raise ProtocolError("bad_channels", f"only mono is supported (channels 1), got {channels!r}")
+    if channels != 1 or isinstance(channels, bool) or not isinstance(channels, int):
+        raise ProtocolError("bad_channels", f"only mono is supported (channels 1), got {_describe(channels)}")
     version = message.get("version", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
+    if version != PROTOCOL_VERSION or isinstance(version, bool) or not isinstance(version, int):
         raise ProtocolError("bad_version", f"this server speaks protocol version {PROTOCOL_VERSION}, "
-                            f"got {version!r}")
+                            f"got {_describe(version)}")
     token = message.get("token")
     if token is not None and not isinstance(token, str):
         raise ProtocolError("bad_message", "token must be a string", CLOSE_POLICY)
-    knobs = {k: v for k, v in message.items() if k in KNOB_NAMES}
-    extra = sorted(set(message) - set(KNOB_NAMES) - {"type", "sample_rate", "format", "channels", "version",
-                                                     "token"})
-    if extra:
-        raise ProtocolError("bad_message", f"unknown field(s) in start: {', '.join(extra)}")
-    return StartRequest(int(rate), fmt, token, knobs)
+    flags = {}
+    for name, default in (("realtime", True), ("warnings", False)):
+        flags[name] = message.get(name, default)
+        if not isinstance(flags[name], bool):
+            raise ProtocolError("bad_message", f"{name} must be true or false, got {_describe(flags[name])}")
+    knobs = _check_knobs({k: v for k, v in message.items() if k in KNOB_NAMES}, fatal=True)
+    return StartRequest(rate, fmt, token, knobs, flags["realtime"], flags["warnings"])
 
 
 def parse_set(message: dict) -> dict:
-    """The knob changes of a `set` message (values are validated by RuntimeSettings.update)."""
+    """The knob changes of a `set` message, type-checked (ranges: RuntimeSettings.update)."""
     changes = {k: v for k, v in message.items() if k != "type"}
-    for name, value in changes.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ProtocolError("bad_setting", f"{name} must be a finite number", fatal=False)
     if not changes:
         raise ProtocolError("bad_setting", "set needs at least one setting", fatal=False)
-    return changes
+    return _check_knobs(changes, fatal=False)
 
 
 def settings_error(err: UserError) -> ProtocolError:
