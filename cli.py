@@ -297,7 +297,7 @@ def convert(
                                  cfg_skip_layers=cfg_skip_layers, cfg_rescale=cfg_rescale, steps=steps,
                                  seed=seed, denoise=denoise))
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
-    check_output_path(output)
+    check_output_path(output, input)
     audio = check_input_audio(load_audio(input)[0])
     if model is None and f0 not in (None, "pyworld"):
         _say(f"note: the DSP voice uses pyworld for F0; --f0 {f0} is ignored")

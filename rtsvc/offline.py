@@ -32,9 +32,14 @@ def peak_dbfs(audio: np.ndarray) -> float:
     return 20 * math.log10(peak) if peak > 0 else -math.inf
 
 
-def check_output_path(path: str | Path) -> Path:
-    """Refuse an output we could not write, before spending minutes on the conversion."""
+def check_output_path(path: str | Path, input_path: str | Path | None = None) -> Path:
+    """Refuse an output we could not write (or that is the input), before spending minutes on the
+    conversion."""
     path = Path(path)
+    if input_path is not None and path.exists() and Path(input_path).exists() and \
+            os.path.samefile(path, input_path):
+        raise UserError(f"refusing to overwrite the input {input_path} with the output: choose another "
+                        "output file")
     if path.suffix.lstrip(".").upper() not in sf.available_formats():
         raise UserError(f"cannot write {path}: unknown audio format {path.suffix or '(no extension)'!r}; "
                         "use .wav, .flac or .ogg")
@@ -54,6 +59,9 @@ def check_input_audio(audio: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected mono audio [t], got shape {audio.shape}")
     if audio.size == 0:
         raise UserError("input is empty (0 samples): nothing to convert")
+    bad = int(audio.size - np.count_nonzero(np.isfinite(audio)))
+    if bad:
+        raise UserError(f"input has {bad} non-finite samples (NaN or infinity): the file is corrupt")
     peak = peak_dbfs(audio)
     if peak < SILENCE_PEAK_DB:
         raise UserError(f"input is silent (peak {peak:.0f} dBFS): nothing to convert")

@@ -84,8 +84,11 @@ def normalize_loudness(audio: np.ndarray, sample_rate: int = SAMPLE_RATE,
                        target_lufs: float = TARGET_LUFS) -> tuple[np.ndarray, float]:
     """Gain to `target_lufs` integrated loudness; returns (audio, measured LUFS before).
 
-    Raises ValueError for silence (loudness below the -70 LUFS gate) or audio shorter than
-    BS.1770's 400 ms block."""
+    Raises ValueError for non-finite samples, silence (loudness below the -70 LUFS gate) or audio
+    shorter than BS.1770's 400 ms block."""
+    bad = int(audio.size - np.count_nonzero(np.isfinite(audio)))
+    if bad:
+        raise ValueError(f"{bad} non-finite samples (NaN or infinity)")
     meter = pyloudnorm.Meter(sample_rate)
     loudness = float(meter.integrated_loudness(audio.astype(np.float64)))
     if not np.isfinite(loudness) or loudness < SILENCE_LUFS:

@@ -123,10 +123,44 @@ def _check_version(path: Path, manifest: dict) -> None:
                         "export it again with this rtsvc or upgrade rtsvc")
 
 
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _schema_errors(manifest: dict) -> list[str]:
+    """What in a manifest has the wrong type (the fields this code reads), as short phrases."""
+    errors = []
+    for key in ("audio", "speakers", "dit", "defaults", "features", "files"):
+        if not isinstance(manifest[key], dict):
+            errors.append(f'"{key}" must be an object, got {type(manifest[key]).__name__}')
+    if errors:
+        return errors
+    for key in ("sample_rate", "hop_length"):
+        if not _is_int(manifest["audio"].get(key), 1):
+            errors.append(f'"audio.{key}" must be a positive integer')
+    speakers = manifest["speakers"]
+    if not all(isinstance(k, str) and k and _is_int(v, 0) for k, v in speakers.items()):
+        errors.append('"speakers" must map speaker names to indices (integers >= 0)')
+    for name in ("contentvec", "whisper"):
+        entry = manifest["features"].get(name)
+        if entry is not None and not (isinstance(entry, dict) and all(
+                isinstance(entry.get(k), str | None) for k in ("onnx", "preprocessor"))):
+            errors.append(f'"features.{name}" must be an object naming its files')
+    for name, entry in manifest["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and (entry.get("bytes") is None or _is_int(entry["bytes"], 0))):
+            errors.append(f'"files.{name}" must be an object with a "sha256" string and "bytes" integer')
+            break
+    return errors
+
+
 def _check_keys(path: Path, manifest: dict) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise UserError(f"bundle {path}: manifest.json lacks {', '.join(missing)}")
+    errors = _schema_errors(manifest)
+    if errors:
+        raise UserError(f"bundle {path}: manifest.json is malformed: {'; '.join(errors)}")
     for name in (DIT_FILE, VOCODER_FILE):
         if name not in manifest["files"]:
             raise UserError(f"bundle {path}: manifest.json does not list {name}")
@@ -134,14 +168,12 @@ def _check_keys(path: Path, manifest: dict) -> None:
 
 def _check_file(path: Path, name: str, entry: dict, verify_hashes: bool) -> None:
     rel = PurePosixPath(name)
-    if rel.is_absolute() or ".." in rel.parts:
+    if not name or "\0" in name or rel.is_absolute() or ".." in rel.parts:
         raise UserError(f"bundle {path}: manifest.json lists a file outside the bundle: {name!r}")
     file = path / rel
     if not file.is_file():
         raise UserError(f"bundle {path}: {name} is missing (listed in manifest.json): "
                         "the bundle is incomplete")
-    if not isinstance(entry, dict) or "sha256" not in entry:
-        raise UserError(f"bundle {path}: manifest.json has no sha256 for {name}")
     size = entry.get("bytes")
     if size is not None and file.stat().st_size != size:
         raise UserError(f"bundle {path}: {name} has {file.stat().st_size} bytes, manifest.json says {size} "

@@ -27,6 +27,7 @@ STATE_PREFIX = "model.transformer."
 VOCODER_CONFIG = "config.json"
 VOCODER_CHECKPOINT = "model.ckpt"
 DIT_CONFIG_KEYS = ("dim", "depth", "head_dim", "ff_mult", "dropout")
+MAX_DIT_SIZE = 1 << 16  # no real dim/depth/head_dim comes near: larger is corrupt metadata
 V3_MARKERS = ("null_spk_embed.weight", "tembed.time_emb.weight")  # V3 DiT keys absent from V2
 V2_MARKERS = ("null_whisper_embed.weight", "time_embed.time_emb.weight")  # V2 DiT keys absent from V3
 
@@ -82,13 +83,15 @@ def dit_family(state: dict[str, torch.Tensor]) -> str:
 
 
 def _dit_state(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         hint = ""
         if isinstance(ckpt, dict) and "generator" in ckpt:
             hint = " (it looks like an NSF-HiFiGAN vocoder checkpoint)"
         elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
             hint = " (it is a bare state dict, e.g. an RMVPE model.pt)"
         raise UserError(f"{path} is not a RIFT-SVC model checkpoint: no Lightning 'state_dict'{hint}")
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt["state_dict"].items()):
+        raise UserError(f"{path} is not a RIFT-SVC model checkpoint: its state_dict holds non-tensors")
     state = {k[len(STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
     others = [k for k in ckpt["state_dict"] if k.startswith("model.") and not k.startswith(STATE_PREFIX)]
     if not state:
@@ -103,7 +106,12 @@ def _v2_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, p
         raise UserError(f"{path} has no model size in hyper_parameters.cfg.model.cfg (dim, depth)")
     kw = {k: model_cfg[k] for k in DIT_CONFIG_KEYS if k in model_cfg}
     dataset = _as_dict(hparams.get("dataset"))
-    return DiTConfig(**kw, num_speaker=n_speakers, n_mel=int(dataset.get("n_mel_channels", 128)),
+    n_mel = dataset.get("n_mel_channels", 128)
+    for name, value in {**kw, "n_mel_channels": n_mel}.items():  # metadata is data: check before use
+        ok = (0 <= value < 1) if name == "dropout" else (type(value) is int and 0 < value <= MAX_DIT_SIZE)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not ok:
+            raise UserError(f"{path}: hyper_parameters has an invalid model size {name}={value!r}")
+    return DiTConfig(**kw, num_speaker=n_speakers, n_mel=n_mel,
                      cvec_dim=state["cond_embed.cvec_embed.weight"].shape[1],
                      whisper_dim=state["null_whisper_embed.weight"].shape[1])
 
@@ -158,8 +166,9 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
     speakers = _as_dict(hparams.get("spk2idx"))
     if not speakers:
         raise UserError(f"{path} has no speaker table (hyper_parameters.cfg.spk2idx)")
-    speakers = _default_first({str(name): int(idx) for name, idx in speakers.items()},
-                              hparams.get("default_speaker"))
+    if not all(isinstance(name, str) and type(idx) is int and idx >= 0 for name, idx in speakers.items()):
+        raise UserError(f"{path}: hyper_parameters.cfg.spk2idx must map speaker names to indices >= 0")
+    speakers = _default_first(speakers, hparams.get("default_speaker"))
     n_speakers = state["spk_embed.weight"].shape[0] if "spk_embed.weight" in state else len(speakers)
     if max(speakers.values()) >= n_speakers:
         raise UserError(f"{path}: speaker table lists index {max(speakers.values())} but the model "
