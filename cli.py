@@ -208,6 +208,12 @@ def serve(
                                                     "Default: none."),
     workers: int = typer.Option(SERVER.workers, help="Inference threads shared by all clients. Default: "
                                 f"{SERVER.workers} (one per CPU core, at most 8)."),
+    max_lag_ms: float = typer.Option(SERVER.max_lag_ms, help="Live input not converted this many "
+                                     "milliseconds after it was due is answered with silence, so latency "
+                                     f"stays bounded under overload. Default: {SERVER.max_lag_ms:g}."),
+    send_timeout: float = typer.Option(SERVER.send_timeout_s, help="Seconds a client may leave its replies "
+                                       "unread before it is dropped (code 1008). Default: "
+                                       f"{SERVER.send_timeout_s:g}."),
     pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, gate: Gate = KNOBS.gate_db,
     input_gain: InputGain = KNOBS.input_gain_db, output_gain: OutputGain = KNOBS.output_gain_db,
     steps: Steps = KNOBS.steps, cfg_strength: CfgStrength = KNOBS.cfg_strength,
@@ -232,7 +238,8 @@ def serve(
 
     config = ServerConfig(host=host, port=port, token=token, max_clients=max_clients,
                           max_frame_bytes=max_frame_bytes, idle_timeout_s=idle_timeout,
-                          allowed_origins=tuple(allowed_origin or ()), workers=workers)
+                          allowed_origins=tuple(allowed_origin or ()), workers=workers,
+                          max_lag_ms=max_lag_ms, send_timeout_s=send_timeout)
     check_config(config)  # refuse an open bind without a token before loading any model
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
                                  input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
@@ -252,7 +259,7 @@ def serve(
     def ready(server) -> None:
         where = f"{host}:{server.port}"
         _say(f"rtsvc serving {source.name} voice on http://{where}/ (page, /healthz) and "
-             f"ws://{where}/v1/stream; Ctrl-C stops")
+             f"ws://{where}/v1/stream; Ctrl-C or SIGTERM stops")
 
     run_server(config, source, knobs, stream_config, on_ready=ready)
 

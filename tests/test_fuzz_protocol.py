@@ -8,7 +8,7 @@ import math
 from dataclasses import asdict
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rtsvc.apps.protocol import START_FIELDS, ProtocolError, dumps, parse_set, parse_start, parse_text
@@ -63,6 +63,9 @@ def test_parse_text_gives_a_message_or_a_protocol_error(text):
 
 @FUZZ
 @given(messages("start"))
+@example({"type": "start", "sample_rate": 16000, "format": ["s16le"]})  # found by hand: internal 1011
+@example({"type": "start", "sample_rate": 16000, "seed": float("inf")})  # `"seed": 1e400`
+@example({"type": "start", "sample_rate": 16000, "pitch_shift": float("nan")})
 def test_start_gives_a_request_with_finite_settings_or_a_clear_error(message):
     try:
         request = parse_start(message)
@@ -80,6 +83,8 @@ def test_start_gives_a_request_with_finite_settings_or_a_clear_error(message):
 
 @FUZZ
 @given(st.lists(messages("set"), min_size=1, max_size=4))
+@example([{"type": "set", "pitch_shift": "nan"}])  # found by hand: silent output, bare NaN in JSON
+@example([{"type": "set", "seed": 10**30}])
 def test_set_changes_everything_or_nothing_and_stays_finite(changes):
     runtime = RuntimeSettings()
     for message in changes:

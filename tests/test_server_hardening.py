@@ -367,3 +367,13 @@ def test_sigterm_and_sigint_close_clients_with_1001_and_exit_0(signum):
             proc.wait()
     assert close_code == 1001
     assert code == 0, proc.stdout.read()
+
+
+def test_serve_cli_passes_the_overload_options_on(capsys, monkeypatch):
+    from tests.test_server import serve_args_of
+
+    code, err, seen = serve_args_of(["--max-lag-ms", "250", "--send-timeout", "3"], capsys, monkeypatch)
+    assert code == 0, err
+    assert seen["config"].max_lag_ms == 250.0 and seen["config"].send_timeout_s == 3.0
+    code, err, _ = serve_args_of(["--max-lag-ms", "nan"], capsys, monkeypatch)
+    assert code == 2 and "--max-lag-ms must be positive" in err
