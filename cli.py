@@ -294,7 +294,13 @@ def convert(
     """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
     from rtsvc.dsp.audio import load_audio, save_audio
     from rtsvc.engine import convert_stream
-    from rtsvc.offline import TARGET_LUFS, check_input_audio, check_output_path, convert_offline
+    from rtsvc.offline import (
+        TARGET_LUFS,
+        check_input_audio,
+        check_input_file,
+        check_output_path,
+        convert_file,
+    )
     from rtsvc.settings import validate_knobs
 
     check_f0(f0)
@@ -305,7 +311,7 @@ def convert(
                                  seed=seed, denoise=denoise))
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_output_path(output, input)
-    audio = check_input_audio(load_audio(input)[0])
+    check_input_file(input)  # before any model loads; read block by block
     if model is None and f0 not in (None, "pyworld"):
         _say(f"note: the DSP voice uses pyworld for F0; --f0 {f0} is ignored")
     if model is not None and formant != 1.0:
@@ -319,13 +325,17 @@ def convert(
     with _progress_bar() as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
-        if stream:
+        if stream:  # the streaming engine holds the whole recording (as live/serve would hear it)
+            audio = check_input_audio(load_audio(input)[0])
             out = convert_stream(voice, audio, knobs, config, progress=update)
-        else:  # the DSP voice keeps each slice's level; models hear the training loudness
-            out = convert_offline(voice, audio, knobs, progress=update, restore_loudness=restore_loudness,
-                                  target_lufs=None if model is None else TARGET_LUFS)
-    save_audio(output, out, voice.sample_rate)
-    _say(f"wrote {output} ({len(out) / voice.sample_rate:.2f} s)")
+            save_audio(output, out, voice.sample_rate)
+            seconds = len(out) / voice.sample_rate
+        else:  # piece by piece: memory bounded whatever the length. The DSP voice keeps each
+            # slice's level; models hear the training loudness
+            seconds = convert_file(voice, input, output, knobs, progress=update,
+                                   restore_loudness=restore_loudness,
+                                   target_lufs=None if model is None else TARGET_LUFS)
+    _say(f"wrote {output} ({seconds:.2f} s)")
 
 
 @app.command()

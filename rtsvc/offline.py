@@ -7,12 +7,13 @@ slices with short crossfades into exactly the input's length.
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
+from rtsvc.dsp.audio import read_audio_blocks
 from rtsvc.dsp.denoise import denoise_clip
 from rtsvc.dsp.slicer import CROSSFADE_MS, join_with_crossfade, slice_at_silences
 from rtsvc.errors import UserError
@@ -23,6 +24,7 @@ TARGET_LUFS = -18.0  # upstream infer.py --target-loudness (the training data's 
 LOUDNESS_BLOCK_S = 0.1  # upstream meter block size; shorter slices are left as they are
 PEAK_LIMIT = 0.99  # upstream: scale down a normalised slice whose peak passes 1.0
 SILENCE_PEAK_DB = -70.0  # a whole input below this peak is "silent": nothing to convert
+PIECE_S = 30.0  # files are converted about this much at a time (cut in a silence): bounded memory
 
 Progress = Callable[[int, int], None]  # (slices done, slices total)
 
@@ -88,6 +90,89 @@ def _to_loudness(audio: np.ndarray, loudness: float | None, target: float) -> np
     out = audio * 10 ** ((target - loudness) / 20)
     peak = float(np.max(np.abs(out))) if out.size else 0.0
     return out * (PEAK_LIMIT / peak) if peak > 1.0 else out
+
+
+def check_input_file(path: str | Path) -> None:
+    """Read a file once, block by block (bounded memory), before any model loads: refuse it if it
+    is empty, has non-finite samples or is silent (UserError, one line)."""
+    peak, samples = 0.0, 0
+    for raw, _, start in read_audio_blocks(path, None):
+        bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+        if bad:
+            raise UserError(f"input has {bad} non-finite samples (NaN or infinity) in the block at "
+                            f"{start:.1f} s: the file is corrupt")
+        samples += raw.size
+        peak = max(peak, float(np.max(np.abs(raw), initial=0.0)))
+    if samples == 0:
+        raise UserError("input is empty (0 samples): nothing to convert")
+    level = peak_dbfs(np.array([peak]))
+    if level < SILENCE_PEAK_DB:
+        raise UserError(f"input is silent (peak {level:.0f} dBFS): nothing to convert")
+
+
+def _cut_point(audio: np.ndarray, sample_rate: int, target: int) -> int:
+    """Where a piece of a long input should end, near `target` samples: the middle of the silence
+    gap nearest to it, so neighbouring pieces meet where the output is silent anyway."""
+    ranges = slice_at_silences(audio, sample_rate)
+    gaps = [(end + begin) // 2 for (_, end), (begin, _) in zip(ranges, ranges[1:], strict=False)]
+    gaps = [g for g in gaps if target // 2 <= g < len(audio)]
+    return min(gaps, key=lambda g: abs(g - target)) if gaps else target
+
+
+def convert_file(
+    voice: Voice, input_path: str | Path, output_path: str | Path, knobs: Knobs,
+    progress: Progress | None = None, target_lufs: float | None = TARGET_LUFS, restore_loudness: bool = False,
+    piece_s: float = PIECE_S,
+) -> float:
+    """Convert a file of any length into `output_path` piece by piece: about `piece_s` seconds
+    (cut in a silence) are in memory at a time. The output is written to a temporary file beside
+    it and renamed at the end, so a failure never leaves a half-written output. Returns seconds.
+
+    Within a piece this is `convert_offline`; pieces are independent, as its slices are."""
+    import soundfile as sf
+
+    check_input_file(input_path)
+    sr, output_path = voice.sample_rate, Path(output_path)
+    total = sf.info(str(input_path)).duration
+    piece = int(piece_s * sr)
+    partial = output_path.with_name(f".{output_path.stem}.partial{output_path.suffix}")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+
+    def convert(audio: np.ndarray) -> np.ndarray:
+        if peak_dbfs(audio) < SILENCE_PEAK_DB:
+            return np.zeros_like(audio)
+        return convert_offline(voice, audio, knobs, target_lufs=target_lufs,
+                               restore_loudness=restore_loudness)
+
+    try:
+        try:
+            out = sf.SoundFile(str(partial), "w", sr, 1)
+        except (sf.SoundFileError, OSError) as err:
+            raise UserError(f"cannot write audio file {output_path}: {err}") from None
+        with out:
+            for audio in _pieces((block for _, block, _ in read_audio_blocks(input_path, sr)), sr, piece):
+                out.write(np.clip(convert(audio), -1.0, 1.0).astype(np.float32))
+                written += len(audio)
+                if progress is not None:
+                    progress(min(int(written / sr), int(total)), int(total))
+        os.replace(partial, output_path)
+    finally:
+        partial.unlink(missing_ok=True)  # (gone after the rename) a failure leaves no partial file
+    return written / sr
+
+
+def _pieces(blocks: Iterable[np.ndarray], sample_rate: int, piece: int):
+    """Regroup a stream of blocks into pieces of about `piece` samples, each ending in a silence."""
+    buffer = np.zeros(0, np.float32)
+    for block in blocks:
+        buffer = np.concatenate([buffer, block])
+        while len(buffer) >= 2 * piece:  # enough to choose a cut between piece/2 and 2 * piece
+            cut = _cut_point(buffer[: 2 * piece], sample_rate, piece)
+            yield buffer[:cut]
+            buffer = buffer[cut:]
+    if len(buffer):
+        yield buffer
 
 
 def convert_offline(

@@ -1,5 +1,6 @@
 """Audio I/O, resampling and the framing constants shared by the mel, the vocoder and the DiT."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,34 @@ def load_audio(path: str | Path, sample_rate: int | None = SAMPLE_RATE) -> tuple
         audio = resample(audio, sr, sample_rate)
         sr = sample_rate
     return np.ascontiguousarray(audio, dtype=np.float32), sr
+
+
+def read_audio_blocks(path: str | Path, sample_rate: int | None = SAMPLE_RATE,
+                      block_s: float = 10.0) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
+    """A file as mono float32 blocks of about `block_s` seconds, resampled on the way (memory
+    bounded by the block, whatever the file's length). Yields (block as read, block resampled to
+    `sample_rate`, start in seconds): callers can check the file's own samples."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"audio file not found: {path}")
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as err:  # soundfile raises several types for bad files
+        raise UserError(f"cannot read audio file {path}: {err}") from None
+    with f:
+        resampler = StreamResampler(f.samplerate, sample_rate or f.samplerate)
+        block, start = max(1, int(f.samplerate * block_s)), 0
+        while True:
+            try:
+                data = f.read(block, dtype="float32", always_2d=True)
+            except Exception as err:
+                raise UserError(f"cannot read audio file {path}: {err}") from None
+            last = data.shape[0] < block
+            raw = data.mean(axis=1)
+            yield raw, resampler.process(raw, last=last), start / f.samplerate
+            start += data.shape[0]
+            if last:
+                return
 
 
 def save_audio(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:

@@ -24,6 +24,9 @@ KEEP_RANGE_DB = 30.0  # ours: sound within this of the loudest frame is never si
 CROSSFADE_MS = 20.0  # upstream infer.py fade_duration
 
 
+RMS_CHUNK_FRAMES = 1024  # frames whose RMS is computed at once: bounds frame_rms's scratch memory
+
+
 def frame_rms(audio: np.ndarray, hop: int, win: int) -> np.ndarray:
     """RMS of `win`-sample frames centred every `hop` samples (zero padding), one per hop."""
     padded = np.pad(audio.astype(np.float64), (win // 2, win // 2))
@@ -31,7 +34,12 @@ def frame_rms(audio: np.ndarray, hop: int, win: int) -> np.ndarray:
     if n_frames <= 0:
         return np.zeros(0)
     frames = np.lib.stride_tricks.sliding_window_view(padded, win)[::hop][:n_frames]
-    return np.sqrt(np.mean(frames**2, axis=-1))
+    # sum of squares per frame without materialising frames**2 (win / hop times the audio's size)
+    rms = np.empty(n_frames)
+    for i in range(0, n_frames, RMS_CHUNK_FRAMES):
+        chunk = frames[i:i + RMS_CHUNK_FRAMES]
+        rms[i:i + RMS_CHUNK_FRAMES] = np.einsum("ij,ij->i", chunk, chunk) / win
+    return np.sqrt(rms)
 
 
 def _silences(rms: np.ndarray, threshold: float, min_length: int, min_interval: int,
