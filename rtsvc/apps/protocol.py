@@ -91,8 +91,8 @@ def check_knob_value(name: str, value: object, fatal: bool = True) -> object:
     finite; integers are JSON integers; speaker is a string or null. Ranges: RuntimeSettings."""
     kind = type(getattr(Knobs(), name)) if name != "speaker" else str
     if kind is str:
-        ok = value is None or isinstance(value, str)
-        wanted = "a string or null"
+        ok = isinstance(value, str) or (value is None and name == "speaker")
+        wanted = "a string or null" if name == "speaker" else "a string"
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         wanted = "an integer"
