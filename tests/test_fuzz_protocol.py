@@ -113,6 +113,7 @@ def fuzz_bundle(tmp_path_factory):
 @given(changes=st.dictionaries(manifest_fields, json_values, max_size=4),
        file_entry=st.tuples(st.sampled_from(["dit.onnx", "vocoder.onnx", "extra/weights.bin"])
                             | st.text(max_size=10), json_values) | st.none())
+@example(changes={}, file_entry=("\n", 0))  # found by this test: a newline in a file name split the error
 def test_any_manifest_reads_or_gives_one_line_user_error(fuzz_bundle, changes, file_entry):
     bundle, good = fuzz_bundle
     manifest = {**json.loads(json.dumps(good)), **changes}

@@ -10,6 +10,11 @@ Batching seam: sessions never call the voice themselves from the loop; they hand
 replace it with one that gathers the pending blocks of several sessions that share a model for a
 few milliseconds and runs their DiT/vocoder calls as one batch, resolving each session's future
 with its own rows; sessions and the socket code stay as they are.
+
+Hostile clients and overload (docs/protocol.md section 6): each stream's frames are received by
+their own task while earlier ones convert, stamped with the time they are due, and a live frame
+that is too late is answered with silence instead (policy and admission: rtsvc/apps/overload.py);
+every send has a time limit; SIGTERM stops the server as Ctrl-C does.
 """
 
 import asyncio
@@ -478,7 +483,7 @@ class StreamServer:
                                             f"{self.config.max_frame_bytes}-byte limit", CLOSE_TOO_BIG)
                     due = session.pacing.due(time.monotonic(), len(message) // itemsize)
                 await inbox.put((due, message))
-        except (ProtocolError, ConnectionClosed) as err:
+        except Exception as err:  # ProtocolError, ConnectionClosed, or a bug: handled in order by _stream
             await inbox.put((None, err))
 
     async def _stream(self, ws: ServerConnection, session: Session, summary: dict) -> None:

@@ -123,6 +123,11 @@ def _check_version(path: Path, manifest: dict) -> None:
                         "export it again with this rtsvc or upgrade rtsvc")
 
 
+def _shown(text: str) -> str:
+    """Manifest text in a one-line message: as is, or quoted when it holds newlines or controls."""
+    return text if text.isprintable() else repr(text)
+
+
 def _is_int(value: object, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -149,7 +154,8 @@ def _schema_errors(manifest: dict) -> list[str]:
     for name, entry in manifest["files"].items():
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and (entry.get("bytes") is None or _is_int(entry["bytes"], 0))):
-            errors.append(f'"files.{name}" must be an object with a "sha256" string and "bytes" integer')
+            errors.append(f'"files.{_shown(name)}" must be an object with a "sha256" string and "bytes" '
+                          "integer")
             break
     return errors
 
@@ -172,16 +178,17 @@ def _check_file(path: Path, name: str, entry: dict, verify_hashes: bool) -> None
         raise UserError(f"bundle {path}: manifest.json lists a file outside the bundle: {name!r}")
     file = path / rel
     if not file.is_file():
-        raise UserError(f"bundle {path}: {name} is missing (listed in manifest.json): "
+        raise UserError(f"bundle {path}: {_shown(name)} is missing (listed in manifest.json): "
                         "the bundle is incomplete")
     size = entry.get("bytes")
     if size is not None and file.stat().st_size != size:
-        raise UserError(f"bundle {path}: {name} has {file.stat().st_size} bytes, manifest.json says {size} "
-                        "(file truncated or changed after export)")
+        raise UserError(f"bundle {path}: {_shown(name)} has {file.stat().st_size} bytes, manifest.json says "
+                        f"{size} (file truncated or changed after export)")
     if verify_hashes:
         actual = sha256_file(file)
         if actual != entry["sha256"]:
-            raise UserError(f"bundle {path}: {name} sha256 mismatch (expected {entry['sha256'][:12]}…, "
+            raise UserError(f"bundle {path}: {_shown(name)} sha256 mismatch (expected "
+                            f"{_shown(entry['sha256'][:12])}…, "
                             f"got {actual[:12]}…): the file was changed or corrupted after export")
 
 
