@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from rtsvc.apps.autoblock import P99_MARGIN, resolve_block
 from rtsvc.apps.live import JITTER_MS
 from rtsvc.apps.server import ServerConfig
 from rtsvc.engine import StreamConfig, parse_block_ms
@@ -87,8 +88,9 @@ SkipLayers = _opt(int, "V3 models: the DiT block (0-based) the skip-layer guidan
 Rescale = _opt(float, "V3 models: guidance rescale towards the unguided velocity's std (0-1, 0 = off). "
                f"Default: {KNOBS.cfg_rescale:g}.")
 
-BLOCK_AUTO = (f"auto = {DSP_BLOCK_MS:g} ms (46.4 ms) for the DSP voice, {MODEL_BLOCK_MS:g} ms (150.9 ms) "
-              "with --model")
+BLOCK_AUTO = ("auto = measured at start on this machine: the shortest block whose p99 compute is at most "
+              f"{P99_MARGIN:g} of it, searched from {DSP_BLOCK_MS:g} ms (46.4 ms) for the DSP voice, "
+              f"{MODEL_BLOCK_MS:g} ms (150.9 ms) with --model")
 BlockMs = Annotated[str, typer.Option(metavar="MS|auto", help="Engine block length in ms, or auto (latency "
                                       "and compute per block; rounded to 11.6 ms mel frames). "
                                       f"Default: {BLOCK_AUTO}.")]
@@ -176,7 +178,7 @@ def live(
     spec.validate()  # a wrong --model is said first
     dev_in, dev_out, dev_mon = find_devices(input, output, monitor)  # before a model loads
     voice = open_voice(spec)
-    config = config.for_voice(voice)
+    config = resolve_block(voice, config, knobs, say=_say)  # auto: measured here
     _say(describe_voice(voice, model, speaker))
     result = run_live(voice, RuntimeSettings(knobs), config, input_device=dev_in,
                       output_device=dev_out, monitor_device=dev_mon, input_rate=input_rate,
@@ -253,8 +255,8 @@ def serve(
         rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
         providers=providers, streaming=True, dit_context_ms=dit_context_ms))
     source = dsp_source() if model is None else model_source(voice, model.name)
-    stream_config = stream_config.for_voice(voice)
     _say(describe_voice(voice, model, speaker))
+    stream_config = resolve_block(voice, stream_config, knobs, say=_say)  # auto: measured here
 
     def ready(server) -> None:
         where = f"{host}:{server.port}"
@@ -320,8 +322,9 @@ def convert(
         model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
         rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
         providers=providers, streaming=stream, dit_context_ms=dit_context_ms))
-    config = config.for_voice(voice)
     _say(describe_voice(voice, model, speaker))
+    if stream:
+        config = resolve_block(voice, config, knobs, say=_say)  # auto: measured here
     with _progress_bar() as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
@@ -480,12 +483,18 @@ def export_cmd(
                                        "ONNX (large: ~0.4 GB + ~2.4 GB for the real models). Default: off."),
     tolerance: float | None = typer.Option(None, help="Largest allowed parity error, relative to the "
                                            "largest torch output value. Default: 1e-4 (fp32), 2e-2 (fp16)."),
+    int8: bool = typer.Option(False, help="Then quantize for CPUs: dynamic int8 DiT and encoders, "
+                              "calibrated static int8 vocoder (each kept fp32 where int8 is not faster "
+                              "here); prints int8-vs-fp32 parity and timing. Default: off (fp32)."),
 ) -> None:
     """Export a checkpoint + vocoder to an ONNX Runtime bundle (.rtsvc), checked against torch."""
 
     from export.onnx_export import export_bundle, export_steps
 
     VoiceSpec(model=ckpt).validate()  # a wrong path is said before the progress bar starts
+    if int8 and fp16:
+        raise UserError("--int8 quantizes an fp32 export: drop --fp16")
+
     with _progress_bar() as bar:
         task = bar.add_task("exporting", total=export_steps(with_encoders))
         started = []
@@ -508,6 +517,17 @@ def export_cmd(
                         f"{worst.rel:.2e} (relative) > tolerance {worst.tolerance:g}; no bundle written")
     exporters = ", ".join(f"{k}: {v}" for k, v in result.exporters.items())
     console.print(f"wrote {result.path} (exporter {exporters})", highlight=False)
+    if int8:
+        from export.quantize import quantize_bundle
+
+        with _progress_bar() as bar:
+            task = bar.add_task("int8", total=None)
+            rows = quantize_bundle(result.path, step=lambda label: bar.update(task, description=label))
+        _table("int8 vs fp32 (ONNX Runtime CPU, this machine)",
+               ("graph", "scheme", "relative L2", "fp32 ms", "int8 ms", "speed-up"),
+               [(r.graph, r.scheme, f"{r.rel_l2:.4f}", f"{r.fp32_ms:.1f}", f"{r.int8_ms:.1f}",
+                 f"{r.fp32_ms / r.int8_ms:.2f}x") for r in rows])
+        console.print(f"quantized {result.path} to int8", highlight=False)
 
 
 @app.command()
@@ -536,10 +556,13 @@ def bench(
                                    f"Default: {GAP_CROSSFADES}."),
     sola_searches: str = typer.Option(GAP_SEARCHES, help=f"--gap: comma-separated SOLA searches in ms. "
                                       f"Default: {GAP_SEARCHES}."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch and for each ONNX Runtime "
+                                       "session (1 = steadiest on a busy machine). Default: the "
+                                       "libraries' own (every core)."),
     f0: F0 = None, precision: Precision = "fp32", providers: Providers = None, contentvec: ContentVec = None,
     whisper: Whisper = None, vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
-    """Per-block compute time (mean/p50/p99), real-time factor and latency per configuration."""
+    """Per-block compute time (mean/p50/p99), real-time factor, latency and per-stage breakdown."""
     from rtsvc.apps import bench as lib
     from rtsvc.apps.loopback import loopback_report
 
@@ -550,7 +573,7 @@ def bench(
     devices_, backends = lib.bench_devices(device), backend.split(",")
     spec = VoiceSpec(model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper,
                      vocoder=vocoder, rmvpe=rmvpe, f0=f0, precision=precision, providers=providers,
-                     dit_context_ms=dit_context_ms)
+                     dit_context_ms=dit_context_ms, threads=threads)
     cases = lib.make_cases(configs, spec, lib.parse_list(steps, int, "--steps"), backends, devices_)
     wide = Console(width=None if sys.stdout.isatty() else 150)  # tables are not squeezed in logs
     lib.run_bench(cases, seconds, console=wide)

@@ -2,7 +2,9 @@
 
 Compute: each configuration streams a synthetic sung tone through `StreamingConverter` and
 reports per-block compute time (mean, p50, p99), real-time factor (compute / block length) and the
-engine's algorithmic latency. Nothing here asserts on time; it prints tables.
+engine's algorithmic latency, and where a block's time goes (`StageTimes`: the voice's own `last_ms`
+per stage, the rest of the engine's time is SOLA, gains and copies). Nothing here asserts on time;
+it prints tables.
 """
 
 import time
@@ -11,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rtsvc.apps.autoblock import resolve_block
 from rtsvc.dsp.audio import SAMPLE_RATE
+from rtsvc.dsp.signals import sung_tone
 from rtsvc.engine import StreamConfig, StreamingConverter
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
@@ -19,16 +23,39 @@ from rtsvc.voice import Voice
 from rtsvc.voices.spec import VoiceSpec, open_voice
 
 WARMUP_BLOCKS = 2  # first blocks pay for lazy initialisation; not timed
+STAGES = ("f0", "contentvec", "whisper", "dit", "vocoder")  # a model block's big parts, in order
+SMALL_STAGES = ("resample", "rms")  # the feature cache's cheap parts, shown summed as "resample+rms"
 
 
-def sung_tone(seconds: float, sample_rate: int = SAMPLE_RATE, f0: float = 180.0, seed: int = 0) -> np.ndarray:
-    """A voice-like test signal: harmonics with vibrato, and a breathy noise gap every second."""
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.02 * np.sin(2 * np.pi * 5 * t))) / sample_rate
-    x = sum(0.15 / k * np.sin(k * phase) for k in range(1, 15))
-    noise = 0.02 * np.random.default_rng(seed).standard_normal(t.shape[0])
-    gap = (t % 1.0) > 0.85
-    return np.where(gap, noise, x).astype(np.float32)
+class StageTimes:
+    """A voice seen through the engine, keeping each `convert`'s wall time and (model voices) its
+    `last_ms` per stage; everything else is the wrapped voice's."""
+
+    def __init__(self, voice: Voice):
+        self.voice = voice
+        self.rows: list[dict[str, float]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.voice, name)
+
+    def convert(self, *args, **kwargs):
+        started = time.perf_counter()
+        out = self.voice.convert(*args, **kwargs)
+        row = dict(getattr(self.voice, "last_ms", None) or {})
+        row["voice"] = (time.perf_counter() - started) * 1000.0
+        self.rows.append(row)
+        return out
+
+    def means(self, block_mean_ms: float) -> dict[str, float]:
+        """Mean ms per stage over the recorded blocks; `engine` = the block's mean minus the voice's."""
+        if not self.rows:
+            return {}
+        mean = lambda key: float(np.mean([r.get(key, 0.0) for r in self.rows]))  # noqa: E731
+        out = {stage: mean(stage) for stage in STAGES}
+        out["resample+rms"] = sum(mean(k) for k in SMALL_STAGES)
+        out["voice"] = mean("voice")
+        out["engine"] = max(block_mean_ms - out["voice"], 0.0)
+        return out
 
 
 @dataclass
@@ -60,8 +87,9 @@ def parse_blocks(text: str) -> list[float | None]:
 
 
 def resolve_configs(configs: list[StreamConfig], voice: Voice) -> list[StreamConfig]:
-    """`configs` with auto blocks resolved for `voice`, duplicates dropped (order kept)."""
-    resolved = [c.for_voice(voice) for c in configs]
+    """`configs` with auto blocks measured for `voice` as live does (`rtsvc.apps.autoblock`),
+    duplicates dropped (order kept)."""
+    resolved = [resolve_block(voice, c) for c in configs]
     return [c for i, c in enumerate(resolved) if c not in resolved[:i]]
 
 
@@ -116,11 +144,13 @@ def gap_grid(configs: list[StreamConfig], crossfades: list[float],
 def bench_case(case: BenchCase, seconds: float = 5.0) -> dict:
     """Stream `seconds` of the test signal through one configuration; compute-time statistics."""
     knobs = Knobs(gate_db=-120.0, steps=case.steps or Knobs().steps)  # gate off: every block is timed
-    engine = StreamingConverter(case.voice, RuntimeSettings(knobs), case.config)
+    voice = StageTimes(case.voice)
+    engine = StreamingConverter(voice, RuntimeSettings(knobs), case.config)
     block = engine.layout.block
     audio = sung_tone(seconds + (WARMUP_BLOCKS + 1) * block / engine.sample_rate, engine.sample_rate)
     engine.process(audio[: WARMUP_BLOCKS * block])
     engine.reset_stats()  # drop warm-up timings
+    voice.rows.clear()
     cpu = time.process_time()  # CPU seconds of this process: meaningful on a shared, busy machine
     engine.process(audio[WARMUP_BLOCKS * block:])
     cpu = time.process_time() - cpu
@@ -128,7 +158,26 @@ def bench_case(case: BenchCase, seconds: float = 5.0) -> dict:
     return {"voice": case.label, "device": case.device, "steps": case.steps, "block_ms": st["block_ms"],
             "blocks": st["blocks"], "mean_ms": st["compute_ms_mean"], "p50_ms": st["compute_ms_p50"],
             "p99_ms": st["compute_ms_p99"], "cpu_ms": cpu * 1000.0 / max(st["blocks"], 1), "rtf": st["rtf"],
-            "p99_block": st["compute_ms_p99"] / st["block_ms"], "latency_ms": st["latency_ms"]}
+            "p99_block": st["compute_ms_p99"] / st["block_ms"], "latency_ms": st["latency_ms"],
+            "stages": voice.means(st["compute_ms_mean"])}
+
+
+def stage_table(rows: list[dict], title: str = "where a block's time goes (mean ms per block)"):
+    """One row per configuration: mean ms of each stage (model voices; the DSP voice is one stage)."""
+    from rich.table import Table
+
+    table = Table(title=title, caption="f0, contentvec, whisper: the feature cache's new work per block; "
+                  "resample+rms: the rest of it; engine: SOLA, gains, copies (block minus voice)")
+    columns = ("voice", "device", "steps", "block ms") + STAGES + ("resample+rms", "engine", "total")
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("voice", "device") else "right")
+    for r in rows:
+        st = r.get("stages") or {}
+        table.add_row(r["voice"], r["device"], "-" if r["steps"] is None else str(r["steps"]),
+                      f"{r['block_ms']:.1f}", *(f"{st.get(k, 0.0):.1f}" for k in STAGES),
+                      f"{st.get('resample+rms', 0.0):.1f}", f"{st.get('engine', 0.0):.1f}",
+                      f"{r['mean_ms']:.1f}")
+    return table
 
 
 def bench_table(rows: list[dict], title: str = "rtsvc bench: streaming engine, per-block compute"):
@@ -164,6 +213,8 @@ def run_bench(cases: list[BenchCase], seconds: float = 5.0, console=None) -> lis
             rows.append(bench_case(case, seconds))
             progress.advance(task)
     console.print(bench_table(rows))
+    if any(r["stages"].get("dit") for r in rows):  # a model voice ran: show where its time went
+        console.print(stage_table(rows))
     return rows
 
 

@@ -193,6 +193,9 @@ class OnnxBackend:
         self._providers, self._threads = list(providers), threads  # for the optional encoder sessions
         self.dit = make_session(bundle.file(DIT_FILE), providers, threads)
         self.vocoder = make_session(bundle.file(VOCODER_FILE), providers, threads)
+        # a graph may take fewer inputs than the interface offers (an unguided DiT has no whisper or
+        # cfg_strength input: the exporter drops unused inputs), so each run feeds only what it takes
+        self._inputs = {id(s): {i.name for i in s.get_inputs()} for s in (self.dit, self.vocoder)}
         self.providers = self.dit.get_providers()
         self.hop = int(bundle.manifest["audio"]["hop_length"])
         self.io_binding = self.providers[0] in GPU_PROVIDERS and device.type == "cuda"
@@ -210,6 +213,7 @@ class OnnxBackend:
 
     def _run(self, session: ort.InferenceSession, feeds: dict[str, torch.Tensor], out_name: str,
              out_shape: tuple[int, ...]) -> torch.Tensor:
+        feeds = {k: v for k, v in feeds.items() if k in self._inputs[id(session)]}
         if not self.io_binding:
             arrays = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
             return torch.from_numpy(session.run([out_name], arrays)[0]).to(self.device)

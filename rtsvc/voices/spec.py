@@ -17,6 +17,7 @@ from rtsvc.pretrained import DEFAULT_PRETRAINED_DIR, PretrainedPaths, resolve_pr
 from rtsvc.voice import Voice
 from rtsvc.voices.defaults import DIT_CONTEXT_MS
 
+STREAMING_TORCH_THREADS = 1  # torch on 2 busy cores: 2 threads made FCPE 10x slower per block (issue 14)
 F0_CHOICES = ("rmvpe", "fcpe", "pyworld")  # what --f0 offers (rtsvc.features.f0 has more, for the DSP voice)
 
 
@@ -40,6 +41,8 @@ class VoiceSpec:
     providers: str | None = None  # ONNX Runtime providers, e.g. "cuda,cpu"
     streaming: bool = True
     dit_context_ms: float = DIT_CONTEXT_MS  # streaming: left context the DiT samples
+    threads: int | None = None  # CPU threads: torch's (process-wide) and each ONNX Runtime session's;
+    # None: ONNX Runtime's own default, and torch at STREAMING_TORCH_THREADS when streaming on a CPU
 
     def with_(self, **changes) -> "VoiceSpec":
         """A copy with some fields changed (bench opens one spec per backend and device)."""
@@ -48,6 +51,8 @@ class VoiceSpec:
     def validate(self) -> "VoiceSpec":
         """User mistakes that need nothing loaded; returns self with `f0` resolved."""
         f0 = check_f0(self.f0)
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
         if not self.dit_context_ms >= 0:  # `not >=` also refuses NaN
             raise UserError(f"--dit-context-ms must be at least 0 ms, got {self.dit_context_ms:g}")
         if self.providers is not None:  # a typo fails here, even where no bundle would use them
@@ -134,13 +139,19 @@ def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
         raise UserError(f"model not found: {path}")
     bundle = is_bundle(path)
     torch_device = pick_device(spec.device)
+    torch_threads = spec.threads or (STREAMING_TORCH_THREADS if spec.streaming and torch_device.type == "cpu"
+                                     else None)
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
     if bundle and spec.backend == "torch":
         raise UserError(f"{path} is an exported .rtsvc bundle, which runs on --backend onnx; "
                         "for torch pass the .ckpt it was exported from")
     if not bundle and spec.backend == "onnx":
         raise UserError(f"--backend onnx needs an exported .rtsvc bundle (rtsvc export), got {path}")
     if bundle:
-        model = _open_onnx(path, spec.device, pretrained, spec.providers)
+        model = _open_onnx(path, spec.device, pretrained, spec.providers, spec.threads)
     else:
         from rtsvc.backends.torch_backend import TorchBackend
 
@@ -156,11 +167,12 @@ def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
     return ModelVoice(model, features, streaming=spec.streaming, dit_context_ms=spec.dit_context_ms)
 
 
-def _open_onnx(path: Path, device: str, pretrained: PretrainedPaths, providers: str | None = None):
+def _open_onnx(path: Path, device: str, pretrained: PretrainedPaths, providers: str | None = None,
+               threads: int | None = None):
     """The ONNX Runtime backend of a `.rtsvc` bundle (onnxruntime: heavy, and optional)."""
     try:
         from rtsvc.backends.onnx_backend import OnnxBackend
     except ImportError as err:
         raise UserError(f"the onnx backend is not available here ({err}); use a .ckpt with "
                         "--backend torch") from None
-    return OnnxBackend.open(path, device=device, pretrained=pretrained, providers=providers)
+    return OnnxBackend.open(path, device=device, pretrained=pretrained, providers=providers, threads=threads)

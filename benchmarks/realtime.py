@@ -1,0 +1,474 @@
+"""Per-stage cost of a model voice block at real model sizes (random weights): issue 14's tables.
+
+    python -m benchmarks.realtime                      # CPU, ONNX Runtime: the students, 1 and 2 threads
+    python -m benchmarks.realtime --voices v2-512      # + the full V2 voice (Whisper large-v3 size, torch)
+    python -m benchmarks.realtime --quality            # + the quality cost of each cut (LSD, rel. L2)
+    python -m benchmarks.realtime --device cuda        # GPU: torch fp16 and ORT CUDA/TensorRT (see --help)
+
+Every network has its real size and random weights (nothing is downloaded): DiT dit-512-8 /
+dit-768-12; ContentVec = HuBERT-base (transformers' HubertConfig defaults + final_proj); RMVPE at
+its real architecture (rtsvc.features.rmvpe); FCPE = torchfcpe's bundled (real) weights; the
+official-size NSF-HiFiGAN (openvpi config: upsample 8,8,2,2,2, 512 channels, resblock 1).
+
+Voices (stand-ins until the V3 family and the distilled students land, docs/benchmarks.md):
+    student-512, student-768   a V2 DiT of that size evaluated once per block (2 grid points = 1
+        Euler update) on its null-Whisper branch only: the cost of a V3-size one-evaluation student
+        (no Whisper, no guidance branches). The feature cache gets a zero Whisper (no encoder).
+    v2-512, v2-768             the full V2 voice: Whisper large-v3 size (32 layers, torch, random),
+        3 Euler updates x 2 guidance branches (cfg 2).
+
+Rows run ONNX Runtime on the CPU (`fp32`, and `int8` = export/quantize.py's bundle: dynamic int8
+DiT and ContentVec, static int8 vocoder where faster), `--threads` for torch and each session, the
+configurations interleaved round by round so machine load hits them alike. Prints markdown tables;
+"CPU" columns are this process's CPU time per block: on a busy shared machine, with one thread,
+that is close to what the block would take on the same core unshared (wall time is load-inflated).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.quantize import QuantizedGraph
+from rtsvc.apps.bench import BenchCase, StageTimes, log_spectral_distance, sung_tone
+from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
+from rtsvc.engine import StreamConfig, StreamingConverter, convert_stream
+from rtsvc.settings import Knobs, RuntimeSettings
+
+CACHE = Path(os.environ.get("RTSVC_BENCH_CACHE", Path.home() / ".cache" / "rtsvc" / "realtime-bench"))
+BLOCKS_MS = (104.5, 150.9, 301.9)
+STUDENT_STEPS = 2  # grid points: one Euler update = one evaluation
+V2_STEPS = 4  # the streaming default: 3 updates x 2 branches
+WHISPER_DIM = 1280
+SPEECH = ("The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore, "
+          "and the shells she sells are surely sea shells.")
+
+
+# --- networks at real size, random weights ----------------------------------------------------------
+
+def random_dit(dim: int, depth: int):
+    from export.bench_onnx import _random_dit
+
+    return _random_dit(dim, depth)
+
+
+class StudentVelocity(nn.Module):
+    """One unguided evaluation: the DiT's null-Whisper branch (what cfg 0 computes), so the graph
+    has no whisper or cfg_strength input (the ONNX backend feeds only what a graph takes)."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, x, t, spk, f0, rms, cvec):
+        whisper = cvec.new_zeros(cvec.shape[0], cvec.shape[1], WHISPER_DIM)
+        drop = t > -1.0  # all True, as a traced bool tensor [b] (a Python bool trips the tracer's full())
+        return self.dit(x, spk, f0, rms, cvec, whisper, t, drop_whisper=drop)
+
+
+def export_student(dit, path: Path) -> None:
+    from export.graphs import dit_example
+    from export.onnx_export import _export
+    from rtsvc.backends.bundle import DIT_OUTPUT
+
+    example = dit_example(2, 40, dit.config.num_speaker, torch.Generator().manual_seed(0))[:6]
+    per_frame = {0: "batch", 1: "frames"}
+    axes = {"x": per_frame, "t": {0: "batch"}, "spk": {0: "batch"}, "f0": per_frame, "rms": per_frame,
+            "cvec": per_frame, DIT_OUTPUT: per_frame}
+    _export(StudentVelocity(dit).eval(), example, path, ("x", "t", "spk", "f0", "rms", "cvec"), DIT_OUTPUT,
+            axes, 17)
+
+
+class NullWhisper:
+    """No Whisper (the student / V3 stand-in): zero features, no encoder run."""
+
+    dim = WHISPER_DIM
+
+    def hidden(self, audio_16k, pad_to_30s: bool = True, position_offset: int = 0) -> torch.Tensor:
+        return torch.zeros(max(len(audio_16k) // 320, 1), WHISPER_DIM)
+
+    def encode(self, audio_16k, n_frames: int, pad_to_30s: bool = True, position_offset: int = 0):
+        return torch.zeros(n_frames, WHISPER_DIM)
+
+
+def random_whisper_large(device: str = "cpu"):
+    from transformers import WhisperConfig, WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
+
+    from rtsvc.features.whisper import WhisperEncoder
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                        num_mel_bins=128)
+    encoder = HFWhisperEncoder(cfg).eval()
+    if device != "cpu":
+        encoder = encoder.half()  # GPU rows: Whisper in fp16, as `--precision fp16` runs it
+    return WhisperEncoder(encoder, WhisperFeatureExtractor(feature_size=128), torch.device(device))
+
+
+def f0_extractor(name: str, device: str = "cpu"):
+    from rtsvc.features.f0 import F0Extractor, make_f0_extractor
+
+    if name != "rmvpe":
+        return make_f0_extractor(name, device=device)
+    from rtsvc.features.rmvpe import Rmvpe
+
+    torch.manual_seed(0)
+    model = Rmvpe().eval().to(device)  # real architecture, random weights
+    return F0Extractor("rmvpe", model.f0)
+
+
+# --- the cached ONNX graphs -------------------------------------------------------------------------
+
+def calibration_audio() -> list[np.ndarray]:
+    """espeak-ng speech and the sung tone at 44.1 kHz (what calibration and quality runs hear)."""
+    return [speech_audio(), sung_tone(6.0)]
+
+
+def speech_audio() -> np.ndarray:
+    from rtsvc.dsp.audio import load_audio
+
+    path = CACHE / "speech.wav"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["espeak-ng", "-w", str(path), SPEECH], check=True)
+    audio = load_audio(path)[0]
+    return (0.5 * audio / max(float(np.abs(audio).max()), 1e-6)).astype(np.float32)
+
+
+def graphs(dims: list[tuple[int, int]], int8: bool, log=print) -> dict[str, Path]:
+    """fp32 (and int8) ONNX files in CACHE, built once: vocoder, contentvec, dit-D-L[-v2]."""
+    from export.graphs import ContentVecGraph
+    from export.onnx_export import _export, export_dit, export_vocoder
+    from export.quantize import quantize_graph, vocoder_feeds
+    from rtsvc.features.contentvec import HubertModelWithFinalProj
+    from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    out = {}
+
+    def build(name: str, make) -> None:
+        path = CACHE / f"{name}.onnx"
+        if not path.exists():
+            log(f"exporting {name} (random weights, real size)")
+            started = time.perf_counter()
+            make(path)
+            log(f"  {time.perf_counter() - started:.0f} s")
+        out[name] = path
+
+    torch.manual_seed(0)
+    build("vocoder", lambda p: export_vocoder(NsfHifiGan(VocoderConfig()).eval(), p))
+    from transformers import HubertConfig
+
+    build("contentvec", lambda p: _export(
+        ContentVecGraph(HubertModelWithFinalProj(HubertConfig()).eval()), (torch.randn(1, 16000) * 0.1,), p,
+        ("audio",), "features", {"audio": {0: "b", 1: "samples"}, "features": {0: "b", 1: "frames"}}, 17))
+    for dim, depth in dims:
+        build(f"dit-{dim}-{depth}", lambda p, d=dim, L=depth: export_student(random_dit(d, L), p))
+        build(f"dit-{dim}-{depth}-v2", lambda p, d=dim, L=depth: export_dit(random_dit(d, L), p))
+    if int8:
+        audio = calibration_audio()
+        for name in list(out):
+            dst = CACHE / f"{name}-int8.onnx"
+            if not dst.exists():
+                log(f"quantizing {name}")
+                static = name == "vocoder"
+                feeds = vocoder_feeds(audio) if static else graph_feeds(name, out[name], audio)
+                row = quantize_graph(out[name], dst, feeds, static=static, threads=1)
+                (CACHE / f"{name}-int8.parity.json").write_text(json.dumps(row.row()))
+            out[f"{name}-int8"] = dst
+    return out
+
+
+def graph_feeds(name: str, path: Path, audio: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Parity/timing inputs for a DiT or ContentVec graph: 1 s windows of the calibration audio
+    (ContentVec), or random mel noise on realistic conditioning shapes (DiT, 100 frames)."""
+    import onnxruntime as ort
+
+    if name == "contentvec":
+        return [{"audio": resample(a[i:i + SAMPLE_RATE], SAMPLE_RATE, ENCODER_SAMPLE_RATE)[None]}
+                for a in audio for i in range(0, len(a) - SAMPLE_RATE, 2 * SAMPLE_RATE)]
+    from export.graphs import dit_example
+
+    inputs = {i.name for i in ort.InferenceSession(str(path)).get_inputs()}
+    names = ("x", "t", "spk", "f0", "rms", "cvec", "whisper", "cfg_strength")
+    feeds = []
+    for seed in range(4):
+        example = dit_example(1, 100, 2, torch.Generator().manual_seed(seed))
+        feeds.append({k: v.numpy() for k, v in zip(names, example, strict=True) if k in inputs})
+    return feeds
+
+
+def parity_table(rows) -> str:
+    lines = ["| graph | scheme | rel. L2 vs fp32 | fp32 ms | int8 ms | speed-up |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r.graph} | {r.scheme} | {r.rel_l2:.4f} | {r.fp32_ms:.1f} | {r.int8_ms:.1f} | "
+              f"{r.fp32_ms / r.int8_ms:.2f}x |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --- voices ---------------------------------------------------------------------------------------
+
+BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt", "torch-fp32", "torch-fp16")
+
+
+def make_voice(kind: str, files: dict[str, Path], f0: str, precision: str, threads: int | None,
+               whisper_large=None, dit_context_ms: float | None = None, backend: str = "onnx-cpu"):
+    """A streaming ModelVoice: on an ONNX bundle assembled from the cached graphs (`onnx-*`), or on
+    the torch DiT and vocoder (`torch-*`, same seeds as the graphs; students run at cfg 0, one branch)."""
+    from rtsvc.backends.bundle import read_bundle, write_manifest
+    from rtsvc.backends.onnx_backend import CPU, PROVIDER_NAMES, OnnxBackend, OnnxContentVec, make_session
+    from rtsvc.features.extractor import FeatureExtractor
+    from rtsvc.voices.defaults import DIT_CONTEXT_MS
+    from rtsvc.voices.model import ModelVoice
+
+    family, size = kind.split("-")
+    dim, depth = {"512": (512, 8), "768": (768, 12)}[size]
+    runtime, flavour = backend.split("-")
+    device = torch.device("cpu" if flavour == "cpu" or (runtime == "torch" and not torch.cuda.is_available())
+                          else "cuda")
+    q = "-int8" if precision == "int8" else ""
+    if runtime == "onnx":
+        providers = [CPU] if flavour == "cpu" else [PROVIDER_NAMES[flavour], CPU]
+        bundle = Path(tempfile.mkdtemp(prefix="rtsvc-bench-"))
+        os.link(files[f"dit-{dim}-{depth}" + ("-v2" if family == "v2" else "") + q], bundle / "dit.onnx")
+        os.link(files["vocoder" + q], bundle / "vocoder.onnx")
+        write_manifest(bundle, {"audio": {"sample_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH},
+                                "speakers": {"a": 0, "b": 1}, "dit": {}, "defaults": {}, "features": {}})
+        model = OnnxBackend(read_bundle(bundle, verify_hashes=False), providers, device, threads)
+        contentvec = OnnxContentVec(make_session(files["contentvec" + q], providers, threads), device)
+    else:
+        from transformers import HubertConfig
+
+        from rtsvc.backends.torch_backend import TorchBackend
+        from rtsvc.features.contentvec import ContentVec, HubertModelWithFinalProj
+        from rtsvc.models.loading import LoadedDiT
+        from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig
+
+        dit = random_dit(dim, depth).to(device)
+        loaded = LoadedDiT(model=dit, speakers={"a": 0, "b": 1}, config=dit.config, path=Path(kind),
+                           dataset={})
+        torch.manual_seed(0)
+        model = TorchBackend(loaded, NsfHifiGan(VocoderConfig()).eval().to(device), device, flavour)
+        contentvec = ContentVec(HubertModelWithFinalProj(HubertConfig()), device)
+    whisper = whisper_large if family == "v2" else NullWhisper()
+    features = FeatureExtractor(contentvec, whisper, f0_extractor(f0, str(device)), device)
+    return ModelVoice(model, features, streaming=True,
+                      dit_context_ms=DIT_CONTEXT_MS if dit_context_ms is None else dit_context_ms)
+
+
+def knobs_for(kind: str) -> Knobs:
+    """Students: one evaluation, unguided (cfg 0); V2: the streaming default steps, cfg 2."""
+    if kind.startswith("v2"):
+        return Knobs(gate_db=-120.0, steps=V2_STEPS, pitch_shift=0)
+    return Knobs(gate_db=-120.0, steps=STUDENT_STEPS, cfg_strength=0.0, pitch_shift=0)
+
+
+# --- timing -----------------------------------------------------------------------------------------
+
+def time_case(case: BenchCase, seconds: float) -> dict:
+    """Like rtsvc.apps.bench.bench_case, keeping every block's time (rounds are merged later)."""
+    from rtsvc.apps.bench import WARMUP_BLOCKS
+
+    knobs = knobs_for(case.label)
+    voice = StageTimes(case.voice)
+    engine = StreamingConverter(voice, RuntimeSettings(knobs), case.config)
+    block = engine.layout.block
+    audio = sung_tone(seconds + (WARMUP_BLOCKS + 1) * block / SAMPLE_RATE)
+    engine.process(audio[: WARMUP_BLOCKS * block])
+    voice.rows.clear()
+    times, cpu = [], []
+    for i in range(WARMUP_BLOCKS, len(audio) // block):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        engine.process(audio[i * block:(i + 1) * block])
+        times.append((time.perf_counter() - started) * 1000.0)
+        cpu.append((time.process_time() - cpu_started) * 1000.0)
+    return {"times": times, "cpu": cpu, "stages": voice.rows, "block_ms": block * 1000.0 / SAMPLE_RATE}
+
+
+def merge(parts: list[dict]) -> dict:
+    times = [t for p in parts for t in p["times"]]
+    cpu = [t for p in parts for t in p["cpu"]]
+    rows = [r for p in parts for r in p["stages"]]
+    mean = lambda key: float(np.mean([r.get(key, 0.0) for r in rows]))  # noqa: E731
+    block = parts[0]["block_ms"]
+    st = {k: mean(k) for k in ("f0", "contentvec", "whisper", "dit", "vocoder")}
+    st["other"] = float(np.mean(times)) - sum(st.values())  # resample, RMS, SOLA, copies
+    return {"block_ms": block, "blocks": len(times), "mean": float(np.mean(times)),
+            "cpu": float(np.mean(cpu)), "cpu_p99": float(np.percentile(cpu, 99)),
+            "p50": float(np.percentile(times, 50)), "p99": float(np.percentile(times, 99)),
+            "rtf": float(np.mean(times)) / block, "p99_block": float(np.percentile(times, 99)) / block, **st}
+
+
+def load() -> str:
+    return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_table(args, files: dict[str, Path], whisper_large) -> None:
+    configs = []
+    for backend in args.backends:
+        for kind in args.voices:
+            for f0 in args.f0:
+                for precision in args.precision:
+                    if precision == "int8" and (kind.startswith("v2") or backend != "onnx-cpu"):
+                        continue  # int8 graphs are for CPUs; guided V2 amplifies int8 error (issue 14)
+                    for threads in args.threads:
+                        configs.append((backend, kind, f0, precision, threads))
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M')} UTC, {os.cpu_count()} CPUs, {load()} at start; "
+          f"{args.seconds:g} s per row in {args.rounds} interleaved rounds; ms per block\n")
+    print("| backend | voice | F0 | precision | threads | block ms | mean | p50 | p99 | RTF | p99/block | "
+          "CPU mean | CPU p99 | F0 | ContentVec | Whisper | DiT | vocoder | other |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for backend, kind, f0, precision, threads in configs:
+        torch.set_num_threads(threads)
+        voice = make_voice(kind, files, f0, precision, threads, whisper_large, backend=backend)
+        parts: dict[float, list[dict]] = {b: [] for b in args.blocks}
+        for _ in range(args.rounds):
+            for block in args.blocks:
+                voice.reset()
+                case = BenchCase(kind, backend, voice, StreamConfig(block_ms=block).for_voice(voice))
+                parts[block].append(time_case(case, args.seconds / args.rounds))
+        for block in args.blocks:
+            r = merge(parts[block])
+            print(f"| {backend} | {kind} | {f0} | {precision} | {threads} | {r['block_ms']:.1f} | "
+                  f"{r['mean']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | {r['rtf']:.2f} | "
+                  f"{r['p99_block']:.2f} | {r['cpu']:.0f} | {r['cpu_p99']:.0f} | {r['f0']:.0f} | "
+                  f"{r['contentvec']:.0f} | {r['whisper']:.0f} | {r['dit']:.0f} | {r['vocoder']:.0f} | "
+                  f"{r['other']:.0f} |", flush=True)
+    print(f"\n{load()} at end")
+
+
+# --- quality cost of each cut ---------------------------------------------------------------------
+
+def vocoder_context_error(voice, audio: np.ndarray, contexts=(0, 1, 2, 4, 8, 12, 16), tail_frames: int = 17,
+                          window_frames: int = 60) -> list[tuple[int, float, float]]:
+    """(context frames, LSD dB, rel. L2) of vocoding only the kept tail plus `context` frames
+    vs vocoding the whole window, over consecutive windows of `audio`'s real mel."""
+    from rtsvc.dsp.mel import log_mel_spectrogram
+    from rtsvc.features.f0 import f0_to_mel_frames, make_f0_extractor
+
+    mel = log_mel_spectrogram(audio)
+    f0 = torch.from_numpy(f0_to_mel_frames(make_f0_extractor("pyworld")(
+        resample(audio, SAMPLE_RATE, ENCODER_SAMPLE_RATE)), mel.shape[-1])).float()[None]
+    rows = []
+    for c in contexts:
+        full_parts, cut_parts = [], []
+        for end in range(window_frames, mel.shape[-1], tail_frames):
+            m, f = mel[..., end - window_frames:end], f0[:, end - window_frames:end]
+            start = (end - window_frames) * HOP_LENGTH
+            full = voice._vocode(m, f, 0, start, 0)[-tail_frames * HOP_LENGTH:]
+            first = window_frames - tail_frames - c
+            cut = voice._vocode(m[..., first:], f, first, start, 0)[-tail_frames * HOP_LENGTH:]
+            full_parts.append(full)
+            cut_parts.append(cut)
+        a, b = np.concatenate(full_parts), np.concatenate(cut_parts)
+        rows.append((c, log_spectral_distance(b, a), float(np.linalg.norm(a - b) / np.linalg.norm(a))))
+    return rows
+
+
+def run_quality(args, files: dict[str, Path]) -> None:
+    """LSD of each approximation against the exact pipeline, on espeak speech and the sung tone."""
+    inputs = {"speech": speech_audio()[: 4 * SAMPLE_RATE], "sung": sung_tone(4.0)}
+    kind = args.voices[0] if not args.voices[0].startswith("v2") else "student-512"
+    knobs = knobs_for(kind)
+    torch.set_num_threads(max(args.threads))
+    ref = make_voice(kind, files, "fcpe", "fp32", max(args.threads))
+    if args.vocoder_context:
+        run_vocoder_context(ref, inputs)
+    run_cuts(args, files, kind, ref, inputs, knobs)
+
+
+def run_vocoder_context(ref, inputs: dict[str, np.ndarray]) -> None:
+    print(f"\n### Vocoder context ({load()}): kept tail 17 frames, official-size NSF-HiFiGAN, random "
+          "weights, real mel\n")
+    print("| input | context frames | LSD dB vs whole window | rel. L2 |\n|---|---|---|---|")
+    for name, audio in inputs.items():
+        for c, lsd, rel in vocoder_context_error(ref, audio):
+            print(f"| {name} | {c} | {lsd:.3f} | {rel:.2e} |", flush=True)
+
+
+def run_cuts(args, files: dict[str, Path], kind: str, ref, inputs: dict[str, np.ndarray],
+             knobs: Knobs) -> None:
+    config = StreamConfig(block_ms=150.9)
+    print(f"\n### {kind} at 150.9 ms, FCPE: each cut vs the exact pipeline ({load()}; random weights)\n")
+    print("| comparison | input | LSD dB |\n|---|---|---|")
+    exact_enc = ref.for_streaming(encoder_context_s=None, dit_context_ms=None)  # both on the whole window
+    for name, audio in inputs.items():
+        exact = convert_stream(exact_enc, audio, knobs, config)
+        offline = make_voice(kind, files, "fcpe", "fp32", max(args.threads))
+        offline.streaming, offline.cache = False, None
+        off = offline.convert(audio, knobs)
+        rows = [("streaming (defaults) vs offline", convert_stream(ref, audio, knobs, config), off)]
+        for ctx in args.encoder_contexts:  # the default window is ~0.49 s: longer contexts = whole window
+            rows.append((f"encoder context {ctx:g} s vs whole window",
+                         convert_stream(ref.for_streaming(encoder_context_s=ctx), audio, knobs, config),
+                         exact))
+        for ms in args.dit_contexts:
+            rows.append((f"DiT context {ms:g} ms vs whole window",
+                         convert_stream(ref.for_streaming(encoder_context_s=None, dit_context_ms=ms), audio,
+                                        knobs, config), exact))
+        if "int8" in args.precision and not args.skip_int8_quality:
+            q = make_voice(kind, files, "fcpe", "int8", max(args.threads))
+            rows.append(("int8 vs fp32 (streaming defaults)", convert_stream(q, audio, knobs, config),
+                         convert_stream(ref, audio, knobs, config)))
+        for label, a, b in rows:
+            print(f"| {label} | {name} | {log_spectral_distance(a, b):.3f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--voices", default="student-512,student-768", help="comma list of student-512, "
+                    "student-768, v2-512, v2-768 (default student-512,student-768)")
+    ap.add_argument("--f0", default="fcpe,rmvpe", help="comma list of fcpe, rmvpe, pyworld "
+                    "(default fcpe,rmvpe)")
+    ap.add_argument("--precision", default="fp32,int8", help="comma list of fp32, int8 (default both)")
+    ap.add_argument("--threads", default="1,2", help="comma list of CPU thread counts (default 1,2)")
+    ap.add_argument("--blocks", default=",".join(f"{b:g}" for b in BLOCKS_MS),
+                    help="comma list of block lengths in ms (default 104.5,150.9,301.9)")
+    ap.add_argument("--seconds", type=float, default=6.0, help="audio per row in seconds (default 6)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per row (default 2)")
+    ap.add_argument("--backends", default="onnx-cpu", help=f"comma list of {', '.join(BACKENDS)} "
+                    "(default onnx-cpu; GPU: torch-fp16,onnx-cuda,onnx-tensorrt)")
+    ap.add_argument("--quality", action="store_true", help="also the quality cost of each cut")
+    ap.add_argument("--vocoder-context", action="store_true", help="with --quality: also the vocoder "
+                    "context sweep (slow)")
+    ap.add_argument("--encoder-contexts", default="0.1,0.25,1", help="with --quality: encoder left "
+                    "contexts in s to compare (default 0.1,0.25,1)")
+    ap.add_argument("--dit-contexts", default="50,100,250", help="with --quality: DiT left contexts in ms "
+                    "(default 50,100,250)")
+    ap.add_argument("--skip-int8-quality", action="store_true", help="with --quality: leave out int8")
+    ap.add_argument("--no-table", action="store_true", help="skip the timing table")
+    args = ap.parse_args()
+    args.voices = args.voices.split(",")
+    args.f0 = args.f0.split(",")
+    args.precision = args.precision.split(",")
+    args.threads = [int(t) for t in args.threads.split(",")]
+    args.blocks = [float(b) for b in args.blocks.split(",")]
+    args.backends = args.backends.split(",")
+    args.encoder_contexts = [float(c) for c in args.encoder_contexts.split(",")]
+    args.dit_contexts = [float(c) for c in args.dit_contexts.split(",")]
+    dims = sorted({(512, 8) if v.endswith("512") else (768, 12) for v in args.voices})
+    files = graphs(dims, "int8" in args.precision)
+    parity = [QuantizedGraph(**json.loads(p.read_text())) for p in sorted(CACHE.glob("*.parity.json"))]
+    if parity:
+        print("\nint8 parity (export/quantize.py; random weights, real sizes; 1 thread; measured when "
+              "the graph was quantized):\n")
+        print(parity_table(parity))
+    on_gpu = torch.cuda.is_available() and args.backends != ["onnx-cpu"]
+    whisper_large = random_whisper_large("cuda" if on_gpu else "cpu") \
+        if any(v.startswith("v2") for v in args.voices) else None
+    if not args.no_table:
+        run_table(args, files, whisper_large)
+    if args.quality:
+        run_quality(args, files)
+
+
+if __name__ == "__main__":
+    main()
