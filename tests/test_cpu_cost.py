@@ -18,6 +18,7 @@ from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
 from rtsvc.models.flow import Conditioning, cfg_velocity
+from rtsvc.models.guidance import Guidance
 from rtsvc.models.loading import load_dit, load_vocoder
 from rtsvc.pretrained import resolve_pretrained
 from rtsvc.settings import Knobs
@@ -113,8 +114,9 @@ def test_int8_export_writes_a_quantized_bundle_with_parity(tiny, capsys, monkeyp
                         0.1 * torch.rand(1, n, generator=g), torch.randn(1, n, 768, generator=g),
                         torch.randn(1, n, 1280, generator=g))
     x, t = torch.randn(1, n, 128, generator=g), torch.tensor([0.5])
-    ref = cfg_velocity(dit, x, t, cond, 2.0)
-    got = backend.velocity_cfg(x, t, cond, 2.0)
+    with torch.no_grad():
+        ref = cfg_velocity(dit, x, t, cond, 2.0)
+    got = backend.guided_velocity(x, t, cond, Guidance(cfg_strength=2.0))
     assert float((got - ref).norm() / ref.norm()) < 0.1
     # quantizing twice is a user mistake, one line
     with pytest.raises(UserError, match="only an fp32 bundle can be quantized"):
@@ -148,7 +150,7 @@ def test_onnx_backend_runs_a_dit_graph_without_guidance_inputs(tiny, tmp_path):
     cond = Conditioning(torch.tensor([1]), 200 * torch.ones(1, n), 0.1 * torch.rand(1, n, generator=g),
                         torch.randn(1, n, 768, generator=g), torch.randn(1, n, 1280, generator=g))
     x, t = torch.randn(1, n, 128, generator=g), torch.tensor([0.3])
-    got = backend.velocity_cfg(x, t, cond, 2.0)  # cfg_strength and whisper are offered, not taken
+    got = backend.guided_velocity(x, t, cond, Guidance(cfg_strength=2.0))  # whisper, cfg: offered, not taken
     ref = cfg_velocity(dit, x, t, cond, 0.0)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(StudentVelocity(dit)(x, t, cond.spk, cond.f0, cond.rms, cond.cvec), ref,
