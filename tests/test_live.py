@@ -61,7 +61,9 @@ def test_live_pitch_up_an_octave_through_pulseaudio(pulse, tmp_path):
     with open(captured, "wb") as sink:
         parec = subprocess.Popen(["parec", "-d", "speaker.monitor", "--raw", "--format=float32le",
                                   "--channels=1", f"--rate={SR}"], env=pulse.env, stdout=sink)
-    args = ["--pitch", "12", "--duration", "5", "--gate", "-60", "--record", str(record)]
+    # a fixed block: auto measures this machine, and on a busy one picks up to 1 s blocks, whose
+    # latency would push the tone's end past --duration (auto itself: tests/test_cpu_cost.py)
+    args = ["--pitch", "12", "--duration", "5", "--gate", "-60", "--record", str(record), "--block-ms", "50"]
     live = start_live(pulse, args, log)
     try:
         wait_for_start(live, log, timeout=60)
