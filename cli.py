@@ -33,6 +33,7 @@ console = Console(stderr=True)
 KNOBS, STREAM, SERVER = Knobs(), StreamConfig(), ServerConfig()
 CONVERT_STEPS = 32  # offline conversion: upstream infer.py's default sampling steps
 BENCH_BLOCKS, BENCH_STEPS = "50,100,150,250", "2,4,8"  # rtsvc bench grids (ms, steps)
+STREAMS_BATCHES, STREAMS_THREADS = "1,8", 1  # rtsvc bench --streams: compared max batches, torch threads
 GAP_CROSSFADES, GAP_SEARCHES = "5,10,25,50", "0,5,10,20"  # rtsvc bench --gap grids (ms)
 
 # --- options shared by several commands ------------------------------------------------------
@@ -100,6 +101,10 @@ DitContextMs = _opt(float, "Left context in ms the model's DiT samples before th
 ContextMs = _opt(float, f"Left context per block in ms. Default: {STREAM.context_ms:g}.")
 CrossfadeMs = _opt(float, f"SOLA crossfade in ms. Default: {STREAM.crossfade_ms:g}.")
 SolaSearchMs = _opt(float, f"SOLA search window in ms. Default: {STREAM.sola_search_ms:g}.")
+MaxBatch = _opt(int, "Model voices: most clients' blocks run as one batch through the DiT and vocoder (1 = "
+                f"each block alone). Default: {SERVER.max_batch}.")
+BatchDeadlineMs = _opt(float, "Longest a block waits in ms for other clients' blocks to batch with (never "
+                       f"past its real-time budget of one block). Default: {SERVER.batch_deadline_ms:g}.")
 
 
 def _progress_bar():
@@ -216,6 +221,16 @@ def serve(
     send_timeout: float = typer.Option(SERVER.send_timeout_s, help="Seconds a client may leave its replies "
                                        "unread before it is dropped (code 1008). Default: "
                                        f"{SERVER.send_timeout_s:g}."),
+    max_batch: MaxBatch = SERVER.max_batch, batch_deadline_ms: BatchDeadlineMs = SERVER.batch_deadline_ms,
+    ray: str | None = typer.Option(None, metavar="ADDRESS|auto", help="Deploy as a Ray Serve application "
+                                   "(needs rtsvc[ray]) on the cluster at ADDRESS, or auto ($RAY_ADDRESS, "
+                                   "else a private local instance stopped with the command). Default: off "
+                                   "(one process)."),
+    replicas: int = typer.Option(2, help="--ray: replicas, each holding the voice and its clients. "
+                                 "Default: 2."),
+    replica_cpus: float = typer.Option(0.0, help="--ray: CPUs Ray reserves per replica. Default: 0."),
+    replica_gpus: float = typer.Option(0.0, help="--ray: GPUs per replica (e.g. 1, or 0.5 to share one). "
+                                       "Default: 0."),
     pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, gate: Gate = KNOBS.gate_db,
     input_gain: InputGain = KNOBS.input_gain_db, output_gain: OutputGain = KNOBS.output_gain_db,
     steps: Steps = KNOBS.steps, cfg_strength: CfgStrength = KNOBS.cfg_strength,
@@ -241,7 +256,8 @@ def serve(
     config = ServerConfig(host=host, port=port, token=token, max_clients=max_clients,
                           max_frame_bytes=max_frame_bytes, idle_timeout_s=idle_timeout,
                           allowed_origins=tuple(allowed_origin or ()), workers=workers,
-                          max_lag_ms=max_lag_ms, send_timeout_s=send_timeout)
+                          max_lag_ms=max_lag_ms, send_timeout_s=send_timeout,
+                          max_batch=max_batch, batch_deadline_ms=batch_deadline_ms)
     check_config(config)  # refuse an open bind without a token before loading any model
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
                                  input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
@@ -250,10 +266,20 @@ def serve(
                                  cfg_skip_layers=cfg_skip_layers, cfg_rescale=cfg_rescale, denoise=denoise))
     stream_config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms,
                                  sola_search_ms).validate()
-    voice = open_voice(VoiceSpec(
+    spec = VoiceSpec(
         model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
         rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
-        providers=providers, streaming=True, dit_context_ms=dit_context_ms))
+        providers=providers, streaming=True, dit_context_ms=dit_context_ms)
+    if ray is not None:  # every replica opens the voice itself
+        from rtsvc.apps.ray_serve import RayOptions, serve_on_ray
+
+        options = RayOptions(ray, replicas, replica_cpus, replica_gpus)
+        where = f"{host}:{port}"
+        serve_on_ray(config, spec.validate(), knobs, stream_config, options, on_ready=lambda: _say(
+            f"rtsvc serving on Ray Serve ({replicas} replicas) at http://{where}/ and "
+            f"ws://{where}/v1/stream; Ctrl-C stops"))
+        return
+    voice = open_voice(spec)
     source = dsp_source() if model is None else model_source(voice, model.name)
     _say(describe_voice(voice, model, speaker))
     stream_config = resolve_block(voice, stream_config, knobs, say=_say)  # auto: measured here
@@ -558,13 +584,33 @@ def bench(
                                       f"Default: {GAP_SEARCHES}."),
     threads: int | None = typer.Option(None, help="CPU threads for torch and for each ONNX Runtime "
                                        "session (1 = steadiest on a busy machine). Default: the "
-                                       "libraries' own (every core)."),
+                                       "libraries' own (every core); 1 with --streams."),
+    streams: str | None = typer.Option(None, help="Instead: comma-separated counts of simulated real-time "
+                                       "clients streaming through a loopback websocket server, each count "
+                                       "run with every --max-batches value; reports latency, late blocks "
+                                       "and the largest count held in real time. Default: off."),
+    max_batches: str = typer.Option(STREAMS_BATCHES, help="--streams: comma-separated --max-batch values to "
+                                    f"compare (1 = unbatched). Default: {STREAMS_BATCHES}."),
+    batch_deadline_ms: BatchDeadlineMs = SERVER.batch_deadline_ms,
     f0: F0 = None, precision: Precision = "fp32", providers: Providers = None, contentvec: ContentVec = None,
     whisper: Whisper = None, vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
     """Per-block compute time (mean/p50/p99), real-time factor, latency and per-stage breakdown."""
     from rtsvc.apps import bench as lib
     from rtsvc.apps.loopback import loopback_report
+
+    if streams is not None:  # the streams bench instead of the per-block tables
+        from rtsvc.apps.bench_streams import run_streams_command
+
+        spec = VoiceSpec(model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper,
+                         vocoder=vocoder, rmvpe=rmvpe, f0=f0, precision=precision, providers=providers,
+                         backend=backend, device="auto" if device == "all" else device,
+                         dit_context_ms=dit_context_ms, threads=threads or STREAMS_THREADS)
+        run_streams_command(spec, streams, max_batches, "auto" if block_ms == BENCH_BLOCKS else block_ms,
+                            None if steps == BENCH_STEPS else steps, context_ms, crossfade_ms, seconds,
+                            batch_deadline_ms, threads or STREAMS_THREADS,
+                            Console(width=None if sys.stdout.isatty() else 150))
+        return
 
     configs = [StreamConfig(block_ms=b, context_ms=context_ms, crossfade_ms=crossfade_ms).validate()
                for b in lib.parse_blocks(block_ms)]

@@ -5,11 +5,13 @@ gets a `Session` (its own RuntimeSettings, StreamingConverter and RateAdapter), 
 blocks run on `BlockScheduler` worker threads, so a slow client never stalls the loop or the
 other clients. docs/protocol.md describes the wire format; rtsvc/apps/protocol.py parses it.
 
-Batching seam: sessions never call the voice themselves from the loop; they hand a block to
-`BlockScheduler.run(session.process, samples)` and await the result. A batching scheduler can
-replace it with one that gathers the pending blocks of several sessions that share a model for a
-few milliseconds and runs their DiT/vocoder calls as one batch, resolving each session's future
-with its own rows; sessions and the socket code stay as they are.
+Batching: sessions never call the voice themselves from the loop; they hand a block to
+`scheduler.run(session.process, samples)` and await the result. With `max_batch > 1` and a model
+voice, the scheduler is `rtsvc.apps.scheduler.BatchScheduler` and each session's voice a
+`rtsvc.voices.batch.BatchedVoice`: its features are computed in its own thread, then its DiT and
+vocoder work joins a `DeadlineBatcher` with the other sessions' blocks in flight (see
+`batched_source`); sessions and the socket code stay as they are. `handle` serves connections of
+other transports (Ray Serve's Starlette websockets, `rtsvc.apps.ray_serve`) with the same code.
 
 Hostile clients and overload (docs/protocol.md section 6): each stream's frames are received by
 their own task while earlier ones convert, stamped with the time they are due, and a live frame
@@ -62,6 +64,7 @@ from rtsvc.apps.protocol import (
     ready_message,
     settings_error,
 )
+from rtsvc.apps.scheduler import DEFAULT_BATCH_DEADLINE_MS, BatchScheduler
 from rtsvc.errors import UserError
 from rtsvc.settings import DENOISE_CHOICES, Knobs, RuntimeSettings, knob_controls
 from rtsvc.voice import Voice
@@ -99,6 +102,8 @@ class ServerConfig:
     start_timeout_s: float = START_TIMEOUT_S  # handshake to `start`; pending connections hold no slot
     max_pending: int = 64  # connections that have not sent `start`, in all
     max_pending_per_address: int = 8  # ... and from one IP address
+    max_batch: int = 1  # model voices: blocks of different clients run as one batch (1: one at a time)
+    batch_deadline_ms: float = DEFAULT_BATCH_DEADLINE_MS  # longest a block waits for company
 
 
 @dataclass
@@ -112,6 +117,7 @@ class VoiceSource:
     name: str
     speakers: list[str]
     make: Callable[[], Voice]
+    model: Voice | None = None  # the shared model voice behind `make`, for batching (None: DSP)
 
 
 def is_loopback(host: str) -> bool:
@@ -152,21 +158,48 @@ def check_config(config: ServerConfig) -> None:
         raise UserError(f"--max-lag-ms must be positive, got {config.max_lag_ms}")
     if not config.send_timeout_s > 0:
         raise UserError(f"--send-timeout must be positive, got {config.send_timeout_s}")
+    if config.max_batch < 1:
+        raise UserError(f"--max-batch must be at least 1, got {config.max_batch}")
+    if not 0 <= config.batch_deadline_ms <= 1000:
+        raise UserError(f"--batch-deadline-ms must be between 0 and 1000, got {config.batch_deadline_ms:g}")
 
 
 class BlockScheduler:
     """Runs session work off the event loop on a thread pool (the seam for cross-client batching)."""
 
     def __init__(self, workers: int = 0):
-        workers = workers or min(8, os.cpu_count() or 1)
+        workers = workers or self.default_workers()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rtsvc-block")
         self.workers = workers
+
+    @staticmethod
+    def default_workers() -> int:
+        return min(8, os.cpu_count() or 1)
 
     async def run(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def batched_source(source: VoiceSource, scheduler: BatchScheduler, config: ServerConfig,
+                   stream_config=None) -> VoiceSource:
+    """`source` whose sessions run their model blocks through one shared `DeadlineBatcher`: a block
+    may wait up to `batch_deadline_ms` for blocks already in preparation, never past its real-time
+    budget (one block)."""
+    from rtsvc.engine import StreamConfig  # the engine pulls in the heavy parts
+    from rtsvc.voices.batch import BatchedVoice, run_jobs
+
+    voice = source.model
+    block_s = (stream_config or StreamConfig()).for_voice(voice).block_ms / 1000.0
+    batcher = scheduler.batcher(lambda jobs: run_jobs(voice.backend, jobs), config.max_batch,
+                                config.batch_deadline_ms / 1000.0)
+
+    def make() -> Voice:
+        return BatchedVoice(voice.fork(), batcher, block_s, scheduler.slot)
+
+    return VoiceSource(source.name, source.speakers, make, voice)
 
 
 class Session:
@@ -245,7 +278,12 @@ class StreamServer:
         self.stream_config = stream_config
         self.state = ServerState()
         self.admission = Admission(config.max_clients, config.max_pending, config.max_pending_per_address)
-        self.scheduler = BlockScheduler(config.workers)
+        if config.max_batch > 1 and source.model is not None:
+            workers = config.workers or BlockScheduler.default_workers()
+            self.scheduler = BatchScheduler(workers, config.max_clients)
+            self.source = batched_source(source, self.scheduler, config, stream_config)
+        else:
+            self.scheduler = BlockScheduler(config.workers)
         self._server = None
         self._static = {p.name: p for p in WEB_DIR.iterdir() if p.is_file()} if WEB_DIR.is_dir() else {}
 
@@ -363,6 +401,23 @@ class StreamServer:
         if kind.startswith("text/"):
             kind += "; charset=utf-8"
         return _response(HTTPStatus.OK, path.read_bytes(), kind)
+
+    # --- for other transports (rtsvc.apps.ray_serve) -------------------------------------------
+    async def handle(self, ws) -> None:
+        """Serve one accepted websocket of another transport: anything with the `recv`, `send`,
+        `close` and `request.path` of a websockets connection (raising ConnectionClosed when gone)."""
+        await self._handle(ws)
+
+    def origin_allowed(self, origin: str | None, host: str | None) -> bool:
+        return origin is None or self._origin_allowed(origin, host)
+
+    def static_file(self, name: str) -> tuple[bytes, str] | None:
+        """(body, content type) of a page file by exact name ("" is index.html), else None."""
+        path = self._static.get(name or "index.html")
+        if path is None:
+            return None
+        response = self._file_response(path)
+        return response.body, response.headers["Content-Type"]
 
     # --- websocket --------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
@@ -599,7 +654,8 @@ def model_source(voice: Voice, name: str = "model") -> VoiceSource:
         clone.reset()
         return clone
 
-    return VoiceSource(name, list(voice.speakers), make)
+    batchable = voice if hasattr(voice, "prepare") and getattr(voice, "streaming", False) else None
+    return VoiceSource(name, list(voice.speakers), make, batchable)
 
 
 def serve(config: ServerConfig, source: VoiceSource, knobs: Knobs | None = None, stream_config=None,
@@ -627,5 +683,5 @@ def serve(config: ServerConfig, source: VoiceSource, knobs: Knobs | None = None,
     asyncio.run(main())
 
 
-__all__ = ["BlockScheduler", "ServerConfig", "Session", "StreamServer", "VoiceSource", "check_config",
-           "dsp_source", "model_source", "serve"]
+__all__ = ["BlockScheduler", "ServerConfig", "Session", "StreamServer", "VoiceSource", "batched_source",
+           "check_config", "dsp_source", "model_source", "serve"]

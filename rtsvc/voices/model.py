@@ -18,6 +18,7 @@ grows with its input; features are still computed on the encoders' window).
 """
 
 import time
+from dataclasses import dataclass
 from types import EllipsisType
 from typing import TYPE_CHECKING
 
@@ -104,6 +105,23 @@ class ModelVoice:
     @torch.inference_mode()
     def convert(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                 tail: int | None = None) -> np.ndarray:
+        job = self.prepare(audio, knobs, start_sample, tail)
+        if job is None:
+            return np.zeros(0, dtype=np.float32)
+        started = time.perf_counter()
+        # [1, 128, n - dit_first] log-mel; noise by absolute frame, so any crop draws the same noise
+        mel = self._sample(job.cond, knobs, job.noise_frame)
+        self.last_ms["dit"] = (time.perf_counter() - started) * 1000.0
+        started = time.perf_counter()
+        out = self._vocode(mel[..., job.first - job.dit_first:], job.f0, job.first, start_sample, knobs.seed)
+        self.last_ms["vocoder"] = (time.perf_counter() - started) * 1000.0
+        return job.cut(out)
+
+    @torch.inference_mode()
+    def prepare(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
+                tail: int | None = None) -> "BlockJob | None":
+        """The per-stream half of `convert`: features and crops, everything the DiT and the vocoder
+        need (None: nothing to convert). `rtsvc.voices.batch` runs many streams' jobs as one batch."""
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         length = len(audio)
         need = length if tail is None else int(tail)
@@ -111,7 +129,7 @@ class ModelVoice:
             raise ValueError(f"tail {tail} must be between 0 and the window length {length}")
         spk = self.speaker_index(knobs.speaker)  # before any work: a bad name fails fast
         if need == 0:
-            return np.zeros(0, dtype=np.float32)
+            return None
         n = -(-length // HOP_LENGTH)  # whole mel frames; the last one is zero-padded
         if self.cache is not None:
             cond, f0 = self._stream_conditioning(audio, start_sample, spk, knobs.pitch_shift)
@@ -122,15 +140,8 @@ class ModelVoice:
         # vocode only the frames under the requested tail, plus the vocoder's left context
         first = max(0, (length - need) // HOP_LENGTH - VOCODER_CONTEXT_FRAMES)
         dit_first = self._dit_first(first)
-        started = time.perf_counter()
-        # [1, 128, n - dit_first] log-mel; noise by absolute frame, so any crop draws the same noise
-        mel = self._sample(crop(cond, dit_first), knobs, start_sample // HOP_LENGTH + dit_first)
-        self.last_ms["dit"] = (time.perf_counter() - started) * 1000.0
-        started = time.perf_counter()
-        out = self._vocode(mel[..., first - dit_first:], f0, first, start_sample, knobs.seed)
-        begin = length - need - first * HOP_LENGTH
-        self.last_ms["vocoder"] = (time.perf_counter() - started) * 1000.0
-        return out[begin:begin + need]
+        return BlockJob(crop(cond, dit_first), f0, first, dit_first, start_sample, knobs,
+                        length - need - first * HOP_LENGTH, need)
 
     def _dit_first(self, first: int) -> int:
         """First window frame the DiT samples: `dit_context_ms` before the vocoded frames (streaming)."""
@@ -181,19 +192,49 @@ class ModelVoice:
 
     def _vocode(self, mel: torch.Tensor, f0: torch.Tensor, first: int, start_sample: int,
                 seed: int) -> np.ndarray:
-        """Audio of frames first ... n-1. The harmonic phases start where vocoding the whole window
-        would have them at frame `first`, and the noise is tied to absolute samples, so vocoding a
-        tail gives the same samples as vocoding everything (up to the receptive field)."""
-        device = self.backend.device
-        f0_tail = f0[:, first:]
-        cycles = (f0[:, :first].double() * HOP_LENGTH / SAMPLE_RATE).sum(dim=1, keepdim=True)
-        harmonic = torch.arange(1, HARMONICS + 1, dtype=torch.float64, device=device)
-        phase = ((cycles * harmonic) % 1.0 + base_phase(seed).to(device)) % 1.0
-        n_samples = f0_tail.shape[1] * HOP_LENGTH
-        noise = counter_normal(start_sample + first * HOP_LENGTH, n_samples, HARMONICS,
-                               seed ^ NOISE_SEED_SALT)[None].to(device)
-        audio = self.backend.vocode(mel, f0_tail, phase.float(), noise)
+        """Audio of frames first ... n-1 (see `vocoder_source` for why a tail equals the whole)."""
+        phase, noise = vocoder_source(f0, first, start_sample, seed)
+        audio = self.backend.vocode(mel, f0[:, first:], phase, noise)
         return audio[0].float().cpu().numpy()
+
+
+@dataclass
+class BlockJob:
+    """One window after feature extraction: the DiT's conditioning (cropped to its frames), the
+    window's shifted F0 and where the vocoded frames and the returned samples start."""
+
+    cond: Conditioning  # [1, n - dit_first, ...]
+    f0: torch.Tensor  # [1, n] Hz, shifted: feeds the vocoder (and, cropped, the DiT)
+    first: int  # first vocoded window frame
+    dit_first: int  # first window frame the DiT samples
+    start_sample: int  # the window's absolute position in its stream
+    knobs: Knobs
+    begin: int  # first returned sample of the vocoded audio
+    need: int  # samples returned
+
+    @property
+    def noise_frame(self) -> int:
+        """Absolute mel frame of the DiT's first frame (its start noise is drawn by frame)."""
+        return self.start_sample // HOP_LENGTH + self.dit_first
+
+    def cut(self, vocoded: np.ndarray) -> np.ndarray:
+        return vocoded[self.begin:self.begin + self.need]
+
+
+def vocoder_source(f0: torch.Tensor, first: int, start_sample: int,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Harmonic phases [1, 9] and source noise [1, samples, 9] for vocoding frames first ... n-1 of
+    f0 [1, n]. The phases start where vocoding the whole window would have them at frame `first`,
+    and the noise is tied to absolute samples, so vocoding a tail gives the same samples as
+    vocoding everything (up to the receptive field)."""
+    device = f0.device
+    cycles = (f0[:, :first].double() * HOP_LENGTH / SAMPLE_RATE).sum(dim=1, keepdim=True)
+    harmonic = torch.arange(1, HARMONICS + 1, dtype=torch.float64, device=device)
+    phase = ((cycles * harmonic) % 1.0 + base_phase(seed).to(device)) % 1.0
+    n_samples = (f0.shape[1] - first) * HOP_LENGTH
+    noise = counter_normal(start_sample + first * HOP_LENGTH, n_samples, HARMONICS,
+                           seed ^ NOISE_SEED_SALT)[None].to(device)
+    return phase.float(), noise
 
 
 def crop(cond: Conditioning, first: int) -> Conditioning:

@@ -1,0 +1,166 @@
+"""Many streams' model-voice blocks as one batch per stage (what `rtsvc serve --max-batch` runs).
+
+A streaming `ModelVoice.convert` is two halves: `prepare` (per stream: the feature cache, F0 shift,
+crops -> a `BlockJob`) and the shared networks (DiT sampling, then the vocoder). `run_jobs` runs the
+second half for jobs of many streams at once:
+
+    features       per stream, in the stream's own thread (`BatchedVoice.convert` -> `prepare`)
+    DiT sampling   stacked: every Euler step and every guidance pass in one backend call per step
+                   (`guided_velocity`), per item its speaker, F0/RMS/content and start noise (drawn
+                   by the item's absolute frame index and seed, exactly as alone)
+    vocoder        stacked: per item its harmonic phases and source noise (tied to its samples)
+    SOLA           per stream, in the engine, as before
+
+Jobs share a DiT call when their DiT frames, steps and guidance settings (`Guidance`: V2's Whisper
+CFG; V3's ds / speaker / skip strengths, skip layers, rescale) agree, and a vocoder call when their
+vocoded frames agree: grouped, not padded. The DiT's depthwise convolutions read across a padded
+end even with an attention key mask, so padding would change the frames (docs/deploy.md has the
+measurement). Streams of one server share one block layout; streams with different guidance
+settings form separate DiT groups. V3's guidance rescale divides by the std of the whole batch (as
+upstream), so V3 blocks with rescale on run one per DiT call (their vocoder still batches). Within
+a group each item equals its one-at-a-time result to float tolerance.
+"""
+
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import fields
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+
+from rtsvc.dsp.mel import denormalize_mel
+from rtsvc.models.flow import CFG_EPS, Conditioning, frame_noise, sample
+from rtsvc.models.guidance import Guidance, with_bad_cvec
+from rtsvc.settings import Knobs
+from rtsvc.voices.model import BlockJob, ModelVoice, guidance_of, vocoder_source
+
+if TYPE_CHECKING:
+    from rtsvc.backends.base import Backend
+
+
+class Batcher(Protocol):
+    """Where a `BatchedVoice` sends its jobs (`rtsvc.apps.scheduler.DeadlineBatcher`)."""
+
+    def announce(self) -> None: ...  # a block is coming: worth waiting for
+    def withdraw(self) -> None: ...  # an announced block will not come
+    def submit(self, job: BlockJob, due: float, announced: bool = False) -> np.ndarray: ...
+
+
+def batch_wide(family: str, guidance: Guidance) -> bool:
+    """True when the guided velocity mixes items of a batch: V3's rescale (std over the batch)."""
+    if family != "v3" or guidance.cfg_rescale <= CFG_EPS:
+        return False
+    return max(guidance.ds_cfg_strength, guidance.spk_cfg_strength, guidance.skip_cfg_strength) > CFG_EPS
+
+
+def dit_key(job: BlockJob, family: str, index: int) -> tuple:
+    """What must agree for jobs to share one DiT sampling: frames, steps, guidance (and, where the
+    guidance mixes the batch, the job itself)."""
+    guidance = guidance_of(job.knobs)
+    return (job.cond.f0.shape[1], job.knobs.steps, guidance, index if batch_wide(family, guidance) else -1)
+
+
+def vocoder_key(job: BlockJob) -> int:
+    return job.f0.shape[1] - job.first  # vocoded frames
+
+
+def groups(keys: list) -> list[list[int]]:
+    """Indices with equal keys, in first-seen order."""
+    found: dict = {}
+    for i, key in enumerate(keys):
+        found.setdefault(key, []).append(i)
+    return list(found.values())
+
+
+def stack(items: list[Conditioning]) -> Conditioning:
+    """Conditionings of equal frame count as one batch (a field stays None only if it is in all)."""
+    columns = {f.name: [getattr(c, f.name) for c in items] for f in fields(Conditioning)}
+    return Conditioning(**{name: None if col[0] is None else torch.cat(col, dim=0)
+                           for name, col in columns.items()})
+
+
+@torch.inference_mode()
+def run_jobs(backend: "Backend", jobs: list[BlockJob]) -> list[np.ndarray]:
+    """Every job's audio, as `ModelVoice.convert` returns it, with jobs batched per stage."""
+    family = getattr(backend, "family", "v2")
+    mels: list[torch.Tensor | None] = [None] * len(jobs)
+    for rows in groups([dit_key(j, family, i) for i, j in enumerate(jobs)]):
+        for i, mel in zip(rows, sample_group(backend, [jobs[i] for i in rows]), strict=True):
+            mels[i] = mel
+    out: list[np.ndarray | None] = [None] * len(jobs)
+    for rows in groups([vocoder_key(j) for j in jobs]):
+        audio = vocode_group(backend, [jobs[i] for i in rows], [mels[i] for i in rows])
+        for i, a in zip(rows, audio, strict=True):
+            out[i] = a
+    return out
+
+
+def sample_group(backend: "Backend", jobs: list[BlockJob]) -> list[torch.Tensor]:
+    """Stacked DiT sampling of jobs with one `dit_key`: each job's log-mel [1, 128, vocoded frames]."""
+    device = backend.device
+    frames = jobs[0].cond.f0.shape[1]
+    guidance = guidance_of(jobs[0].knobs)
+    conds = [j.cond for j in jobs]
+    if getattr(backend, "family", "v2") == "v3":
+        conds = [with_bad_cvec(c, guidance) for c in conds]  # per item, once per window
+    cond = stack(conds)
+    noise = torch.stack([frame_noise(j.noise_frame, frames, j.knobs.seed) for j in jobs]).to(device)
+    x = sample(lambda x, t: backend.guided_velocity(x, t, cond, guidance), noise, jobs[0].knobs.steps)
+    mel = denormalize_mel(x).transpose(1, 2)  # [b, 128, frames]
+    return [mel[k:k + 1, :, j.first - j.dit_first:] for k, j in enumerate(jobs)]
+
+
+def vocode_group(backend: "Backend", jobs: list[BlockJob], mels: list[torch.Tensor]) -> list[np.ndarray]:
+    """The stacked vocoder for jobs with one `vocoder_key`; each job's returned samples."""
+    device = backend.device
+    sources = [vocoder_source(j.f0, j.first, j.start_sample, j.knobs.seed) for j in jobs]
+    phase = torch.cat([p for p, _ in sources]).to(device)
+    noise = torch.cat([n for _, n in sources]).to(device)
+    f0 = torch.cat([j.f0[:, j.first:] for j in jobs])
+    audio = backend.vocode(torch.cat(mels), f0, phase, noise).float().cpu().numpy()
+    return [j.cut(a) for j, a in zip(jobs, audio, strict=True)]
+
+
+class BatchedVoice:
+    """One stream's `Voice` whose DiT and vocoder run in batches shared with other streams.
+
+    `voice` is this stream's own streaming `ModelVoice` (its feature cache); the block is announced
+    to `batcher` before its features are prepared, then submitted; the call blocks until its audio
+    is back. `due` is when the block's real-time budget (`budget_s` after the call started) runs
+    out. `compute_slot` bounds how many streams extract features at once.
+    """
+
+    def __init__(self, voice: ModelVoice, batcher: Batcher, budget_s: float,
+                 compute_slot: AbstractContextManager | None = None):
+        if voice.cache is None:
+            raise ValueError("a batched voice must be a streaming ModelVoice (voice.for_streaming())")
+        self.voice = voice
+        self.batcher = batcher
+        self.budget_s = budget_s
+        self.compute_slot = compute_slot or nullcontext()
+        self.sample_rate = voice.sample_rate
+        self.speakers = voice.speakers
+        self.default_block_ms = voice.default_block_ms
+
+    def convert(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
+                tail: int | None = None) -> np.ndarray:
+        due = time.monotonic() + self.budget_s
+        self.batcher.announce()
+        try:
+            with self.compute_slot:
+                job = self.voice.prepare(audio, knobs, start_sample, tail)
+        except BaseException:
+            self.batcher.withdraw()
+            raise
+        if job is None:
+            self.batcher.withdraw()
+            return np.zeros(0, dtype=np.float32)
+        return self.batcher.submit(job, due, announced=True)
+
+    def reset(self) -> None:
+        self.voice.reset()
+
+
+__all__ = ["BatchedVoice", "Batcher", "dit_key", "run_jobs", "sample_group", "stack", "vocode_group",
+           "vocoder_key"]

@@ -1,0 +1,256 @@
+"""Batched model-voice blocks (rtsvc/voices/batch.py) equal one-at-a-time conversion, per stream.
+
+Streams differ in input pitch, pitch shift, speaker, seed, start time (so noise frames and cache
+states differ), guidance strength (its own DiT group) and, for one, window length (its own DiT and
+vocoder group). Each round the active streams' blocks run as one `run_jobs` call; a second set of
+voices converts the same windows one at a time. Both keep their own per-stream caches across rounds.
+V2 on torch and ONNX Runtime; V3 with and without its batch-wide guidance rescale.
+"""
+
+import time
+
+import numpy as np
+import pytest
+
+from rtsvc.apps.bench import sung_tone
+from rtsvc.engine import StreamConfig, StreamLayout
+from rtsvc.pretrained import resolve_pretrained
+from rtsvc.settings import Knobs
+from rtsvc.voices.batch import BatchedVoice, dit_key, run_jobs, vocoder_key
+from rtsvc.voices.model import ModelVoice
+from rtsvc.voices.spec import VoiceSpec, open_model, open_voice
+from tests.tiny_encoders import make_tiny_pretrained_dir
+from tests.tiny_models import make_tiny_dit_checkpoint
+
+SR = 44100
+LAYOUT = StreamLayout.from_config(StreamConfig(block_ms=150.0, context_ms=300.0), SR)
+SHORT = StreamLayout.from_config(StreamConfig(block_ms=100.0, context_ms=200.0), SR)
+# (input f0 Hz, knobs, first round, layout)
+STREAMS = [
+    (150.0, Knobs(speaker="alice", pitch_shift=0.0, cfg_strength=2.0, steps=3, seed=0), 0, LAYOUT),
+    (220.0, Knobs(speaker="bob", pitch_shift=5.0, cfg_strength=2.0, steps=3, seed=1), 1, LAYOUT),
+    (310.0, Knobs(speaker="bob", pitch_shift=-7.0, cfg_strength=2.0, steps=3, seed=7), 2, LAYOUT),
+    (260.0, Knobs(speaker="alice", pitch_shift=3.0, cfg_strength=0.0, steps=3, seed=2), 1, LAYOUT),
+    (180.0, Knobs(speaker="alice", pitch_shift=2.0, cfg_strength=2.0, steps=3, seed=0), 0, SHORT),
+]
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch_model")
+    return make_tiny_dit_checkpoint(root / "tiny.ckpt"), make_tiny_pretrained_dir(root / "pretrained")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_files):
+    ckpt, pretrained = tiny_files
+    paths = resolve_pretrained(pretrained, need=("contentvec", "whisper", "vocoder"))
+    return open_model(VoiceSpec(model=ckpt, backend="torch", device="cpu", f0="dio", streaming=True), paths)
+
+
+class CountingBackend:
+    """The voice's backend, recording the batch size of every DiT and vocoder call."""
+
+    def __init__(self, backend):
+        self.backend, self.speakers, self.device = backend, backend.speakers, backend.device
+        self.family = getattr(backend, "family", "v2")
+        self.dit_batches, self.vocoder_batches = [], []
+
+    def guided_velocity(self, x, t, cond, guidance):
+        self.dit_batches.append(x.shape[0])
+        return self.backend.guided_velocity(x, t, cond, guidance)
+
+    def vocode(self, mel, f0, phase, noise):
+        self.vocoder_batches.append(f0.shape[0])
+        return self.backend.vocode(mel, f0, phase, noise)
+
+
+def windows(f0: float, layout: StreamLayout, rounds: int):
+    """(start_sample, window) per block, as the engine slides them over a sung tone."""
+    audio = np.concatenate((np.zeros(layout.window - layout.block, np.float32),
+                            sung_tone(rounds * layout.block / SR + 0.1, SR, f0=f0)))
+    return [(k * layout.block, audio[k * layout.block: k * layout.block + layout.window])
+            for k in range(rounds)]
+
+
+def batched_vs_alone(tiny, backend, streams=STREAMS) -> tuple[float, CountingBackend, dict]:
+    """Every round, the active streams' blocks as one `run_jobs` call on `backend`, and the same
+    windows through separate voices one at a time; (max abs difference, call sizes, outputs)."""
+    counting = CountingBackend(backend)
+    batched = [tiny.fork() for _ in streams]
+    for voice in batched:
+        voice.backend = counting
+    alone = [tiny.fork() for _ in streams]
+    for voice in alone:
+        voice.backend = backend
+    plans = [windows(f0, layout, ROUNDS) for f0, _, _, layout in streams]
+    worst, outputs = 0.0, {}
+    for r in range(ROUNDS + 2):
+        active = [i for i, (_, _, first, _) in enumerate(streams) if 0 <= r - first < ROUNDS]
+        jobs = []
+        for i in active:
+            start, window = plans[i][r - streams[i][2]]
+            jobs.append(batched[i].prepare(window, streams[i][1], start, streams[i][3].tail))
+        results = run_jobs(counting, jobs)
+        for i, out in zip(active, results, strict=True):
+            start, window = plans[i][r - streams[i][2]]
+            ref = alone[i].convert(window, streams[i][1], start, streams[i][3].tail)
+            assert out.shape == ref.shape == (streams[i][3].tail,)
+            assert np.abs(ref).max() > 1e-3  # a real signal, not silence on both sides
+            worst = max(worst, float(np.abs(out - ref).max()))
+            outputs.setdefault(i, []).append(out)
+    return worst, counting, outputs
+
+
+def test_batched_blocks_equal_one_at_a_time_per_stream(tiny):
+    worst, counting, outputs = batched_vs_alone(tiny, tiny.backend)
+    print(f"batched vs one-at-a-time: max abs difference {worst:.2e}")
+    assert worst < 1e-5
+    # the streams really were batched (three streams of one shape and guidance share a DiT call,
+    # four of one vocoded length a vocoder call) ...
+    assert max(counting.dit_batches) == 3
+    assert max(counting.vocoder_batches) == 4
+    # ... and their outputs are their own
+    assert np.abs(outputs[0][2] - outputs[2][0]).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_onnx_backend_batches_equal_one_at_a_time(tiny, tiny_files, tmp_path):
+    from export.onnx_export import export_bundle
+    from rtsvc.backends.onnx_backend import OnnxBackend
+
+    ckpt, pretrained = tiny_files
+    bundle = export_bundle(ckpt, tmp_path / "tiny.rtsvc", pretrained_dir=pretrained, lengths=(17,)).path
+    worst, counting, _ = batched_vs_alone(tiny, OnnxBackend.open(bundle, device="cpu"))
+    print(f"onnx batched vs one-at-a-time: max abs difference {worst:.2e}")
+    assert worst < 1e-4
+    assert max(counting.vocoder_batches) == 4  # four streams of one shape in one vocoder run
+
+
+def test_jobs_of_different_windows_are_separate_groups(tiny):
+    a, b = tiny.fork(), tiny.fork()
+    (sa, wa), (sb, wb) = windows(150.0, LAYOUT, 1)[0], windows(150.0, SHORT, 1)[0]
+    ja = a.prepare(wa, STREAMS[0][1], sa, LAYOUT.tail)
+    jb = b.prepare(wb, STREAMS[0][1], sb, SHORT.tail)
+    assert dit_key(ja, "v2", 0) != dit_key(jb, "v2", 1) and vocoder_key(ja) != vocoder_key(jb)
+    counting = CountingBackend(tiny.backend)
+    out = run_jobs(counting, [ja, jb])
+    assert [o.shape[0] for o in out] == [LAYOUT.tail, SHORT.tail]
+    assert counting.vocoder_batches == [1, 1]
+
+
+V3_STREAMS = [  # V3 guidance: ds / speaker / skip strengths and rescale, as the knobs carry them
+    (150.0, Knobs(speaker="alice", pitch_shift=0.0, steps=3, seed=0, cfg_rescale=0.0), 0, LAYOUT),
+    (220.0, Knobs(speaker="bob", pitch_shift=5.0, steps=3, seed=1, cfg_rescale=0.0), 1, LAYOUT),
+    (310.0, Knobs(speaker="bob", pitch_shift=-7.0, steps=3, seed=7, cfg_rescale=0.7), 0, LAYOUT),
+]
+
+
+def test_v3_batches_equal_one_at_a_time_and_rescale_runs_alone(tmp_path_factory, tiny_files):
+    from tests.upstream.fixtures import make_v3_head
+
+    root = tmp_path_factory.mktemp("batch_v3")
+    ckpt, _ = make_v3_head(root / "v3.ckpt", lora_rank=4, lora_alpha=8.0)
+    v3 = open_voice(VoiceSpec(model=ckpt, pretrained_dir=tiny_files[1], f0="pyworld", backend="torch",
+                              device="cpu", streaming=True))
+    assert v3.backend.family == "v3"
+    worst, counting, _ = batched_vs_alone(v3, v3.backend, V3_STREAMS)
+    print(f"v3 batched vs one-at-a-time: max abs difference {worst:.2e}")
+    assert worst < 1e-5
+    assert max(counting.dit_batches) == 2  # the two streams without rescale share DiT calls
+    assert max(counting.vocoder_batches) == 3  # the vocoder batches all three
+
+
+def test_batched_voice_announces_prepares_and_submits_with_the_block_budget(tiny):
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def announce(self):
+            self.calls.append("announce")
+
+        def withdraw(self):
+            self.calls.append("withdraw")
+
+        def submit(self, job, due, announced=False):
+            self.calls.append(("submit", due, announced))
+            return run_jobs(tiny.backend, [job])[0]
+
+    recorder = Recorder()
+    voice = BatchedVoice(tiny.fork(), recorder, budget_s=0.15)
+    ref = tiny.fork()
+    start, window = windows(200.0, LAYOUT, 1)[0]
+    before = time.monotonic()
+    out = voice.convert(window, STREAMS[0][1], start, LAYOUT.tail)
+    np.testing.assert_allclose(out, ref.convert(window, STREAMS[0][1], start, LAYOUT.tail), atol=1e-6)
+    assert recorder.calls[0] == "announce" and recorder.calls[1][0] == "submit" and recorder.calls[1][2]
+    assert before + 0.15 <= recorder.calls[1][1] <= time.monotonic() + 0.15
+    with pytest.raises(Exception, match="unknown speaker"):  # a failed preparation withdraws its block
+        voice.convert(window, Knobs(speaker="nobody"), start, LAYOUT.tail)
+    assert recorder.calls[-2:] == ["announce", "withdraw"]
+    with pytest.raises(ValueError, match="streaming ModelVoice"):
+        BatchedVoice(ModelVoice(tiny.backend, tiny.features, streaming=False), recorder, 0.1)
+
+
+# --- through the server: batched serving equals one-at-a-time serving, per client ------------------
+
+CLIENTS = [  # start message knobs per client; they join 0, 1 and 2 blocks apart
+    {"speaker": "alice", "pitch_shift": 0, "cfg_strength": 2.0, "seed": 0},
+    {"speaker": "bob", "pitch_shift": 7, "cfg_strength": 0.0, "seed": 3},
+    {"speaker": "bob", "pitch_shift": -5, "cfg_strength": 1.0, "seed": 5},
+]
+
+
+def serve_clients(tiny, max_batch: int):
+    """Each client streams its own tone (f32le at 44.1 kHz, one block per frame) through a fresh
+    server; returns the outputs and the batch sizes the server ran."""
+    import asyncio
+    import json
+
+    from websockets.asyncio.client import connect
+
+    from rtsvc.apps.server import ServerConfig, StreamServer, model_source
+
+    block = LAYOUT.block
+    knobs = Knobs(steps=3, gate_db=-120.0)
+    config = StreamConfig(block_ms=150.0, context_ms=300.0)
+
+    async def client(server, i):
+        await asyncio.sleep(i * block / SR)
+        audio = sung_tone(0.7, SR, f0=150.0 + 60 * i)
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/stream", max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "sample_rate": SR, "format": "f32le", **CLIENTS[i]}))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            parts = []
+            for begin in range(0, len(audio), block):
+                await ws.send(audio[begin:begin + block].astype("<f4").tobytes())
+                parts.append(np.frombuffer(await ws.recv(), "<f4"))
+            await ws.send(json.dumps({"type": "flush"}))
+            parts.append(np.frombuffer(await ws.recv(), "<f4"))
+            assert json.loads(await ws.recv())["type"] == "flushed"
+            return np.concatenate(parts)
+
+    async def main():
+        server = StreamServer(ServerConfig(port=0, max_batch=max_batch, batch_deadline_ms=100.0),
+                              model_source(tiny), knobs, config)
+        await server.start()
+        try:
+            clients = [client(server, i) for i in range(len(CLIENTS))]
+            outs = await asyncio.wait_for(asyncio.gather(*clients), 240)
+        finally:
+            await server.close()
+        sizes = [s for b in getattr(server.scheduler, "batchers", []) for s in b.batch_sizes]
+        return outs, sizes
+
+    return asyncio.run(main())
+
+
+def test_batched_server_equals_one_at_a_time_server_per_client(tiny):
+    alone, no_batches = serve_clients(tiny, max_batch=1)
+    together, sizes = serve_clients(tiny, max_batch=4)
+    assert no_batches == [] and max(sizes) >= 2, sizes  # the second server really batched
+    for a, b in zip(alone, together, strict=True):
+        assert a.shape == b.shape and np.abs(a).max() > 1e-3
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    assert np.abs(together[0] - together[1]).max() > 1e-2
