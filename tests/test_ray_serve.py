@@ -178,6 +178,10 @@ def test_two_replicas_convert_like_the_plain_server_and_survive_a_replica_kill(r
         h = healthz(port)
         pids[h["replica"]] = h["pid"]
     assert set(pids) == replicas
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info", timeout=10) as response:  # the page's
+        assert json.loads(response.read())["speakers"] == ["alice", "bob"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+        assert b"<html" in response.read().lower()
 
     async def main():
         long_audio = sung_tone(3.0, SR, f0=200.0)

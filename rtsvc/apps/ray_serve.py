@@ -16,6 +16,7 @@ only, no dashboard, usage stats off, small object store) that stops with the com
 value is the address of a running cluster (`ray start --head` prints it).
 """
 
+import hmac
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from rtsvc.apps.server import STREAM_PATH, ServerConfig, StreamServer, dsp_source, model_source
+from rtsvc.apps.server import INFO_PATH, STREAM_PATH, ServerConfig, StreamServer, dsp_source, model_source
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs
 
@@ -138,6 +139,13 @@ def build_app(config: ServerConfig, spec, knobs: Knobs, stream_config, options: 
         @api.get("/healthz")
         def healthz(self):
             return JSONResponse({**self.server.health(), "replica": self.replica, "pid": os.getpid()})
+
+        @api.get(INFO_PATH)
+        def info(self, token: str = ""):  # speaker names: for token holders only, as the plain server
+            wanted = self.server.config.token
+            if wanted and not hmac.compare_digest(token.encode(), wanted.encode()):
+                return Response("token required (?token=)\n", status_code=401, media_type="text/plain")
+            return JSONResponse(self.server.info())
 
         @api.get("/{name:path}")
         def page(self, name: str):
