@@ -223,9 +223,9 @@ def serve(
                                        f"{SERVER.send_timeout_s:g}."),
     max_batch: MaxBatch = SERVER.max_batch, batch_deadline_ms: BatchDeadlineMs = SERVER.batch_deadline_ms,
     ray: str | None = typer.Option(None, metavar="ADDRESS|auto", help="Deploy as a Ray Serve application "
-                                   "(needs rtsvc[ray]) on the cluster at ADDRESS, or auto ($RAY_ADDRESS, "
-                                   "else a private local instance stopped with the command). Default: off "
-                                   "(one process)."),
+                                   "(needs the ray extra of rtsvc) on the cluster at ADDRESS, or auto "
+                                   "($RAY_ADDRESS, else a private local instance stopped with the command). "
+                                   "Default: off (one process)."),
     replicas: int = typer.Option(2, help="--ray: replicas, each holding the voice and its clients. "
                                  "Default: 2."),
     replica_cpus: float = typer.Option(0.0, help="--ray: CPUs Ray reserves per replica. Default: 0."),
