@@ -65,14 +65,21 @@ def check_ray_options(options: RayOptions) -> None:
 
 
 class StarletteConnection:
-    """A Starlette websocket behind the `websockets` connection calls `StreamServer.handle` uses."""
+    """A Starlette websocket behind the `websockets` connection calls `StreamServer.handle` uses
+    (recv, send, close, request.path, remote_address, transport.abort)."""
 
     def __init__(self, ws, replica: str):
         self.ws = ws
         self.replica = replica
         query = ws.url.query
         self.request = SimpleNamespace(path=ws.url.path + (f"?{query}" if query else ""), headers=ws.headers)
+        self.remote_address = (ws.client.host, ws.client.port) if ws.client else None
+        self.transport = SimpleNamespace(abort=self._abort)  # for a peer that reads nothing
         self._closed = False
+
+    def _abort(self) -> None:
+        """No more sends; the handler returns and the proxy drops the connection."""
+        self._closed = True
 
     async def recv(self):
         from websockets.exceptions import ConnectionClosed

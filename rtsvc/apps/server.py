@@ -405,7 +405,8 @@ class StreamServer:
     # --- for other transports (rtsvc.apps.ray_serve) -------------------------------------------
     async def handle(self, ws) -> None:
         """Serve one accepted websocket of another transport: anything with the `recv`, `send`,
-        `close` and `request.path` of a websockets connection (raising ConnectionClosed when gone)."""
+        `close`, `request.path`, `remote_address` and `transport.abort()` of a websockets connection
+        (raising ConnectionClosed when gone)."""
         await self._handle(ws)
 
     def origin_allowed(self, origin: str | None, host: str | None) -> bool:
