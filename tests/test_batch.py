@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from rtsvc.apps.bench import sung_tone
+from rtsvc.dsp.signals import sung_tone
 from rtsvc.engine import StreamConfig, StreamLayout
 from rtsvc.pretrained import resolve_pretrained
 from rtsvc.settings import Knobs

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rtsvc.apps.bench import sung_tone
 from rtsvc.apps.server import ServerConfig, StreamServer, VoiceSource
 from rtsvc.dsp.audio import SAMPLE_RATE
+from rtsvc.dsp.signals import sung_tone
 from rtsvc.engine import StreamConfig, StreamLayout
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs
