@@ -20,9 +20,9 @@ from rtsvc.apps.live import JITTER_MS
 from rtsvc.apps.server import ServerConfig
 from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
-from rtsvc.settings import MAX_PITCH_SHIFT, MAX_STEPS, Knobs
+from rtsvc.settings import MAX_PITCH_SHIFT, MAX_STEPS, SCHEDULES, Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
-from rtsvc.voices.spec import VoiceSpec, check_f0, describe_voice, open_voice
+from rtsvc.voices.spec import VoiceSpec, check_f0, describe_voice, open_voice, sampling_steps
 
 app = typer.Typer(
     add_completion=False,
@@ -72,8 +72,12 @@ Gate = _opt(float, "Noise gate in dBFS (-120 to 0): quieter blocks give silence 
             f"Default: {KNOBS.gate_db:g}.")
 InputGain = _opt(float, f"Input gain in dB (±40). Default: {KNOBS.input_gain_db:g}.")
 OutputGain = _opt(float, f"Output gain in dB (±40). Default: {KNOBS.output_gain_db:g}.")
-Steps = _opt(int, f"Rectified-flow sampling steps for models while streaming (2-{MAX_STEPS}). "
-             f"Default: {KNOBS.steps}.")
+Steps = _opt(int | None, f"Rectified-flow sampling steps (grid points) for models while streaming "
+             f"(2-{MAX_STEPS}). Default: {KNOBS.steps}; a distilled student: its own count (1 evaluation = "
+             "2 points).")
+Schedule = _opt(str, f"Where the sampling grid points fall for a teacher model: {', '.join(SCHEDULES)} "
+                "(docs/training.md; a distilled student always uses its own grid). "
+                f"Default: {KNOBS.schedule}.")
 Denoise = _opt(str, "Noise suppression on the input before conversion: off, deepfilternet (DeepFilterNet3, "
                "+52 ms latency) or rnnoise (RNNoise, cheaper, +42 ms). Default: off.")
 CfgStrength = _opt(float, "V2 models: classifier-free guidance strength on Whisper (0-10, 0 = off). "
@@ -148,7 +152,7 @@ def live(
     output_rate: int | None = typer.Option(None, help="Output device rate in Hz. Default: the device's."),
     pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, gate: Gate = KNOBS.gate_db,
     input_gain: InputGain = KNOBS.input_gain_db, output_gain: OutputGain = KNOBS.output_gain_db,
-    steps: Steps = KNOBS.steps, cfg_strength: CfgStrength = KNOBS.cfg_strength,
+    steps: Steps = None, schedule: Schedule = KNOBS.schedule, cfg_strength: CfgStrength = KNOBS.cfg_strength,
     denoise: Denoise = KNOBS.denoise,
     ds_cfg_strength: DsCfg = KNOBS.ds_cfg_strength, spk_cfg_strength: SpkCfg = KNOBS.spk_cfg_strength,
     skip_cfg_strength: SkipCfg = KNOBS.skip_cfg_strength, cfg_skip_layers: SkipLayers = KNOBS.cfg_skip_layers,
@@ -171,7 +175,8 @@ def live(
     from rtsvc.settings import RuntimeSettings, validate_knobs
 
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
-                                 input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
+                                 input_gain_db=input_gain, output_gain_db=output_gain,
+                                 steps=steps or KNOBS.steps, schedule=schedule,
                                  cfg_strength=cfg_strength, ds_cfg_strength=ds_cfg_strength,
                                  spk_cfg_strength=spk_cfg_strength, skip_cfg_strength=skip_cfg_strength,
                                  cfg_skip_layers=cfg_skip_layers, cfg_rescale=cfg_rescale, denoise=denoise))
@@ -183,6 +188,7 @@ def live(
     spec.validate()  # a wrong --model is said first
     dev_in, dev_out, dev_mon = find_devices(input, output, monitor)  # before a model loads
     voice = open_voice(spec)
+    knobs = sampling_steps(knobs, voice, steps)
     config = resolve_block(voice, config, knobs, say=_say)  # auto: measured here
     _say(describe_voice(voice, model, speaker))
     result = run_live(voice, RuntimeSettings(knobs), config, input_device=dev_in,
@@ -233,7 +239,7 @@ def serve(
                                        "Default: 0."),
     pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift, gate: Gate = KNOBS.gate_db,
     input_gain: InputGain = KNOBS.input_gain_db, output_gain: OutputGain = KNOBS.output_gain_db,
-    steps: Steps = KNOBS.steps, cfg_strength: CfgStrength = KNOBS.cfg_strength,
+    steps: Steps = None, schedule: Schedule = KNOBS.schedule, cfg_strength: CfgStrength = KNOBS.cfg_strength,
     denoise: Denoise = KNOBS.denoise,
     ds_cfg_strength: DsCfg = KNOBS.ds_cfg_strength, spk_cfg_strength: SpkCfg = KNOBS.spk_cfg_strength,
     skip_cfg_strength: SkipCfg = KNOBS.skip_cfg_strength, cfg_skip_layers: SkipLayers = KNOBS.cfg_skip_layers,
@@ -260,7 +266,8 @@ def serve(
                           max_batch=max_batch, batch_deadline_ms=batch_deadline_ms)
     check_config(config)  # refuse an open bind without a token before loading any model
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
-                                 input_gain_db=input_gain, output_gain_db=output_gain, steps=steps,
+                                 input_gain_db=input_gain, output_gain_db=output_gain,
+                                 steps=steps or KNOBS.steps, schedule=schedule,
                                  cfg_strength=cfg_strength, ds_cfg_strength=ds_cfg_strength,
                                  spk_cfg_strength=spk_cfg_strength, skip_cfg_strength=skip_cfg_strength,
                                  cfg_skip_layers=cfg_skip_layers, cfg_rescale=cfg_rescale, denoise=denoise))
@@ -280,6 +287,7 @@ def serve(
             f"ws://{where}/v1/stream; Ctrl-C stops"))
         return
     voice = open_voice(spec)
+    knobs = sampling_steps(knobs, voice, steps)
     source = dsp_source() if model is None else model_source(voice, model.name)
     _say(describe_voice(voice, model, speaker))
     stream_config = resolve_block(voice, stream_config, knobs, say=_say)  # auto: measured here
@@ -300,8 +308,10 @@ def convert(
                                   ".flac, .ogg)."),
     model: Model = None, speaker: Speaker = None, pretrained_dir: PretrainedDir = Path("pretrained"),
     contentvec: ContentVec = None, whisper: Whisper = None, vocoder: Vocoder = None, rmvpe: Rmvpe = None,
-    steps: int = typer.Option(CONVERT_STEPS, help=f"Rectified-flow sampling steps (grid points, "
-                              f"2-{MAX_STEPS}). Default: {CONVERT_STEPS} (with --stream too)."),
+    steps: int | None = typer.Option(None, help=f"Rectified-flow sampling steps (grid points, "
+                                     f"2-{MAX_STEPS}). Default: {CONVERT_STEPS} (with --stream too); a "
+                                     "distilled student: its own count (1 evaluation = 2 points)."),
+    schedule: Schedule = KNOBS.schedule,
     cfg_strength: CfgStrength = KNOBS.cfg_strength, ds_cfg_strength: DsCfg = KNOBS.ds_cfg_strength,
     spk_cfg_strength: SpkCfg = KNOBS.spk_cfg_strength, skip_cfg_strength: SkipCfg = KNOBS.skip_cfg_strength,
     cfg_skip_layers: SkipLayers = KNOBS.cfg_skip_layers, cfg_rescale: Rescale = KNOBS.cfg_rescale,
@@ -335,8 +345,8 @@ def convert(
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant,
                                  cfg_strength=cfg_strength, ds_cfg_strength=ds_cfg_strength,
                                  spk_cfg_strength=spk_cfg_strength, skip_cfg_strength=skip_cfg_strength,
-                                 cfg_skip_layers=cfg_skip_layers, cfg_rescale=cfg_rescale, steps=steps,
-                                 seed=seed, denoise=denoise))
+                                 cfg_skip_layers=cfg_skip_layers, cfg_rescale=cfg_rescale,
+                                 steps=steps or CONVERT_STEPS, schedule=schedule, seed=seed, denoise=denoise))
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_output_path(output, input)
     check_input_file(input)  # before any model loads; read block by block
@@ -348,6 +358,7 @@ def convert(
         model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
         rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
         providers=providers, streaming=stream, dit_context_ms=dit_context_ms))
+    knobs = sampling_steps(knobs, voice, steps)
     _say(describe_voice(voice, model, speaker))
     if stream:
         config = resolve_block(voice, config, knobs, say=_say)  # auto: measured here
@@ -487,6 +498,54 @@ def train(
                   + (" (continue with --resume)" if result.interrupted else ""), highlight=False)
 
 
+@app.command()
+def distill(
+    teacher: Path = typer.Option(..., "--teacher", help="Teacher checkpoint (.ckpt), e.g. RUN/last.ckpt of "
+                                 "`rtsvc train`. Required."),
+    data: Path = typer.Option(..., "--data", help="Prepared dataset folder (`rtsvc prepare`), normally the "
+                              "teacher's. Required."),
+    out: Path = typer.Option(..., "--out", help="Run folder for checkpoints and metrics.jsonl; the student "
+                             "is OUT/last.ckpt. Required."),
+    nfe: int = typer.Option(1, help="Network evaluations per block the student is made for: 1 or 2 (both are "
+                            "trained; this sets its default). Default: 1."),
+    max_steps: int = typer.Option(5000, help="Optimizer steps in total (a resumed run continues to it). "
+                                  "Default: 5000."),
+    batch_size: int = typer.Option(16, help="Teacher trajectories per step per GPU. Default: 16."),
+    pairs: int = typer.Option(4, help="Intervals trained per trajectory (the student's batch is "
+                              "batch-size x pairs). Default: 4."),
+    cfg_strength: CfgStrength = KNOBS.cfg_strength,
+    lr: float = typer.Option(1e-4, help="Learning rate. Default: 1e-4."),
+    grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0 = off). Default: 1."),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (autocast). Default: auto "
+                                  "(bf16 on a CUDA GPU that has it, else fp32)."),
+    save_every: int = typer.Option(500, help="Steps between checkpoints (last.ckpt + step-N.ckpt). "
+                                   "Default: 500."),
+    log_every: int = typer.Option(10, help="Steps between metrics.jsonl lines. Default: 10."),
+    num_workers: int = typer.Option(2, help="DataLoader worker processes. Default: 2."),
+    seed: int = typer.Option(2025, help="Random seed (batches, crops, noise). Default: 2025."),
+    resume: bool = typer.Option(False, help="Continue OUT/last.ckpt at its exact step. Default: off."),
+    device: str = typer.Option("auto", help="Torch device: auto, cpu or cuda. Default: auto "
+                               "(under torchrun: one GPU per rank)."),
+) -> None:
+    """Distil a teacher into a 1-2 evaluation student without guidance branches (torchrun for DDP)."""
+    from training.distill import DistillConfig
+    from training.distill import distill as run_distill
+
+    if not 0.0 <= cfg_strength <= 10.0:  # the teacher's guidance, baked into the student
+        raise UserError(f"--cfg-strength must be between 0 and 10, got {cfg_strength:g}")
+    result = run_distill(DistillConfig(
+        teacher=str(teacher), data=str(data), out=str(out), nfe=nfe, max_steps=max_steps,
+        batch_size=batch_size, pairs=pairs, cfg_strength=cfg_strength, lr=lr, grad_clip=grad_clip,
+        precision=precision, save_every=save_every, log_every=log_every, num_workers=num_workers, seed=seed,
+        resume=resume, device=device))
+    if result.rank != 0:
+        return
+    state = "stopped (Ctrl-C)" if result.interrupted else "finished"
+    resume_hint = " (continue with --resume)" if result.interrupted else ""
+    console.print(f"{state} at step {result.global_step}; student ({result.info.nfe} evaluation(s) per "
+                  f"block): {result.last_checkpoint}{resume_hint}", highlight=False)
+
+
 @app.command("export")
 def export_cmd(
     ckpt: Path = typer.Argument(..., help="RIFT-SVC V2 or V3 checkpoint (.ckpt; V3 LoRA adapters are merged) "
@@ -563,8 +622,9 @@ def bench(
     pretrained_dir: PretrainedDir = Path("pretrained"),
     block_ms: str = typer.Option(BENCH_BLOCKS, help=f"Comma-separated block lengths in ms; auto is "
                                  f"{BLOCK_AUTO}. Default: {BENCH_BLOCKS}."),
-    steps: str = typer.Option(BENCH_STEPS, help=f"Comma-separated sampling steps for models. "
-                              f"Default: {BENCH_STEPS}."),
+    steps: str | None = typer.Option(None, help=f"Comma-separated sampling steps (grid points) for models. "
+                                     f"Default: {BENCH_STEPS}; a distilled student: its own count."),
+    schedule: Schedule = KNOBS.schedule,
     backend: str = typer.Option("auto", help="Comma-separated model backends (torch, onnx, auto). "
                                 "Default: auto."),
     device: str = typer.Option("all", help="Comma-separated torch devices (cpu, cuda) or all (cpu and "
@@ -620,7 +680,9 @@ def bench(
     spec = VoiceSpec(model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper,
                      vocoder=vocoder, rmvpe=rmvpe, f0=f0, precision=precision, providers=providers,
                      dit_context_ms=dit_context_ms, threads=threads)
-    cases = lib.make_cases(configs, spec, lib.parse_list(steps, int, "--steps"), backends, devices_)
+    counts = lib.parse_list(steps, int, "--steps") if steps is not None else []
+    cases = lib.make_cases(configs, spec, counts, backends, devices_, lib.parse_list(BENCH_STEPS, int, ""),
+                           schedule)
     wide = Console(width=None if sys.stdout.isatty() else 150)  # tables are not squeezed in logs
     lib.run_bench(cases, seconds, console=wide)
     if gap:  # a model's gap on the first device and backend

@@ -10,6 +10,7 @@ from rtsvc.models.dit import DiT
 from rtsvc.models.dit_v3 import DiTV3
 from rtsvc.models.flow import Conditioning, cfg_velocity
 from rtsvc.models.guidance import degrade_content, v3_velocity_all_branches
+from rtsvc.models.student import v2_student_velocity
 from rtsvc.models.vocoder import NsfHifiGan
 
 
@@ -59,6 +60,21 @@ def dit_v3_example(batch: int, frames: int, num_speaker: int, generator: torch.G
             torch.tensor(0.7))
 
 
+class StudentVelocity(nn.Module):
+    """A distilled V2 student's average velocity over [t, t + dt]: one single-branch forward, no
+    guidance input (it is baked into the weights). Traced through `v2_student_velocity`."""
+
+    def __init__(self, dit: DiT, half: bool = False):
+        super().__init__()
+        self.dit = dit
+        self.dtype = torch.float16 if half else torch.float32
+
+    def forward(self, x, t, dt, spk, f0, rms, cvec, whisper):
+        d = self.dtype
+        cond = Conditioning(spk=spk, f0=f0.to(d), rms=rms.to(d), cvec=cvec.to(d), whisper=whisper.to(d))
+        return v2_student_velocity(self.dit, x.to(d), t, dt, cond).float()
+
+
 class VocoderGraph(nn.Module):
     """The vocoder with its source randomness as explicit inputs."""
 
@@ -87,6 +103,12 @@ def dit_example(batch: int, frames: int, num_speaker: int, generator: torch.Gene
         torch.randn(batch, frames, 1280, generator=g),
         torch.tensor(2.0),
     )
+
+
+def student_example(batch: int, frames: int, num_speaker: int, generator: torch.Generator | None = None):
+    """`dit_example` in STUDENT_DIT_INPUTS order: dt after t, no cfg_strength."""
+    x, t, spk, f0, rms, cvec, whisper, _ = dit_example(batch, frames, num_speaker, generator)
+    return x, t, torch.rand(batch, generator=generator) * (1 - t), spk, f0, rms, cvec, whisper
 
 
 def vocoder_example(batch: int, frames: int, hop: int, generator: torch.Generator | None = None):

@@ -29,10 +29,12 @@ from export.graphs import (
     ContentVecGraph,
     DitCfgVelocity,
     DitV3GuidedVelocity,
+    StudentVelocity,
     VocoderGraph,
     WhisperGraph,
     dit_example,
     dit_v3_example,
+    student_example,
     vocoder_example,
 )
 from export.parity import (
@@ -50,6 +52,7 @@ from rtsvc.backends.bundle import (
     DIT_OUTPUT,
     DIT_V3_INPUTS,
     MANIFEST,
+    STUDENT_DIT_INPUTS,
     VOCODER_FILE,
     VOCODER_INPUTS,
     VOCODER_OUTPUT,
@@ -129,9 +132,10 @@ def _export_raw(module: nn.Module, example: tuple, path: Path, input_names: tupl
 
 
 def export_dit(dit: DiT | DiTV3, path: str | Path, opset: int = DEFAULT_OPSET, fp16: bool = False,
-               skip_layers: tuple[int, ...] | None = None) -> str:
+               skip_layers: tuple[int, ...] | None = None, student: bool = False) -> str:
     """Write dit.onnx (the guided velocity, dynamic batch and frames); returns the exporter used.
-    V2: Whisper CFG. V3: every guidance pass, with `skip_layers` fixed in the graph (None: no skip
+    V2: Whisper CFG; a distilled V2 student (`student`): its single-branch average velocity. V3:
+    every guidance pass, with `skip_layers` fixed in the graph (None: no skip
     pass); a LoRA DiT is exported merged (W + alpha / sqrt(rank) B A^T)."""
     dit = dit.to("cpu").eval()
     g = torch.Generator().manual_seed(0)
@@ -145,6 +149,11 @@ def export_dit(dit: DiT | DiTV3, path: str | Path, opset: int = DEFAULT_OPSET, f
         example = dit_v3_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, g)
         axes["bad_cvec"] = per_frame
         return _export(module, example, Path(path), DIT_V3_INPUTS, DIT_OUTPUT, axes, opset)
+    if student:  # a distilled V2 student: single branch, interval length dt instead of a strength
+        module = StudentVelocity(copy.deepcopy(dit).half() if fp16 else dit, half=fp16)
+        example = student_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, g)
+        axes.update(whisper=per_frame, dt={0: "batch"})
+        return _export(module, example, Path(path), STUDENT_DIT_INPUTS, DIT_OUTPUT, axes, opset)
     module = DitCfgVelocity(copy.deepcopy(dit).half() if fp16 else dit, half=fp16)
     example = dit_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, g)
     return _export(module, example, Path(path), DIT_INPUTS, DIT_OUTPUT, {**axes, "whisper": per_frame}, opset)
@@ -254,10 +263,14 @@ def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encode
                "num_speaker": c.num_speaker, "n_mel": c.n_mel, "cvec_dim": c.cvec_dim,
                "whisper_dim": c.whisper_dim, "inputs": list(DIT_INPUTS), "output": DIT_OUTPUT}
         defaults = {"steps": DEFAULT_STEPS, "cfg_strength": DEFAULT_CFG}
+    if loaded.student is not None:  # one evaluation per grid update; its guidance is in the weights
+        dit["inputs"] = list(STUDENT_DIT_INPUTS)
+        defaults = {"steps": loaded.student.nfe + 1,
+                    "cfg_strength": loaded.student.guidance.get("cfg_strength", DEFAULT_CFG)}
     whisper = None if v3 else {"sample_rate": ENCODER_SAMPLE_RATE, "dim": c.whisper_dim, "frame_rate": 50,
                                "output": "hidden_states[-2]", "onnx": encoders.get("whisper"),
                                "preprocessor": encoders.get("whisper_preprocessor")}
-    return {
+    manifest = {
         "name": options["name"],
         "family": loaded.family,
         "audio": {"sample_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH, "n_fft": N_FFT,
@@ -284,6 +297,9 @@ def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encode
                    "exporters": options["exporters"], "parity": options["parity"]},
         "source": options["source"],
     }
+    if loaded.student is not None:
+        manifest["student"] = loaded.student.as_dict()  # nfe, grid, guidance: read by the ONNX backend
+    return manifest
 
 
 def _parity_summary(rows: list[ParityRow]) -> dict:
@@ -335,9 +351,11 @@ def export_bundle(
     try:
         exporters, encoders = {}, {}
         step("exporting dit.onnx")
-        exporters["dit"] = export_dit(loaded.model, work / DIT_FILE, opset, fp16, skip_layers)
+        student = loaded.student is not None
+        exporters["dit"] = export_dit(loaded.model, work / DIT_FILE, opset, fp16, skip_layers, student)
         step("parity: dit")  # against the torch DiT as loaded (LoRA unmerged)
-        rows = check_dit(work / DIT_FILE, loaded.model, lengths, tolerance, skip_layers=skip_layers)
+        rows = check_dit(work / DIT_FILE, loaded.model, lengths, tolerance, skip_layers=skip_layers,
+                         student=student)
         if not all(r.ok for r in rows):  # stop early: the other graphs can take minutes
             return ExportResult(out, rows, exporters, ok=False)
         step("exporting vocoder.onnx")

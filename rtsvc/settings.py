@@ -15,6 +15,7 @@ MAX_PITCH_SHIFT = 36.0  # semitones either way
 MAX_STEPS = 64
 DENOISE_CHOICES = ("off", "deepfilternet", "rnnoise")  # input noise suppression (rtsvc.dsp.denoise)
 MAX_DEPTH = 64  # DiT blocks a skip-layer index may name
+SCHEDULES = ("uniform", "sway", "epss")  # sampling time grids (rtsvc.models.schedules)
 MAX_SEED = 2**32 - 1  # the sampler hashes the seed as an unsigned 32/64-bit key
 
 
@@ -30,6 +31,7 @@ class Knobs:
     cfg_skip_layers: int = -1  # V3: the block the skip-layer pass bypasses (0-based; -1 = none)
     cfg_rescale: float = 0.7  # V3: guidance rescale towards the unguided std (0 = off)
     steps: int = 4  # rectified-flow sampling steps (grid points) while streaming
+    schedule: str = "uniform"  # where the grid points fall (a distilled student uses its own grid)
     gate_db: float = -50.0  # input below this level (dBFS) outputs silence and skips the model
     input_gain_db: float = 0.0
     output_gain_db: float = 0.0
@@ -43,6 +45,8 @@ def validate_knobs(knobs: Knobs) -> Knobs:
         value = getattr(knobs, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{f.name} must be a finite number, got {value}")
+    if knobs.schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {knobs.schedule!r}: use {', '.join(SCHEDULES)}")
     if abs(knobs.pitch_shift) > MAX_PITCH_SHIFT:
         raise UserError(f"pitch_shift must be within ±{MAX_PITCH_SHIFT:g} semitones, got {knobs.pitch_shift}")
     if not 0.5 <= knobs.formant_shift <= 2.0:

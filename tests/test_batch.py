@@ -55,11 +55,16 @@ class CountingBackend:
     def __init__(self, backend):
         self.backend, self.speakers, self.device = backend, backend.speakers, backend.device
         self.family = getattr(backend, "family", "v2")
+        self.student = getattr(backend, "student", None)
         self.dit_batches, self.vocoder_batches = [], []
 
     def guided_velocity(self, x, t, cond, guidance):
         self.dit_batches.append(x.shape[0])
         return self.backend.guided_velocity(x, t, cond, guidance)
+
+    def step_velocity(self, x, t, dt, cond, guidance):
+        self.dit_batches.append(x.shape[0])
+        return self.backend.step_velocity(x, t, dt, cond, guidance)
 
     def vocode(self, mel, f0, phase, noise):
         self.vocoder_batches.append(f0.shape[0])

@@ -156,3 +156,13 @@ def test_a_wrong_model_path_is_reported_before_missing_components(command, files
             "export": ["export", missing, "--out", tmp_path / "o.rtsvc"]}[command]
     line = fails([*args, "--pretrained-dir", empty], capsys, monkeypatch, "no-such-voice.ckpt")
     assert "not found" in line and "ContentVec" not in line and "vocoder" not in line.lower()
+
+
+def test_distill_mistakes_are_one_line(files, tmp_path, capsys, monkeypatch):
+    base = ["distill", "--teacher", files["ckpt"], "--data", tmp_path, "--out", tmp_path / "run",
+            "--device", "cpu"]
+    fails([*base, "--nfe", "3"], capsys, monkeypatch, "--nfe must be 1 or 2")
+    fails([*base, "--cfg-strength", "11"], capsys, monkeypatch, "--cfg-strength must be between 0 and 10")
+    fails(base, capsys, monkeypatch, "is not prepared", "rtsvc prepare")
+    fails(["convert", files["tone"], tmp_path / "o.wav", *_model_args(files, "--schedule", "cosine")], capsys,
+          monkeypatch, "unknown schedule 'cosine'")

@@ -310,10 +310,14 @@ class LocalVelocity:
         self.backend, self.frames = backend, []
         self.device, self.speakers, self.vocode = backend.device, backend.speakers, backend.vocode
         self.family = backend.family
+        self.student = None  # a teacher: the sampler's step velocity is the guided velocity
 
     def guided_velocity(self, x, t, cond, guidance):
         self.frames.append(x.shape[1])
         return torch.tanh(cond.f0[..., None] / 200.0 + cond.cvec[..., :1] - x) * (1.0 + t)
+
+    def step_velocity(self, x, t, dt, cond, guidance):
+        return self.guided_velocity(x, t, cond, guidance)
 
 
 def test_a_shorter_dit_context_draws_the_same_noise_for_the_same_frames(tiny, clip):

@@ -64,7 +64,8 @@ class BenchCase:
     device: str  # "cpu" / "cuda"
     voice: Voice
     config: StreamConfig
-    steps: int | None = None  # model voices: sampling steps
+    steps: int | None = None  # model voices: sampling steps (grid points)
+    schedule: str = "uniform"  # model voices: where the grid points fall
 
 
 def parse_list(text: str, kind: type, option: str) -> list:
@@ -114,13 +115,16 @@ def bench_devices(spec: str) -> list[str]:
 
 
 def make_cases(configs: list[StreamConfig], spec: VoiceSpec, steps: list[int] = (),
-               backends: list[str] = ("auto",), devices: list[str] = ("cpu",)) -> list[BenchCase]:
+               backends: list[str] = ("auto",), devices: list[str] = ("cpu",),
+               teacher_steps: list[int] = (4,), schedule: str = "uniform") -> list[BenchCase]:
     """The DSP voice at every config, then (with `spec.model`) every device x backend x config x
-    steps, each opened from `spec` with that backend and device."""
+    steps, each opened from `spec` with that backend and device. Without `steps` a distilled
+    student runs its own count, a teacher `teacher_steps`."""
     from rtsvc.settings import validate_knobs
 
     for count in steps:
-        validate_knobs(Knobs(steps=count))  # before any model loads
+        validate_knobs(Knobs(steps=count, schedule=schedule))  # before any model loads
+    validate_knobs(Knobs(schedule=schedule))
     spec = spec.validate()  # f0, providers, DiT context: checked even when only the DSP voice runs
     dsp = open_voice(VoiceSpec())
     cases = [BenchCase("dsp", "cpu", dsp, c) for c in resolve_configs(configs, dsp)]
@@ -129,8 +133,10 @@ def make_cases(configs: list[StreamConfig], spec: VoiceSpec, steps: list[int] = 
     for device in devices:
         for backend in backends:
             voice = open_voice(spec.with_(backend=backend, device=device, streaming=True))
-            cases += [BenchCase(f"{Path(spec.model).name} {backend}", device, voice, c, s)
-                      for c in resolve_configs(configs, voice) for s in steps]
+            own = getattr(voice, "default_steps", None)
+            counts = list(steps) or ([own] if own else list(teacher_steps))
+            cases += [BenchCase(f"{Path(spec.model).name} {backend}", device, voice, c, s, schedule)
+                      for c in resolve_configs(configs, voice) for s in counts]
     return cases
 
 
@@ -143,7 +149,8 @@ def gap_grid(configs: list[StreamConfig], crossfades: list[float],
 
 def bench_case(case: BenchCase, seconds: float = 5.0) -> dict:
     """Stream `seconds` of the test signal through one configuration; compute-time statistics."""
-    knobs = Knobs(gate_db=-120.0, steps=case.steps or Knobs().steps)  # gate off: every block is timed
+    knobs = Knobs(gate_db=-120.0, steps=case.steps or Knobs().steps,  # gate off: every block is timed
+                  schedule=case.schedule)
     voice = StageTimes(case.voice)
     engine = StreamingConverter(voice, RuntimeSettings(knobs), case.config)
     block = engine.layout.block

@@ -12,6 +12,7 @@ import torch
 
 from rtsvc.models.flow import Conditioning
 from rtsvc.models.guidance import Guidance
+from rtsvc.models.student import StudentInfo
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -20,6 +21,14 @@ class Backend(Protocol):
     speakers: dict[str, int]  # name -> speaker index
     device: torch.device
     family: str  # "v2" or "v3": which conditioning (Whisper or not) and guidance the DiT takes
+    student: StudentInfo | None  # a distilled student (`rtsvc distill`): no guidance branches
+
+    def step_velocity(self, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, cond: Conditioning,
+                      guidance: Guidance) -> torch.Tensor:
+        """The velocity of one Euler update from t to t + dt: a teacher's `guided_velocity` (dt
+        unused), or a student's average velocity over [t, t + dt] in one single-branch evaluation
+        (its guidance is baked in: `guidance` unused)."""
+        ...
 
     def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                         guidance: Guidance) -> torch.Tensor:

@@ -19,6 +19,7 @@ from rtsvc.backends.bundle import DIT_FILE, DIT_OUTPUT, VOCODER_FILE, VOCODER_OU
 from rtsvc.errors import UserError
 from rtsvc.models.flow import CFG_EPS, Conditioning
 from rtsvc.models.guidance import Guidance, degrade_content
+from rtsvc.models.student import StudentInfo
 
 PROVIDER_NAMES = {  # what users type -> ONNX Runtime's name
     "tensorrt": "TensorrtExecutionProvider",
@@ -199,6 +200,8 @@ class OnnxBackend:
         self.providers = self.dit.get_providers()
         self.hop = int(bundle.manifest["audio"]["hop_length"])
         self.io_binding = self.providers[0] in GPU_PROVIDERS and device.type == "cuda"
+        marker = bundle.manifest.get("student")
+        self.student = StudentInfo.from_dict(marker) if marker else None  # dit.onnx: STUDENT_DIT_INPUTS
 
     @classmethod
     def open(cls, path, device: str = "auto", pretrained=None, providers: str | Sequence[str] | None = None,
@@ -234,8 +237,22 @@ class OnnxBackend:
 
     # -- the Backend protocol --
 
+    def step_velocity(self, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, cond: Conditioning,
+                      guidance: Guidance) -> torch.Tensor:
+        if self.student is None:
+            return self.guided_velocity(x, t, cond, guidance)
+        if cond.mask is not None and not bool(cond.mask.all()):
+            raise ValueError("the ONNX DiT has no frame mask input: pass unpadded items")
+        b, n = x.shape[0], x.shape[1]
+        feeds = {"x": x.float(), "t": _per_item(t, b), "dt": _per_item(dt, b), "spk": cond.spk.long(),
+                 "f0": cond.f0.float(), "rms": cond.rms.float(), "cvec": cond.cvec.float(),
+                 "whisper": cond.whisper.float()}
+        return self._run(self.dit, feeds, DIT_OUTPUT, (b, n, x.shape[2]))
+
     def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                         guidance: Guidance) -> torch.Tensor:
+        if self.student is not None:  # its graph has no guidance branches: the velocity at dt = 0
+            return self.step_velocity(x, t, torch.zeros(()), cond, guidance)
         if cond.mask is not None and not bool(cond.mask.all()):
             raise ValueError("the ONNX DiT has no frame mask input: pass unpadded items")
         b, n = x.shape[0], x.shape[1]
@@ -323,6 +340,12 @@ class OnnxContentVec:
         from rtsvc.features.frames import resize_frames
 
         return resize_frames(self.hidden(audio_16k), n_frames, mode)
+
+
+def _per_item(t, batch: int) -> torch.Tensor:
+    """A time (scalar or [b]) as a float32 [b] tensor."""
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+    return t.expand(batch) if t.numel() == 1 else t
 
 
 def _whisper_method(name: str):

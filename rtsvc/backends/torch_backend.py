@@ -10,6 +10,7 @@ from rtsvc.errors import UserError
 from rtsvc.models.flow import Conditioning
 from rtsvc.models.guidance import Guidance, guided_velocity
 from rtsvc.models.loading import load_dit, load_vocoder
+from rtsvc.models.student import student_velocity
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -30,6 +31,8 @@ class TorchBackend:
         self.speakers = dict(dit.speakers)
         self.family = dit.family
         self.dtype = PRECISIONS[precision]
+        self.student = dit.student
+        self._student_velocity = student_velocity(dit) if dit.student is not None else None
 
     @classmethod
     def from_checkpoint(cls, model_path: str | Path, vocoder_path: str | Path, device: torch.device,
@@ -53,6 +56,16 @@ class TorchBackend:
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         with self._autocast():
             return guided_velocity(self.model, x, t, cond, guidance).float()
+
+    @torch.inference_mode()
+    def step_velocity(self, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, cond: Conditioning,
+                      guidance: Guidance) -> torch.Tensor:
+        if self._student_velocity is None:
+            return self.guided_velocity(x, t, cond, guidance)
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+        dt = torch.as_tensor(dt, dtype=torch.float32, device=x.device)
+        with self._autocast():
+            return self._student_velocity(x, t, dt, cond).float()
 
     @torch.inference_mode()
     def vocode(self, log_mel: torch.Tensor, f0: torch.Tensor, phase: torch.Tensor,

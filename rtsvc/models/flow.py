@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rtsvc.errors import UserError
+from rtsvc.models.schedules import time_grid as schedule_grid
 
 N_MELS = 128
 CFG_EPS = 1e-5  # upstream: a strength below this runs the null branch only
@@ -52,10 +52,7 @@ class Conditioning:
 
 def time_grid(steps: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Upstream's grid: `linspace(0, 1, steps)`, i.e. steps - 1 Euler updates (steps >= 2)."""
-    if steps < 2:
-        raise UserError(f"--steps must be at least 2 (got {steps}): the grid linspace(0, 1, steps) "
-                        "needs two points for one Euler update")
-    return torch.linspace(0, 1, steps, device=device)
+    return schedule_grid(steps, "uniform", device)
 
 
 def cfg_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
@@ -79,12 +76,21 @@ def cfg_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond:
 
 
 def sample(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
-           steps: int) -> torch.Tensor:
-    """Euler integration of dx/dt = velocity_fn(x, t) from t=0 (x = noise) to t=1 over time_grid."""
-    grid = time_grid(steps, noise.device)
+           steps: int, schedule: str = "uniform") -> torch.Tensor:
+    """Euler integration of dx/dt = velocity_fn(x, t) from t=0 (x = noise) to t=1 over the
+    `schedule`'s grid of `steps` points (`rtsvc.models.schedules`)."""
+    grid = schedule_grid(steps, schedule, noise.device)
+    return sample_on_grid(lambda x, t, dt: velocity_fn(x, t), noise, grid)
+
+
+def sample_on_grid(step_velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                   noise: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """x <- x + dt * step_velocity(x, t, dt) over consecutive grid points. A teacher ignores dt (its
+    instantaneous velocity); a distilled student returns its average velocity over [t, t + dt]."""
     x = noise
-    for i in range(steps - 1):
-        x = x + (grid[i + 1] - grid[i]) * velocity_fn(x, grid[i])
+    for i in range(len(grid) - 1):
+        dt = grid[i + 1] - grid[i]
+        x = x + dt * step_velocity(x, grid[i], dt)
     return x
 
 

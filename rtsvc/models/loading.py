@@ -21,6 +21,7 @@ from rtsvc.models.dit import DiT, DiTConfig
 from rtsvc.models.dit_v3 import DiTV3, DiTV3Config
 from rtsvc.models.lora import lora_rank_of
 from rtsvc.models.safe_load import load_torch_file
+from rtsvc.models.student import STUDENT_KEY, StudentInfo, make_student
 from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig, fold_weight_norm
 
 STATE_PREFIX = "model.transformer."
@@ -40,6 +41,7 @@ class LoadedDiT:
     path: Path
     dataset: dict[str, Any]  # the checkpoint's dataset settings (sample_rate, hop_length, ...)
     family: str = "v2"  # "v2" (ContentVec + Whisper) or "v3" (ContentVec, null speaker)
+    student: StudentInfo | None = None  # set for a distilled student (`rtsvc distill`)
 
     def speaker_index(self, name: str) -> int:
         if name not in self.speakers:
@@ -182,9 +184,13 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
         config = _v2_config(hparams, state, n_speakers, path)
         model = DiT(config)
         what = f"RIFT-SVC V2 DiT ({config.dim}-{config.depth})"
+    student = StudentInfo.from_dict(_as_dict(hparams[STUDENT_KEY])) if STUDENT_KEY in hparams else None
+    if student is not None:  # its extra keys: the second time input
+        make_student(model)
+        what += " student"
     _strict_load(model, state, path, what)
     return LoadedDiT(model=model.to(device).eval(), speakers=speakers, config=config, path=path,
-                     dataset=_as_dict(hparams.get("dataset")), family=family)
+                     dataset=_as_dict(hparams.get("dataset")), family=family, student=student)
 
 
 # --- vocoder --------------------------------------------------------------------------------

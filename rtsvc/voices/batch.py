@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from rtsvc.dsp.mel import denormalize_mel
-from rtsvc.models.flow import CFG_EPS, Conditioning, frame_noise, sample
+from rtsvc.models.flow import CFG_EPS, Conditioning, frame_noise, sample_on_grid
 from rtsvc.models.guidance import Guidance, with_bad_cvec
 from rtsvc.settings import Knobs
-from rtsvc.voices.model import BlockJob, ModelVoice, guidance_of, vocoder_source
+from rtsvc.voices.model import BlockJob, ModelVoice, guidance_of, sampling_grid, vocoder_source
 
 if TYPE_CHECKING:
     from rtsvc.backends.base import Backend
@@ -58,7 +58,8 @@ def dit_key(job: BlockJob, family: str, index: int) -> tuple:
     """What must agree for jobs to share one DiT sampling: frames, steps, guidance (and, where the
     guidance mixes the batch, the job itself)."""
     guidance = guidance_of(job.knobs)
-    return (job.cond.f0.shape[1], job.knobs.steps, guidance, index if batch_wide(family, guidance) else -1)
+    return (job.cond.f0.shape[1], job.knobs.steps, job.knobs.schedule, guidance,
+            index if batch_wide(family, guidance) else -1)
 
 
 def vocoder_key(job: BlockJob) -> int:
@@ -102,11 +103,12 @@ def sample_group(backend: "Backend", jobs: list[BlockJob]) -> list[torch.Tensor]
     frames = jobs[0].cond.f0.shape[1]
     guidance = guidance_of(jobs[0].knobs)
     conds = [j.cond for j in jobs]
-    if getattr(backend, "family", "v2") == "v3":
+    if getattr(backend, "family", "v2") == "v3" and getattr(backend, "student", None) is None:
         conds = [with_bad_cvec(c, guidance) for c in conds]  # per item, once per window
     cond = stack(conds)
     noise = torch.stack([frame_noise(j.noise_frame, frames, j.knobs.seed) for j in jobs]).to(device)
-    x = sample(lambda x, t: backend.guided_velocity(x, t, cond, guidance), noise, jobs[0].knobs.steps)
+    velocity = lambda x, t, dt: backend.step_velocity(x, t, dt, cond, guidance)  # noqa: E731 - students too
+    x = sample_on_grid(velocity, noise, sampling_grid(backend, jobs[0].knobs))
     mel = denormalize_mel(x).transpose(1, 2)  # [b, 128, frames]
     return [mel[k:k + 1, :, j.first - j.dit_first:] for k, j in enumerate(jobs)]
 

@@ -30,8 +30,9 @@ from rtsvc.dsp.mel import denormalize_mel
 from rtsvc.errors import UserError
 from rtsvc.features.cache import ENCODER_CONTEXT_S, FeatureCache
 from rtsvc.features.f0 import shift_f0
-from rtsvc.models.flow import Conditioning, counter_normal, frame_noise, sample
+from rtsvc.models.flow import Conditioning, counter_normal, frame_noise, sample_on_grid
 from rtsvc.models.guidance import Guidance, with_bad_cvec
+from rtsvc.models.schedules import time_grid
 from rtsvc.settings import Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, MODEL_BLOCK_MS
 
@@ -180,14 +181,23 @@ class ModelVoice:
         self.last_ms[name] = (time.perf_counter() - started) * 1000.0
         return out
 
+    @property
+    def default_steps(self) -> int | None:
+        """Grid points a distilled student runs by default (its evaluations + 1); None for a teacher."""
+        student = getattr(self.backend, "student", None)
+        return None if student is None else student.nfe + 1
+
+    def sampling_grid(self, knobs: Knobs) -> torch.Tensor:
+        return sampling_grid(self.backend, knobs)
+
     def _sample(self, cond: Conditioning, knobs: Knobs, start_frame: int) -> torch.Tensor:
         n = cond.f0.shape[1]
         noise = frame_noise(start_frame, n, knobs.seed)[None].to(self.backend.device)
         guidance = guidance_of(knobs)
-        if self.backend.family == "v3":
+        if self.backend.family == "v3" and getattr(self.backend, "student", None) is None:
             cond = with_bad_cvec(cond, guidance)  # once per window, not per step
-        velocity = lambda x, t: self.backend.guided_velocity(x, t, cond, guidance)  # noqa: E731
-        x = sample(velocity, noise, knobs.steps)
+        velocity = lambda x, t, dt: self.backend.step_velocity(x, t, dt, cond, guidance)  # noqa: E731
+        x = sample_on_grid(velocity, noise, self.sampling_grid(knobs))
         return denormalize_mel(x).transpose(1, 2)
 
     def _vocode(self, mel: torch.Tensor, f0: torch.Tensor, first: int, start_sample: int,
@@ -240,6 +250,14 @@ def vocoder_source(f0: torch.Tensor, first: int, start_sample: int,
 def crop(cond: Conditioning, first: int) -> Conditioning:
     """The conditioning from frame `first` on (the DiT's positions are relative: rotary + conv)."""
     return cond.crop(first)
+
+
+def sampling_grid(backend: "Backend", knobs: Knobs) -> torch.Tensor:
+    """`knobs.steps` grid points: a student's own grid (on its teacher's lattice), else the schedule's."""
+    student = getattr(backend, "student", None)
+    if student is not None:
+        return torch.tensor(student.grid_for(knobs.steps), device=backend.device)
+    return time_grid(knobs.steps, knobs.schedule, backend.device)
 
 
 def guidance_of(knobs: Knobs) -> Guidance:

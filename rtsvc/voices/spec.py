@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rtsvc.errors import UserError
 from rtsvc.pretrained import DEFAULT_PRETRAINED_DIR, PretrainedPaths, resolve_pretrained
+from rtsvc.settings import Knobs
 from rtsvc.voice import Voice
 from rtsvc.voices.defaults import DIT_CONTEXT_MS
 
@@ -79,6 +80,13 @@ class VoiceSpec:
         return resolve_pretrained(Path(self.pretrained_dir), contentvec=self.contentvec,
                                   whisper=self.whisper, vocoder=self.vocoder, rmvpe=self.rmvpe,
                                   need=self.needed_components())
+
+
+def sampling_steps(knobs: Knobs, voice: Voice, requested: int | None) -> Knobs:
+    """`knobs` with the steps a command runs: `requested` (--steps) when given, else a distilled
+    student's own count (its evaluations + 1), else the command's default already in `knobs`."""
+    own = getattr(voice, "default_steps", None)
+    return knobs if requested is not None or own is None else replace(knobs, steps=own)
 
 
 def describe_voice(voice: Voice, model: Path | None, speaker: str | None = None) -> str:

@@ -1,0 +1,248 @@
+"""Schedules, students and `rtsvc distill`: zero-init parity with the teacher, the baked-guidance
+target, exact resume, the checkpoint marker, and students in the voice, the backends and export."""
+
+import math
+
+import pytest
+import torch
+
+from rtsvc.errors import UserError
+from rtsvc.models.dit import DiT
+from rtsvc.models.flow import Conditioning
+from rtsvc.models.guidance import Guidance
+from rtsvc.models.loading import load_dit
+from rtsvc.models.schedules import EPSS_TABLE, time_grid
+from rtsvc.models.student import StudentInfo, is_student, make_student, teacher_velocity, v2_student_velocity
+from tests.test_prepare import cheap_extract, make_voices
+from tests.tiny_models import _randomise, make_tiny_dit_checkpoint, tiny_dit_config
+from training.distill import DistillConfig, distill
+from training.distill_loss import deployment_pairs, teacher_trajectory
+from training.prepare import prepare_dataset
+
+TINY = dict(batch_size=2, pairs=2, lr=1e-3, log_every=2, num_workers=0, device="cpu", progress=False,
+            max_frame_len=64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cond(b: int = 2, n: int = 20, seed: int = 0) -> Conditioning:
+    g = torch.Generator().manual_seed(seed)
+    return Conditioning(spk=torch.tensor([0, 1][:b]), f0=torch.rand(b, n, generator=g) * 300 + 100,
+                        rms=torch.rand(b, n, generator=g) * 0.1, cvec=torch.randn(b, n, 768, generator=g),
+                        whisper=torch.randn(b, n, 1280, generator=g))
+
+
+def _dit() -> DiT:
+    torch.manual_seed(0)
+    model = DiT(tiny_dit_config()).eval()
+    _randomise(model)
+    return model
+
+
+# --- schedules --------------------------------------------------------------------------------
+
+def test_schedules_are_increasing_grids_from_0_to_1():
+    for name in ("uniform", "sway", "epss"):
+        for points in (2, 3, 4, 8, 32):
+            grid = time_grid(points, name)
+            assert len(grid) == points and grid[0] == 0 and grid[-1] == 1
+            assert bool((grid[1:] > grid[:-1]).all()), (name, points, grid)
+    assert torch.allclose(time_grid(3, "sway"), torch.tensor([0.0, 1 - math.cos(math.pi / 4), 1.0]))
+    assert time_grid(8, "epss").tolist() == [t / 32 for t in EPSS_TABLE[7]]
+    assert time_grid(4, "epss").tolist() == [0.0, 0.25, 0.5, 1.0]  # dyadic outside F5's table
+    with pytest.raises(UserError, match="unknown --schedule 'cosine'"):
+        time_grid(4, "cosine")
+
+
+# --- the student network ----------------------------------------------------------------------
+
+def test_zero_initialised_student_is_exactly_its_teacher():
+    teacher, cond = _dit(), _cond()
+    student = make_student(_dit())
+    assert is_student(student) and not is_student(teacher)
+    x, t = torch.randn(2, 20, 128), torch.tensor([0.1, 0.7])
+    want = teacher(x=x, spk=cond.spk, f0=cond.f0, rms=cond.rms, cvec=cond.cvec, whisper=cond.whisper, time=t,
+                   drop_whisper=False)
+    for dt in (torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.3])):
+        got = v2_student_velocity(student, x, t, dt, cond)
+        assert torch.equal(got, want)
+    # upstream keys keep their names; the second time input adds its own
+    extra = set(student.state_dict()) - set(teacher.state_dict())
+    assert extra and all(k.startswith("time_embed.interval.") for k in extra)
+    assert set(teacher.state_dict()) <= set(student.state_dict())
+    with torch.no_grad():  # once trained, dt changes the output
+        student.time_embed.interval.proj.bias.add_(0.5)
+    assert not torch.equal(v2_student_velocity(student, x, t, torch.tensor([1.0, 0.3]), cond), want)
+
+
+def test_baked_guidance_target_equals_an_explicit_guided_evaluation():
+    model, cond = _dit(), _cond()
+    noise = torch.randn(2, 20, 128, generator=torch.Generator().manual_seed(1))
+    grid = time_grid(32)
+    loaded = type("Loaded", (), {"model": model})()
+    traj = teacher_trajectory(teacher_velocity(loaded, {"cfg_strength": 2.5}), noise, cond, grid)
+    assert traj.shape == (32, 2, 20, 128)
+    k = 7
+    target = (traj[k + 1] - traj[k]) / (grid[k + 1] - grid[k])
+    kw = dict(spk=cond.spk, f0=cond.f0, rms=cond.rms, cvec=cond.cvec, whisper=cond.whisper,
+              time=grid[k].expand(2))
+    with torch.no_grad():  # two separate forwards, combined by hand
+        v_null = model(x=traj[k], drop_whisper=True, **kw)
+        v_full = model(x=traj[k], drop_whisper=False, **kw)
+    assert torch.allclose(target, v_null + 2.5 * (v_full - v_null), atol=1e-4)
+    assert not torch.allclose(target, v_full, atol=1e-3)  # the guidance is really in it
+
+
+def test_deployment_intervals_and_student_grids():
+    info = StudentInfo(nfe=1, grid=[0.0, 1.0])
+    assert deployment_pairs(info).tolist() == [[0, 16], [0, 31], [16, 31]]
+    assert info.grid_for(2) == [0.0, 1.0] and info.grid_for(3) == [0.0, 16 / 31, 1.0]
+    with pytest.raises(UserError, match="grid has 3 points for nfe 1"):
+        StudentInfo.from_dict({"nfe": 1, "grid": [0, 0.5, 1]})
+
+
+# --- rtsvc distill ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_voices(root, broken=False)
+    prepare_dataset(root, cheap_extract, {"f0": "test"}, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_tiny_dit_checkpoint(tmp_path_factory.mktemp("teacher") / "t.ckpt", speakers=("high", "low"))
+
+
+def _distill(teacher, data, out, **changes):
+    settings = {**TINY, "max_steps": 6, "save_every": 3, "cfg_strength": 1.5, **changes}
+    return distill(DistillConfig(teacher=str(teacher), data=str(data), out=str(out), **settings))
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, data, teacher):
+    out = tmp_path_factory.mktemp("run") / "student"
+    result = _distill(teacher, data, out, max_steps=6)
+    return out, result
+
+
+def test_distill_writes_a_student_that_load_dit_recognises(distilled, teacher):
+    out, result = distilled
+    assert result.global_step == 6 and (out / "last.ckpt").is_file() and (out / "step-3.ckpt").is_file()
+    assert all(math.isfinite(v) for v in result.losses) and len(result.losses) == 6
+    loaded = load_dit(out / "last.ckpt")
+    assert loaded.student is not None and loaded.student.nfe == 1 and loaded.student.grid == [0.0, 1.0]
+    assert loaded.student.guidance == {"cfg_strength": 1.5}
+    assert is_student(loaded.model) and load_dit(teacher).student is None
+    ckpt = torch.load(out / "last.ckpt", weights_only=True)
+    assert all(k.startswith("model.transformer.") for k in ckpt["state_dict"])  # upstream layout
+    assert (out / "metrics.jsonl").read_text().count("\n") == 3
+
+
+def test_distill_resume_is_exact(distilled, data, teacher, tmp_path):
+    out, _ = distilled
+    first = _distill(teacher, data, tmp_path / "r", max_steps=3)
+    resumed = _distill(teacher, data, tmp_path / "r", max_steps=6, resume=True)
+    assert first.global_step == 3 and resumed.global_step == 6
+    straight = torch.load(out / "last.ckpt", weights_only=True)["state_dict"]
+    again = torch.load(tmp_path / "r" / "last.ckpt", weights_only=True)["state_dict"]
+    assert straight.keys() == again.keys()
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+
+
+def test_distill_user_errors(distilled, data, teacher, tmp_path):
+    out, _ = distilled
+    with pytest.raises(UserError, match="--nfe must be 1 or 2"):
+        _distill(teacher, data, tmp_path / "x", nfe=3)
+    with pytest.raises(UserError, match="already a distilled student"):
+        _distill(out / "last.ckpt", data, tmp_path / "y")
+    stranger = make_tiny_dit_checkpoint(tmp_path / "s.ckpt", speakers=("alice", "bob"))
+    with pytest.raises(UserError, match="speaker\\(s\\) the teacher does not know: high, low"):
+        _distill(stranger, data, tmp_path / "z")
+
+
+# --- students in the voice, the backends and export ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vocoder(tmp_path_factory):
+    from tests.tiny_models import make_tiny_vocoder
+
+    return make_tiny_vocoder(tmp_path_factory.mktemp("vocoder"))
+
+
+def test_student_runs_one_single_branch_evaluation_per_update(distilled, vocoder):
+    from rtsvc.backends.torch_backend import TorchBackend
+    from rtsvc.settings import Knobs
+    from rtsvc.voices.model import ModelVoice
+    from rtsvc.voices.spec import sampling_steps
+
+    out, _ = distilled
+    backend = TorchBackend.from_checkpoint(out / "last.ckpt", vocoder, torch.device("cpu"))
+    batches = []
+    backend.model.register_forward_pre_hook(lambda m, args, kwargs: batches.append(kwargs["x"].shape[0]),
+                                            with_kwargs=True)
+    cond, x = _cond(1), torch.randn(1, 20, 128)
+    got = backend.step_velocity(x, torch.tensor(0.0), torch.tensor(1.0), cond, Guidance())
+    assert batches == [1]  # no guidance batch
+    assert torch.equal(got, v2_student_velocity(backend.model, x, torch.tensor(0.0), torch.tensor(1.0), cond))
+    voice = ModelVoice(backend, features=None)
+    assert voice.default_steps == 2
+    assert sampling_steps(Knobs(), voice, None).steps == 2  # the student's own count
+    assert sampling_steps(Knobs(steps=5), voice, 5).steps == 5  # --steps overrides
+    assert voice.sampling_grid(Knobs(steps=3)).tolist() == pytest.approx([0.0, 16 / 31, 1.0])
+
+
+def test_student_bundle_has_no_guidance_input_and_matches_torch(distilled, vocoder, tmp_path):
+    from export.onnx_export import export_bundle
+    from rtsvc.backends.bundle import STUDENT_DIT_INPUTS
+    from rtsvc.backends.onnx_backend import OnnxBackend
+    from rtsvc.backends.torch_backend import TorchBackend
+
+    out, _ = distilled
+    result = export_bundle(out / "last.ckpt", tmp_path / "s.rtsvc", pretrained_dir=None, vocoder=vocoder,
+                           lengths=(17, 40))
+    assert result.ok, [r for r in result.rows if not r.ok]
+    onnx = OnnxBackend.open(tmp_path / "s.rtsvc", device="cpu")
+    manifest = onnx.bundle.manifest
+    assert manifest["dit"]["inputs"] == list(STUDENT_DIT_INPUTS) and "cfg_strength" not in STUDENT_DIT_INPUTS
+    assert manifest["defaults"] == {"steps": 2, "cfg_strength": 1.5} and manifest["student"]["nfe"] == 1
+    assert onnx.student is not None and onnx.student.grid == [0.0, 1.0]
+    torch_backend = TorchBackend.from_checkpoint(out / "last.ckpt", vocoder, torch.device("cpu"))
+    cond, x = _cond(1, 33), torch.randn(1, 33, 128)
+    for t, dt in ((0.0, 1.0), (0.3, 0.2)):
+        want = torch_backend.step_velocity(x, torch.tensor(t), torch.tensor(dt), cond, Guidance())
+        got = onnx.step_velocity(x, torch.tensor(t), torch.tensor(dt), cond, Guidance())
+        assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()))
+
+
+def test_convert_and_stream_a_student_through_the_cli(distilled, tmp_path, capsys, monkeypatch):
+    import soundfile as sf
+
+    from rtsvc.voices.model import ModelVoice
+    from tests.cli_helpers import harmonic_tone, run_cli, write_wav
+    from tests.tiny_encoders import make_tiny_pretrained_dir
+
+    out, _ = distilled
+    grids, original = [], ModelVoice.sampling_grid
+    monkeypatch.setattr(ModelVoice, "sampling_grid", lambda self, knobs: grids.append(knobs.steps) or
+                        original(self, knobs))
+    pretrained = make_tiny_pretrained_dir(tmp_path / "pretrained")
+    tone = write_wav(tmp_path / "tone.wav", harmonic_tone(0.6))
+    base = ["--model", out / "last.ckpt", "--pretrained-dir", pretrained, "--f0", "pyworld",
+            "--device", "cpu"]
+    for extra, steps in (([], 2), (["--stream"], 2), (["--steps", "3"], 3)):  # no --steps: the student's own
+        grids.clear()
+        target = tmp_path / f"out{len(extra)}.wav"
+        code, stdout, stderr = run_cli(["convert", tone, target, *base, *extra], capsys, monkeypatch)
+        assert code == 0, stdout + stderr
+        audio, rate = sf.read(target)
+        assert rate == 44100 and len(audio) == int(0.6 * 44100) and bool(abs(audio).max() > 0)
+        assert grids and set(grids) == {steps}

@@ -1,0 +1,270 @@
+"""`rtsvc distill`: a 1- or 2-evaluation student from a teacher checkpoint, on a prepared data folder.
+
+The student starts as the teacher plus a zero-initialised second time input (`rtsvc.models.student`)
+and learns the teacher's guided 32-point trajectories (`training.distill_loss`); the teacher runs
+alongside, frozen, producing targets for each batch. Everything else is `rtsvc train`'s machinery:
+step-addressed batches, seeded per-step noise, schedule-free AdamW, RUN/metrics.jsonl, atomic
+RUN/last.ckpt (+ step-N.ckpt), exact --resume, Ctrl-C saves, torchrun DDP.
+
+The checkpoint is the teacher's upstream layout plus the student's keys, with
+`hyper_parameters.cfg.student` = `StudentInfo` (nfe, grid, guidance, recipe, teacher).
+"""
+
+import copy
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from rtsvc.errors import UserError
+from rtsvc.models.loading import LoadedDiT, load_dit
+from rtsvc.models.schedules import student_grid
+from rtsvc.models.student import (
+    STUDENT_KEY,
+    StudentInfo,
+    default_guidance,
+    make_student,
+    student_velocity,
+    teacher_velocity,
+)
+from training.checkpoint import load_checkpoint
+from training.dataset import MAX_FRAME_LEN, ClipDataset, StepBatchSampler, collate
+from training.distill_loss import distill_loss
+from training.model import model_name
+from training.optim import BETAS, WARMUP_RATIO, current_lr, make_optimizer
+from training.prepare import load_metadata
+from training.train import (
+    LAST,
+    MetricsLog,
+    StopFlag,
+    _all_mean,
+    _any,
+    _barrier,
+    _save,
+    _set_rng_state,
+    _worker_init,
+    autocast_dtype,
+    init_distributed,
+)
+
+DISTILL_LR = 1e-4
+TEACHER_POINTS = 32  # the teacher's reference: upstream convert's 32-point grid
+
+
+@dataclass
+class DistillConfig:
+    teacher: str
+    data: str
+    out: str
+    nfe: int = 1  # evaluations per block the student is made for (1 or 2)
+    max_steps: int = 5000
+    batch_size: int = 16  # trajectories per step per GPU; the student sees batch_size * pairs items
+    pairs: int = 4  # intervals trained per teacher trajectory
+    deployed_share: float = 0.5  # share of intervals that are the 1-/2-evaluation ones
+    cfg_strength: float | None = None  # guidance baked in; None = the family's default (V2: 2.0)
+    lr: float = DISTILL_LR
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    save_every: int = 500
+    log_every: int = 10
+    max_frame_len: int = MAX_FRAME_LEN
+    num_workers: int = 2
+    seed: int = 2025
+    resume: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    global_step: int
+    interrupted: bool
+    last_checkpoint: Path | None
+    info: StudentInfo | None = None
+    losses: list[float] = field(default_factory=list)
+    rank: int = 0
+
+
+def _check(cfg: DistillConfig) -> None:
+    if cfg.nfe not in (1, 2):
+        raise UserError(f"--nfe must be 1 or 2, got {cfg.nfe}")
+    for name, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size),
+                        ("--pairs", cfg.pairs), ("--save-every", cfg.save_every),
+                        ("--log-every", cfg.log_every)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if not 0.0 <= cfg.deployed_share <= 1.0:
+        raise UserError(f"--deployed-share must be between 0 and 1, got {cfg.deployed_share}")
+
+
+def _hparams(cfg: DistillConfig, teacher: LoadedDiT, info: StudentInfo, world: int) -> dict:
+    c = teacher.config
+    return {
+        "seed": cfg.seed,
+        "model": {"name": model_name(c), "cfg": {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim,
+                                                 "ff_mult": c.ff_mult},
+                  "pretrained_path": cfg.teacher},
+        "dataset": {**teacher.dataset, "data_dir": str(cfg.data)},
+        "training": {"learning_rate": cfg.lr, "betas": str(BETAS), "weight_decay": cfg.weight_decay,
+                     "batch_size_per_gpu": cfg.batch_size, "pairs_per_trajectory": cfg.pairs,
+                     "deployed_share": cfg.deployed_share, "max_grad_norm": cfg.grad_clip,
+                     "max_steps": cfg.max_steps, "warmup_ratio": WARMUP_RATIO,
+                     "save_per_steps": cfg.save_every,
+                     "precision": cfg.precision, "world_size": world},
+        "spk2idx": dict(teacher.speakers),
+        STUDENT_KEY: info.as_dict(),
+    }
+
+
+def _models(cfg: DistillConfig, out: Path, device: torch.device):
+    """(teacher, student LoadedDiT, resumed checkpoint or None, StudentInfo)."""
+    teacher = load_dit(cfg.teacher, "cpu")
+    if teacher.student is not None:
+        raise UserError(f"{cfg.teacher} is already a distilled student; distill from its teacher")
+    if cfg.resume:
+        last = out / LAST
+        if not last.is_file():
+            raise UserError(f"--resume: no {last} to resume from (start without --resume)")
+        student = load_dit(last, "cpu")
+        if student.student is None:
+            raise UserError(f"--resume: {last} is not a student checkpoint")
+        resumed, info = load_checkpoint(last), student.student
+    else:
+        guidance = default_guidance(teacher)
+        if cfg.cfg_strength is not None:
+            guidance["cfg_strength"] = float(cfg.cfg_strength)
+        info = StudentInfo(nfe=cfg.nfe, grid=student_grid(cfg.nfe, TEACHER_POINTS),
+                           teacher_points=TEACHER_POINTS, guidance=guidance, teacher=str(cfg.teacher))
+        student = copy.copy(teacher)
+        student.model = make_student(copy.deepcopy(teacher.model))
+        student.student, resumed = info, None
+    teacher.model.to(device).eval().requires_grad_(False)
+    student.model.to(device).train()
+    return teacher, student, resumed, info
+
+
+def distill(cfg: DistillConfig) -> DistillResult:
+    """Run (or continue) a distillation run; returns at max_steps or on Ctrl-C."""
+    _check(cfg)
+    d, device = init_distributed(cfg.device)
+    out = Path(cfg.out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume and (out / LAST).exists():
+        raise UserError(f"{out / LAST} exists: add --resume to continue that run, or choose another --out")
+    meta = load_metadata(cfg.data)
+    torch.manual_seed(cfg.seed + d.rank)
+    teacher, student, resumed, info = _models(cfg, out, device)
+    unknown = [s for s in meta["speakers"] if s not in teacher.speakers]
+    if unknown:
+        raise UserError(f"the data has speaker(s) the teacher does not know: {', '.join(unknown)}; "
+                        "fine-tune the teacher on them first (rtsvc train --pretrained)")
+    start_step = int(resumed["global_step"]) if resumed else 0
+    if start_step >= cfg.max_steps:
+        raise UserError(f"the run is already at step {start_step}; raise --max-steps to distill further")
+
+    raw = student.model
+    optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, cfg.max_steps)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer_states"][0])
+        _set_rng_state(resumed.get("rtsvc", {}).get("rng", {}), device)
+    optimizer.train()
+    model = raw
+    if d.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            raw, device_ids=[device.index] if device.type == "cuda" else None)
+    student_fn = student_velocity(student)
+    if model is not raw:  # DDP: the forward must go through the wrapper
+        wrapped = copy.copy(student)
+        wrapped.model = model
+        student_fn = student_velocity(wrapped)
+    teacher_fn = teacher_velocity(teacher, info.guidance)
+
+    train_set = ClipDataset(cfg.data, meta, teacher.speakers, "train", cfg.max_frame_len)
+    if len(train_set) == 0:
+        raise UserError(f"{cfg.data} has no training clips")
+    sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, start_step, cfg.max_steps, d.rank,
+                               d.world)
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    amp = autocast_dtype(cfg.precision, device)
+    hparams = _hparams(cfg, teacher, info, d.world)
+    if resumed is not None:
+        hparams = resumed["hyper_parameters"]["cfg"]
+        hparams["training"]["max_steps"] = cfg.max_steps
+    log = MetricsLog(out, start_step if resumed else None) if d.main else None
+
+    result = DistillResult(out, start_step, False, None, info, rank=d.rank)
+    step, window, t_window = start_step, [], time.perf_counter()
+    try:
+        with StopFlag() as stop, _progress(cfg, d) as bar:
+            task = bar.add_task("distill", total=cfg.max_steps, completed=start_step, loss=float("nan"),
+                                sps=0.0)
+            for batch in loader:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                seed = cfg.seed * 1_000_003 + step * 4096 + d.rank
+                generator = torch.Generator(device=device).manual_seed(seed)
+                ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+                with ctx:
+                    loss = distill_loss(student_fn, teacher_fn, batch, info, generator, cfg.pairs,
+                                        cfg.deployed_share)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                optimizer.step()
+                step += 1
+                window.append(loss.detach())
+                epoch = sampler.epoch_at(step - 1)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    values = torch.stack(window).float().cpu().tolist()
+                    result.losses.extend(values)
+                    mean_loss = _all_mean(sum(values) / len(values), d, device)
+                    elapsed = time.perf_counter() - t_window
+                    sps = len(values) / elapsed if elapsed > 0 else 0.0
+                    if d.main:
+                        log.write({"step": step, "loss": mean_loss, "lr": current_lr(optimizer),
+                                   "grad_norm": float(grad_norm), "steps_per_s": sps, "epoch": epoch,
+                                   "time": time.time()})
+                        bar.update(task, loss=mean_loss, sps=sps)
+                    window, t_window = [], time.perf_counter()
+                if d.main:
+                    bar.update(task, completed=step)
+                if step % cfg.save_every == 0 or step == cfg.max_steps:
+                    if d.main:
+                        result.last_checkpoint = _save(out, raw, optimizer, hparams, step, epoch, device,
+                                                       keep_step=step % cfg.save_every == 0)
+                    _barrier(d)
+                if _any(stop.requested, d, device) and step < cfg.max_steps:
+                    result.interrupted = True
+                    result.losses.extend(torch.stack(window).float().cpu().tolist() if window else [])
+                    if d.main and step % cfg.save_every != 0:
+                        result.last_checkpoint = _save(out, raw, optimizer, hparams, step, epoch, device,
+                                                       keep_step=False)
+                    break
+    finally:
+        if log is not None:
+            log.close()
+        if d.world > 1:
+            dist.destroy_process_group()
+    result.global_step = step
+    return result
+
+
+def _progress(cfg: DistillConfig, d):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:.2f} steps/s"),
+        TextColumn("ETA"), TimeRemainingColumn(),
+        console=Console(stderr=True), disable=not (cfg.progress and d.main), transient=False,
+    )

@@ -1,0 +1,87 @@
+"""The distillation objective: a student's average velocity against the teacher's guided trajectory.
+
+    grid  = linspace(0, 1, P)                           the teacher's grid (P = 32: its convert default)
+    x_0   = noise, x_{k+1} = x_k + (t_{k+1} - t_k) v(x_k, t_k)      v = the teacher's *guided* velocity
+    pair (i < j):  target u = (x_j - x_i) / (t_j - t_i)             MeanFlow's average velocity
+    loss  = mean over valid frames of (u_student(x_i, t_i, t_j - t_i) - target)^2
+
+MeanFlow defines u(z_t, r, t) = 1/(t - r) * integral of v over [r, t] and trains it through a JVP
+identity; with a teacher at hand the integral is the teacher's own trajectory, so the target is a
+difference of two trajectory points (no JVP, no bootstrapping as in shortcut models). Pairs mix
+the intervals a 1- or 2-evaluation student runs (0 -> 1, 0 -> mid, mid -> 1) with random ones on
+the grid, so other step counts (--steps) stay meaningful. Each trajectory feeds `pairs` items of
+the student's batch (the teacher's P - 1 guided evaluations dominate the cost).
+"""
+
+import torch
+
+from rtsvc.dsp.mel import normalize_mel
+from rtsvc.models.flow import Conditioning
+from rtsvc.models.schedules import time_grid
+from rtsvc.models.student import GuidedVelocity, StepVelocity, StudentInfo
+from training.dataset import lengths_to_mask
+
+
+def batch_conditioning(batch: dict[str, torch.Tensor]) -> Conditioning:
+    n = batch["mel"].shape[1]
+    return Conditioning(spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=batch["cvec"],
+                        whisper=batch["whisper"], mask=lengths_to_mask(batch["frame_len"], n))
+
+
+@torch.no_grad()
+def teacher_trajectory(teacher: GuidedVelocity, noise: torch.Tensor, cond: Conditioning,
+                       grid: torch.Tensor) -> torch.Tensor:
+    """Every grid point of the teacher's guided Euler trajectory: [P, b, n, 128] (float32)."""
+    points = [noise.float()]
+    x = noise
+    for i in range(len(grid) - 1):
+        x = x + (grid[i + 1] - grid[i]) * teacher(x, grid[i], cond).float()
+        points.append(x.float())
+    return torch.stack(points)
+
+
+def deployment_pairs(info: StudentInfo) -> torch.Tensor:
+    """Index pairs (i, j) on the teacher's grid that 1- and 2-evaluation students run."""
+    last = info.teacher_points - 1
+    pairs = set()
+    for points in (2, 3, info.nfe + 1):
+        idx = [round(t * last) for t in info.grid_for(points)]
+        pairs.update(zip(idx[:-1], idx[1:], strict=True))
+    return torch.tensor(sorted(pairs), dtype=torch.long)
+
+
+def sample_pairs(count: int, points: int, deployed: torch.Tensor, deployed_share: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """[count, 2] index pairs i < j: a `deployed_share` of them from `deployed`, the rest uniform."""
+    device = generator.device
+    a = torch.randint(0, points, (count,), generator=generator, device=device)
+    b = torch.randint(0, points - 1, (count,), generator=generator, device=device)
+    b = b + (b >= a).long()  # b != a
+    rand = torch.stack((torch.minimum(a, b), torch.maximum(a, b)), dim=1)
+    pick = torch.randint(0, len(deployed), (count,), generator=generator, device=device)
+    use = torch.rand(count, generator=generator, device=device) < deployed_share
+    return torch.where(use[:, None], deployed.to(device)[pick], rand)
+
+
+def distill_loss(student: StepVelocity, teacher: GuidedVelocity, batch: dict[str, torch.Tensor],
+                 info: StudentInfo, generator: torch.Generator, pairs: int = 4,
+                 deployed_share: float = 0.5) -> torch.Tensor:
+    """Masked MSE of the student's average velocity on `pairs` random intervals per trajectory."""
+    mel = batch["mel"]
+    device = mel.device
+    cond = batch_conditioning(batch)
+    noise = torch.randn(normalize_mel(mel).shape, generator=generator, device=device)
+    grid = time_grid(info.teacher_points, "uniform", device)
+    traj = teacher_trajectory(teacher, noise, cond, grid)  # [P, b, n, 128]
+    b = mel.shape[0]
+    ij = sample_pairs(b * pairs, info.teacher_points, deployment_pairs(info), deployed_share, generator)
+    item = torch.arange(b, device=device).repeat(pairs)
+    x_i, x_j = traj[ij[:, 0], item], traj[ij[:, 1], item]
+    t_i, t_j = grid[ij[:, 0]], grid[ij[:, 1]]
+    target = (x_j - x_i) / (t_j - t_i)[:, None, None]
+    rep = lambda t: t.repeat(pairs, *([1] * (t.ndim - 1)))  # noqa: E731 - item k*b + i is trajectory i
+    cond_p = Conditioning(rep(cond.spk), rep(cond.f0), rep(cond.rms), rep(cond.cvec), rep(cond.whisper),
+                          rep(cond.mask))
+    pred = student(x_i, t_i, t_j - t_i, cond_p)
+    err = (pred.float() - target) ** 2
+    return err[cond_p.mask].mean()
