@@ -213,7 +213,8 @@ def test_student_bundle_has_no_guidance_input_and_matches_torch(distilled, vocod
     onnx = OnnxBackend.open(tmp_path / "s.rtsvc", device="cpu")
     manifest = onnx.bundle.manifest
     assert manifest["dit"]["inputs"] == list(STUDENT_DIT_INPUTS) and "cfg_strength" not in STUDENT_DIT_INPUTS
-    assert manifest["defaults"] == {"steps": 2, "cfg_strength": 1.5} and manifest["student"]["nfe"] == 1
+    assert manifest["defaults"] == {"steps": 2, "cfg_strength": 1.5, "speaker": "high"}
+    assert manifest["student"]["nfe"] == 1
     assert onnx.student is not None and onnx.student.grid == [0.0, 1.0]
     torch_backend = TorchBackend.from_checkpoint(out / "last.ckpt", vocoder, torch.device("cpu"))
     cond, x = _cond(1, 33), torch.randn(1, 33, 128)
