@@ -129,8 +129,9 @@ def v2_student_velocity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, dt: 
     t = t.reshape(-1).expand(b) if t.numel() == 1 else t
     dt = dt.reshape(-1).expand(b) if dt.numel() == 1 else dt
     time = torch.stack((t.to(x.dtype), dt.to(x.dtype)), dim=-1)
+    keep_whisper = torch.zeros_like(t, dtype=torch.bool)  # a tensor, not False: traces to ONNX
     return model(x=x, spk=cond.spk, f0=cond.f0, rms=cond.rms, cvec=cond.cvec, whisper=cond.whisper,
-                 time=time, drop_whisper=False, mask=cond.mask)
+                 time=time, drop_whisper=keep_whisper, mask=cond.mask)
 
 
 def family_of(loaded) -> str:
