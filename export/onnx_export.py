@@ -335,6 +335,9 @@ def export_bundle(
     tolerance = default_tolerance(fp16) if tolerance is None else tolerance
     step("loading the checkpoint and vocoder")
     loaded = load_dit(ckpt, "cpu")
+    if loaded.student is not None and loaded.family != "v2":
+        raise UserError(f"{ckpt} is a distilled {loaded.family} student: only V2 students export to ONNX "
+                        "so far; run the .ckpt on --backend torch")
     if skip_layers is not None and loaded.family != "v3":
         raise UserError("--cfg-skip-layers applies to V3 models only; this checkpoint is V2")
     if skip_layers is not None and not all(0 <= i < loaded.config.depth for i in skip_layers):

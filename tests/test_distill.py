@@ -1,6 +1,7 @@
 """Schedules, students and `rtsvc distill`: zero-init parity with the teacher, the baked-guidance
 target, exact resume, the checkpoint marker, and students in the voice, the backends and export."""
 
+import copy
 import math
 
 import pytest
@@ -247,3 +248,19 @@ def test_convert_and_stream_a_student_through_the_cli(distilled, tmp_path, capsy
         audio, rate = sf.read(target)
         assert rate == 44100 and len(audio) == int(0.6 * 44100) and bool(abs(audio).max() > 0)
         assert grids and set(grids) == {steps}
+
+
+def test_zero_initialised_v3_student_is_exactly_its_teacher():
+    from rtsvc.models.dit_v3 import DiTV3, DiTV3Config
+    from rtsvc.models.student import v3_student_velocity
+
+    torch.manual_seed(0)
+    teacher = DiTV3(DiTV3Config(dim=64, depth=2, head_dim=32, ff_mult=2, num_speaker=2)).eval()
+    _randomise(teacher)
+    student = make_student(copy.deepcopy(teacher))
+    assert is_student(student)
+    cond, x, t = _cond(), torch.randn(2, 20, 128), torch.tensor([0.2, 0.9])
+    want = teacher(x=x, spk=cond.spk, f0=cond.f0, rms=cond.rms, cvec=cond.cvec, time=t)
+    assert torch.equal(v3_student_velocity(student, x, t, torch.tensor([1.0, 0.1]), cond), want)
+    extra = set(student.state_dict()) - set(teacher.state_dict())
+    assert extra and all(k.startswith("tembed.interval.") for k in extra)

@@ -13,8 +13,10 @@ Checkpoint: the upstream layout plus `time_embed.interval.*` keys, and a marker
 `hyper_parameters.cfg.student` (`StudentInfo.as_dict`) that `load_dit` reads.
 
 Family plug-in point: `teacher_velocity(loaded, guidance)` returns the teacher's guided velocity
-v(x, t, cond) and `student_velocity(loaded)` the student's u(x, t, dt, cond). V2 is implemented;
-another family adds its branch in both (and its time-embedding attribute in TIME_EMBED_ATTRS).
+v(x, t, cond) and `student_velocity(loaded)` the student's u(x, t, dt, cond). V2 is implemented and
+measured end to end; V3 has both branches and the zero-init parity test, but no V3 distillation
+run, checkpoint round trip or export yet. Another family adds its branch in both (and its
+time-embedding attribute in TIME_EMBED_ATTRS).
 """
 
 from collections.abc import Callable
@@ -28,9 +30,10 @@ from rtsvc.models.dit import TimestepEmbedding
 from rtsvc.models.flow import Conditioning
 from rtsvc.models.guidance import Guidance, guided_velocity
 
-TIME_EMBED_ATTRS = ("time_embed",)  # where each family keeps its timestep embedding (V2)
+TIME_EMBED_ATTRS = ("time_embed", "tembed")  # where each family keeps its timestep embedding (V2, V3)
 STUDENT_KEY = "student"  # hyper_parameters.cfg[STUDENT_KEY]
 RECIPE = "trajectory-meanflow"
+V3_GUIDANCE = ("ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength", "cfg_skip_layers", "cfg_rescale")
 
 GuidedVelocity = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]  # v(x, t, cond)
 # u(x, t, dt, cond): the average velocity over [t, t + dt]
@@ -134,6 +137,17 @@ def v2_student_velocity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, dt: 
                  time=time, drop_whisper=keep_whisper, mask=cond.mask)
 
 
+def v3_student_velocity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor,
+                        cond: Conditioning) -> torch.Tensor:
+    """A V3 student's average velocity over [t, t + dt]: one forward with every condition (the p_c
+    pass of V3 guidance), no degraded-content, null-speaker or skip-layer pass."""
+    b = x.shape[0]
+    t = t.reshape(-1).expand(b) if t.numel() == 1 else t
+    dt = dt.reshape(-1).expand(b) if dt.numel() == 1 else dt
+    time = torch.stack((t.to(x.dtype), dt.to(x.dtype)), dim=-1)
+    return model(x=x, spk=cond.spk, f0=cond.f0, rms=cond.rms, cvec=cond.cvec, time=time, mask=cond.mask)
+
+
 def family_of(loaded) -> str:
     return getattr(loaded, "family", "v2")
 
@@ -145,8 +159,14 @@ def teacher_velocity(loaded, guidance: dict) -> GuidedVelocity:
     family = family_of(loaded)
     if family == "v2":
         settings = Guidance(cfg_strength=float(guidance.get("cfg_strength", Guidance.cfg_strength)))
-        return lambda x, t, cond: guided_velocity(loaded.model, x, t, cond, settings)
-    raise UserError(f"distilling a {family} teacher is not supported yet")
+    elif family == "v3":
+        known = {k: v for k, v in guidance.items() if k in V3_GUIDANCE}
+        if known.get("cfg_skip_layers") is not None:
+            known["cfg_skip_layers"] = tuple(known["cfg_skip_layers"])
+        settings = Guidance(**known)
+    else:
+        raise UserError(f"distilling a {family} teacher is not supported yet")
+    return lambda x, t, cond: guided_velocity(loaded.model, x, t, cond, settings)
 
 
 def student_velocity(loaded) -> StepVelocity:
@@ -154,9 +174,14 @@ def student_velocity(loaded) -> StepVelocity:
     family = family_of(loaded)
     if family == "v2":
         return lambda x, t, dt, cond: v2_student_velocity(loaded.model, x, t, dt, cond)
+    if family == "v3":
+        return lambda x, t, dt, cond: v3_student_velocity(loaded.model, x, t, dt, cond)
     raise UserError(f"{family} students are not supported yet")
 
 
 def default_guidance(loaded) -> dict:
     """The guidance a teacher of this family is distilled at unless told otherwise (live defaults)."""
+    if family_of(loaded) == "v3":
+        g = Guidance()
+        return {k: getattr(g, k) for k in V3_GUIDANCE}
     return {"cfg_strength": Guidance.cfg_strength}
