@@ -79,7 +79,8 @@ KNOB_NAMES = tuple(f.name for f in fields(Knobs))
 @dataclass(frozen=True)
 class KnobControl:
     """How a control panel (the page `rtsvc serve` serves) shows a knob: a slider over
-    [minimum, maximum] in `step`s, or a choice of `choices`. `voices`: "all", "dsp" or "model"."""
+    [minimum, maximum] in `step`s, or a choice of `choices`. `voices`: "all", "dsp", "model" (any
+    model family) or one family ("v2", "v3")."""
 
     name: str
     label: str
@@ -95,12 +96,12 @@ class KnobControl:
 KNOB_CONTROLS = (
     KnobControl("pitch_shift", "pitch", -24, 24, 1, "semitones"),
     KnobControl("formant_shift", "formant", 0.5, 2.0, 0.01, "x", voices="dsp"),
-    KnobControl("cfg_strength", "guidance (cfg, V2 models)", 0, 10, 0.1, voices="model"),
-    KnobControl("ds_cfg_strength", "content guidance (V3)", 0, 10, 0.05, voices="model"),
-    KnobControl("spk_cfg_strength", "speaker guidance (V3)", 0, 10, 0.05, voices="model"),
-    KnobControl("skip_cfg_strength", "skip-layer guidance (V3)", 0, 10, 0.05, voices="model"),
-    KnobControl("cfg_skip_layers", "skipped block (V3, -1 none)", -1, MAX_DEPTH - 1, 1, voices="model"),
-    KnobControl("cfg_rescale", "guidance rescale (V3)", 0, 1, 0.05, voices="model"),
+    KnobControl("cfg_strength", "guidance (cfg)", 0, 10, 0.1, voices="v2"),
+    KnobControl("ds_cfg_strength", "content guidance", 0, 10, 0.05, voices="v3"),
+    KnobControl("spk_cfg_strength", "speaker guidance", 0, 10, 0.05, voices="v3"),
+    KnobControl("skip_cfg_strength", "skip-layer guidance", 0, 10, 0.05, voices="v3"),
+    KnobControl("cfg_skip_layers", "skipped block (-1 none)", -1, MAX_DEPTH - 1, 1, voices="v3"),
+    KnobControl("cfg_rescale", "guidance rescale", 0, 1, 0.05, voices="v3"),
     KnobControl("steps", "sampling steps", 2, 32, 1, voices="model"),
     KnobControl("gate_db", "noise gate", -120, 0, 1, "dBFS"),
     KnobControl("denoise", "noise suppression", choices=DENOISE_CHOICES),
@@ -110,8 +111,9 @@ KNOB_CONTROLS = (
 
 
 def knob_controls(voice_kind: str) -> list[KnobControl]:
-    """The controls that apply to a "dsp" or "model" voice."""
-    return [c for c in KNOB_CONTROLS if c.voices in ("all", voice_kind)]
+    """The controls that apply to a "dsp" voice or a model voice of family "v2" / "v3"."""
+    kinds = ("all", voice_kind) if voice_kind == "dsp" else ("all", "model", voice_kind)
+    return [c for c in KNOB_CONTROLS if c.voices in kinds]
 
 
 class RuntimeSettings:

@@ -732,3 +732,19 @@ def test_info_gives_the_page_speakers_controls_and_latency_before_start():
     assert denoise["choices"] == ["off", "deepfilternet", "rnnoise"]
     assert 45 < info["denoise_latency_ms"]["deepfilternet"] < 60
     assert 35 < info["denoise_latency_ms"]["rnnoise"] < 50
+
+
+def test_page_controls_follow_the_model_family():
+    """/v1/info's controls: V2 guidance for V2 voices, the V3 strengths for V3 voices, neither for DSP."""
+    from types import SimpleNamespace
+
+    from rtsvc.apps.server import dsp_source, model_source
+    from rtsvc.settings import knob_controls
+
+    names = {kind: [c.name for c in knob_controls(kind)] for kind in ("dsp", "v2", "v3")}
+    assert "cfg_strength" in names["v2"] and "ds_cfg_strength" not in names["v2"]
+    assert {"ds_cfg_strength", "spk_cfg_strength", "cfg_rescale"} <= set(names["v3"])
+    assert "cfg_strength" not in names["v3"] and "steps" in names["v3"] and "formant_shift" not in names["v3"]
+    assert not {"cfg_strength", "ds_cfg_strength", "steps"} & set(names["dsp"])
+    v3_voice = SimpleNamespace(speakers=["a"], backend=SimpleNamespace(family="v3"), fork=lambda: None)
+    assert model_source(v3_voice).family == "v3" and dsp_source().family == "dsp"

@@ -118,6 +118,7 @@ class VoiceSource:
     speakers: list[str]
     make: Callable[[], Voice]
     model: Voice | None = None  # the shared model voice behind `make`, for batching (None: DSP)
+    family: str = "dsp"  # "dsp", or the model family ("v2", "v3"): which controls the page shows
 
 
 def is_loopback(host: str) -> bool:
@@ -199,7 +200,7 @@ def batched_source(source: VoiceSource, scheduler: BatchScheduler, config: Serve
     def make() -> Voice:
         return BatchedVoice(voice.fork(), batcher, block_s, scheduler.slot)
 
-    return VoiceSource(source.name, source.speakers, make, voice)
+    return VoiceSource(source.name, source.speakers, make, voice, source.family)
 
 
 class Session:
@@ -378,7 +379,7 @@ class StreamServer:
         from rtsvc.engine import StreamConfig, StreamLayout
         from rtsvc.voices.defaults import DSP_BLOCK_MS, MODEL_BLOCK_MS
 
-        kind = "dsp" if self.source.name == "dsp" else "model"
+        kind = self.source.family
         config = self.stream_config or StreamConfig()
         if config.block_ms is None:  # auto, as the voice would resolve it
             config = replace(config, block_ms=DSP_BLOCK_MS if kind == "dsp" else MODEL_BLOCK_MS)
@@ -656,7 +657,8 @@ def model_source(voice: Voice, name: str = "model") -> VoiceSource:
         return clone
 
     batchable = voice if hasattr(voice, "prepare") and getattr(voice, "streaming", False) else None
-    return VoiceSource(name, list(voice.speakers), make, batchable)
+    family = getattr(getattr(voice, "backend", None), "family", "v2")
+    return VoiceSource(name, list(voice.speakers), make, batchable, family)
 
 
 def serve(config: ServerConfig, source: VoiceSource, knobs: Knobs | None = None, stream_config=None,
