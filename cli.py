@@ -513,7 +513,16 @@ def distill(
     batch_size: int = typer.Option(16, help="Teacher trajectories per step per GPU. Default: 16."),
     pairs: int = typer.Option(4, help="Intervals trained per trajectory (the student's batch is "
                               "batch-size x pairs). Default: 4."),
-    cfg_strength: CfgStrength = KNOBS.cfg_strength,
+    cfg_strength: float | None = typer.Option(None, help="V2 teachers: Whisper guidance strength baked into "
+                                              "the student (0-10). Default: 2."),
+    ds_cfg_strength: float | None = typer.Option(None, help="V3 teachers: content-degradation guidance "
+                                                 "strength baked in (0-10). Default: 0.2."),
+    spk_cfg_strength: float | None = typer.Option(None, help="V3 teachers: speaker guidance strength baked "
+                                                  "in (0-10). Default: 0.8."),
+    skip_cfg_strength: float | None = typer.Option(None, help="V3 teachers: skip-layer guidance strength "
+                                                   "baked in (0-10). Default: 0 (off)."),
+    cfg_skip_layers: int | None = typer.Option(None, help="V3 teachers: the block (0-based) the skip-layer "
+                                               "pass bypasses. Default: none."),
     lr: float = typer.Option(1e-4, help="Learning rate. Default: 1e-4."),
     grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0 = off). Default: 1."),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (autocast). Default: auto "
@@ -531,11 +540,15 @@ def distill(
     from training.distill import DistillConfig
     from training.distill import distill as run_distill
 
-    if not 0.0 <= cfg_strength <= 10.0:  # the teacher's guidance, baked into the student
-        raise UserError(f"--cfg-strength must be between 0 and 10, got {cfg_strength:g}")
+    strengths = {"cfg_strength": cfg_strength, "ds_cfg_strength": ds_cfg_strength,
+                 "spk_cfg_strength": spk_cfg_strength, "skip_cfg_strength": skip_cfg_strength}
+    for name, value in strengths.items():  # the teacher's guidance, baked into the student
+        if value is not None and not 0.0 <= value <= 10.0:
+            raise UserError(f"--{name.replace('_', '-')} must be between 0 and 10, got {value:g}")
     result = run_distill(DistillConfig(
         teacher=str(teacher), data=str(data), out=str(out), nfe=nfe, max_steps=max_steps,
-        batch_size=batch_size, pairs=pairs, cfg_strength=cfg_strength, lr=lr, grad_clip=grad_clip,
+        batch_size=batch_size, pairs=pairs, **strengths,
+        cfg_skip_layers=None if cfg_skip_layers is None else [cfg_skip_layers], lr=lr, grad_clip=grad_clip,
         precision=precision, save_every=save_every, log_every=log_every, num_workers=num_workers, seed=seed,
         resume=resume, device=device))
     if result.rank != 0:

@@ -10,7 +10,7 @@ from rtsvc.models.dit import DiT
 from rtsvc.models.dit_v3 import DiTV3
 from rtsvc.models.flow import Conditioning, cfg_velocity
 from rtsvc.models.guidance import degrade_content, v3_velocity_all_branches
-from rtsvc.models.student import v2_student_velocity
+from rtsvc.models.student import v2_student_velocity, v3_student_velocity
 from rtsvc.models.vocoder import NsfHifiGan
 
 
@@ -75,6 +75,22 @@ class StudentVelocity(nn.Module):
         return v2_student_velocity(self.dit, x.to(d), t, dt, cond).float()
 
 
+class StudentV3Velocity(nn.Module):
+    """A distilled V3 student's average velocity over [t, t + dt]: one forward with every condition
+    (no bad-cvec, null-speaker or skip pass; guidance is in the weights). Traced through
+    `v3_student_velocity`; a LoRA DiT is merged by the caller."""
+
+    def __init__(self, dit: DiTV3, half: bool = False):
+        super().__init__()
+        self.dit = dit
+        self.dtype = torch.float16 if half else torch.float32
+
+    def forward(self, x, t, dt, spk, f0, rms, cvec):
+        d = self.dtype
+        cond = Conditioning(spk=spk, f0=f0.to(d), rms=rms.to(d), cvec=cvec.to(d))
+        return v3_student_velocity(self.dit, x.to(d), t, dt, cond).float()
+
+
 class VocoderGraph(nn.Module):
     """The vocoder with its source randomness as explicit inputs."""
 
@@ -109,6 +125,11 @@ def student_example(batch: int, frames: int, num_speaker: int, generator: torch.
     """`dit_example` in STUDENT_DIT_INPUTS order: dt after t, no cfg_strength."""
     x, t, spk, f0, rms, cvec, whisper, _ = dit_example(batch, frames, num_speaker, generator)
     return x, t, torch.rand(batch, generator=generator) * (1 - t), spk, f0, rms, cvec, whisper
+
+
+def student_v3_example(batch: int, frames: int, num_speaker: int, generator: torch.Generator | None = None):
+    """`student_example` in STUDENT_V3_DIT_INPUTS order (no whisper)."""
+    return student_example(batch, frames, num_speaker, generator)[:-1]
 
 
 def vocoder_example(batch: int, frames: int, hop: int, generator: torch.Generator | None = None):

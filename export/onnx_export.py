@@ -29,12 +29,14 @@ from export.graphs import (
     ContentVecGraph,
     DitCfgVelocity,
     DitV3GuidedVelocity,
+    StudentV3Velocity,
     StudentVelocity,
     VocoderGraph,
     WhisperGraph,
     dit_example,
     dit_v3_example,
     student_example,
+    student_v3_example,
     vocoder_example,
 )
 from export.parity import (
@@ -53,6 +55,7 @@ from rtsvc.backends.bundle import (
     DIT_V3_INPUTS,
     MANIFEST,
     STUDENT_DIT_INPUTS,
+    STUDENT_V3_DIT_INPUTS,
     VOCODER_FILE,
     VOCODER_INPUTS,
     VOCODER_OUTPUT,
@@ -134,9 +137,9 @@ def _export_raw(module: nn.Module, example: tuple, path: Path, input_names: tupl
 def export_dit(dit: DiT | DiTV3, path: str | Path, opset: int = DEFAULT_OPSET, fp16: bool = False,
                skip_layers: tuple[int, ...] | None = None, student: bool = False) -> str:
     """Write dit.onnx (the guided velocity, dynamic batch and frames); returns the exporter used.
-    V2: Whisper CFG; a distilled V2 student (`student`): its single-branch average velocity. V3:
-    every guidance pass, with `skip_layers` fixed in the graph (None: no skip
-    pass); a LoRA DiT is exported merged (W + alpha / sqrt(rank) B A^T)."""
+    V2: Whisper CFG. V3: every guidance pass, with `skip_layers` fixed in the graph (None: no skip
+    pass); a LoRA DiT is exported merged (W + alpha / sqrt(rank) B A^T). A distilled student
+    (`student`, either family): its single-branch average velocity, `dt` instead of strengths."""
     dit = dit.to("cpu").eval()
     g = torch.Generator().manual_seed(0)
     per_frame = {0: "batch", 1: "frames"}
@@ -145,6 +148,12 @@ def export_dit(dit: DiT | DiTV3, path: str | Path, opset: int = DEFAULT_OPSET, f
     if dit.family == "v3":
         dit = copy.deepcopy(dit)
         dit.merge_lora()
+    if dit.family == "v3" and student:  # one branch, interval length dt instead of the strengths
+        module = StudentV3Velocity(dit.half() if fp16 else dit, half=fp16)
+        example = student_v3_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, g)
+        axes["dt"] = {0: "batch"}
+        return _export(module, example, Path(path), STUDENT_V3_DIT_INPUTS, DIT_OUTPUT, axes, opset)
+    if dit.family == "v3":
         module = DitV3GuidedVelocity(dit.half() if fp16 else dit, skip_layers, half=fp16)
         example = dit_v3_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, g)
         axes["bad_cvec"] = per_frame
@@ -264,9 +273,9 @@ def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encode
                "whisper_dim": c.whisper_dim, "inputs": list(DIT_INPUTS), "output": DIT_OUTPUT}
         defaults = {"steps": DEFAULT_STEPS, "cfg_strength": DEFAULT_CFG}
     if loaded.student is not None:  # one evaluation per grid update; its guidance is in the weights
-        dit["inputs"] = list(STUDENT_DIT_INPUTS)
-        defaults = {"steps": loaded.student.nfe + 1,
-                    "cfg_strength": loaded.student.guidance.get("cfg_strength", DEFAULT_CFG)}
+        dit["inputs"] = list(STUDENT_V3_DIT_INPUTS if v3 else STUDENT_DIT_INPUTS)
+        baked = {k: v for k, v in loaded.student.guidance.items() if k in defaults}  # for the record
+        defaults = {**defaults, **baked, "steps": loaded.student.nfe + 1}
     whisper = None if v3 else {"sample_rate": ENCODER_SAMPLE_RATE, "dim": c.whisper_dim, "frame_rate": 50,
                                "output": "hidden_states[-2]", "onnx": encoders.get("whisper"),
                                "preprocessor": encoders.get("whisper_preprocessor")}
@@ -335,9 +344,9 @@ def export_bundle(
     tolerance = default_tolerance(fp16) if tolerance is None else tolerance
     step("loading the checkpoint and vocoder")
     loaded = load_dit(ckpt, "cpu")
-    if loaded.student is not None and loaded.family != "v2":
-        raise UserError(f"{ckpt} is a distilled {loaded.family} student: only V2 students export to ONNX "
-                        "so far; run the .ckpt on --backend torch")
+    if skip_layers is not None and loaded.student is not None:
+        raise UserError("--cfg-skip-layers does not apply to a distilled student: its guidance is in its "
+                        "weights")
     if skip_layers is not None and loaded.family != "v3":
         raise UserError("--cfg-skip-layers applies to V3 models only; this checkpoint is V2")
     if skip_layers is not None and not all(0 <= i < loaded.config.depth for i in skip_layers):

@@ -16,14 +16,22 @@ import torch
 from export.graphs import (
     DitCfgVelocity,
     DitV3GuidedVelocity,
+    StudentV3Velocity,
     StudentVelocity,
     VocoderGraph,
     dit_example,
     dit_v3_example,
     student_example,
+    student_v3_example,
     vocoder_example,
 )
-from rtsvc.backends.bundle import DIT_INPUTS, DIT_V3_INPUTS, STUDENT_DIT_INPUTS, VOCODER_INPUTS
+from rtsvc.backends.bundle import (
+    DIT_INPUTS,
+    DIT_V3_INPUTS,
+    STUDENT_DIT_INPUTS,
+    STUDENT_V3_DIT_INPUTS,
+    VOCODER_INPUTS,
+)
 from rtsvc.backends.onnx_backend import make_session
 from rtsvc.models.dit import DiT
 from rtsvc.models.dit_v3 import DiTV3
@@ -80,10 +88,13 @@ def check_dit(onnx_path: str | Path, dit: DiT | DiTV3, lengths=DEFAULT_LENGTHS,
               skip_layers: tuple[int, ...] | None = None, student: bool = False) -> list[ParityRow]:
     """dit.onnx vs the torch DiT (fp32), one row per length: V2 with CFG 2.0; V3 with every guidance
     pass on (ds 0.2, spk 0.8, skip 0.5, rescale 0.7), the DiT as loaded (LoRA unmerged); a distilled
-    V2 student: its single-branch velocity at random t, dt."""
+    student (either family): its single-branch velocity at random t, dt."""
     session = make_session(onnx_path, providers or ["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(PARITY_SEED)
-    if dit.family == "v3":
+    if dit.family == "v3" and student:
+        reference = StudentV3Velocity(dit.float().eval())
+        names, example = STUDENT_V3_DIT_INPUTS, student_v3_example
+    elif dit.family == "v3":
         reference = DitV3GuidedVelocity(dit.float().eval(), skip_layers)
         names, example = DIT_V3_INPUTS, dit_v3_example
     elif student:

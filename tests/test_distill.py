@@ -4,6 +4,7 @@ target, exact resume, the checkpoint marker, and students in the voice, the back
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -264,3 +265,141 @@ def test_zero_initialised_v3_student_is_exactly_its_teacher():
     assert torch.equal(v3_student_velocity(student, x, t, torch.tensor([1.0, 0.1]), cond), want)
     extra = set(student.state_dict()) - set(teacher.state_dict())
     assert extra and all(k.startswith("tembed.interval.") for k in extra)
+
+
+# --- V3 teachers: distill -> checkpoint round trip -> export -> convert ------------------------------
+
+def _cheap_extract_v3(audio):
+    feats = cheap_extract(audio)
+    del feats["whisper"]
+    return feats
+
+
+@pytest.fixture(scope="module")
+def v3_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data3")
+    make_voices(root, broken=False)
+    prepare_dataset(root, _cheap_extract_v3, {"f0": "test", "family": "v3", "resize": "linear"}, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def v3_teacher(tmp_path_factory):
+    """An upstream-layout V3 LoRA fine-tune that knows the data's speakers."""
+    from tests.upstream.fixtures import make_v3_head
+
+    path, _ = make_v3_head(tmp_path_factory.mktemp("teacher3") / "t3.ckpt", lora_rank=4, lora_alpha=8.0)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["hyper_parameters"]["cfg"]["spk2idx"] = {"high": 0, "low": 1}
+    torch.save(ckpt, path)
+    return path
+
+
+V3_GUIDANCE = {"ds_cfg_strength": 0.3, "spk_cfg_strength": 0.6, "skip_cfg_strength": 0.4,
+               "cfg_skip_layers": [1]}
+
+
+@pytest.fixture(scope="module")
+def v3_distilled(tmp_path_factory, v3_data, v3_teacher):
+    out = tmp_path_factory.mktemp("run3") / "student"
+    settings = {**TINY, "max_steps": 3, "save_every": 3, "log_every": 1, **V3_GUIDANCE}
+    return out, distill(DistillConfig(teacher=str(v3_teacher), data=str(v3_data), out=str(out), **settings))
+
+
+def test_v3_batch_conditioning_has_no_whisper_and_a_per_item_bad_cvec():
+    from rtsvc.models.guidance import degrade_content
+    from training.distill_loss import batch_conditioning
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"mel": torch.randn(2, 30, 128, generator=g), "spk_id": torch.tensor([0, 1]),
+             "f0": torch.full((2, 30), 200.0), "rms": torch.full((2, 30), 0.1),
+             "cvec": torch.randn(2, 30, 768, generator=g), "frame_len": torch.tensor([30, 19])}
+    cond = batch_conditioning(batch, "v3", {"ds_cfg_strength": 0.2})
+    assert cond.whisper is None and cond.mask[1].sum() == 19
+    # item 1's blur sees only its 19 valid frames, as convert's per-window bad_cvec does
+    assert torch.equal(cond.bad_cvec[1, :19], degrade_content(batch["cvec"][1:2, :19])[0])
+    assert not torch.allclose(cond.bad_cvec[1, :19], degrade_content(batch["cvec"][1:2])[0, :19])
+    assert torch.equal(cond.bad_cvec[0], degrade_content(batch["cvec"][:1])[0])
+    assert batch_conditioning(batch, "v3", {"ds_cfg_strength": 0.0}).bad_cvec is None
+
+
+def test_v3_student_checkpoint_round_trips_through_load_dit(v3_distilled, v3_teacher):
+    from rtsvc.models.student import student_velocity
+
+    out, result = v3_distilled
+    assert result.global_step == 3 and len(result.losses) == 3
+    assert all(math.isfinite(v) for v in result.losses)
+    loaded = load_dit(out / "last.ckpt")
+    assert loaded.family == "v3" and is_student(loaded.model) and loaded.config.lora_rank is None
+    assert loaded.student.nfe == 1 and loaded.student.grid == [0.0, 1.0]
+    assert loaded.student.guidance == {**V3_GUIDANCE, "cfg_rescale": 0.7}
+    state = torch.load(out / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("model.transformer.tembed.interval.") for k in state)
+    assert not any("lora" in k for k in state)  # the teacher's adapters are merged into the student
+    teacher = load_dit(v3_teacher)
+    assert teacher.config.lora_rank == 4 and teacher.student is None
+    # the trained student differs from its teacher, and dt now matters
+    cond, x, t = _cond(1, 24), torch.randn(1, 24, 128), torch.tensor(0.0)
+    cond.whisper = None
+    u = student_velocity(loaded)
+    with torch.no_grad():
+        one, half = u(x, t, torch.tensor(1.0), cond), u(x, t, torch.tensor(0.5), cond)
+        plain = teacher.model(x=x, spk=cond.spk, f0=cond.f0, rms=cond.rms, cvec=cond.cvec, time=t.expand(1))
+    assert not torch.allclose(one, half) and not torch.allclose(one, plain)
+
+
+def test_v3_distill_user_errors(v3_teacher, v3_data, data, tmp_path):
+    with pytest.raises(UserError, match="prepared for V2 models but the teacher is V3"):
+        distill(DistillConfig(teacher=str(v3_teacher), data=str(data), out=str(tmp_path / "x"), **TINY))
+    with pytest.raises(UserError, match="--cfg-strength does not apply to a V3 teacher"):
+        _distill(v3_teacher, v3_data, tmp_path / "y")
+    with pytest.raises(UserError, match="--cfg-skip-layers must name blocks 0..1, got \\[5\\]"):
+        distill(DistillConfig(teacher=str(v3_teacher), data=str(v3_data), out=str(tmp_path / "z"),
+                              cfg_skip_layers=[5], **TINY))
+
+
+def test_v3_student_exports_and_converts_at_one_evaluation(v3_distilled, tmp_path, capsys, monkeypatch):
+    import soundfile as sf
+
+    from rtsvc.backends.bundle import STUDENT_V3_DIT_INPUTS
+    from rtsvc.backends.onnx_backend import OnnxBackend
+    from rtsvc.backends.torch_backend import TorchBackend
+    from rtsvc.pretrained import LAYOUT
+    from rtsvc.voices.model import ModelVoice
+    from tests.cli_helpers import harmonic_tone, run_cli, write_wav
+    from tests.tiny_encoders import make_tiny_pretrained_dir
+
+    out, _ = v3_distilled
+    pretrained = make_tiny_pretrained_dir(tmp_path / "pretrained")
+    bundle = tmp_path / "student.rtsvc"
+    code, stdout, stderr = run_cli(["export", out / "last.ckpt", "--out", bundle, "--pretrained-dir",
+                                    pretrained], capsys, monkeypatch)
+    assert code == 0, stdout + stderr
+    onnx = OnnxBackend.open(bundle, device="cpu")
+    manifest = onnx.bundle.manifest
+    assert manifest["family"] == "v3" and manifest["dit"]["inputs"] == list(STUDENT_V3_DIT_INPUTS)
+    assert {i.name for i in onnx.dit.get_inputs()} == set(STUDENT_V3_DIT_INPUTS)
+    assert manifest["student"]["nfe"] == 1 and manifest["student"]["guidance"]["skip_cfg_strength"] == 0.4
+    assert manifest["defaults"]["steps"] == 2 and manifest["defaults"]["ds_cfg_strength"] == 0.3
+    assert manifest["export"]["parity"]["dit"]["max_rel"] < 1e-4
+    torch_backend = TorchBackend.from_checkpoint(out / "last.ckpt", pretrained / LAYOUT["vocoder"],
+                                                 torch.device("cpu"))
+    cond, x = _cond(1, 33), torch.randn(1, 33, 128)
+    cond.whisper = None
+    for t, dt in ((0.0, 1.0), (0.3, 0.2)):
+        want = torch_backend.step_velocity(x, torch.tensor(t), torch.tensor(dt), cond, Guidance())
+        got = onnx.step_velocity(x, torch.tensor(t), torch.tensor(dt), cond, Guidance())
+        assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()))
+
+    grids, original = [], ModelVoice.sampling_grid
+    monkeypatch.setattr(ModelVoice, "sampling_grid", lambda self, knobs: grids.append(knobs.steps) or
+                        original(self, knobs))
+    tone = write_wav(tmp_path / "tone.wav", harmonic_tone(0.6))
+    target = tmp_path / "out.wav"
+    code, stdout, stderr = run_cli(["convert", tone, target, "--model", bundle, "--pretrained-dir",
+                                    pretrained, "--f0", "pyworld", "--device", "cpu"], capsys, monkeypatch)
+    assert code == 0, stdout + stderr
+    audio, rate = sf.read(target)
+    assert rate == 44100 and len(audio) == int(0.6 * 44100)
+    assert bool(np.isfinite(audio).all()) and bool(abs(audio).max() > 0)
+    assert grids and set(grids) == {2}  # 2 grid points: one evaluation per block

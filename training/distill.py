@@ -32,7 +32,7 @@ from rtsvc.models.student import (
     teacher_velocity,
 )
 from training.checkpoint import load_checkpoint
-from training.dataset import MAX_FRAME_LEN, ClipDataset, StepBatchSampler, collate
+from training.dataset import MAX_FRAME_LEN, ClipDataset, StepBatchSampler, collate, data_family
 from training.distill_loss import distill_loss
 from training.model import model_name
 from training.optim import BETAS, WARMUP_RATIO, current_lr, make_optimizer
@@ -52,6 +52,8 @@ from training.train import (
 )
 
 DISTILL_LR = 1e-4
+FAMILY_GUIDANCE = {"v2": ("cfg_strength",),
+                   "v3": ("ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength", "cfg_skip_layers")}
 TEACHER_POINTS = 32  # the teacher's reference: upstream convert's 32-point grid
 
 
@@ -65,7 +67,12 @@ class DistillConfig:
     batch_size: int = 16  # trajectories per step per GPU; the student sees batch_size * pairs items
     pairs: int = 4  # intervals trained per teacher trajectory
     deployed_share: float = 0.5  # share of intervals that are the 1-/2-evaluation ones
-    cfg_strength: float | None = None  # guidance baked in; None = the family's default (V2: 2.0)
+    # guidance baked in; None = the family's default (V2: cfg 2.0; V3: ds 0.2, spk 0.8, skip 0, rescale 0.7)
+    cfg_strength: float | None = None  # V2
+    ds_cfg_strength: float | None = None  # V3
+    spk_cfg_strength: float | None = None  # V3
+    skip_cfg_strength: float | None = None  # V3
+    cfg_skip_layers: list[int] | None = None  # V3: blocks the skip pass bypasses
     lr: float = DISTILL_LR
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -105,11 +112,16 @@ def _check(cfg: DistillConfig) -> None:
 
 def _hparams(cfg: DistillConfig, teacher: LoadedDiT, info: StudentInfo, world: int) -> dict:
     c = teacher.config
+    if teacher.family == "v3":  # upstream V3: cfg.model is the DiT's kwargs, flat (a student has no LoRA)
+        model = {"dim": c.dim, "depth": c.depth, "n_mel_channels": c.n_mel, "head_dim": c.head_dim,
+                 "ff_mult": c.ff_mult, "kernel_size": c.kernel_size}
+    else:
+        model = {"name": model_name(c), "cfg": {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim,
+                                                "ff_mult": c.ff_mult},
+                 "pretrained_path": cfg.teacher}
     return {
         "seed": cfg.seed,
-        "model": {"name": model_name(c), "cfg": {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim,
-                                                 "ff_mult": c.ff_mult},
-                  "pretrained_path": cfg.teacher},
+        "model": model,
         "dataset": {**teacher.dataset, "data_dir": str(cfg.data)},
         "training": {"learning_rate": cfg.lr, "betas": str(BETAS), "weight_decay": cfg.weight_decay,
                      "batch_size_per_gpu": cfg.batch_size, "pairs_per_trajectory": cfg.pairs,
@@ -120,6 +132,21 @@ def _hparams(cfg: DistillConfig, teacher: LoadedDiT, info: StudentInfo, world: i
         "spk2idx": dict(teacher.speakers),
         STUDENT_KEY: info.as_dict(),
     }
+
+
+def _guidance(cfg: DistillConfig, teacher: LoadedDiT) -> dict:
+    """The teacher's default guidance with the strengths the run sets; the other family's are refused."""
+    guidance = default_guidance(teacher)
+    given = {k: getattr(cfg, k) for k in FAMILY_GUIDANCE["v2"] + FAMILY_GUIDANCE["v3"]
+             if getattr(cfg, k) is not None}
+    for key, value in given.items():
+        if key not in FAMILY_GUIDANCE[teacher.family]:
+            raise UserError(f"--{key.replace('_', '-')} does not apply to a {teacher.family.upper()} teacher")
+        guidance[key] = [int(i) for i in value] if key == "cfg_skip_layers" else float(value)
+    layers = guidance.get("cfg_skip_layers")
+    if layers is not None and not all(0 <= i < teacher.config.depth for i in layers):
+        raise UserError(f"--cfg-skip-layers must name blocks 0..{teacher.config.depth - 1}, got {layers}")
+    return guidance
 
 
 def _models(cfg: DistillConfig, out: Path, device: torch.device):
@@ -136,13 +163,15 @@ def _models(cfg: DistillConfig, out: Path, device: torch.device):
             raise UserError(f"--resume: {last} is not a student checkpoint")
         resumed, info = load_checkpoint(last), student.student
     else:
-        guidance = default_guidance(teacher)
-        if cfg.cfg_strength is not None:
-            guidance["cfg_strength"] = float(cfg.cfg_strength)
+        guidance = _guidance(cfg, teacher)
         info = StudentInfo(nfe=cfg.nfe, grid=student_grid(cfg.nfe, TEACHER_POINTS),
                            teacher_points=TEACHER_POINTS, guidance=guidance, teacher=str(cfg.teacher))
         student = copy.copy(teacher)
-        student.model = make_student(copy.deepcopy(teacher.model))
+        student.model = copy.deepcopy(teacher.model)
+        if teacher.family == "v3":  # every weight trains: adapters would only add a rank limit
+            student.model.merge_lora()
+            student.config = student.model.config
+        student.model = make_student(student.model)
         student.student, resumed = info, None
     teacher.model.to(device).eval().requires_grad_(False)
     student.model.to(device).train()
@@ -161,6 +190,9 @@ def distill(cfg: DistillConfig) -> DistillResult:
     meta = load_metadata(cfg.data)
     torch.manual_seed(cfg.seed + d.rank)
     teacher, student, resumed, info = _models(cfg, out, device)
+    if data_family(meta) != teacher.family:
+        raise UserError(f"{cfg.data} was prepared for {data_family(meta).upper()} models but the teacher is "
+                        f"{teacher.family.upper()}: run `rtsvc prepare {cfg.data} --family {teacher.family}`")
     unknown = [s for s in meta["speakers"] if s not in teacher.speakers]
     if unknown:
         raise UserError(f"the data has speaker(s) the teacher does not know: {', '.join(unknown)}; "
@@ -214,7 +246,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
                 ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
                 with ctx:
                     loss = distill_loss(student_fn, teacher_fn, batch, info, generator, cfg.pairs,
-                                        cfg.deployed_share)
+                                        cfg.deployed_share, teacher.family)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -16,16 +16,29 @@ the student's batch (the teacher's P - 1 guided evaluations dominate the cost).
 import torch
 
 from rtsvc.dsp.mel import normalize_mel
-from rtsvc.models.flow import Conditioning
+from rtsvc.models.flow import CFG_EPS, Conditioning
+from rtsvc.models.guidance import degrade_content
 from rtsvc.models.schedules import time_grid
 from rtsvc.models.student import GuidedVelocity, StepVelocity, StudentInfo
 from training.dataset import lengths_to_mask
 
 
-def batch_conditioning(batch: dict[str, torch.Tensor]) -> Conditioning:
+def batch_conditioning(batch: dict[str, torch.Tensor], family: str, guidance: dict) -> Conditioning:
+    """A padded batch's conditioning as the family's sampler builds it. V2: with Whisper. V3: no
+    Whisper; with content-degradation guidance on, each item's bad_cvec is made from its own valid
+    frames (as convert makes it per window), so padding never blurs into the content."""
     n = batch["mel"].shape[1]
-    return Conditioning(spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=batch["cvec"],
-                        whisper=batch["whisper"], mask=lengths_to_mask(batch["frame_len"], n))
+    mask = lengths_to_mask(batch["frame_len"], n)
+    if family != "v3":
+        return Conditioning(spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=batch["cvec"],
+                            whisper=batch["whisper"], mask=mask)
+    cvec, bad = batch["cvec"], None
+    if float(guidance.get("ds_cfg_strength", 0.0)) > CFG_EPS:
+        bad = torch.zeros_like(cvec)
+        for i, length in enumerate(batch["frame_len"].tolist()):
+            bad[i, :length] = degrade_content(cvec[i:i + 1, :length])[0]
+    return Conditioning(spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=cvec, mask=mask,
+                        bad_cvec=bad)
 
 
 @torch.no_grad()
@@ -65,11 +78,11 @@ def sample_pairs(count: int, points: int, deployed: torch.Tensor, deployed_share
 
 def distill_loss(student: StepVelocity, teacher: GuidedVelocity, batch: dict[str, torch.Tensor],
                  info: StudentInfo, generator: torch.Generator, pairs: int = 4,
-                 deployed_share: float = 0.5) -> torch.Tensor:
+                 deployed_share: float = 0.5, family: str = "v2") -> torch.Tensor:
     """Masked MSE of the student's average velocity on `pairs` random intervals per trajectory."""
     mel = batch["mel"]
     device = mel.device
-    cond = batch_conditioning(batch)
+    cond = batch_conditioning(batch, family, info.guidance)
     noise = torch.randn(normalize_mel(mel).shape, generator=generator, device=device)
     grid = time_grid(info.teacher_points, "uniform", device)
     traj = teacher_trajectory(teacher, noise, cond, grid)  # [P, b, n, 128]
@@ -79,7 +92,10 @@ def distill_loss(student: StepVelocity, teacher: GuidedVelocity, batch: dict[str
     x_i, x_j = traj[ij[:, 0], item], traj[ij[:, 1], item]
     t_i, t_j = grid[ij[:, 0]], grid[ij[:, 1]]
     target = (x_j - x_i) / (t_j - t_i)[:, None, None]
-    rep = lambda t: t.repeat(pairs, *([1] * (t.ndim - 1)))  # noqa: E731 - item k*b + i is trajectory i
+    def rep(t: torch.Tensor | None) -> torch.Tensor | None:  # item k*b + i is trajectory i
+        return None if t is None else t.repeat(pairs, *([1] * (t.ndim - 1)))
+
+    # the student runs one branch with full conditioning: no bad_cvec
     cond_p = Conditioning(rep(cond.spk), rep(cond.f0), rep(cond.rms), rep(cond.cvec), rep(cond.whisper),
                           rep(cond.mask))
     pred = student(x_i, t_i, t_j - t_i, cond_p)

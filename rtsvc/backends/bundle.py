@@ -25,6 +25,7 @@ DIT_INPUTS = ("x", "t", "spk", "f0", "rms", "cvec", "whisper", "cfg_strength")  
 DIT_V3_INPUTS = ("x", "t", "spk", "f0", "rms", "cvec", "bad_cvec", "ds_cfg_strength", "spk_cfg_strength",
                  "skip_cfg_strength", "cfg_rescale")
 STUDENT_DIT_INPUTS = ("x", "t", "dt", "spk", "f0", "rms", "cvec", "whisper")  # a distilled V2 student
+STUDENT_V3_DIT_INPUTS = ("x", "t", "dt", "spk", "f0", "rms", "cvec")  # a distilled V3 student
 DIT_OUTPUT = "velocity"
 VOCODER_INPUTS = ("mel", "f0", "phase", "noise")
 VOCODER_OUTPUT = "audio"

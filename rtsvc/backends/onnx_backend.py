@@ -201,7 +201,7 @@ class OnnxBackend:
         self.hop = int(bundle.manifest["audio"]["hop_length"])
         self.io_binding = self.providers[0] in GPU_PROVIDERS and device.type == "cuda"
         marker = bundle.manifest.get("student")
-        self.student = StudentInfo.from_dict(marker) if marker else None  # dit.onnx: STUDENT_DIT_INPUTS
+        self.student = StudentInfo.from_dict(marker) if marker else None  # dit.onnx: STUDENT_*DIT_INPUTS
 
     @classmethod
     def open(cls, path, device: str = "auto", pretrained=None, providers: str | Sequence[str] | None = None,
@@ -245,8 +245,9 @@ class OnnxBackend:
             raise ValueError("the ONNX DiT has no frame mask input: pass unpadded items")
         b, n = x.shape[0], x.shape[1]
         feeds = {"x": x.float(), "t": _per_item(t, b), "dt": _per_item(dt, b), "spk": cond.spk.long(),
-                 "f0": cond.f0.float(), "rms": cond.rms.float(), "cvec": cond.cvec.float(),
-                 "whisper": cond.whisper.float()}
+                 "f0": cond.f0.float(), "rms": cond.rms.float(), "cvec": cond.cvec.float()}
+        if cond.whisper is not None:  # V2 students (a V3 student's graph has no whisper input)
+            feeds["whisper"] = cond.whisper.float()
         return self._run(self.dit, feeds, DIT_OUTPUT, (b, n, x.shape[2]))
 
     def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,

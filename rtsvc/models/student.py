@@ -13,10 +13,10 @@ Checkpoint: the upstream layout plus `time_embed.interval.*` keys, and a marker
 `hyper_parameters.cfg.student` (`StudentInfo.as_dict`) that `load_dit` reads.
 
 Family plug-in point: `teacher_velocity(loaded, guidance)` returns the teacher's guided velocity
-v(x, t, cond) and `student_velocity(loaded)` the student's u(x, t, dt, cond). V2 is implemented and
-measured end to end; V3 has both branches and the zero-init parity test, but no V3 distillation
-run, checkpoint round trip or export yet. Another family adds its branch in both (and its
-time-embedding attribute in TIME_EMBED_ATTRS).
+v(x, t, cond) and `student_velocity(loaded)` the student's u(x, t, dt, cond). V2 and V3 are wired
+end to end (distill, checkpoint round trip, export, convert); V2's quality is measured. Another
+family adds its branch in both (and its time-embedding attribute in TIME_EMBED_ATTRS), and its
+batch conditioning in `training.distill_loss.batch_conditioning`.
 """
 
 from collections.abc import Callable
@@ -155,7 +155,8 @@ def family_of(loaded) -> str:
 def teacher_velocity(loaded, guidance: dict) -> GuidedVelocity:
     """The teacher's guided velocity v(x, t, cond) at the given guidance strengths (a dict of
     `rtsvc.models.guidance.Guidance` fields). V2: Whisper CFG at `cfg_strength` (both branches in one
-    batch). V3 would work the same way through `guided_velocity`, but its students are not wired yet."""
+    batch). V3: ds / spk / skip guidance with rescale; `cond.bad_cvec` must be made beforehand when ds is
+    on (per item, from its valid frames: `training.distill_loss.batch_conditioning`)."""
     family = family_of(loaded)
     if family == "v2":
         settings = Guidance(cfg_strength=float(guidance.get("cfg_strength", Guidance.cfg_strength)))
