@@ -163,6 +163,7 @@ def test_distill_mistakes_are_one_line(files, tmp_path, capsys, monkeypatch):
             "--device", "cpu"]
     fails([*base, "--nfe", "3"], capsys, monkeypatch, "--nfe must be 1 or 2")
     fails([*base, "--cfg-strength", "11"], capsys, monkeypatch, "--cfg-strength must be between 0 and 10")
+    fails([*base, "--spk-cfg-strength", "-1"], capsys, monkeypatch, "--spk-cfg-strength must be between 0")
     fails(base, capsys, monkeypatch, "is not prepared", "rtsvc prepare")
     fails(["convert", files["tone"], tmp_path / "o.wav", *_model_args(files, "--schedule", "cosine")], capsys,
           monkeypatch, "unknown schedule 'cosine'")

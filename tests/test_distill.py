@@ -302,7 +302,7 @@ V3_GUIDANCE = {"ds_cfg_strength": 0.3, "spk_cfg_strength": 0.6, "skip_cfg_streng
 @pytest.fixture(scope="module")
 def v3_distilled(tmp_path_factory, v3_data, v3_teacher):
     out = tmp_path_factory.mktemp("run3") / "student"
-    settings = {**TINY, "max_steps": 3, "save_every": 3, "log_every": 1, **V3_GUIDANCE}
+    settings = {**TINY, "max_steps": 4, "save_every": 2, "log_every": 1, **V3_GUIDANCE}
     return out, distill(DistillConfig(teacher=str(v3_teacher), data=str(v3_data), out=str(out), **settings))
 
 
@@ -327,7 +327,7 @@ def test_v3_student_checkpoint_round_trips_through_load_dit(v3_distilled, v3_tea
     from rtsvc.models.student import student_velocity
 
     out, result = v3_distilled
-    assert result.global_step == 3 and len(result.losses) == 3
+    assert result.global_step == 4 and len(result.losses) == 4
     assert all(math.isfinite(v) for v in result.losses)
     loaded = load_dit(out / "last.ckpt")
     assert loaded.family == "v3" and is_student(loaded.model) and loaded.config.lora_rank is None
@@ -395,11 +395,27 @@ def test_v3_student_exports_and_converts_at_one_evaluation(v3_distilled, tmp_pat
     monkeypatch.setattr(ModelVoice, "sampling_grid", lambda self, knobs: grids.append(knobs.steps) or
                         original(self, knobs))
     tone = write_wav(tmp_path / "tone.wav", harmonic_tone(0.6))
-    target = tmp_path / "out.wav"
-    code, stdout, stderr = run_cli(["convert", tone, target, "--model", bundle, "--pretrained-dir",
-                                    pretrained, "--f0", "pyworld", "--device", "cpu"], capsys, monkeypatch)
-    assert code == 0, stdout + stderr
-    audio, rate = sf.read(target)
-    assert rate == 44100 and len(audio) == int(0.6 * 44100)
-    assert bool(np.isfinite(audio).all()) and bool(abs(audio).max() > 0)
-    assert grids and set(grids) == {2}  # 2 grid points: one evaluation per block
+    for model in (bundle, out / "last.ckpt"):  # ONNX, then the checkpoint on torch
+        grids.clear()
+        target = tmp_path / f"{model.stem}.wav"
+        args = ["convert", tone, target, "--model", model, "--pretrained-dir", pretrained, "--f0", "pyworld",
+                "--device", "cpu"]
+        code, stdout, stderr = run_cli(args, capsys, monkeypatch)
+        assert code == 0, stdout + stderr
+        audio, rate = sf.read(target)
+        assert rate == 44100 and len(audio) == int(0.6 * 44100)
+        assert bool(np.isfinite(audio).all()) and bool(abs(audio).max() > 0)
+        assert grids and set(grids) == {2}  # 2 grid points: one evaluation per block
+
+
+def test_v3_distill_resume_is_exact(v3_distilled, v3_data, v3_teacher, tmp_path):
+    out, _ = v3_distilled
+    # stopped at a save point of the straight run (saving round-trips schedule-free's weights)
+    settings = {**TINY, "save_every": 2, "log_every": 1, **V3_GUIDANCE}
+    run = dict(teacher=str(v3_teacher), data=str(v3_data), out=str(tmp_path / "r"))
+    distill(DistillConfig(**run, max_steps=2, **settings))
+    resumed = distill(DistillConfig(**run, max_steps=4, resume=True, **settings))
+    assert resumed.global_step == 4
+    straight = torch.load(out / "last.ckpt", weights_only=True)["state_dict"]
+    again = torch.load(tmp_path / "r" / "last.ckpt", weights_only=True)["state_dict"]
+    assert straight.keys() == again.keys() and all(torch.equal(straight[k], again[k]) for k in straight)
