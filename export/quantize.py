@@ -157,19 +157,26 @@ def vocoder_feeds(audio_44k: list[np.ndarray], frames: int = 40, seed: int = 0) 
     return feeds
 
 
-def dit_feeds(session_path: Path, num_speaker: int, frames: int = 100, count: int = 4) -> list[dict]:
-    """Random but plausible DiT inputs (export.graphs.dit_example), only those the graph takes."""
+def dit_feeds(session_path: Path, num_speaker: int, interface: list[str], frames: int = 100,
+              count: int = 4) -> list[dict]:
+    """Random but plausible DiT inputs for the graph's interface (the manifest's `dit.inputs`: V2, V3
+    or a student's; export.graphs' examples), only those the graph takes."""
     import onnxruntime as ort
     import torch
 
-    from export.graphs import dit_example
-    from rtsvc.backends.bundle import DIT_INPUTS
+    from export.graphs import dit_example, dit_v3_example, student_example, student_v3_example
+    from rtsvc.backends.bundle import DIT_INPUTS, DIT_V3_INPUTS, STUDENT_DIT_INPUTS, STUDENT_V3_DIT_INPUTS
 
+    examples = {DIT_INPUTS: dit_example, DIT_V3_INPUTS: dit_v3_example, STUDENT_DIT_INPUTS: student_example,
+                STUDENT_V3_DIT_INPUTS: student_v3_example}
+    names = tuple(interface) or DIT_INPUTS  # bundles from before V3 list no inputs: they are V2
+    if names not in examples:
+        raise ValueError(f"{session_path}: unknown DiT interface {list(names)}")
     inputs = {i.name for i in ort.InferenceSession(str(session_path)).get_inputs()}
     feeds = []
     for seed in range(count):
-        example = dit_example(1, frames, num_speaker, torch.Generator().manual_seed(seed))
-        feeds.append({k: v.numpy() for k, v in zip(DIT_INPUTS, example, strict=True) if k in inputs})
+        example = examples[names](1, frames, num_speaker, torch.Generator().manual_seed(seed))
+        feeds.append({k: v.numpy() for k, v in zip(names, example, strict=True) if k in inputs})
     return feeds
 
 
@@ -206,12 +213,13 @@ def quantize_bundle(bundle_dir: str | Path, threads: int | None = None, step=Non
                         f"{manifest.get('export', {}).get('precision')})")
     step = step or (lambda label: None)
     tones = calibration_tones()
-    jobs = [(DIT_FILE, False, lambda p: dit_feeds(p, max(len(bundle.speakers), 1))),
+    interface = manifest["dit"].get("inputs", [])
+    jobs = [(DIT_FILE, False, lambda p: dit_feeds(p, max(len(bundle.speakers), 1), interface)),
             (VOCODER_FILE, True, lambda p: vocoder_feeds(tones))]
     features = manifest.get("features", {})
-    if features.get("contentvec", {}).get("onnx"):
+    if (features.get("contentvec") or {}).get("onnx"):
         jobs.append((features["contentvec"]["onnx"], False, lambda p: contentvec_feeds(tones)))
-    if features.get("whisper", {}).get("onnx"):
+    if (features.get("whisper") or {}).get("onnx"):  # V3 manifests: whisper is null
         jobs.append((features["whisper"]["onnx"], False, lambda p: whisper_feeds()))
     rows = []
     for name, static, feeds in jobs:

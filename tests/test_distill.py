@@ -3,6 +3,7 @@ target, exact resume, the checkpoint marker, and students in the voice, the back
 
 import copy
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -361,6 +362,7 @@ def test_v3_distill_user_errors(v3_teacher, v3_data, data, tmp_path):
 def test_v3_student_exports_and_converts_at_one_evaluation(v3_distilled, tmp_path, capsys, monkeypatch):
     import soundfile as sf
 
+    from export.quantize import quantize_bundle
     from rtsvc.backends.bundle import STUDENT_V3_DIT_INPUTS
     from rtsvc.backends.onnx_backend import OnnxBackend
     from rtsvc.backends.torch_backend import TorchBackend
@@ -390,6 +392,11 @@ def test_v3_student_exports_and_converts_at_one_evaluation(v3_distilled, tmp_pat
         want = torch_backend.step_velocity(x, torch.tensor(t), torch.tensor(dt), cond, Guidance())
         got = onnx.step_velocity(x, torch.tensor(t), torch.tensor(dt), cond, Guidance())
         assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()))
+
+    int8 = tmp_path / "student-int8.rtsvc"
+    shutil.copytree(bundle, int8)
+    rows = {r.graph: r for r in quantize_bundle(int8)}  # dynamic int8 DiT, fed the student's inputs
+    assert 0.0 <= rows["dit.onnx"].rel_l2 < 0.1
 
     grids, original = [], ModelVoice.sampling_grid
     monkeypatch.setattr(ModelVoice, "sampling_grid", lambda self, knobs: grids.append(knobs.steps) or
