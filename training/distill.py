@@ -42,13 +42,11 @@ from training.train import (
     MetricsLog,
     StopFlag,
     _all_mean,
-    _any,
-    _barrier,
-    _save,
     _set_rng_state,
     _worker_init,
     autocast_dtype,
     init_distributed,
+    save_or_stop,
 )
 
 DISTILL_LR = 1e-4
@@ -269,17 +267,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
                     window, t_window = [], time.perf_counter()
                 if d.main:
                     bar.update(task, completed=step)
-                if step % cfg.save_every == 0 or step == cfg.max_steps:
-                    if d.main:
-                        result.last_checkpoint = _save(out, raw, optimizer, hparams, step, epoch, device,
-                                                       keep_step=step % cfg.save_every == 0)
-                    _barrier(d)
-                if _any(stop.requested, d, device) and step < cfg.max_steps:
-                    result.interrupted = True
-                    result.losses.extend(torch.stack(window).float().cpu().tolist() if window else [])
-                    if d.main and step % cfg.save_every != 0:
-                        result.last_checkpoint = _save(out, raw, optimizer, hparams, step, epoch, device,
-                                                       keep_step=False)
+                if save_or_stop(cfg, d, stop, result, window, out, raw, optimizer, hparams, step, epoch,
+                                device):
                     break
     finally:
         if log is not None:

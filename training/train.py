@@ -447,17 +447,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     raw.train()
                     optimizer.train()
                     log.write({"step": step, **metrics})
-                if step % cfg.save_every == 0 or step == cfg.max_steps:
-                    if d.main:
-                        result.last_checkpoint = _save(out, raw, optimizer, hparams, step, epoch, device,
-                                                       keep_step=step % cfg.save_every == 0)
-                    _barrier(d)
-                if _any(stop.requested, d, device) and step < cfg.max_steps:
-                    result.interrupted = True
-                    result.losses.extend(torch.stack(window).float().cpu().tolist() if window else [])
-                    if d.main and step % cfg.save_every != 0:
-                        result.last_checkpoint = _save(out, raw, optimizer, hparams, step, epoch, device,
-                                                       keep_step=False)
+                if save_or_stop(cfg, d, stop, result, window, out, raw, optimizer, hparams, step, epoch,
+                                device):
                     break
     finally:
         if log is not None:
@@ -466,6 +457,24 @@ def train(cfg: TrainConfig) -> TrainResult:
             dist.destroy_process_group()
     result.global_step = step
     return result
+
+
+def save_or_stop(cfg, d: "Dist", stop, result, window: list, out: Path, raw, optimizer, hparams: dict,
+                 step: int, epoch: int, device: torch.device) -> bool:
+    """End of a step in `train` and `distill`: the periodic checkpoint (and the last one), then a
+    Ctrl-C stop that saves where it is. True when the loop must stop."""
+    if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if d.main:
+            result.last_checkpoint = _save(out, raw, optimizer, hparams, step, epoch, device,
+                                           keep_step=step % cfg.save_every == 0)
+        _barrier(d)
+    if not (_any(stop.requested, d, device) and step < cfg.max_steps):
+        return False
+    result.interrupted = True
+    result.losses.extend(torch.stack(window).float().cpu().tolist() if window else [])
+    if d.main and step % cfg.save_every != 0:
+        result.last_checkpoint = _save(out, raw, optimizer, hparams, step, epoch, device, keep_step=False)
+    return True
 
 
 def _barrier(d: Dist) -> None:
