@@ -35,17 +35,17 @@ from training.checkpoint import load_checkpoint
 from training.dataset import MAX_FRAME_LEN, ClipDataset, StepBatchSampler, collate, data_family
 from training.distill_loss import distill_loss
 from training.model import model_name
-from training.optim import BETAS, WARMUP_RATIO, current_lr, make_optimizer
+from training.optim import BETAS, WARMUP_RATIO, make_optimizer
 from training.prepare import load_metadata
 from training.train import (
     LAST,
     MetricsLog,
     StopFlag,
-    _all_mean,
     _set_rng_state,
     _worker_init,
     autocast_dtype,
     init_distributed,
+    log_window,
     save_or_stop,
 )
 
@@ -254,17 +254,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
                 window.append(loss.detach())
                 epoch = sampler.epoch_at(step - 1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    values = torch.stack(window).float().cpu().tolist()
-                    result.losses.extend(values)
-                    mean_loss = _all_mean(sum(values) / len(values), d, device)
-                    elapsed = time.perf_counter() - t_window
-                    sps = len(values) / elapsed if elapsed > 0 else 0.0
-                    if d.main:
-                        log.write({"step": step, "loss": mean_loss, "lr": current_lr(optimizer),
-                                   "grad_norm": float(grad_norm), "steps_per_s": sps, "epoch": epoch,
-                                   "time": time.time()})
-                        bar.update(task, loss=mean_loss, sps=sps)
-                    window, t_window = [], time.perf_counter()
+                    window, t_window = log_window(d, result, window, t_window, log, (bar, task), optimizer,
+                                                  grad_norm, step, epoch, device)
                 if d.main:
                     bar.update(task, completed=step)
                 if save_or_stop(cfg, d, stop, result, window, out, raw, optimizer, hparams, step, epoch,

@@ -424,17 +424,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 epoch = sampler.epoch_at(step - 1)
 
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    values = torch.stack(window).float().cpu().tolist()  # the one sync per log line
-                    result.losses.extend(values)
-                    mean_loss = _all_mean(sum(values) / len(values), d, device)
-                    elapsed = time.perf_counter() - t_window
-                    sps = len(values) / elapsed if elapsed > 0 else 0.0
-                    if d.main:
-                        log.write({"step": step, "loss": mean_loss, "lr": current_lr(optimizer),
-                                   "grad_norm": float(grad_norm), "steps_per_s": sps, "epoch": epoch,
-                                   "time": time.time()})
-                        bar.update(task, loss=mean_loss, sps=sps)
-                    window, t_window = [], time.perf_counter()
+                    window, t_window = log_window(d, result, window, t_window, log, (bar, task), optimizer,
+                                                  grad_norm, step, epoch, device)
                 if d.main:
                     bar.update(task, completed=step)
 
@@ -457,6 +448,23 @@ def train(cfg: TrainConfig) -> TrainResult:
             dist.destroy_process_group()
     result.global_step = step
     return result
+
+
+def log_window(d: "Dist", result, window: list, t_window: float, log, progress, optimizer, grad_norm,
+               step: int, epoch: int, device: torch.device) -> tuple[list, float]:
+    """A metrics.jsonl line for the steps since the last one (mean loss over ranks, steps/s) and the
+    progress bar; returns the new, empty window and its start time."""
+    values = torch.stack(window).float().cpu().tolist()  # the one sync per log line
+    result.losses.extend(values)
+    mean_loss = _all_mean(sum(values) / len(values), d, device)
+    elapsed = time.perf_counter() - t_window
+    sps = len(values) / elapsed if elapsed > 0 else 0.0
+    if d.main:
+        log.write({"step": step, "loss": mean_loss, "lr": current_lr(optimizer),
+                   "grad_norm": float(grad_norm), "steps_per_s": sps, "epoch": epoch, "time": time.time()})
+        bar, task = progress
+        bar.update(task, loss=mean_loss, sps=sps)
+    return [], time.perf_counter()
 
 
 def save_or_stop(cfg, d: "Dist", stop, result, window: list, out: Path, raw, optimizer, hparams: dict,
