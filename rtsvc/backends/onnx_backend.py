@@ -18,7 +18,7 @@ import torch
 from rtsvc.backends.bundle import DIT_FILE, DIT_OUTPUT, VOCODER_FILE, VOCODER_OUTPUT, Bundle, read_bundle
 from rtsvc.errors import UserError
 from rtsvc.models.flow import CFG_EPS, Conditioning
-from rtsvc.models.guidance import Guidance, degrade_content
+from rtsvc.models.guidance import Guidance, bad_cvec_of
 from rtsvc.models.student import StudentInfo
 
 PROVIDER_NAMES = {  # what users type -> ONNX Runtime's name
@@ -262,7 +262,7 @@ class OnnxBackend:
                  "f0": cond.f0.float(), "rms": cond.rms.float(), "cvec": cond.cvec.float()}
         if self.family == "v3":
             self._check_skip_layers(guidance)
-            bad = cond.bad_cvec if cond.bad_cvec is not None else degrade_content(cond.cvec)
+            bad = bad_cvec_of(cond)
             scalar = lambda v: torch.tensor(float(v))  # noqa: E731
             feeds.update(bad_cvec=bad.float(), ds_cfg_strength=scalar(guidance.ds_cfg_strength),
                          spk_cfg_strength=scalar(guidance.spk_cfg_strength),

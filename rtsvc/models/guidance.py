@@ -47,11 +47,16 @@ def degrade_content(cvec: torch.Tensor, rate: int = CVEC_DOWNSAMPLE_RATE) -> tor
     return F.interpolate(low, size=n, mode="linear", align_corners=True).transpose(1, 2)
 
 
+def bad_cvec_of(cond: Conditioning) -> torch.Tensor:
+    """The condition's degraded content: the one prepared with it (per window or item), else made now."""
+    return cond.bad_cvec if cond.bad_cvec is not None else degrade_content(cond.cvec)
+
+
 def with_bad_cvec(cond: Conditioning, guidance: Guidance) -> Conditioning:
     """`cond` with its bad_cvec made, when content-degradation guidance is on and it has none."""
-    if guidance.ds_cfg_strength <= CFG_EPS or cond.bad_cvec is not None:
+    if guidance.ds_cfg_strength <= CFG_EPS:
         return cond
-    return replace(cond, bad_cvec=degrade_content(cond.cvec))
+    return replace(cond, bad_cvec=bad_cvec_of(cond))
 
 
 def v3_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
@@ -65,7 +70,7 @@ def v3_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
     guided = use_ds or use_spk or use_skip
     cvecs, drops = [cond.cvec], [False]
     if use_ds:
-        bad = cond.bad_cvec if cond.bad_cvec is not None else degrade_content(cond.cvec)
+        bad = bad_cvec_of(cond)
         cvecs.append(bad)
         drops.append(False)
     if use_spk:
@@ -105,7 +110,7 @@ def v3_velocity_all_branches(model: torch.nn.Module, x: torch.Tensor, t: torch.T
     strength <= 1e-5 contributes nothing, which gives `v3_velocity`'s value for any strengths."""
     b = x.shape[0]
     t = t.reshape(-1).expand(b) if t.numel() == 1 else t
-    bad = cond.bad_cvec if cond.bad_cvec is not None else degrade_content(cond.cvec)
+    bad = bad_cvec_of(cond)
 
     def rep(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.repeat_interleave(3, dim=0)
