@@ -147,17 +147,17 @@ def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
         raise UserError(f"model not found: {path}")
     bundle = is_bundle(path)
     torch_device = pick_device(spec.device)
+    if bundle and spec.backend == "torch":
+        raise UserError(f"{path} is an exported .rtsvc bundle, which runs on --backend onnx; "
+                        "for torch pass the .ckpt it was exported from")
+    if not bundle and spec.backend == "onnx":
+        raise UserError(f"--backend onnx needs an exported .rtsvc bundle (rtsvc export), got {path}")
     torch_threads = spec.threads or (STREAMING_TORCH_THREADS if spec.streaming and torch_device.type == "cpu"
                                      else None)
     if torch_threads is not None:
         import torch
 
         torch.set_num_threads(torch_threads)
-    if bundle and spec.backend == "torch":
-        raise UserError(f"{path} is an exported .rtsvc bundle, which runs on --backend onnx; "
-                        "for torch pass the .ckpt it was exported from")
-    if not bundle and spec.backend == "onnx":
-        raise UserError(f"--backend onnx needs an exported .rtsvc bundle (rtsvc export), got {path}")
     if bundle:
         model = _open_onnx(path, spec.device, pretrained, spec.providers, spec.threads)
     else:
