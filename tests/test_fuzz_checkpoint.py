@@ -58,3 +58,21 @@ def test_any_checkpoint_metadata_loads_or_gives_one_line_user_error(tiny_checkpo
         assert str(err) and "\n" not in str(err)
         return
     assert loaded is not None
+
+
+@pytest.mark.parametrize("family", ["v2", "v3"])
+@pytest.mark.parametrize("field, value, words", [
+    ("dim", 1, "dim=1, not a multiple of head_dim=32"),  # found by the fuzz above: an assert in Attention
+    ("depth", "2", "invalid model size depth='2'"),
+    ("head_dim", 0, "invalid model size head_dim=0"),
+])
+def test_model_sizes_are_checked_for_both_families(tmp_path, family, field, value, words):
+    from tests.upstream.fixtures import make_v2_release, make_v3_head
+
+    path, _ = (make_v2_release if family == "v2" else make_v3_head)(tmp_path / "m.ckpt", dim=64, depth=1)
+    ckpt = torch.load(path, weights_only=False)
+    model_cfg = ckpt["hyper_parameters"]["cfg"]["model"]
+    (model_cfg["cfg"] if family == "v2" else model_cfg)[field] = value
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match=words):
+        load_dit(path)

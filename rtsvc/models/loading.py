@@ -102,6 +102,19 @@ def _dit_state(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_sizes(sizes: dict, default_head_dim: int, path: Path) -> None:
+    """Model sizes from a checkpoint's metadata are data from a stranger: whole numbers in range
+    (dropout a fraction), and dim a multiple of head_dim, before any network is built from them."""
+    for name, value in sizes.items():
+        ok = (0 <= value < 1) if name == "dropout" else (type(value) is int and 0 < value <= MAX_DIT_SIZE)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not ok:
+            raise UserError(f"{path}: hyper_parameters has an invalid model size {name}={value!r}")
+    head_dim = sizes.get("head_dim", default_head_dim)
+    if "dim" in sizes and sizes["dim"] % head_dim:
+        raise UserError(f"{path}: hyper_parameters has dim={sizes['dim']}, not a multiple of "
+                        f"head_dim={head_dim}")
+
+
 def _v2_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, path: Path) -> DiTConfig:
     model_cfg = _as_dict(_as_dict(hparams.get("model")).get("cfg"))  # V2: cfg.model = {name, cfg: {...}}
     if not {"dim", "depth"} <= set(model_cfg):
@@ -109,10 +122,7 @@ def _v2_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, p
     kw = {k: model_cfg[k] for k in DIT_CONFIG_KEYS if k in model_cfg}
     dataset = _as_dict(hparams.get("dataset"))
     n_mel = dataset.get("n_mel_channels", 128)
-    for name, value in {**kw, "n_mel_channels": n_mel}.items():  # metadata is data: check before use
-        ok = (0 <= value < 1) if name == "dropout" else (type(value) is int and 0 < value <= MAX_DIT_SIZE)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not ok:
-            raise UserError(f"{path}: hyper_parameters has an invalid model size {name}={value!r}")
+    _check_sizes({**kw, "n_mel_channels": n_mel}, DiTConfig.head_dim, path)
     return DiTConfig(**kw, num_speaker=n_speakers, n_mel=n_mel,
                      cvec_dim=state["cond_embed.cvec_embed.weight"].shape[1],
                      whisper_dim=state["null_whisper_embed.weight"].shape[1])
@@ -130,7 +140,9 @@ def _v3_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, p
     model_cfg = _as_dict(hparams.get("model"))  # V3: cfg.model = flat DiT kwargs
     if not {"dim", "depth"} <= set(model_cfg):
         raise UserError(f"{path} has no model size in hyper_parameters.cfg.model (dim, depth)")
-    kw = {k: model_cfg[k] for k in (*DIT_CONFIG_KEYS, "kernel_size") if k in model_cfg}
+    kw = {k: model_cfg[k] for k in (*DIT_CONFIG_KEYS, "kernel_size", "n_mel_channels") if k in model_cfg}
+    _check_sizes(kw, DiTV3Config.head_dim, path)
+    kw.pop("n_mel_channels", None)
     rank = lora_rank_of(state)
     alpha = None
     if rank is not None:
