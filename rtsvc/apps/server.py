@@ -68,6 +68,7 @@ from rtsvc.apps.scheduler import DEFAULT_BATCH_DEADLINE_MS, BatchScheduler
 from rtsvc.errors import UserError
 from rtsvc.settings import DENOISE_CHOICES, Knobs, RuntimeSettings, knob_controls
 from rtsvc.voice import Voice
+from rtsvc.voices.defaults import DSP_BLOCK_MS
 
 log = logging.getLogger("rtsvc.apps.server")
 
@@ -119,6 +120,7 @@ class VoiceSource:
     make: Callable[[], Voice]
     model: Voice | None = None  # the shared model voice behind `make`, for batching (None: DSP)
     family: str = "dsp"  # "dsp", or the model family ("v2", "v3"): which controls the page shows
+    default_block_ms: float = DSP_BLOCK_MS  # the voice's own block for `--block-ms auto`
 
 
 def is_loopback(host: str) -> bool:
@@ -200,7 +202,7 @@ def batched_source(source: VoiceSource, scheduler: BatchScheduler, config: Serve
     def make() -> Voice:
         return BatchedVoice(voice.fork(), batcher, block_s, scheduler.slot)
 
-    return VoiceSource(source.name, source.speakers, make, voice, source.family)
+    return VoiceSource(source.name, source.speakers, make, voice, source.family, source.default_block_ms)
 
 
 class Session:
@@ -377,12 +379,11 @@ class StreamServer:
         from rtsvc.dsp.audio import SAMPLE_RATE
         from rtsvc.dsp.denoise import denoise_latency_samples
         from rtsvc.engine import StreamConfig, StreamLayout
-        from rtsvc.voices.defaults import DSP_BLOCK_MS, MODEL_BLOCK_MS
 
         kind = self.source.family
         config = self.stream_config or StreamConfig()
         if config.block_ms is None:  # auto, as the voice would resolve it
-            config = replace(config, block_ms=DSP_BLOCK_MS if kind == "dsp" else MODEL_BLOCK_MS)
+            config = replace(config, block_ms=self.source.default_block_ms)
         latency = StreamLayout.from_config(config, SAMPLE_RATE).latency
         return {"voice": self.source.name, "speakers": list(self.source.speakers),
                 "settings": knobs_dict(self.knobs), "auth": bool(self.config.token),
@@ -637,7 +638,7 @@ def dsp_source(f0_method: str = "dio") -> VoiceSource:
     from rtsvc.voices.dsp import DspVoice
 
     voice = DspVoice(f0_method)  # stateless: one instance serves every session
-    return VoiceSource("dsp", list(voice.speakers), lambda: voice)
+    return VoiceSource("dsp", list(voice.speakers), lambda: voice, default_block_ms=voice.default_block_ms)
 
 
 def model_source(voice: Voice, name: str = "model") -> VoiceSource:
@@ -658,7 +659,7 @@ def model_source(voice: Voice, name: str = "model") -> VoiceSource:
 
     batchable = voice if hasattr(voice, "prepare") and getattr(voice, "streaming", False) else None
     family = getattr(getattr(voice, "backend", None), "family", "v2")
-    return VoiceSource(name, list(voice.speakers), make, batchable, family)
+    return VoiceSource(name, list(voice.speakers), make, batchable, family, voice.default_block_ms)
 
 
 def serve(config: ServerConfig, source: VoiceSource, knobs: Knobs | None = None, stream_config=None,
