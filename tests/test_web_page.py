@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ import pytest
 import soundfile as sf
 from websockets.asyncio.client import connect
 
-from tests.test_server import TOKEN, http_get, run, running, settled, tone
+from rtsvc.apps.server import VoiceSource
+from tests.test_server import TOKEN, IdentityVoice, http_get, run, running, settled, tone
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
@@ -238,3 +240,44 @@ def test_control_panel_renders_keeps_settings_and_presets_in_headless_chromium(t
     assert ready["settings"]["pitch_shift"] == 7 and ready["settings"]["denoise"] == "rnnoise"
     assert ready["latency_ms"] > 76 + 30  # the denoiser's delay is in the reported latency
     assert state["error"] is None and state["samplesReceived"] > 9600
+
+
+class BehindVoice(IdentityVoice):
+    """Takes 1.5x a block's duration per block, sleeping: the server falls behind whatever the load."""
+
+    def convert(self, audio, knobs, start_sample=0, tail=None):
+        time.sleep(1.5 * (tail or len(audio)) / self.sample_rate)
+        return super().convert(audio, knobs, start_sample, tail)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_page_shows_the_servers_overload_warning_in_headless_chromium(tmp_path):
+    mic = tmp_path / "mic.wav"
+    sf.write(mic, tone(48000, 2.0, f0=220.0), 48000, subtype="PCM_16")
+    user_data = Path(tempfile.mkdtemp(prefix="rtsvc-chromium-", dir=tmp_path))
+
+    async def main():
+        async with running(VoiceSource("behind", ["echo"], BehindVoice), token=TOKEN, workers=1,
+                           max_lag_ms=200) as server:
+            browser = _run_chromium(f"http://127.0.0.1:{server.port}/?autostart=1&token={TOKEN}", mic,
+                                    user_data, tmp_path)
+            try:
+                async with connect(await devtools_page(user_data), max_size=None) as cdp:
+                    page = Page(cdp)
+                    await page.wait_for("rtsvc.warnings > 0")
+                    state = json.loads(await page.eval(
+                        "JSON.stringify({warning: rtsvc.warning, status: $('status').textContent,"
+                        " error: $('status').classList.contains('error')})"))
+            finally:
+                browser.terminate()
+                try:
+                    browser.wait(10)
+                except subprocess.TimeoutExpired:
+                    browser.kill()
+            await settled(server)
+            return state
+
+    state = run(main(), timeout=90)
+    assert state["warning"]["code"] == "overloaded" and state["warning"]["dropped_ms"] > 0
+    assert "the server is behind" in state["status"] and "200 ms late" in state["status"]
+    assert state["error"] is True  # shown as a problem, not as a plain status line

@@ -10,10 +10,12 @@ const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
 const SETTINGS_KEY = "rtsvc.settings";  // last used knobs, speaker and devices
 const PRESETS_KEY = "rtsvc.presets";    // {name: settings}
+const WARNING_SHOWN_MS = 5000;  // how long a server `warning` stays in the status line
 
 // read by tests (headless Chromium) and handy in the devtools console
 const rtsvc = window.rtsvc = {
   state: "stopped", error: null, ready: null, settings: null, stats: null, info: null,
+  warning: null, warnings: 0, warningAt: 0,
   samplesSent: 0, samplesReceived: 0, framesSent: 0, framesReceived: 0, peakReceived: 0,
   underruns: 0, dropped: 0, queuedMs: 0, backlogSkipped: 0, devices: {inputs: 0, outputs: 0},
 };
@@ -205,7 +207,9 @@ function showLatency() {
   if (rtsvc.stats && rtsvc.stats.compute_ms_mean !== undefined) {
     text += `, compute ${Number(rtsvc.stats.compute_ms_mean).toFixed(1)} ms/block`;
   }
-  setStatus(text);
+  const behind = rtsvc.warning && performance.now() - rtsvc.warningAt < WARNING_SHOWN_MS;
+  if (behind) text += `\n${rtsvc.warning.message}`;
+  setStatus(text, behind);
 }
 
 function chunkFrames() {
@@ -275,6 +279,11 @@ function onMessage(event) {
     applySettings(message.settings);
   } else if (message.type === "stats") {
     rtsvc.stats = message;
+  } else if (message.type === "warning") {  // the server is behind and answered late input with silence
+    rtsvc.warning = message;
+    rtsvc.warnings += 1;
+    rtsvc.warningAt = performance.now();
+    showLatency();
   } else if (message.type === "error") {
     rtsvc.error = message;
     setStatus(`server error ${message.code}: ${message.message}`, true);
@@ -322,7 +331,7 @@ async function start() {
     ws.binaryType = "arraybuffer";
     ws.onopen = () => {
       ws.send(JSON.stringify({type: "start", sample_rate: ctx.sampleRate, format: "f32le", channels: 1,
-                              ...knobValues(currentSettings())}));
+                              warnings: true, ...knobValues(currentSettings())}));
     };
     ws.onmessage = onMessage;
     ws.onclose = (e) => {
