@@ -280,7 +280,7 @@ def serve(
     if ray is not None:  # every replica opens the voice itself
         from rtsvc.apps.ray_serve import RayOptions, serve_on_ray
 
-        options = RayOptions(ray, replicas, replica_cpus, replica_gpus)
+        options = RayOptions(ray, replicas, replica_cpus, replica_gpus, steps)
         where = f"{host}:{port}"
         serve_on_ray(config, spec.validate(), knobs, stream_config, options, on_ready=lambda: _say(
             f"rtsvc serving on Ray Serve ({replicas} replicas) at http://{where}/ and "

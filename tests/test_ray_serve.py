@@ -1,6 +1,6 @@
 """`rtsvc serve --ray auto --replicas 2` for real: a private local Ray instance (loopback, no
-dashboard, usage stats off) started by the command under test, two replicas of the tiny model with
-batching on, clients through the Serve proxy. Conversion equals the plain server's; killing one
+dashboard, usage stats off) started by the command under test, two replicas of a tiny student model
+with batching on, clients through the Serve proxy. Conversion equals the plain server's; killing one
 replica mid-stream closes only its clients (1012, or 1006 if the proxy lost them first) while the
 other replica's clients finish; a new client is served; SIGTERM stops everything it started.
 """
@@ -32,7 +32,7 @@ from rtsvc.apps.server import ServerConfig, StreamServer, model_source  # noqa: 
 from rtsvc.dsp.signals import sung_tone  # noqa: E402
 from rtsvc.engine import StreamConfig  # noqa: E402
 from rtsvc.settings import Knobs  # noqa: E402
-from rtsvc.voices.spec import VoiceSpec, open_voice  # noqa: E402
+from rtsvc.voices.spec import VoiceSpec, open_voice, sampling_steps  # noqa: E402
 from tests.tiny_encoders import make_tiny_pretrained_dir  # noqa: E402
 from tests.tiny_models import make_tiny_dit_checkpoint  # noqa: E402
 
@@ -75,8 +75,11 @@ def healthz(port: int) -> dict:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
+    """A tiny one-evaluation student: each replica must run its own count (2 grid points), not the
+    teacher default of 4, as the plain server does."""
     root = tmp_path_factory.mktemp("ray_model")
-    return make_tiny_dit_checkpoint(root / "tiny.ckpt"), make_tiny_pretrained_dir(root / "pretrained")
+    return (make_tiny_dit_checkpoint(root / "tiny-student.ckpt", student_nfe=1),
+            make_tiny_pretrained_dir(root / "pretrained"))
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +148,8 @@ def plain_server_outputs(model, audios) -> list[np.ndarray]:
     voice = open_voice(VoiceSpec(model=ckpt, pretrained_dir=pretrained, device="cpu", streaming=True))
 
     async def main():
-        server = StreamServer(ServerConfig(port=0), model_source(voice, ckpt.name), Knobs(),
-                              StreamConfig().for_voice(voice))
+        server = StreamServer(ServerConfig(port=0), model_source(voice, ckpt.name),
+                              sampling_steps(Knobs(), voice, None), StreamConfig().for_voice(voice))
         await server.start()
         try:
             return await asyncio.gather(*[client(server.port, i, a) for i, a in enumerate(audios)])

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from rtsvc.models.dit import DiT, DiTConfig
+from rtsvc.models.student import STUDENT_KEY, StudentInfo, make_student
 from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig, unfold_weight_norm, weight_norm_layers
 
 TINY_VOCODER_CHANNELS = 32  # real: 512; upsample rates stay the real ones (product 512)
@@ -29,13 +30,18 @@ def _randomise(model: torch.nn.Module, scale: float = 0.05) -> None:
 
 
 def make_tiny_dit_checkpoint(path: str | Path, speakers=("alice", "bob"), dim: int = 64, depth: int = 2,
-                             seed: int = 0) -> Path:
-    """Write a tiny V2 DiT as an official-looking Lightning checkpoint and return its path."""
+                             seed: int = 0, student_nfe: int | None = None) -> Path:
+    """Write a tiny V2 DiT as an official-looking Lightning checkpoint and return its path.
+
+    `student_nfe`: a distilled student of that many evaluations instead (random second time input
+    and the marker `rtsvc distill` writes), without running the distillation."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = tiny_dit_config(len(speakers), dim, depth)
     model = DiT(config)
+    if student_nfe is not None:
+        make_student(model)
     _randomise(model)
     size = {"dim": dim, "depth": depth, "head_dim": config.head_dim, "ff_mult": config.ff_mult}
     cfg = {
@@ -49,6 +55,9 @@ def make_tiny_dit_checkpoint(path: str | Path, speakers=("alice", "bob"), dim: i
                      "save_weights_only": True},
         "spk2idx": {name: i for i, name in enumerate(speakers)},
     }
+    if student_nfe is not None:
+        cfg[STUDENT_KEY] = StudentInfo(student_nfe, [k / student_nfe for k in range(student_nfe + 1)],
+                                       guidance={"cfg_strength": 2.0}).as_dict()
     ckpt = {
         "epoch": 0,
         "global_step": 10,

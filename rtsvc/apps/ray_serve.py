@@ -52,6 +52,7 @@ class RayOptions:
     replicas: int = 2
     replica_cpus: float = 0.0  # Ray's CPU reservation per replica (0: do not let accounting block)
     replica_gpus: float = 0.0
+    steps: int | None = None  # --steps as given (None: a distilled student runs its own count)
     extra_env: dict = field(default_factory=dict)
 
 
@@ -136,11 +137,12 @@ def build_app(config: ServerConfig, spec, knobs: Knobs, stream_config, options: 
     @serve.ingress(api)
     class StreamReplica:
         def __init__(self):
-            from rtsvc.voices.spec import open_voice
+            from rtsvc.voices.spec import open_voice, sampling_steps
 
             voice = open_voice(spec)
             source = dsp_source() if spec.model is None else model_source(voice, Path(spec.model).name)
-            self.server = StreamServer(config, source, knobs, stream_config.for_voice(voice))
+            self.server = StreamServer(config, source, sampling_steps(knobs, voice, options.steps),
+                                       stream_config.for_voice(voice))
             self.replica = serve.get_replica_context().replica_id.unique_id
 
         @api.get("/healthz")
