@@ -330,15 +330,7 @@ def convert(
     dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
 ) -> None:
     """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
-    from rtsvc.dsp.audio import load_audio, save_audio
-    from rtsvc.engine import convert_stream
-    from rtsvc.offline import (
-        TARGET_LUFS,
-        check_input_audio,
-        check_input_file,
-        check_output_path,
-        convert_file,
-    )
+    from rtsvc.offline import TARGET_LUFS, check_input_file, check_output_path, convert_file, stream_file
     from rtsvc.settings import validate_knobs
 
     check_f0(f0)
@@ -365,11 +357,8 @@ def convert(
     with _progress_bar() as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
-        if stream:  # the streaming engine holds the whole recording (as live/serve would hear it)
-            audio = check_input_audio(load_audio(input)[0])
-            out = convert_stream(voice, audio, knobs, config, progress=update)
-            save_audio(output, out, voice.sample_rate)
-            seconds = len(out) / voice.sample_rate
+        if stream:  # block by block through the engine, as live/serve would hear it
+            seconds = stream_file(voice, input, output, knobs, config, progress=update)
         else:  # piece by piece: memory bounded whatever the length. The DSP voice keeps each
             # slice's level; models hear the training loudness
             seconds = convert_file(voice, input, output, knobs, progress=update,

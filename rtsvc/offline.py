@@ -5,9 +5,10 @@ voice keeps each slice's level), convert, optionally restore the slice's own lou
 slices with short crossfades into exactly the input's length.
 """
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ import soundfile as sf
 from rtsvc.dsp.audio import read_audio_blocks
 from rtsvc.dsp.denoise import denoise_clip
 from rtsvc.dsp.slicer import CROSSFADE_MS, join_with_crossfade, slice_at_silences
+from rtsvc.engine import StreamConfig, StreamingConverter
 from rtsvc.errors import UserError
-from rtsvc.settings import Knobs, validate_knobs
+from rtsvc.settings import Knobs, RuntimeSettings, validate_knobs
 from rtsvc.voice import Voice
 
 TARGET_LUFS = -18.0  # upstream infer.py --target-loudness (the training data's loudness)
@@ -129,14 +131,10 @@ def convert_file(
     it and renamed at the end, so a failure never leaves a half-written output. Returns seconds.
 
     Within a piece this is `convert_offline`; pieces are independent, as its slices are."""
-    import soundfile as sf
-
     check_input_file(input_path)
-    sr, output_path = voice.sample_rate, Path(output_path)
+    sr = voice.sample_rate
     total = sf.info(str(input_path)).duration
     piece = int(piece_s * sr)
-    partial = output_path.with_name(f".{output_path.stem}.partial{output_path.suffix}")
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
 
     def convert(audio: np.ndarray) -> np.ndarray:
@@ -145,21 +143,63 @@ def convert_file(
         return convert_offline(voice, audio, knobs, target_lufs=target_lufs,
                                restore_loudness=restore_loudness)
 
+    with _atomic_output(output_path, sr) as out:
+        for audio in _pieces((block for _, block, _ in read_audio_blocks(input_path, sr)), sr, piece):
+            out.write(np.clip(convert(audio), -1.0, 1.0).astype(np.float32))
+            written += len(audio)
+            if progress is not None:
+                progress(min(int(written / sr), int(total)), int(total))
+    return written / sr
+
+
+def stream_file(voice: Voice, input_path: str | Path, output_path: str | Path, knobs: Knobs | RuntimeSettings,
+                config: StreamConfig | None = None, progress: Progress | None = None,
+                read_s: float = 10.0) -> float:
+    """`rtsvc convert --stream`: a file of any length through the streaming engine as live and
+    serve would hear it, `read_s` seconds in memory at a time; the output is aligned with the input
+    (the engine's latency removed) and as long, the same samples `engine.convert_stream` gives for
+    the whole clip. Written atomically like `convert_file`. Returns seconds."""
+    check_input_file(input_path)
+    sr = voice.sample_rate
+    total = sf.info(str(input_path)).duration
+    settings = knobs if isinstance(knobs, RuntimeSettings) else RuntimeSettings(knobs)
+    engine = StreamingConverter(voice, settings, config)
+    skip, taken, written = engine.latency_samples, 0, 0  # output samples still to drop; input samples read
+    with _atomic_output(output_path, sr) as out:
+        def emit(audio: np.ndarray, limit: int) -> None:
+            nonlocal skip, written
+            cut = min(skip, len(audio))
+            skip -= cut
+            audio = audio[cut:][:max(0, limit - written)]
+            out.write(np.clip(audio, -1.0, 1.0).astype(np.float32))
+            written += len(audio)
+
+        for _, block, _ in read_audio_blocks(input_path, sr, read_s):
+            taken += len(block)
+            emit(engine.process(block), taken)
+            if progress is not None:
+                progress(min(int(taken / sr), int(total)), int(total))
+        emit(engine.flush(), taken)  # what the engine held back (its latency)
+    return written / sr
+
+
+@contextlib.contextmanager
+def _atomic_output(output_path: str | Path, sample_rate: int) -> Iterator[sf.SoundFile]:
+    """A mono float file written beside `output_path` and renamed onto it only when the body
+    finishes: a failure never leaves a half-written output."""
+    output_path = Path(output_path)
+    partial = output_path.with_name(f".{output_path.stem}.partial{output_path.suffix}")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         try:
-            out = sf.SoundFile(str(partial), "w", sr, 1)
+            out = sf.SoundFile(str(partial), "w", sample_rate, 1)
         except (sf.SoundFileError, OSError) as err:
             raise UserError(f"cannot write audio file {output_path}: {err}") from None
         with out:
-            for audio in _pieces((block for _, block, _ in read_audio_blocks(input_path, sr)), sr, piece):
-                out.write(np.clip(convert(audio), -1.0, 1.0).astype(np.float32))
-                written += len(audio)
-                if progress is not None:
-                    progress(min(int(written / sr), int(total)), int(total))
+            yield out
         os.replace(partial, output_path)
     finally:
         partial.unlink(missing_ok=True)  # (gone after the rename) a failure leaves no partial file
-    return written / sr
 
 
 def _pieces(blocks: Iterable[np.ndarray], sample_rate: int, piece: int):

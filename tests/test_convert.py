@@ -77,6 +77,30 @@ def test_dsp_stream_mode_keeps_length_and_shifts_pitch(tone_wav, tmp_path, capsy
     assert abs(median_f0(audio[core]) / 150.0 - 2.0) < 0.1
 
 
+def test_stream_file_reads_block_by_block_and_equals_streaming_the_whole_clip(tmp_path):
+    """`convert --stream` on a file: any read size gives the samples `convert_stream` gives for the
+    whole clip in memory, aligned with the input and as long (a model-like stateful voice: the DSP one)."""
+    from rtsvc.engine import StreamConfig, convert_stream
+    from rtsvc.offline import stream_file
+    from rtsvc.voices.spec import open_voice
+
+    audio = harmonic_tone(3.3, 180.0) * np.hanning(int(3.3 * SR)).astype(np.float32) ** 0.2
+    wav = tmp_path / "in.wav"
+    sf.write(wav, audio, SR, subtype="FLOAT")
+    voice = open_voice(VoiceSpec(model=None))
+    config = StreamConfig(block_ms=100).validate()
+    knobs = Knobs(pitch_shift=5.0)
+    whole = convert_stream(voice, audio, knobs, config)
+    for read_s in (0.37, 1.0, 10.0):
+        out = tmp_path / f"out-{read_s}.wav"
+        seconds = stream_file(voice, wav, out, knobs, config, read_s=read_s)
+        got, sr = sf.read(out, dtype="float32")
+        assert sr == SR and len(got) == len(audio) and seconds == pytest.approx(len(audio) / SR)
+        np.testing.assert_allclose(got, np.clip(whole, -1, 1), atol=2.0 ** -15)  # a 16-bit wav, as before
+        assert np.abs(got).max() > 0.05
+    assert not list(tmp_path.glob(".*partial*"))  # renamed into place
+
+
 # --- offline slicing and loudness with a voice that records what it is given --------------------
 
 class EchoVoice:
