@@ -1,5 +1,5 @@
-"""`DeadlineBatcher`: batches form from blocks in flight together, never past a job's budget, and
-a lone block does not wait."""
+"""`DeadlineBatcher`: batches form from streams expected together (phase-aware), never past a job's
+budget or the deadline, and a lone block or a stream not due soon does not wait."""
 
 import threading
 import time
@@ -14,14 +14,12 @@ def doubled(jobs):
 
 
 def submit_all(batcher, jobs, due_in: float = 10.0):
-    """Announce every job, then submit each from its own thread; (results by job, seconds each took)."""
+    """Submit each job from its own thread at once; (results by job, seconds each took)."""
     results, took = {}, {}
-    for _ in jobs:
-        batcher.announce()
 
     def one(job):
         started = time.monotonic()
-        results[job] = batcher.submit(job, started + due_in, announced=True)
+        results[job] = batcher.submit(job, started + due_in, stream=job)
         took[job] = time.monotonic() - started
 
     threads = [threading.Thread(target=one, args=(j,)) for j in jobs]
@@ -32,85 +30,106 @@ def submit_all(batcher, jobs, due_in: float = 10.0):
     return results, took
 
 
-def test_concurrent_jobs_form_one_batch_as_soon_as_it_is_full():
-    batcher = DeadlineBatcher(doubled, max_batch=4, deadline_s=5.0)
+def clients(batcher, phases: dict, period: float, rounds: int, due_in: float | None = None):
+    """Real-time clients: client k submits at phases[k] + r * period on one clock; returns
+    {(k, r): (result, seconds waited)}."""
+    out, t0 = {}, time.monotonic() + 0.05
+
+    def run(k):
+        for r in range(rounds):
+            at = t0 + phases[k] + r * period
+            time.sleep(max(0.0, at - time.monotonic()))
+            started = time.monotonic()
+            result = batcher.submit((k, r), started + (due_in or period), stream=k)
+            out[(k, r)] = (result, time.monotonic() - started)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in phases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def echo(jobs):
+    return list(jobs)
+
+
+def test_a_lone_stream_never_waits():
+    batcher = DeadlineBatcher(echo, max_batch=8, deadline_s=5.0)
     try:
-        results, took = submit_all(batcher, [1, 2, 3, 4])
-        assert results == {1: 2, 2: 4, 3: 6, 4: 8}
-        assert list(batcher.batch_sizes) == [4]
-        assert max(took.values()) < 2.0  # full: it did not wait for the 5 s deadline
+        out = clients(batcher, {"a": 0.0}, period=0.1, rounds=4)
+        assert max(took for _, took in out.values()) < 0.05
+        assert list(batcher.batch_sizes) == [1, 1, 1, 1]
     finally:
         batcher.close()
 
 
-def test_a_lone_job_does_not_wait():
-    batcher = DeadlineBatcher(doubled, max_batch=8, deadline_s=5.0)
+def test_streams_with_close_phases_batch_before_anyone_is_late():
+    batcher = DeadlineBatcher(echo, max_batch=8, deadline_s=0.1)
     try:
-        started = time.monotonic()
-        assert batcher.submit(21, started + 10.0) == 42  # nothing else announced: runs at once
-        assert time.monotonic() - started < 0.5
+        out = clients(batcher, {"a": 0.0, "b": 0.03}, period=0.25, rounds=4)
+        assert all(result == key for key, (result, _) in out.items())
+        # round 0 teaches the rhythm (each alone); from then on "a" waits ~30 ms for "b"
+        assert list(batcher.batch_sizes)[-3:] == [2, 2, 2], list(batcher.batch_sizes)
+        assert all(0.015 < out[("a", r)][1] < 0.09 for r in (1, 2, 3))
+        assert all(out[(k, r)][1] < 0.25 for k, r in out)  # on time
     finally:
         batcher.close()
 
 
-def test_a_job_waits_for_an_announced_one_up_to_the_deadline_and_no_longer():
-    batcher = DeadlineBatcher(doubled, max_batch=8, deadline_s=0.08)
+def test_a_stream_not_expected_before_the_deadline_is_not_waited_for():
+    batcher = DeadlineBatcher(echo, max_batch=8, deadline_s=0.03)
     try:
-        batcher.announce()  # a second stream is preparing a block ... that never comes (a dead client)
-        started = time.monotonic()
-        assert batcher.submit(21, started + 10.0) == 42
-        assert 0.075 <= time.monotonic() - started < 0.6
-        batcher.withdraw()
+        out = clients(batcher, {"a": 0.0, "b": 0.12}, period=0.25, rounds=3)
+        assert list(batcher.batch_sizes) == [1] * 6
+        assert max(took for _, took in out.values()) < 0.025
+    finally:
+        batcher.close()
+
+
+def test_a_dead_client_delays_others_at_most_the_deadline_and_then_is_forgotten():
+    batcher = DeadlineBatcher(echo, max_batch=8, deadline_s=0.06)
+    try:
+        assert batcher.submit("b0", time.monotonic() + 0.1, stream="b") == "b0"  # b's only block
+        waits = []
+        for r in range(6):  # "a" every 100 ms; "b" was expected 100 ms after its block, never came
+            started = time.monotonic()
+            batcher.submit(r, started + 0.1, stream="a")
+            waits.append(time.monotonic() - started)
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
+        assert max(waits) < 0.06 + 0.03  # never beyond the deadline
+        assert max(waits[3:]) < 0.02  # "b" is stale after two periods: nobody waits for it
     finally:
         batcher.close()
 
 
 def test_a_job_is_never_held_past_its_budget():
-    batcher = DeadlineBatcher(doubled, max_batch=8, deadline_s=5.0)
-    try:
-        batcher.announce()
-        started = time.monotonic()
-        batcher.submit(1, started + 0.1)  # due in 100 ms: runs by then though the deadline is 5 s
-        assert time.monotonic() - started < 0.6
-    finally:
-        batcher.close()
-
-
-def test_a_job_already_past_its_budget_waits_for_company_up_to_the_deadline():
-    batcher = DeadlineBatcher(doubled, max_batch=2, deadline_s=5.0)
-    try:
-        results, took = {}, {}
-        batcher.announce()
-
-        def late_one():
-            started = time.monotonic()
-            results["late"] = batcher.submit(1, started - 1.0)  # overloaded server: already late
-            took["late"] = time.monotonic() - started
-
-        thread = threading.Thread(target=late_one)
-        thread.start()
-        time.sleep(0.3)
-        assert "late" not in results  # it waits for the announced block instead of running alone
-        assert batcher.submit(2, time.monotonic() + 10.0, announced=True) == 4
-        thread.join(5)
-        assert results["late"] == 2 and list(batcher.batch_sizes) == [2]
-    finally:
-        batcher.close()
-
-
-def test_measured_batch_time_starts_a_batch_early_enough():
     def slow(jobs):
-        time.sleep(0.2)
+        time.sleep(0.1)
         return jobs
 
     batcher = DeadlineBatcher(slow, max_batch=8, deadline_s=5.0)
     try:
-        batcher.submit(0, time.monotonic() + 0.2)  # teaches it: a batch takes ~0.2 s
-        assert batcher.estimate(1) == pytest.approx(0.2, abs=0.15)
-        batcher.announce()  # someone is coming, but waiting for them would make job 1 late
-        started = time.monotonic()
-        batcher.submit(1, started + 0.3)  # must start within ~0.1 s to be done in 0.3 s
-        assert time.monotonic() - started < 0.3 + 0.25
+        batcher.submit("b0", time.monotonic() + 0.3, stream="b")  # teaches: a batch takes ~0.1 s
+        assert batcher.estimate(1) == pytest.approx(0.1, abs=0.08)
+        started = time.monotonic()  # "b" is expected within the 5 s deadline ...
+        batcher.submit(1, started + 0.2, stream="a")  # ... but "a" must start within ~0.1 s
+        assert time.monotonic() - started < 0.2 + 0.05
+    finally:
+        batcher.close()
+
+
+def test_jobs_that_queue_while_the_runner_is_busy_go_together():
+    def slowish(jobs):
+        time.sleep(0.15)
+        return jobs
+
+    batcher = DeadlineBatcher(slowish, max_batch=8, deadline_s=0.0)
+    try:
+        results, _ = submit_all(batcher, list(range(5)))
+        assert results == {j: j for j in range(5)}
+        assert 2 <= len(batcher.batch_sizes) < 5 and max(batcher.batch_sizes) >= 2
     finally:
         batcher.close()
 
@@ -129,6 +148,12 @@ def test_a_failing_batch_fails_only_its_jobs():
         with pytest.raises(ValueError, match="unlucky"):
             batcher.submit(13, time.monotonic() + 1.0)
         assert batcher.submit(4, time.monotonic() + 1.0) == 8
+        one_fails = DeadlineBatcher(lambda jobs: [ValueError("mine") if j == 2 else j for j in jobs],
+                                    max_batch=1, deadline_s=0.0)
+        with pytest.raises(ValueError, match="mine"):  # an exception as a result fails its own job
+            one_fails.submit(2, time.monotonic() + 1.0)
+        assert one_fails.submit(3, time.monotonic() + 1.0) == 3
+        one_fails.close()
     finally:
         batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
@@ -136,9 +161,13 @@ def test_a_failing_batch_fails_only_its_jobs():
 
 
 def test_max_batch_caps_the_batch():
-    batcher = DeadlineBatcher(doubled, max_batch=2, deadline_s=5.0)
+    def slowish(jobs):
+        time.sleep(0.1)
+        return doubled(jobs)
+
+    batcher = DeadlineBatcher(slowish, max_batch=2, deadline_s=5.0)
     try:
-        results, _ = submit_all(batcher, list(range(5)))
+        results, _ = submit_all(batcher, list(range(5)))  # queue while the first runs
         assert results == {j: 2 * j for j in range(5)}
         assert max(batcher.batch_sizes) == 2 and sum(batcher.batch_sizes) == 5
     finally:

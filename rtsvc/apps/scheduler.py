@@ -1,29 +1,28 @@
-"""Deadline-aware gathering of blocks from many streams into batches (`rtsvc serve --max-batch`).
+"""Deadline- and phase-aware gathering of blocks from many streams into batches (`rtsvc serve --max-batch`).
 
-Each stream's thread `announce()`s a block, prepares its features, then `submit(job, due)`s it and
-waits. One runner thread per batcher takes the pending jobs as a batch when any of these holds:
+Each stream's thread `submit(job, due, stream)`s a whole block and waits for its result. Real-time
+clients send one block per period on their own clock, at their own phase, so the batcher keeps
+each stream's recent arrival times and predicts when it sends next. A runner thread takes the
+pending jobs as a batch at once unless waiting is worth it, i.e. it waits only while all hold:
 
-    - `max_batch` jobs are waiting;
-    - no announced block is still being prepared (nobody else is about to arrive: a lone stream,
-      or streams that are not due together, never wait);
-    - the oldest waiting job has waited `deadline_s` (the --batch-deadline-ms);
-    - waiting longer would make some waiting job late: now >= its `due` minus the measured time of
-      a batch of this size (a block is never held past its stream's real-time budget for company;
-      a block that is already past it, on an overloaded server, waits at most the deadline).
+    - fewer than `max_batch` jobs are waiting;
+    - some stream that is not waiting (nor being run) is expected to arrive before the latest safe
+      start: min over the waiting jobs of (due - measured cost of a batch one larger - margin);
+      a stream not seen for `STALE_PERIODS` periods is no longer expected;
+    - the oldest waiting job has waited less than `deadline_s` (the --batch-deadline-ms).
 
-So batches grow exactly when the server is busy (blocks of several streams are in flight at once)
-and latency is not spent when it is not. Nothing waits for a particular stream beyond the
-deadline, so a slow or dead client never delays the others; a batch that fails fails only its own
-jobs. `BatchScheduler` is the server's `BlockScheduler` for batched
-voices: one thread per client (each may be parked in `submit`) and `workers` compute slots that
-bound how many streams extract features at once.
+So a lone stream, or streams not due soon, never wait, and blocks of streams whose phases are close
+join one batch before anyone is late. Jobs that queued while every runner was busy go together
+(natural batching under load). Nothing waits for a particular stream beyond the deadline or its
+budget, so a slow or dead client never delays the others; a batch that fails fails only its own
+jobs, and a job whose result is an exception fails alone.
 """
 
 import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -31,7 +30,10 @@ from dataclasses import dataclass, field
 DEFAULT_MAX_BATCH = 8
 DEFAULT_BATCH_DEADLINE_MS = 15.0
 COST_SMOOTHING = 0.3  # weight of the newest batch time in the running estimate per batch size
+PERIOD_SMOOTHING = 0.3  # weight of the newest interval in a stream's period estimate
 RECENT_BATCHES = 4096  # batch sizes kept for statistics (bounded: a server runs for days)
+STALE_PERIODS = 2.0  # a stream not seen for this many periods is no longer expected
+SAFETY_MARGIN_S = 0.005  # start this much before the estimate says a waiting job would be late
 
 
 @dataclass
@@ -39,15 +41,31 @@ class _Pending:
     job: object
     due: float  # time.monotonic() by which the result is needed
     arrived: float
+    stream: Hashable | None
     future: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Rhythm:
+    """When a stream last submitted and how often it does."""
+
+    last: float
+    period: float
+    busy: bool = True  # a job of it is waiting or running: it sends no other before the answer
+
+    def expected(self, now: float) -> float | None:
+        """When its next block should come (never before now), or None when it is stale."""
+        if self.busy or now - self.last > STALE_PERIODS * self.period:
+            return None
+        return max(now, self.last + self.period)
 
 
 class DeadlineBatcher:
     """Runs `run_batch(jobs) -> results` (same order) on batches gathered from many threads.
 
     `runners` threads take batches (more than one lets batches run in parallel, e.g. one per CPU
-    core); each holds `slot` while its batch runs (the scheduler's compute slots, shared with the
-    feature stage, so the cores are never oversubscribed).
+    core); each holds `slot` while its batch runs. A result that is an exception instance fails
+    its own job only.
     """
 
     def __init__(self, run_batch: Callable[[list], list], max_batch: int = DEFAULT_MAX_BATCH,
@@ -61,7 +79,7 @@ class DeadlineBatcher:
         self.deadline_s = float(deadline_s)
         self._cond = threading.Condition()
         self._pending: list[_Pending] = []
-        self._coming = 0  # announced blocks not yet submitted
+        self._streams: dict[Hashable, _Rhythm] = {}
         self._closed = False
         self._cost: dict[int, float] = {}  # batch size -> smoothed seconds per batch
         self.batch_sizes: deque[int] = deque(maxlen=RECENT_BATCHES)  # recent batches, for stats and tests
@@ -70,28 +88,34 @@ class DeadlineBatcher:
         for thread in self._threads:
             thread.start()
 
-    def announce(self) -> None:
-        """A block is being prepared and will be submitted (or withdrawn): worth waiting for."""
+    def submit(self, job, due: float, stream: Hashable | None = None):
+        """Queue `job` of `stream` (None: a one-off, no rhythm to learn) and block until its result
+        (or re-raise its exception)."""
+        now = time.monotonic()
+        item = _Pending(job, due, now, stream)
         with self._cond:
-            self._coming += 1
-
-    def withdraw(self) -> None:
-        """An announced block will not come after all (its preparation failed or had nothing to do)."""
-        with self._cond:
-            self._coming -= 1
-            self._cond.notify_all()
-
-    def submit(self, job, due: float, announced: bool = False):
-        """Queue `job` and block until its result (or re-raise its batch's exception)."""
-        item = _Pending(job, due, time.monotonic())
-        with self._cond:
-            if announced:
-                self._coming -= 1
             if self._closed:
                 raise RuntimeError("the batcher is closed")
+            if stream is not None:
+                self._arrived(stream, now, due - now)
             self._pending.append(item)
             self._cond.notify_all()
-        return item.future.result()
+        try:
+            result = item.future.result()
+        finally:
+            if stream is not None:
+                with self._cond:
+                    rhythm = self._streams.get(stream)
+                    if rhythm is not None:
+                        rhythm.busy = False
+                    self._cond.notify_all()
+        return result
+
+    def forget(self, stream: Hashable) -> None:
+        """The stream has ended: stop expecting it."""
+        with self._cond:
+            self._streams.pop(stream, None)
+            self._cond.notify_all()
 
     def estimate(self, size: int) -> float:
         """Expected seconds for a batch of `size`: measured, else scaled from the nearest measured size."""
@@ -108,6 +132,17 @@ class DeadlineBatcher:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout=5.0)
+
+    # --- arrivals -------------------------------------------------------------------------------
+    def _arrived(self, stream: Hashable, now: float, budget: float) -> None:
+        rhythm = self._streams.get(stream)
+        if rhythm is None:  # first block: assume one block per budget (the server's block period)
+            self._streams[stream] = _Rhythm(now, max(budget, 1e-3))
+            return
+        interval = now - rhythm.last
+        if interval < STALE_PERIODS * rhythm.period:  # a gap (a paused client) says nothing of its period
+            rhythm.period += PERIOD_SMOOTHING * (interval - rhythm.period)
+        rhythm.last, rhythm.busy = now, True
 
     # --- the runner thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -132,16 +167,18 @@ class DeadlineBatcher:
             with self._cond:
                 self.batch_sizes.append(len(batch))
             for p, result in zip(batch, results, strict=True):
-                p.future.set_result(result)
+                if isinstance(result, BaseException):
+                    p.future.set_exception(result)
+                else:
+                    p.future.set_result(result)
 
     def _gather(self) -> list[_Pending] | None:
         with self._cond:
             while True:
                 while not self._pending and not self._closed:
                     self._cond.wait()
-                while (not self._closed and self._pending and len(self._pending) < self.max_batch
-                       and self._coming > 0):
-                    wait = self._close_at() - time.monotonic()
+                while not self._closed and self._pending and len(self._pending) < self.max_batch:
+                    wait = self._wait_for_company()
                     if wait <= 0:
                         break
                     self._cond.wait(wait)
@@ -160,24 +197,30 @@ class DeadlineBatcher:
             more, self._pending = self._pending[:self.max_batch - size], self._pending[self.max_batch - size:]
             return more
 
-    def _close_at(self) -> float:
-        """When the pending jobs must start: the oldest's deadline, or earlier if a job that can
-        still be on time would be late. A job already too late for its budget (the server is
-        overloaded) does not cut the wait short: then only larger batches help it catch up."""
-        oldest = self._pending[0].arrived + self.deadline_s
-        cost = self.estimate(len(self._pending) + 1)  # waiting is only worth it for one more job
+    def _wait_for_company(self) -> float:
+        """Seconds worth waiting for another stream's block before taking the pending jobs (0: now)."""
+        now = time.monotonic()
+        close_at = min(self._start_by(), self._pending[0].arrived + self.deadline_s)
+        coming = [t for r in self._streams.values() if (t := r.expected(now)) is not None and t <= close_at]
+        return close_at - now if coming else 0.0
+
+    def _start_by(self) -> float:
+        """The latest start that keeps every waiting job on time in a batch one larger. A job
+        already too late for its budget (an overloaded server) does not cut the wait short: then
+        only larger batches help it catch up."""
+        cost = self.estimate(len(self._pending) + 1) + SAFETY_MARGIN_S
         now_cost = self.estimate(len(self._pending))
         latest = [p.due - cost for p in self._pending if p.due - now_cost > p.arrived]  # could be on time
-        return min([oldest, *latest])
+        return min(latest, default=float("inf"))
 
 
 class BatchScheduler:
     """The server's block scheduler for batched voices (same `run`/`close` as `BlockScheduler`).
 
     `threads`: every client may be parked waiting for its batch, so one per client (plus one for
-    session set-up); `slot` (a semaphore of `workers`) is held by every computation, a stream's
-    feature extraction or a batch, so at most `workers` run at once (more would oversubscribe the
-    cores); batches run on `workers` runner threads.
+    session set-up). Whole blocks (features, DiT, vocoder) run in batches on `workers` runner
+    threads; `slot` (a semaphore of `workers`) is held by each running batch, so batchers of
+    several voices together never run more than `workers` at once.
     """
 
     def __init__(self, workers: int, max_clients: int):

@@ -8,8 +8,8 @@ other clients. docs/protocol.md describes the wire format; rtsvc/apps/protocol.p
 Batching: sessions never call the voice themselves from the loop; they hand a block to
 `scheduler.run(session.process, samples)` and await the result. With `max_batch > 1` and a model
 voice, the scheduler is `rtsvc.apps.scheduler.BatchScheduler` and each session's voice a
-`rtsvc.voices.batch.BatchedVoice`: its features are computed in its own thread, then its DiT and
-vocoder work joins a `DeadlineBatcher` with the other sessions' blocks in flight (see
+`rtsvc.voices.batch.BatchedVoice`: its whole block (features, DiT, vocoder) joins a
+`DeadlineBatcher` with the other sessions' blocks that are waiting or expected soon (see
 `batched_source`); sessions and the socket code stay as they are. `handle` serves connections of
 other transports (Ray Serve's Starlette websockets, `rtsvc.apps.ray_serve`) with the same code.
 
@@ -188,19 +188,18 @@ class BlockScheduler:
 
 def batched_source(source: VoiceSource, scheduler: BatchScheduler, config: ServerConfig,
                    stream_config=None) -> VoiceSource:
-    """`source` whose sessions run their model blocks through one shared `DeadlineBatcher`: a block
-    may wait up to `batch_deadline_ms` for blocks already in preparation, never past its real-time
-    budget (one block)."""
+    """`source` whose sessions run their whole model blocks through one shared `DeadlineBatcher`: a
+    block may wait up to `batch_deadline_ms` for other streams' blocks that are expected soon, never
+    past its real-time budget (one block)."""
     from rtsvc.engine import StreamConfig  # the engine pulls in the heavy parts
-    from rtsvc.voices.batch import BatchedVoice, run_jobs
+    from rtsvc.voices.batch import BatchedVoice, run_blocks
 
     voice = source.model
     block_s = (stream_config or StreamConfig()).for_voice(voice).block_ms / 1000.0
-    batcher = scheduler.batcher(lambda jobs: run_jobs(voice.backend, jobs), config.max_batch,
-                                config.batch_deadline_ms / 1000.0)
+    batcher = scheduler.batcher(run_blocks, config.max_batch, config.batch_deadline_ms / 1000.0)
 
     def make() -> Voice:
-        return BatchedVoice(voice.fork(), batcher, block_s, scheduler.slot)
+        return BatchedVoice(voice.fork(), batcher, block_s)
 
     return VoiceSource(source.name, source.speakers, make, voice, source.family, source.default_block_ms)
 

@@ -337,6 +337,16 @@ class OnnxContentVec:
             audio = np.pad(audio, ((0, 0), (0, MIN_SAMPLES - audio.shape[-1])))
         return torch.from_numpy(self.session.run(None, {"audio": audio})[0][0]).to(self.device)
 
+    def hidden_batch(self, audios: list) -> list[torch.Tensor]:
+        """`hidden` of segments of one length in one run (the graph's batch axis is dynamic)."""
+        from rtsvc.features.contentvec import MIN_SAMPLES
+
+        audio = np.stack([np.asarray(a, dtype=np.float32).reshape(-1) for a in audios])
+        if audio.shape[-1] < MIN_SAMPLES:
+            audio = np.pad(audio, ((0, 0), (0, MIN_SAMPLES - audio.shape[-1])))
+        out = torch.from_numpy(self.session.run(None, {"audio": audio})[0]).to(self.device)
+        return list(out.unbind(0))
+
     def encode(self, audio_16k, n_frames: int, mode: str | None = None) -> torch.Tensor:
         from rtsvc.features.frames import resize_frames
 
@@ -377,10 +387,28 @@ class OnnxWhisperEncoder:
         self.dim = int(session.get_outputs()[0].shape[-1])
 
     def hidden_from_mel(self, mel: torch.Tensor, layer_index: int = -2,
-                        position_offset: int = 0) -> torch.Tensor:
+                        position_offset: int | list[int] = 0) -> torch.Tensor:
+        """As `WhisperEncoder.hidden_from_mel`. The graph takes one position offset per run, so a
+        batch with per-item offsets runs once per distinct offset (streams of one server reach
+        the same clamped offset after ~29 s; until then each offset is its own run)."""
         if layer_index != -2:
             raise ValueError("whisper_encoder.onnx was exported for hidden_states[-2] only")
-        feeds = {"mel": mel.detach().float().cpu().numpy(),
-                 "position_offset": np.array(position_offset, dtype=np.int64)}
-        out = self.session.run(None, feeds)[0]
+        mel = mel.detach().float().cpu().numpy()
+        if isinstance(position_offset, int):
+            offsets = [position_offset] * mel.shape[0]
+        else:
+            offsets = [int(o) for o in position_offset]
+        out = None
+        for offset in dict.fromkeys(offsets):
+            rows = [i for i, o in enumerate(offsets) if o == offset]
+            feeds = {"mel": mel[rows], "position_offset": np.array(offset, dtype=np.int64)}
+            part = self.session.run(None, feeds)[0]
+            if out is None:
+                out = np.empty((mel.shape[0], *part.shape[1:]), dtype=part.dtype)
+            out[rows] = part
         return torch.from_numpy(out).to(self.device)
+
+    def hidden_batch(self, audios: list, position_offsets: list[int]) -> list[torch.Tensor]:
+        from rtsvc.features.whisper import hidden_batch
+
+        return hidden_batch(self, audios, position_offsets)

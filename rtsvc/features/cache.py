@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, N_FFT, SAMPLE_RATE, resample
 from rtsvc.features.f0 import f0_to_mel_frames
+from rtsvc.features.requests import FeatureRequest, FeatureSteps, drive
 
 F0_HOP = 441  # samples at 44.1 kHz per F0 frame (10 ms; 160 at 16 kHz)
 ENC_HOP = 882  # samples at 44.1 kHz per encoder frame (20 ms; 320 at 16 kHz)
@@ -104,7 +105,7 @@ class FrameStore:
 class FeatureCache:
     """Per-stream features of `features` (a `rtsvc.features.FeatureExtractor`) for sliding windows.
 
-    `window(audio, start_sample)` -> (f0 Hz unshifted [n], rms [n], cvec [n, 768], whisper [n, 1280]
+    `window(audio, start_sample)` (or the generator `window_steps`) -> (f0 Hz unshifted [n], rms [n], cvec [n, 768], whisper [n, 1280]
     or None when `features` has no Whisper encoder (V3)), n = ceil(len / 512) mel frames, on
     `features.device`. `last_ms` holds the last call's time per part.
     """
@@ -131,16 +132,27 @@ class FeatureCache:
         """Memory held for this stream (feature rows and the previous window)."""
         return sum(s.nbytes for s in (self.f0, self.rms, self.cvec, self.whisper)) + self._prev_audio.nbytes
 
-    # --- the one public call ---------------------------------------------------------------
-    @torch.inference_mode()
+    # --- the public calls ---------------------------------------------------------------------
     def window(self, audio: np.ndarray, start_sample: int):
+        """The window's features, one network call per request (see `window_steps`)."""
+        return drive(self.features, self.window_steps(audio, start_sample))
+
+    def window_steps(self, audio: np.ndarray, start_sample: int) -> FeatureSteps:
+        """`window` as a generator: yields each `FeatureRequest` the window needs (F0, then ContentVec,
+        then Whisper of a 16 kHz segment), is sent its result, and returns `window`'s tuple. Many
+        streams' generators run together with batched calls (`rtsvc.features.requests.drive_lockstep`);
+        the drivers advance it under `torch.inference_mode`."""
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         self.last_ms = dict.fromkeys(("resample", "f0", "rms", "contentvec", "whisper"), 0.0)
-        n = -(-len(audio) // HOP_LENGTH)
         if self._continues(audio, start_sample):
-            self._update(audio, start_sample - self.origin)
+            yield from self._update(audio, start_sample - self.origin)
         else:
-            self._cold(audio, start_sample)
+            yield from self._cold(audio, start_sample)
+        return self._on_window(audio, start_sample)
+
+    def _on_window(self, audio: np.ndarray, start_sample: int):
+        """The window's frames from the stores (all computed by now); forget what no later window needs."""
+        n = -(-len(audio) // HOP_LENGTH)
         s = start_sample - self.origin
         k0 = s // HOP_LENGTH
         whisper = self._enc_on_mel(self.whisper, k0, n) if self.features.whisper_encoder is not None else None
@@ -177,8 +189,8 @@ class FeatureCache:
         self.rms.write(0, _rms(padded, left_reflect=True))
         self._lap("rms", started)
         audio_16k = self._resample(padded)
-        self._f0_segment(audio_16k, 0, None)
-        self._encoders(audio_16k, 0, None)
+        yield from self._f0_segment(audio_16k, 0, None)
+        yield from self._encoders(audio_16k, 0, None)
 
     def _update(self, audio: np.ndarray, s: int) -> None:
         ps = self._prev_start
@@ -186,6 +198,7 @@ class FeatureCache:
         e = s + len(audio)
         if e == pe:
             return  # the same window again: everything is cached
+            yield  # (a generator all the same)
         src = np.concatenate((self._prev_audio, audio[pe - s:]))  # samples [ps, e)
         started = time.perf_counter()
         k = max((pe - RMS_REACH) // HOP_LENGTH + 1, 0)  # first frame that reads past the old end
@@ -206,9 +219,10 @@ class FeatureCache:
         # started early enough that soxr's edge transient never reaches an extractor's input
         seg_a = max(min(f0_a, enc_a) - RESAMPLE_EDGE, _ceil_to(ps, F0_HOP))
         seg_16k = self._resample(src[seg_a - ps:])
-        self._f0_segment(seg_16k[_to_16k(f0_a - seg_a):], f0_a // F0_HOP, f0_first)
-        self._encoders(seg_16k[_to_16k(enc_a - seg_a):], enc_a // ENC_HOP,
-                       None if self.encoder_context is None else enc_a // ENC_HOP + ENCODER_EDGE_FRAMES)
+        yield from self._f0_segment(seg_16k[_to_16k(f0_a - seg_a):], f0_a // F0_HOP, f0_first)
+        yield from self._encoders(seg_16k[_to_16k(enc_a - seg_a):], enc_a // ENC_HOP,
+                                  None if self.encoder_context is None
+                                  else enc_a // ENC_HOP + ENCODER_EDGE_FRAMES)
 
     # --- the extractors --------------------------------------------------------------------------
     def _resample(self, audio_44k: np.ndarray) -> np.ndarray:
@@ -217,29 +231,28 @@ class FeatureCache:
         self._lap("resample", started)
         return out
 
-    def _f0_segment(self, audio_16k: np.ndarray, first_frame: int, replace_from: int | None) -> None:
+    def _ask(self, request: FeatureRequest):
+        """Yield a request and time until its result comes back (batched: the batch's time)."""
         started = time.perf_counter()
-        raw = np.asarray(self.features.f0_extractor(audio_16k), dtype=np.float32)
-        rows = torch.from_numpy(raw)
+        result = yield request
+        self._lap(request.kind, started)
+        return result
+
+    def _f0_segment(self, audio_16k: np.ndarray, first_frame: int, replace_from: int | None) -> FeatureSteps:
+        raw = yield from self._ask(FeatureRequest("f0", audio_16k))
+        rows = torch.from_numpy(np.asarray(raw, dtype=np.float32))
         if replace_from is None:
             self.f0.write(first_frame, rows)
         else:
             skip = max(0, replace_from - first_frame)
             self.f0.write(first_frame + skip, rows[skip:])
-        self._lap("f0", started)
 
-    def _encoders(self, audio_16k: np.ndarray, first_frame: int, keep_before: int | None) -> None:
+    def _encoders(self, audio_16k: np.ndarray, first_frame: int, keep_before: int | None) -> FeatureSteps:
         """ContentVec and Whisper of one segment; `keep_before=None`: the window's frames are all fresh."""
-        feats = self.features
-        started = time.perf_counter()
-        cvec = feats.contentvec.hidden(audio_16k).to(feats.device)
-        self._lap("contentvec", started)
-        computed = [(self.cvec, cvec)]
-        if feats.whisper_encoder is not None:  # V3 models have no Whisper
-            started = time.perf_counter()
-            whisper = feats.whisper_encoder.hidden(audio_16k, pad_to_30s=False, position_offset=first_frame)
-            computed.append((self.whisper, whisper.to(feats.device)))
-            self._lap("whisper", started)
+        computed = [(self.cvec, (yield from self._ask(FeatureRequest("contentvec", audio_16k))))]
+        if self.features.whisper_encoder is not None:  # V3 models have no Whisper
+            whisper = yield from self._ask(FeatureRequest("whisper", audio_16k, first_frame))
+            computed.append((self.whisper, whisper))
         for store, rows in computed:
             if keep_before is None:
                 store.clear()

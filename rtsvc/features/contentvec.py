@@ -53,6 +53,18 @@ class ContentVec:
         out = self.model(audio.to(self.device, dtype))
         return out.last_hidden_state[0].float()
 
+    @torch.inference_mode()
+    def hidden_batch(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
+        """`hidden` of segments of one length in one forward pass (HuBERT's group norm, attention
+        and convolutions are per item, so each row equals its own `hidden` to float tolerance)."""
+        batch = np.stack([np.asarray(a, dtype=np.float32).reshape(-1) for a in audios])
+        audio = torch.from_numpy(batch)
+        if audio.shape[-1] < MIN_SAMPLES:
+            audio = torch.nn.functional.pad(audio, (0, MIN_SAMPLES - audio.shape[-1]))
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(audio.to(self.device, dtype)).last_hidden_state.float()
+        return list(out.unbind(0))
+
     def encode(self, audio_16k: np.ndarray | torch.Tensor, n_frames: int,
                mode: str | None = None) -> torch.Tensor:
         """Features resized onto `n_frames` mel frames as upstream does: [n_frames, 768] float32."""

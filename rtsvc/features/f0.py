@@ -29,40 +29,62 @@ FCPE_THRESHOLD = 0.006  # torchfcpe's default voicing threshold
 
 
 class F0Extractor:
-    """`extractor(audio_16k) -> f0 Hz [len // 160 + 1]` (100 frames/s, 0 = unvoiced)."""
+    """`extractor(audio_16k) -> f0 Hz [len // 160 + 1]` (100 frames/s, 0 = unvoiced).
+
+    `batch(audios)` does the same for many segments: networks with a `batch_fn` (RMVPE, FCPE: the
+    segments of one length stacked into one forward pass) run them together; DSP trackers (WORLD's
+    dio and harvest) have no batched form and run item by item.
+    """
 
     sample_rate = ENCODER_SAMPLE_RATE
     frame_rate = F0_FRAME_RATE
 
-    def __init__(self, name: str, fn: Callable[[np.ndarray], np.ndarray]):
+    def __init__(self, name: str, fn: Callable[[np.ndarray], np.ndarray],
+                 batch_fn: Callable[[np.ndarray], np.ndarray] | None = None):
         self.name = name
         self._fn = fn
+        self._batch_fn = batch_fn  # [b, samples] -> [b, frames]
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-        n = len(audio) // F0_HOP + 1
         if len(audio) == 0:
             return np.zeros(1, dtype=np.float32)
-        f0 = np.asarray(self._fn(audio), dtype=np.float32).reshape(-1)
-        # WORLD rounds its frame count differently; pin every extractor to the same grid
-        if len(f0) < n:
-            f0 = np.pad(f0, (0, n - len(f0)))
-        return np.nan_to_num(f0[:n], nan=0.0)
+        return _on_grid(self._fn(audio), len(audio))
+
+    def batch(self, audios: list[np.ndarray]) -> list[np.ndarray]:
+        """`self(a)` for every segment; segments of one length share a batched call where there is one."""
+        audios = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
+        length = len(audios[0]) if audios else 0
+        if self._batch_fn is None or len(audios) < 2 or length == 0 or any(len(a) != length for a in audios):
+            return [self(a) for a in audios]
+        f0 = np.asarray(self._batch_fn(np.stack(audios)), dtype=np.float32)
+        return [_on_grid(row, length) for row in f0]
 
     def __repr__(self) -> str:
         return f"F0Extractor({self.name!r})"
 
 
+def _on_grid(f0: np.ndarray, samples: int) -> np.ndarray:
+    """Pin an extractor's output to `samples // 160 + 1` frames (WORLD rounds its frame count
+    differently), unvoiced NaN as 0."""
+    n = samples // F0_HOP + 1
+    f0 = np.asarray(f0, dtype=np.float32).reshape(-1)
+    if len(f0) < n:
+        f0 = np.pad(f0, (0, n - len(f0)))
+    return np.nan_to_num(f0[:n], nan=0.0)
+
+
 # ---------------------------------------------------------------- RMVPE
 
-def _rmvpe(path: str | Path | None, device: str | torch.device) -> Callable[[np.ndarray], np.ndarray]:
+def _rmvpe(path: str | Path | None, device: str | torch.device):
+    """RMVPE's (single, batched) F0 functions."""
     from rtsvc.features.rmvpe import Rmvpe
 
     if path is None:
         raise UserError("--f0 rmvpe needs the RMVPE model (rmvpe/model.pt): run `rtsvc download` "
                         "or pass --rmvpe PATH, or use --f0 fcpe / pyworld")
     model = Rmvpe.load(path, device)
-    return model.f0
+    return model.f0, model.f0_batch
 
 
 # ---------------------------------------------------------------- FCPE
@@ -91,20 +113,21 @@ def _import_torchfcpe():
         sys.modules.pop("torchaudio.transforms", None)
 
 
-def _fcpe(device: str | torch.device) -> Callable[[np.ndarray], np.ndarray]:
+def _fcpe(device: str | torch.device):
+    """FCPE's (single, batched) F0 functions."""
     torchfcpe = _import_torchfcpe()
     with contextlib.redirect_stdout(io.StringIO()):  # torchfcpe prints [INFO]/[WARN] lines while loading
         model = torchfcpe.spawn_bundled_infer_model(device=str(device))
     f0_min = float(model.get_model_f0_range()["f0_min"])
 
     @torch.inference_mode()
-    def run(audio: np.ndarray) -> np.ndarray:
-        wav = torch.from_numpy(np.clip(audio, -1.0, 1.0)).reshape(1, -1, 1)
+    def run_batch(audio: np.ndarray) -> np.ndarray:  # [b, samples] -> [b, frames]
+        wav = torch.from_numpy(np.clip(audio, -1.0, 1.0)).reshape(audio.shape[0], -1, 1)
         f0 = model(wav, sr=ENCODER_SAMPLE_RATE, decoder_mode="local_argmax", threshold=FCPE_THRESHOLD)
-        f0 = f0.reshape(-1).float().cpu().numpy()
+        f0 = f0.reshape(audio.shape[0], -1).float().cpu().numpy()
         return np.where(f0 < f0_min, 0.0, f0)
 
-    return run
+    return lambda audio: run_batch(audio[None])[0], run_batch
 
 
 # ---------------------------------------------------------------- WORLD
@@ -132,9 +155,9 @@ def make_f0_extractor(name: str = "rmvpe", rmvpe_path: str | Path | None = None,
     """rmvpe (needs `rmvpe/model.pt`), fcpe (torchfcpe's bundled model), pyworld/harvest, dio (no weights)."""
     key = name.lower()
     if key == "rmvpe":
-        return F0Extractor("rmvpe", _rmvpe(rmvpe_path, device))
+        return F0Extractor("rmvpe", *_rmvpe(rmvpe_path, device))
     if key == "fcpe":
-        return F0Extractor("fcpe", _fcpe(device))
+        return F0Extractor("fcpe", *_fcpe(device))
     if key in ("pyworld", "harvest", "dio"):
         method = "dio" if key == "dio" else "harvest"
         return F0Extractor(method, _world(method))

@@ -264,13 +264,20 @@ class Rmvpe(nn.Module):
     @torch.inference_mode()
     def f0(self, audio: np.ndarray | torch.Tensor, threshold: float = THRESHOLD) -> np.ndarray:
         """16 kHz mono audio -> F0 Hz at 100 frames/s (len // 160 + 1 frames), 0 = unvoiced."""
+        return self.f0_batch(np.asarray(audio, dtype=np.float32).reshape(1, -1), threshold)[0]
+
+    @torch.inference_mode()
+    def f0_batch(self, audio: np.ndarray | torch.Tensor, threshold: float = THRESHOLD) -> np.ndarray:
+        """`f0` of segments of one length [b, samples] -> [b, frames] in one pass (the U-Net, the
+        BiGRU and the STFT are per item)."""
         device = next(self.parameters()).device
-        audio = torch.as_tensor(np.asarray(audio, dtype=np.float32), device=device).reshape(1, -1)
+        audio = torch.as_tensor(np.asarray(audio, dtype=np.float32), device=device)
+        audio = audio.reshape(audio.shape[0] if audio.ndim > 1 else 1, -1)
         n_frames = audio.shape[-1] // HOP_LENGTH + 1
         if audio.shape[-1] <= N_FFT // 2:  # reflect padding needs more samples than half a window
             audio = F.pad(audio, (0, N_FFT // 2 + 1 - audio.shape[-1]))
         hidden = self.salience(rmvpe_log_mel(audio))
-        return decode_salience(hidden, threshold)[0, :n_frames].float().cpu().numpy()
+        return decode_salience(hidden, threshold)[:, :n_frames].float().cpu().numpy()
 
 
 def _key_diff(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:

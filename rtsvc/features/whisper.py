@@ -127,11 +127,12 @@ class WhisperEncoder:
 
     @torch.inference_mode()
     def hidden_from_mel(self, mel: torch.Tensor, layer_index: int = LAYER_INDEX,
-                        position_offset: int = 0) -> torch.Tensor:
-        """log-mel [1, n_mels, frames] -> `hidden_states[layer_index]` [1, ceil(frames / 2), d].
+                        position_offset: int | list[int] = 0) -> torch.Tensor:
+        """log-mel [b, n_mels, frames] -> `hidden_states[layer_index]` [b, ceil(frames / 2), d].
 
         `position_offset` starts the position embeddings further in (clamped so the window fits):
-        a short window then gets the positions its frames had in the clip upstream encoded.
+        a short window then gets the positions its frames had in the clip upstream encoded. One
+        offset for all items, or a list with one per item.
         """
         enc = self.encoder
         dtype = enc.conv1.weight.dtype
@@ -140,8 +141,7 @@ class WhisperEncoder:
         n_pos = enc.embed_positions.num_embeddings
         if x.shape[1] > n_pos:
             raise ValueError(f"window longer than Whisper's {CHUNK_SECONDS} s context")
-        start = min(max(0, int(position_offset)), n_pos - x.shape[1])
-        x = x + enc.embed_positions.weight[start: start + x.shape[1]]
+        x = x + enc.embed_positions.weight[position_rows(position_offset, x.shape[1], n_pos)]
         n_layers = len(enc.layers)
         # hidden_states = (embeddings, layer 1 out, ..., layer L-1 out, layer_norm(layer L out))
         stop = layer_index % (n_layers + 1)
@@ -169,7 +169,37 @@ class WhisperEncoder:
         feats = torch.cat(outs, dim=0).float()
         return feats[: max(1, math.floor(len(audio) / ENCODER_SAMPLE_RATE * FRAME_RATE))]
 
+    def hidden_batch(self, audios: list[np.ndarray], position_offsets: list[int]) -> list[torch.Tensor]:
+        """`hidden(audio, pad_to_30s=False, position_offset=o)` of segments of one length (under 30 s)
+        in one encoder pass, each with its own position offset. The log-mel (normalised per
+        segment) is computed per item; the encoder's layers are per item, so each result equals its
+        own `hidden` to float tolerance."""
+        return hidden_batch(self, audios, position_offsets)
+
     def encode(self, audio_16k: np.ndarray, n_frames: int, pad_to_30s: bool = True,
                mode: str | None = None, position_offset: int = 0) -> torch.Tensor:
         """Features resized onto `n_frames` mel frames as upstream does: [n_frames, d] float32 on device."""
         return resize_frames(self.hidden(audio_16k, pad_to_30s, position_offset), n_frames, mode)
+
+
+def position_rows(position_offset: int | list[int], frames: int, n_pos: int) -> torch.Tensor:
+    """Rows of the position table for `frames` positions from each offset, clamped so the window
+    fits: [frames] for one offset, [b, frames] for a list."""
+    offsets = torch.as_tensor(position_offset, dtype=torch.long)
+    start = offsets.clamp(0, n_pos - frames)
+    return start[..., None] + torch.arange(frames) if offsets.ndim else start + torch.arange(frames)
+
+
+def hidden_batch(encoder, audios: list[np.ndarray], position_offsets: list[int]) -> list[torch.Tensor]:
+    """`WhisperEncoder.hidden_batch` for any encoder with `log_mel` and a batched `hidden_from_mel`
+    (the torch one and the ONNX Runtime one share it)."""
+    audios = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
+    length = len(audios[0])
+    if any(len(a) != length for a in audios) or length > CHUNK_SAMPLES:
+        raise ValueError("a Whisper batch takes segments of one length, at most 30 s")
+    if length < 2 * 160:  # as `hidden`: the mel needs a couple of hops
+        audios = [np.pad(a, (0, 2 * 160 - length)) for a in audios]
+    mel = torch.cat([encoder.log_mel(a, pad_to_30s=False) for a in audios])
+    frames = max(1, math.floor(length / ENCODER_SAMPLE_RATE * FRAME_RATE))
+    out = encoder.hidden_from_mel(mel, position_offset=list(position_offsets)).float()
+    return [h[:frames] for h in out.unbind(0)]

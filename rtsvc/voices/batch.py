@@ -1,10 +1,13 @@
 """Many streams' model-voice blocks as one batch per stage (what `rtsvc serve --max-batch` runs).
 
 A streaming `ModelVoice.convert` is two halves: `prepare` (per stream: the feature cache, F0 shift,
-crops -> a `BlockJob`) and the shared networks (DiT sampling, then the vocoder). `run_jobs` runs the
-second half for jobs of many streams at once:
+crops -> a `BlockJob`) and the shared networks (DiT sampling, then the vocoder). `run_blocks` runs
+both for whole blocks of many streams at once (`run_jobs` is the second half):
 
-    features       per stream, in the stream's own thread (`BatchedVoice.convert` -> `prepare`)
+    features       each stream's own cache, driven in lockstep (`ModelVoice.prepare_steps` under
+                   `rtsvc.features.requests.drive_lockstep`): the F0, ContentVec and Whisper
+                   segments of one length run as one batched call each (per item its Whisper
+                   position offset); RMS, resampling and the caches' bookkeeping stay per stream
     DiT sampling   stacked: every Euler step and every guidance pass in one backend call per step
                    (`guided_velocity`), per item its speaker, F0/RMS/content and start noise (drawn
                    by the item's absolute frame index and seed, exactly as alone)
@@ -22,14 +25,15 @@ a group each item equals its one-at-a-time result to float tolerance.
 """
 
 import time
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import fields
+from collections.abc import Hashable
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from rtsvc.dsp.mel import denormalize_mel
+from rtsvc.features.requests import drive_lockstep
 from rtsvc.models.flow import CFG_EPS, Conditioning, frame_noise, sample_on_grid
 from rtsvc.models.guidance import Guidance, with_bad_cvec
 from rtsvc.settings import Knobs
@@ -40,11 +44,10 @@ if TYPE_CHECKING:
 
 
 class Batcher(Protocol):
-    """Where a `BatchedVoice` sends its jobs (`rtsvc.apps.scheduler.DeadlineBatcher`)."""
+    """Where a `BatchedVoice` sends its blocks (`rtsvc.apps.scheduler.DeadlineBatcher` running
+    `run_blocks`): `submit` blocks until the block's audio is back, due by `due` (time.monotonic)."""
 
-    def announce(self) -> None: ...  # a block is coming: worth waiting for
-    def withdraw(self) -> None: ...  # an announced block will not come
-    def submit(self, job: BlockJob, due: float, announced: bool = False) -> np.ndarray: ...
+    def submit(self, job: "Block", due: float, stream: Hashable | None = None) -> np.ndarray: ...
 
 
 def batch_wide(family: str, guidance: Guidance) -> bool:
@@ -124,23 +127,57 @@ def vocode_group(backend: "Backend", jobs: list[BlockJob], mels: list[torch.Tens
     return [j.cut(a) for j, a in zip(jobs, audio, strict=True)]
 
 
-class BatchedVoice:
-    """One stream's `Voice` whose DiT and vocoder run in batches shared with other streams.
+@dataclass
+class Block:
+    """One stream's whole block for a batch: its window, knobs, position and tail (as `convert`
+    takes them) and the stream's own `ModelVoice` (its feature cache)."""
 
-    `voice` is this stream's own streaming `ModelVoice` (its feature cache); the block is announced
-    to `batcher` before its features are prepared, then submitted; the call blocks until its audio
-    is back. `due` is when the block's real-time budget (`budget_s` after the call started) runs
-    out. `compute_slot` bounds how many streams extract features at once.
+    voice: ModelVoice
+    audio: np.ndarray
+    knobs: Knobs
+    start_sample: int = 0
+    tail: int | None = None
+
+
+def run_blocks(blocks: list[Block]) -> list:
+    """Every block's audio as its voice's `convert` returns it, all stages batched: the blocks'
+    `prepare_steps` in lockstep with batched F0 / ContentVec / Whisper calls, then `run_jobs` for the
+    DiT and the vocoder. A block whose preparation fails gets its exception in its place (the
+    others go on); a failing DiT or vocoder batch raises for all."""
+    out: list = [None] * len(blocks)
+    jobs: dict[int, BlockJob] = {}
+    for rows in groups([id(b.voice.features) for b in blocks]):  # blocks of one server share them
+        steps = [blocks[i].voice.prepare_steps(blocks[i].audio, blocks[i].knobs, blocks[i].start_sample,
+                                               blocks[i].tail) for i in rows]
+        for i, job in zip(rows, drive_lockstep(blocks[rows[0]].voice.features, steps), strict=True):
+            if isinstance(job, BlockJob):
+                jobs[i] = job
+            else:  # nothing to convert, or the block's own error
+                out[i] = np.zeros(0, dtype=np.float32) if job is None else job
+    order = list(jobs)
+    for rows in groups([id(blocks[i].voice.backend) for i in order]):
+        audio = run_jobs(blocks[order[rows[0]]].voice.backend, [jobs[order[k]] for k in rows])
+        for k, a in zip(rows, audio, strict=True):
+            out[order[k]] = a
+    return out
+
+
+class BatchedVoice:
+    """One stream's `Voice` whose whole blocks run in batches shared with other streams.
+
+    `voice` is this stream's own streaming `ModelVoice` (its feature cache). `convert` submits the
+    whole block to `batcher` (features, DiT and vocoder all run there, batched with the other
+    streams' blocks by `run_blocks`) and blocks until its audio is back. `due` is when the
+    block's real-time budget (`budget_s` after the call started) runs out; the batcher learns this
+    stream's arrival rhythm from its key (this object).
     """
 
-    def __init__(self, voice: ModelVoice, batcher: Batcher, budget_s: float,
-                 compute_slot: AbstractContextManager | None = None):
+    def __init__(self, voice: ModelVoice, batcher: Batcher, budget_s: float):
         if voice.cache is None:
             raise ValueError("a batched voice must be a streaming ModelVoice (voice.for_streaming())")
         self.voice = voice
         self.batcher = batcher
         self.budget_s = budget_s
-        self.compute_slot = compute_slot or nullcontext()
         self.sample_rate = voice.sample_rate
         self.speakers = voice.speakers
         self.default_block_ms = voice.default_block_ms
@@ -148,21 +185,11 @@ class BatchedVoice:
     def convert(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                 tail: int | None = None) -> np.ndarray:
         due = time.monotonic() + self.budget_s
-        self.batcher.announce()
-        try:
-            with self.compute_slot:
-                job = self.voice.prepare(audio, knobs, start_sample, tail)
-        except BaseException:
-            self.batcher.withdraw()
-            raise
-        if job is None:
-            self.batcher.withdraw()
-            return np.zeros(0, dtype=np.float32)
-        return self.batcher.submit(job, due, announced=True)
+        return self.batcher.submit(Block(self.voice, audio, knobs, start_sample, tail), due, stream=self)
 
     def reset(self) -> None:
         self.voice.reset()
 
 
-__all__ = ["BatchedVoice", "Batcher", "dit_key", "run_jobs", "sample_group", "stack", "vocode_group",
-           "vocoder_key"]
+__all__ = ["Batcher", "BatchedVoice", "Block", "dit_key", "run_blocks", "run_jobs", "sample_group", "stack",
+           "vocode_group", "vocoder_key"]

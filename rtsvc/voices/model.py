@@ -30,6 +30,7 @@ from rtsvc.dsp.mel import denormalize_mel
 from rtsvc.errors import UserError
 from rtsvc.features.cache import ENCODER_CONTEXT_S, FeatureCache
 from rtsvc.features.f0 import shift_f0
+from rtsvc.features.requests import FeatureSteps, drive
 from rtsvc.models.flow import Conditioning, counter_normal, frame_noise, sample_on_grid
 from rtsvc.models.guidance import Guidance, with_bad_cvec
 from rtsvc.models.schedules import time_grid
@@ -118,11 +119,16 @@ class ModelVoice:
         self.last_ms["vocoder"] = (time.perf_counter() - started) * 1000.0
         return job.cut(out)
 
-    @torch.inference_mode()
     def prepare(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                 tail: int | None = None) -> "BlockJob | None":
         """The per-stream half of `convert`: features and crops, everything the DiT and the vocoder
         need (None: nothing to convert). `rtsvc.voices.batch` runs many streams' jobs as one batch."""
+        return drive(self.features, self.prepare_steps(audio, knobs, start_sample, tail))
+
+    def prepare_steps(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
+                      tail: int | None = None) -> FeatureSteps:
+        """`prepare` as a generator of feature requests (the streaming cache's `window_steps`;
+        offline voices compute their features in place and yield none); returns the BlockJob."""
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         length = len(audio)
         need = length if tail is None else int(tail)
@@ -133,7 +139,8 @@ class ModelVoice:
             return None
         n = -(-length // HOP_LENGTH)  # whole mel frames; the last one is zero-padded
         if self.cache is not None:
-            cond, f0 = self._stream_conditioning(audio, start_sample, spk, knobs.pitch_shift)
+            features = yield from self.cache.window_steps(audio, start_sample)
+            cond, f0 = self._stream_conditioning(features, spk, knobs.pitch_shift)
         else:
             padded = np.pad(audio, (0, n * HOP_LENGTH - length))
             self.last_ms = {}
@@ -150,8 +157,8 @@ class ModelVoice:
             return 0
         return max(0, first - int(round(self.dit_context_ms * SAMPLE_RATE / 1000.0 / HOP_LENGTH)))
 
-    def _stream_conditioning(self, audio: np.ndarray, start_sample: int, spk: int, semitones: float):
-        f0, rms, cvec, whisper = self.cache.window(audio, start_sample)
+    def _stream_conditioning(self, features: tuple, spk: int, semitones: float):
+        f0, rms, cvec, whisper = features
         self.last_ms = dict(self.cache.last_ms)
         device = self.backend.device
         f0 = shift_f0(f0, semitones).to(device)[None]  # shifted F0 feeds both the DiT and the vocoder
