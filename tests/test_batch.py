@@ -1,9 +1,11 @@
 """Batched model-voice blocks (rtsvc/voices/batch.py) equal one-at-a-time conversion, per stream.
 
-Streams differ in input pitch, pitch shift, speaker, seed, start time (so noise frames and cache
-states differ), guidance strength (its own DiT group) and, for one, window length (its own DiT and
-vocoder group). Each round the active streams' blocks run as one `run_jobs` call; a second set of
-voices converts the same windows one at a time. Both keep their own per-stream caches across rounds.
+Streams differ in input pitch, pitch shift, speaker, seed, start time (so noise frames, cache
+states, cold starts and Whisper position offsets differ), guidance strength (its own DiT group)
+and, for one, window length (its own encoder, DiT and vocoder groups). Each round the active
+streams' whole blocks run as one `run_blocks` call (features in lockstep with batched encoder
+calls, then DiT and vocoder); a second set of voices converts the same windows one at a time. Both
+keep their own per-stream caches across rounds.
 V2 on torch and ONNX Runtime; V3 with and without its batch-wide guidance rescale.
 """
 
@@ -16,7 +18,7 @@ from rtsvc.dsp.signals import sung_tone
 from rtsvc.engine import StreamConfig, StreamLayout
 from rtsvc.pretrained import resolve_pretrained
 from rtsvc.settings import Knobs
-from rtsvc.voices.batch import BatchedVoice, dit_key, run_jobs, vocoder_key
+from rtsvc.voices.batch import BatchedVoice, Block, dit_key, run_blocks, run_jobs, vocoder_key
 from rtsvc.voices.model import ModelVoice
 from rtsvc.voices.spec import VoiceSpec, open_model, open_voice
 from tests.tiny_encoders import make_tiny_pretrained_dir
@@ -79,13 +81,52 @@ def windows(f0: float, layout: StreamLayout, rounds: int):
             for k in range(rounds)]
 
 
+class CountingEncoders:
+    """The voice's ContentVec and Whisper, recording the batch size of every call."""
+
+    def __init__(self, features):
+        self.contentvec, self.whisper = features.contentvec, features.whisper_encoder
+        self.sizes = []
+
+    def counted(self, features):
+        from rtsvc.features.extractor import FeatureExtractor
+
+        outer = self
+
+        class Content:
+            def hidden(self, audio):
+                outer.sizes.append(("contentvec", 1))
+                return outer.contentvec.hidden(audio)
+
+            def hidden_batch(self, audios):
+                outer.sizes.append(("contentvec", len(audios)))
+                return outer.contentvec.hidden_batch(audios)
+
+        class Whisper:
+            def hidden(self, audio, pad_to_30s=True, position_offset=0):
+                outer.sizes.append(("whisper", 1))
+                return outer.whisper.hidden(audio, pad_to_30s, position_offset)
+
+            def hidden_batch(self, audios, offsets):
+                outer.sizes.append(("whisper", len(audios)))
+                return outer.whisper.hidden_batch(audios, offsets)
+
+        return FeatureExtractor(Content(), Whisper() if self.whisper is not None else None,
+                                features.f0_extractor, features.device, features.content_resize)
+
+
 def batched_vs_alone(tiny, backend, streams=STREAMS) -> tuple[float, CountingBackend, dict]:
-    """Every round, the active streams' blocks as one `run_jobs` call on `backend`, and the same
-    windows through separate voices one at a time; (max abs difference, call sizes, outputs)."""
+    """Every round, the active streams' whole blocks as one `run_blocks` call (features in lockstep,
+    DiT and vocoder on `backend`), and the same windows through separate voices one at a time;
+    (max abs difference, call sizes, outputs). `counting.encoder_batches` holds the encoder calls."""
     counting = CountingBackend(backend)
+    encoders = CountingEncoders(tiny.features)
+    features = encoders.counted(tiny.features)
+    counting.encoder_batches = encoders.sizes
     batched = [tiny.fork() for _ in streams]
     for voice in batched:
         voice.backend = counting
+        voice.features = voice.cache.features = features
     alone = [tiny.fork() for _ in streams]
     for voice in alone:
         voice.backend = backend
@@ -93,11 +134,11 @@ def batched_vs_alone(tiny, backend, streams=STREAMS) -> tuple[float, CountingBac
     worst, outputs = 0.0, {}
     for r in range(ROUNDS + 2):
         active = [i for i, (_, _, first, _) in enumerate(streams) if 0 <= r - first < ROUNDS]
-        jobs = []
+        blocks = []
         for i in active:
             start, window = plans[i][r - streams[i][2]]
-            jobs.append(batched[i].prepare(window, streams[i][1], start, streams[i][3].tail))
-        results = run_jobs(counting, jobs)
+            blocks.append(Block(batched[i], window, streams[i][1], start, streams[i][3].tail))
+        results = run_blocks(blocks)
         for i, out in zip(active, results, strict=True):
             start, window = plans[i][r - streams[i][2]]
             ref = alone[i].convert(window, streams[i][1], start, streams[i][3].tail)
@@ -113,9 +154,13 @@ def test_batched_blocks_equal_one_at_a_time_per_stream(tiny):
     print(f"batched vs one-at-a-time: max abs difference {worst:.2e}")
     assert worst < 1e-5
     # the streams really were batched (three streams of one shape and guidance share a DiT call,
-    # four of one vocoded length a vocoder call) ...
+    # four of one vocoded length a vocoder call; the encoders' segments have one length only for
+    # streams of one layout as many blocks into their streams (segments start on the stream's
+    # 20 ms grid): the two streams that joined in round 1 share every encoder call) ...
     assert max(counting.dit_batches) == 3
     assert max(counting.vocoder_batches) == 4
+    assert max(n for kind, n in counting.encoder_batches if kind == "contentvec") == 2
+    assert max(n for kind, n in counting.encoder_batches if kind == "whisper") == 2
     # ... and their outputs are their own
     assert np.abs(outputs[0][2] - outputs[2][0]).max() > 1e-2
 
@@ -127,7 +172,8 @@ def test_onnx_backend_batches_equal_one_at_a_time(tiny, tiny_files, tmp_path):
 
     ckpt, pretrained = tiny_files
     bundle = export_bundle(ckpt, tmp_path / "tiny.rtsvc", pretrained_dir=pretrained, lengths=(17,)).path
-    worst, counting, _ = batched_vs_alone(tiny, OnnxBackend.open(bundle, device="cpu"))
+    onnx = OnnxBackend.open(bundle, device="cpu")
+    worst, counting, _ = batched_vs_alone(tiny, onnx)
     print(f"onnx batched vs one-at-a-time: max abs difference {worst:.2e}")
     assert worst < 1e-4
     assert max(counting.vocoder_batches) == 4  # four streams of one shape in one vocoder run
@@ -167,20 +213,17 @@ def test_v3_batches_equal_one_at_a_time_and_rescale_runs_alone(tmp_path_factory,
     assert max(counting.vocoder_batches) == 3  # the vocoder batches all three
 
 
-def test_batched_voice_announces_prepares_and_submits_with_the_block_budget(tiny):
+def test_batched_voice_submits_its_whole_block_with_the_block_budget(tiny):
     class Recorder:
         def __init__(self):
             self.calls = []
 
-        def announce(self):
-            self.calls.append("announce")
-
-        def withdraw(self):
-            self.calls.append("withdraw")
-
-        def submit(self, job, due, announced=False):
-            self.calls.append(("submit", due, announced))
-            return run_jobs(tiny.backend, [job])[0]
+        def submit(self, block, due, stream=None):
+            self.calls.append((block, due, stream))
+            out = run_blocks([block])[0]
+            if isinstance(out, BaseException):
+                raise out
+            return out
 
     recorder = Recorder()
     voice = BatchedVoice(tiny.fork(), recorder, budget_s=0.15)
@@ -189,13 +232,24 @@ def test_batched_voice_announces_prepares_and_submits_with_the_block_budget(tiny
     before = time.monotonic()
     out = voice.convert(window, STREAMS[0][1], start, LAYOUT.tail)
     np.testing.assert_allclose(out, ref.convert(window, STREAMS[0][1], start, LAYOUT.tail), atol=1e-6)
-    assert recorder.calls[0] == "announce" and recorder.calls[1][0] == "submit" and recorder.calls[1][2]
-    assert before + 0.15 <= recorder.calls[1][1] <= time.monotonic() + 0.15
-    with pytest.raises(Exception, match="unknown speaker"):  # a failed preparation withdraws its block
+    block, due, stream = recorder.calls[0]
+    assert block.voice is voice.voice and block.start_sample == start and block.tail == LAYOUT.tail
+    assert stream is voice and before + 0.15 <= due <= time.monotonic() + 0.15
+    with pytest.raises(Exception, match="unknown speaker"):  # the block's own error reaches its stream
         voice.convert(window, Knobs(speaker="nobody"), start, LAYOUT.tail)
-    assert recorder.calls[-2:] == ["announce", "withdraw"]
     with pytest.raises(ValueError, match="streaming ModelVoice"):
         BatchedVoice(ModelVoice(tiny.backend, tiny.features, streaming=False), recorder, 0.1)
+
+
+def test_a_failing_block_fails_alone_in_its_batch(tiny):
+    good, bad = tiny.fork(), tiny.fork()
+    start, window = windows(200.0, LAYOUT, 1)[0]
+    out = run_blocks([Block(good, window, STREAMS[0][1], start, LAYOUT.tail),
+                      Block(bad, window, Knobs(speaker="nobody"), start, LAYOUT.tail),
+                      Block(good.fork(), window, STREAMS[0][1], start, 0)])  # nothing to convert
+    ref = tiny.fork().convert(window, STREAMS[0][1], start, LAYOUT.tail)
+    np.testing.assert_allclose(out[0], ref, atol=1e-6)
+    assert "unknown speaker" in str(out[1]) and out[2].shape == (0,)
 
 
 # --- through the server: batched serving equals one-at-a-time serving, per client ------------------
