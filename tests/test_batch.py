@@ -171,12 +171,27 @@ def test_onnx_backend_batches_equal_one_at_a_time(tiny, tiny_files, tmp_path):
     from rtsvc.backends.onnx_backend import OnnxBackend
 
     ckpt, pretrained = tiny_files
-    bundle = export_bundle(ckpt, tmp_path / "tiny.rtsvc", pretrained_dir=pretrained, lengths=(17,)).path
+    bundle = export_bundle(ckpt, tmp_path / "tiny.rtsvc", pretrained_dir=pretrained, lengths=(17,),
+                           with_encoders=True).path
     onnx = OnnxBackend.open(bundle, device="cpu")
-    worst, counting, _ = batched_vs_alone(tiny, onnx)
+    # the bundle's ContentVec and Whisper graphs as the voice's encoders: everything on ONNX Runtime
+    features = onnx.feature_extractor(resolve_pretrained(pretrained, need=("contentvec", "whisper")),
+                                      "dio", onnx.device)
+    voice = ModelVoice(onnx, features, streaming=True)
+    worst, counting, _ = batched_vs_alone(voice, onnx)
     print(f"onnx batched vs one-at-a-time: max abs difference {worst:.2e}")
     assert worst < 1e-4
     assert max(counting.vocoder_batches) == 4  # four streams of one shape in one vocoder run
+    assert max(n for kind, n in counting.encoder_batches if kind == "whisper") == 2
+    # per-item Whisper offsets through a graph that takes one offset per run, and batched ContentVec
+    audios = [sung_tone(0.6, 16000, f0=f0) for f0 in (120.0, 200.0, 280.0)]
+    offsets = [0, 37, 37]
+    for row, audio, offset in zip(features.whisper_encoder.hidden_batch(audios, offsets), audios, offsets,
+                                  strict=True):
+        alone = features.whisper_encoder.hidden(audio, pad_to_30s=False, position_offset=offset)
+        np.testing.assert_allclose(row.numpy(), alone.numpy(), atol=1e-4)
+    for row, audio in zip(features.contentvec.hidden_batch(audios), audios, strict=True):
+        np.testing.assert_allclose(row.numpy(), features.contentvec.hidden(audio).numpy(), atol=1e-4)
 
 
 def test_jobs_of_different_windows_are_separate_groups(tiny):
