@@ -105,10 +105,11 @@ DitContextMs = _opt(float, "Left context in ms the model's DiT samples before th
 ContextMs = _opt(float, f"Left context per block in ms. Default: {STREAM.context_ms:g}.")
 CrossfadeMs = _opt(float, f"SOLA crossfade in ms. Default: {STREAM.crossfade_ms:g}.")
 SolaSearchMs = _opt(float, f"SOLA search window in ms. Default: {STREAM.sola_search_ms:g}.")
-MaxBatch = _opt(int, "Model voices: most clients' blocks run as one batch through the DiT and vocoder (1 = "
-                f"each block alone). Default: {SERVER.max_batch}.")
-BatchDeadlineMs = _opt(float, "Longest a block waits in ms for other clients' blocks to batch with (never "
-                       f"past its real-time budget of one block). Default: {SERVER.batch_deadline_ms:g}.")
+MaxBatch = _opt(int, "Model voices: most clients' blocks run as one batch through every model stage (F0, "
+                f"encoders, DiT, vocoder; 1 = each block alone). Default: {SERVER.max_batch}.")
+BatchDeadlineMs = _opt(float, "Longest a block waits in ms for other clients' blocks that are expected soon "
+                       "(never past its real-time budget of one block). Default: "
+                       f"{SERVER.batch_deadline_ms:g}.")
 
 
 def _progress_bar():
@@ -219,8 +220,9 @@ def serve(
                                                     "(repeatable; '*' allows any). The page's own origin "
                                                     "and non-browser clients are always allowed. "
                                                     "Default: none."),
-    workers: int = typer.Option(SERVER.workers, help="Inference threads shared by all clients. Default: "
-                                f"{SERVER.workers} (one per CPU core, at most 8)."),
+    workers: int = typer.Option(SERVER.workers, help="Inference threads shared by all clients (with "
+                                "--max-batch > 1: batch runners). Default: "
+                                f"{SERVER.workers} (one per CPU core, at most 8; batched: half the cores)."),
     max_lag_ms: float = typer.Option(SERVER.max_lag_ms, help="Live input not converted this many "
                                      "milliseconds after it was due is answered with silence, so latency "
                                      f"stays bounded under overload. Default: {SERVER.max_lag_ms:g}."),

@@ -19,6 +19,7 @@ jobs, and a job whose result is an exception fails alone.
 """
 
 import asyncio
+import os
 import threading
 import time
 from collections import deque
@@ -232,10 +233,17 @@ class BatchScheduler:
     """
 
     def __init__(self, workers: int, max_clients: int):
-        self.workers = workers
+        self.workers = workers  # batch runners
         self._pool = ThreadPoolExecutor(max_workers=max_clients + 1, thread_name_prefix="rtsvc-stream")
         self.slot = threading.BoundedSemaphore(workers)
         self.batchers: list[DeadlineBatcher] = []
+
+    @staticmethod
+    def default_runners() -> int:
+        """Half the CPU cores (at least 1, at most 8): one runner gathers every block that queued
+        while its batch ran, and the other cores serve the sockets, sessions (SOLA, resampling) and
+        clients. On the 2-core container 1 runner held more streams than 2 (docs/benchmarks.md)."""
+        return max(1, min(8, (os.cpu_count() or 1) // 2))
 
     def batcher(self, run_batch: Callable[[list], list], max_batch: int,
                 deadline_s: float) -> DeadlineBatcher:

@@ -97,7 +97,7 @@ class ServerConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     allowed_origins: tuple[str, ...] = ()  # besides the page's own origin; "*" allows any
-    workers: int = 0  # inference threads; 0: one per CPU core, at most 8
+    workers: int = 0  # inference threads; 0: one per CPU core, at most 8 (batched: half the cores)
     max_lag_ms: float = DEFAULT_MAX_LAG_MS  # live input later than this is answered with silence
     send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S  # a client that reads nothing this long is dropped
     start_timeout_s: float = START_TIMEOUT_S  # handshake to `start`; pending connections hold no slot
@@ -281,7 +281,7 @@ class StreamServer:
         self.state = ServerState()
         self.admission = Admission(config.max_clients, config.max_pending, config.max_pending_per_address)
         if config.max_batch > 1 and source.model is not None:
-            workers = config.workers or BlockScheduler.default_workers()
+            workers = config.workers or BatchScheduler.default_runners()
             self.scheduler = BatchScheduler(workers, config.max_clients)
             self.source = batched_source(source, self.scheduler, config, stream_config)
         else:
