@@ -656,6 +656,9 @@ def bench(
     max_batches: str = typer.Option(STREAMS_BATCHES, help="--streams: comma-separated --max-batch values to "
                                     f"compare (1 = unbatched). Default: {STREAMS_BATCHES}."),
     batch_deadline_ms: BatchDeadlineMs = SERVER.batch_deadline_ms,
+    workers: int = typer.Option(SERVER.workers, help="--streams: the server's --workers (inference "
+                                f"threads; batched: batch runners). Default: {SERVER.workers} (the server's "
+                                "default)."),
     f0: F0 = None, precision: Precision = "fp32", providers: Providers = None, contentvec: ContentVec = None,
     whisper: Whisper = None, vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
@@ -673,7 +676,7 @@ def bench(
         run_streams_command(spec, streams, max_batches, "auto" if block_ms == BENCH_BLOCKS else block_ms,
                             None if steps == BENCH_STEPS else steps, context_ms, crossfade_ms, seconds,
                             batch_deadline_ms, threads or STREAMS_THREADS,
-                            Console(width=None if sys.stdout.isatty() else 150))
+                            Console(width=None if sys.stdout.isatty() else 150), workers=workers)
         return
 
     configs = [StreamConfig(block_ms=b, context_ms=context_ms, crossfade_ms=crossfade_ms).validate()

@@ -225,7 +225,7 @@ def largest_held(rows: list[StreamsRun]) -> dict[int, int]:
 
 def run_streams_command(spec: "VoiceSpec", counts: str, batches: str, block_ms: str, steps: str | None,
                         context_ms: float, crossfade_ms: float, seconds: float, deadline_ms: float,
-                        threads: int, console=None) -> list[StreamsRun]:
+                        threads: int, console=None, workers: int = 0) -> list[StreamsRun]:
     """`rtsvc bench --streams`: options as typed (comma lists; the first block and steps value are
     used) -> `run_streams_bench` on the voice of `spec` with the gate off."""
     import torch
@@ -247,7 +247,10 @@ def run_streams_command(spec: "VoiceSpec", counts: str, batches: str, block_ms: 
     voice = open_voice(spec)
     source = dsp_source() if spec.model is None else model_source(voice, spec.model.name)
     torch.set_num_threads(threads)
-    return run_streams_bench(source, counts_, batches_, config, knobs, seconds, deadline_ms, console=console)
+    if workers < 0:
+        raise UserError(f"--workers must be at least 0, got {workers}")
+    return run_streams_bench(source, counts_, batches_, config, knobs, seconds, deadline_ms, workers,
+                             console=console)
 
 
 def run_streams_bench(source: VoiceSource, counts: list[int], batches: list[int], stream_config: StreamConfig,

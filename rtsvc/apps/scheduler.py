@@ -84,6 +84,7 @@ class DeadlineBatcher:
         self._cond = threading.Condition()
         self._pending: list[_Pending] = []
         self._streams: dict[Hashable, _Rhythm] = {}
+        self._running: dict[int, tuple[float, int]] = {}  # runner thread -> (batch start, size)
         self._closed = False
         self._cost: dict[int, float] = {}  # batch size -> smoothed seconds per batch
         self.batch_sizes: deque[int] = deque(maxlen=RECENT_BATCHES)  # recent batches, for stats and tests
@@ -163,7 +164,13 @@ class DeadlineBatcher:
                 with self.slot:
                     batch += self._top_up(len(batch))  # jobs that came while the slot was busy
                     started = time.monotonic()
-                    results = self.run_batch([p.job for p in batch])
+                    with self._cond:
+                        self._running[threading.get_ident()] = (started, len(batch))
+                    try:
+                        results = self.run_batch([p.job for p in batch])
+                    finally:
+                        with self._cond:
+                            del self._running[threading.get_ident()]
                 if len(results) != len(batch):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} jobs")
             except BaseException as err:  # the batch's own jobs fail; the batcher goes on
@@ -207,11 +214,20 @@ class DeadlineBatcher:
             return more
 
     def _wait_for_company(self) -> float:
-        """Seconds worth waiting for another stream's block before taking the pending jobs (0: now)."""
+        """Seconds worth waiting before taking the pending jobs (0: take them now): for another
+        stream's block expected before the latest safe start and the deadline, or for a busy runner
+        that should be free before the latest safe start (it then takes these jobs together with
+        whatever came meanwhile: larger batches, and a core left free while one runner keeps up)."""
         now = time.monotonic()
-        close_at = min(self._start_by(), self._pending[0].arrived + self.deadline_s)
+        start_by = self._start_by()
+        close_at = min(start_by, self._pending[0].arrived + self.deadline_s)
         coming = [t for r in self._streams.values() if (t := r.expected(now)) is not None and t <= close_at]
-        return close_at - now if coming else 0.0
+        if coming:
+            return close_at - now
+        if start_by == float("inf"):  # no job can be on time: wait for a runner at most the deadline
+            start_by = close_at
+        free_at = min((began + self.estimate(size) for began, size in self._running.values()), default=None)
+        return start_by - now if free_at is not None and free_at <= start_by else 0.0
 
     def _start_by(self) -> float:
         """The latest start that keeps every waiting job on time in a batch one larger. A job
@@ -240,9 +256,11 @@ class BatchScheduler:
 
     @staticmethod
     def default_runners() -> int:
-        """Half the CPU cores (at least 1, at most 8): one runner gathers every block that queued
-        while its batch ran, and the other cores serve the sockets, sessions (SOLA, resampling) and
-        clients. On the 2-core container 1 runner held more streams than 2 (docs/benchmarks.md)."""
+        """Half the CPU cores, at least 1, at most 8: one runner gathers every block that queued
+        while its batch ran, the other cores serve the sockets, sessions (SOLA, resampling) and the
+        event loop. A runner starts a batch beside a busy one only when waiting for it would make a
+        block late. On the shared 2-core container 1 runner held more streams than 2, which ran
+        batches half the size in parallel (docs/benchmarks.md)."""
         return max(1, min(8, (os.cpu_count() or 1) // 2))
 
     def batcher(self, run_batch: Callable[[list], list], max_batch: int,

@@ -105,9 +105,9 @@ class FrameStore:
 class FeatureCache:
     """Per-stream features of `features` (a `rtsvc.features.FeatureExtractor`) for sliding windows.
 
-    `window(audio, start_sample)` (or the generator `window_steps`) -> (f0 Hz unshifted [n], rms [n], cvec [n, 768], whisper [n, 1280]
-    or None when `features` has no Whisper encoder (V3)), n = ceil(len / 512) mel frames, on
-    `features.device`. `last_ms` holds the last call's time per part.
+    `window(audio, start_sample)` (or the generator `window_steps`) -> (f0 Hz unshifted [n], rms [n],
+    cvec [n, 768], whisper [n, 1280] or None when `features` has no Whisper encoder (V3)),
+    n = ceil(len / 512) mel frames, on `features.device`. `last_ms` holds the last call's time per part.
     """
 
     def __init__(self, features, encoder_context_s: float | None = ENCODER_CONTEXT_S,
