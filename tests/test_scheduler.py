@@ -187,3 +187,31 @@ def test_several_runners_share_the_jobs_and_none_is_lost():
         assert all(t.is_alive() for t in batcher._threads)
     finally:
         batcher.close()
+
+
+def test_a_spare_runner_leaves_blocks_to_a_busy_one_unless_they_would_be_late():
+    def slow(jobs):
+        time.sleep(0.1)
+        return jobs
+
+    for due_in, expected in ((1.0, [1, 1, 2]), (0.15, [1, 1, 1, 1])):
+        batcher = DeadlineBatcher(slow, max_batch=8, deadline_s=0.0, runners=2)
+        try:
+            batcher.submit("teach", time.monotonic() + 1.0)  # a batch of one takes ~0.1 s
+            results = {}
+
+            def one(job, delay):
+                time.sleep(delay)
+                results[job] = batcher.submit(job, time.monotonic() + due_in, stream=job)
+
+            threads = [threading.Thread(target=one, args=(job, d)) for job, d in (("x", 0), ("y", 0.02),
+                                                                                   ("z", 0.04))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(5)
+            assert results == {"x": "x", "y": "y", "z": "z"}
+            # time to spare: y and z wait for the busy runner and go together; no time: in parallel
+            assert list(batcher.batch_sizes) == expected, (due_in, list(batcher.batch_sizes))
+        finally:
+            batcher.close()
