@@ -222,7 +222,7 @@ def serve(
                                                     "Default: none."),
     workers: int = typer.Option(SERVER.workers, help="Inference threads shared by all clients (with "
                                 "--max-batch > 1: batch runners). Default: "
-                                f"{SERVER.workers} (one per CPU core, at most 8; batched: half the cores)."),
+                                f"{SERVER.workers} (one per CPU core, at most 8)."),
     max_lag_ms: float = typer.Option(SERVER.max_lag_ms, help="Live input not converted this many "
                                      "milliseconds after it was due is answered with silence, so latency "
                                      f"stays bounded under overload. Default: {SERVER.max_lag_ms:g}."),

@@ -256,12 +256,11 @@ class BatchScheduler:
 
     @staticmethod
     def default_runners() -> int:
-        """Half the CPU cores, at least 1, at most 8: one runner gathers every block that queued
-        while its batch ran, the other cores serve the sockets, sessions (SOLA, resampling) and the
-        event loop. A runner starts a batch beside a busy one only when waiting for it would make a
-        block late. On the shared 2-core container 1 runner held more streams than 2, which ran
-        batches half the size in parallel (docs/benchmarks.md)."""
-        return max(1, min(8, (os.cpu_count() or 1) // 2))
+        """One per CPU core, at most 8 (as the unbatched pool). A runner starts a batch beside a
+        busy one only when waiting for it would make a block late, so with time to spare the
+        blocks gather into one runner's larger batches and the other cores stay free. On a machine
+        shared with other CPU work, `--workers 1` held more streams (docs/benchmarks.md)."""
+        return max(1, min(8, os.cpu_count() or 1))
 
     def batcher(self, run_batch: Callable[[list], list], max_batch: int,
                 deadline_s: float) -> DeadlineBatcher:

@@ -97,7 +97,7 @@ class ServerConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     allowed_origins: tuple[str, ...] = ()  # besides the page's own origin; "*" allows any
-    workers: int = 0  # inference threads; 0: one per CPU core, at most 8 (batched: half the cores)
+    workers: int = 0  # inference threads (batched: batch runners); 0: one per CPU core, at most 8
     max_lag_ms: float = DEFAULT_MAX_LAG_MS  # live input later than this is answered with silence
     send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S  # a client that reads nothing this long is dropped
     start_timeout_s: float = START_TIMEOUT_S  # handshake to `start`; pending connections hold no slot
