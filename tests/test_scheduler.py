@@ -200,7 +200,7 @@ def test_a_spare_runner_leaves_blocks_to_a_busy_one_unless_they_would_be_late():
             batcher.submit("teach", time.monotonic() + 1.0)  # a batch of one takes ~0.1 s
             results = {}
 
-            def one(job, delay):
+            def one(job, delay, batcher=batcher, results=results, due_in=due_in):
                 time.sleep(delay)
                 results[job] = batcher.submit(job, time.monotonic() + due_in, stream=job)
 

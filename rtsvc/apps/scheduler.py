@@ -36,6 +36,7 @@ RECENT_BATCHES = 4096  # batch sizes kept for statistics (bounded: a server runs
 STALE_PERIODS = 2.0  # a stream not seen for this many periods is no longer expected
 SAFETY_MARGIN_S = 0.010  # start this much before the estimate says a waiting job would be late (the
 # block's way from the socket to the batch and back, SOLA and sending, is outside the estimate)
+OVERRUN_POLL_S = 0.005  # how often a runner waiting for a busy one re-decides once that one overran
 EXTRA_ITEM_COST = 0.7  # prior for an unmeasured batch size: each added item costs this much of one
 # (tiny model, one CPU thread: batches of 2 / 4 / 8 took 1.7 / 2.7 / 4.5 times one block's time)
 
@@ -171,6 +172,7 @@ class DeadlineBatcher:
                     finally:
                         with self._cond:
                             del self._running[threading.get_ident()]
+                            self._cond.notify_all()  # a runner waiting for this one re-decides
                 if len(results) != len(batch):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} jobs")
             except BaseException as err:  # the batch's own jobs fail; the batcher goes on
@@ -224,10 +226,13 @@ class DeadlineBatcher:
         coming = [t for r in self._streams.values() if (t := r.expected(now)) is not None and t <= close_at]
         if coming:
             return close_at - now
-        if start_by == float("inf"):  # no job can be on time: wait for a runner at most the deadline
-            start_by = close_at
         free_at = min((began + self.estimate(size) for began, size in self._running.values()), default=None)
-        return start_by - now if free_at is not None and free_at <= start_by else 0.0
+        if free_at is None:
+            return 0.0
+        if start_by == float("inf"):  # a batch takes longer than a block's budget (the cores are
+            # contended): a batch beside it would only slow both down, so leave the jobs to it
+            return max(free_at - now, OVERRUN_POLL_S)
+        return start_by - now if free_at <= start_by else 0.0
 
     def _start_by(self) -> float:
         """The latest start that keeps every waiting job on time in a batch one larger. A job
