@@ -107,6 +107,9 @@ CrossfadeMs = _opt(float, f"SOLA crossfade in ms. Default: {STREAM.crossfade_ms:
 SolaSearchMs = _opt(float, f"SOLA search window in ms. Default: {STREAM.sola_search_ms:g}.")
 MaxBatch = _opt(int, "Model voices: most clients' blocks run as one batch through every model stage (F0, "
                 f"encoders, DiT, vocoder; 1 = each block alone). Default: {SERVER.max_batch}.")
+BatchRunners = _opt(int, "With --max-batch > 1: threads that run batches (a spare one starts only when a "
+                    "block would otherwise be late; fewer did better on a machine busy with other "
+                    f"work). Default: {SERVER.batch_runners} (one per CPU core, at most 8).")
 BatchDeadlineMs = _opt(float, "Longest a block waits in ms for other clients' blocks that are expected soon "
                        "(never past its real-time budget of one block). Default: "
                        f"{SERVER.batch_deadline_ms:g}.")
@@ -220,8 +223,7 @@ def serve(
                                                     "(repeatable; '*' allows any). The page's own origin "
                                                     "and non-browser clients are always allowed. "
                                                     "Default: none."),
-    workers: int = typer.Option(SERVER.workers, help="Inference threads shared by all clients (with "
-                                "--max-batch > 1: batch runners). Default: "
+    workers: int = typer.Option(SERVER.workers, help="Inference threads shared by all clients. Default: "
                                 f"{SERVER.workers} (one per CPU core, at most 8)."),
     max_lag_ms: float = typer.Option(SERVER.max_lag_ms, help="Live input not converted this many "
                                      "milliseconds after it was due is answered with silence, so latency "
@@ -230,6 +232,7 @@ def serve(
                                        "unread before it is dropped (code 1008). Default: "
                                        f"{SERVER.send_timeout_s:g}."),
     max_batch: MaxBatch = SERVER.max_batch, batch_deadline_ms: BatchDeadlineMs = SERVER.batch_deadline_ms,
+    batch_runners: BatchRunners = SERVER.batch_runners,
     ray: str | None = typer.Option(None, metavar="ADDRESS|auto", help="Deploy as a Ray Serve application "
                                    "(needs the ray extra of rtsvc) on the cluster at ADDRESS, or auto "
                                    "($RAY_ADDRESS, else a private local instance stopped with the command). "
@@ -265,7 +268,8 @@ def serve(
                           max_frame_bytes=max_frame_bytes, idle_timeout_s=idle_timeout,
                           allowed_origins=tuple(allowed_origin or ()), workers=workers,
                           max_lag_ms=max_lag_ms, send_timeout_s=send_timeout,
-                          max_batch=max_batch, batch_deadline_ms=batch_deadline_ms)
+                          max_batch=max_batch, batch_deadline_ms=batch_deadline_ms,
+                          batch_runners=batch_runners)
     check_config(config)  # refuse an open bind without a token before loading any model
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
                                  input_gain_db=input_gain, output_gain_db=output_gain,
@@ -656,9 +660,7 @@ def bench(
     max_batches: str = typer.Option(STREAMS_BATCHES, help="--streams: comma-separated --max-batch values to "
                                     f"compare (1 = unbatched). Default: {STREAMS_BATCHES}."),
     batch_deadline_ms: BatchDeadlineMs = SERVER.batch_deadline_ms,
-    workers: int = typer.Option(SERVER.workers, help="--streams: the server's --workers (inference "
-                                f"threads; batched: batch runners). Default: {SERVER.workers} (the server's "
-                                "default)."),
+    batch_runners: BatchRunners = SERVER.batch_runners,
     f0: F0 = None, precision: Precision = "fp32", providers: Providers = None, contentvec: ContentVec = None,
     whisper: Whisper = None, vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
@@ -676,7 +678,7 @@ def bench(
         run_streams_command(spec, streams, max_batches, "auto" if block_ms == BENCH_BLOCKS else block_ms,
                             None if steps == BENCH_STEPS else steps, context_ms, crossfade_ms, seconds,
                             batch_deadline_ms, threads or STREAMS_THREADS,
-                            Console(width=None if sys.stdout.isatty() else 150), workers=workers)
+                            Console(width=None if sys.stdout.isatty() else 150), batch_runners=batch_runners)
         return
 
     configs = [StreamConfig(block_ms=b, context_ms=context_ms, crossfade_ms=crossfade_ms).validate()

@@ -136,7 +136,7 @@ async def _client(port: int, index: int, blocks: list[bytes], period: float, del
 
 def run_streams(source: VoiceSource, streams: int, max_batch: int, stream_config: StreamConfig,
                 knobs: Knobs, seconds: float = 8.0, deadline_ms: float | None = None,
-                workers: int = 0, seed: int = 0) -> StreamsRun:
+                workers: int = 0, seed: int = 0, batch_runners: int = 0) -> StreamsRun:
     """`streams` simulated clients for `seconds` through a fresh in-process server."""
     import os
 
@@ -148,6 +148,7 @@ def run_streams(source: VoiceSource, streams: int, max_batch: int, stream_config
     # every block is converted, however late (the server's default answers very late input with
     # silence, which would hide the cost of overload): lateness is what the clients measure
     server_config = ServerConfig(port=0, max_clients=streams, max_batch=max_batch, workers=workers,
+                                 batch_runners=batch_runners,
                                  idle_timeout_s=120.0, max_lag_ms=NEVER_DROP_MS, send_timeout_s=120.0,
                                  **({} if deadline_ms is None else {"batch_deadline_ms": deadline_ms}))
     plans = []
@@ -225,7 +226,7 @@ def largest_held(rows: list[StreamsRun]) -> dict[int, int]:
 
 def run_streams_command(spec: "VoiceSpec", counts: str, batches: str, block_ms: str, steps: str | None,
                         context_ms: float, crossfade_ms: float, seconds: float, deadline_ms: float,
-                        threads: int, console=None, workers: int = 0) -> list[StreamsRun]:
+                        threads: int, console=None, batch_runners: int = 0) -> list[StreamsRun]:
     """`rtsvc bench --streams`: options as typed (comma lists; the first block and steps value are
     used) -> `run_streams_bench` on the voice of `spec` with the gate off."""
     import torch
@@ -247,15 +248,13 @@ def run_streams_command(spec: "VoiceSpec", counts: str, batches: str, block_ms: 
     voice = open_voice(spec)
     source = dsp_source() if spec.model is None else model_source(voice, spec.model.name)
     torch.set_num_threads(threads)
-    if workers < 0:
-        raise UserError(f"--workers must be at least 0, got {workers}")
-    return run_streams_bench(source, counts_, batches_, config, knobs, seconds, deadline_ms, workers,
-                             console=console)
+    return run_streams_bench(source, counts_, batches_, config, knobs, seconds, deadline_ms,
+                             batch_runners=batch_runners, console=console)
 
 
 def run_streams_bench(source: VoiceSource, counts: list[int], batches: list[int], stream_config: StreamConfig,
                       knobs: Knobs, seconds: float = 8.0, deadline_ms: float | None = None, workers: int = 0,
-                      console=None) -> list[StreamsRun]:
+                      console=None, batch_runners: int = 0) -> list[StreamsRun]:
     """Every stream count, each with every max batch in turn (alternating, so a change in the
     machine's load hits both alike); prints the table and the largest count held per max batch."""
     from rich.console import Console
@@ -268,7 +267,8 @@ def run_streams_bench(source: VoiceSource, counts: list[int], batches: list[int]
     rows = []
     for n in counts:
         for b in batches:
-            r = run_streams(source, n, b, stream_config, knobs, seconds, deadline_ms, workers)
+            r = run_streams(source, n, b, stream_config, knobs, seconds, deadline_ms, workers,
+                            batch_runners=batch_runners)
             rows.append(r)
             console.print(f"streams {n}, max batch {b}: late {r.late}/{r.blocks}, p50 {r.p50_ms:.0f} ms, "
                           f"p99 {r.p99_ms:.0f} ms, mean batch {r.mean_batch:.2f}, "

@@ -264,7 +264,7 @@ class BatchScheduler:
         """One per CPU core, at most 8 (as the unbatched pool). A runner starts a batch beside a
         busy one only when waiting for it would make a block late, so with time to spare the
         blocks gather into one runner's larger batches and the other cores stay free. On a machine
-        shared with other CPU work, `--workers 1` held more streams (docs/benchmarks.md)."""
+        shared with other CPU work, `--batch-runners 1` held more streams (docs/benchmarks.md)."""
         return max(1, min(8, os.cpu_count() or 1))
 
     def batcher(self, run_batch: Callable[[list], list], max_batch: int,

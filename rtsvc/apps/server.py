@@ -97,7 +97,7 @@ class ServerConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     allowed_origins: tuple[str, ...] = ()  # besides the page's own origin; "*" allows any
-    workers: int = 0  # inference threads (batched: batch runners); 0: one per CPU core, at most 8
+    workers: int = 0  # inference threads; 0: one per CPU core, at most 8
     max_lag_ms: float = DEFAULT_MAX_LAG_MS  # live input later than this is answered with silence
     send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S  # a client that reads nothing this long is dropped
     start_timeout_s: float = START_TIMEOUT_S  # handshake to `start`; pending connections hold no slot
@@ -105,6 +105,7 @@ class ServerConfig:
     max_pending_per_address: int = 8  # ... and from one IP address
     max_batch: int = 1  # model voices: blocks of different clients run as one batch (1: one at a time)
     batch_deadline_ms: float = DEFAULT_BATCH_DEADLINE_MS  # longest a block waits for company
+    batch_runners: int = 0  # threads that run batches (max_batch > 1); 0: one per CPU core, at most 8
 
 
 @dataclass
@@ -163,6 +164,8 @@ def check_config(config: ServerConfig) -> None:
         raise UserError(f"--send-timeout must be positive, got {config.send_timeout_s}")
     if config.max_batch < 1:
         raise UserError(f"--max-batch must be at least 1, got {config.max_batch}")
+    if not 0 <= config.batch_runners <= 64:
+        raise UserError(f"--batch-runners must be between 0 and 64, got {config.batch_runners}")
     if not 0 <= config.batch_deadline_ms <= 1000:
         raise UserError(f"--batch-deadline-ms must be between 0 and 1000, got {config.batch_deadline_ms:g}")
 
@@ -281,8 +284,8 @@ class StreamServer:
         self.state = ServerState()
         self.admission = Admission(config.max_clients, config.max_pending, config.max_pending_per_address)
         if config.max_batch > 1 and source.model is not None:
-            workers = config.workers or BatchScheduler.default_runners()
-            self.scheduler = BatchScheduler(workers, config.max_clients)
+            runners = config.batch_runners or BatchScheduler.default_runners()
+            self.scheduler = BatchScheduler(runners, config.max_clients)
             self.source = batched_source(source, self.scheduler, config, stream_config)
         else:
             self.scheduler = BlockScheduler(config.workers)
