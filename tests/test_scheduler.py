@@ -100,6 +100,7 @@ def test_a_dead_client_delays_others_at_most_the_deadline_and_then_is_forgotten(
             time.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
         assert max(waits) < 0.06 + 0.03  # never beyond the deadline
         assert max(waits[3:]) < 0.02  # "b" is stale after two periods: nobody waits for it
+        assert list(batcher._streams) == ["a"]  # and forgotten (a server runs for days)
     finally:
         batcher.close()
 

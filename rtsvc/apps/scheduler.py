@@ -117,12 +117,6 @@ class DeadlineBatcher:
                     self._cond.notify_all()
         return result
 
-    def forget(self, stream: Hashable) -> None:
-        """The stream has ended: stop expecting it."""
-        with self._cond:
-            self._streams.pop(stream, None)
-            self._cond.notify_all()
-
     def estimate(self, size: int) -> float:
         """Expected seconds for a batch of `size`: measured, else from the nearest measured size with
         each further item costing `EXTRA_ITEM_COST` of an item (a prior: the first batch of a size
@@ -146,6 +140,8 @@ class DeadlineBatcher:
 
     # --- arrivals -------------------------------------------------------------------------------
     def _arrived(self, stream: Hashable, now: float, budget: float) -> None:
+        for key in [k for k, r in self._streams.items() if not r.busy and r.expected(now) is None]:
+            del self._streams[key]  # stale: ended or paused clients (a server runs for days)
         rhythm = self._streams.get(stream)
         if rhythm is None:  # first block: assume one block per budget (the server's block period)
             self._streams[stream] = _Rhythm(now, max(budget, 1e-3))
