@@ -196,7 +196,7 @@ def test_a_spare_runner_leaves_blocks_to_a_busy_one_unless_they_would_be_late():
         return jobs
 
     for due_in, expected in ((1.0, [1, 1, 2]), (0.15, [1, 1, 1, 1])):
-        batcher = DeadlineBatcher(slow, max_batch=8, deadline_s=0.0, runners=2)
+        batcher = DeadlineBatcher(slow, max_batch=8, deadline_s=0.2, runners=2)
         try:
             batcher.submit("teach", time.monotonic() + 1.0)  # a batch of one takes ~0.1 s
             results = {}
@@ -212,7 +212,8 @@ def test_a_spare_runner_leaves_blocks_to_a_busy_one_unless_they_would_be_late():
             for t in threads:
                 t.join(5)
             assert results == {"x": "x", "y": "y", "z": "z"}
-            # time to spare: y and z wait for the busy runner and go together; no time: in parallel
+            # time to spare (and within the deadline): y and z wait for the busy runner and go
+            # together; no time: in parallel
             assert list(batcher.batch_sizes) == expected, (due_in, list(batcher.batch_sizes))
         finally:
             batcher.close()

@@ -6,11 +6,14 @@ each stream's recent arrival times and predicts when it sends next. A runner thr
 pending jobs as a batch at once unless waiting is worth it, i.e. it waits only while all hold:
 
     - fewer than `max_batch` jobs are waiting;
-    - some stream that is not waiting (nor being run) is expected to arrive before the latest safe
-      start: min over the waiting jobs of (due - measured cost of a batch one larger - margin);
-      a stream not seen for `STALE_PERIODS` periods is no longer expected;
+    - some stream that is not waiting (nor being run) is expected to arrive, or a busy runner to be
+      free (it then takes the waiting jobs with its next batch), before the latest safe start:
+      min over the waiting jobs of (due - measured cost of a batch one larger - margin); a stream
+      not seen for `STALE_PERIODS` periods is no longer expected;
     - the oldest waiting job has waited less than `deadline_s` (the --batch-deadline-ms).
 
+When the measured cost of a batch exceeds a block's budget (cores contended by other work), a
+spare runner leaves the jobs to the busy one instead: a parallel batch would slow both down.
 So a lone stream, or streams not due soon, never wait, and blocks of streams whose phases are close
 join one batch before anyone is late. Jobs that queued while every runner was busy go together
 (natural batching under load). Nothing waits for a particular stream beyond the deadline or its
@@ -213,9 +216,9 @@ class DeadlineBatcher:
 
     def _wait_for_company(self) -> float:
         """Seconds worth waiting before taking the pending jobs (0: take them now): for another
-        stream's block expected before the latest safe start and the deadline, or for a busy runner
-        that should be free before the latest safe start (it then takes these jobs together with
-        whatever came meanwhile: larger batches, and a core left free while one runner keeps up)."""
+        stream's block, or for a busy runner to be free, expected before the latest safe start and
+        the deadline (that runner then takes these jobs together with whatever came meanwhile:
+        larger batches, and a core left free while one runner keeps up)."""
         now = time.monotonic()
         start_by = self._start_by()
         close_at = min(start_by, self._pending[0].arrived + self.deadline_s)
@@ -228,7 +231,7 @@ class DeadlineBatcher:
         if start_by == float("inf"):  # a batch takes longer than a block's budget (the cores are
             # contended): a batch beside it would only slow both down, so leave the jobs to it
             return max(free_at - now, OVERRUN_POLL_S)
-        return start_by - now if free_at <= start_by else 0.0
+        return close_at - now if free_at <= close_at else 0.0
 
     def _start_by(self) -> float:
         """The latest start that keeps every waiting job on time in a batch one larger. A job
@@ -258,9 +261,9 @@ class BatchScheduler:
     @staticmethod
     def default_runners() -> int:
         """One per CPU core, at most 8 (as the unbatched pool). A runner starts a batch beside a
-        busy one only when waiting for it would make a block late, so with time to spare the
-        blocks gather into one runner's larger batches and the other cores stay free. On a machine
-        shared with other CPU work, `--batch-runners 1` held more streams (docs/benchmarks.md)."""
+        busy one only when that one would not be free within the deadline and the latest safe
+        start, so with time to spare blocks gather into one runner's larger batches. On a machine
+        shared with other CPU work, `--batch-runners 1` did better at times (docs/benchmarks.md)."""
         return max(1, min(8, os.cpu_count() or 1))
 
     def batcher(self, run_batch: Callable[[list], list], max_batch: int,
