@@ -6,6 +6,8 @@ give the same features and the same engine output. Encoder reuse and WORLD F0 ar
 design; their distance is printed, and the streaming vs offline gap is printed and bounded loosely.
 """
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -249,6 +251,47 @@ def test_a_window_that_does_not_continue_restarts_the_cache(local_features, clip
         torch.testing.assert_close(got, want)  # going back: cold, as a fresh cache
 
 
+def test_concurrent_f0_runs_beside_the_encoders_with_the_same_features(local_features, clip):
+    """F0 on the side thread while the encoders run here: proven by an F0 extractor that waits for
+    the encoder's call to start (it would time out run one after the other); the features are
+    bit-identical to the sequential cache's, block after block (encoder reuse on)."""
+    started = threading.Event()
+    waited = []
+
+    class SignallingEncoder(StubEncoder):
+        def hidden(self, audio_16k, pad_to_30s=True, position_offset=0):
+            started.set()
+            return super().hidden(audio_16k, pad_to_30s, position_offset)
+
+    def waiting_f0(audio):
+        waited.append((started.wait(timeout=10.0), threading.current_thread().name))
+        started.clear()
+        return local_f0(audio)
+
+    def features(f0):
+        return FeatureExtractor(SignallingEncoder(768), StubEncoder(1280), F0Extractor("acf", f0), "cpu")
+
+    both, alone = FeatureCache(features(waiting_f0), concurrent_f0=True), FeatureCache(features(local_f0))
+    windows = list(engine_windows(clip))
+    for window, start in windows:
+        for got, want in zip(both.window(window, start), alone.window(window, start), strict=True):
+            assert torch.equal(got, want)
+    assert len(waited) == len(windows) and all(ok for ok, _ in waited)
+    assert all(name.startswith("rtsvc-features") for _, name in waited)
+    assert both.last_ms["f0"] > 0 and both.last_ms["contentvec"] > 0
+
+
+def test_concurrent_f0_passes_an_extractor_error_on(local_features, clip):
+    def broken(audio):
+        raise RuntimeError("f0 failed")
+
+    stub = FeatureExtractor(StubEncoder(768), StubEncoder(1280), F0Extractor("acf", broken), "cpu")
+    cache = FeatureCache(stub, concurrent_f0=True)
+    window, start = next(engine_windows(clip))
+    with pytest.raises(RuntimeError, match="f0 failed"):
+        cache.window(window, start)
+
+
 # --- the voice through the engine -------------------------------------------------------------------
 
 def test_streaming_voice_equals_the_non_incremental_path(tiny, local_features, clip):
@@ -265,6 +308,17 @@ def test_streaming_voice_equals_the_non_incremental_path(tiny, local_features, c
     print(f"\ncached vs recomputed: max diff {np.abs(a - b).max():.2e} (peak {scale:.3f})")
     assert scale > 1e-2
     np.testing.assert_allclose(a, b, atol=3e-5)
+
+
+def test_concurrent_f0_voice_output_is_identical(tiny, local_features, clip):
+    """The whole block (tiny DiT, vocoder, real tiny encoders) with F0 beside the encoders: the
+    same samples as one after the other; forks and streaming variants keep the choice."""
+    sequential = ModelVoice(tiny.backend, local_features, streaming=True)
+    concurrent = ModelVoice(tiny.backend, local_features, streaming=True, concurrent_f0=True)
+    assert concurrent.fork().cache.side_thread is not None and sequential.fork().cache.side_thread is None
+    assert concurrent.for_streaming().concurrent_f0
+    a, b = convert_stream(concurrent, clip, KNOBS, CONFIG), convert_stream(sequential, clip, KNOBS, CONFIG)
+    assert np.abs(b).max() > 1e-2 and np.array_equal(a, b)
 
 
 def test_fork_shares_weights_and_has_its_own_state(tiny, clip):

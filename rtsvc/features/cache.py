@@ -31,6 +31,7 @@ samples in the overlap) restarts the cache from that window: results are never m
 """
 
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, N_FFT, SAMPLE_RATE, resample
 from rtsvc.features.f0 import f0_to_mel_frames
+from rtsvc.features.overlap import SideThread
 from rtsvc.features.requests import FeatureRequest, FeatureSteps, drive
 
 F0_HOP = 441  # samples at 44.1 kHz per F0 frame (10 ms; 160 at 16 kHz)
@@ -107,12 +109,18 @@ class FeatureCache:
 
     `window(audio, start_sample)` (or the generator `window_steps`) -> (f0 Hz unshifted [n], rms [n],
     cvec [n, 768], whisper [n, 1280] or None when `features` has no Whisper encoder (V3)),
-    n = ceil(len / 512) mel frames, on `features.device`. `last_ms` holds the last call's time per part.
+    n = ceil(len / 512) mel frames, on `features.device`. `last_ms` holds the last call's time per part
+    (with `concurrent_f0`, F0 and the encoders overlap in time, so their times add up to more).
+
+    `concurrent_f0`: `window` computes F0 on a side thread while the encoders run
+    (`rtsvc.features.overlap`); the same results, in about the longer of the two where a core is free.
     """
 
     def __init__(self, features, encoder_context_s: float | None = ENCODER_CONTEXT_S,
-                 f0_margin_frames: int = F0_MARGIN_FRAMES):
+                 f0_margin_frames: int = F0_MARGIN_FRAMES, concurrent_f0: bool = False):
         self.features = features
+        self.side_thread = SideThread() if concurrent_f0 else None
+        self._pending_f0: list[tuple] = []  # (future, first frame, replace from): F0 computing beside
         self.encoder_context = None if encoder_context_s is None else int(encoder_context_s * SAMPLE_RATE)
         self.margin = int(f0_margin_frames)
         self.f0, self.rms, self.cvec, self.whisper = FrameStore(), FrameStore(), FrameStore(), FrameStore()
@@ -135,7 +143,7 @@ class FeatureCache:
     # --- the public calls ---------------------------------------------------------------------
     def window(self, audio: np.ndarray, start_sample: int):
         """The window's features, one network call per request (see `window_steps`)."""
-        return drive(self.features, self.window_steps(audio, start_sample))
+        return drive(self.features, self.window_steps(audio, start_sample), self.side_thread)
 
     def window_steps(self, audio: np.ndarray, start_sample: int) -> FeatureSteps:
         """`window` as a generator: yields each `FeatureRequest` the window needs (F0, then ContentVec,
@@ -144,10 +152,16 @@ class FeatureCache:
         the drivers advance it under `torch.inference_mode`."""
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         self.last_ms = dict.fromkeys(("resample", "f0", "rms", "contentvec", "whisper"), 0.0)
+        self._pending_f0.clear()  # a window that raised may have left one: its stores restart anyway
         if self._continues(audio, start_sample):
             yield from self._update(audio, start_sample - self.origin)
         else:
             yield from self._cold(audio, start_sample)
+        for future, first_frame, replace_from in self._pending_f0:  # F0 computed beside the encoders
+            raw, ms = future.result()
+            self._write_f0(raw, first_frame, replace_from)
+            self.last_ms["f0"] += ms
+        self._pending_f0.clear()
         return self._on_window(audio, start_sample)
 
     def _on_window(self, audio: np.ndarray, start_sample: int):
@@ -240,6 +254,12 @@ class FeatureCache:
 
     def _f0_segment(self, audio_16k: np.ndarray, first_frame: int, replace_from: int | None) -> FeatureSteps:
         raw = yield from self._ask(FeatureRequest("f0", audio_16k))
+        if isinstance(raw, Future):  # computing beside the encoders: written when the window is assembled
+            self._pending_f0.append((raw, first_frame, replace_from))
+        else:
+            self._write_f0(raw, first_frame, replace_from)
+
+    def _write_f0(self, raw, first_frame: int, replace_from: int | None) -> None:
         rows = torch.from_numpy(np.asarray(raw, dtype=np.float32))
         if replace_from is None:
             self.f0.write(first_frame, rows)

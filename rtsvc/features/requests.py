@@ -18,6 +18,7 @@ import torch
 
 if TYPE_CHECKING:
     from rtsvc.features.extractor import FeatureExtractor
+    from rtsvc.features.overlap import SideThread
 
 FEATURE_KINDS = ("f0", "contentvec", "whisper")
 
@@ -73,12 +74,18 @@ def compute_batch(features: "FeatureExtractor", requests: list[FeatureRequest]) 
 
 
 @torch.inference_mode()
-def drive(features: "FeatureExtractor", steps: FeatureSteps):
-    """Run one generator to its end, one network call per request; its return value."""
+def drive(features: "FeatureExtractor", steps: FeatureSteps, side: "SideThread | None" = None):
+    """Run one generator to its end, one network call per request; its return value. With `side`,
+    F0 requests are answered with a Future computed on that thread while the next requests run
+    (`rtsvc.features.overlap`)."""
     try:
         request = next(steps)
         while True:
-            request = steps.send(compute_one(features, request))
+            if side is not None and request.kind == "f0":
+                answer = side.submit(lambda r=request: compute_one(features, r))
+            else:
+                answer = compute_one(features, request)
+            request = steps.send(answer)
     except StopIteration as stop:
         return stop.value
 

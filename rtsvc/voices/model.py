@@ -54,7 +54,8 @@ class ModelVoice:
     `streaming=True`: features come from a per-stream `FeatureCache` (incremental, Whisper unpadded);
     `encoder_context_s` is the left context the encoders see (None: the whole window, nothing reused);
     `dit_context_ms` is the left context the DiT samples before the frames that get vocoded (None: the
-    whole window). Offline, the DiT always runs on the whole window.
+    whole window). Offline, the DiT always runs on the whole window. `concurrent_f0` (streaming): F0
+    runs alongside the encoders on a side thread (same results; `rtsvc.features.overlap`).
     """
 
     sample_rate = SAMPLE_RATE
@@ -62,7 +63,7 @@ class ModelVoice:
 
     def __init__(self, backend: "Backend", features: "FeatureExtractor", whisper_pad_30s: bool = True,
                  streaming: bool = False, encoder_context_s: float | None = ENCODER_CONTEXT_S,
-                 dit_context_ms: float | None = DIT_CONTEXT_MS):
+                 dit_context_ms: float | None = DIT_CONTEXT_MS, concurrent_f0: bool = False):
         if dit_context_ms is not None and dit_context_ms < 0:
             raise UserError(f"DiT context must be at least 0 ms, got {dit_context_ms:g}")
         self.backend = backend
@@ -72,7 +73,9 @@ class ModelVoice:
         self.streaming = streaming
         self.encoder_context_s = encoder_context_s  # streaming: None = encoders on the whole window
         self.dit_context_ms = dit_context_ms  # streaming only
-        self.cache = FeatureCache(features, encoder_context_s) if streaming else None
+        self.concurrent_f0 = concurrent_f0
+        self.cache = FeatureCache(features, encoder_context_s, concurrent_f0=concurrent_f0) \
+            if streaming else None
         self.last_ms: dict[str, float] = {}
 
     def for_streaming(self, encoder_context_s: float | None = ENCODER_CONTEXT_S,
@@ -83,12 +86,12 @@ class ModelVoice:
         if dit_context_ms is ...:
             dit_context_ms = self.dit_context_ms
         return ModelVoice(self.backend, self.features, self.whisper_pad_30s, True, encoder_context_s,
-                          dit_context_ms)
+                          dit_context_ms, self.concurrent_f0)
 
     def fork(self) -> "ModelVoice":
         """Same weights, own per-stream state (what the server gives each session)."""
         return ModelVoice(self.backend, self.features, self.whisper_pad_30s, self.streaming,
-                          self.encoder_context_s, self.dit_context_ms)
+                          self.encoder_context_s, self.dit_context_ms, self.concurrent_f0)
 
     def reset(self) -> None:
         if self.cache is not None:
@@ -123,7 +126,8 @@ class ModelVoice:
                 tail: int | None = None) -> "BlockJob | None":
         """The per-stream half of `convert`: features and crops, everything the DiT and the vocoder
         need (None: nothing to convert). `rtsvc.voices.batch` runs many streams' jobs as one batch."""
-        return drive(self.features, self.prepare_steps(audio, knobs, start_sample, tail))
+        side = None if self.cache is None else self.cache.side_thread  # F0 beside the encoders
+        return drive(self.features, self.prepare_steps(audio, knobs, start_sample, tail), side)
 
     def prepare_steps(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                       tail: int | None = None) -> FeatureSteps:
