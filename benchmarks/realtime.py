@@ -10,10 +10,15 @@ dit-768-12; ContentVec = HuBERT-base (transformers' HubertConfig defaults + fina
 its real architecture (rtsvc.features.rmvpe); FCPE = torchfcpe's bundled (real) weights; the
 official-size NSF-HiFiGAN (openvpi config: upsample 8,8,2,2,2, 512 channels, resblock 1).
 
-Voices (stand-ins until the V3 family and the distilled students land, docs/benchmarks.md):
-    student-512, student-768   a V2 DiT of that size evaluated once per block (2 grid points = 1
-        Euler update) on its null-Whisper branch only: the cost of a V3-size one-evaluation student
-        (no Whisper, no guidance branches). The feature cache gets a zero Whisper (no encoder).
+Voices:
+    v3s-512, v3s-768   a real V3 one-evaluation student (rtsvc.models.dit_v3 + student.make_student,
+        benchmarks/real_size_student.py) exported by `rtsvc export --with-encoders` (+ `--int8`) and
+        opened as `rtsvc live --model` opens it (`open_voice`): the bundle's DiT, vocoder and
+        ContentVec graphs, F0 from the pretrained folder (random real-size RMVPE, or FCPE)
+    student-512, student-768   (the earlier stand-in) a V2 DiT of that size evaluated once per block
+        (2 grid points = 1 Euler update) on its null-Whisper branch only: the cost of a V3-size
+        one-evaluation student (no Whisper, no guidance branches). The feature cache gets a zero
+        Whisper (no encoder).
     v2-512, v2-768             the full V2 voice: Whisper large-v3 size (32 layers, torch, random),
         3 Euler updates x 2 guidance branches (cfg 2).
 
@@ -41,6 +46,7 @@ from rtsvc.apps.bench import BenchCase, StageTimes, log_spectral_distance, sung_
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.engine import StreamConfig, StreamingConverter, convert_stream
 from rtsvc.settings import Knobs, RuntimeSettings
+from rtsvc.voices.spec import STREAMING_TORCH_THREADS
 
 CACHE = Path(os.environ.get("RTSVC_BENCH_CACHE", Path.home() / ".cache" / "rtsvc" / "realtime-bench"))
 BLOCKS_MS = (104.5, 150.9, 301.9)
@@ -220,9 +226,14 @@ BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt", "torch-fp32", "torch-fp16"
 
 
 def make_voice(kind: str, files: dict[str, Path], f0: str, precision: str, threads: int | None,
-               whisper_large=None, dit_context_ms: float | None = None, backend: str = "onnx-cpu"):
+               whisper_large=None, dit_context_ms: float | None = None, backend: str = "onnx-cpu",
+               concurrent_f0: bool = False):
     """A streaming ModelVoice: on an ONNX bundle assembled from the cached graphs (`onnx-*`), or on
-    the torch DiT and vocoder (`torch-*`, same seeds as the graphs; students run at cfg 0, one branch)."""
+    the torch DiT and vocoder (`torch-*`, same seeds as the graphs; students run at cfg 0, one branch);
+    `v3s-*`: the exported V3 student bundle, opened by `open_voice`. `threads=None`: the product
+    default (torch at STREAMING_TORCH_THREADS, ONNX Runtime sessions at their own default)."""
+    if kind.startswith("v3s"):
+        return open_student_bundle(kind, f0, precision, threads, concurrent_f0)
     from rtsvc.backends.bundle import read_bundle, write_manifest
     from rtsvc.backends.onnx_backend import CPU, PROVIDER_NAMES, OnnxBackend, OnnxContentVec, make_session
     from rtsvc.features.extractor import FeatureExtractor
@@ -261,7 +272,47 @@ def make_voice(kind: str, files: dict[str, Path], f0: str, precision: str, threa
     whisper = whisper_large if family == "v2" else NullWhisper()
     features = FeatureExtractor(contentvec, whisper, f0_extractor(f0, str(device)), device)
     return ModelVoice(model, features, streaming=True,
-                      dit_context_ms=DIT_CONTEXT_MS if dit_context_ms is None else dit_context_ms)
+                      dit_context_ms=DIT_CONTEXT_MS if dit_context_ms is None else dit_context_ms,
+                      concurrent_f0=concurrent_f0)
+
+
+def student_bundle(dim: int, depth: int, precision: str, log=print) -> tuple[Path, Path]:
+    """(bundle, pretrained dir) of the real V3 student dim-depth in CACHE, made once: the checkpoint
+    and components by benchmarks/real_size_student.py, the bundle by the project's exporter
+    (`rtsvc export --with-encoders`, then `--int8`'s quantize_bundle for `int8`)."""
+    import shutil
+
+    from benchmarks.real_size_student import write_pretrained, write_student
+    from export.onnx_export import export_bundle
+    from export.quantize import quantize_bundle
+
+    pretrained = write_pretrained(CACHE / "pretrained")
+    ckpt = CACHE / f"student-v3-{dim}-{depth}.ckpt"
+    if not ckpt.exists():
+        write_student(ckpt, dim, depth)
+    fp32 = CACHE / f"student-v3-{dim}-{depth}.rtsvc"
+    if not fp32.exists():
+        log(f"exporting {fp32.name} (rtsvc export --with-encoders)")
+        result = export_bundle(ckpt, fp32, pretrained, with_encoders=True)
+        if not result.ok:
+            raise RuntimeError(f"export of {ckpt} failed its parity check")
+    if precision == "fp32":
+        return fp32, pretrained
+    int8 = CACHE / f"student-v3-{dim}-{depth}-int8.rtsvc"
+    if not int8.exists():
+        log(f"quantizing {int8.name} (rtsvc export --int8)")
+        shutil.copytree(fp32, int8)
+        quantize_bundle(int8, threads=1)
+    return int8, pretrained
+
+
+def open_student_bundle(kind: str, f0: str, precision: str, threads: int | None, concurrent_f0: bool):
+    from rtsvc.voices.spec import VoiceSpec, open_voice
+
+    dim, depth = {"512": (512, 8), "768": (768, 12)}[kind.split("-")[1]]
+    bundle, pretrained = student_bundle(dim, depth, precision)
+    return open_voice(VoiceSpec(model=bundle, pretrained_dir=pretrained, f0=f0, threads=threads,
+                                concurrent_f0=concurrent_f0))
 
 
 def knobs_for(kind: str) -> Knobs:
@@ -320,24 +371,35 @@ def run_table(args, files: dict[str, Path], whisper_large) -> None:
                     if precision == "int8" and (kind.startswith("v2") or backend != "onnx-cpu"):
                         continue  # int8 graphs are for CPUs; guided V2 amplifies int8 error (issue 14)
                     for threads in args.threads:
-                        configs.append((backend, kind, f0, precision, threads))
+                        for concurrent in args.concurrent:
+                            configs.append((backend, kind, f0, precision, threads, concurrent))
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')} UTC, {os.cpu_count()} CPUs, {load()} at start; "
           f"{args.seconds:g} s per row in {args.rounds} interleaved rounds; ms per block\n")
-    print("| backend | voice | F0 | precision | threads | block ms | mean | p50 | p99 | RTF | p99/block | "
-          "CPU mean | CPU p99 | F0 | ContentVec | Whisper | DiT | vocoder | other |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for backend, kind, f0, precision, threads in configs:
-        torch.set_num_threads(threads)
-        voice = make_voice(kind, files, f0, precision, threads, whisper_large, backend=backend)
-        parts: dict[float, list[dict]] = {b: [] for b in args.blocks}
-        for _ in range(args.rounds):
+    print("| backend | voice | F0 | precision | threads | F0 beside encoders | block ms | mean | p50 | p99 | "
+          "RTF | p99/block | CPU mean | CPU p99 | F0 | ContentVec | Whisper | DiT | vocoder | other |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    voices = {}
+    for config in configs:  # open every voice first, so the rounds below interleave all of them
+        backend, kind, f0, precision, threads, concurrent = config
+        if threads is not None:
+            torch.set_num_threads(threads)
+        voices[config] = make_voice(kind, files, f0, precision, threads, whisper_large, backend=backend,
+                                    concurrent_f0=concurrent)
+    parts: dict[tuple, list[dict]] = {(c, b): [] for c in configs for b in args.blocks}
+    for _ in range(args.rounds):
+        for config, voice in voices.items():
+            threads = config[4]
+            torch.set_num_threads(threads or STREAMING_TORCH_THREADS)  # process-wide: set per row
             for block in args.blocks:
                 voice.reset()
-                case = BenchCase(kind, backend, voice, StreamConfig(block_ms=block).for_voice(voice))
-                parts[block].append(time_case(case, args.seconds / args.rounds))
+                case = BenchCase(config[1], config[0], voice, StreamConfig(block_ms=block).for_voice(voice))
+                parts[config, block].append(time_case(case, args.seconds / args.rounds))
+    for config in configs:
+        backend, kind, f0, precision, threads, concurrent = config
         for block in args.blocks:
-            r = merge(parts[block])
-            print(f"| {backend} | {kind} | {f0} | {precision} | {threads} | {r['block_ms']:.1f} | "
+            r = merge(parts[config, block])
+            print(f"| {backend} | {kind} | {f0} | {precision} | {threads or 'default'} | "
+                  f"{'on' if concurrent else 'off'} | {r['block_ms']:.1f} | "
                   f"{r['mean']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | {r['rtf']:.2f} | "
                   f"{r['p99_block']:.2f} | {r['cpu']:.0f} | {r['cpu_p99']:.0f} | {r['f0']:.0f} | "
                   f"{r['contentvec']:.0f} | {r['whisper']:.0f} | {r['dit']:.0f} | {r['vocoder']:.0f} | "
@@ -378,11 +440,12 @@ def run_quality(args, files: dict[str, Path]) -> None:
     inputs = {"speech": speech_audio()[: 4 * SAMPLE_RATE], "sung": sung_tone(4.0)}
     kind = args.voices[0] if not args.voices[0].startswith("v2") else "student-512"
     knobs = knobs_for(kind)
-    torch.set_num_threads(max(args.threads))
-    ref = make_voice(kind, files, "fcpe", "fp32", max(args.threads))
+    threads = max(t or STREAMING_TORCH_THREADS for t in args.threads)
+    torch.set_num_threads(threads)
+    ref = make_voice(kind, files, "fcpe", "fp32", threads)
     if args.vocoder_context:
         run_vocoder_context(ref, inputs)
-    run_cuts(args, files, kind, ref, inputs, knobs)
+    run_cuts(args, files, kind, ref, inputs, knobs, threads)
 
 
 def run_vocoder_context(ref, inputs: dict[str, np.ndarray]) -> None:
@@ -395,17 +458,21 @@ def run_vocoder_context(ref, inputs: dict[str, np.ndarray]) -> None:
 
 
 def run_cuts(args, files: dict[str, Path], kind: str, ref, inputs: dict[str, np.ndarray],
-             knobs: Knobs) -> None:
+             knobs: Knobs, threads: int) -> None:
     config = StreamConfig(block_ms=150.9)
     print(f"\n### {kind} at 150.9 ms, FCPE: each cut vs the exact pipeline ({load()}; random weights)\n")
     print("| comparison | input | LSD dB |\n|---|---|---|")
     exact_enc = ref.for_streaming(encoder_context_s=None, dit_context_ms=None)  # both on the whole window
     for name, audio in inputs.items():
         exact = convert_stream(exact_enc, audio, knobs, config)
-        offline = make_voice(kind, files, "fcpe", "fp32", max(args.threads))
+        offline = make_voice(kind, files, "fcpe", "fp32", threads)
         offline.streaming, offline.cache = False, None
         off = offline.convert(audio, knobs)
-        rows = [("streaming (defaults) vs offline", convert_stream(ref, audio, knobs, config), off)]
+        streamed = convert_stream(ref, audio, knobs, config)
+        beside = make_voice(kind, files, "fcpe", "fp32", threads, concurrent_f0=True)
+        rows = [("streaming (defaults) vs offline", streamed, off),
+                ("F0 beside the encoders vs one after the other",
+                 convert_stream(beside, audio, knobs, config), streamed)]
         for ctx in args.encoder_contexts:  # the default window is ~0.49 s: longer contexts = whole window
             rows.append((f"encoder context {ctx:g} s vs whole window",
                          convert_stream(ref.for_streaming(encoder_context_s=ctx), audio, knobs, config),
@@ -415,9 +482,9 @@ def run_cuts(args, files: dict[str, Path], kind: str, ref, inputs: dict[str, np.
                          convert_stream(ref.for_streaming(encoder_context_s=None, dit_context_ms=ms), audio,
                                         knobs, config), exact))
         if "int8" in args.precision and not args.skip_int8_quality:
-            q = make_voice(kind, files, "fcpe", "int8", max(args.threads))
+            q = make_voice(kind, files, "fcpe", "int8", threads)
             rows.append(("int8 vs fp32 (streaming defaults)", convert_stream(q, audio, knobs, config),
-                         convert_stream(ref, audio, knobs, config)))
+                         streamed))
         for label, a, b in rows:
             print(f"| {label} | {name} | {log_spectral_distance(a, b):.3f} |", flush=True)
 
@@ -429,7 +496,11 @@ def main() -> None:
     ap.add_argument("--f0", default="fcpe,rmvpe", help="comma list of fcpe, rmvpe, pyworld "
                     "(default fcpe,rmvpe)")
     ap.add_argument("--precision", default="fp32,int8", help="comma list of fp32, int8 (default both)")
-    ap.add_argument("--threads", default="1,2", help="comma list of CPU thread counts (default 1,2)")
+    ap.add_argument("--threads", default="1,2", help="comma list of CPU thread counts for torch and every "
+                    "ONNX Runtime session, or `default` (torch 1, ONNX Runtime its own default, as `rtsvc "
+                    "live` runs; default 1,2)")
+    ap.add_argument("--concurrent", default="off", help="comma list of off, on: F0 beside the encoders "
+                    "on a side thread (default off)")
     ap.add_argument("--blocks", default=",".join(f"{b:g}" for b in BLOCKS_MS),
                     help="comma list of block lengths in ms (default 104.5,150.9,301.9)")
     ap.add_argument("--seconds", type=float, default=6.0, help="audio per row in seconds (default 6)")
@@ -449,12 +520,14 @@ def main() -> None:
     args.voices = args.voices.split(",")
     args.f0 = args.f0.split(",")
     args.precision = args.precision.split(",")
-    args.threads = [int(t) for t in args.threads.split(",")]
+    args.threads = [None if t == "default" else int(t) for t in args.threads.split(",")]
+    args.concurrent = [c == "on" for c in args.concurrent.split(",")]
     args.blocks = [float(b) for b in args.blocks.split(",")]
     args.backends = args.backends.split(",")
     args.encoder_contexts = [float(c) for c in args.encoder_contexts.split(",")]
     args.dit_contexts = [float(c) for c in args.dit_contexts.split(",")]
-    dims = sorted({(512, 8) if v.endswith("512") else (768, 12) for v in args.voices})
+    dims = sorted({(512, 8) if v.endswith("512") else (768, 12)
+                   for v in args.voices if not v.startswith("v3s")})
     files = graphs(dims, "int8" in args.precision)
     parity = [QuantizedGraph(**json.loads(p.read_text())) for p in sorted(CACHE.glob("*.parity.json"))]
     if parity:

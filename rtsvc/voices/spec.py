@@ -44,6 +44,7 @@ class VoiceSpec:
     dit_context_ms: float = DIT_CONTEXT_MS  # streaming: left context the DiT samples
     threads: int | None = None  # CPU threads: torch's (process-wide) and each ONNX Runtime session's;
     # None: ONNX Runtime's own default, and torch at STREAMING_TORCH_THREADS when streaming on a CPU
+    concurrent_f0: bool = False  # streaming: F0 beside the encoders on a side thread (same results)
 
     def with_(self, **changes) -> "VoiceSpec":
         """A copy with some fields changed (bench opens one spec per backend and device)."""
@@ -172,7 +173,8 @@ def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
     own = getattr(model, "feature_extractor", None)  # a bundle exported --with-encoders runs its own
     features = (own(pretrained, f0, torch_device) if own else None) or \
         FeatureExtractor.from_pretrained(pretrained, f0=f0, device=torch_device, family=model.family)
-    return ModelVoice(model, features, streaming=spec.streaming, dit_context_ms=spec.dit_context_ms)
+    return ModelVoice(model, features, streaming=spec.streaming, dit_context_ms=spec.dit_context_ms,
+                      concurrent_f0=spec.concurrent_f0)
 
 
 def _open_onnx(path: Path, device: str, pretrained: PretrainedPaths, providers: str | None = None,
