@@ -22,7 +22,7 @@ from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
 from rtsvc.settings import MAX_PITCH_SHIFT, MAX_STEPS, SCHEDULES, Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
-from rtsvc.voices.spec import VoiceSpec, check_f0, describe_voice, open_voice, sampling_steps
+from rtsvc.voices.spec import CONCURRENT_F0, VoiceSpec, check_f0, describe_voice, open_voice, sampling_steps
 
 app = typer.Typer(
     add_completion=False,
@@ -113,6 +113,11 @@ BatchRunners = _opt(int, "With --max-batch > 1: threads that run batches (a spar
 BatchDeadlineMs = _opt(float, "Longest a block waits in ms for other clients' blocks that are expected soon "
                        "(never past its real-time budget of one block). Default: "
                        f"{SERVER.batch_deadline_ms:g}.")
+ConcurrentF0 = _opt(bool, "Model voices while streaming: extract F0 on a second thread while ContentVec runs "
+                    "(same output; faster where a core is free, docs/benchmarks.md issue 14). Default: "
+                    f"{'on' if CONCURRENT_F0 else 'off'}.", "--concurrent-f0/--no-concurrent-f0")
+Threads = _opt(int | None, "CPU threads for torch and for each ONNX Runtime session. Default: torch 1 while "
+               "streaming on a CPU (steadiest on a busy machine), ONNX Runtime its own (every core).")
 
 
 def _progress_bar():
@@ -163,7 +168,8 @@ def live(
     cfg_rescale: Rescale = KNOBS.cfg_rescale,
     block_ms: BlockMs = "auto", context_ms: ContextMs = STREAM.context_ms,
     crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
-    dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
+    dit_context_ms: DitContextMs = DIT_CONTEXT_MS, concurrent_f0: ConcurrentF0 = CONCURRENT_F0,
+    threads: Threads = None,
     jitter_ms: float = typer.Option(JITTER_MS, help="Output buffer primed with this much silence (ms) to "
                                     f"absorb block-wise delivery. Default: {JITTER_MS:g}."),
     duration: float | None = typer.Option(None, help="Stop after this many seconds and exit 0. Default: "
@@ -188,7 +194,8 @@ def live(
     check_live_options(input_rate, output_rate, duration, jitter_ms)
     spec = VoiceSpec(model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper,
                      vocoder=vocoder, rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
-                     speaker=speaker, providers=providers, streaming=True, dit_context_ms=dit_context_ms)
+                     speaker=speaker, providers=providers, streaming=True, dit_context_ms=dit_context_ms,
+                     concurrent_f0=concurrent_f0, threads=threads)
     spec.validate()  # a wrong --model is said first
     dev_in, dev_out, dev_mon = find_devices(input, output, monitor)  # before a model loads
     voice = open_voice(spec)
@@ -333,7 +340,7 @@ def convert(
                                 "live/serve hear) instead of offline slices. Default: off."),
     block_ms: BlockMs = "auto", context_ms: ContextMs = STREAM.context_ms,
     crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
-    dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
+    dit_context_ms: DitContextMs = DIT_CONTEXT_MS, concurrent_f0: ConcurrentF0 = CONCURRENT_F0,
 ) -> None:
     """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
     from rtsvc.offline import TARGET_LUFS, check_input_file, check_output_path, convert_file, stream_file
@@ -355,7 +362,7 @@ def convert(
     voice = open_voice(VoiceSpec(
         model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper, vocoder=vocoder,
         rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
-        providers=providers, streaming=stream, dit_context_ms=dit_context_ms))
+        providers=providers, streaming=stream, dit_context_ms=dit_context_ms, concurrent_f0=concurrent_f0))
     knobs = sampling_steps(knobs, voice, steps)
     _say(describe_voice(voice, model, speaker))
     if stream:
@@ -638,7 +645,7 @@ def bench(
     device: str = typer.Option("all", help="Comma-separated torch devices (cpu, cuda) or all (cpu and "
                                "cuda when present). Default: all."),
     context_ms: ContextMs = STREAM.context_ms, crossfade_ms: CrossfadeMs = STREAM.crossfade_ms,
-    dit_context_ms: DitContextMs = DIT_CONTEXT_MS,
+    dit_context_ms: DitContextMs = DIT_CONTEXT_MS, concurrent_f0: ConcurrentF0 = CONCURRENT_F0,
     seconds: float = typer.Option(5.0, help="Audio streamed per configuration, in seconds. Default: 5."),
     loopback: bool = typer.Option(False, help="Also measure end-to-end latency of `rtsvc live` (DSP voice, "
                                   "each block length) through PulseAudio null sinks (needs pulseaudio). "

@@ -291,19 +291,20 @@ def student_bundle(dim: int, depth: int, precision: str, log=print) -> tuple[Pat
     if not ckpt.exists():
         write_student(ckpt, dim, depth)
     fp32 = CACHE / f"student-v3-{dim}-{depth}.rtsvc"
+    int8 = CACHE / f"student-v3-{dim}-{depth}-int8.rtsvc"
+    want = fp32 if precision == "fp32" else int8
+    if want.exists():
+        return want, pretrained
     if not fp32.exists():
         log(f"exporting {fp32.name} (rtsvc export --with-encoders)")
         result = export_bundle(ckpt, fp32, pretrained, with_encoders=True)
         if not result.ok:
             raise RuntimeError(f"export of {ckpt} failed its parity check")
-    if precision == "fp32":
-        return fp32, pretrained
-    int8 = CACHE / f"student-v3-{dim}-{depth}-int8.rtsvc"
-    if not int8.exists():
+    if precision == "int8":
         log(f"quantizing {int8.name} (rtsvc export --int8)")
         shutil.copytree(fp32, int8)
         quantize_bundle(int8, threads=1)
-    return int8, pretrained
+    return want, pretrained
 
 
 def open_student_bundle(kind: str, f0: str, precision: str, threads: int | None, concurrent_f0: bool):
