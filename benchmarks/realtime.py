@@ -53,6 +53,7 @@ BLOCKS_MS = (104.5, 150.9, 301.9)
 STUDENT_STEPS = 2  # grid points: one Euler update = one evaluation
 V2_STEPS = 4  # the streaming default: 3 updates x 2 branches
 WHISPER_DIM = 1280
+CV1 = -1  # --threads cv1: the default threads but ContentVec's session on one thread (v3s voices)
 SPEECH = ("The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore, "
           "and the shells she sells are surely sea shells.")
 
@@ -312,8 +313,14 @@ def open_student_bundle(kind: str, f0: str, precision: str, threads: int | None,
 
     dim, depth = {"512": (512, 8), "768": (768, 12)}[kind.split("-")[1]]
     bundle, pretrained = student_bundle(dim, depth, precision)
-    return open_voice(VoiceSpec(model=bundle, pretrained_dir=pretrained, f0=f0, threads=threads,
-                                concurrent_f0=concurrent_f0))
+    voice = open_voice(VoiceSpec(model=bundle, pretrained_dir=pretrained, f0=f0,
+                                 threads=None if threads == CV1 else threads, concurrent_f0=concurrent_f0))
+    if threads == CV1:  # ContentVec on one thread (F0 has the other core), DiT and vocoder as default
+        from rtsvc.backends.onnx_backend import make_session
+
+        cv = voice.features.contentvec
+        cv.session = make_session(bundle / "contentvec.onnx", cv.session.get_providers(), 1)
+    return voice
 
 
 def knobs_for(kind: str) -> Knobs:
@@ -325,24 +332,42 @@ def knobs_for(kind: str) -> Knobs:
 
 # --- timing -----------------------------------------------------------------------------------------
 
-def time_case(case: BenchCase, seconds: float) -> dict:
-    """Like rtsvc.apps.bench.bench_case, keeping every block's time (rounds are merged later)."""
-    from rtsvc.apps.bench import WARMUP_BLOCKS
+class BlockTimer:
+    """One configuration streaming the sung tone block by block (`step`), every block's wall and CPU
+    time and stages kept: `run_table` steps all configurations in turn, one block each, so machine
+    load (other processes) hits them alike."""
 
-    knobs = knobs_for(case.label)
-    voice = StageTimes(case.voice)
-    engine = StreamingConverter(voice, RuntimeSettings(knobs), case.config)
-    block = engine.layout.block
-    audio = sung_tone(seconds + (WARMUP_BLOCKS + 1) * block / SAMPLE_RATE)
-    engine.process(audio[: WARMUP_BLOCKS * block])
-    voice.rows.clear()
-    times, cpu = [], []
-    for i in range(WARMUP_BLOCKS, len(audio) // block):
+    def __init__(self, case: BenchCase, seconds: float, threads: int | None):
+        from rtsvc.apps.bench import WARMUP_BLOCKS
+
+        self.threads = threads if threads and threads > 0 else STREAMING_TORCH_THREADS
+        torch.set_num_threads(self.threads)
+        self.voice = StageTimes(case.voice)
+        self.engine = StreamingConverter(self.voice, RuntimeSettings(knobs_for(case.label)), case.config)
+        self.block = self.engine.layout.block
+        self.audio = sung_tone(seconds + (WARMUP_BLOCKS + 1) * self.block / SAMPLE_RATE)
+        self.engine.process(self.audio[: WARMUP_BLOCKS * self.block])
+        self.voice.rows.clear()
+        self.next, self.end = WARMUP_BLOCKS, len(self.audio) // self.block
+        self.times: list[float] = []
+        self.cpu: list[float] = []
+
+    @property
+    def done(self) -> bool:
+        return self.next >= self.end
+
+    def step(self) -> None:
+        torch.set_num_threads(self.threads)  # process-wide: each configuration's own
+        chunk = self.audio[self.next * self.block:(self.next + 1) * self.block]
         started, cpu_started = time.perf_counter(), time.process_time()
-        engine.process(audio[i * block:(i + 1) * block])
-        times.append((time.perf_counter() - started) * 1000.0)
-        cpu.append((time.process_time() - cpu_started) * 1000.0)
-    return {"times": times, "cpu": cpu, "stages": voice.rows, "block_ms": block * 1000.0 / SAMPLE_RATE}
+        self.engine.process(chunk)
+        self.times.append((time.perf_counter() - started) * 1000.0)
+        self.cpu.append((time.process_time() - cpu_started) * 1000.0)
+        self.next += 1
+
+    def result(self) -> dict:
+        return {"times": self.times, "cpu": self.cpu, "stages": self.voice.rows,
+                "block_ms": self.block * 1000.0 / SAMPLE_RATE}
 
 
 def merge(parts: list[dict]) -> dict:
@@ -382,24 +407,28 @@ def run_table(args, files: dict[str, Path], whisper_large) -> None:
     voices = {}
     for config in configs:  # open every voice first, so the rounds below interleave all of them
         backend, kind, f0, precision, threads, concurrent = config
-        if threads is not None:
-            torch.set_num_threads(threads)
         voices[config] = make_voice(kind, files, f0, precision, threads, whisper_large, backend=backend,
                                     concurrent_f0=concurrent)
     parts: dict[tuple, list[dict]] = {(c, b): [] for c in configs for b in args.blocks}
     for _ in range(args.rounds):
-        for config, voice in voices.items():
-            threads = config[4]
-            torch.set_num_threads(threads or STREAMING_TORCH_THREADS)  # process-wide: set per row
-            for block in args.blocks:
+        for block in args.blocks:
+            timers = {}
+            for config, voice in voices.items():
                 voice.reset()
                 case = BenchCase(config[1], config[0], voice, StreamConfig(block_ms=block).for_voice(voice))
-                parts[config, block].append(time_case(case, args.seconds / args.rounds))
+                timers[config] = BlockTimer(case, args.seconds / args.rounds, config[4])
+            while not all(t.done for t in timers.values()):  # one block of each configuration in turn
+                for timer in timers.values():
+                    if not timer.done:
+                        timer.step()
+            for config, timer in timers.items():
+                parts[config, block].append(timer.result())
     for config in configs:
         backend, kind, f0, precision, threads, concurrent = config
         for block in args.blocks:
             r = merge(parts[config, block])
-            print(f"| {backend} | {kind} | {f0} | {precision} | {threads or 'default'} | "
+            label = {None: "default", CV1: "default, ContentVec 1"}.get(threads, threads)
+            print(f"| {backend} | {kind} | {f0} | {precision} | {label} | "
                   f"{'on' if concurrent else 'off'} | {r['block_ms']:.1f} | "
                   f"{r['mean']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | {r['rtf']:.2f} | "
                   f"{r['p99_block']:.2f} | {r['cpu']:.0f} | {r['cpu_p99']:.0f} | {r['f0']:.0f} | "
@@ -441,7 +470,7 @@ def run_quality(args, files: dict[str, Path]) -> None:
     inputs = {"speech": speech_audio()[: 4 * SAMPLE_RATE], "sung": sung_tone(4.0)}
     kind = args.voices[0] if not args.voices[0].startswith("v2") else "student-512"
     knobs = knobs_for(kind)
-    threads = max(t or STREAMING_TORCH_THREADS for t in args.threads)
+    threads = max(t if t and t > 0 else STREAMING_TORCH_THREADS for t in args.threads)
     torch.set_num_threads(threads)
     ref = make_voice(kind, files, "fcpe", "fp32", threads)
     if args.vocoder_context:
@@ -521,7 +550,8 @@ def main() -> None:
     args.voices = args.voices.split(",")
     args.f0 = args.f0.split(",")
     args.precision = args.precision.split(",")
-    args.threads = [None if t == "default" else int(t) for t in args.threads.split(",")]
+    named = {"default": None, "cv1": CV1}
+    args.threads = [named[t] if t in named else int(t) for t in args.threads.split(",")]
     args.concurrent = [c == "on" for c in args.concurrent.split(",")]
     args.blocks = [float(b) for b in args.blocks.split(",")]
     args.backends = args.backends.split(",")

@@ -21,7 +21,7 @@ from rtsvc.voices.defaults import DIT_CONTEXT_MS
 STREAMING_TORCH_THREADS = 1  # torch on 2 busy cores: 2 threads made FCPE 10x slower per block (issue 14)
 # one stream's F0 beside its encoders (live, convert --stream, bench); `serve` keeps it off (its
 # streams already fill the cores); measured in docs/benchmarks.md, issue 14
-CONCURRENT_F0 = False
+CONCURRENT_F0 = True
 F0_CHOICES = ("rmvpe", "fcpe", "pyworld")  # what --f0 offers (rtsvc.features.f0 has more, for the DSP voice)
 
 
