@@ -89,6 +89,48 @@ def test_live_pitch_up_an_octave_through_pulseaudio(pulse, tmp_path):
     assert median_f0(rec)[0] == pytest.approx(2 * f0_in, rel=0.03)
 
 
+@pytest.mark.slow
+def test_live_runs_a_v3_student_bundle_at_its_auto_block(pulse, tmp_path):
+    """Issue 14's CPU voice, tiny: a V3 one-evaluation student exported with its encoders. `rtsvc
+    live --model` measures and names its block, extracts F0 beside ContentVec (the default), plays
+    audio out and reports its underruns (counted, not asserted: CI shares its cores)."""
+    from benchmarks.real_size_student import write_student
+    from export.onnx_export import export_bundle
+    from tests.tiny_encoders import make_tiny_pretrained_dir
+
+    pretrained = make_tiny_pretrained_dir(tmp_path / "pretrained")
+    ckpt = write_student(tmp_path / "student.ckpt", dim=64, depth=2)
+    result = export_bundle(ckpt, tmp_path / "student.rtsvc", pretrained, with_encoders=True)
+    assert result.ok
+    tone = tmp_path / "tone.wav"
+    sf.write(tone, sung_tone(3.0, f0=TONE_F0), SR)
+    captured, log = tmp_path / "speaker.raw", tmp_path / "live.log"
+    with open(captured, "wb") as sink:
+        parec = subprocess.Popen(["parec", "-d", "speaker.monitor", "--raw", "--format=float32le",
+                                  "--channels=1", f"--rate={SR}"], env=pulse.env, stdout=sink)
+    args = ["--model", str(result.path), "--pretrained-dir", str(pretrained), "--f0", "fcpe",
+            "--duration", "8", "--gate", "-60"]
+    live = start_live(pulse, args, log)
+    try:
+        wait_for_start(live, log, timeout=180)
+        time.sleep(0.5)
+        subprocess.run(["paplay", "-d", "mic", str(tone)], env=pulse.env, check=True, timeout=30)
+        assert live.wait(timeout=120) == 0, log.read_text()
+    finally:
+        for proc in (live, parec):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=10)
+    text = log.read_text()
+    picked = [line for line in text.splitlines() if line.startswith("auto block:")]
+    summary = [line for line in text.splitlines() if line.startswith("stopped after")]
+    print(f"\n{picked[0] if picked else text[-800:]}\n{summary[0] if summary else ''}")
+    assert picked and "measured here: p99 compute" in picked[0]
+    assert summary and "underruns" in summary[0]
+    out = np.fromfile(captured, dtype=np.float32)
+    assert out.size > SR and np.sqrt(np.mean(out ** 2)) > 1e-3  # the converted tone came out
+
+
 def test_live_unknown_device_is_a_clear_error(pulse):
     env = pulse.client_env()
     cmd = [sys.executable, "-m", "cli", "live", "--input", "no-such-mic", "--duration", "1"]
