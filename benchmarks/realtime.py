@@ -235,6 +235,8 @@ def make_voice(kind: str, files: dict[str, Path], f0: str, precision: str, threa
     default (torch at STREAMING_TORCH_THREADS, ONNX Runtime sessions at their own default)."""
     if kind.startswith("v3s"):
         return open_student_bundle(kind, f0, precision, threads, concurrent_f0)
+    if threads == CV1:
+        raise SystemExit("--threads cv1 applies to the v3s voices only")
     from rtsvc.backends.bundle import read_bundle, write_manifest
     from rtsvc.backends.onnx_backend import CPU, PROVIDER_NAMES, OnnxBackend, OnnxContentVec, make_session
     from rtsvc.features.extractor import FeatureExtractor
