@@ -230,3 +230,24 @@ def test_bundle_encoders_replace_the_torch_encoders(exported, tiny):
     want = torch_features.whisper_encoder.encode(audio_16k, n, pad_to_30s=False, position_offset=40)
     got = onnx_features.whisper_encoder.encode(audio_16k, n, pad_to_30s=False, position_offset=40)
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_encoders_take_one_thread_each_while_f0_runs_beside_them(exported, tiny):
+    """Streaming on a CPU with F0 beside the encoders, the bundle's ContentVec and Whisper sessions run on
+    one thread (F0 has the other core; measured fastest, issue 14); DiT and vocoder keep ONNX Runtime's
+    default; an explicit --threads, or F0 one after the other, leaves every session as asked."""
+    from rtsvc.voices.spec import VoiceSpec, open_voice
+
+    bundle_path, _ = exported
+    _, _, pretrained = tiny
+
+    def threads(voice):
+        sessions = (voice.features.contentvec.session, voice.features.whisper_encoder.session,
+                    voice.backend.dit, voice.backend.vocoder)
+        return [s.get_session_options().intra_op_num_threads for s in sessions]
+
+    spec = VoiceSpec(model=bundle_path, pretrained_dir=pretrained, f0="pyworld", device="cpu")
+    beside = open_voice(spec.with_(concurrent_f0=True))
+    assert threads(beside) == [1, 1, 0, 0] and beside.cache.side_thread is not None
+    assert threads(open_voice(spec)) == [0, 0, 0, 0]
+    assert threads(open_voice(spec.with_(concurrent_f0=True, threads=2))) == [2, 2, 2, 2]

@@ -181,6 +181,22 @@ def test_output_fifo_primes_counts_underruns_and_caps_growth():
     assert fifo.level <= 500  # an overrun cuts back to half the cap, not just under it
 
 
+def test_output_fifo_waits_as_long_as_the_late_block_took_up_to_its_cap():
+    fifo = OutputFifo(prime=100, max_level=1000, max_prime=180)
+    fifo.push(np.ones(200, np.float32))
+    assert fifo.pop(300)[100:].all()  # prime + block, on time
+    fifo.pop(30)
+    fifo.pop(20)  # the next block is 50 samples late
+    assert fifo.underruns == 1 and fifo.dry == 50
+    fifo.push(np.ones(200, np.float32))
+    out = fifo.pop(350)
+    assert not out[:150].any() and out[150:].all()  # primed 100 + 50: a block as late is now on time
+    assert fifo.prime == 150 and fifo.max_level == 1050 and fifo.dry == 0
+    fifo.pop(100)  # 100 late: the prime grows only to its cap
+    fifo.push(np.ones(10, np.float32))
+    assert fifo.underruns == 2 and fifo.prime == 180 and fifo.level == 190
+
+
 def test_key_reader_reads_arrow_keys_from_a_terminal(monkeypatch):
     """The reader thread on a real pty: an arrow key arrives as one 3-byte write (as terminals send it)."""
     master, slave = pty.openpty()

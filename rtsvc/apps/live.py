@@ -5,9 +5,13 @@ engine (resampling in, converting, resampling out) and appends to an output FIFO
 callback only copies from that FIFO. Nothing that can take long runs in a callback.
 
 Output buffering: the engine delivers a block at a time, so the output FIFO is primed with
-`jitter_ms` of silence when the first block arrives; if it ever runs dry (an underrun), it is
-primed again. Overruns (the worker falling behind, or the output clock running slower than the
-input clock) drop the oldest audio and are counted.
+`jitter_ms` of silence when the first block arrives. A block is then on time while its compute
+takes at most `jitter_ms` longer than the first block's did, whatever the block length; on a machine
+whose load moves compute by more (issue 14: 70-200 ms within a minute), the FIFO runs dry (an
+underrun) and is primed again with the silence it lacked added to the prime (at most one block
+more in all), so the next equally late block is on time: latency grows only where it must.
+Overruns (the worker falling behind, or the output clock running slower than the input clock) drop
+the oldest audio and are counted.
 """
 
 import os
@@ -168,20 +172,24 @@ def find_device(spec: str | int | None, kind: str, devices: list[dict] | None = 
 class OutputFifo:
     """Samples waiting for the output callback; primed with silence, counts underruns."""
 
-    def __init__(self, prime: int, max_level: int):
+    def __init__(self, prime: int, max_level: int, max_prime: int | None = None):
         self._lock = threading.Lock()
         self._chunks: deque[np.ndarray] = deque()
         self.level = 0
         self.prime, self.max_level = prime, max_level
+        self.max_prime = prime if max_prime is None else max(prime, max_prime)  # the prime grows up to this
         self.primed = False
         self.underruns = self.overruns = 0
         self.started = False  # underruns count only once audio has flowed
+        self.dry = 0  # samples the output lacked since the last underrun: how late that block came
 
     def push(self, samples: np.ndarray) -> None:
         if samples.size == 0:
             return
         with self._lock:
             if not self.primed:
+                grow = min(self.dry, self.max_prime - self.prime)  # wait as long as the late block took
+                self.prime, self.max_level, self.dry = self.prime + grow, self.max_level + grow, 0
                 self._chunks.append(np.zeros(self.prime, dtype=np.float32))
                 self.level += self.prime
                 self.primed = self.started = True
@@ -196,6 +204,8 @@ class OutputFifo:
         out = np.zeros(count, dtype=np.float32)
         with self._lock:
             if not self.primed:
+                if self.started:
+                    self.dry += count
                 return out
             filled = 0
             while filled < count and self._chunks:
@@ -211,6 +221,7 @@ class OutputFifo:
             if filled < count:
                 self.underruns += 1
                 self.primed = False
+                self.dry = count - filled
         return out
 
 
@@ -443,8 +454,8 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
     state = LiveState()
     block_out = int(round(engine.layout.block * out_rate / engine.sample_rate))
     prime = int(jitter_ms * out_rate / 1000)
-    fifo = OutputFifo(prime=prime, max_level=prime + 2 * block_out + out_rate // 5)
-    monitor_fifo = OutputFifo(prime=prime, max_level=prime + 2 * block_out + out_rate // 5)
+    fifo, monitor_fifo = (OutputFifo(prime=prime, max_level=prime + 2 * block_out + out_rate // 5,
+                                     max_prime=prime + block_out) for _ in range(2))
     inbox: queue.Queue = queue.Queue()
     max_chunks = int(MAX_QUEUE_S * 1000 / DEVICE_BLOCK_MS)
 

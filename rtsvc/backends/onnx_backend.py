@@ -292,9 +292,12 @@ class OnnxBackend:
 
     # -- feature encoders exported with --with-encoders --
 
-    def feature_extractor(self, pretrained, f0: str, device: torch.device):
+    def feature_extractor(self, pretrained, f0: str, device: torch.device,
+                          encoder_threads: int | None = None):
         """A FeatureExtractor running the bundle's ContentVec and Whisper graphs on this backend's
-        providers (F0 still from `pretrained`), or None when the bundle has no encoder graphs."""
+        providers (F0 still from `pretrained`), or None when the bundle has no encoder graphs.
+        `encoder_threads`: their sessions' threads (None: the backend's)."""
+        threads = self._threads if encoder_threads is None else encoder_threads
         from rtsvc.features.extractor import FAMILY_FEATURES, FeatureExtractor
         from rtsvc.features.f0 import make_f0_extractor
 
@@ -311,9 +314,9 @@ class OnnxBackend:
 
             extractor = WhisperFeatureExtractor.from_pretrained(str(self.bundle.file(preprocessor).parent))
             whisper = OnnxWhisperEncoder(make_session(self.bundle.file(whisper_file), self._providers,
-                                                      self._threads), extractor, device)
+                                                      threads), extractor, device)
         return FeatureExtractor(
-            OnnxContentVec(make_session(self.bundle.file(cvec_file), self._providers, self._threads), device),
+            OnnxContentVec(make_session(self.bundle.file(cvec_file), self._providers, threads), device),
             whisper,
             make_f0_extractor(f0, rmvpe_path=pretrained.rmvpe if pretrained else None, device=device),
             device,

@@ -22,6 +22,7 @@ STREAMING_TORCH_THREADS = 1  # torch on 2 busy cores: 2 threads made FCPE 10x sl
 # one stream's F0 beside its encoders (live, convert --stream, bench); `serve` keeps it off (its
 # streams already fill the cores); measured in docs/benchmarks.md, issue 14
 CONCURRENT_F0 = True
+ENCODER_THREADS_BESIDE_F0 = 1  # ONNX encoder sessions' threads while F0 runs beside them (on the other core)
 F0_CHOICES = ("rmvpe", "fcpe", "pyworld")  # what --f0 offers (rtsvc.features.f0 has more, for the DSP voice)
 
 
@@ -174,7 +175,10 @@ def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
         raise UserError(f"unknown speaker {spec.speaker!r}; this model has: {', '.join(model.speakers)}")
     f0 = spec.f0 or "rmvpe"  # library callers may pass any rtsvc.features.f0 method
     own = getattr(model, "feature_extractor", None)  # a bundle exported --with-encoders runs its own
-    features = (own(pretrained, f0, torch_device) if own else None) or \
+    # F0 beside the encoders on a CPU: each takes one core (measured fastest, issue 14)
+    beside = spec.concurrent_f0 and spec.streaming and spec.threads is None and torch_device.type == "cpu"
+    encoder_threads = ENCODER_THREADS_BESIDE_F0 if beside else None
+    features = (own(pretrained, f0, torch_device, encoder_threads) if own else None) or \
         FeatureExtractor.from_pretrained(pretrained, f0=f0, device=torch_device, family=model.family)
     return ModelVoice(model, features, streaming=spec.streaming, dit_context_ms=spec.dit_context_ms,
                       concurrent_f0=spec.concurrent_f0)
