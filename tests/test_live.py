@@ -167,6 +167,8 @@ def test_find_device_by_index_name_and_default():
 def test_output_fifo_primes_counts_underruns_and_caps_growth():
     fifo = OutputFifo(prime=100, max_level=1000)
     assert not fifo.pop(50).any() and fifo.underruns == 0  # silence before any audio, not an underrun
+    fifo.push(np.zeros(300, np.float32))  # a gated block before any sound: the schedule waits for sound
+    assert fifo.level == 0 and not fifo.started and not fifo.pop(50).any() and fifo.underruns == 0
     fifo.push(np.ones(300, np.float32))
     first = fifo.pop(150)
     assert not first[:100].any() and first[100:].all()  # primed with 100 samples of silence

@@ -5,11 +5,13 @@ engine (resampling in, converting, resampling out) and appends to an output FIFO
 callback only copies from that FIFO. Nothing that can take long runs in a callback.
 
 Output buffering: the engine delivers a block at a time, so the output FIFO is primed with
-`jitter_ms` of silence when the first block arrives. A block is then on time while its compute
-takes at most `jitter_ms` longer than the first block's did, whatever the block length; on a machine
-whose load moves compute by more (issue 14: 70-200 ms within a minute), the FIFO runs dry (an
-underrun) and is primed again with the silence it lacked added to the prime (at most one block
-more in all), so the next equally late block is on time: latency grows only where it must.
+`jitter_ms` of silence when the first block with sound arrives (silent blocks before it, e.g. gated
+ones that cost a model voice ~1 ms, would otherwise set the schedule). A block is then on time while
+its compute takes at most `jitter_ms` longer than that first block's did, whatever the block
+length; on a machine whose load moves compute by more (issue 14: 70-200 ms within a minute), the
+FIFO runs dry (an underrun) and is primed again with the silence it lacked added to the prime (at
+most one block more in all), so the next equally late block is on time: latency grows only where
+it must.
 Overruns (the worker falling behind, or the output clock running slower than the input clock) drop
 the oldest audio and are counted.
 """
@@ -184,8 +186,8 @@ class OutputFifo:
         self.dry = 0  # samples the output lacked since the last underrun: how late that block came
 
     def push(self, samples: np.ndarray) -> None:
-        if samples.size == 0:
-            return
+        if samples.size == 0 or (not self.started and not samples.any()):
+            return  # nothing, or silence before any sound (gated blocks): the schedule starts with sound
         with self._lock:
             if not self.primed:
                 grow = min(self.dry, self.max_prime - self.prime)  # wait as long as the late block took
