@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from rtsvc.apps.autoblock import P99_MARGIN, resolve_block
+from rtsvc.apps.autoblock import P99_MARGIN, resolve_block, resolve_block_choice
 from rtsvc.apps.live import JITTER_MS
 from rtsvc.apps.server import ServerConfig
 from rtsvc.engine import StreamConfig, parse_block_ms
@@ -171,8 +171,10 @@ def live(
     crossfade_ms: CrossfadeMs = STREAM.crossfade_ms, sola_search_ms: SolaSearchMs = STREAM.sola_search_ms,
     dit_context_ms: DitContextMs = DIT_CONTEXT_MS, concurrent_f0: ConcurrentF0 = CONCURRENT_F0,
     threads: Threads = None,
-    jitter_ms: float = typer.Option(JITTER_MS, help="Output buffer primed with this much silence (ms) to "
-                                    f"absorb block-wise delivery. Default: {JITTER_MS:g}."),
+    jitter_ms: str = typer.Option("auto", help="Output buffer primed with this much silence (ms) to absorb "
+                                  "block-to-block changes in compute time; auto = with --block-ms auto, the "
+                                  "picked block's measured headroom (block minus mean compute, at least "
+                                  f"{JITTER_MS:g}), else {JITTER_MS:g}. Default: auto."),
     duration: float | None = typer.Option(None, help="Stop after this many seconds and exit 0. Default: "
                                           "run until Ctrl-C or q."),
     record: Path | None = typer.Option(None, help="Also write the converted output to this audio file "
@@ -182,7 +184,14 @@ def live(
     vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
     """Microphone -> voice -> speaker in real time. Keys: up/down pitch, f/F formant, g/G gate, q quit."""
-    from rtsvc.apps.live import check_live_options, find_devices, live_summary, run_live
+    from rtsvc.apps.live import (
+        auto_jitter_ms,
+        check_live_options,
+        find_devices,
+        live_summary,
+        parse_jitter_ms,
+        run_live,
+    )
     from rtsvc.settings import RuntimeSettings, validate_knobs
 
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant, gate_db=gate,
@@ -192,7 +201,8 @@ def live(
                                  spk_cfg_strength=spk_cfg_strength, skip_cfg_strength=skip_cfg_strength,
                                  cfg_skip_layers=cfg_skip_layers, cfg_rescale=cfg_rescale, denoise=denoise))
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
-    check_live_options(input_rate, output_rate, duration, jitter_ms)
+    jitter = parse_jitter_ms(jitter_ms)
+    check_live_options(input_rate, output_rate, duration)
     spec = VoiceSpec(model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper,
                      vocoder=vocoder, rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
                      speaker=speaker, providers=providers, streaming=True, dit_context_ms=dit_context_ms,
@@ -201,11 +211,15 @@ def live(
     dev_in, dev_out, dev_mon = find_devices(input, output, monitor)  # before a model loads
     voice = open_voice(spec)
     knobs = sampling_steps(knobs, voice, steps)
-    config = resolve_block(voice, config, knobs, say=_say)  # auto: measured here
+    config, choice = resolve_block_choice(voice, config, knobs, say=_say)  # auto: measured here
+    if jitter is None:
+        jitter = auto_jitter_ms(choice)
+        if choice is not None:
+            _say(f"auto jitter buffer: {jitter:.0f} ms (the block's headroom over its mean compute)")
     _say(describe_voice(voice, model, speaker))
     result = run_live(voice, RuntimeSettings(knobs), config, input_device=dev_in,
                       output_device=dev_out, monitor_device=dev_mon, input_rate=input_rate,
-                      output_rate=output_rate, duration=duration, record=record, jitter_ms=jitter_ms,
+                      output_rate=output_rate, duration=duration, record=record, jitter_ms=jitter,
                       console=console)
     _say(live_summary(result, record))
 

@@ -5,8 +5,8 @@
 starts a private PulseAudio daemon (null sinks "mic" and "speaker"), runs `rtsvc live --input pulse
 --output pulse --duration SECONDS` with the given live options (default `--block-ms auto`), plays
 espeak-ng speech and a sung tone into "mic" in a loop while it runs, and prints live's own lines:
-the auto block it picked (and what it measured) and its summary (blocks, compute p99, underruns,
-overruns). Needs pulseaudio, paplay and espeak-ng (docs/benchmarks.md, issue 14).
+the auto block it picked (and what it measured), the auto jitter buffer and its summary (blocks,
+compute p99, underruns, overruns). Needs pulseaudio, paplay and espeak-ng (docs/benchmarks.md, issue 14).
 """
 
 import argparse
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("live_args", nargs="*", help="options for `rtsvc live` (after --)")
     args = ap.parse_args()
     text = run(args.seconds, args.live_args)
-    heads = ("auto block", "voice:", "live:", "stopped")
+    heads = ("auto block", "auto jitter", "voice:", "live:", "stopped")
     lines = [line for line in text.splitlines() if line.startswith(heads) or "error" in line]
     print("\n".join(lines) if lines else text[-3000:])
     sys.exit(0 if any(line.startswith("stopped") for line in lines) else 1)

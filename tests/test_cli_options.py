@@ -16,6 +16,7 @@ import rtsvc.apps.loopback
 import rtsvc.voices.spec
 from rtsvc.apps.autoblock import AutoBlock
 from rtsvc.apps.bench import streaming_gap
+from rtsvc.apps.live import JITTER_MS
 from rtsvc.engine import StreamConfig
 from rtsvc.settings import Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
@@ -96,7 +97,8 @@ def fake_devices(monkeypatch):
     (["--crossfade-ms", "500"], ("crossfade must be between 0 and the block length",)),
     (["--providers", "cuda,gpu"], ("unknown ONNX Runtime provider 'gpu'",)),
     (["--input-rate", "0"], ("--input-rate must be between",)),
-    (["--jitter-ms", "-1"], ("--jitter-ms",)),
+    (["--jitter-ms", "-1"], ("--jitter-ms must be between 0 and",)),
+    (["--jitter-ms", "soon"], ("--jitter-ms must be a number of milliseconds or auto, got 'soon'",)),
     (["--duration", "0"], ("--duration must be positive",)),
     (["--f0", "crepe"], ("unknown --f0 'crepe'",)),
     (["--speaker", "carol"], ("unknown speaker 'carol'", "dsp")),
@@ -191,17 +193,29 @@ def test_live_block_is_auto_per_voice_and_explicit_values_win(fake_model, fake_d
     seen = []
     result = {"seconds": 1.0, "blocks": 1, "gated_blocks": 0, "compute_ms_mean": 2.0, "compute_ms_p99": 3.0,
               "underruns": 0, "overruns": 0}
-    monkeypatch.setattr(rtsvc.apps.live, "run_live",
-                        lambda voice, settings, config, **kw: seen.append(config) or result)
+    jitters = []
+    monkeypatch.setattr(rtsvc.apps.live, "run_live", lambda voice, settings, config, **kw: seen.append(config)
+                        or jitters.append(kw["jitter_ms"]) or result)
     measured = []  # auto is measured on this machine (tests/test_cpu_cost.py); here: the voice's own
-    monkeypatch.setattr(rtsvc.apps.autoblock, "pick_block", lambda voice, config, knobs=None: measured.append(
-        voice) or AutoBlock(voice.default_block_ms, [(voice.default_block_ms, 1.0, 1.0)]))
+    # block, computed in 1 ms (DSP) or 90 ms (model) on average
+    def pick_block(voice, config, knobs=None):
+        measured.append(voice)
+        mean = 90.0 if voice.speakers == ["alice"] else 1.0
+        return AutoBlock(voice.default_block_ms, [(voice.default_block_ms, 95.0, mean)])
+
+    monkeypatch.setattr(rtsvc.apps.autoblock, "pick_block", pick_block)
     for args in ([], ["--model", bundle, "--pretrained-dir", pretrained], ["--block-ms", "auto"],
-                 ["--model", bundle, "--pretrained-dir", pretrained, "--block-ms", "70"]):
-        code, _, err = run_cli(["live", *args], capsys, monkeypatch)
+                 ["--model", bundle, "--pretrained-dir", pretrained, "--block-ms", "70"],
+                 ["--model", bundle, "--pretrained-dir", pretrained, "--jitter-ms", "25"]):
+        code, out, err = run_cli(["live", *args], capsys, monkeypatch)
         assert code == 0, err
-    assert [c.block_ms for c in seen] == [DSP_BLOCK_MS, MODEL_BLOCK_MS, DSP_BLOCK_MS, 70.0]
-    assert [type(v).__name__ for v in measured] == ["DspVoice", "ModelVoice", "DspVoice"]  # not the 70
+    assert [c.block_ms for c in seen] == [DSP_BLOCK_MS, MODEL_BLOCK_MS, DSP_BLOCK_MS, 70.0, MODEL_BLOCK_MS]
+    assert [type(v).__name__ for v in measured] == ["DspVoice", "ModelVoice", "DspVoice", "ModelVoice"]
+    # auto jitter: the measured block's headroom (50 - 1, 150 - 90 ms), at least 40 ms; a given block
+    # was not measured, a given --jitter-ms wins
+    assert jitters == [49.0, 60.0, 49.0, JITTER_MS, 25.0]
+    low = AutoBlock(50.0, [(50.0, 30.0, 25.0)])
+    assert rtsvc.apps.live.auto_jitter_ms(low) == JITTER_MS  # 25 ms of headroom: the 40 ms floor
     assert (DSP_BLOCK_MS, MODEL_BLOCK_MS) == (50.0, 150.0)
 
 

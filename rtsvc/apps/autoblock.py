@@ -34,6 +34,13 @@ class AutoBlock:
     measured: list[tuple[float, float, float]] = field(default_factory=list)
     fits: bool = True  # False: even the longest candidate missed the margin
 
+    @property
+    def headroom_ms(self) -> float:
+        """Block minus mean compute at the picked block: how much later than usual a block may be
+        computed before the engine falls behind (what `rtsvc live --jitter-ms auto` buffers)."""
+        mean = {b: m for b, _, m in self.measured}[self.block_ms]
+        return max(0.0, self.block_ms - mean)
+
     def summary(self) -> str:
         rows = {b: (p99, mean) for b, p99, mean in self.measured}
         p99, mean = rows[self.block_ms]
@@ -105,9 +112,15 @@ def resolve_block(voice: Voice, config: StreamConfig, knobs: Knobs | None = None
                   say=None) -> StreamConfig:
     """`config` for `voice`: a given block as it is; an auto block measured here (`pick_block`),
     with the choice passed to `say` (e.g. print)."""
+    return resolve_block_choice(voice, config, knobs, say)[0]
+
+
+def resolve_block_choice(voice: Voice, config: StreamConfig, knobs: Knobs | None = None,
+                         say=None) -> tuple[StreamConfig, AutoBlock | None]:
+    """`resolve_block`, and the measurement behind an auto block (None for a given block)."""
     if config.block_ms is not None:
-        return config.for_voice(voice)
+        return config.for_voice(voice), None
     choice = pick_block(voice, config, knobs)
     if say is not None:
         say(choice.summary())
-    return replace(config, block_ms=choice.block_ms).for_voice(voice)
+    return replace(config, block_ms=choice.block_ms).for_voice(voice), choice

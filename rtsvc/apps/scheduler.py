@@ -13,7 +13,9 @@ pending jobs as a batch at once unless waiting is worth it, i.e. it waits only w
     - the oldest waiting job has waited less than `deadline_s` (the --batch-deadline-ms).
 
 When the measured cost of a batch exceeds a block's budget (cores contended by other work), a
-spare runner leaves the jobs to the busy one instead: a parallel batch would slow both down.
+spare runner leaves the jobs to the busy one instead (a parallel batch would slow both down), again
+for at most the deadline: `--batch-deadline-ms 0` never waits, batches then form only from blocks
+that queued while every runner was busy.
 So a lone stream, or streams not due soon, never wait, and blocks of streams whose phases are close
 join one batch before anyone is late. Jobs that queued while every runner was busy go together
 (natural batching under load). Nothing waits for a particular stream beyond the deadline or its
@@ -229,8 +231,9 @@ class DeadlineBatcher:
         if free_at is None:
             return 0.0
         if start_by == float("inf"):  # a batch takes longer than a block's budget (the cores are
-            # contended): a batch beside it would only slow both down, so leave the jobs to it
-            return max(free_at - now, OVERRUN_POLL_S)
+            # contended): a batch beside it would only slow both down, so leave the jobs to it,
+            # within the deadline
+            return min(max(free_at - now, OVERRUN_POLL_S), self._pending[0].arrived + self.deadline_s - now)
         return close_at - now if free_at <= close_at else 0.0
 
     def _start_by(self) -> float:
