@@ -9,6 +9,7 @@ import termios
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,31 +55,38 @@ def pulse():
         yield server
 
 
-def test_live_pitch_up_an_octave_through_pulseaudio(pulse, tmp_path):
+def live_with_tone(pulse, args: list[str], tmp_path: Path, start_timeout: float = 60,
+                   end_timeout: float = 60) -> tuple[np.ndarray, str]:
+    """`rtsvc live ARGS` through the null sinks while a 3 s sung tone plays into "mic": what came
+    out of "speaker" (float32 at 44.1 kHz) and live's log."""
     tone = tmp_path / "tone.wav"
     sf.write(tone, sung_tone(3.0, f0=TONE_F0), SR)
-    captured, record, log = tmp_path / "speaker.raw", tmp_path / "record.wav", tmp_path / "live.log"
+    captured, log = tmp_path / "speaker.raw", tmp_path / "live.log"
     with open(captured, "wb") as sink:
         parec = subprocess.Popen(["parec", "-d", "speaker.monitor", "--raw", "--format=float32le",
                                   "--channels=1", f"--rate={SR}"], env=pulse.env, stdout=sink)
-    # a fixed block: auto measures this machine, and on a busy one picks up to 1 s blocks, whose
-    # latency would push the tone's end past --duration (auto itself: tests/test_cpu_cost.py)
-    args = ["--pitch", "12", "--duration", "5", "--gate", "-60", "--record", str(record), "--block-ms", "50"]
     live = start_live(pulse, args, log)
     try:
-        wait_for_start(live, log, timeout=60)
+        wait_for_start(live, log, timeout=start_timeout)
         time.sleep(0.5)
         subprocess.run(["paplay", "-d", "mic", str(tone)], env=pulse.env, check=True, timeout=30)
-        assert live.wait(timeout=60) == 0, log.read_text()
+        assert live.wait(timeout=end_timeout) == 0, log.read_text()
     finally:
         for proc in (live, parec):
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=10)
-    out = np.fromfile(captured, dtype=np.float32)
+    return np.fromfile(captured, dtype=np.float32), log.read_text()
+
+
+def test_live_pitch_up_an_octave_through_pulseaudio(pulse, tmp_path):
+    record = tmp_path / "record.wav"
+    # a fixed block: auto measures this machine, and on a busy one picks up to 1 s blocks, whose
+    # latency would push the tone's end past --duration (auto itself: tests/test_cpu_cost.py)
+    args = ["--pitch", "12", "--duration", "5", "--gate", "-60", "--record", str(record), "--block-ms", "50"]
+    out, text = live_with_tone(pulse, args, tmp_path)
     f0_in, _ = median_f0(sung_tone(3.0, f0=TONE_F0))
     f0_out, voiced = median_f0(out)
-    text = log.read_text()
     print(f"\nlive via PulseAudio: input F0 {f0_in:.1f} Hz, output F0 {f0_out:.1f} Hz, "
           f"{voiced / 100:.2f} s voiced of {out.size / SR:.2f} s captured\n{text.strip().splitlines()[-1]}")
     assert voiced >= 150  # at least 1.5 s of the 3 s tone came through voiced
@@ -102,32 +110,14 @@ def test_live_runs_a_v3_student_bundle_at_its_auto_block(pulse, tmp_path):
     ckpt = write_student(tmp_path / "student.ckpt", dim=64, depth=2)
     result = export_bundle(ckpt, tmp_path / "student.rtsvc", pretrained, with_encoders=True)
     assert result.ok
-    tone = tmp_path / "tone.wav"
-    sf.write(tone, sung_tone(3.0, f0=TONE_F0), SR)
-    captured, log = tmp_path / "speaker.raw", tmp_path / "live.log"
-    with open(captured, "wb") as sink:
-        parec = subprocess.Popen(["parec", "-d", "speaker.monitor", "--raw", "--format=float32le",
-                                  "--channels=1", f"--rate={SR}"], env=pulse.env, stdout=sink)
     args = ["--model", str(result.path), "--pretrained-dir", str(pretrained), "--f0", "fcpe",
             "--duration", "8", "--gate", "-60"]
-    live = start_live(pulse, args, log)
-    try:
-        wait_for_start(live, log, timeout=180)
-        time.sleep(0.5)
-        subprocess.run(["paplay", "-d", "mic", str(tone)], env=pulse.env, check=True, timeout=30)
-        assert live.wait(timeout=120) == 0, log.read_text()
-    finally:
-        for proc in (live, parec):
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=10)
-    text = log.read_text()
+    out, text = live_with_tone(pulse, args, tmp_path, start_timeout=180, end_timeout=120)
     picked = [line for line in text.splitlines() if line.startswith("auto block:")]
     summary = [line for line in text.splitlines() if line.startswith("stopped after")]
     print(f"\n{picked[0] if picked else text[-800:]}\n{summary[0] if summary else ''}")
     assert picked and "measured here: p99 compute" in picked[0]
     assert summary and "underruns" in summary[0]
-    out = np.fromfile(captured, dtype=np.float32)
     assert out.size > SR and np.sqrt(np.mean(out ** 2)) > 1e-3  # the converted tone came out
 
 

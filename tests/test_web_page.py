@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -103,35 +104,41 @@ class Page:
         raise AssertionError(f"timed out waiting for {expression}; page state {state}")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
-def test_page_streams_fake_microphone_through_the_server_in_headless_chromium(tmp_path):
+@contextlib.asynccontextmanager
+async def chromium_page(url: str, tmp_path: Path):
+    """Headless Chromium on `url` with a 220 Hz tone as its fake microphone; the page's `Page`."""
     mic = tmp_path / "mic.wav"
     sf.write(mic, tone(48000, 2.0, f0=220.0), 48000, subtype="PCM_16")
     user_data = Path(tempfile.mkdtemp(prefix="rtsvc-chromium-", dir=tmp_path))
+    flags = ["--window-size=900,1100", f"--user-data-dir={user_data}",
+             f"--use-file-for-fake-audio-capture={mic}"]
+    browser = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, *flags, url],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "HOME": str(tmp_path)})
+    try:
+        async with connect(await devtools_page(user_data), max_size=None) as cdp:
+            yield Page(cdp)
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(10)
+        except subprocess.TimeoutExpired:
+            browser.kill()
 
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_page_streams_fake_microphone_through_the_server_in_headless_chromium(tmp_path):
     async def main():
         async with running(token=TOKEN) as server:
             url = f"http://127.0.0.1:{server.port}/?autostart=1&pitch=12&token={TOKEN}"
-            browser = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={user_data}",
-                                        f"--use-file-for-fake-audio-capture={mic}", url],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                       env={**os.environ, "HOME": str(tmp_path)})
-            try:
-                async with connect(await devtools_page(user_data), max_size=None) as cdp:
-                    page = Page(cdp)
-                    ready = await page.wait_for("window.rtsvc && rtsvc.ready && JSON.stringify(rtsvc.ready)")
-                    await page.wait_for("rtsvc.samplesReceived > 24000 && rtsvc.peakReceived > 0")
-                    await page.eval("const g = document.getElementById('output_gain_db'); g.value = '-12';"
-                                    "g.dispatchEvent(new Event('change'))")
-                    await page.wait_for("rtsvc.settings && rtsvc.settings.output_gain_db === -12")
-                    state = json.loads(await page.eval("JSON.stringify(window.rtsvc)"))
-                    live = dict(server.state.__dict__)
-            finally:
-                browser.terminate()
-                try:
-                    browser.wait(10)
-                except subprocess.TimeoutExpired:
-                    browser.kill()
+            async with chromium_page(url, tmp_path) as page:
+                ready = await page.wait_for("window.rtsvc && rtsvc.ready && JSON.stringify(rtsvc.ready)")
+                await page.wait_for("rtsvc.samplesReceived > 24000 && rtsvc.peakReceived > 0")
+                await page.eval("const g = document.getElementById('output_gain_db'); g.value = '-12';"
+                                "g.dispatchEvent(new Event('change'))")
+                await page.wait_for("rtsvc.settings && rtsvc.settings.output_gain_db === -12")
+                state = json.loads(await page.eval("JSON.stringify(window.rtsvc)"))
+                live = dict(server.state.__dict__)
             await settled(server)
             return json.loads(ready), state, live, list(server.state.history)
 
@@ -148,11 +155,6 @@ def test_page_streams_fake_microphone_through_the_server_in_headless_chromium(tm
     assert np.isfinite(state["queuedMs"])
 
 
-def _run_chromium(url: str, mic: Path, user_data: Path, home: Path) -> subprocess.Popen:
-    return subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, "--window-size=900,1100",
-                             f"--user-data-dir={user_data}", f"--use-file-for-fake-audio-capture={mic}", url],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HOME": str(home)})
 
 
 PANEL_STATE = """JSON.stringify({
@@ -179,44 +181,32 @@ def test_control_panel_renders_keeps_settings_and_presets_in_headless_chromium(t
     reload; presets save and load; a screenshot shows the panel drawn; Start streams with them."""
     from PIL import Image
 
-    mic = tmp_path / "mic.wav"
-    sf.write(mic, tone(48000, 2.0, f0=220.0), 48000, subtype="PCM_16")
-    user_data = Path(tempfile.mkdtemp(prefix="rtsvc-chromium-", dir=tmp_path))
     shot = tmp_path / "panel.png"
 
     async def main():
         async with running(token=TOKEN) as server:
             url = f"http://127.0.0.1:{server.port}/?token={TOKEN}"
-            browser = _run_chromium(url, mic, user_data, tmp_path)
-            try:
-                async with connect(await devtools_page(user_data), max_size=None) as cdp:
-                    page = Page(cdp)
-                    await page.wait_for("window.rtsvc && rtsvc.panelReady")
-                    before = json.loads(await page.eval(PANEL_STATE))
-                    await page.eval(_set("pitch_shift", 7))
-                    await page.eval("document.getElementById('preset-name').value = 'robot';"
-                                    "document.getElementById('preset-save').click()")
-                    await page.eval(_set("pitch_shift", -3))
-                    await page.eval(_set("preset-list", "robot"))
-                    await page.eval("document.getElementById('preset-load').click()")
-                    await page.eval(_set("denoise", "rnnoise"))
-                    edited = json.loads(await page.eval(PANEL_STATE))
-                    await page.eval("location.reload()")
-                    await asyncio.sleep(0.5)
-                    await page.wait_for("window.rtsvc && rtsvc.panelReady")
-                    reloaded = json.loads(await page.eval(PANEL_STATE))
-                    png = await page.call("Page.captureScreenshot", format="png")
-                    shot.write_bytes(base64.b64decode(png["data"]))
-                    await page.eval("document.getElementById('start').click()")
-                    ready = await page.wait_for("rtsvc.ready && JSON.stringify(rtsvc.ready)")
-                    await page.wait_for("rtsvc.samplesReceived > 9600")
-                    state = json.loads(await page.eval("JSON.stringify(window.rtsvc)"))
-            finally:
-                browser.terminate()
-                try:
-                    browser.wait(10)
-                except subprocess.TimeoutExpired:
-                    browser.kill()
+            async with chromium_page(url, tmp_path) as page:
+                await page.wait_for("window.rtsvc && rtsvc.panelReady")
+                before = json.loads(await page.eval(PANEL_STATE))
+                await page.eval(_set("pitch_shift", 7))
+                await page.eval("document.getElementById('preset-name').value = 'robot';"
+                                "document.getElementById('preset-save').click()")
+                await page.eval(_set("pitch_shift", -3))
+                await page.eval(_set("preset-list", "robot"))
+                await page.eval("document.getElementById('preset-load').click()")
+                await page.eval(_set("denoise", "rnnoise"))
+                edited = json.loads(await page.eval(PANEL_STATE))
+                await page.eval("location.reload()")
+                await asyncio.sleep(0.5)
+                await page.wait_for("window.rtsvc && rtsvc.panelReady")
+                reloaded = json.loads(await page.eval(PANEL_STATE))
+                png = await page.call("Page.captureScreenshot", format="png")
+                shot.write_bytes(base64.b64decode(png["data"]))
+                await page.eval("document.getElementById('start').click()")
+                ready = await page.wait_for("rtsvc.ready && JSON.stringify(rtsvc.ready)")
+                await page.wait_for("rtsvc.samplesReceived > 9600")
+                state = json.loads(await page.eval("JSON.stringify(window.rtsvc)"))
             await settled(server)
             return before, edited, reloaded, json.loads(ready), state
 
@@ -252,28 +242,15 @@ class BehindVoice(IdentityVoice):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_page_shows_the_servers_overload_warning_in_headless_chromium(tmp_path):
-    mic = tmp_path / "mic.wav"
-    sf.write(mic, tone(48000, 2.0, f0=220.0), 48000, subtype="PCM_16")
-    user_data = Path(tempfile.mkdtemp(prefix="rtsvc-chromium-", dir=tmp_path))
-
     async def main():
         async with running(VoiceSource("behind", ["echo"], BehindVoice), token=TOKEN, workers=1,
                            max_lag_ms=200) as server:
-            browser = _run_chromium(f"http://127.0.0.1:{server.port}/?autostart=1&token={TOKEN}", mic,
-                                    user_data, tmp_path)
-            try:
-                async with connect(await devtools_page(user_data), max_size=None) as cdp:
-                    page = Page(cdp)
-                    await page.wait_for("rtsvc.warnings > 0")
-                    state = json.loads(await page.eval(
-                        "JSON.stringify({warning: rtsvc.warning, status: $('status').textContent,"
-                        " error: $('status').classList.contains('error')})"))
-            finally:
-                browser.terminate()
-                try:
-                    browser.wait(10)
-                except subprocess.TimeoutExpired:
-                    browser.kill()
+            async with chromium_page(f"http://127.0.0.1:{server.port}/?autostart=1&token={TOKEN}",
+                                     tmp_path) as page:
+                await page.wait_for("rtsvc.warnings > 0")
+                state = json.loads(await page.eval(
+                    "JSON.stringify({warning: rtsvc.warning, status: $('status').textContent,"
+                    " error: $('status').classList.contains('error')})"))
             await settled(server)
             return state
 
