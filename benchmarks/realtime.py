@@ -234,7 +234,7 @@ def make_voice(kind: str, files: dict[str, Path], f0: str, precision: str, threa
     `v3s-*`: the exported V3 student bundle, opened by `open_voice`. `threads=None`: the product
     default (torch at STREAMING_TORCH_THREADS, ONNX Runtime sessions at their own default)."""
     if kind.startswith("v3s"):
-        return open_student_bundle(kind, f0, precision, threads, concurrent_f0)
+        return open_student_bundle(kind, f0, precision, threads, concurrent_f0, backend)
     if threads == CV1:
         raise SystemExit("--threads cv1 applies to the v3s voices only")
     from rtsvc.backends.bundle import read_bundle, write_manifest
@@ -310,13 +310,25 @@ def student_bundle(dim: int, depth: int, precision: str, log=print) -> tuple[Pat
     return want, pretrained
 
 
-def open_student_bundle(kind: str, f0: str, precision: str, threads: int | None, concurrent_f0: bool):
+def open_student_bundle(kind: str, f0: str, precision: str, threads: int | None, concurrent_f0: bool,
+                        backend: str = "onnx-cpu"):
+    """The real V3 student as the product opens it: its bundle on ONNX Runtime (`onnx-cpu`, `-cuda`,
+    `-tensorrt`), or its checkpoint on torch (`torch-fp32` on the GPU if there is one, `torch-fp16`)."""
     from rtsvc.voices.spec import VoiceSpec, open_voice
 
     dim, depth = {"512": (512, 8), "768": (768, 12)}[kind.split("-")[1]]
     bundle, pretrained = student_bundle(dim, depth, precision)
-    voice = open_voice(VoiceSpec(model=bundle, pretrained_dir=pretrained, f0=f0,
-                                 threads=None if threads == CV1 else threads, concurrent_f0=concurrent_f0))
+    runtime, flavour = backend.split("-")
+    gpu = "cuda" if torch.cuda.is_available() else "cpu"
+    if runtime == "torch":
+        where = {"model": bundle.parent / f"student-v3-{dim}-{depth}.ckpt", "backend": "torch", "device": gpu,
+                 "precision": "fp16" if flavour == "fp16" else "fp32"}
+    else:
+        where = {"model": bundle, "backend": "onnx", "device": "cpu" if flavour == "cpu" else "cuda",
+                 "providers": "cpu" if flavour == "cpu" else f"{flavour},cpu"}
+    spec = VoiceSpec(pretrained_dir=pretrained, f0=f0, threads=None if threads == CV1 else threads,
+                     concurrent_f0=concurrent_f0, **where)
+    voice = open_voice(spec)
     if threads == CV1:  # ContentVec on one thread (F0 has the other core), DiT and vocoder as default
         from rtsvc.backends.onnx_backend import make_session
 
@@ -523,8 +535,9 @@ def run_cuts(args, files: dict[str, Path], kind: str, ref, inputs: dict[str, np.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--voices", default="student-512,student-768", help="comma list of student-512, "
-                    "student-768, v2-512, v2-768 (default student-512,student-768)")
+    ap.add_argument("--voices", default="student-512,student-768", help="comma list of v3s-512, v3s-768 "
+                    "(real V3 students), student-512, student-768 (V2 stand-ins), v2-512, v2-768 (default "
+                    "student-512,student-768)")
     ap.add_argument("--f0", default="fcpe,rmvpe", help="comma list of fcpe, rmvpe, pyworld "
                     "(default fcpe,rmvpe)")
     ap.add_argument("--precision", default="fp32,int8", help="comma list of fp32, int8 (default both)")
