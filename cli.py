@@ -44,6 +44,15 @@ def _opt(kind: type, help: str, *names: str):
     return Annotated[kind, typer.Option(*names, help=help)]
 
 
+# train and distill
+TrainPrecision = _opt(str, "auto, fp32, bf16 or fp16 (autocast). Default: auto (bf16 on a CUDA GPU that has "
+                      "it, else fp32).")
+LogEvery = _opt(int, "Steps between metrics.jsonl lines. Default: 10.")
+NumWorkers = _opt(int, "DataLoader worker processes. Default: 2.")
+TrainSeed = _opt(int, "Random seed (batches, crops, noise). Default: 2025.")
+Resume = _opt(bool, "Continue OUT/last.ckpt at its exact step. Default: off.")
+TrainDevice = _opt(str, "Torch device: auto, cpu or cuda. Default: auto (under torchrun: one GPU per rank).")
+
 Model = _opt(Path | None, "RIFT-SVC V2 or V3 checkpoint (.ckpt, LoRA fine-tunes too) or exported .rtsvc "
              "bundle. Default: none, the built-in DSP voice.", "--model", "-m")
 Speaker = _opt(str | None, "Target speaker name. Default: the model's default (first) speaker; a voice you "
@@ -460,18 +469,16 @@ def train(
     weight_decay: float | None = typer.Option(None, help="AdamW weight decay. Default: 0.01 with "
                                               "--pretrained, else 0."),
     grad_clip: float = typer.Option(0.0, help="Clip the global gradient norm to this (0 = off). Default: 0."),
-    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (autocast). Default: auto "
-                                  "(bf16 on a CUDA GPU that has it, else fp32)."),
+    precision: TrainPrecision = "auto",
     save_every: int = typer.Option(1000, help="Steps between checkpoints (last.ckpt + step-N.ckpt). "
                                    "Default: 1000."),
     eval_every: int = typer.Option(1000, help="Steps between validations (0 = never). Default: 1000."),
-    log_every: int = typer.Option(10, help="Steps between metrics.jsonl lines. Default: 10."),
+    log_every: LogEvery = 10,
     eval_samples: int = typer.Option(2, help="Clips sampled to WAV + PNG at each validation. Default: 2."),
-    num_workers: int = typer.Option(2, help="DataLoader worker processes. Default: 2."),
-    seed: int = typer.Option(2025, help="Random seed (batches, crops, noise). Default: 2025."),
-    resume: bool = typer.Option(False, help="Continue OUT/last.ckpt at its exact step. Default: off."),
-    device: str = typer.Option("auto", help="Torch device: auto, cpu or cuda. Default: auto "
-                               "(under torchrun: one GPU per rank)."),
+    num_workers: NumWorkers = 2,
+    seed: TrainSeed = 2025,
+    resume: Resume = False,
+    device: TrainDevice = "auto",
     pretrained_dir: Path | None = typer.Option(None, help="Pretrained components for the validation "
                                                "vocoder. Default: the folder `rtsvc prepare` used."),
     vocoder: Path | None = typer.Option(None, help="NSF-HiFiGAN model.ckpt for validation audio. Default: "
@@ -542,16 +549,14 @@ def distill(
                                                "pass bypasses. Default: none."),
     lr: float = typer.Option(1e-4, help="Learning rate. Default: 1e-4."),
     grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0 = off). Default: 1."),
-    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (autocast). Default: auto "
-                                  "(bf16 on a CUDA GPU that has it, else fp32)."),
+    precision: TrainPrecision = "auto",
     save_every: int = typer.Option(500, help="Steps between checkpoints (last.ckpt + step-N.ckpt). "
                                    "Default: 500."),
-    log_every: int = typer.Option(10, help="Steps between metrics.jsonl lines. Default: 10."),
-    num_workers: int = typer.Option(2, help="DataLoader worker processes. Default: 2."),
-    seed: int = typer.Option(2025, help="Random seed (batches, crops, noise). Default: 2025."),
-    resume: bool = typer.Option(False, help="Continue OUT/last.ckpt at its exact step. Default: off."),
-    device: str = typer.Option("auto", help="Torch device: auto, cpu or cuda. Default: auto "
-                               "(under torchrun: one GPU per rank)."),
+    log_every: LogEvery = 10,
+    num_workers: NumWorkers = 2,
+    seed: TrainSeed = 2025,
+    resume: Resume = False,
+    device: TrainDevice = "auto",
 ) -> None:
     """Distil a teacher into a 1-2 evaluation student without guidance branches (torchrun for DDP)."""
     from training.distill import DistillConfig
