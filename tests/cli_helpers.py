@@ -1,5 +1,7 @@
 """Running the real `rtsvc` entry point in-process (one torch import for all CLI tests)."""
 
+import contextlib
+import io
 import sys
 
 import numpy as np
@@ -19,6 +21,22 @@ def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     out = capsys.readouterr()
     code = exc.value.code if isinstance(exc.value.code, int) else (0 if exc.value.code is None else 1)
     return code, out.out, out.err
+
+
+def run_cli_captured(args: list[str]) -> tuple[int, str, str]:
+    """`run_cli` for module-scoped fixtures (capsys and monkeypatch are function-scoped): argv is set
+    and the output captured by hand."""
+    mp = pytest.MonkeyPatch()
+    out, err = io.StringIO(), io.StringIO()
+    mp.setattr(sys, "argv", ["rtsvc", *map(str, args)])
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with pytest.raises(SystemExit) as exc:
+                cli.main()
+    finally:
+        mp.undo()
+    code = exc.value.code if isinstance(exc.value.code, int) else (0 if exc.value.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
 
 
 def harmonic_tone(seconds: float, f0: float = 150.0, amp: float = 0.3, vibrato: float = 0.0) -> np.ndarray:

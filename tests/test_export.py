@@ -1,10 +1,7 @@
 """`rtsvc export` on tiny models in the official formats: parity, the ONNX backend, and a bundle
 round trip through `rtsvc convert` that must sound like the checkpoint it came from."""
 
-import contextlib
-import io
 import shutil
-import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -12,7 +9,6 @@ import pytest
 import soundfile as sf
 import torch
 
-import cli
 from export.onnx_export import export_bundle, export_dit
 from export.parity import check_dit
 from rtsvc.backends.bundle import bundle_components, read_bundle, sha256_file
@@ -26,7 +22,7 @@ from rtsvc.models.guidance import Guidance
 from rtsvc.models.loading import load_dit
 from rtsvc.models.vocoder import draw_source_randomness
 from rtsvc.pretrained import LAYOUT, resolve_pretrained
-from tests.cli_helpers import harmonic_tone, run_cli, write_wav
+from tests.cli_helpers import harmonic_tone, run_cli, run_cli_captured, write_wav
 from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
 
@@ -46,18 +42,10 @@ def exported(tiny):
     """`rtsvc export --with-encoders` through the real entry point (module scope: one export for the
     file; the encoders make the bundle independent of ContentVec/Whisper in the pretrained dir)."""
     root, ckpt, pretrained = tiny
-    mp = pytest.MonkeyPatch()  # capsys/monkeypatch are function-scoped: capture by hand here
-    out, err = io.StringIO(), io.StringIO()
-    mp.setattr(sys, "argv", ["rtsvc", "export", str(ckpt), "--out", str(root / "tiny.rtsvc"),
-                             "--pretrained-dir", str(pretrained), "--with-encoders"])
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            with pytest.raises(SystemExit) as exc:
-                cli.main()
-    finally:
-        mp.undo()
-    assert exc.value.code in (0, None), err.getvalue()
-    return root / "tiny.rtsvc", out.getvalue()
+    code, out, err = run_cli_captured(["export", ckpt, "--out", root / "tiny.rtsvc", "--pretrained-dir",
+                                       pretrained, "--with-encoders"])
+    assert code == 0, err
+    return root / "tiny.rtsvc", out
 
 
 def test_export_writes_a_verified_bundle_and_prints_parity(exported, tiny):

@@ -1,17 +1,13 @@
 """`rtsvc export` of a V3 LoRA checkpoint: one graph computing every guidance pass, LoRA merged with
 alpha / sqrt(rank), parity-checked; the bundle runs like the checkpoint and needs no Whisper."""
 
-import contextlib
-import io
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-import cli
 from rtsvc.backends.bundle import read_bundle
 from rtsvc.backends.onnx_backend import OnnxBackend
 from rtsvc.backends.torch_backend import TorchBackend
@@ -19,7 +15,7 @@ from rtsvc.errors import UserError
 from rtsvc.models.flow import Conditioning
 from rtsvc.models.guidance import Guidance
 from rtsvc.pretrained import LAYOUT
-from tests.cli_helpers import SR, harmonic_tone, run_cli, write_wav
+from tests.cli_helpers import SR, harmonic_tone, run_cli, run_cli_captured, write_wav
 from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.upstream.fixtures import make_v3_head
 
@@ -30,18 +26,9 @@ def exported(tmp_path_factory):
     ckpt, _ = make_v3_head(root / "v3-lora.ckpt", lora_rank=4, lora_alpha=8.0)
     pretrained = make_tiny_pretrained_dir(root / "pretrained")
     shutil.rmtree(pretrained / LAYOUT["whisper"])
-    mp = pytest.MonkeyPatch()
-    out, err = io.StringIO(), io.StringIO()
-    mp.setattr(sys, "argv", ["rtsvc", "export", str(ckpt), "--out", str(root / "v3.rtsvc"),
-                             "--pretrained-dir", str(pretrained), "--cfg-skip-layers", "1",
-                             "--with-encoders"])
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            with pytest.raises(SystemExit) as exc:
-                cli.main()
-    finally:
-        mp.undo()
-    assert exc.value.code in (0, None), err.getvalue()
+    code, _, err = run_cli_captured(["export", ckpt, "--out", root / "v3.rtsvc", "--pretrained-dir",
+                                     pretrained, "--cfg-skip-layers", "1", "--with-encoders"])
+    assert code == 0, err
     return root / "v3.rtsvc", ckpt, pretrained
 
 
