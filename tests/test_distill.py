@@ -26,12 +26,7 @@ TINY = dict(batch_size=2, pairs=2, lr=1e-3, log_every=2, num_workers=0, device="
             max_frame_len=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cond(b: int = 2, n: int = 20, seed: int = 0) -> Conditioning:

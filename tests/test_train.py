@@ -48,14 +48,7 @@ def _cli(args: list) -> tuple[int, str]:
     return exc.value.code or 0, " ".join(stream.getvalue().split())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning
-    threads make a step several times slower (measured 6 s vs 45 s for 30 steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

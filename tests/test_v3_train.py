@@ -22,12 +22,7 @@ from training.train import TrainConfig, train
 TINY = dict(batch_size=4, lr=3e-3, log_every=5, num_workers=0, device="cpu", progress=False, eval_every=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
