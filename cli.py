@@ -599,8 +599,9 @@ def export_cmd(
                                         "graph, bypassing this DiT block (0-based; the bundle then honours "
                                         "--skip-cfg-strength with this block only); -1 = no skip pass. "
                                         "Default: -1."),
-    with_encoders: bool = typer.Option(False, help="Also export ContentVec and the Whisper encoder to "
-                                       "ONNX (large: ~0.4 GB + ~2.4 GB for the real models). Default: off."),
+    with_encoders: bool = typer.Option(False, help="Also export ContentVec, the Whisper encoder (V2) and "
+                                       "FCPE's network (for --f0 fcpe) to ONNX (large: ~0.4 GB + ~2.4 GB for "
+                                       "the real models, FCPE 43 MB). Default: off."),
     tolerance: float | None = typer.Option(None, help="Largest allowed parity error, relative to the "
                                            "largest torch output value. Default: 1e-4 (fp32), 2e-2 (fp16)."),
     int8: bool = typer.Option(False, help="Then quantize for CPUs: dynamic int8 DiT and encoders, "

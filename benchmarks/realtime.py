@@ -54,6 +54,8 @@ STUDENT_STEPS = 2  # grid points: one Euler update = one evaluation
 V2_STEPS = 4  # the streaming default: 3 updates x 2 branches
 WHISPER_DIM = 1280
 CV1 = -1  # --threads cv1: the default threads but ContentVec's session on one thread (v3s voices)
+CV2 = -2  # --threads cv2: the default threads but ContentVec's session at ONNX Runtime's default (v3s voices)
+ENCODER_VARIANTS = {CV1: 1, CV2: None}  # ContentVec session threads of those variants
 SPEECH = ("The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore, "
           "and the shells she sells are surely sea shells.")
 
@@ -235,8 +237,8 @@ def make_voice(kind: str, files: dict[str, Path], f0: str, precision: str, threa
     default (torch at STREAMING_TORCH_THREADS, ONNX Runtime sessions at their own default)."""
     if kind.startswith("v3s"):
         return open_student_bundle(kind, f0, precision, threads, concurrent_f0, backend)
-    if threads == CV1:
-        raise SystemExit("--threads cv1 applies to the v3s voices only")
+    if threads in ENCODER_VARIANTS:
+        raise SystemExit("--threads cv1 / cv2 apply to the v3s voices only")
     from rtsvc.backends.bundle import read_bundle, write_manifest
     from rtsvc.backends.onnx_backend import CPU, PROVIDER_NAMES, OnnxBackend, OnnxContentVec, make_session
     from rtsvc.features.extractor import FeatureExtractor
@@ -326,14 +328,16 @@ def open_student_bundle(kind: str, f0: str, precision: str, threads: int | None,
     else:
         where = {"model": bundle, "backend": "onnx", "device": "cpu" if flavour == "cpu" else "cuda",
                  "providers": "cpu" if flavour == "cpu" else f"{flavour},cpu"}
-    spec = VoiceSpec(pretrained_dir=pretrained, f0=f0, threads=None if threads == CV1 else threads,
+    spec = VoiceSpec(pretrained_dir=pretrained, f0=f0,
+                     threads=None if threads in ENCODER_VARIANTS else threads,
                      concurrent_f0=concurrent_f0, **where)
     voice = open_voice(spec)
-    if threads == CV1:  # ContentVec on one thread (F0 has the other core), DiT and vocoder as default
+    if threads in ENCODER_VARIANTS:  # ContentVec's threads set apart, DiT and vocoder as default
         from rtsvc.backends.onnx_backend import make_session
 
         cv = voice.features.contentvec
-        cv.session = make_session(bundle / "contentvec.onnx", cv.session.get_providers(), 1)
+        cv.session = make_session(bundle / "contentvec.onnx", cv.session.get_providers(),
+                                  ENCODER_VARIANTS[threads])
     return voice
 
 
@@ -441,7 +445,8 @@ def run_table(args, files: dict[str, Path], whisper_large) -> None:
         backend, kind, f0, precision, threads, concurrent = config
         for block in args.blocks:
             r = merge(parts[config, block])
-            label = {None: "default", CV1: "default, ContentVec 1"}.get(threads, threads)
+            names = {None: "default", CV1: "default, ContentVec 1", CV2: "default, ContentVec ORT default"}
+            label = names.get(threads, threads)
             print(f"| {backend} | {kind} | {f0} | {precision} | {label} | "
                   f"{'on' if concurrent else 'off'} | {r['block_ms']:.1f} | "
                   f"{r['mean']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | {r['rtf']:.2f} | "
@@ -565,7 +570,7 @@ def main() -> None:
     args.voices = args.voices.split(",")
     args.f0 = args.f0.split(",")
     args.precision = args.precision.split(",")
-    named = {"default": None, "cv1": CV1}
+    named = {"default": None, "cv1": CV1, "cv2": CV2}
     args.threads = [named[t] if t in named else int(t) for t in args.threads.split(",")]
     args.concurrent = [c == "on" for c in args.concurrent.split(",")]
     args.blocks = [float(b) for b in args.blocks.split(",")]

@@ -145,6 +145,23 @@ def check_contentvec(onnx_path, reference, tolerance: float = FP32_TOLERANCE) ->
     return rows
 
 
+def check_fcpe(onnx_path, model, tolerance: float = FP32_TOLERANCE) -> list[ParityRow]:
+    """fcpe.onnx vs torchfcpe's network on the mel of a gliding tone in noise (the network's real
+    input, from torchfcpe's own `wav2mel`); `frames` = mel frames (100/s)."""
+    session = make_session(onnx_path)
+    g = torch.Generator().manual_seed(PARITY_SEED)
+    rows = []
+    for seconds in ENCODER_SECONDS:
+        t = torch.arange(int(seconds * 16000)) / 16000
+        tone = 0.3 * torch.sin(2 * torch.pi * (150 * t + 60 * t ** 2))
+        tone = tone + 0.02 * torch.randn(t.shape, generator=g)
+        with torch.no_grad():
+            mel = model.wav2mel(tone.reshape(1, -1, 1), 16000)
+        rows.append(_encoder_compare("fcpe", model.model, session, {"mel": mel}, int(mel.shape[1]),
+                                     tolerance))
+    return rows
+
+
 def check_whisper(onnx_path, reference, n_mels: int, tolerance: float = FP32_TOLERANCE) -> list[ParityRow]:
     """whisper_encoder.onnx vs torch on random log-mel inputs of several frame counts, with position
     offsets inside the table, past its end (clamped) and zero."""

@@ -6,7 +6,9 @@ issue 14):
     dit.onnx, contentvec.onnx, whisper_encoder.onnx   dynamic int8 (weights int8 per channel,
         activations quantized per call): their cost is MatMul/Gemm, which ONNX Runtime runs as
         int8 GEMMs; nothing to calibrate
-    vocoder.onnx   static (calibrated) int8 QDQ on Conv and ConvTranspose: activation ranges come
+    vocoder.onnx   static (calibrated) int8 QDQ on Conv, ConvTranspose and LeakyReLU (the activations
+        between two convolutions stay int8: 11% faster for +0.003 rel. L2; the residual Adds stay fp32,
+        quantizing them cost 3.5x the error): activation ranges come
         from vocoding real mel spectrograms (the calibration audio), so no per-call range scan;
         dynamic int8 made it 3.5-4x slower. If the static graph is not faster here, the fp32 graph
         is kept (`QuantizedGraph.kept_fp32`)
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 DYNAMIC_OPS = ["MatMul", "Gemm"]
-STATIC_OPS = ["Conv", "ConvTranspose"]
+STATIC_OPS = ["Conv", "ConvTranspose", "LeakyRelu"]
 TIMING_REPEATS = 5
 
 
@@ -67,7 +69,7 @@ def quantize_dynamic_graph(src: Path, dst: Path) -> None:
 
 
 def quantize_static_graph(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
-    """Static int8 QDQ of Conv/ConvTranspose with activation ranges from `calibration` feeds."""
+    """Static int8 QDQ of `STATIC_OPS` with activation ranges from `calibration` feeds."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -114,7 +116,7 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], sta
     scratch = dst.with_name(dst.name + ".int8")
     if static:
         quantize_static_graph(src, scratch, feeds)
-        scheme = "static int8 QDQ (Conv, ConvTranspose)"
+        scheme = f"static int8 QDQ ({', '.join(STATIC_OPS)})"
     else:
         quantize_dynamic_graph(src, scratch)
         scheme = "dynamic int8 (MatMul, Gemm)"

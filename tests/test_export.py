@@ -61,8 +61,8 @@ def test_export_writes_a_verified_bundle_and_prints_parity(exported, tiny):
     assert m["features"]["pretrained_layout"]["contentvec"] == LAYOUT["contentvec"]
     assert m["source"]["checkpoint_sha256"] == sha256_file(ckpt)
     assert m["export"]["parity"]["dit"]["max_rel"] < 1e-4
-    assert sorted(m["files"]) == ["contentvec.onnx", "dit.onnx", "vocoder.onnx", "whisper_encoder.onnx",
-                                  "whisper_preprocessor/preprocessor_config.json"]
+    assert sorted(m["files"]) == ["contentvec.onnx", "dit.onnx", "fcpe.onnx", "vocoder.onnx",
+                                  "whisper_encoder.onnx", "whisper_preprocessor/preprocessor_config.json"]
     assert m["features"]["whisper"]["onnx"] == "whisper_encoder.onnx"
     session = ort.InferenceSession(str(bundle.file("dit.onnx")), providers=[CPU])
     dims = {i.name: i.shape for i in session.get_inputs()}
@@ -220,6 +220,28 @@ def test_bundle_encoders_replace_the_torch_encoders(exported, tiny):
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
 
 
+def test_bundle_fcpe_graph_gives_torchfcpe_f0(exported, tiny):
+    """--f0 fcpe on a bundle exported --with-encoders runs FCPE's network from fcpe.onnx: the F0 equals
+    torchfcpe's own (real bundled weights) on a gliding sung tone, voiced frames included."""
+    from rtsvc.features.f0 import make_f0_extractor
+
+    bundle_path, stdout = exported
+    manifest = read_bundle(bundle_path).manifest
+    assert manifest["features"]["fcpe"]["onnx"] == "fcpe.onnx" and stdout.count("fcpe") >= 3
+    assert manifest["export"]["parity"]["fcpe"]["max_rel"] < 1e-4
+    backend = OnnxBackend.open(bundle_path, device="cpu")
+    features = backend.feature_extractor(None, "fcpe", torch.device("cpu"))
+    assert features.f0_extractor.runtime == "onnx"  # fcpe.onnx, not torchfcpe's network
+    t = np.arange(16000) / 16000
+    glide = (0.3 * np.sin(2 * np.pi * (180 * t + 60 * t ** 2))).astype(np.float32)  # 180 -> 300 Hz
+    want = make_f0_extractor("fcpe")(glide)
+    got = features.f0_extractor(glide)
+    assert got.shape == want.shape == (101,)
+    voiced, expected = want > 0, 180 + 120 * np.arange(101) * 0.01  # instantaneous frequency per 10 ms frame
+    assert voiced.sum() > 80 and np.all(np.abs(want[voiced][5:-5] - expected[voiced][5:-5]) < 15)
+    assert np.array_equal(got > 0, voiced) and np.abs(got - want).max() < 1e-2  # Hz
+
+
 def test_encoders_take_one_thread_each_while_f0_runs_beside_them(exported, tiny):
     """Streaming on a CPU with F0 beside the encoders, the bundle's ContentVec and Whisper sessions run on
     one thread (F0 has the other core; measured fastest, issue 14); DiT and vocoder keep ONNX Runtime's
@@ -239,3 +261,7 @@ def test_encoders_take_one_thread_each_while_f0_runs_beside_them(exported, tiny)
     assert threads(beside) == [1, 1, 0, 0] and beside.cache.side_thread is not None
     assert threads(open_voice(spec)) == [0, 0, 0, 0]
     assert threads(open_voice(spec.with_(concurrent_f0=True, threads=2))) == [2, 2, 2, 2]
+    # FCPE on the bundle's graph is short: it takes the one thread, the encoders keep the default
+    fcpe = open_voice(spec.with_(f0="fcpe", concurrent_f0=True))
+    net = fcpe.features.f0_extractor.network
+    assert threads(fcpe) == [0, 0, 0, 0] and net.session.get_session_options().intra_op_num_threads == 1

@@ -39,7 +39,7 @@ def test_v3_bundle_manifest(exported):
     assert m["dit"]["lora"] == {"rank": 4, "alpha": 8.0, "merged": True}
     assert m["dit"]["cfg_skip_layers"] == [1]
     assert m["export"]["parity"]["dit"]["max_rel"] < 1e-4
-    assert sorted(m["files"]) == ["contentvec.onnx", "dit.onnx", "vocoder.onnx"]
+    assert sorted(m["files"]) == ["contentvec.onnx", "dit.onnx", "fcpe.onnx", "vocoder.onnx"]
 
 
 @pytest.mark.parametrize("guidance", [

@@ -148,7 +148,7 @@ def _schema_errors(manifest: dict) -> list[str]:
     speakers = manifest["speakers"]
     if not all(isinstance(k, str) and k and _is_int(v, 0) for k, v in speakers.items()):
         errors.append('"speakers" must map speaker names to indices (integers >= 0)')
-    for name in ("contentvec", "whisper"):
+    for name in ("contentvec", "whisper", "fcpe"):
         entry = manifest["features"].get(name)
         if entry is not None and not (isinstance(entry, dict) and all(
                 isinstance(entry.get(k), str | None) for k in ("onnx", "preprocessor"))):

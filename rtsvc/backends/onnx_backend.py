@@ -295,8 +295,10 @@ class OnnxBackend:
     def feature_extractor(self, pretrained, f0: str, device: torch.device,
                           encoder_threads: int | None = None):
         """A FeatureExtractor running the bundle's ContentVec and Whisper graphs on this backend's
-        providers (F0 still from `pretrained`), or None when the bundle has no encoder graphs.
-        `encoder_threads`: their sessions' threads (None: the backend's)."""
+        providers, or None when the bundle has no encoder graphs. F0: `--f0 fcpe` runs the bundle's
+        fcpe.onnx when it has one (older bundles: torchfcpe), RMVPE comes from `pretrained`.
+        `encoder_threads`: the encoder sessions' threads (None: the backend's), or with F0 on the
+        bundle's graph, that graph's."""
         threads = self._threads if encoder_threads is None else encoder_threads
         from rtsvc.features.extractor import FAMILY_FEATURES, FeatureExtractor
         from rtsvc.features.f0 import make_f0_extractor
@@ -308,6 +310,14 @@ class OnnxBackend:
         preprocessor = (features.get("whisper") or {}).get("preprocessor")
         if not cvec_file or (uses_whisper and not (whisper_file and preprocessor)):
             return None
+        fcpe_file = (features.get("fcpe") or {}).get("onnx")
+        fcpe_net = None
+        if f0 == "fcpe" and fcpe_file:
+            # F0 on its graph is short (~10 ms a block on 2 cores): beside the encoders it is the one
+            # that takes `encoder_threads`, and the encoders keep the backend's (measured, issue 14)
+            session = make_session(self.bundle.file(fcpe_file), self._providers, threads)
+            fcpe_net = OnnxFcpeNet(session, device)
+            threads = self._threads
         whisper = None
         if uses_whisper:
             from transformers import WhisperFeatureExtractor
@@ -318,10 +328,23 @@ class OnnxBackend:
         return FeatureExtractor(
             OnnxContentVec(make_session(self.bundle.file(cvec_file), self._providers, threads), device),
             whisper,
-            make_f0_extractor(f0, rmvpe_path=pretrained.rmvpe if pretrained else None, device=device),
+            make_f0_extractor(f0, rmvpe_path=pretrained.rmvpe if pretrained else None, device=device,
+                              fcpe_net=fcpe_net),
             device,
             content_resize,
         )
+
+
+class OnnxFcpeNet:
+    """FCPE's network over fcpe.onnx: mel [b, t, 128] -> latent [b, t, 360] (torch tensors)."""
+
+    def __init__(self, session: ort.InferenceSession, device: torch.device):
+        self.session = session
+        self.device = device
+
+    def __call__(self, mel: torch.Tensor) -> torch.Tensor:
+        latent = self.session.run(None, {"mel": mel.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(latent).to(self.device)
 
 
 class OnnxContentVec:

@@ -22,7 +22,9 @@ STREAMING_TORCH_THREADS = 1  # torch on 2 busy cores: 2 threads made FCPE 10x sl
 # one stream's F0 beside its encoders (live, convert --stream, bench); `serve` keeps it off (its
 # streams already fill the cores); measured in docs/benchmarks.md, issue 14
 CONCURRENT_F0 = True
-ENCODER_THREADS_BESIDE_F0 = 1  # ONNX encoder sessions' threads while F0 runs beside them (on the other core)
+# ONNX encoder sessions' threads while a torch F0 runs beside them (on the other core); a bundle's
+# FCPE graph (~10 ms a block) takes this instead and the encoders keep ONNX Runtime's default
+ENCODER_THREADS_BESIDE_F0 = 1
 F0_CHOICES = ("rmvpe", "fcpe", "pyworld")  # what --f0 offers (rtsvc.features.f0 has more, for the DSP voice)
 
 
