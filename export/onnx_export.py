@@ -231,7 +231,10 @@ def export_fcpe(work: Path, opset: int, tolerance: float, step: ProgressFn):
     from rtsvc.features.f0 import load_fcpe
 
     step("exporting fcpe.onnx")
-    model = load_fcpe("cpu")
+    try:
+        model = load_fcpe("cpu")
+    except UserError as err:  # say why an export needs it
+        raise UserError(f"--with-encoders also exports FCPE: {err}") from None
     g = torch.Generator().manual_seed(0)
     exporters = {"fcpe": _export(model.model, (torch.randn(TRACE_BATCH, 64, model.model.input_channels,
                                                            generator=g),),
