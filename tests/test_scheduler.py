@@ -55,6 +55,15 @@ def echo(jobs):
     return list(jobs)
 
 
+def sleeping(seconds: float, answer=echo):
+    """A batch function that takes `seconds` per batch, whatever its size, then answers."""
+    def run(jobs):
+        time.sleep(seconds)
+        return answer(jobs)
+
+    return run
+
+
 def test_a_lone_stream_never_waits():
     batcher = DeadlineBatcher(echo, max_batch=8, deadline_s=5.0)
     try:
@@ -106,11 +115,7 @@ def test_a_dead_client_delays_others_at_most_the_deadline_and_then_is_forgotten(
 
 
 def test_a_job_is_never_held_past_its_budget():
-    def slow(jobs):
-        time.sleep(0.1)
-        return jobs
-
-    batcher = DeadlineBatcher(slow, max_batch=8, deadline_s=5.0)
+    batcher = DeadlineBatcher(sleeping(0.1), max_batch=8, deadline_s=5.0)
     try:
         batcher.submit("b0", time.monotonic() + 0.3, stream="b")  # teaches: a batch takes ~0.1 s
         assert batcher.estimate(1) == pytest.approx(0.1, abs=0.08)
@@ -122,11 +127,7 @@ def test_a_job_is_never_held_past_its_budget():
 
 
 def test_jobs_that_queue_while_the_runner_is_busy_go_together():
-    def slowish(jobs):
-        time.sleep(0.15)
-        return jobs
-
-    batcher = DeadlineBatcher(slowish, max_batch=8, deadline_s=0.0)
+    batcher = DeadlineBatcher(sleeping(0.15), max_batch=8, deadline_s=0.0)
     try:
         results, _ = submit_all(batcher, list(range(5)))
         assert results == {j: j for j in range(5)}
@@ -162,11 +163,7 @@ def test_a_failing_batch_fails_only_its_jobs():
 
 
 def test_max_batch_caps_the_batch():
-    def slowish(jobs):
-        time.sleep(0.1)
-        return doubled(jobs)
-
-    batcher = DeadlineBatcher(slowish, max_batch=2, deadline_s=5.0)
+    batcher = DeadlineBatcher(sleeping(0.1, doubled), max_batch=2, deadline_s=5.0)
     try:
         results, _ = submit_all(batcher, list(range(5)))  # queue while the first runs
         assert results == {j: 2 * j for j in range(5)}
@@ -176,11 +173,7 @@ def test_max_batch_caps_the_batch():
 
 
 def test_several_runners_share_the_jobs_and_none_is_lost():
-    def slowish(jobs):
-        time.sleep(0.01)
-        return doubled(jobs)
-
-    batcher = DeadlineBatcher(slowish, max_batch=3, deadline_s=0.02, runners=3)
+    batcher = DeadlineBatcher(sleeping(0.01, doubled), max_batch=3, deadline_s=0.02, runners=3)
     try:
         for _ in range(3):  # rounds of many concurrent submitters racing the runners
             results, _ = submit_all(batcher, list(range(20)))
@@ -191,12 +184,8 @@ def test_several_runners_share_the_jobs_and_none_is_lost():
 
 
 def test_a_spare_runner_leaves_blocks_to_a_busy_one_unless_they_would_be_late():
-    def slow(jobs):
-        time.sleep(0.1)
-        return jobs
-
     for due_in, expected in ((1.0, [1, 1, 2]), (0.15, [1, 1, 1, 1])):
-        batcher = DeadlineBatcher(slow, max_batch=8, deadline_s=0.2, runners=2)
+        batcher = DeadlineBatcher(sleeping(0.1), max_batch=8, deadline_s=0.2, runners=2)
         try:
             batcher.submit("teach", time.monotonic() + 1.0)  # a batch of one takes ~0.1 s
             results = {}
