@@ -12,7 +12,14 @@ import torch
 from export.onnx_export import export_bundle, export_dit
 from export.parity import check_dit
 from rtsvc.backends.bundle import bundle_components, read_bundle, sha256_file
-from rtsvc.backends.onnx_backend import CPU, OnnxBackend, choose_providers, parse_providers, provider_works
+from rtsvc.backends.onnx_backend import (
+    CPU,
+    OnnxBackend,
+    OnnxFcpeNet,
+    choose_providers,
+    parse_providers,
+    provider_works,
+)
 from rtsvc.backends.torch_backend import TorchBackend
 from rtsvc.dsp.audio import resample
 from rtsvc.errors import UserError
@@ -231,7 +238,7 @@ def test_bundle_fcpe_graph_gives_torchfcpe_f0(exported, tiny):
     assert manifest["export"]["parity"]["fcpe"]["max_rel"] < 1e-4
     backend = OnnxBackend.open(bundle_path, device="cpu")
     features = backend.feature_extractor(None, "fcpe", torch.device("cpu"))
-    assert features.f0_extractor.runtime == "onnx"  # fcpe.onnx, not torchfcpe's network
+    assert isinstance(features.f0_extractor.network, OnnxFcpeNet)  # fcpe.onnx, not torchfcpe's network
     t = np.arange(16000) / 16000
     glide = (0.3 * np.sin(2 * np.pi * (180 * t + 60 * t ** 2))).astype(np.float32)  # 180 -> 300 Hz
     want = make_f0_extractor("fcpe")(glide)

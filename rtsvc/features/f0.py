@@ -40,10 +40,8 @@ class F0Extractor:
     frame_rate = F0_FRAME_RATE
 
     def __init__(self, name: str, fn: Callable[[np.ndarray], np.ndarray],
-                 batch_fn: Callable[[np.ndarray], np.ndarray] | None = None, runtime: str = "torch",
-                 network: object | None = None):
+                 batch_fn: Callable[[np.ndarray], np.ndarray] | None = None, network: object | None = None):
         self.name = name
-        self.runtime = runtime  # what runs it: torch, onnx (a bundle's fcpe.onnx) or pyworld
         self.network = network  # the network it runs when not its own torch module (OnnxFcpeNet)
         self._fn = fn
         self._batch_fn = batch_fn  # [b, samples] -> [b, frames]
@@ -64,7 +62,7 @@ class F0Extractor:
         return [_on_grid(row, length) for row in f0]
 
     def __repr__(self) -> str:
-        return f"F0Extractor({self.name!r}, runtime={self.runtime!r})"
+        return f"F0Extractor({self.name!r})"
 
 
 def _on_grid(f0: np.ndarray, samples: int) -> np.ndarray:
@@ -175,11 +173,10 @@ def make_f0_extractor(name: str = "rmvpe", rmvpe_path: str | Path | None = None,
     if key == "rmvpe":
         return F0Extractor("rmvpe", *_rmvpe(rmvpe_path, device))
     if key == "fcpe":
-        return F0Extractor("fcpe", *_fcpe(device, fcpe_net), runtime="torch" if fcpe_net is None else "onnx",
-                           network=fcpe_net)
+        return F0Extractor("fcpe", *_fcpe(device, fcpe_net), network=fcpe_net)
     if key in ("pyworld", "harvest", "dio"):
         method = "dio" if key == "dio" else "harvest"
-        return F0Extractor(method, _world(method), runtime="pyworld")
+        return F0Extractor(method, _world(method))
     raise UserError(f"unknown F0 extractor {name!r}: choose one of {', '.join(F0_METHODS)}")
 
 
