@@ -15,11 +15,11 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from rtsvc.apps.autoblock import P99_MARGIN, resolve_block, resolve_block_choice
-from rtsvc.apps.live import JITTER_MS
-from rtsvc.apps.server import ServerConfig
+from rtsvc.autoblock import P99_MARGIN, resolve_block, resolve_block_choice
 from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
+from rtsvc.live import JITTER_MS
+from rtsvc.serve.server import ServerConfig
 from rtsvc.settings import MAX_PITCH_SHIFT, MAX_STEPS, SCHEDULES, Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
 from rtsvc.voices.spec import CONCURRENT_F0, VoiceSpec, check_f0, describe_voice, open_voice, sampling_steps
@@ -193,7 +193,7 @@ def live(
     vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
     """Microphone -> voice -> speaker in real time. Keys: up/down pitch, f/F formant, g/G gate, q quit."""
-    from rtsvc.apps.live import (
+    from rtsvc.live import (
         auto_jitter_ms,
         check_live_options,
         find_devices,
@@ -291,8 +291,8 @@ def serve(
 
     Knob options (pitch, gate, gains, steps...) are the defaults for new clients, which may change them.
     """
-    from rtsvc.apps.server import check_config, dsp_source, model_source
-    from rtsvc.apps.server import serve as run_server
+    from rtsvc.serve.server import check_config, dsp_source, model_source
+    from rtsvc.serve.server import serve as run_server
     from rtsvc.settings import validate_knobs
 
     config = ServerConfig(host=host, port=port, token=token, max_clients=max_clients,
@@ -315,7 +315,7 @@ def serve(
         rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
         providers=providers, streaming=True, dit_context_ms=dit_context_ms)
     if ray is not None:  # every replica opens the voice itself
-        from rtsvc.apps.ray_serve import RayOptions, serve_on_ray
+        from rtsvc.serve.ray_serve import RayOptions, serve_on_ray
 
         options = RayOptions(ray, replicas, replica_cpus, replica_gpus, steps)
         where = f"{host}:{port}"
@@ -407,7 +407,7 @@ def convert(
 @app.command()
 def devices() -> None:
     """List audio devices (index, name, channels, default rate) for --input / --output."""
-    from rtsvc.apps.live import devices_table, list_devices
+    from rtsvc.live import devices_table, list_devices
 
     found = list_devices()
     if not found:
@@ -693,11 +693,11 @@ def bench(
     whisper: Whisper = None, vocoder: Vocoder = None, rmvpe: Rmvpe = None,
 ) -> None:
     """Per-block compute time (mean/p50/p99), real-time factor, latency and per-stage breakdown."""
-    from rtsvc.apps import bench as lib
-    from rtsvc.apps.loopback import loopback_report
+    from rtsvc.bench import blocks as lib
+    from rtsvc.bench.loopback import loopback_report
 
     if streams is not None:  # the streams bench instead of the per-block tables
-        from rtsvc.apps.bench_streams import run_streams_command
+        from rtsvc.bench.streams import run_streams_command
 
         spec = VoiceSpec(model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper,
                          vocoder=vocoder, rmvpe=rmvpe, f0=f0, precision=precision, providers=providers,
@@ -759,7 +759,7 @@ def doctor(
                                         "look into. Default: pretrained/."),
 ) -> None:
     """Show versions, torch devices, working ONNX Runtime providers, audio devices, found components."""
-    from rtsvc.apps.doctor import doctor_report, render_report
+    from rtsvc.doctor import doctor_report, render_report
 
     Console().print(render_report(doctor_report(pretrained_dir)))
 

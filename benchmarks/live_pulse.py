@@ -18,8 +18,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from rtsvc.apps.bench import sung_tone
-from rtsvc.apps.loopback import PulseServer, start_live, wait_for_start
+from rtsvc.bench.blocks import sung_tone
+from rtsvc.bench.loopback import PulseServer, start_live, wait_for_start
 from rtsvc.dsp.audio import SAMPLE_RATE
 
 SPEECH = "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore."

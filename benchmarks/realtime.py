@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from export.quantize import QuantizedGraph
-from rtsvc.apps.bench import BenchCase, StageTimes, log_spectral_distance, sung_tone
+from rtsvc.bench.blocks import BenchCase, StageTimes, log_spectral_distance, sung_tone
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.engine import StreamConfig, StreamingConverter, convert_stream
 from rtsvc.settings import Knobs, RuntimeSettings
@@ -356,7 +356,7 @@ class BlockTimer:
     load (other processes) hits them alike."""
 
     def __init__(self, case: BenchCase, seconds: float, threads: int | None):
-        from rtsvc.apps.bench import WARMUP_BLOCKS
+        from rtsvc.bench.blocks import WARMUP_BLOCKS
 
         self.threads = threads if threads and threads > 0 else STREAMING_TORCH_THREADS
         torch.set_num_threads(self.threads)

@@ -284,7 +284,7 @@ def serve_clients(tiny, max_batch: int):
 
     from websockets.asyncio.client import connect
 
-    from rtsvc.apps.server import ServerConfig, StreamServer, model_source
+    from rtsvc.serve.server import ServerConfig, StreamServer, model_source
 
     block = LAYOUT.block
     knobs = Knobs(steps=3, gate_db=-120.0)

@@ -2,10 +2,10 @@
 
 import pytest
 
-from rtsvc.apps.bench_streams import StreamsRun, largest_held, parse_counts, run_streams
-from rtsvc.apps.server import dsp_source
+from rtsvc.bench.streams import StreamsRun, largest_held, parse_counts, run_streams
 from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
+from rtsvc.serve.server import dsp_source
 from rtsvc.settings import Knobs
 from tests.cli_helpers import run_cli
 

@@ -9,15 +9,16 @@ import pytest
 import typer
 
 import cli
-import rtsvc.apps.autoblock
-import rtsvc.apps.bench
-import rtsvc.apps.live
-import rtsvc.apps.loopback
+import rtsvc.autoblock
+import rtsvc.bench.blocks
+import rtsvc.bench.loopback
+import rtsvc.live
+import rtsvc.live.devices
 import rtsvc.voices.spec
-from rtsvc.apps.autoblock import AutoBlock
-from rtsvc.apps.bench import streaming_gap
-from rtsvc.apps.live import JITTER_MS
+from rtsvc.autoblock import AutoBlock
+from rtsvc.bench.blocks import streaming_gap
 from rtsvc.engine import StreamConfig
+from rtsvc.live import JITTER_MS
 from rtsvc.settings import Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
 from rtsvc.voices.dsp import DspVoice
@@ -89,7 +90,7 @@ def test_help_says_each_default_once_with_real_argument_names(command, capsys, m
 
 @pytest.fixture
 def fake_devices(monkeypatch):
-    monkeypatch.setattr(rtsvc.apps.live, "list_devices", lambda: DEVICES)
+    monkeypatch.setattr(rtsvc.live.devices, "list_devices", lambda: DEVICES)
 
 
 @pytest.mark.parametrize("args,words", [
@@ -171,7 +172,7 @@ def test_live_passes_providers_and_asks_no_vocoder_of_a_bundle(fake_model, fake_
         return {"seconds": 1.0, "blocks": 3, "gated_blocks": 1, "compute_ms_mean": 2.0, "compute_ms_p99": 3.0,
                 "underruns": 0, "overruns": 0}
 
-    monkeypatch.setattr(rtsvc.apps.live, "run_live", run_live)
+    monkeypatch.setattr(rtsvc.live, "run_live", run_live)
     code, _, err = run_cli(["live", "--model", bundle, "--pretrained-dir", pretrained, "--providers", "cpu",
                             "--pitch", "3", "--block-ms", "100", "--input", "mic", "--dit-context-ms", "100"],
                            capsys, monkeypatch)
@@ -194,7 +195,7 @@ def test_live_block_is_auto_per_voice_and_explicit_values_win(fake_model, fake_d
     result = {"seconds": 1.0, "blocks": 1, "gated_blocks": 0, "compute_ms_mean": 2.0, "compute_ms_p99": 3.0,
               "underruns": 0, "overruns": 0}
     jitters = []
-    monkeypatch.setattr(rtsvc.apps.live, "run_live", lambda voice, settings, config, **kw: seen.append(config)
+    monkeypatch.setattr(rtsvc.live, "run_live", lambda voice, settings, config, **kw: seen.append(config)
                         or jitters.append(kw["jitter_ms"]) or result)
     measured = []  # auto is measured on this machine (tests/test_cpu_cost.py); here: the voice's own
     # block, computed in 1 ms (DSP) or 90 ms (model) on average
@@ -203,7 +204,7 @@ def test_live_block_is_auto_per_voice_and_explicit_values_win(fake_model, fake_d
         mean = 90.0 if voice.speakers == ["alice"] else 1.0
         return AutoBlock(voice.default_block_ms, [(voice.default_block_ms, 95.0, mean)])
 
-    monkeypatch.setattr(rtsvc.apps.autoblock, "pick_block", pick_block)
+    monkeypatch.setattr(rtsvc.autoblock, "pick_block", pick_block)
     for args in ([], ["--model", bundle, "--pretrained-dir", pretrained], ["--block-ms", "auto"],
                  ["--model", bundle, "--pretrained-dir", pretrained, "--block-ms", "70"],
                  ["--model", bundle, "--pretrained-dir", pretrained, "--jitter-ms", "25"]):
@@ -215,15 +216,15 @@ def test_live_block_is_auto_per_voice_and_explicit_values_win(fake_model, fake_d
     # was not measured, a given --jitter-ms wins
     assert jitters == [49.0, 60.0, 49.0, JITTER_MS, 25.0]
     low = AutoBlock(50.0, [(50.0, 30.0, 25.0)])
-    assert rtsvc.apps.live.auto_jitter_ms(low) == JITTER_MS  # 25 ms of headroom: the 40 ms floor
+    assert rtsvc.live.auto_jitter_ms(low) == JITTER_MS  # 25 ms of headroom: the 40 ms floor
     assert (DSP_BLOCK_MS, MODEL_BLOCK_MS) == (50.0, 150.0)
 
 
 def test_bench_loopback_measures_every_block_and_the_table_has_the_real_time_margin(capsys, monkeypatch):
     measured = []
-    monkeypatch.setattr(rtsvc.apps.loopback, "loopback_report",
+    monkeypatch.setattr(rtsvc.bench.loopback, "loopback_report",
                         lambda config: measured.append(config) or "ok")
-    monkeypatch.setattr(rtsvc.apps.autoblock, "pick_block", lambda voice, config, knobs=None: AutoBlock(
+    monkeypatch.setattr(rtsvc.autoblock, "pick_block", lambda voice, config, knobs=None: AutoBlock(
         voice.default_block_ms, [(voice.default_block_ms, 1.0, 1.0)]))  # auto: what a quiet machine picks
     code, out, err = run_cli(["bench", "--block-ms", "auto,100,50", "--seconds", "0.3", "--loopback"],
                              capsys, monkeypatch)

@@ -10,10 +10,10 @@ import torch
 from benchmarks.realtime import StudentVelocity, export_student
 from export.onnx_export import export_vocoder
 from export.quantize import quantize_bundle
-from rtsvc.apps.autoblock import P99_MARGIN, frames_to_ms, pick_block, resolve_block
-from rtsvc.apps.bench import BenchCase, bench_case
+from rtsvc.autoblock import P99_MARGIN, frames_to_ms, pick_block, resolve_block
 from rtsvc.backends.bundle import read_bundle, write_manifest
 from rtsvc.backends.onnx_backend import CPU, OnnxBackend
+from rtsvc.bench.blocks import BenchCase, bench_case
 from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError

@@ -1,6 +1,6 @@
 """`rtsvc doctor` says plainly what is usable on this machine (no GPU here, CPU onnxruntime or not)."""
 
-from rtsvc.apps import doctor
+from rtsvc import doctor
 
 
 def _onnx_rows(monkeypatch, gpu_here: bool, report, wheels=("onnxruntime",)):

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from rtsvc.apps.bench import log_spectral_distance
+from rtsvc.bench.blocks import log_spectral_distance
 from rtsvc.engine import StreamConfig, convert_stream
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from rtsvc.apps.protocol import START_FIELDS, ProtocolError, dumps, parse_set, parse_start, parse_text
 from rtsvc.backends.bundle import MANIFEST, read_bundle
 from rtsvc.errors import UserError
+from rtsvc.serve.protocol import START_FIELDS, ProtocolError, dumps, parse_set, parse_start, parse_text
 from rtsvc.settings import KNOB_NAMES, Knobs, RuntimeSettings
 from tests.test_bundle import make_fake_bundle
 

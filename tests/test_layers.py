@@ -13,8 +13,9 @@ LAYERS = [
     {"rtsvc.features"},
     {"rtsvc.backends"},
     {"rtsvc.voices"},
-    {"rtsvc.engine", "rtsvc.offline"},
-    {"rtsvc.apps"},
+    {"rtsvc.engine", "rtsvc.offline", "rtsvc.autoblock"},
+    {"rtsvc.live", "rtsvc.serve"},
+    {"rtsvc.bench", "rtsvc.doctor"},
 ]
 
 
@@ -56,5 +57,5 @@ def test_every_runtime_module_has_a_layer_and_imports_only_downwards():
 def test_the_layer_check_sees_a_violation(tmp_path):
     # the checker itself: an upward import in a lower layer is reported
     fake = tmp_path / "m.py"
-    fake.write_text("def f():\n    from rtsvc.apps.server import serve\n")
+    fake.write_text("def f():\n    from rtsvc.serve.server import serve\n")
     assert [layer_of(m) for m in imports_of(fake)] == [7, 7]

@@ -15,19 +15,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from rtsvc.apps.bench import sung_tone
-from rtsvc.apps.live import (
-    KeyReader,
-    LiveState,
-    OutputFifo,
-    find_device,
-    parse_pactl_short,
-    pulse_devices,
-    pulse_routing,
-    split_keys,
-)
-from rtsvc.apps.loopback import PulseServer, start_live, wait_for_start
+from rtsvc.bench.blocks import sung_tone
+from rtsvc.bench.loopback import PulseServer, start_live, wait_for_start
 from rtsvc.errors import UserError
+from rtsvc.live import KeyReader, LiveState, OutputFifo, find_device
+from rtsvc.live.devices import parse_pactl_short, pulse_devices, pulse_routing
+from rtsvc.live.keys import split_keys
 from rtsvc.settings import RuntimeSettings
 
 with warnings.catch_warnings():
@@ -321,7 +314,7 @@ def test_native_library_messages_print_above_the_status_line():
 
     from rich.console import Console
 
-    from rtsvc.apps.live import native_stderr_above
+    from rtsvc.live.run import native_stderr_above
 
     sink = io.StringIO()
     console = Console(file=sink, force_terminal=True, width=120)
@@ -336,7 +329,7 @@ def test_native_library_messages_print_above_the_status_line():
 
 
 def test_key_help_lists_only_keys_that_apply():
-    from rtsvc.apps.live import key_help
+    from rtsvc.live import key_help
     from rtsvc.voices.dsp import DspVoice
 
     class ModelLike:
@@ -358,8 +351,8 @@ def test_key_help_lists_only_keys_that_apply():
 def test_status_line_never_wraps():
     from rich.console import Console
 
-    from rtsvc.apps.live import _status_text
     from rtsvc.engine import StreamingConverter
+    from rtsvc.live.run import _status_text
     from rtsvc.voices.dsp import DspVoice
 
     settings = RuntimeSettings()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from rtsvc.apps.bench import log_spectral_distance, sung_tone
+from rtsvc.bench.blocks import log_spectral_distance, sung_tone
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.dsp.mel import rms_per_frame
 from rtsvc.engine import (

@@ -28,9 +28,9 @@ if importlib.util.find_spec("ray") is None or importlib.util.find_spec("fastapi"
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
-from rtsvc.apps.server import ServerConfig, StreamServer, model_source  # noqa: E402
 from rtsvc.dsp.signals import sung_tone  # noqa: E402
 from rtsvc.engine import StreamConfig  # noqa: E402
+from rtsvc.serve.server import ServerConfig, StreamServer, model_source  # noqa: E402
 from rtsvc.settings import Knobs  # noqa: E402
 from rtsvc.voices.spec import VoiceSpec, open_voice, sampling_steps  # noqa: E402
 from tests.tiny_encoders import make_tiny_pretrained_dir  # noqa: E402

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from rtsvc.apps.scheduler import DeadlineBatcher
+from rtsvc.serve.scheduler import DeadlineBatcher
 
 
 def doubled(jobs):

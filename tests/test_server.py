@@ -14,9 +14,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from rtsvc.apps.server import ServerConfig, StreamServer, VoiceSource, check_config, dsp_source
 from rtsvc.engine import StreamConfig, StreamLayout
 from rtsvc.errors import UserError
+from rtsvc.serve.server import ServerConfig, StreamServer, VoiceSource, check_config, dsp_source
 from rtsvc.settings import Knobs
 from rtsvc.voices.defaults import DSP_BLOCK_MS, MODEL_BLOCK_MS
 
@@ -558,11 +558,11 @@ def tiny_model(tmp_path_factory):
 
 def serve_args_of(args: list, capsys, monkeypatch) -> tuple[int, str, dict]:
     """`rtsvc serve ARGS` with the blocking server loop replaced by a recorder."""
-    import rtsvc.apps.server
+    import rtsvc.serve.server
     from tests.cli_helpers import run_cli
 
     seen = {}
-    monkeypatch.setattr(rtsvc.apps.server, "serve",
+    monkeypatch.setattr(rtsvc.serve.server, "serve",
                         lambda config, source, knobs, stream_config, on_ready=None:
                         seen.update(config=config, source=source, knobs=knobs, stream_config=stream_config))
     code, _, err = run_cli(["serve", *args], capsys, monkeypatch)
@@ -738,7 +738,7 @@ def test_page_controls_follow_the_model_family():
     """/v1/info's controls: V2 guidance for V2 voices, the V3 strengths for V3 voices, neither for DSP."""
     from types import SimpleNamespace
 
-    from rtsvc.apps.server import dsp_source, model_source
+    from rtsvc.serve.server import dsp_source, model_source
     from rtsvc.settings import knob_controls
 
     names = {kind: [c.name for c in knob_controls(kind)] for kind in ("dsp", "v2", "v3")}

@@ -19,8 +19,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from rtsvc.apps.server import ServerConfig, VoiceSource, check_config
 from rtsvc.errors import UserError
+from rtsvc.serve.server import ServerConfig, VoiceSource, check_config
 from tests.test_server import (
     START,
     TOKEN,

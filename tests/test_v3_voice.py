@@ -108,7 +108,7 @@ def test_v3_knobs_are_live_settings():
 
 
 def test_doctor_says_a_folder_without_whisper_is_complete_for_v3(v3, capsys, monkeypatch):
-    from rtsvc.apps.doctor import _components
+    from rtsvc.doctor import _components
     _, pretrained = v3
     rows = {row.name: row for row in _components(pretrained)}
     assert rows["for V3 models"].ok and rows["for V3 models"].value == "complete"
@@ -136,7 +136,7 @@ def test_v3_voice_is_served_and_its_guidance_is_live(v3, capsys, monkeypatch):
     import asyncio
     import json
 
-    from rtsvc.apps.server import ServerConfig, StreamServer
+    from rtsvc.serve.server import ServerConfig, StreamServer
     from tests.test_server import fast_voices, run, serve_args_of, stream, tone
     ckpt, pretrained = v3
     code, err, seen = serve_args_of(["--model", ckpt, "--pretrained-dir", pretrained, "--f0", "pyworld",
@@ -169,7 +169,7 @@ def test_v3_voice_is_served_and_its_guidance_is_live(v3, capsys, monkeypatch):
 
 
 def test_v3_voice_benches(v3):
-    from rtsvc.apps.bench import bench_case, make_cases
+    from rtsvc.bench.blocks import bench_case, make_cases
     from rtsvc.engine import StreamConfig
     ckpt, pretrained = v3
     spec = VoiceSpec(model=ckpt, pretrained_dir=pretrained, f0="pyworld")

@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 from websockets.asyncio.client import connect
 
-from rtsvc.apps.server import VoiceSource
+from rtsvc.serve.server import VoiceSource
 from tests.test_server import TOKEN, IdentityVoice, http_get, run, running, settled, tone
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

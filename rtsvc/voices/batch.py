@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 
 class Batcher(Protocol):
-    """Where a `BatchedVoice` sends its blocks (`rtsvc.apps.scheduler.DeadlineBatcher` running
+    """Where a `BatchedVoice` sends its blocks (`rtsvc.serve.scheduler.DeadlineBatcher` running
     `run_blocks`): `submit` blocks until the block's audio is back, due by `due` (time.monotonic)."""
 
     def submit(self, job: "Block", due: float, stream: Hashable | None = None) -> np.ndarray: ...

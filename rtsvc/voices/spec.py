@@ -32,7 +32,7 @@ F0_CHOICES = ("rmvpe", "fcpe", "pyworld")  # what --f0 offers (rtsvc.features.f0
 class VoiceSpec:
     """What voice to open and how. `model=None` is the DSP voice; component paths default to the
     pretrained dir's upstream layout; `streaming=False` gives the offline variant (convert, the
-    reference of `rtsvc.apps.bench.streaming_gap`)."""
+    reference of `rtsvc.bench.blocks.streaming_gap`)."""
 
     model: Path | None = None  # .ckpt or .rtsvc bundle
     pretrained_dir: Path = Path(DEFAULT_PRETRAINED_DIR)

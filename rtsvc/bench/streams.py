@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rtsvc.apps.server import ServerConfig, StreamServer, VoiceSource
 from rtsvc.dsp.audio import SAMPLE_RATE
 from rtsvc.dsp.signals import sung_tone
 from rtsvc.engine import StreamConfig, StreamLayout
 from rtsvc.errors import UserError
+from rtsvc.serve.server import ServerConfig, StreamServer, VoiceSource
 from rtsvc.settings import Knobs
 
 if TYPE_CHECKING:
@@ -231,8 +231,8 @@ def run_streams_command(spec: "VoiceSpec", counts: str, batches: str, block_ms: 
     used) -> `run_streams_bench` on the voice of `spec` with the gate off."""
     import torch
 
-    from rtsvc.apps.bench import parse_blocks
-    from rtsvc.apps.server import dsp_source, model_source
+    from rtsvc.bench.blocks import parse_blocks
+    from rtsvc.serve.server import dsp_source, model_source
     from rtsvc.settings import validate_knobs
     from rtsvc.voices.spec import open_voice
 

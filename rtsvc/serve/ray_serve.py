@@ -7,7 +7,7 @@ small adapter with the `websockets` connection calls the handler uses (recv, sen
 request path for ?token=). So protocol v1, the token, limits, knobs and the page are the plain
 server's own code; a websocket is one long request, so Serve keeps it on one replica for its life.
 
-A replica that dies takes only its own connections with it: `rtsvc.apps.ray_proxy` runs inside
+A replica that dies takes only its own connections with it: `rtsvc.serve.ray_proxy` runs inside
 the proxy and closes those with 1012 ("service restart": reconnect; Serve routes the new connection
 to a live replica and starts a replacement). Ray is optional: `pip install rtsvc[ray]`.
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from rtsvc.apps.server import INFO_PATH, STREAM_PATH, ServerConfig, StreamServer, dsp_source, model_source
 from rtsvc.errors import UserError
+from rtsvc.serve.server import INFO_PATH, STREAM_PATH, ServerConfig, StreamServer, dsp_source, model_source
 from rtsvc.settings import Knobs
 
 APP_NAME = "rtsvc"
@@ -42,7 +42,7 @@ LOCAL_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "RAY_SERVE_DEFAULT_HTTP_HOST": "127.0.0.1",
 }
-PROXY_CALLBACK = "rtsvc.apps.ray_proxy:proxy_middlewares"
+PROXY_CALLBACK = "rtsvc.serve.ray_proxy:proxy_middlewares"
 LOCAL_OBJECT_STORE_BYTES = 128 << 20
 
 

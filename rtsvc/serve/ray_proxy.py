@@ -1,7 +1,7 @@
 """ASGI middleware that runs inside the Ray Serve proxy (`rtsvc serve --ray`): when the replica
 behind an accepted websocket dies, its client gets a close frame with 1012 ("service restart":
 reconnect) instead of a dropped TCP connection (1006). Loaded by Serve through
-RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=rtsvc.apps.ray_proxy:proxy_middlewares.
+RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=rtsvc.serve.ray_proxy:proxy_middlewares.
 """
 
 CLOSE_SERVICE_RESTART = 1012

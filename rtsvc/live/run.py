@@ -16,18 +16,14 @@ Overruns (the worker falling behind, or the output clock running slower than the
 the oldest audio and are counted.
 """
 
+
 import os
 import queue
-import select
-import shutil
-import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,291 +32,22 @@ import numpy as np
 from rtsvc.dsp.audio import rms_db
 from rtsvc.engine import RateAdapter, StreamConfig, StreamingConverter
 from rtsvc.errors import UserError
+from rtsvc.live.devices import MAX_RATE, MIN_RATE, find_devices, load_sounddevice, pulse_routing
+from rtsvc.live.fifo import OutputFifo
+from rtsvc.live.keys import KeyReader, key_help
+from rtsvc.live.state import LiveState
 from rtsvc.settings import RuntimeSettings
 from rtsvc.voice import Voice
 
 if TYPE_CHECKING:
-    from rtsvc.apps.autoblock import AutoBlock
+    from rtsvc.autoblock import AutoBlock
 
 DEVICE_BLOCK_MS = 10.0  # PortAudio callback size
 JITTER_MS = 40.0  # silence primed into the output FIFO to absorb block-wise delivery (at least)
 MAX_JITTER_MS = 2000.0
-MIN_RATE, MAX_RATE = 8000, 384000  # device rates PortAudio hosts offer
 MAX_QUEUE_S = 1.0  # more unprocessed input than this: drop the oldest (overrun)
 STATUS_HZ = 4.0
 INPUT_WAIT_S = 10.0  # how long to wait for the first input callback before warning
-DENOISE_CYCLE = ("off", "deepfilternet", "rnnoise")  # the `n` key steps through these
-
-
-def key_help(voice: Voice) -> str:
-    """The keys that apply to `voice` (formant only for the DSP voice); lowercase lowers, uppercase raises."""
-    formant = "f/F formant -/+0.05, " if getattr(voice, "uses_formant", False) else ""
-    return ("keys (lowercase lowers, uppercase raises): up/down or +/- pitch ±1 semitone, 0 pitch 0, "
-            f"{formant}g/G gate -/+5 dB, i/I input gain -/+1 dB, o/O output gain -/+1 dB, "
-            "n noise suppression off/deepfilternet/rnnoise, q quit")
-
-
-def _sounddevice():
-    """Import sounddevice lazily: it needs the PortAudio shared library."""
-    try:
-        import sounddevice
-    except OSError as err:
-        raise UserError(f"audio is unavailable ({err}); install PortAudio "
-                        "(apt-get install libportaudio2)") from None
-    return sounddevice
-
-
-def list_devices() -> list[dict]:
-    """Every PortAudio device (index, name, host API, channel counts, default rate, default flags),
-    then the PulseAudio/PipeWire sources and sinks, which open through PortAudio's `pulse` device."""
-    sd = _sounddevice()
-    default_in, default_out = sd.default.device
-    hostapis = sd.query_hostapis()
-    devices = [{
-        "index": i, "name": dev["name"], "hostapi": hostapis[dev["hostapi"]]["name"],
-        "inputs": dev["max_input_channels"], "outputs": dev["max_output_channels"],
-        "default_rate": int(dev["default_samplerate"]),
-        "default_input": i == default_in, "default_output": i == default_out, "pulse": None,
-    } for i, dev in enumerate(sd.query_devices())]
-    via = [d["index"] for d in devices if d["name"] == PULSE_DEVICE and d["inputs"] and d["outputs"]]
-    return devices + (pulse_devices(via[0]) if via else [])
-
-
-PULSE_DEVICE = "pulse"  # ALSA's PulseAudio plugin (PipeWire's pulse server answers it too)
-PULSE_ENV = {"input": "PULSE_SOURCE", "output": "PULSE_SINK"}  # read by libpulse when a stream opens
-
-
-def parse_pactl_short(text: str, kind: str, via: int) -> list[dict]:
-    """`pactl list short sources|sinks` lines (index, name, driver, "s16le 2ch 44100Hz", state) as
-    device entries opened through PortAudio device `via` with PULSE_SOURCE / PULSE_SINK set."""
-    devices = []
-    for line in text.splitlines():
-        fields = line.split("\t")
-        if len(fields) < 4:
-            continue
-        spec = fields[3].split()
-        channels = next((int(w[:-2]) for w in spec if w.endswith("ch") and w[:-2].isdigit()), 2)
-        rate = next((int(w[:-2]) for w in spec if w.endswith("Hz") and w[:-2].isdigit()), 48000)
-        devices.append({"index": via, "name": fields[1], "hostapi": "PulseAudio", "pulse": fields[1],
-                        "inputs": channels if kind == "sources" else 0,
-                        "outputs": channels if kind == "sinks" else 0, "default_rate": rate,
-                        "default_input": False, "default_output": False})
-    return devices
-
-
-def pulse_devices(via: int) -> list[dict]:
-    """PulseAudio/PipeWire sources and sinks by name (via pactl); none when pactl or the server is absent."""
-    if shutil.which("pactl") is None:
-        return []
-    found = []
-    for kind in ("sources", "sinks"):
-        try:
-            listing = subprocess.run(["pactl", "list", "short", kind], capture_output=True, text=True,
-                                     timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            return []
-        if listing.returncode != 0:
-            return []
-        found += parse_pactl_short(listing.stdout, kind, via)
-    return found
-
-
-@contextmanager
-def pulse_routing(device: dict, kind: str) -> Iterator[None]:
-    """Open a stream inside this block: a PulseAudio source/sink entry sets PULSE_SOURCE/PULSE_SINK,
-    which libpulse reads as the ALSA `pulse` device opens (each stream keeps its own)."""
-    name, variable = device.get("pulse"), PULSE_ENV[kind]
-    if name is None:
-        yield
-        return
-    saved = os.environ.get(variable)
-    os.environ[variable] = name
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(variable, None)
-        else:
-            os.environ[variable] = saved
-
-
-def find_device(spec: str | int | None, kind: str, devices: list[dict] | None = None) -> dict:
-    """Resolve --input/--output: None (the default device), an index, or a unique name substring."""
-    devices = list_devices() if devices is None else devices
-    channels = "inputs" if kind == "input" else "outputs"
-    usable = [d for d in devices if d[channels] > 0]
-    if not usable:
-        raise UserError(f"no audio {kind} device found (see `rtsvc devices`)")
-    if spec is None or spec == "":
-        chosen = [d for d in usable if d[f"default_{kind}"]]
-        return chosen[0] if chosen else usable[0]
-    text = str(spec).strip()
-    if text.isdigit():
-        match = [d for d in devices if d["index"] == int(text) and not d.get("pulse")]
-        if not match:
-            raise UserError(f"no audio device with index {text} (see `rtsvc devices`)")
-        if match[0][channels] == 0:
-            raise UserError(f"device {text} ({match[0]['name']}) has no {kind} channels")
-        return match[0]
-    exact = [d for d in usable if d["name"].lower() == text.lower()]
-    if exact:
-        return exact[0]
-    match = [d for d in usable if text.lower() in d["name"].lower()]
-    if not match:
-        raise UserError(f"no {kind} device matches {text!r} (see `rtsvc devices`)")
-    if len(match) > 1:
-        names = ", ".join(d["name"] if d.get("pulse") else f"{d['index']}: {d['name']}" for d in match)
-        raise UserError(f"{text!r} matches several {kind} devices ({names}); give the index or the "
-                        "whole name")
-    return match[0]
-
-
-class OutputFifo:
-    """Samples waiting for the output callback; primed with silence, counts underruns."""
-
-    def __init__(self, prime: int, max_level: int, max_prime: int | None = None):
-        self._lock = threading.Lock()
-        self._chunks: deque[np.ndarray] = deque()
-        self.level = 0
-        self.prime, self.max_level = prime, max_level
-        self.max_prime = prime if max_prime is None else max(prime, max_prime)  # the prime grows up to this
-        self.primed = False
-        self.underruns = self.overruns = 0
-        self.started = False  # underruns count only once audio has flowed
-        self.dry = 0  # samples the output lacked since the last underrun: how late that block came
-
-    def push(self, samples: np.ndarray) -> None:
-        if samples.size == 0 or (not self.started and not samples.any()):
-            return  # nothing, or silence before any sound (gated blocks): the schedule starts with sound
-        with self._lock:
-            if not self.primed:
-                grow = min(self.dry, self.max_prime - self.prime)  # wait as long as the late block took
-                self.prime, self.max_level, self.dry = self.prime + grow, self.max_level + grow, 0
-                self._chunks.append(np.zeros(self.prime, dtype=np.float32))
-                self.level += self.prime
-                self.primed = self.started = True
-            self._chunks.append(samples)
-            self.level += samples.shape[0]
-            if self.level > self.max_level:  # output stalled or its clock is slow: cut latency back
-                self.overruns += 1
-                while self.level > self.max_level // 2 and len(self._chunks) > 1:
-                    self.level -= self._chunks.popleft().shape[0]
-
-    def pop(self, count: int) -> np.ndarray:
-        out = np.zeros(count, dtype=np.float32)
-        with self._lock:
-            if not self.primed:
-                if self.started:
-                    self.dry += count
-                return out
-            filled = 0
-            while filled < count and self._chunks:
-                head = self._chunks[0]
-                take = min(count - filled, head.shape[0])
-                out[filled: filled + take] = head[:take]
-                filled += take
-                if take == head.shape[0]:
-                    self._chunks.popleft()
-                else:
-                    self._chunks[0] = head[take:]
-            self.level -= filled
-            if filled < count:
-                self.underruns += 1
-                self.primed = False
-                self.dry = count - filled
-        return out
-
-
-@dataclass
-class LiveState:
-    """Counters shared by the callbacks, the worker and the status line."""
-
-    input_overruns: int = 0
-    portaudio_flags: int = 0
-    input_db: float = -120.0
-    frames_in: int = 0  # device frames seen by the callbacks
-    frames_out: int = 0
-    seconds: float = 0.0
-    error: BaseException | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
-
-
-class KeyReader:
-    """Single-key commands from a terminal (cbreak mode), applied to the runtime settings."""
-
-    STEPS = {"+": ("pitch_shift", 1), "=": ("pitch_shift", 1), "-": ("pitch_shift", -1),
-             "\x1b[A": ("pitch_shift", 1), "\x1b[B": ("pitch_shift", -1),
-             "f": ("formant_shift", -0.05), "F": ("formant_shift", 0.05),
-             "g": ("gate_db", -5), "G": ("gate_db", 5),
-             "i": ("input_gain_db", -1), "I": ("input_gain_db", 1),
-             "o": ("output_gain_db", -1), "O": ("output_gain_db", 1)}
-
-    def __init__(self, settings: RuntimeSettings, state: LiveState, voice: Voice | None = None):
-        self.settings, self.state = settings, state
-        self.formant = voice is None or getattr(voice, "uses_formant", False)  # keys only where they apply
-        self.message = ""
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def join(self) -> None:
-        """Wait for the reader to put the terminal back (it polls the stop flag every 0.1 s)."""
-        if self._thread.is_alive():
-            self._thread.join(timeout=1.0)
-
-    def apply(self, key: str) -> None:
-        if key in ("q", "Q"):
-            self.state.stop.set()
-            return
-        if key == "0":
-            self.settings.update(pitch_shift=0.0)
-            return
-        if key == "n":
-            current = self.settings.snapshot().denoise
-            following = DENOISE_CYCLE[(DENOISE_CYCLE.index(current) + 1) % len(DENOISE_CYCLE)]
-            self.settings.update(denoise=following)
-            return
-        if key not in self.STEPS or (key in "fF" and not self.formant):
-            return
-        name, step = self.STEPS[key]
-        value = round(getattr(self.settings.snapshot(), name) + step, 3)
-        try:
-            self.settings.update(**{name: value})
-            self.message = ""
-        except UserError as err:
-            self.message = str(err)
-
-    def _run(self) -> None:
-        import termios
-        import tty
-
-        fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd)
-        try:
-            tty.setcbreak(fd)
-            while not self.state.stop.is_set():
-                if not select.select([fd], [], [], 0.1)[0]:
-                    continue
-                # os.read, not sys.stdin.read(1): the text layer buffers the rest of an arrow key's
-                # escape sequence, where select() cannot see it.
-                for key in split_keys(os.read(fd, 64).decode(errors="ignore")):
-                    self.apply(key)
-        finally:
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
-def split_keys(data: str) -> list[str]:
-    """Keys in what one terminal read returned: single characters, arrows as ESC [ A (or ESC O A)."""
-    keys, i = [], 0
-    while i < len(data):
-        if data[i] == "\x1b" and i + 2 < len(data) and data[i + 1] in "[O":
-            keys.append("\x1b[" + data[i + 2])
-            i += 3
-        else:
-            keys.append(data[i])
-            i += 1
-    return keys
 
 
 def _writes_to_fd2(console) -> bool:
@@ -443,7 +170,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
     the entries `find_devices` returned; `monitor_device` also plays the converted voice (e.g.
     headphones, while the output is a cable).
     """
-    sd = _sounddevice()
+    sd = load_sounddevice()
     from rich.console import Console
     from rich.live import Live
 
@@ -605,32 +332,6 @@ def check_live_options(input_rate: int | None = None, output_rate: int | None = 
         raise UserError(f"--duration must be positive seconds, got {duration:g}")
     if not 0.0 <= jitter_ms <= MAX_JITTER_MS:
         raise UserError(f"--jitter-ms must be between 0 and {MAX_JITTER_MS:g} ms, got {jitter_ms:g}")
-
-
-def find_devices(input_device: str | int | None, output_device: str | int | None,
-                 monitor_device: str | int | None = None) -> tuple[dict, dict, dict | None]:
-    """The devices of `rtsvc live` (input, output, monitor or None), resolved up front so a wrong
-    name fails before a model loads."""
-    devices = list_devices()
-    monitor = find_device(monitor_device, "output", devices) if monitor_device not in (None, "") else None
-    return find_device(input_device, "input", devices), find_device(output_device, "output", devices), monitor
-
-
-def devices_table(devices: list[dict]):
-    """`rtsvc devices` as a rich table."""
-    from rich.table import Table
-
-    table = Table(title="audio devices: --input / --output / --monitor take an index or a name "
-                        "(PulseAudio/PipeWire sources and sinks by name)")
-    for col in ("index", "name", "host API", "in", "out", "default Hz", "default"):
-        table.add_column(col, justify="right" if col in ("index", "in", "out", "default Hz") else "left")
-    for d in devices:
-        flags = (("input", d["default_input"]), ("output", d["default_output"]))
-        kind = "source" if d["inputs"] else "sink"
-        table.add_row("-" if d.get("pulse") else str(d["index"]), d["name"],
-                      f"PulseAudio {kind}" if d.get("pulse") else d["hostapi"], str(d["inputs"]),
-                      str(d["outputs"]), str(d["default_rate"]), "/".join(name for name, on in flags if on))
-    return table
 
 
 def live_summary(result: dict, record: str | Path | None = None) -> str:

@@ -127,7 +127,7 @@ def _rig(server: PulseServer, source: str, seconds: float, workdir: Path, attemp
     """Play bursts into "mic" while recording `source`; the delay in seconds (retried: a PulseAudio
     stream sometimes starts late on a busy machine and hears nothing)."""
     out = workdir / f"rig-{source}.npy"
-    code = "import sys; from rtsvc.apps.loopback import playrec_main; playrec_main(sys.argv[1:])"
+    code = "import sys; from rtsvc.bench.loopback import playrec_main; playrec_main(sys.argv[1:])"
     for _ in range(attempts):
         subprocess.run([sys.executable, "-c", code, str(out), str(seconds)], check=True,
                        timeout=seconds + 30, env=server.client_env(sink="mic", source=source),

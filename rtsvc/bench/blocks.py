@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtsvc.apps.autoblock import resolve_block
+from rtsvc.autoblock import resolve_block
 from rtsvc.dsp.audio import SAMPLE_RATE
 from rtsvc.dsp.signals import sung_tone
 from rtsvc.engine import StreamConfig, StreamingConverter
@@ -88,7 +88,7 @@ def parse_blocks(text: str) -> list[float | None]:
 
 
 def resolve_configs(configs: list[StreamConfig], voice: Voice) -> list[StreamConfig]:
-    """`configs` with auto blocks measured for `voice` as live does (`rtsvc.apps.autoblock`),
+    """`configs` with auto blocks measured for `voice` as live does (`rtsvc.autoblock`),
     duplicates dropped (order kept)."""
     resolved = [resolve_block(voice, c) for c in configs]
     return [c for i, c in enumerate(resolved) if c not in resolved[:i]]

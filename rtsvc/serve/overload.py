@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
-from rtsvc.apps.protocol import CLOSE_TRY_LATER, ProtocolError
+from rtsvc.serve.protocol import CLOSE_TRY_LATER, ProtocolError
 
 BEHIND_HOLD_S = 3.0  # after a dropped frame, new streams are refused for this long
 WARNING_INTERVAL_S = 1.0  # at most one `warning` message per stream per interval

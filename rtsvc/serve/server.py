@@ -3,19 +3,19 @@
 One asyncio event loop owns every socket; it only parses messages and moves bytes. Each client
 gets a `Session` (its own RuntimeSettings, StreamingConverter and RateAdapter), and a session's
 blocks run on `BlockScheduler` worker threads, so a slow client never stalls the loop or the
-other clients. docs/protocol.md describes the wire format; rtsvc/apps/protocol.py parses it.
+other clients. docs/protocol.md describes the wire format; rtsvc/serve/protocol.py parses it.
 
 Batching: sessions never call the voice themselves from the loop; they hand a block to
 `scheduler.run(session.process, samples)` and await the result. With `max_batch > 1` and a model
-voice, the scheduler is `rtsvc.apps.scheduler.BatchScheduler` and each session's voice a
+voice, the scheduler is `rtsvc.serve.scheduler.BatchScheduler` and each session's voice a
 `rtsvc.voices.batch.BatchedVoice`: its whole block (features, DiT, vocoder) joins a
 `DeadlineBatcher` with the other sessions' blocks that are waiting or expected soon (see
 `batched_source`); sessions and the socket code stay as they are. `handle` serves connections of
-other transports (Ray Serve's Starlette websockets, `rtsvc.apps.ray_serve`) with the same code.
+other transports (Ray Serve's Starlette websockets, `rtsvc.serve.ray_serve`) with the same code.
 
 Hostile clients and overload (docs/protocol.md section 6): each stream's frames are received by
 their own task while earlier ones convert, stamped with the time they are due, and a live frame
-that is too late is answered with silence instead (policy and admission: rtsvc/apps/overload.py);
+that is too late is answered with silence instead (policy and admission: rtsvc/serve/overload.py);
 every send has a time limit; SIGTERM stops the server as Ctrl-C does.
 """
 
@@ -44,8 +44,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from rtsvc import __version__
-from rtsvc.apps.overload import Admission, DropCounter, Pacing
-from rtsvc.apps.protocol import (
+from rtsvc.errors import UserError
+from rtsvc.serve.overload import Admission, DropCounter, Pacing
+from rtsvc.serve.protocol import (
     CLOSE_INTERNAL,
     CLOSE_POLICY,
     CLOSE_TOO_BIG,
@@ -64,13 +65,12 @@ from rtsvc.apps.protocol import (
     ready_message,
     settings_error,
 )
-from rtsvc.apps.scheduler import DEFAULT_BATCH_DEADLINE_MS, BatchScheduler
-from rtsvc.errors import UserError
+from rtsvc.serve.scheduler import DEFAULT_BATCH_DEADLINE_MS, BatchScheduler
 from rtsvc.settings import DENOISE_CHOICES, Knobs, RuntimeSettings, knob_controls
 from rtsvc.voice import Voice
 from rtsvc.voices.defaults import DSP_BLOCK_MS
 
-log = logging.getLogger("rtsvc.apps.server")
+log = logging.getLogger("rtsvc.serve.server")
 
 WEB_DIR = Path(__file__).parent / "web"
 DEFAULT_PORT = 8765
@@ -353,7 +353,7 @@ class StreamServer:
             response = self._json_response(self.info())
         else:
             name = "index.html" if url.path == "/" else unquote(url.path)[1:]
-            path = self._static.get(name)  # only the files directly inside rtsvc/apps/web, by exact name
+            path = self._static.get(name)  # only the files directly inside rtsvc/serve/web, by exact name
             if path is None:
                 return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
             response = self._file_response(path)
@@ -406,7 +406,7 @@ class StreamServer:
             kind += "; charset=utf-8"
         return _response(HTTPStatus.OK, path.read_bytes(), kind)
 
-    # --- for other transports (rtsvc.apps.ray_serve) -------------------------------------------
+    # --- for other transports (rtsvc.serve.ray_serve) -------------------------------------------
     async def handle(self, ws) -> None:
         """Serve one accepted websocket of another transport: anything with the `recv`, `send`,
         `close`, `request.path`, `remote_address` and `transport.abort()` of a websockets connection

@@ -1,0 +1,152 @@
+"""Audio devices for `rtsvc live` and `rtsvc devices`: PortAudio devices, and PulseAudio/PipeWire
+sources and sinks by name (opened through PortAudio's `pulse` device)."""
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rtsvc.errors import UserError
+
+MIN_RATE, MAX_RATE = 8000, 384000  # device rates PortAudio hosts offer
+
+def load_sounddevice():
+    """Import sounddevice lazily: it needs the PortAudio shared library."""
+    try:
+        import sounddevice
+    except OSError as err:
+        raise UserError(f"audio is unavailable ({err}); install PortAudio "
+                        "(apt-get install libportaudio2)") from None
+    return sounddevice
+
+
+def list_devices() -> list[dict]:
+    """Every PortAudio device (index, name, host API, channel counts, default rate, default flags),
+    then the PulseAudio/PipeWire sources and sinks, which open through PortAudio's `pulse` device."""
+    sd = load_sounddevice()
+    default_in, default_out = sd.default.device
+    hostapis = sd.query_hostapis()
+    devices = [{
+        "index": i, "name": dev["name"], "hostapi": hostapis[dev["hostapi"]]["name"],
+        "inputs": dev["max_input_channels"], "outputs": dev["max_output_channels"],
+        "default_rate": int(dev["default_samplerate"]),
+        "default_input": i == default_in, "default_output": i == default_out, "pulse": None,
+    } for i, dev in enumerate(sd.query_devices())]
+    via = [d["index"] for d in devices if d["name"] == PULSE_DEVICE and d["inputs"] and d["outputs"]]
+    return devices + (pulse_devices(via[0]) if via else [])
+
+
+PULSE_DEVICE = "pulse"  # ALSA's PulseAudio plugin (PipeWire's pulse server answers it too)
+PULSE_ENV = {"input": "PULSE_SOURCE", "output": "PULSE_SINK"}  # read by libpulse when a stream opens
+
+
+def parse_pactl_short(text: str, kind: str, via: int) -> list[dict]:
+    """`pactl list short sources|sinks` lines (index, name, driver, "s16le 2ch 44100Hz", state) as
+    device entries opened through PortAudio device `via` with PULSE_SOURCE / PULSE_SINK set."""
+    devices = []
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if len(fields) < 4:
+            continue
+        spec = fields[3].split()
+        channels = next((int(w[:-2]) for w in spec if w.endswith("ch") and w[:-2].isdigit()), 2)
+        rate = next((int(w[:-2]) for w in spec if w.endswith("Hz") and w[:-2].isdigit()), 48000)
+        devices.append({"index": via, "name": fields[1], "hostapi": "PulseAudio", "pulse": fields[1],
+                        "inputs": channels if kind == "sources" else 0,
+                        "outputs": channels if kind == "sinks" else 0, "default_rate": rate,
+                        "default_input": False, "default_output": False})
+    return devices
+
+
+def pulse_devices(via: int) -> list[dict]:
+    """PulseAudio/PipeWire sources and sinks by name (via pactl); none when pactl or the server is absent."""
+    if shutil.which("pactl") is None:
+        return []
+    found = []
+    for kind in ("sources", "sinks"):
+        try:
+            listing = subprocess.run(["pactl", "list", "short", kind], capture_output=True, text=True,
+                                     timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        if listing.returncode != 0:
+            return []
+        found += parse_pactl_short(listing.stdout, kind, via)
+    return found
+
+
+@contextmanager
+def pulse_routing(device: dict, kind: str) -> Iterator[None]:
+    """Open a stream inside this block: a PulseAudio source/sink entry sets PULSE_SOURCE/PULSE_SINK,
+    which libpulse reads as the ALSA `pulse` device opens (each stream keeps its own)."""
+    name, variable = device.get("pulse"), PULSE_ENV[kind]
+    if name is None:
+        yield
+        return
+    saved = os.environ.get(variable)
+    os.environ[variable] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved
+
+
+def find_device(spec: str | int | None, kind: str, devices: list[dict] | None = None) -> dict:
+    """Resolve --input/--output: None (the default device), an index, or a unique name substring."""
+    devices = list_devices() if devices is None else devices
+    channels = "inputs" if kind == "input" else "outputs"
+    usable = [d for d in devices if d[channels] > 0]
+    if not usable:
+        raise UserError(f"no audio {kind} device found (see `rtsvc devices`)")
+    if spec is None or spec == "":
+        chosen = [d for d in usable if d[f"default_{kind}"]]
+        return chosen[0] if chosen else usable[0]
+    text = str(spec).strip()
+    if text.isdigit():
+        match = [d for d in devices if d["index"] == int(text) and not d.get("pulse")]
+        if not match:
+            raise UserError(f"no audio device with index {text} (see `rtsvc devices`)")
+        if match[0][channels] == 0:
+            raise UserError(f"device {text} ({match[0]['name']}) has no {kind} channels")
+        return match[0]
+    exact = [d for d in usable if d["name"].lower() == text.lower()]
+    if exact:
+        return exact[0]
+    match = [d for d in usable if text.lower() in d["name"].lower()]
+    if not match:
+        raise UserError(f"no {kind} device matches {text!r} (see `rtsvc devices`)")
+    if len(match) > 1:
+        names = ", ".join(d["name"] if d.get("pulse") else f"{d['index']}: {d['name']}" for d in match)
+        raise UserError(f"{text!r} matches several {kind} devices ({names}); give the index or the "
+                        "whole name")
+    return match[0]
+
+
+def find_devices(input_device: str | int | None, output_device: str | int | None,
+                 monitor_device: str | int | None = None) -> tuple[dict, dict, dict | None]:
+    """The devices of `rtsvc live` (input, output, monitor or None), resolved up front so a wrong
+    name fails before a model loads."""
+    devices = list_devices()
+    monitor = find_device(monitor_device, "output", devices) if monitor_device not in (None, "") else None
+    return find_device(input_device, "input", devices), find_device(output_device, "output", devices), monitor
+
+
+def devices_table(devices: list[dict]):
+    """`rtsvc devices` as a rich table."""
+    from rich.table import Table
+
+    table = Table(title="audio devices: --input / --output / --monitor take an index or a name "
+                        "(PulseAudio/PipeWire sources and sinks by name)")
+    for col in ("index", "name", "host API", "in", "out", "default Hz", "default"):
+        table.add_column(col, justify="right" if col in ("index", "in", "out", "default Hz") else "left")
+    for d in devices:
+        flags = (("input", d["default_input"]), ("output", d["default_output"]))
+        kind = "source" if d["inputs"] else "sink"
+        table.add_row("-" if d.get("pulse") else str(d["index"]), d["name"],
+                      f"PulseAudio {kind}" if d.get("pulse") else d["hostapi"], str(d["inputs"]),
+                      str(d["outputs"]), str(d["default_rate"]), "/".join(name for name, on in flags if on))
+    return table

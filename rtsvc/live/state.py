@@ -1,0 +1,18 @@
+"""Counters shared by the live callbacks, the worker, the key reader and the status line."""
+
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LiveState:
+    """Counters shared by the callbacks, the worker and the status line."""
+
+    input_overruns: int = 0
+    portaudio_flags: int = 0
+    input_db: float = -120.0
+    frames_in: int = 0  # device frames seen by the callbacks
+    frames_out: int = 0
+    seconds: float = 0.0
+    error: BaseException | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
