@@ -6,13 +6,13 @@ client sees, the websocket close code, and whether the stream has to end.
 """
 
 import json
-import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from rtsvc.errors import UserError
-from rtsvc.settings import KNOB_NAMES, Knobs
+from rtsvc.settings import KNOB_TABLE, Knob, KnobError
 
 PROTOCOL_VERSION = 1
 STREAM_PATH = "/v1/stream"
@@ -86,35 +86,30 @@ def _describe(value: object) -> str:
     return repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
 
 
-def check_knob_value(name: str, value: object, fatal: bool = True) -> object:
-    """The wire type of one runtime setting: numbers are JSON numbers (not strings, not booleans),
-    finite; integers are JSON integers; speaker is a string or null. Ranges: RuntimeSettings."""
-    kind = type(getattr(Knobs(), name)) if name != "speaker" else str
-    if kind is str:
-        ok = isinstance(value, str) or (value is None and name == "speaker")
-        wanted = "a string or null" if name == "speaker" else "a string"
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        wanted = "an integer"
-    else:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        wanted = "a finite number"
-    if not ok:
-        raise ProtocolError("bad_setting", f"{name} must be {wanted}, got {_describe(value)}", fatal=fatal)
-    return value
+def check_knob_value(name: str, value: object, fatal: bool = True,
+                     table: Iterable[Knob] = KNOB_TABLE) -> object:
+    """The wire type of one runtime setting (its row's `Knob.coerce`): numbers are JSON numbers (not
+    strings, not booleans), finite; integers are JSON integers; speaker is a string or null.
+    Ranges: RuntimeSettings."""
+    try:
+        return {k.name: k for k in table}[name].coerce(value)
+    except KnobError as err:
+        raise ProtocolError("bad_setting", str(err), fatal=fatal) from None
 
 
-def _check_knobs(changes: dict, fatal: bool) -> dict:
-    unknown = sorted(set(changes) - set(KNOB_NAMES))
+def _check_knobs(changes: dict, fatal: bool, table: Iterable[Knob]) -> dict:
+    names = [k.name for k in table]
+    unknown = sorted(set(changes) - set(names))
     if unknown:
         raise ProtocolError("bad_setting", f"unknown setting(s) {', '.join(unknown)}; valid: "
-                            f"{', '.join(KNOB_NAMES)}", fatal=fatal)
-    return {name: check_knob_value(name, value, fatal) for name, value in changes.items()}
+                            f"{', '.join(names)}", fatal=fatal)
+    return {name: check_knob_value(name, value, fatal, table) for name, value in changes.items()}
 
 
-def parse_start(message: dict) -> StartRequest:
+def parse_start(message: dict, table: Iterable[Knob] = KNOB_TABLE) -> StartRequest:
     """Validate a `start` message: types and ranges of every field (knob ranges: RuntimeSettings)."""
-    extra = sorted(set(message) - set(KNOB_NAMES) - set(START_FIELDS))
+    names = {k.name for k in table}
+    extra = sorted(set(message) - names - set(START_FIELDS))
     if extra:
         raise ProtocolError("bad_message", f"unknown field(s) in start: {', '.join(map(_describe, extra))}")
     rate = message.get("sample_rate")
@@ -141,16 +136,16 @@ def parse_start(message: dict) -> StartRequest:
         flags[name] = message.get(name, default)
         if not isinstance(flags[name], bool):
             raise ProtocolError("bad_message", f"{name} must be true or false, got {_describe(flags[name])}")
-    knobs = _check_knobs({k: v for k, v in message.items() if k in KNOB_NAMES}, fatal=True)
+    knobs = _check_knobs({k: v for k, v in message.items() if k in names}, True, table)
     return StartRequest(rate, fmt, token, knobs, flags["realtime"], flags["warnings"])
 
 
-def parse_set(message: dict) -> dict:
+def parse_set(message: dict, table: Iterable[Knob] = KNOB_TABLE) -> dict:
     """The knob changes of a `set` message, type-checked (ranges: RuntimeSettings.update)."""
     changes = {k: v for k, v in message.items() if k != "type"}
     if not changes:
         raise ProtocolError("bad_setting", "set needs at least one setting", fatal=False)
-    return _check_knobs(changes, fatal=False)
+    return _check_knobs(changes, False, table)
 
 
 def settings_error(err: UserError) -> ProtocolError:

@@ -66,7 +66,7 @@ from rtsvc.serve.protocol import (
     settings_error,
 )
 from rtsvc.serve.scheduler import DEFAULT_BATCH_DEADLINE_MS, BatchScheduler
-from rtsvc.settings import DENOISE_CHOICES, Knobs, RuntimeSettings, knob_controls
+from rtsvc.settings import DENOISE_CHOICES, Knobs, RuntimeSettings, knob_spec
 from rtsvc.voice import Voice
 from rtsvc.voices.defaults import DSP_BLOCK_MS
 
@@ -392,7 +392,7 @@ class StreamServer:
                 "latency_ms": round(latency * 1000 / SAMPLE_RATE, 1),
                 "denoise_latency_ms": {name: round(denoise_latency_samples(name, SAMPLE_RATE) * 1000
                                                    / SAMPLE_RATE, 1) for name in DENOISE_CHOICES[1:]},
-                "controls": [asdict(c) for c in knob_controls(kind)]}
+                "controls": knob_spec(kind)}
 
     @staticmethod
     def _json_response(payload: dict) -> Response:

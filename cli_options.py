@@ -1,0 +1,411 @@
+"""The `rtsvc` command's options: the knob options made from rtsvc.settings.KNOB_TABLE, the other
+options with their help and panels, help that fits any terminal width, and output helpers.
+
+Defaults and the "Default: ..." in help come from the library (`KNOB_TABLE`, `StreamConfig`,
+`ServerConfig`), so a default changed there shows up here.
+"""
+
+import functools
+import inspect
+from collections.abc import Collection, Iterable
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+
+from rtsvc.autoblock import P99_MARGIN
+from rtsvc.engine import StreamConfig
+from rtsvc.errors import UserError
+from rtsvc.live import JITTER_MS
+from rtsvc.serve.server import ServerConfig
+from rtsvc.settings import KNOB_TABLE, Knob, KnobError, knobs_class, validate_knobs
+from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
+from rtsvc.voices.spec import CONCURRENT_F0
+
+STREAM, SERVER = StreamConfig(), ServerConfig()
+# help panels, in the order --help shows them
+DEVICE, VOICE, MODEL, STREAMING, SERVING, TRAINING, ADVANCED = (
+    "Device", "Voice", "Model", "Streaming", "Server", "Training", "Advanced")
+PANELS = (DEVICE, VOICE, MODEL, STREAMING, SERVING, TRAINING, ADVANCED)
+
+
+def opt(kind: type, help: str, *names: str, panel: str | None = None):
+    """A shared option: `name: Alias = default` in each command (typer.Option inside Annotated)."""
+    return Annotated[kind, typer.Option(*names, help=help, rich_help_panel=panel)]
+
+
+# --- knobs: one option per row of KNOB_TABLE ----------------------------------------------------
+
+
+def knob_options(skip: Collection[str] = (), defaults: dict | None = None,
+                 table: Iterable[Knob] = KNOB_TABLE):
+    """Decorator: adds one option per knob row (its flags and help; basic knobs in the Voice panel,
+    the rest in Advanced) to a typer command, which instead receives `knobs` (validated `Knobs`:
+    what was typed, else `defaults`, else the row's default) and `typed` (the knob values typed).
+    A bad value is a UserError naming the flag typed (`--pitch must be ...`)."""
+    defaults, table = dict(defaults or {}), tuple(table)
+    rows = [k for k in table if k.flags and k.name not in skip]
+    make_knobs = knobs_class(table)
+
+    def decorate(func):
+        own = [p for name, p in inspect.signature(func).parameters.items() if name not in ("knobs", "typed")]
+        added = [inspect.Parameter(
+            k.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[k.kind | None, typer.Option(
+                *k.flags, help=k.cli_help(defaults.get(k.name)),
+                rich_help_panel=VOICE if k.basic else ADVANCED)],
+        ) for k in rows]
+
+        @functools.wraps(func)
+        def command(*args, **kwargs):
+            typed = {k.name: kwargs.pop(k.name) for k in rows}
+            typed = {name: value for name, value in typed.items() if value is not None}
+            try:
+                knobs = validate_knobs(make_knobs(**{**defaults, **typed}), table)
+            except KnobError as err:
+                raise UserError(err.for_flag()) from None
+            return func(*args, knobs=knobs, typed=typed, **kwargs)
+
+        command.__signature__ = inspect.Signature(own + added)  # what typer reads
+        command.__annotations__ = {p.name: p.annotation for p in own + added}
+        del command.__wrapped__
+        return command
+
+    return decorate
+
+
+# --- options shared by several commands ---------------------------------------------------------
+
+# train and distill
+TrainPrecision = opt(str, "auto, fp32, bf16 or fp16 (autocast). Default: auto (bf16 on a CUDA GPU that has "
+                     "it, else fp32).", panel=TRAINING)
+LogEvery = opt(int, "Steps between metrics.jsonl lines. Default: 10.", panel=TRAINING)
+NumWorkers = opt(int, "DataLoader worker processes. Default: 2.", panel=TRAINING)
+TrainSeed = opt(int, "Random seed (batches, crops, noise). Default: 2025.", panel=TRAINING)
+Resume = opt(bool, "Continue OUT/last.ckpt at its exact step. Default: off.", panel=TRAINING)
+TrainDevice = opt(str, "Torch device: auto, cpu or cuda. Default: auto (under torchrun: one GPU per rank).")
+
+Model = opt(Path | None, "RIFT-SVC V2 or V3 checkpoint (.ckpt, LoRA fine-tunes too) or exported .rtsvc "
+            "bundle. Default: none, the built-in DSP voice.", "--model", "-m", panel=MODEL)
+PretrainedDir = opt(Path, "Folder of pretrained components in the upstream layout. Default: pretrained/.",
+                    panel=MODEL)
+ContentVec = opt(str | None, "ContentVec folder or hub id. Default: PRETRAINED_DIR/content-vec-best.",
+                 panel=MODEL)
+Whisper = opt(str | None, "Whisper folder or hub id (V2 models only). Default: "
+              "PRETRAINED_DIR/whisper-large-v3.", panel=MODEL)
+Vocoder = opt(Path | None, "NSF-HiFiGAN model.ckpt (config.json beside it). Default: PRETRAINED_DIR/"
+              "nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt (a .rtsvc bundle has its own).",
+              panel=MODEL)
+Rmvpe = opt(Path | None, "RMVPE model.pt. Default: PRETRAINED_DIR/rmvpe/model.pt.", panel=MODEL)
+F0 = opt(str | None, "F0 extractor for models: rmvpe, fcpe or pyworld (the DSP voice always uses "
+         "pyworld). Default: rmvpe.", panel=MODEL)
+Device = opt(str, "Torch device: auto, cpu or cuda. Default: auto (CUDA if present).", panel=MODEL)
+Backend = opt(str, "Model backend: auto, torch or onnx. Default: auto (onnx for .rtsvc bundles, torch "
+              "for .ckpt).", panel=MODEL)
+Precision = opt(str, "Torch compute precision on CUDA: fp32, fp16 or bf16 (CPU always fp32). Default: fp32.",
+                panel=MODEL)
+Providers = opt(str | None, "ONNX Runtime providers for .rtsvc bundles, in order, e.g. cuda,cpu (tensorrt, "
+                "cuda, cpu). Default: automatic (the first of TensorRT, CUDA that starts here, then CPU).",
+                panel=MODEL)
+Schedule = opt(str, next(k for k in KNOB_TABLE if k.name == "schedule").cli_help(), panel=ADVANCED)
+
+BLOCK_AUTO = ("auto = measured at start on this machine: the shortest block whose p99 compute is at most "
+              f"{P99_MARGIN:g} of it, searched from {DSP_BLOCK_MS:g} ms (46.4 ms) for the DSP voice, "
+              f"{MODEL_BLOCK_MS:g} ms (150.9 ms) with --model")
+BlockMs = Annotated[str, typer.Option(metavar="MS|auto", rich_help_panel=STREAMING, help="Engine block "
+                                      "length in ms, or auto (latency and compute per block; rounded to "
+                                      f"11.6 ms mel frames). Default: {BLOCK_AUTO}.")]
+DitContextMs = opt(float, "Left context in ms the model's DiT samples before the frames it outputs while "
+                   "streaming (>= 0; longer than --context-ms = the whole window; longer costs more DiT "
+                   f"time). Models only. Default: {DIT_CONTEXT_MS:g}.", panel=STREAMING)
+ContextMs = opt(float, f"Left context per block in ms. Default: {STREAM.context_ms:g}.", panel=STREAMING)
+CrossfadeMs = opt(float, f"SOLA crossfade in ms. Default: {STREAM.crossfade_ms:g}.", panel=STREAMING)
+SolaSearchMs = opt(float, f"SOLA search window in ms. Default: {STREAM.sola_search_ms:g}.", panel=STREAMING)
+MaxBatch = opt(int, "Model voices: most clients' blocks run as one batch through every model stage (F0, "
+               f"encoders, DiT, vocoder; 1 = each block alone). Default: {SERVER.max_batch}.", panel=SERVING)
+BatchRunners = opt(int, "With --max-batch > 1: threads that run batches (a spare one starts only when a "
+                   "block would otherwise be late; fewer did better on a machine busy with other "
+                   f"work). Default: {SERVER.batch_runners} (one per CPU core, at most 8).", panel=SERVING)
+BatchDeadlineMs = opt(float, "Longest a block waits in ms for other clients' blocks that are expected soon "
+                      "(never past its real-time budget of one block). Default: "
+                      f"{SERVER.batch_deadline_ms:g}.",
+                      panel=SERVING)
+ConcurrentF0 = opt(bool, "Model voices while streaming: extract F0 on a second thread while ContentVec runs "
+                   "(same output; faster where a core is free; a bundle's encoders then take one thread "
+                   f"unless --threads is given). Default: {'on' if CONCURRENT_F0 else 'off'}.",
+                   "--concurrent-f0/--no-concurrent-f0", panel=STREAMING)
+Threads = opt(int | None, "CPU threads for torch and for each ONNX Runtime session. Default: torch 1 while "
+              "streaming on a CPU (steadiest on a busy machine), ONNX Runtime its own (every core).",
+              panel=MODEL)
+
+
+# --- output and helpers that commands share -------------------------------------------------------
+
+console = Console(stderr=True)
+
+
+def say(text: str) -> None:
+    console.print(text, highlight=False, soft_wrap=True)
+
+
+def pick(cls: type, options: dict, **fixed):
+    """`cls` (VoiceSpec, ServerConfig, TrainConfig...) from the fields among a command's options (its
+    locals()), then `fixed`."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{**{k: v for k, v in options.items() if k in names}, **fixed})
+
+
+def progress_bar(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def print_table(title: str, columns: tuple[str, ...], rows) -> None:
+    """Print a table on stdout: the first column left-aligned, numbers right-aligned."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+# --- help that fits the terminal ------------------------------------------------------------------
+
+
+def _format_options(self: click.Command, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    """Arguments, then one section per help panel. Option names go on their own line when long and
+    help text wraps (click's definition lists), so nothing is cut at any width."""
+    sections: dict[str, list] = {}
+    for param in self.get_params(ctx):
+        record = param.get_help_record(ctx)
+        if record is None:
+            continue
+        if isinstance(param, click.Argument):
+            panel = "Arguments"
+        else:
+            panel = getattr(param, "rich_help_panel", None) or "Options"
+        sections.setdefault(panel, []).append(record)
+    order = ["Arguments", *PANELS, "Options"]
+    for panel in sorted(sections, key=lambda p: order.index(p) if p in order else len(order)):
+        with formatter.section(panel):
+            formatter.write_dl(sections[panel], col_max=26)
+
+
+def tidy_command(command: click.Command) -> None:
+    """Help as rtsvc prints it: each option says its default once, in its own words; usage says
+    INPUT (not typer's {input}); the command list shows each command's first sentence whole."""
+    for param in command.params:
+        param.show_default = False
+        if isinstance(param, typer.core.TyperArgument):
+            param._usage_display_name = lambda name=param.name.upper(): name
+            param.help = param.help and param.help.rstrip()
+    first = (command.help or "").strip().split("\n\n")[0].replace("\n", " ")
+    command.short_help = first
+    command.format_options = _format_options.__get__(command)
+    command.context_settings.setdefault("max_content_width", 100)
+
+
+# --- options of one command -----------------------------------------------------------------------
+
+# live
+Input = opt(str | None, "Input device: index or (part of) its name, PulseAudio/PipeWire sources by name; see "
+            "`rtsvc devices`. Default: the system default input.", "--input", "-i", panel=DEVICE)
+Output = opt(str | None, "Output device (or virtual cable): index or (part of) its name. Default: the system "
+             "default output.", "--output", "-o", panel=DEVICE)
+Monitor = opt(str | None, "Also play the converted voice on this device (e.g. headphones while --output is a "
+              "virtual cable), at the output rate. Default: none.", panel=DEVICE)
+InputRate = opt(int | None, "Input device rate in Hz. Default: the device's.", panel=DEVICE)
+OutputRate = opt(int | None, "Output device rate in Hz. Default: the device's.", panel=DEVICE)
+JitterMs = opt(str, "Output buffer primed with this much silence (ms) to absorb block-to-block changes in "
+               "compute time; auto = with --block-ms auto, the picked block's measured headroom (block minus "
+               f"mean compute, at least {JITTER_MS:g}), else {JITTER_MS:g}. Default: auto.", panel=STREAMING)
+Duration = opt(float | None, "Stop after this many seconds and exit 0. Default: run until Ctrl-C or q.")
+Record = opt(Path | None, "Also write the converted output to this audio file (output device rate). "
+             "Default: none.")
+
+# serve
+Host = opt(str, f"Address to listen on; anything but loopback needs --token. Default: {SERVER.host}.",
+           panel=SERVING)
+Port = opt(int, f"TCP port for the websocket, /healthz and the page. Default: {SERVER.port}.", panel=SERVING)
+Token = Annotated[str | None, typer.Option(
+    envvar="RTSVC_TOKEN", rich_help_panel=SERVING, help="Shared secret clients must send (start message or "
+    "?token=), at least 8 characters. Default: none (loopback only). Also read from $RTSVC_TOKEN.")]
+MaxClients = opt(int, "Most simultaneous streams; more are refused with close code 1013. Default: "
+                 f"{SERVER.max_clients}.", panel=SERVING)
+MaxFrameBytes = opt(int, f"Largest binary frame in bytes (close code 1009 above it). Default: "
+                    f"{SERVER.max_frame_bytes} ({SERVER.max_frame_bytes / 2**20:g} MiB).", panel=SERVING)
+IdleTimeout = opt(float, "Seconds without any message before a client is closed (code 1008). Default: "
+                  f"{SERVER.idle_timeout_s:g}.", panel=SERVING)
+AllowedOrigin = opt(list[str] | None, "Extra browser origin allowed to connect (repeatable; '*' allows any). "
+                    "The page's own origin and non-browser clients are always allowed. Default: none.",
+                    panel=SERVING)
+Workers = opt(int, f"Inference threads shared by all clients. Default: {SERVER.workers} (one per CPU core, "
+              "at most 8).", panel=SERVING)
+MaxLagMs = opt(float, "Live input not converted this many milliseconds after it was due is answered with "
+               f"silence, so latency stays bounded under overload. Default: {SERVER.max_lag_ms:g}.",
+               panel=SERVING)
+SendTimeout = opt(float, "Seconds a client may leave its replies unread before it is dropped (code 1008). "
+                  f"Default: {SERVER.send_timeout_s:g}.", panel=SERVING)
+Ray = Annotated[str | None, typer.Option(
+    metavar="ADDRESS|auto", rich_help_panel=SERVING, help="Deploy as a Ray Serve application (needs the ray "
+    "extra of rtsvc) on the cluster at ADDRESS, or auto ($RAY_ADDRESS, else a private local instance stopped "
+    "with the command). Default: off (one process).")]
+Replicas = opt(int, "--ray: replicas, each holding the voice and its clients. Default: 2.", panel=SERVING)
+ReplicaCpus = opt(float, "--ray: CPUs Ray reserves per replica. Default: 0.", panel=SERVING)
+ReplicaGpus = opt(float, "--ray: GPUs per replica (e.g. 1, or 0.5 to share one). Default: 0.", panel=SERVING)
+
+# convert
+InputFile = Annotated[Path, typer.Argument(help="Input audio file (wav, flac, ogg, mp3; any rate; mixed to "
+                                           "mono).")]
+OutputFile = Annotated[Path, typer.Argument(help="Output file, 44.1 kHz mono; format from the extension "
+                                            "(.wav, .flac, .ogg).")]
+RestoreLoudness = opt(bool, "Give each slice back its input loudness instead of the model's -18 LUFS. "
+                      "Default: off.")
+Stream = opt(bool, "Convert through the streaming engine block by block (what live/serve hear) instead of "
+             "offline slices. Default: off.", panel=STREAMING)
+
+# prepare
+Data = Annotated[Path, typer.Argument(help="Dataset folder: DATA/SPEAKER/*.wav (flac, ogg, mp3 too); one "
+                                      "subfolder per speaker.")]
+PrepareF0 = opt(str, "F0 extractor: rmvpe, fcpe or pyworld. Default: rmvpe.", "--f0", panel=MODEL)
+PrepareWorkers = opt(int, "Files processed in parallel (threads sharing the encoders). Default: 2.",
+                     "--workers")
+Family = opt(str, "Model family the features are for: v2 (ContentVec + Whisper) or v3 (ContentVec only, as "
+             "upstream V3 prepares it; no Whisper needed). Default: v2.", "--family")
+
+# train
+TrainData = opt(Path, "Prepared dataset folder (run `rtsvc prepare` first). Required.", "--data")
+TrainOut = opt(Path, "Run folder for checkpoints, metrics.jsonl and val/. Required.", "--out")
+Pretrained = opt(Path | None, "Checkpoint to fine-tune (upstream or rtsvc .ckpt); new speakers are added. "
+                 "Default: none, train from scratch.")
+ModelSize = opt(str | None, "Model size for training from scratch: dit-256-4, dit-384-4, dit-512-4, "
+                "dit-512-8, dit-768-12, dit-1024-12, dit-1024-16. Default: dit-768-12 (with --pretrained: "
+                "its size).", "--model")
+def MaxSteps(default: int):  # noqa: N802 (an option type, like the aliases)
+    return opt(int, f"Optimizer steps in total (a resumed run continues to it). Default: {default}.",
+               panel=TRAINING)
+
+
+def GradClip(default: float):  # noqa: N802
+    return opt(float, f"Clip the global gradient norm to this (0 = off). Default: {default:g}.",
+               panel=TRAINING)
+
+
+def SaveEvery(default: int):  # noqa: N802
+    return opt(int, f"Steps between checkpoints (last.ckpt + step-N.ckpt). Default: {default}.",
+               panel=TRAINING)
+
+
+BatchSize = opt(int, "Clips per step per GPU. Default: 64.", panel=TRAINING)
+TrainLr = opt(float | None, "Learning rate. Default: 5e-5 with --pretrained, else 1e-3.", "--lr",
+              panel=TRAINING)
+WeightDecay = opt(float | None, "AdamW weight decay. Default: 0.01 with --pretrained, else 0.",
+                  panel=TRAINING)
+EvalEvery = opt(int, "Steps between validations (0 = never). Default: 1000.", panel=TRAINING)
+EvalSamples = opt(int, "Clips sampled to WAV + PNG at each validation. Default: 2.", panel=TRAINING)
+TrainPretrainedDir = opt(Path | None, "Pretrained components for the validation vocoder. Default: the folder "
+                         "`rtsvc prepare` used.", "--pretrained-dir", panel=MODEL)
+TrainVocoder = opt(Path | None, "NSF-HiFiGAN model.ckpt for validation audio. Default: PRETRAINED_DIR/"
+                   "nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt (none found: plots only).",
+                   "--vocoder", panel=MODEL)
+LoraRank = opt(int | None, "V3: train LoRA adapters of this rank on every attn.k_proj / v_proj plus the "
+               "speaker table, nothing else (needs --lora-alpha). Default: off (all weights train).",
+               panel=ADVANCED)
+LoraAlpha = opt(float | None, "V3: LoRA scale numerator; adapters add (x A) B^T * alpha / sqrt(rank). "
+                "Default: none (required with --lora-rank).", panel=ADVANCED)
+FreezeAdaln = opt(bool, "V3: keep the time embedding and every adaptive norm fixed (upstream's fine-tune "
+                  "option). Default: off.", "--freeze-adaln-and-tembed", panel=ADVANCED)
+
+# distill
+Teacher = opt(Path, "Teacher checkpoint (.ckpt), e.g. RUN/last.ckpt of `rtsvc train`. Required.", "--teacher")
+DistillData = opt(Path, "Prepared dataset folder (`rtsvc prepare`), normally the teacher's. Required.",
+                  "--data")
+DistillOut = opt(Path, "Run folder for checkpoints and metrics.jsonl; the student is OUT/last.ckpt. "
+                 "Required.", "--out")
+Nfe = opt(int, "Network evaluations per block the student is made for: 1 or 2 (both are trained; this sets "
+          "its default). Default: 1.")
+DistillBatch = opt(int, "Teacher trajectories per step per GPU. Default: 16.", "--batch-size", panel=TRAINING)
+Pairs = opt(int, "Intervals trained per trajectory (the student's batch is batch-size x pairs). Default: 4.",
+            panel=TRAINING)
+DistillLr = opt(float, "Learning rate. Default: 1e-4.", "--lr", panel=TRAINING)
+
+
+def baked(name: str, family: str, default: str) -> object:
+    """A distill option for one guidance knob baked into the student: the knob's flag and range."""
+    knob = next(k for k in KNOB_TABLE if k.name == name)
+    return opt(float | None, f"{family} teachers: {knob.label} strength baked into the student "
+               f"({knob.range_text()}). Default: {default}.", *knob.flags, panel=ADVANCED)
+
+
+SkipBlock = opt(int | None, "V3 teachers: the block (0-based) the skip-layer pass bypasses. Default: none.",
+                "--cfg-skip-layers", panel=ADVANCED)
+
+# export
+Checkpoint = Annotated[Path, typer.Argument(help="RIFT-SVC V2 or V3 checkpoint (.ckpt; V3 LoRA adapters are "
+                                            "merged) to export.")]
+BundleOut = opt(Path, "Bundle directory to write, e.g. my-voice.rtsvc (replaced if it is already a bundle). "
+                "Required.", "--out", "-o")
+ExportPretrainedDir = opt(Path, "Folder of pretrained components in the upstream layout (vocoder; encoders "
+                          "with --with-encoders). Default: pretrained/.", "--pretrained-dir", panel=MODEL)
+ExportVocoder = opt(Path | None, "NSF-HiFiGAN model.ckpt (config.json beside it). Default: PRETRAINED_DIR/"
+                    "nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt.", "--vocoder", panel=MODEL)
+Opset = opt(int, "ONNX opset version (7-21). Default: 17.")
+Fp16 = opt(bool, "Export fp16 graphs (inputs/outputs stay fp32; for GPU providers). Default: off (fp32).")
+ExportSkipLayers = opt(int, "V3 models: also put the skip-layer guidance pass into the graph, bypassing "
+                       "this DiT block (0-based; the bundle then honours --skip-cfg-strength with this block "
+                       "only); -1 = no skip pass. Default: -1.", "--cfg-skip-layers")
+WithEncoders = opt(bool, "Also export ContentVec, the Whisper encoder (V2) and FCPE's network (for --f0 "
+                   "fcpe) to ONNX (large: ~0.4 GB + ~2.4 GB for the real models, FCPE 43 MB). Default: off.")
+Tolerance = opt(float | None, "Largest allowed parity error, relative to the largest torch output value. "
+                "Default: 1e-4 (fp32), 2e-2 (fp16).")
+Int8 = opt(bool, "Then quantize for CPUs: dynamic int8 DiT and encoders, calibrated static int8 vocoder "
+           "(each kept fp32 where int8 is not faster here); prints int8-vs-fp32 parity and timing. "
+           "Default: off (fp32).")
+
+# bench
+BENCH_BLOCKS, BENCH_STEPS = "50,100,150,250", "2,4,8"  # rtsvc bench grids (ms, steps)
+STREAMS_BATCHES, STREAMS_THREADS = "1,8", 1  # rtsvc bench --streams: compared max batches, torch threads
+GAP_CROSSFADES, GAP_SEARCHES = "5,10,25,50", "0,5,10,20"  # rtsvc bench --gap grids (ms)
+BenchModel = opt(Path | None, "Also benchmark this checkpoint or .rtsvc bundle. Default: the DSP voice only.",
+                 "--model", "-m", panel=MODEL)
+BenchBlocks = opt(str, f"Comma-separated block lengths in ms; auto is {BLOCK_AUTO}. Default: {BENCH_BLOCKS}.",
+                  "--block-ms", panel=STREAMING)
+BenchSteps = opt(str | None, "Comma-separated sampling steps (grid points) for models. Default: "
+                 f"{BENCH_STEPS}; a distilled student: its own count.", "--steps")
+BenchBackends = opt(str, "Comma-separated model backends (torch, onnx, auto). Default: auto.", "--backend",
+                    panel=MODEL)
+BenchDevices = opt(str, "Comma-separated torch devices (cpu, cuda) or all (cpu and cuda when present). "
+                   "Default: all.", "--device", panel=MODEL)
+Seconds = opt(float, "Audio streamed per configuration, in seconds. Default: 5.")
+Loopback = opt(bool, "Also measure end-to-end latency of `rtsvc live` (DSP voice, each block length) through "
+               "PulseAudio null sinks (needs pulseaudio). Default: off.")
+Gap = opt(bool, "Also measure how close streaming is to offline (log-spectral distance, dB) for each block "
+          "length x crossfade (--crossfades) x SOLA search (--sola-searches), for the DSP voice and --model. "
+          "Default: off.")
+Crossfades = opt(str, f"--gap: comma-separated crossfades in ms. Default: {GAP_CROSSFADES}.")
+SolaSearches = opt(str, f"--gap: comma-separated SOLA searches in ms. Default: {GAP_SEARCHES}.")
+BenchThreads = opt(int | None, "CPU threads for torch and for each ONNX Runtime session (1 = steadiest on a "
+                   "busy machine). Default: the libraries' own (every core); 1 with --streams.", "--threads",
+                   panel=MODEL)
+Streams = opt(str | None, "Instead: comma-separated counts of simulated real-time clients streaming through "
+              "a loopback websocket server, each count run with every --max-batches value; reports latency, "
+              "late blocks and the largest count held in real time. Default: off.", panel=SERVING)
+MaxBatches = opt(str, "--streams: comma-separated --max-batch values to compare (1 = unbatched). Default: "
+                 f"{STREAMS_BATCHES}.", panel=SERVING)
+
+# download, doctor
+To = opt(Path, "Folder to fill in the upstream layout. Default: pretrained/.")
+PretrainedVoice = opt(list[str] | None, "Pretrained voice checkpoint to fetch too (repeatable): pretrain-v2, "
+                      "pretrain-v3-512-8, pretrain-v3-768-12, pretrain-v3-1024-16, or none. Default: "
+                      "pretrain-v2.", "--voice")
+Components = opt(str, "Components for which models: v2 (ContentVec, Whisper, vocoder, RMVPE), v3 (the same "
+                 "without Whisper, ~3 GB less) or all. Default: all.", "--family")
+LookIn = opt(Path, "Folder of pretrained components to look into. Default: pretrained/.", "--pretrained-dir")
