@@ -129,16 +129,16 @@ def resolve_block_choice(voice: Voice, config: StreamConfig, knobs: Knobs | None
 def start_voice(spec, knobs: Knobs, requested_steps: int | None, config: StreamConfig | None = None,
                 say=None) -> tuple[Voice, Knobs, StreamConfig | None, AutoBlock | None]:
     """How live, serve and convert start: open `spec` (a `VoiceSpec`), take the steps it runs
-    (`--steps` as `requested_steps`, else a student's own), say which voice, then fit the block
-    (auto: measured here; `config` None: not streaming). Returns (voice, knobs, config, the auto
+    (`--steps` as `requested_steps`, else a student's own), fit the block (auto: measured here;
+    `config` None: not streaming), then say which voice. Returns (voice, knobs, config, the auto
     block's measurement or None)."""
     from rtsvc.voices.spec import describe_voice, open_voice, sampling_steps
 
     voice = open_voice(spec)
     knobs = sampling_steps(knobs, voice, requested_steps)
+    choice = None
+    if config is not None:  # first: a block that does not fit is a mistake, said alone
+        config, choice = resolve_block_choice(voice, config, knobs, say)
     if say is not None:
         say(describe_voice(voice, spec.model, knobs.speaker))
-    choice = None
-    if config is not None:
-        config, choice = resolve_block_choice(voice, config, knobs, say)
     return voice, knobs, config, choice

@@ -99,12 +99,14 @@ def test_missing_pretrained_component_says_which_and_how_to_get_it(files, tmp_pa
 
 
 @pytest.mark.parametrize("option,value,words", [
-    ("--steps", "1", ("steps", "between 2 and 64")),
-    ("--steps", "100", ("steps", "between 2 and 64")),
-    ("--cfg-strength", "11", ("cfg_strength", "between 0 and 10")),
-    ("--cfg-strength", "-1", ("cfg_strength", "between 0 and 10")),
-    ("--pitch", "48", ("pitch_shift", "36")),
-    ("--formant", "3", ("formant_shift", "0.5 and 2.0")),
+    ("--steps", "1", ("--steps must be between 2 and 64",)),
+    ("--steps", "100", ("--steps must be between 2 and 64",)),
+    ("--cfg-strength", "11", ("--cfg-strength must be between 0 and 10",)),
+    ("--cfg-strength", "-1", ("--cfg-strength must be between 0 and 10",)),
+    ("--pitch", "48", ("--pitch must be within ±36 semitones, got 48",)),
+    ("--pitch", "100", ("--pitch must be within ±36 semitones, got 100",)),
+    ("--formant", "3", ("--formant must be between 0.5 and 2, got 3",)),
+    ("--schedule", "cosine", ("--schedule must be one of uniform, sway, epss, got 'cosine'",)),
     ("--f0", "crepe", ("unknown --f0", "rmvpe, fcpe or pyworld")),
 ])
 def test_out_of_range_options(files, tmp_path, capsys, monkeypatch, option, value, words):
@@ -166,4 +168,4 @@ def test_distill_mistakes_are_one_line(files, tmp_path, capsys, monkeypatch):
     fails([*base, "--spk-cfg-strength", "-1"], capsys, monkeypatch, "--spk-cfg-strength must be between 0")
     fails(base, capsys, monkeypatch, "is not prepared", "rtsvc prepare")
     fails(["convert", files["tone"], tmp_path / "o.wav", *_model_args(files, "--schedule", "cosine")], capsys,
-          monkeypatch, "unknown schedule 'cosine'")
+          monkeypatch, "--schedule must be one of uniform, sway, epss")

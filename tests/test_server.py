@@ -573,7 +573,7 @@ def test_serve_cli_checks_options_and_passes_them_on(capsys, monkeypatch):
     code, err, _ = serve_args_of(["--host", "0.0.0.0"], capsys, monkeypatch)
     assert code == 2 and "without --token" in err
     code, err, _ = serve_args_of(["--pitch", "50"], capsys, monkeypatch)
-    assert code == 2 and "pitch_shift must be within" in err
+    assert code == 2 and "--pitch must be within ±36 semitones" in err and "pitch_shift" not in err
     code, err, _ = serve_args_of(["--speaker", "nobody"], capsys, monkeypatch)
     assert code == 2 and "unknown speaker 'nobody'" in err and "dsp" in err
     code, err, seen = serve_args_of(["--host", "0.0.0.0", "--token", TOKEN, "--port", "9000", "--max-clients",
@@ -739,9 +739,9 @@ def test_page_controls_follow_the_model_family():
     from types import SimpleNamespace
 
     from rtsvc.serve.server import dsp_source, model_source
-    from rtsvc.settings import knob_controls
+    from rtsvc.settings import knob_spec
 
-    names = {kind: [c.name for c in knob_controls(kind)] for kind in ("dsp", "v2", "v3")}
+    names = {kind: [c["name"] for c in knob_spec(kind)] for kind in ("dsp", "v2", "v3")}
     assert "cfg_strength" in names["v2"] and "ds_cfg_strength" not in names["v2"]
     assert {"ds_cfg_strength", "spk_cfg_strength", "cfg_rescale"} <= set(names["v3"])
     assert "cfg_strength" not in names["v3"] and "steps" in names["v3"] and "formant_shift" not in names["v3"]

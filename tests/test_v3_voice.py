@@ -90,7 +90,7 @@ def test_bad_v3_knob_is_one_line(v3, tmp_path, capsys, monkeypatch):
     args = ["convert", src, tmp_path / "o.wav", "--model", ckpt, "--pretrained-dir", pretrained,
             "--cfg-rescale", "1.5"]
     code, _, err = run_cli(args, capsys, monkeypatch)
-    assert code == 2 and "cfg_rescale must be between 0 and 1" in err and err.count("\n") == 1
+    assert code == 2 and "--cfg-rescale must be between 0 and 1" in err and err.count("\n") == 1
 
 
 def test_v3_knobs_are_live_settings():

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from rtsvc.errors import UserError
+from rtsvc.settings import KNOB_ROWS
 from rtsvc.models.loading import LoadedDiT, load_dit
 from rtsvc.models.schedules import student_grid
 from rtsvc.models.student import (
@@ -104,6 +105,9 @@ def _check(cfg: DistillConfig) -> None:
                         ("--log-every", cfg.log_every)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    for name in ("cfg_strength", "ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength"):
+        if getattr(cfg, name) is not None:  # the teacher's guidance, baked in: the live knob's range
+            KNOB_ROWS[name].check(getattr(cfg, name))  # a KnobError: the CLI names the flag
     if not 0.0 <= cfg.deployed_share <= 1.0:
         raise UserError(f"--deployed-share must be between 0 and 1, got {cfg.deployed_share}")
 

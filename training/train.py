@@ -324,8 +324,17 @@ def _vocoder(cfg: TrainConfig, meta: dict, device: torch.device):
         return None
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Counts that must be positive, said before anything loads."""
+    for name, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size),
+                        ("--save-every", cfg.save_every), ("--log-every", cfg.log_every)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or continue) a training run; returns when max_steps is reached or on Ctrl-C."""
+    check_config(cfg)
     d, device = init_distributed(cfg.device)
     if device.type == "cuda":  # TF32 matmuls for whatever runs outside autocast (fp32 runs, the loss)
         torch.backends.cuda.matmul.allow_tf32 = True
