@@ -11,7 +11,15 @@ import cli
 from cli_options import knob_options, tidy_command
 from rtsvc.errors import UserError
 from rtsvc.serve.protocol import ProtocolError, parse_set, parse_start
-from rtsvc.settings import KNOB_TABLE, MAX_PITCH_SHIFT, MAX_STEPS, Knob, knob_spec, knobs_class, validate_knobs
+from rtsvc.settings import (
+    KNOB_TABLE,
+    MAX_PITCH_SHIFT,
+    MAX_STEPS,
+    Knob,
+    knob_spec,
+    knobs_class,
+    validate_knobs,
+)
 from tests.cli_helpers import run_cli
 
 REVERB = Knob("reverb_mix", float, 0.25, "reverb", "Test-only: dry/wet reverb mix", ("--reverb",), 0.0, 1.0,
