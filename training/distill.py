@@ -21,7 +21,6 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from rtsvc.errors import UserError
-from rtsvc.settings import KNOB_ROWS
 from rtsvc.models.loading import LoadedDiT, load_dit
 from rtsvc.models.schedules import student_grid
 from rtsvc.models.student import (
@@ -32,6 +31,7 @@ from rtsvc.models.student import (
     student_velocity,
     teacher_velocity,
 )
+from rtsvc.settings import KNOB_ROWS
 from training.checkpoint import load_checkpoint
 from training.dataset import MAX_FRAME_LEN, ClipDataset, StepBatchSampler, collate, data_family
 from training.distill_loss import distill_loss
