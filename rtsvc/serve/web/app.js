@@ -1,6 +1,7 @@
 // rtsvc page: microphone -> ws /v1/stream (f32le at the AudioContext rate) -> speakers.
 // A control panel: device pickers, speaker, the knobs the server lists in GET /v1/info (built from
-// rtsvc.settings.KNOB_CONTROLS, so a new knob needs no change here), level meters, settings kept in
+// rtsvc.settings.KNOB_TABLE: basic ones in view, the rest folded under Advanced; a new knob needs no
+// change here), level meters, settings kept in
 // localStorage between visits, named presets.
 // URL options: ?token=T (servers started with --token), ?autostart=1 (OBS), ?speaker=S,
 // ?pitch=N (semitones), ?obs=1 (transparent background), ?chunk_ms=20.
@@ -89,12 +90,15 @@ function onControlChange(name) {
 // --- building the panel from /v1/info -----------------------------------------------------------
 
 function buildControls(list) {
-  controls = list;
-  const box = $("controls");
-  box.textContent = "";
-  for (const c of list) {
+  controls = list.filter((c) => c.control === "slider" || c.control === "select");  // speaker: its own picker
+  $("controls").textContent = "";
+  $("advanced-controls").textContent = "";
+  $("advanced").hidden = !controls.some((c) => !c.basic);
+  for (const c of controls) {
+    const box = c.basic ? $("controls") : $("advanced-controls");
     const row = document.createElement("div");
     row.className = "row";
+    row.title = c.help;
     const label = document.createElement("label");
     label.htmlFor = c.name;
     label.textContent = c.unit && c.unit !== "x" ? `${c.label} (${c.unit})` : c.label;
@@ -121,6 +125,12 @@ function buildControls(list) {
     input.id = c.name;
     input.addEventListener("change", () => onControlChange(c.name));
     box.appendChild(row);
+    if (!c.basic) {  // Advanced explains each knob in one line
+      const help = document.createElement("div");
+      help.className = "help";
+      help.textContent = c.help;
+      box.appendChild(help);
+    }
   }
 }
 
@@ -271,6 +281,7 @@ function onMessage(event) {
   if (message.type === "ready") {
     rtsvc.ready = message;
     rtsvc.state = "streaming";
+    $("hint").hidden = true;  // the microphone was allowed
     fillSpeakers(message.speakers, message.settings.speaker);
     rtsvc.settings = message.settings;
     applySettings(message.settings);
