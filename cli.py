@@ -202,12 +202,12 @@ def prepare(
 @app.command()
 def train(
     data: o.TrainData, out: o.TrainOut, pretrained: o.Pretrained = None, model: o.ModelSize = None,
-    max_steps: o.MaxSteps(30000) = 30000, batch_size: o.BatchSize = 64, lr: o.TrainLr = None,
-    weight_decay: o.WeightDecay = None, grad_clip: o.GradClip(0.0) = 0.0,
-    precision: o.TrainPrecision = "auto", save_every: o.SaveEvery(1000) = 1000,
-    eval_every: o.EvalEvery = 1000, log_every: o.LogEvery = 10, eval_samples: o.EvalSamples = 2,
-    num_workers: o.NumWorkers = 2, seed: o.TrainSeed = 2025, resume: o.Resume = False,
-    device: o.TrainDevice = "auto", pretrained_dir: o.TrainPretrainedDir = None,
+    max_steps: o.MaxSteps(o.TRAIN.max_steps) = None, batch_size: o.BatchSize = None, lr: o.TrainLr = None,
+    weight_decay: o.WeightDecay = None, grad_clip: o.GradClip(o.TRAIN.grad_clip) = None,
+    precision: o.TrainPrecision = None, save_every: o.SaveEvery(o.TRAIN.save_every) = None,
+    eval_every: o.EvalEvery = None, log_every: o.LogEvery = None, eval_samples: o.EvalSamples = None,
+    num_workers: o.NumWorkers = None, seed: o.TrainSeed = None, resume: o.Resume = False,
+    device: o.TrainDevice = None, pretrained_dir: o.TrainPretrainedDir = None,
     vocoder: o.TrainVocoder = None, lora_rank: o.LoraRank = None, lora_alpha: o.LoraAlpha = None,
     freeze_adaln_and_tembed: o.FreezeAdaln = False,
 ) -> None:
@@ -233,16 +233,16 @@ def train(
 
 @app.command()
 def distill(
-    teacher: o.Teacher, data: o.DistillData, out: o.DistillOut, nfe: o.Nfe = 1,
-    max_steps: o.MaxSteps(5000) = 5000, batch_size: o.DistillBatch = 16, pairs: o.Pairs = 4,
-    cfg_strength: o.baked("cfg_strength", "V2", "2") = None,
-    ds_cfg_strength: o.baked("ds_cfg_strength", "V3", "0.2") = None,
-    spk_cfg_strength: o.baked("spk_cfg_strength", "V3", "0.8") = None,
-    skip_cfg_strength: o.baked("skip_cfg_strength", "V3", "0 (off)") = None,
-    cfg_skip_layers: o.SkipBlock = None, lr: o.DistillLr = 1e-4, grad_clip: o.GradClip(1.0) = 1.0,
-    precision: o.TrainPrecision = "auto", save_every: o.SaveEvery(500) = 500, log_every: o.LogEvery = 10,
-    num_workers: o.NumWorkers = 2, seed: o.TrainSeed = 2025, resume: o.Resume = False,
-    device: o.TrainDevice = "auto",
+    teacher: o.Teacher, data: o.DistillData, out: o.DistillOut, nfe: o.Nfe = None,
+    max_steps: o.MaxSteps(o.DISTILL.max_steps) = None, batch_size: o.DistillBatch = None,
+    pairs: o.Pairs = None, cfg_strength: o.BakedCfg = None, ds_cfg_strength: o.BakedDsCfg = None,
+    spk_cfg_strength: o.BakedSpkCfg = None, skip_cfg_strength: o.BakedSkipCfg = None,
+    cfg_skip_layers: o.SkipBlock = None,
+    lr: o.DistillLr = None, grad_clip: o.GradClip(o.DISTILL.grad_clip) = None,
+    precision: o.TrainPrecision = None,
+    save_every: o.SaveEvery(o.DISTILL.save_every) = None, log_every: o.LogEvery = None,
+    num_workers: o.NumWorkers = None, seed: o.TrainSeed = None, resume: o.Resume = False,
+    device: o.TrainDevice = None,
 ) -> None:
     """Distil a teacher into a 1-2 evaluation student without guidance branches (torchrun for DDP)."""
     from training.distill import DistillConfig

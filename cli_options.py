@@ -24,6 +24,7 @@ from rtsvc.serve.server import ServerConfig
 from rtsvc.settings import KNOB_TABLE, Knob, KnobError, knobs_class, validate_knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
 from rtsvc.voices.spec import CONCURRENT_F0
+from training.config import DistillConfig, TrainConfig
 
 STREAM, SERVER = StreamConfig(), ServerConfig()
 # help panels, in the order --help shows them
@@ -80,13 +81,15 @@ def knob_options(skip: Collection[str] = (), defaults: dict | None = None,
 # --- options shared by several commands ---------------------------------------------------------
 
 # train and distill
-TrainPrecision = opt(str, "auto, fp32, bf16 or fp16 (autocast). Default: auto (bf16 on a CUDA GPU that has "
-                     "it, else fp32).", panel=TRAINING)
-LogEvery = opt(int, "Steps between metrics.jsonl lines. Default: 10.", panel=TRAINING)
-NumWorkers = opt(int, "DataLoader worker processes. Default: 2.", panel=TRAINING)
-TrainSeed = opt(int, "Random seed (batches, crops, noise). Default: 2025.", panel=TRAINING)
+TRAIN, DISTILL = TrainConfig(data="", out=""), DistillConfig(teacher="", data="", out="")  # the defaults
+TrainPrecision = opt(str | None, "auto, fp32, bf16 or fp16 (autocast). Default: "
+                     f"{TRAIN.precision} (bf16 on a CUDA GPU that has it, else fp32).", panel=TRAINING)
+LogEvery = opt(int | None, f"Steps between metrics.jsonl lines. Default: {TRAIN.log_every}.", panel=TRAINING)
+NumWorkers = opt(int | None, f"DataLoader worker processes. Default: {TRAIN.num_workers}.", panel=TRAINING)
+TrainSeed = opt(int | None, f"Random seed (batches, crops, noise). Default: {TRAIN.seed}.", panel=TRAINING)
 Resume = opt(bool, "Continue OUT/last.ckpt at its exact step. Default: off.", panel=TRAINING)
-TrainDevice = opt(str, "Torch device: auto, cpu or cuda. Default: auto (under torchrun: one GPU per rank).")
+TrainDevice = opt(str | None, f"Torch device: auto, cpu or cuda. Default: {TRAIN.device} (under torchrun: "
+                  "one GPU per rank).")
 
 Model = opt(Path | None, "RIFT-SVC V2 or V3 checkpoint (.ckpt, LoRA fine-tunes too) or exported .rtsvc "
             "bundle. Default: none, the built-in DSP voice.", "--model", "-m", panel=MODEL)
@@ -153,9 +156,9 @@ def say(text: str) -> None:
 
 def pick(cls: type, options: dict, **fixed):
     """`cls` (VoiceSpec, ServerConfig, TrainConfig...) from the fields among a command's options (its
-    locals()), then `fixed`."""
+    locals()): an option left None takes the dataclass's default, so defaults live there; then `fixed`."""
     names = {f.name for f in fields(cls)}
-    return cls(**{**{k: v for k, v in options.items() if k in names}, **fixed})
+    return cls(**{**{k: v for k, v in options.items() if k in names and v is not None}, **fixed})
 
 
 def progress_bar(console):
@@ -193,7 +196,7 @@ def _format_options(self: click.Command, ctx: click.Context, formatter: click.He
         else:
             panel = getattr(param, "rich_help_panel", None) or "Options"
         sections.setdefault(panel, []).append(record)
-    order = ["Arguments", *PANELS, "Options"]
+    order = ["Arguments", "Options", *PANELS]  # required and command-own options before the panels
     for panel in sorted(sections, key=lambda p: order.index(p) if p in order else len(order)):
         with formatter.section(panel):
             formatter.write_dl(sections[panel], col_max=26)
@@ -290,27 +293,30 @@ ModelSize = opt(str | None, "Model size for training from scratch: dit-256-4, di
                 "dit-512-8, dit-768-12, dit-1024-12, dit-1024-16. Default: dit-768-12 (with --pretrained: "
                 "its size).", "--model")
 def MaxSteps(default: int):  # noqa: N802 (an option type, like the aliases)
-    return opt(int, f"Optimizer steps in total (a resumed run continues to it). Default: {default}.",
+    return opt(int | None, f"Optimizer steps in total (a resumed run continues to it). Default: {default}.",
                panel=TRAINING)
 
 
 def GradClip(default: float):  # noqa: N802
-    return opt(float, f"Clip the global gradient norm to this (0 = off). Default: {default:g}.",
+    return opt(float | None, f"Clip the global gradient norm to this (0 = off). Default: {default:g}.",
                panel=TRAINING)
 
 
 def SaveEvery(default: int):  # noqa: N802
-    return opt(int, f"Steps between checkpoints (last.ckpt + step-N.ckpt). Default: {default}.",
+    return opt(int | None, f"Steps between checkpoints (last.ckpt + step-N.ckpt). Default: {default}.",
                panel=TRAINING)
 
 
-BatchSize = opt(int, "Clips per step per GPU. Default: 64.", panel=TRAINING)
+BatchSize = opt(int | None, f"Clips per step per GPU. Default: {TRAIN.batch_size}.", panel=TRAINING)
 TrainLr = opt(float | None, "Learning rate. Default: 5e-5 with --pretrained, else 1e-3.", "--lr",
               panel=TRAINING)
 WeightDecay = opt(float | None, "AdamW weight decay. Default: 0.01 with --pretrained, else 0.",
                   panel=TRAINING)
-EvalEvery = opt(int, "Steps between validations (0 = never). Default: 1000.", panel=TRAINING)
-EvalSamples = opt(int, "Clips sampled to WAV + PNG at each validation. Default: 2.", panel=TRAINING)
+EvalEvery = opt(int | None, f"Steps between validations (0 = never). Default: {TRAIN.eval_every}.",
+                panel=TRAINING)
+EvalSamples = opt(int | None, "Clips sampled to WAV + PNG at each validation. Default: "
+                  f"{TRAIN.eval_samples}.",
+                  panel=TRAINING)
 TrainPretrainedDir = opt(Path | None, "Pretrained components for the validation vocoder. Default: the folder "
                          "`rtsvc prepare` used.", "--pretrained-dir", panel=MODEL)
 TrainVocoder = opt(Path | None, "NSF-HiFiGAN model.ckpt for validation audio. Default: PRETRAINED_DIR/"
@@ -330,21 +336,26 @@ DistillData = opt(Path, "Prepared dataset folder (`rtsvc prepare`), normally the
                   "--data")
 DistillOut = opt(Path, "Run folder for checkpoints and metrics.jsonl; the student is OUT/last.ckpt. "
                  "Required.", "--out")
-Nfe = opt(int, "Network evaluations per block the student is made for: 1 or 2 (both are trained; this sets "
-          "its default). Default: 1.")
-DistillBatch = opt(int, "Teacher trajectories per step per GPU. Default: 16.", "--batch-size", panel=TRAINING)
-Pairs = opt(int, "Intervals trained per trajectory (the student's batch is batch-size x pairs). Default: 4.",
+Nfe = opt(int | None, "Network evaluations per block the student is made for: 1 or 2 (both are trained; this "
+          f"sets its default). Default: {DISTILL.nfe}.")
+DistillBatch = opt(int | None, f"Teacher trajectories per step per GPU. Default: {DISTILL.batch_size}.",
+                   "--batch-size", panel=TRAINING)
+Pairs = opt(int | None, "Intervals trained per trajectory (the student's batch is batch-size x pairs). "
+            f"Default: {DISTILL.pairs}.",
             panel=TRAINING)
-DistillLr = opt(float, "Learning rate. Default: 1e-4.", "--lr", panel=TRAINING)
+DistillLr = opt(float | None, f"Learning rate. Default: {DISTILL.lr:g}.", "--lr", panel=TRAINING)
 
 
-def baked(name: str, family: str, default: str) -> object:
-    """A distill option for one guidance knob baked into the student: the knob's flag and range."""
+def baked(name: str, family: str) -> object:
+    """A distill option for one guidance knob baked into the student: the knob's flag, range and default."""
     knob = next(k for k in KNOB_TABLE if k.name == name)
+    default = f"{knob.default:g}" + (" (off)" if knob.default == 0 else "")
     return opt(float | None, f"{family} teachers: {knob.label} strength baked into the student "
                f"({knob.range_text()}). Default: {default}.", *knob.flags, panel=ADVANCED)
 
 
+BakedCfg, BakedDsCfg = baked("cfg_strength", "V2"), baked("ds_cfg_strength", "V3")
+BakedSpkCfg, BakedSkipCfg = baked("spk_cfg_strength", "V3"), baked("skip_cfg_strength", "V3")
 SkipBlock = opt(int | None, "V3 teachers: the block (0-based) the skip-layer pass bypasses. Default: none.",
                 "--cfg-skip-layers", panel=ADVANCED)
 

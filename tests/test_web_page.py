@@ -213,8 +213,8 @@ def test_control_panel_renders_keeps_settings_and_presets_in_headless_chromium(t
     before, edited, reloaded, ready, state = run(main(), timeout=120)
     print(f"panel before Start: {before}\nafter a reload: {reloaded}\nscreenshot: {shot}")
     assert before["speakers"] == ["dsp"]
-    assert before["controls"] == ["pitch_shift", "formant_shift", "gate_db", "input_gain_db", "output_gain_db",
-                                  "denoise"]  # the DSP voice's basic knobs, from /v1/info (KNOB_TABLE)
+    assert before["controls"] == ["pitch_shift", "formant_shift", "gate_db", "input_gain_db",
+                                  "output_gain_db", "denoise"]  # the DSP voice: basic knobs (KNOB_TABLE)
     assert before["denoise"] == ["off", "deepfilternet", "rnnoise"]
     assert "latency ≈ 76 ms in the engine" in before["status"] and before["mics"] >= 1
     assert edited["pitch"] == "7" and edited["presets"] == ["robot"]  # the preset brought 7 back

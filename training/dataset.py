@@ -14,9 +14,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, Sampler
 
+from training.config import MAX_FRAME_LEN
 from training.prepare import cache_root
 
-MAX_FRAME_LEN = 256  # upstream dataset.max_frame_len (about 3 s)
 CROP_TRIES = 10
 MAX_UNVOICED = 0.9
 FEATURES = ("mel", "f0", "rms", "cvec", "whisper")  # V2; V3 data has no "whisper"

@@ -33,7 +33,8 @@ from rtsvc.models.student import (
 )
 from rtsvc.settings import KNOB_ROWS
 from training.checkpoint import load_checkpoint
-from training.dataset import MAX_FRAME_LEN, ClipDataset, StepBatchSampler, collate, data_family
+from training.config import DistillConfig
+from training.dataset import ClipDataset, StepBatchSampler, collate, data_family
 from training.distill_loss import distill_loss
 from training.model import model_name
 from training.optim import BETAS, WARMUP_RATIO, make_optimizer
@@ -50,40 +51,9 @@ from training.train import (
     save_or_stop,
 )
 
-DISTILL_LR = 1e-4
 FAMILY_GUIDANCE = {"v2": ("cfg_strength",),
                    "v3": ("ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength", "cfg_skip_layers")}
 TEACHER_POINTS = 32  # the teacher's reference: upstream convert's 32-point grid
-
-
-@dataclass
-class DistillConfig:
-    teacher: str
-    data: str
-    out: str
-    nfe: int = 1  # evaluations per block the student is made for (1 or 2)
-    max_steps: int = 5000
-    batch_size: int = 16  # trajectories per step per GPU; the student sees batch_size * pairs items
-    pairs: int = 4  # intervals trained per teacher trajectory
-    deployed_share: float = 0.5  # share of intervals that are the 1-/2-evaluation ones
-    # guidance baked in; None = the family's default (V2: cfg 2.0; V3: ds 0.2, spk 0.8, skip 0, rescale 0.7)
-    cfg_strength: float | None = None  # V2
-    ds_cfg_strength: float | None = None  # V3
-    spk_cfg_strength: float | None = None  # V3
-    skip_cfg_strength: float | None = None  # V3
-    cfg_skip_layers: list[int] | None = None  # V3: blocks the skip pass bypasses
-    lr: float = DISTILL_LR
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    save_every: int = 500
-    log_every: int = 10
-    max_frame_len: int = MAX_FRAME_LEN
-    num_workers: int = 2
-    seed: int = 2025
-    resume: bool = False
-    device: str = "auto"
-    progress: bool = True
 
 
 @dataclass

@@ -15,9 +15,9 @@ import math
 import torch
 
 from rtsvc.dsp.mel import normalize_mel
+from training.config import WHISPER_DROP
 from training.dataset import lengths_to_mask
 
-WHISPER_DROP = 0.2  # V2
 SPEAKER_DROP_SCRATCH, SPEAKER_DROP_FINETUNE = 0.2, 0.0  # V3: upstream pretrain.yaml / finetune.yaml
 
 

@@ -29,8 +29,9 @@ from rtsvc.dsp.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE
 from rtsvc.errors import UserError
 from rtsvc.models.loading import load_vocoder
 from training.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
-from training.dataset import MAX_FRAME_LEN, ClipDataset, StepBatchSampler, collate, data_family
-from training.loss import SPEAKER_DROP_FINETUNE, SPEAKER_DROP_SCRATCH, WHISPER_DROP, flow_loss
+from training.config import TrainConfig
+from training.dataset import ClipDataset, StepBatchSampler, collate, data_family
+from training.loss import SPEAKER_DROP_FINETUNE, SPEAKER_DROP_SCRATCH, flow_loss
 from training.model import DEFAULT_MODEL, TrainModel, from_pretrained, from_scratch, set_trainable
 from training.optim import BETAS, WARMUP_RATIO, current_lr, make_optimizer
 from training.prepare import load_metadata
@@ -40,40 +41,6 @@ FINETUNE_LR, SCRATCH_LR = 5e-5, 1e-3  # upstream README fine-tune / config pretr
 FINETUNE_WD, SCRATCH_WD = 0.01, 0.0
 LAST = "last.ckpt"
 METRICS = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str
-    pretrained: str | None = None  # checkpoint to fine-tune; None = from scratch
-    model: str | None = None  # preset for from-scratch (default dit-768-12)
-    max_steps: int = 30000
-    batch_size: int = 64  # per GPU
-    lr: float | None = None  # None: 5e-5 fine-tune, 1e-3 from scratch
-    weight_decay: float | None = None  # None: 0.01 fine-tune, 0 from scratch
-    grad_clip: float = 0.0  # max global grad norm; 0 = off (upstream)
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    save_every: int = 1000
-    eval_every: int = 1000
-    log_every: int = 10
-    eval_samples: int = 2
-    eval_steps: int = 32
-    eval_cfg: float = 2.0
-    max_frame_len: int = MAX_FRAME_LEN
-    whisper_drop: float = WHISPER_DROP
-    lognorm: bool = True
-    num_workers: int = 2
-    seed: int = 2025
-    resume: bool = False
-    device: str = "auto"
-    pretrained_dir: str | None = None  # for the validation vocoder; default: the one prepare used
-    vocoder: str | None = None
-    progress: bool = True
-    lora_rank: int | None = None  # V3: train LoRA adapters (+ the speaker table) only
-    lora_alpha: float | None = None
-    freeze_adaln_and_tembed: bool = False  # V3: upstream's fine-tune option
-    spk_drop: float | None = None  # V3 speaker drop; None: 0.2 from scratch, 0 fine-tuning (upstream)
 
 
 @dataclass
