@@ -195,14 +195,18 @@ def validate_knobs(knobs, table: Iterable[Knob] = KNOB_TABLE):
     return knobs
 
 
+def knob_controls(voice_kind: str, table: Iterable[Knob] = KNOB_TABLE) -> list[Knob]:
+    """The rows with a page control that apply to a "dsp" voice or a model of family "v2" / "v3"."""
+    kinds = ("all", voice_kind) if voice_kind == "dsp" else ("all", "model", voice_kind)
+    return [k for k in table if k.control and k.voices in kinds]
+
+
 def knob_spec(voice_kind: str, honoured: Collection[str] | None = None,
               table: Iterable[Knob] = KNOB_TABLE) -> list[dict]:
     """The page's controls for a "dsp" voice or a model of family "v2" / "v3" (GET /v1/info):
     the rows with a control that apply to it, and of those only the `honoured` names when the voice
     says which it honours (e.g. a bundle exported without the skip-layer pass)."""
-    kinds = ("all", voice_kind) if voice_kind == "dsp" else ("all", "model", voice_kind)
-    return [k.spec() for k in table if k.control and k.voices in kinds
-            and (honoured is None or k.name in honoured)]
+    return [k.spec() for k in knob_controls(voice_kind, table) if honoured is None or k.name in honoured]
 
 
 class RuntimeSettings:

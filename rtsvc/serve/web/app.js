@@ -27,6 +27,15 @@ let controls = [];  // the /v1/info control descriptions
 function token() { return params.get("token"); }
 function withToken(path) { return token() ? `${path}?token=${encodeURIComponent(token())}` : path; }
 
+const STATE_LABELS = {stopped: "stopped", starting: "connecting…", streaming: "live", closed: "disconnected",
+                      failed: "failed"};
+
+function setState(state) {  // the connection state, shown in the header's badge
+  rtsvc.state = state;
+  $("conn").textContent = STATE_LABELS[state] || state;
+  $("conn").className = `badge ${state}`;
+}
+
 function setStatus(text, isError) {
   $("status").textContent = text;
   $("status").classList.toggle("error", !!isError);
@@ -89,6 +98,15 @@ function onControlChange(name) {
 
 // --- building the panel from /v1/info -----------------------------------------------------------
 
+// Only the controls this voice can honour, and only the denoisers this server has (`supports`:
+// docs/protocol.md section 3): a slider the voice cannot follow would end the stream with an error.
+function honoured(info) {
+  const supports = info.supports;
+  if (!supports) return info.controls;
+  return info.controls.filter((c) => supports.knobs.includes(c.name)).map((c) =>
+    c.name === "denoise" ? {...c, choices: c.choices.filter((x) => supports.denoise.includes(x))} : c);
+}
+
 function buildControls(list) {
   controls = list.filter((c) => c.control === "slider" || c.control === "select");  // speaker: its own picker
   $("controls").textContent = "";
@@ -101,7 +119,7 @@ function buildControls(list) {
     row.title = c.help;
     const label = document.createElement("label");
     label.htmlFor = c.name;
-    label.textContent = c.unit && c.unit !== "x" ? `${c.label} (${c.unit})` : c.label;
+    label.textContent = c.unit ? `${c.label} (${c.unit})` : c.label;
     row.appendChild(label);
     let input;
     if (c.choices.length) {
@@ -128,7 +146,7 @@ function buildControls(list) {
     if (!c.basic) {  // Advanced explains each knob in one line
       const help = document.createElement("div");
       help.className = "help";
-      help.textContent = c.help;
+      help.textContent = c.help.replace(/^V[0-9]+ models: /, "");  // only this voice's knobs are shown
       box.appendChild(help);
     }
   }
@@ -151,7 +169,7 @@ async function loadInfo() {
   const info = rtsvc.info = await response.json();
   $("voice").textContent = info.voice === "dsp" ? "voice: built-in DSP voice" :
     `voice: ${info.voice} (${info.speakers.length} speaker${info.speakers.length === 1 ? "" : "s"})`;
-  buildControls(info.controls);
+  buildControls(honoured(info));
   fillSpeakers(info.speakers, info.settings.speaker || info.speakers[0]);
   const saved = loadJson(SETTINGS_KEY, {});
   const fromUrl = {};
@@ -200,6 +218,8 @@ function showLatency() {
   if (!rtsvc.ready || !ctx) {
     if (rtsvc.state === "stopped" || rtsvc.state === "closed") {
       const engine = rtsvc.info.latency_ms + denoiseMs();
+      $("latency").textContent = `≈ ${engine.toFixed(0)} ms`;
+      $("latency-note").textContent = "in the engine, + browser buffers once started";
       setStatus(`stopped; latency ≈ ${engine.toFixed(0)} ms in the engine` +
         (denoiseMs() ? ` (${denoiseMs().toFixed(0)} of it noise suppression)` : "") +
         " + browser buffers once started");
@@ -210,6 +230,8 @@ function showLatency() {
   const device = 1000 * ((ctx.baseLatency || 0) + (ctx.outputLatency || 0));
   const chunk = 1000 * chunkFrames() / ctx.sampleRate;
   const total = engine + rtsvc.queuedMs + device + chunk;
+  $("latency").textContent = `${total.toFixed(0)} ms`;
+  $("latency-note").textContent = "end-to-end latency";
   let text = `streaming at ${ctx.sampleRate} Hz\n` +
     `latency ≈ ${total.toFixed(0)} ms (engine ${engine.toFixed(0)} + chunk ${chunk.toFixed(0)} + ` +
     `buffer ${rtsvc.queuedMs.toFixed(0)} + device ${device.toFixed(0)})\n` +
@@ -218,8 +240,13 @@ function showLatency() {
     text += `, compute ${Number(rtsvc.stats.compute_ms_mean).toFixed(1)} ms/block`;
   }
   const behind = rtsvc.warning && performance.now() - rtsvc.warningAt < WARNING_SHOWN_MS;
-  if (behind) text += `\n${rtsvc.warning.message}`;
-  setStatus(text, behind);
+  setStatus(text, false);
+  $("warning").hidden = !behind;  // the banner shows the last warning for a while
+}
+
+function showLevel(id, peak) {  // green, amber when loud, red near clipping
+  $(id).style.width = `${Math.min(100, 100 * peak)}%`;
+  $(id).style.background = peak > 0.95 ? "#e05040" : peak > 0.7 ? "#e0c040" : "#4caf50";
 }
 
 function chunkFrames() {
@@ -280,7 +307,7 @@ function onMessage(event) {
   const message = JSON.parse(event.data);
   if (message.type === "ready") {
     rtsvc.ready = message;
-    rtsvc.state = "streaming";
+    setState("streaming");
     $("hint").hidden = true;  // the microphone was allowed
     fillSpeakers(message.speakers, message.settings.speaker);
     rtsvc.settings = message.settings;
@@ -290,10 +317,13 @@ function onMessage(event) {
     applySettings(message.settings);
   } else if (message.type === "stats") {
     rtsvc.stats = message;
-  } else if (message.type === "warning") {  // the server is behind and answered late input with silence
+  } else if (message.type === "warning") {  // e.g. the server is behind and answered late input with silence
     rtsvc.warning = message;
     rtsvc.warnings += 1;
     rtsvc.warningAt = performance.now();
+    $("warning").textContent = `⚠ ${message.message}` +
+      (rtsvc.warnings > 1 ? ` (${rtsvc.warnings} warnings since Start)` : "");
+    $("warning").hidden = false;
     showLatency();
   } else if (message.type === "error") {
     rtsvc.error = message;
@@ -304,7 +334,8 @@ function onMessage(event) {
 async function start() {
   $("start").disabled = true;
   try {
-    rtsvc.state = "starting";
+    setState("starting");
+    rtsvc.warnings = 0;
     ctx = new AudioContext({latencyHint: "interactive"});
     if ($("output").value && ctx.setSinkId) await ctx.setSinkId($("output").value);
     await ctx.audioWorklet.addModule("worklet.js");
@@ -332,8 +363,8 @@ async function start() {
         rtsvc.dropped = e.data.dropped;
         rtsvc.peakReceived = Math.max(rtsvc.peakReceived, e.data.peak);
         rtsvc.queuedMs = 1000 * e.data.queued / ctx.sampleRate;
-        $("meter").style.width = `${Math.min(100, 100 * e.data.peak)}%`;
-        $("input-meter").style.width = `${Math.min(100, 100 * e.data.inPeak)}%`;
+        showLevel("meter", e.data.peak);
+        showLevel("input-meter", e.data.inPeak);
         showLatency();
       }
     };
@@ -346,7 +377,7 @@ async function start() {
     };
     ws.onmessage = onMessage;
     ws.onclose = (e) => {
-      rtsvc.state = "closed";
+      setState("closed");
       if (!rtsvc.error || e.code !== 1000) {
         setStatus(`disconnected (code ${e.code}${e.reason ? ": " + e.reason : ""})`, e.code !== 1000);
       }
@@ -356,9 +387,12 @@ async function start() {
     if (ctx.state === "suspended") setStatus("click anywhere to start audio (browser autoplay policy)");
     $("stop").disabled = false;
   } catch (err) {
-    rtsvc.state = "failed";
+    setState("failed");
     rtsvc.error = {code: "page", message: String(err)};
-    setStatus(`cannot start: ${err}`, true);
+    const blocked = err && err.name === "NotAllowedError";
+    setStatus(blocked ? "the microphone is blocked: allow it (the microphone icon in the address bar), " +
+      "then Start again" : `cannot start: ${err}`, true);
+    $("hint").hidden = false;
     stop();
   }
 }
@@ -370,7 +404,12 @@ function stop() {
   if (ctx) ctx.close();
   ws = node = mic = ctx = null;
   rtsvc.ready = null;
-  if (rtsvc.state !== "closed" && rtsvc.state !== "failed") rtsvc.state = "stopped";
+  $("warning").hidden = true;
+  $("latency").textContent = "–";
+  if (rtsvc.state !== "closed" && rtsvc.state !== "failed") {
+    setState("stopped");
+    showLatency();  // a disconnect or failure keeps its message
+  }
   $("start").disabled = false;
   $("stop").disabled = true;
 }
