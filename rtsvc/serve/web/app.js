@@ -265,6 +265,11 @@ function listPresets(selected) {
     option.value = option.textContent = name;
     select.appendChild(option);
   }
+  if (!select.options.length) {  // say why Load has nothing to load
+    const none = new Option("no presets yet", "");
+    none.disabled = true;
+    select.appendChild(none);
+  }
   if (selected) select.value = selected;
 }
 
