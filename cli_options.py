@@ -49,7 +49,7 @@ def knob_options(skip: Collection[str] = (), defaults: dict | None = None,
     A bad value is a UserError naming the flag typed (`--pitch must be ...`)."""
     defaults, table = dict(defaults or {}), tuple(table)
     rows = [k for k in table if k.flags and k.name not in skip]
-    make_knobs = knobs_class(table)
+    make_knobs = knobs_class(table)  # `Knobs` itself for KNOB_TABLE
 
     def decorate(func):
         own = [p for name, p in inspect.signature(func).parameters.items() if name not in ("knobs", "typed")]

@@ -10,6 +10,7 @@ engine's worker thread. Writers call `update(...)`; the engine takes one `snapsh
 so a block never sees half of an update.
 """
 
+import functools
 import math
 import threading
 from collections.abc import Collection, Iterable
@@ -173,8 +174,10 @@ KNOB_TABLE: tuple[Knob, ...] = (
 )
 
 
-def knobs_class(table: Iterable[Knob]) -> type:
-    """The frozen dataclass with one field per row (its default the row's)."""
+@functools.cache
+def knobs_class(table: tuple[Knob, ...]) -> type:
+    """The frozen dataclass with one field per row (its default the row's); one class per table, so
+    `knobs_class(KNOB_TABLE) is Knobs`."""
     cls = make_dataclass("Knobs", [(k.name, k.kind | None if k.nullable else k.kind,
                                     field(default=k.default)) for k in table], frozen=True)
     cls.__module__ = __name__  # pickled by name (Ray replicas receive Knobs)

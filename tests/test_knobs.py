@@ -16,6 +16,7 @@ from rtsvc.settings import (
     MAX_PITCH_SHIFT,
     MAX_STEPS,
     Knob,
+    Knobs,
     knob_spec,
     knobs_class,
     validate_knobs,
@@ -29,7 +30,7 @@ TABLE = (*KNOB_TABLE, REVERB)
 
 def test_a_new_knob_is_one_row():
     knobs = knobs_class(TABLE)
-    assert knobs().reverb_mix == 0.25  # the dataclass
+    assert knobs().reverb_mix == 0.25 and knobs_class(KNOB_TABLE) is Knobs  # the dataclass
     with pytest.raises(UserError, match="reverb_mix must be between 0 and 1, got 2"):
         validate_knobs(knobs(reverb_mix=2.0), TABLE)  # the validator
     assert parse_set({"type": "set", "reverb_mix": 0.5}, TABLE) == {"reverb_mix": 0.5}  # the protocol
