@@ -324,7 +324,7 @@ def test_control_panel_stopped_running_and_warned_in_headless_chromium(tmp_path)
     assert stopped["advanced"] == ["ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength",
                                    "cfg_skip_layers", "cfg_rescale", "steps", "schedule"]
     assert not stopped["advancedOpen"]
-    assert stopped["advancedHelp"][0].startswith("content-degradation guidance strength")  # KNOB_TABLE help
+    assert stopped["advancedHelp"][0].startswith("Content-degradation guidance strength")  # KNOB_TABLE help
     assert stopped["pitchMax"] == "36" and stopped["latency"].startswith("≈ ")  # the server's range
     assert live["badge"] == "live" and not live["hint"] and live["latency"].endswith(" ms")
     assert warned["badge"] == "live" and "the server is behind" in warned["warning"]

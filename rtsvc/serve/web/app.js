@@ -146,7 +146,8 @@ function buildControls(list) {
     if (!c.basic) {  // Advanced explains each knob in one line
       const help = document.createElement("div");
       help.className = "help";
-      help.textContent = c.help.replace(/^V[0-9]+ models: /, "");  // only this voice's knobs are shown
+      const line = c.help.replace(/^V[0-9]+ models: /, "");  // only this voice's knobs are shown
+      help.textContent = line.charAt(0).toUpperCase() + line.slice(1);
       box.appendChild(help);
     }
   }
@@ -266,9 +267,7 @@ function listPresets(selected) {
     select.appendChild(option);
   }
   if (!select.options.length) {  // say why Load has nothing to load
-    const none = new Option("no presets yet", "");
-    none.disabled = true;
-    select.appendChild(none);
+    select.appendChild(new Option("no presets yet", ""));
   }
   if (selected) select.value = selected;
 }
