@@ -57,6 +57,7 @@ function knobValues(settings) {
 function showValue(name, value) {
   const input = $(name);
   if (!input) return;
+  if (input.tagName === "SELECT" && ![...input.options].some((o) => o.value === String(value))) return;  // not offered here
   input.value = value;
   const label = document.querySelector(`output[for=${name}]`);
   if (label) label.value = value;
@@ -87,6 +88,15 @@ function onControlChange(name) {
 }
 
 // --- building the panel from /v1/info -----------------------------------------------------------
+
+// Only the controls this voice can honour, and only the denoisers this server has (`supports`:
+// docs/protocol.md section 3): a slider the voice cannot follow would end the stream with an error.
+function honoured(info) {
+  const supports = info.supports;
+  if (!supports) return info.controls;
+  return info.controls.filter((c) => supports.knobs.includes(c.name)).map((c) =>
+    c.name === "denoise" ? {...c, choices: c.choices.filter((x) => supports.denoise.includes(x))} : c);
+}
 
 function buildControls(list) {
   controls = list;
@@ -141,7 +151,7 @@ async function loadInfo() {
   const info = rtsvc.info = await response.json();
   $("voice").textContent = info.voice === "dsp" ? "voice: built-in DSP voice" :
     `voice: ${info.voice} (${info.speakers.length} speaker${info.speakers.length === 1 ? "" : "s"})`;
-  buildControls(info.controls);
+  buildControls(honoured(info));
   fillSpeakers(info.speakers, info.settings.speaker || info.speakers[0]);
   const saved = loadJson(SETTINGS_KEY, {});
   const fromUrl = {};
