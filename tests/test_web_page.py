@@ -258,3 +258,35 @@ def test_page_shows_the_servers_overload_warning_in_headless_chromium(tmp_path):
     assert state["warning"]["code"] == "overloaded" and state["warning"]["dropped_ms"] > 0
     assert "the server is behind" in state["status"] and "200 ms late" in state["status"]
     assert state["error"] is True  # shown as a problem, not as a plain status line
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_page_hides_controls_the_voice_cannot_honour_in_headless_chromium(tmp_path):
+    """A V3 bundle exported without a skip pass on a server without pyrnnoise (`supports`): no
+    skip-layer sliders, no rnnoise choice, and a saved rnnoise setting is not sent."""
+    from rtsvc.serve.capabilities import Capabilities
+
+    capabilities = Capabilities("v3", (), {"rnnoise": "the rnnoise denoiser needs pyrnnoise"})
+    source = VoiceSource("v3.rtsvc", ["echo"], IdentityVoice, family="v3", capabilities=capabilities)
+
+    async def main():
+        async with running(source, token=TOKEN) as server:
+            url = f"http://127.0.0.1:{server.port}/?token={TOKEN}"
+            async with chromium_page(url, tmp_path) as page:
+                await page.wait_for("window.rtsvc && rtsvc.panelReady")
+                panel = json.loads(await page.eval(PANEL_STATE))
+                await page.eval("localStorage.setItem('rtsvc.settings', "
+                                "JSON.stringify({denoise: 'rnnoise'}))")
+                await page.eval("location.reload()")
+                await asyncio.sleep(0.5)
+                await page.wait_for("window.rtsvc && rtsvc.panelReady")
+                await page.eval("document.getElementById('start').click()")
+                ready = await page.wait_for("rtsvc.ready && JSON.stringify(rtsvc.ready)")
+            await settled(server)
+            return panel, json.loads(ready)
+
+    panel, ready = run(main(), timeout=120)
+    assert "ds_cfg_strength" in panel["controls"] and "pitch_shift" in panel["controls"]
+    assert "skip_cfg_strength" not in panel["controls"] and "cfg_skip_layers" not in panel["controls"]
+    assert panel["denoise"] == ["off", "deepfilternet"]
+    assert ready["settings"]["denoise"] == "off"

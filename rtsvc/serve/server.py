@@ -100,9 +100,10 @@ START_TIMEOUT_S = 5.0  # a connection must send `start` this soon (at most the i
 INBOX_FRAMES = 32  # received messages waiting for conversion, per stream; then TCP backpressure
 CLOSE_TIMEOUT_S = 2.0  # a closing handshake the peer does not finish is cut after this
 HISTORY = 256  # finished-session summaries kept for /healthz and tests (bounded: memory stays flat)
-FRAME_CHUNK_S = 0.5  # a frame is converted in pieces of at most this much audio; between pieces the
+FRAME_CHUNK_S = 0.25  # a frame is converted in pieces of at most this much audio; between pieces the
 # work stops when its client has left or the server is closing, and a live piece already later than
 # --max-lag-ms is answered with silence (so one huge frame cannot hold a worker for a minute)
+SHUTDOWN_CLOSE_TIMEOUT_S = 0.5  # at shutdown, a client's closing handshake is cut after this
 HANDSHAKE_TIMEOUT_S = 5.0  # TCP connect to a complete HTTP request and handshake
 
 
@@ -402,6 +403,8 @@ class StreamServer:
     async def close(self) -> None:
         self.stop_sessions()  # workers are free within one piece; then clients get 1001
         if self._server is not None:
+            for connection in self._server.connections:  # a client that reads nothing (not even the
+                connection.close_timeout = SHUTDOWN_CLOSE_TIMEOUT_S  # close frame) is cut sooner
             self._server.close()
             await self._server.wait_closed()
         self.scheduler.close()
