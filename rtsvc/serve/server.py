@@ -251,8 +251,9 @@ class Session:
     def convert_frame(self, samples: np.ndarray, due: float | None = None, max_lag_s: float = math.inf,
                       chunk_s: float = FRAME_CHUNK_S) -> np.ndarray:
         """One client frame, in pieces of at most `chunk_s` of audio. Between pieces the work stops
-        (SessionStopped) once the session is stopped; a piece later than `max_lag_s` after it was
-        due (`due`: the frame's, None: never late) is answered with silence of its length."""
+        (SessionStopped) once the session is stopped; a later piece that is more than `max_lag_s`
+        behind its due time (`due`: the frame's, None: never late) is answered with silence of its
+        length. (Whether the frame's first piece is converted at all, the caller decided.)"""
         self.frames_in += 1
         step = samples.shape[0] if math.isinf(chunk_s) else max(1, int(self.rate * chunk_s))
         parts = []
@@ -260,7 +261,7 @@ class Session:
             if self._stop.is_set():
                 raise SessionStopped
             piece = samples[begin:begin + step]
-            if due is not None and time.monotonic() - (due + begin / self.rate) > max_lag_s:
+            if begin and due is not None and time.monotonic() - (due + begin / self.rate) > max_lag_s:
                 parts.append(self._silence(piece.shape[0]))
             else:
                 parts.append(self._convert(piece))
