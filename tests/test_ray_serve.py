@@ -159,6 +159,18 @@ def plain_server_outputs(model, audios) -> list[np.ndarray]:
     return [r["out"] for r in asyncio.run(main())]
 
 
+def test_ray_front_end_applies_the_plain_servers_admission_rules(ray_server):
+    """Host, Origin, duplicate Host: the same answers as the plain server (one check for both)."""
+    from tests.test_server_safety import check_admission
+
+    port, _ = ray_server
+    results = check_admission(port)
+    # without the ASGI denial extension a refused handshake can only be a 403
+    wrong = {name: got for name, got in results.items()
+             if got[0] != got[1] and not (name == "duplicate_host_handshake" and got[0] == 403)}
+    assert not wrong, wrong
+
+
 def test_two_replicas_convert_like_the_plain_server_and_survive_a_replica_kill(ray_server, model):
     port, proc = ray_server
     audios = [sung_tone(0.8, SR, f0=140.0 + 40 * i, seed=i) for i in range(len(CLIENTS))]

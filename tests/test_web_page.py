@@ -160,6 +160,8 @@ def test_page_streams_fake_microphone_through_the_server_in_headless_chromium(tm
 PANEL_STATE = """JSON.stringify({
   speakers: [...document.getElementById('speaker').options].map(o => o.value),
   controls: [...document.querySelectorAll('#controls input, #controls select')].map(e => e.id),
+  advanced: [...document.querySelectorAll('#advanced-controls input, #advanced-controls select')]
+    .map(e => e.id),
   denoise: [...document.getElementById('denoise').options].map(o => o.value),
   mics: document.getElementById('mic').options.length,
   status: document.getElementById('status').textContent,
@@ -330,3 +332,36 @@ def test_control_panel_stopped_running_and_warned_in_headless_chromium(tmp_path)
     assert warned["badge"] == "live" and "the server is behind" in warned["warning"]
     for name in ("stopped", "running", "warning"):
         _drawn(shots / f"panel-{name}.png")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_page_hides_controls_the_voice_cannot_honour_in_headless_chromium(tmp_path):
+    """A V3 bundle exported without a skip pass on a server without pyrnnoise (`supports`): no
+    skip-layer sliders, no rnnoise choice, and a saved rnnoise setting is not sent."""
+    from rtsvc.serve.capabilities import Capabilities
+
+    capabilities = Capabilities("v3", (), {"rnnoise": "the rnnoise denoiser needs pyrnnoise"})
+    source = VoiceSource("v3.rtsvc", ["echo"], IdentityVoice, family="v3", capabilities=capabilities)
+
+    async def main():
+        async with running(source, token=TOKEN) as server:
+            url = f"http://127.0.0.1:{server.port}/?token={TOKEN}"
+            async with chromium_page(url, tmp_path) as page:
+                await page.wait_for("window.rtsvc && rtsvc.panelReady")
+                panel = json.loads(await page.eval(PANEL_STATE))
+                await page.eval("localStorage.setItem('rtsvc.settings', "
+                                "JSON.stringify({denoise: 'rnnoise'}))")
+                await page.eval("location.reload()")
+                await asyncio.sleep(0.5)
+                await page.wait_for("window.rtsvc && rtsvc.panelReady")
+                await page.eval("document.getElementById('start').click()")
+                ready = await page.wait_for("rtsvc.ready && JSON.stringify(rtsvc.ready)")
+            await settled(server)
+            return panel, json.loads(ready)
+
+    panel, ready = run(main(), timeout=120)
+    shown = panel["controls"] + panel["advanced"]
+    assert "ds_cfg_strength" in shown and "pitch_shift" in shown
+    assert "skip_cfg_strength" not in shown and "cfg_skip_layers" not in shown
+    assert panel["denoise"] == ["off", "deepfilternet"]
+    assert ready["settings"]["denoise"] == "off"

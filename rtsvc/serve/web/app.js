@@ -67,6 +67,7 @@ function knobValues(settings) {
 function showValue(name, value) {
   const input = $(name);
   if (!input) return;
+  if (input.tagName === "SELECT" && ![...input.options].some((o) => o.value === String(value))) return;  // not offered here
   input.value = value;
   const label = document.querySelector(`output[for=${name}]`);
   if (label) label.value = value;
