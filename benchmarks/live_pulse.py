@@ -18,9 +18,9 @@ from pathlib import Path
 
 import soundfile as sf
 
-from rtsvc.bench.blocks import sung_tone
 from rtsvc.bench.loopback import PulseServer, start_live, wait_for_start
 from rtsvc.dsp.audio import SAMPLE_RATE
+from rtsvc.dsp.signals import sung_tone
 
 SPEECH = "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore."
 START_TIMEOUT_S = 600.0  # a real-size model loads and measures its auto block before "live:" appears

@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from export.quantize import QuantizedGraph
-from rtsvc.bench.blocks import BenchCase, StageTimes, log_spectral_distance, sung_tone
+from rtsvc.bench.blocks import BenchCase, StageTimes, log_spectral_distance
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
+from rtsvc.dsp.signals import sung_tone
 from rtsvc.engine import StreamConfig, StreamingConverter, convert_stream
 from rtsvc.settings import Knobs, RuntimeSettings
 from rtsvc.voices.spec import STREAMING_TORCH_THREADS

@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from tests.cli_helpers import SR, harmonic_tone, run_cli, write_wav
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_pretrained):
     root = tmp_path_factory.mktemp("errors")
-    pretrained = make_tiny_pretrained_dir(root / "pretrained")
+    pretrained = tiny_pretrained
     return {
         "root": root,
         "tone": write_wav(root / "tone.wav", harmonic_tone(0.5)),

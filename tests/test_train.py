@@ -24,7 +24,6 @@ from rtsvc.errors import UserError
 from rtsvc.models.loading import load_dit
 from tests.cli_helpers import run_cli
 from tests.test_prepare import SECONDS, VOICES, make_voices, voice
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
 from training import loss as loss_module
 from training.dataset import ClipDataset, StepBatchSampler, collate
@@ -52,8 +51,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return make_tiny_pretrained_dir(tmp_path_factory.mktemp("pretrained"))
+def pretrained(tiny_pretrained):
+    return tiny_pretrained
 
 
 @pytest.fixture(scope="module")
