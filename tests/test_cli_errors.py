@@ -131,6 +131,19 @@ def test_download_offline_is_one_clear_line_naming_what_is_needed(tmp_path, caps
     fails(["download", "--voice", "pretrain-v9"], capsys, monkeypatch, "unknown --voice 'pretrain-v9'")
 
 
+@pytest.mark.parametrize("inputs, outputs, kind", [(0, 2, "input"), (2, 0, "output")])
+def test_live_without_an_audio_device_says_rtsvc_is_installed(inputs, outputs, kind, capsys, monkeypatch):
+    """The install line ends in `rtsvc live`; on a machine without a sound card it fails (exit 2) with
+    a line that says the install worked and names the command that lists devices."""
+    import rtsvc.live.devices
+
+    only = {"index": 0, "name": "null", "hostapi": "ALSA", "inputs": inputs, "outputs": outputs,
+            "default_rate": 48000, "default_input": True, "default_output": True, "pulse": None}
+    monkeypatch.setattr(rtsvc.live.devices, "list_devices", lambda: [only])
+    fails(["live", "--pitch", "5"], capsys, monkeypatch, "rtsvc is installed",
+          f"only an audio {kind} device is missing", "`rtsvc devices`")
+
+
 def test_doctor_reports_and_exits_zero(files, capsys, monkeypatch):
     code, out, err = run_cli(["doctor", "--pretrained-dir", files["pretrained"]], capsys, monkeypatch)
     assert code == 0, err
