@@ -1,4 +1,4 @@
-"""Few-step sampling on a tiny model, end to end: schedules vs a distilled student (issue 10).
+"""Few-step sampling on a tiny model, end to end: schedules vs a distilled student.
 
     PYTHONPATH=$PWD python benchmarks/distill_tiny.py --work /tmp/distill-tiny [--stage all]
 
