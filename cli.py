@@ -124,7 +124,7 @@ BatchDeadlineMs = _opt(float, "Longest a block waits in ms for other clients' bl
                        f"{SERVER.batch_deadline_ms:g}.")
 ConcurrentF0 = _opt(bool, "Model voices while streaming: extract F0 on a second thread while ContentVec runs "
                     "(same output; faster where a core is free; a bundle's encoders then take one thread "
-                    "unless --threads is given; docs/benchmarks.md issue 14). Default: "
+                    "unless --threads is given; docs/benchmarks.md). Default: "
                     f"{'on' if CONCURRENT_F0 else 'off'}.", "--concurrent-f0/--no-concurrent-f0")
 Threads = _opt(int | None, "CPU threads for torch and for each ONNX Runtime session. Default: torch 1 while "
                "streaming on a CPU (steadiest on a busy machine), ONNX Runtime its own (every core).")

@@ -6,7 +6,7 @@ starts a private PulseAudio daemon (null sinks "mic" and "speaker"), runs `rtsvc
 --output pulse --duration SECONDS` with the given live options (default `--block-ms auto`), plays
 espeak-ng speech and a sung tone into "mic" in a loop while it runs, and prints live's own lines:
 the auto block it picked (and what it measured), the auto jitter buffer and its summary (blocks,
-compute p99, underruns, overruns). Needs pulseaudio, paplay and espeak-ng (docs/benchmarks.md, issue 14).
+compute p99, underruns, overruns). Needs pulseaudio, paplay and espeak-ng (docs/benchmarks.md).
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""Per-block DiT cost of a V3 voice against a V2 voice of the same size (issue 9; docs/benchmarks.md).
+"""Per-block DiT cost of a V3 voice against a V2 voice of the same size (docs/benchmarks.md).
 
 Random weights at the published sizes; the frames a streaming block samples with the defaults
 (block 150.9 ms = 13 frames + 8 vocoder-context frames + 250 ms DiT context = 22 frames: 43
