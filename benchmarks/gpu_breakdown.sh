@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's GPU table, ready for a machine with an NVIDIA GPU (not run here: no GPU in this project's
+# The per-stage GPU table of docs/benchmarks.md, for a machine with an NVIDIA GPU (not run here: no GPU in this project's
 # containers so far). One command, about 5-8 minutes plus the students' first export: per-stage cost
 # of the real V3 one-evaluation students (dit-512-8, dit-768-12) and the full V2 voice (Whisper
 # large-v3 size) at real sizes, random weights, on torch fp16, ONNX Runtime CUDA and TensorRT (last: its engines take the longest to build; they are

@@ -6,7 +6,7 @@ starts a private PulseAudio daemon (null sinks "mic" and "speaker"), runs `rtsvc
 --output pulse --duration SECONDS` with the given live options (default `--block-ms auto`), plays
 espeak-ng speech and a sung tone into "mic" in a loop while it runs, and prints live's own lines:
 the auto block it picked (and what it measured), the auto jitter buffer and its summary (blocks,
-compute p99, underruns, overruns). Needs pulseaudio, paplay and espeak-ng (docs/benchmarks.md, issue 14).
+compute p99, underruns, overruns). Needs pulseaudio, paplay and espeak-ng (docs/benchmarks.md).
 """
 
 import argparse
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import soundfile as sf
 
-from rtsvc.bench.blocks import sung_tone
 from rtsvc.bench.loopback import PulseServer, start_live, wait_for_start
 from rtsvc.dsp.audio import SAMPLE_RATE
+from rtsvc.dsp.signals import sung_tone
 
 SPEECH = "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore."
 START_TIMEOUT_S = 600.0  # a real-size model loads and measures its auto block before "live:" appears

@@ -1,4 +1,5 @@
-"""A real-size V3 student checkpoint and pretrained folder, random weights (issue 14's CPU voice).
+"""A real-size V3 student checkpoint and pretrained folder, random weights (the CPU voice of
+docs/choosing.md).
 
     python -m benchmarks.real_size_student OUT [--dim 512 --depth 8]
 

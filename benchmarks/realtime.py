@@ -1,4 +1,5 @@
-"""Per-stage cost of a model voice block at real model sizes (random weights): issue 14's tables.
+"""Per-stage cost of a model voice block at real model sizes (random weights): the per-stage tables
+of docs/benchmarks.md.
 
     python -m benchmarks.realtime                      # CPU, ONNX Runtime: the students, 1 and 2 threads
     python -m benchmarks.realtime --voices v2-512      # + the full V2 voice (Whisper large-v3 size, torch)
@@ -42,8 +43,9 @@ import torch
 from torch import nn
 
 from export.quantize import QuantizedGraph
-from rtsvc.bench.blocks import BenchCase, StageTimes, log_spectral_distance, sung_tone
+from rtsvc.bench.blocks import BenchCase, StageTimes, log_spectral_distance
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
+from rtsvc.dsp.signals import sung_tone
 from rtsvc.engine import StreamConfig, StreamingConverter, convert_stream
 from rtsvc.settings import Knobs, RuntimeSettings
 from rtsvc.voices.spec import STREAMING_TORCH_THREADS
@@ -413,7 +415,7 @@ def run_table(args, files: dict[str, Path], whisper_large) -> None:
             for f0 in args.f0:
                 for precision in args.precision:
                     if precision == "int8" and (kind.startswith("v2") or backend != "onnx-cpu"):
-                        continue  # int8 graphs are for CPUs; guided V2 amplifies int8 error (issue 14)
+                        continue  # int8 graphs are for CPUs; guided V2 amplifies int8 error
                     for threads in args.threads:
                         for concurrent in args.concurrent:
                             configs.append((backend, kind, f0, precision, threads, concurrent))

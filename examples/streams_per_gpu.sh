@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Streams held in real time per GPU (issue 12): full-size voices, fp16, torch vs ONNX Runtime
+# Streams held in real time per GPU: full-size voices, fp16, torch vs ONNX Runtime
 # CUDA / TensorRT, unbatched vs batched. Not yet run: written for a machine with one NVIDIA GPU.
 #
 #   PRETRAINED=pretrained examples/streams_per_gpu.sh v2.ckpt v2-fp16.rtsvc [v3.ckpt v3-fp16.rtsvc]

@@ -184,7 +184,7 @@ def dit_feeds(session_path: Path, num_speaker: int, interface: list[str], frames
 
 def calibration_tones() -> list[np.ndarray]:
     """Sung tones at low, middle and high pitch (44.1 kHz): the vocoder's calibration audio."""
-    from rtsvc.bench.blocks import sung_tone
+    from rtsvc.dsp.signals import sung_tone
 
     return [sung_tone(3.0, f0=f0, seed=i) for i, f0 in enumerate((110.0, 180.0, 330.0))]
 

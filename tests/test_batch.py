@@ -21,7 +21,6 @@ from rtsvc.settings import Knobs
 from rtsvc.voices.batch import BatchedVoice, Block, dit_key, run_blocks, run_jobs, vocoder_key
 from rtsvc.voices.model import ModelVoice
 from rtsvc.voices.spec import VoiceSpec, open_model, open_voice
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
 
 SR = 44100
@@ -39,9 +38,9 @@ ROUNDS = 3
 
 
 @pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
+def tiny_files(tmp_path_factory, tiny_pretrained):
     root = tmp_path_factory.mktemp("batch_model")
-    return make_tiny_dit_checkpoint(root / "tiny.ckpt"), make_tiny_pretrained_dir(root / "pretrained")
+    return make_tiny_dit_checkpoint(root / "tiny.ckpt"), tiny_pretrained
 
 
 @pytest.fixture(scope="module")

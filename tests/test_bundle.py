@@ -20,7 +20,6 @@ from rtsvc.backends.bundle import (
 )
 from rtsvc.errors import UserError
 from tests.cli_helpers import harmonic_tone, run_cli, write_wav
-from tests.tiny_encoders import make_tiny_pretrained_dir
 
 MANIFEST_BODY = {
     "name": "fake", "audio": {"sample_rate": 44100, "hop_length": 512}, "speakers": {"alice": 0, "bob": 1},
@@ -98,11 +97,6 @@ def test_manifest_structure_errors(bundle):
         read_bundle(bundle)
     with pytest.raises(UserError, match="bundle not found"):
         read_bundle(bundle.parent / "nope.rtsvc")
-
-
-@pytest.fixture(scope="module")
-def tiny_pretrained(tmp_path_factory):
-    return make_tiny_pretrained_dir(tmp_path_factory.mktemp("pretrained"))
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from tests.cli_helpers import SR, harmonic_tone, run_cli, write_wav
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_pretrained):
     root = tmp_path_factory.mktemp("errors")
-    pretrained = make_tiny_pretrained_dir(root / "pretrained")
+    pretrained = tiny_pretrained
     return {
         "root": root,
         "tone": write_wav(root / "tone.wav", harmonic_tone(0.5)),
@@ -132,6 +131,19 @@ def test_download_offline_is_one_clear_line_naming_what_is_needed(tmp_path, caps
                    "model.safetensors", "Pur1zumu/RIFT-SVC-pretrained (pretrain-v3_dit-768-12.ckpt)"):
         assert needed in line, needed
     fails(["download", "--voice", "pretrain-v9"], capsys, monkeypatch, "unknown --voice 'pretrain-v9'")
+
+
+@pytest.mark.parametrize("inputs, outputs, kind", [(0, 2, "input"), (2, 0, "output")])
+def test_live_without_an_audio_device_says_rtsvc_is_installed(inputs, outputs, kind, capsys, monkeypatch):
+    """The install line ends in `rtsvc live`; on a machine without a sound card it fails (exit 2) with
+    a line that says the install worked and names the command that lists devices."""
+    import rtsvc.live.devices
+
+    only = {"index": 0, "name": "null", "hostapi": "ALSA", "inputs": inputs, "outputs": outputs,
+            "default_rate": 48000, "default_input": True, "default_output": True, "pulse": None}
+    monkeypatch.setattr(rtsvc.live.devices, "list_devices", lambda: [only])
+    fails(["live", "--pitch", "5"], capsys, monkeypatch, "rtsvc is installed",
+          f"only an audio {kind} device is missing", "`rtsvc devices`")
 
 
 def test_doctor_reports_and_exits_zero(files, capsys, monkeypatch):

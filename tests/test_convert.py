@@ -14,7 +14,6 @@ from rtsvc.settings import Knobs
 from rtsvc.voices.defaults import MODEL_BLOCK_MS
 from rtsvc.voices.spec import VoiceSpec, open_model
 from tests.cli_helpers import SR, harmonic_tone, run_cli, write_wav
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
 
 with warnings.catch_warnings():  # pyworld imports the deprecated pkg_resources
@@ -167,9 +166,9 @@ def test_slices_are_brought_to_minus_18_lufs_and_restored_on_request():
 # --- a tiny RIFT-SVC model end to end -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def tiny_model(tmp_path_factory, tiny_pretrained):
     root = tmp_path_factory.mktemp("model")
-    return make_tiny_dit_checkpoint(root / "tiny.ckpt"), make_tiny_pretrained_dir(root / "pretrained")
+    return make_tiny_dit_checkpoint(root / "tiny.ckpt"), tiny_pretrained
 
 
 def test_tiny_model_through_the_cli(tiny_model, tmp_path, capsys, monkeypatch):

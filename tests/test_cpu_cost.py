@@ -24,7 +24,6 @@ from rtsvc.pretrained import resolve_pretrained
 from rtsvc.settings import Knobs
 from rtsvc.voices.spec import VoiceSpec, open_model
 from tests.cli_helpers import run_cli
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
 
 
@@ -71,11 +70,10 @@ def test_auto_block_walks_up_and_says_when_nothing_fits():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_pretrained):
     root = tmp_path_factory.mktemp("cpu_cost")
     ckpt = make_tiny_dit_checkpoint(root / "tiny.ckpt")
-    pretrained = make_tiny_pretrained_dir(root / "pretrained")
-    return root, ckpt, pretrained
+    return root, ckpt, tiny_pretrained
 
 
 def test_bench_breaks_a_model_block_into_stages(tiny):

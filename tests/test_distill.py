@@ -222,18 +222,18 @@ def test_student_bundle_has_no_guidance_input_and_matches_torch(distilled, vocod
         assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()))
 
 
-def test_convert_and_stream_a_student_through_the_cli(distilled, tmp_path, capsys, monkeypatch):
+def test_convert_and_stream_a_student_through_the_cli(distilled, tmp_path, capsys, monkeypatch,
+                                                      tiny_pretrained):
     import soundfile as sf
 
     from rtsvc.voices.model import ModelVoice
     from tests.cli_helpers import harmonic_tone, run_cli, write_wav
-    from tests.tiny_encoders import make_tiny_pretrained_dir
 
     out, _ = distilled
     grids, original = [], ModelVoice.sampling_grid
     monkeypatch.setattr(ModelVoice, "sampling_grid", lambda self, knobs: grids.append(knobs.steps) or
                         original(self, knobs))
-    pretrained = make_tiny_pretrained_dir(tmp_path / "pretrained")
+    pretrained = tiny_pretrained
     tone = write_wav(tmp_path / "tone.wav", harmonic_tone(0.6))
     base = ["--model", out / "last.ckpt", "--pretrained-dir", pretrained, "--f0", "pyworld",
             "--device", "cpu"]
@@ -354,7 +354,8 @@ def test_v3_distill_user_errors(v3_teacher, v3_data, data, tmp_path):
                               cfg_skip_layers=[5], **TINY))
 
 
-def test_v3_student_exports_and_converts_at_one_evaluation(v3_distilled, tmp_path, capsys, monkeypatch):
+def test_v3_student_exports_and_converts_at_one_evaluation(v3_distilled, tmp_path, capsys, monkeypatch,
+                                                         tiny_pretrained):
     import soundfile as sf
 
     from export.quantize import quantize_bundle
@@ -364,10 +365,9 @@ def test_v3_student_exports_and_converts_at_one_evaluation(v3_distilled, tmp_pat
     from rtsvc.pretrained import LAYOUT
     from rtsvc.voices.model import ModelVoice
     from tests.cli_helpers import harmonic_tone, run_cli, write_wav
-    from tests.tiny_encoders import make_tiny_pretrained_dir
 
     out, _ = v3_distilled
-    pretrained = make_tiny_pretrained_dir(tmp_path / "pretrained")
+    pretrained = tiny_pretrained
     bundle = tmp_path / "student.rtsvc"
     code, stdout, stderr = run_cli(["export", out / "last.ckpt", "--out", bundle, "--pretrained-dir",
                                     pretrained], capsys, monkeypatch)

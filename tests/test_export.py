@@ -30,18 +30,16 @@ from rtsvc.models.loading import load_dit
 from rtsvc.models.vocoder import draw_source_randomness
 from rtsvc.pretrained import LAYOUT, resolve_pretrained
 from tests.cli_helpers import harmonic_tone, run_cli, run_cli_captured, write_wav
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
 
 LENGTHS = (17, 64, 203)  # mel frames
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_pretrained):
     root = tmp_path_factory.mktemp("export")
     ckpt = make_tiny_dit_checkpoint(root / "tiny.ckpt", speakers=("alice", "bob"))
-    pretrained = make_tiny_pretrained_dir(root / "pretrained")
-    return root, ckpt, pretrained
+    return root, ckpt, tiny_pretrained
 
 
 @pytest.fixture(scope="module")

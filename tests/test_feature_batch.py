@@ -15,15 +15,13 @@ from rtsvc.features.extractor import FeatureExtractor
 from rtsvc.features.f0 import make_f0_extractor
 from rtsvc.features.requests import FeatureRequest, compute_batch, drive, drive_lockstep
 from rtsvc.pretrained import resolve_pretrained
-from tests.tiny_encoders import make_tiny_pretrained_dir
 
 SR16 = 16000
 
 
 @pytest.fixture(scope="module")
-def features(tmp_path_factory):
-    root = make_tiny_pretrained_dir(tmp_path_factory.mktemp("feature_batch") / "pretrained")
-    paths = resolve_pretrained(root, need=("contentvec", "whisper", "rmvpe"))
+def features(tiny_pretrained):
+    paths = resolve_pretrained(tiny_pretrained, need=("contentvec", "whisper", "rmvpe"))
     return FeatureExtractor.from_pretrained(paths, f0="rmvpe")
 
 

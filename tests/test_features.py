@@ -4,18 +4,18 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.feature_windows import window_fidelity
 from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.errors import UserError
-from rtsvc.features.extractor import FeatureExtractor, Features, window_fidelity
+from rtsvc.features.extractor import FeatureExtractor, Features
 from rtsvc.features.f0 import make_f0_extractor
 from rtsvc.features.frames import resize_frames
 from rtsvc.pretrained import LAYOUT, PretrainedPaths, download_pretrained, resolve_pretrained
-from tests.tiny_encoders import make_tiny_pretrained_dir
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return make_tiny_pretrained_dir(tmp_path_factory.mktemp("pretrained"))
+def pretrained(tiny_pretrained):
+    return tiny_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from rtsvc.backends.bundle import MANIFEST
 from rtsvc.settings import Knobs
 from tests.cli_helpers import harmonic_tone, run_cli, write_wav
 from tests.test_bundle import make_fake_bundle
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from training.prepare import normalize_loudness
 
 
@@ -43,11 +42,6 @@ def test_nan_samples_are_called_non_finite_not_silent(tmp_path, capsys, monkeypa
     assert not (tmp_path / "out.wav").exists()
     with pytest.raises(ValueError, match="10 non-finite samples"):  # prepare's reason for skipping it
         normalize_loudness(audio)
-
-
-@pytest.fixture(scope="module")
-def tiny_pretrained(tmp_path_factory):
-    return make_tiny_pretrained_dir(tmp_path_factory.mktemp("pretrained"))
 
 
 @pytest.mark.parametrize("change, field", [({"files": "x"}, '"files" must be an object'),

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from rtsvc.bench.blocks import sung_tone
 from rtsvc.bench.loopback import PulseServer, start_live, wait_for_start
+from rtsvc.dsp.signals import sung_tone
 from rtsvc.errors import UserError
 from rtsvc.live import KeyReader, LiveState, OutputFifo, find_device
 from rtsvc.live.devices import parse_pactl_short, pulse_devices, pulse_routing
@@ -91,15 +91,14 @@ def test_live_pitch_up_an_octave_through_pulseaudio(pulse, tmp_path):
 
 
 @pytest.mark.slow
-def test_live_runs_a_v3_student_bundle_at_its_auto_block(pulse, tmp_path):
+def test_live_runs_a_v3_student_bundle_at_its_auto_block(pulse, tmp_path, tiny_pretrained):
     """Issue 14's CPU voice, tiny: a V3 one-evaluation student exported with its encoders. `rtsvc
     live --model` measures and names its block, extracts F0 beside ContentVec (the default), plays
     audio out and reports its underruns (counted, not asserted: CI shares its cores)."""
     from benchmarks.real_size_student import write_student
     from export.onnx_export import export_bundle
-    from tests.tiny_encoders import make_tiny_pretrained_dir
 
-    pretrained = make_tiny_pretrained_dir(tmp_path / "pretrained")
+    pretrained = tiny_pretrained
     ckpt = write_student(tmp_path / "student.ckpt", dim=64, depth=2)
     result = export_bundle(ckpt, tmp_path / "student.rtsvc", pretrained, with_encoders=True)
     assert result.ok

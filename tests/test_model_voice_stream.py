@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from rtsvc.bench.blocks import log_spectral_distance, sung_tone
+from rtsvc.bench.blocks import log_spectral_distance
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.dsp.mel import rms_per_frame
+from rtsvc.dsp.signals import sung_tone
 from rtsvc.engine import (
     StreamConfig,
     StreamingConverter,
@@ -30,7 +31,6 @@ from rtsvc.settings import Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, MODEL_BLOCK_MS
 from rtsvc.voices.model import ModelVoice
 from rtsvc.voices.spec import VoiceSpec, open_model
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
 
 SR = SAMPLE_RATE
@@ -113,10 +113,10 @@ class StubEncoder:
 # --- fixtures --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
+def tiny_files(tmp_path_factory, tiny_pretrained):
     root = tmp_path_factory.mktemp("stream_model")
     ckpt = make_tiny_dit_checkpoint(root / "tiny.ckpt")
-    paths = resolve_pretrained(make_tiny_pretrained_dir(root / "pretrained"),
+    paths = resolve_pretrained(tiny_pretrained,
                                need=("contentvec", "whisper", "vocoder"))
     return ckpt, paths
 

@@ -33,7 +33,6 @@ from rtsvc.engine import StreamConfig  # noqa: E402
 from rtsvc.serve.server import ServerConfig, StreamServer, model_source  # noqa: E402
 from rtsvc.settings import Knobs  # noqa: E402
 from rtsvc.voices.spec import VoiceSpec, open_voice, sampling_steps  # noqa: E402
-from tests.tiny_encoders import make_tiny_pretrained_dir  # noqa: E402
 from tests.tiny_models import make_tiny_dit_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,12 +73,12 @@ def healthz(port: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tmp_path_factory, tiny_pretrained):
     """A tiny one-evaluation student: each replica must run its own count (2 grid points), not the
     teacher default of 4, as the plain server does."""
     root = tmp_path_factory.mktemp("ray_model")
     return (make_tiny_dit_checkpoint(root / "tiny-student.ckpt", student_nfe=1),
-            make_tiny_pretrained_dir(root / "pretrained"))
+            tiny_pretrained)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +89,7 @@ def ray_server(model):
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "cli", "serve", "--ray", "auto", "--replicas", "2", "--port", str(port),
            "--model", str(ckpt), "--pretrained-dir", str(pretrained), "--device", "cpu", "--max-batch", "4"]
-    log = open(pretrained.parent / "serve.log", "w+")  # noqa: SIM115 - read back at the end
+    log = open(ckpt.parent / "serve.log", "w+")  # noqa: SIM115 - read back at the end
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + START_S
     while "rtsvc serving on Ray Serve" not in (text := Path(log.name).read_text()):

@@ -127,12 +127,36 @@ def test_a_job_is_never_held_past_its_budget():
 
 
 def test_jobs_that_queue_while_the_runner_is_busy_go_together():
-    batcher = DeadlineBatcher(sleeping(0.15), max_batch=8, deadline_s=0.0)
+    """Job 0 holds the only runner until jobs 1-4 have queued (events, not timing: a busy machine
+    may start threads late); those four then run as one batch."""
+    running, release = threading.Event(), threading.Event()
+
+    def held(jobs):
+        running.set()
+        assert release.wait(10)
+        return echo(jobs)
+
+    batcher = DeadlineBatcher(held, max_batch=8, deadline_s=0.0)
+    results = {}
+
+    def one(job):
+        results[job] = batcher.submit(job, time.monotonic() + 10.0, stream=job)
+
+    threads = [threading.Thread(target=one, args=(j,)) for j in range(5)]
     try:
-        results, _ = submit_all(batcher, list(range(5)))
+        threads[0].start()
+        assert running.wait(10)  # job 0 is running
+        for t in threads[1:]:
+            t.start()
+        with batcher._cond:  # submit() notifies this condition each time it queues a job
+            assert batcher._cond.wait_for(lambda: len(batcher._pending) == 4, timeout=10)
+        release.set()
+        for t in threads:
+            t.join(10)
         assert results == {j: j for j in range(5)}
-        assert 2 <= len(batcher.batch_sizes) < 5 and max(batcher.batch_sizes) >= 2
+        assert list(batcher.batch_sizes) == [1, 4]
     finally:
+        release.set()
         batcher.close()
 
 

@@ -548,12 +548,11 @@ def test_memory_stays_flat_over_200_connect_disconnect_cycles():
 # --- a model voice (tiny checkpoint through open_model) and the CLI ------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from tests.tiny_encoders import make_tiny_pretrained_dir
+def tiny_model(tmp_path_factory, tiny_pretrained):
     from tests.tiny_models import make_tiny_dit_checkpoint
 
     root = tmp_path_factory.mktemp("model")
-    return make_tiny_dit_checkpoint(root / "tiny.ckpt"), make_tiny_pretrained_dir(root / "pretrained")
+    return make_tiny_dit_checkpoint(root / "tiny.ckpt"), tiny_pretrained
 
 
 def serve_args_of(args: list, capsys, monkeypatch) -> tuple[int, str, dict]:

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,14 +25,15 @@ from rtsvc.errors import UserError
 from rtsvc.models.loading import load_dit
 from tests.cli_helpers import run_cli
 from tests.test_prepare import SECONDS, VOICES, make_voices, voice
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
 from training import loss as loss_module
+from training import progress as progress_module
 from training.dataset import ClipDataset, StepBatchSampler, collate
 from training.loss import flow_loss, sample_time
 from training.model import extend_speakers, from_scratch
 from training.optim import make_optimizer, param_groups
 from training.prepare import cache_root, load_metadata
+from training.progress import TrainProgress
 from training.train import TrainConfig, train
 
 TINY = dict(model="dit-64-2", batch_size=4, lr=3e-3, log_every=5, num_workers=0, device="cpu",
@@ -52,8 +54,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return make_tiny_pretrained_dir(tmp_path_factory.mktemp("pretrained"))
+def pretrained(tiny_pretrained):
+    return tiny_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +182,49 @@ def test_resume_continues_at_the_exact_step(data, tmp_path):
         train(TrainConfig(data=str(data), out=str(tmp_path / "b"), max_steps=30, resume=True, **TINY))
     with pytest.raises(UserError, match="--resume"):
         train(TrainConfig(data=str(data), out=str(tmp_path / "b"), max_steps=40, **TINY))
+
+
+def test_train_says_what_it_trains_and_prints_plain_lines_without_a_terminal(data, tmp_path, capsys,
+                                                                               monkeypatch):
+    """In a log file or CI (no terminal): a start line (family, clips, speakers, device), then one plain
+    line per logged step (rate-limited to 0 s here), never a loss before one was logged."""
+    monkeypatch.setattr(progress_module, "PLAIN_EVERY_S", 0.0)
+    capsys.readouterr()
+    train(TrainConfig(data=str(data), out=str(tmp_path / "run"), max_steps=6, save_every=100, eval_every=0,
+                      **{**TINY, "log_every": 2, "progress": True}))
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    start = re.fullmatch(r"train: V2 model, (\d+) clips from 2 speakers \((.+)\), device cpu, steps 0 to 6",
+                         lines[0])
+    assert start, lines[0]
+    assert int(start[1]) == sum(c.get("split", "train") == "train" for c in load_metadata(data)["clips"]) > 0
+    assert sorted(start[2].split(", ")) == sorted(VOICES)
+    steps = re.findall(r"^train step (\d)/6  loss (\d+\.\d{4})  \d+\.\d\d steps/s  ETA \d+:\d\d:\d\d$",
+                       err, re.MULTILINE)
+    assert [int(step) for step, _ in steps] == [2, 4, 6], err
+    assert all(math.isfinite(float(loss)) for _, loss in steps)
+    assert "nan" not in err and "\x1b" not in err and "━" not in err  # no bar, no colour codes in a log
+
+
+def test_the_bar_shows_loss_only_once_it_exists():
+    from rich.console import Console
+
+    screen = Console(file=io.StringIO(), force_terminal=True, width=120)
+    progress = TrainProgress("train", True, screen)
+
+    def drawn() -> str:
+        frame = Console(file=io.StringIO(), width=120)
+        frame.print(progress.bar.get_renderable())
+        return frame.file.getvalue()
+
+    with progress:
+        task = progress.add_task("train", total=10, completed=0, loss=float("nan"), sps=0.0)
+        progress.update(task, completed=1)
+        assert "loss" not in drawn() and "nan" not in drawn() and "1/10" in drawn()
+        progress.update(task, loss=0.123456, sps=2.0)
+        progress.update(task, completed=2)
+        assert "loss 0.1235" in drawn() and "2/10" in drawn()
+    assert "train step" not in screen.file.getvalue()  # a terminal gets the bar, not plain lines
 
 
 def test_ctrl_c_saves_the_current_step_and_resume_finishes(data, tmp_path, monkeypatch):

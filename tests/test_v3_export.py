@@ -1,7 +1,6 @@
 """`rtsvc export` of a V3 LoRA checkpoint: one graph computing every guidance pass, LoRA merged with
 alpha / sqrt(rank), parity-checked; the bundle runs like the checkpoint and needs no Whisper."""
 
-import shutil
 
 import numpy as np
 import pytest
@@ -16,16 +15,14 @@ from rtsvc.models.flow import Conditioning
 from rtsvc.models.guidance import Guidance
 from rtsvc.pretrained import LAYOUT
 from tests.cli_helpers import SR, harmonic_tone, run_cli, run_cli_captured, write_wav
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.upstream.fixtures import make_v3_head
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, tiny_pretrained_v3):
     root = tmp_path_factory.mktemp("v3export")
     ckpt, _ = make_v3_head(root / "v3-lora.ckpt", lora_rank=4, lora_alpha=8.0)
-    pretrained = make_tiny_pretrained_dir(root / "pretrained")
-    shutil.rmtree(pretrained / LAYOUT["whisper"])
+    pretrained = tiny_pretrained_v3
     code, _, err = run_cli_captured(["export", ckpt, "--out", root / "v3.rtsvc", "--pretrained-dir",
                                      pretrained, "--cfg-skip-layers", "1", "--with-encoders"])
     assert code == 0, err

@@ -1,7 +1,6 @@
 """`rtsvc prepare --family v3` and `rtsvc train` of V3 models: fine-tune (upstream checkpoint,
 freeze_adaln_and_tembed), LoRA (adapters and speaker table train, nothing else), resume."""
 
-import shutil
 
 import pytest
 import torch
@@ -9,10 +8,8 @@ import torch
 from rtsvc.errors import UserError
 from rtsvc.models.loading import load_dit
 from rtsvc.models.lora import LoRALinear
-from rtsvc.pretrained import LAYOUT
 from tests.test_prepare import make_voices
 from tests.test_train import _cli
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.upstream.fixtures import make_v3_head
 from training.dataset import data_family
 from training.loss import speaker_drop
@@ -26,9 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def v3_data(tmp_path_factory):
-    pretrained = make_tiny_pretrained_dir(tmp_path_factory.mktemp("pretrained"))
-    shutil.rmtree(pretrained / LAYOUT["whisper"])  # V3 preparation needs no Whisper
+def v3_data(tmp_path_factory, tiny_pretrained_v3):
+    pretrained = tiny_pretrained_v3  # V3 preparation needs no Whisper
     root = tmp_path_factory.mktemp("data3")
     make_voices(root)
     code, output = _cli(["prepare", root, "--pretrained-dir", pretrained, "--f0", "pyworld", "--workers", "1",

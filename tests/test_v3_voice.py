@@ -1,7 +1,6 @@
 """A V3 voice (tiny, random, official layout, with LoRA) through the commands a V2 voice runs,
 with a pretrained folder that has no Whisper."""
 
-import shutil
 
 import numpy as np
 import pytest
@@ -9,21 +8,17 @@ import soundfile as sf
 import torch
 
 from rtsvc.models.guidance import Guidance
-from rtsvc.pretrained import LAYOUT
 from rtsvc.settings import Knobs
 from rtsvc.voices.spec import VoiceSpec, open_voice
 from tests.cli_helpers import SR, harmonic_tone, run_cli, write_wav
-from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.upstream.fixtures import make_v3_head
 
 
 @pytest.fixture(scope="module")
-def v3(tmp_path_factory):
+def v3(tmp_path_factory, tiny_pretrained_v3):
     root = tmp_path_factory.mktemp("v3")
     ckpt, _ = make_v3_head(root / "v3-lora.ckpt", lora_rank=4, lora_alpha=8.0)
-    pretrained = make_tiny_pretrained_dir(root / "pretrained")
-    shutil.rmtree(pretrained / LAYOUT["whisper"])  # V3 needs no Whisper: the folder is complete without it
-    return ckpt, pretrained
+    return ckpt, tiny_pretrained_v3  # V3 needs no Whisper: the folder is complete without it
 
 
 def test_v3_needs_no_whisper(v3):

@@ -93,13 +93,15 @@ def make_tiny_rmvpe(path: str | Path, seed: int = 0, full_size: bool = False) ->
     return path
 
 
-def make_tiny_pretrained_dir(root: str | Path, seed: int = 0) -> Path:
-    """The whole upstream pretrained layout with tiny random components; returns root."""
+def make_tiny_pretrained_dir(root: str | Path, seed: int = 0, whisper: bool = True) -> Path:
+    """The whole upstream pretrained layout with tiny random components; returns root. `whisper=False`:
+    the folder a V3 model needs (complete without Whisper)."""
     from tests.tiny_models import make_tiny_vocoder
 
     root = Path(root)
     make_tiny_contentvec(root / LAYOUT["contentvec"], seed)
-    make_tiny_whisper(root / LAYOUT["whisper"], seed)
+    if whisper:
+        make_tiny_whisper(root / LAYOUT["whisper"], seed)
     make_tiny_vocoder((root / LAYOUT["vocoder"]).parent, seed)
     make_tiny_rmvpe(root / LAYOUT["rmvpe"], seed)
     (root / "README.md").write_text(json.dumps({"tiny": True, "seed": seed}) + "\n")

@@ -68,15 +68,3 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(cfg, dict) or "spk2idx" not in cfg:
         raise UserError(f"{path} has no hyper_parameters.cfg.spk2idx: not a RIFT-SVC checkpoint")
     return ckpt
-
-
-def dit_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The DiT's own keys: strip `model.transformer.` (upstream loaders strip `model.`)."""
-    state = checkpoint["state_dict"]
-    return {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
-
-
-def speakers_of(checkpoint: dict) -> list[str]:
-    """Speaker names ordered by their embedding row."""
-    spk2idx = checkpoint["hyper_parameters"]["cfg"]["spk2idx"]
-    return [name for name, _ in sorted(spk2idx.items(), key=lambda kv: kv[1])]

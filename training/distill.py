@@ -39,6 +39,7 @@ from training.distill_loss import distill_loss
 from training.model import model_name
 from training.optim import BETAS, WARMUP_RATIO, make_optimizer
 from training.prepare import load_metadata
+from training.progress import TrainProgress
 from training.train import (
     LAST,
     MetricsLog,
@@ -244,13 +245,5 @@ def distill(cfg: DistillConfig) -> DistillResult:
     return result
 
 
-def _progress(cfg: DistillConfig, d):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:.2f} steps/s"),
-        TextColumn("ETA"), TimeRemainingColumn(),
-        console=Console(stderr=True), disable=not (cfg.progress and d.main), transient=False,
-    )
+def _progress(cfg: DistillConfig, d) -> TrainProgress:
+    return TrainProgress("distill", cfg.progress and d.main)

@@ -35,6 +35,7 @@ from training.loss import SPEAKER_DROP_FINETUNE, SPEAKER_DROP_SCRATCH, flow_loss
 from training.model import DEFAULT_MODEL, TrainModel, from_pretrained, from_scratch, set_trainable
 from training.optim import BETAS, WARMUP_RATIO, current_lr, make_optimizer
 from training.prepare import load_metadata
+from training.progress import TrainProgress
 from training.validate import MAX_VAL_FRAMES, ValSettings, validate
 
 FINETUNE_LR, SCRATCH_LR = 5e-5, 1e-3  # upstream README fine-tune / config pretrain.yaml
@@ -370,6 +371,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     window: list[torch.Tensor] = []  # losses since the last log line, kept on the device (no sync)
     t_window = time.perf_counter()
     progress = _progress(cfg, d, start_step)
+    data_speakers = list(meta["speakers"])
+    progress.say(f"train: {tm.family.upper()} model, {len(train_set)} clips from {len(data_speakers)} speaker"
+                 f"{'s' if len(data_speakers) != 1 else ''} ({', '.join(data_speakers)}), device {device}, "
+                 f"steps {start_step} to {cfg.max_steps}")
     try:
         with StopFlag() as stop, progress as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=start_step, loss=float("nan"),
@@ -466,14 +471,6 @@ def _barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def _progress(cfg: TrainConfig, d: Dist, start: int):
-    """A rich progress bar with loss, steps/s and ETA on rank 0; a do-nothing stand-in elsewhere."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:.2f} steps/s"),
-        TextColumn("ETA"), TimeRemainingColumn(),
-        console=Console(stderr=True), disable=not (cfg.progress and d.main), transient=False,
-    )
+def _progress(cfg: TrainConfig, d: Dist, start: int) -> TrainProgress:
+    """Loss, steps/s and ETA on rank 0 (a bar on a terminal, plain lines otherwise); silent elsewhere."""
+    return TrainProgress("train", cfg.progress and d.main)

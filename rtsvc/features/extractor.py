@@ -10,7 +10,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.dsp.mel import log_mel_spectrogram, rms_per_frame
@@ -51,8 +50,8 @@ class FeatureExtractor:
 
     def __init__(self, contentvec, whisper, f0: F0Extractor, device: str | torch.device = "cpu",
                  content_resize: str = "nearest"):
-        self.contentvec = contentvec  # rtsvc.contentvec.ContentVec
-        self.whisper_encoder = whisper  # rtsvc.whisper_encoder.WhisperEncoder, or None (V3)
+        self.contentvec = contentvec  # rtsvc.features.contentvec.ContentVec
+        self.whisper_encoder = whisper  # rtsvc.features.whisper.WhisperEncoder, or None (V3)
         self.f0_extractor = f0
         self.device = torch.device(device)
         self.content_resize = content_resize  # how ContentVec frames go onto the mel grid
@@ -116,31 +115,3 @@ class FeatureExtractor:
             mel=self.mel(audio_44k) if with_mel else None,
         )
 
-
-def window_fidelity(reference: torch.Tensor, window_fn, audio_16k: np.ndarray, window_s: float,
-                    ends_s: tuple[float, ...], tail_s: float = 0.25, frame_rate: int = 50) -> dict:
-    """How close features of short windows are to `reference` (the same clip's upstream features).
-
-    `window_fn(audio_window_16k) -> [frames, d]` at `frame_rate`; for each window ending at `ends_s`
-    (lasting `window_s`, left context included) the frames are compared with the reference frames at
-    the same times: cosine similarity and relative L2 error per frame, over all frames and over the
-    newest `tail_s` (what a streaming block keeps). Used by docs/features.md and the benchmarks.
-    """
-    hop = ENCODER_SAMPLE_RATE // frame_rate
-    tail = max(1, int(tail_s * frame_rate))
-    win, ref = [], []
-    for end in ends_s:
-        a, b = int((end - window_s) * ENCODER_SAMPLE_RATE), int(end * ENCODER_SAMPLE_RATE)
-        feats = window_fn(audio_16k[a:b])
-        r = reference[a // hop: a // hop + feats.shape[0]]
-        win.append(feats[: r.shape[0]].float().cpu())
-        ref.append(r.float().cpu())
-
-    def stats(x: list[torch.Tensor], y: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = torch.cat(x), torch.cat(y)
-        return F.cosine_similarity(x, y, dim=-1), (x - y).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-8)
-
-    cos, rel = stats(win, ref)
-    cos_t, rel_t = stats([w[-tail:] for w in win], [r[-tail:] for r in ref])
-    return {"cos_mean": cos.mean().item(), "cos_min": cos.min().item(), "cos_tail": cos_t.mean().item(),
-            "rel_mean": rel.mean().item(), "rel_tail": rel_t.mean().item()}

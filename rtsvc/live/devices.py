@@ -101,7 +101,12 @@ def find_device(spec: str | int | None, kind: str, devices: list[dict] | None = 
     channels = "inputs" if kind == "input" else "outputs"
     usable = [d for d in devices if d[channels] > 0]
     if not usable:
-        raise UserError(f"no audio {kind} device found (see `rtsvc devices`)")
+        # The install line ends in `rtsvc live`: on a machine without a sound card this must not read
+        # as a failed install.
+        raise UserError(f"rtsvc is installed; only an audio {kind} device is missing (PortAudio finds no "
+                        f"{'microphone' if kind == 'input' else 'speaker'} or sound card). `rtsvc devices` "
+                        "lists what it sees; without one, convert a file: `rtsvc convert in.wav out.wav "
+                        "--pitch 5`")
     if spec is None or spec == "":
         chosen = [d for d in usable if d[f"default_{kind}"]]
         return chosen[0] if chosen else usable[0]

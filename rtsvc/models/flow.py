@@ -130,13 +130,3 @@ def frame_noise(start_frame: int, n_frames: int, seed: int = 0, dim: int = N_MEL
     the same vector for frame 105, so overlapping streaming windows start from the same noise.
     """
     return counter_normal(start_frame, n_frames, dim, seed)
-
-
-def seeded_noise(batch: int, n_frames: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Upstream's seeded noise, for parity checks: torch.manual_seed(seed) then randn(n, 128), per
-    item (so every item gets the same noise). Touches torch's global RNG, as upstream does."""
-    items = []
-    for _ in range(batch):
-        torch.manual_seed(seed)
-        items.append(torch.randn(n_frames, N_MELS, device=device))
-    return torch.stack(items)

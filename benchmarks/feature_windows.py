@@ -1,7 +1,7 @@
 """Short-window vs upstream features, the tables of docs/features.md (a measurement, not a test).
 
-    python -m tests.measure_feature_windows                       # random weights at real sizes
-    python -m tests.measure_feature_windows --contentvec pretrained/content-vec-best \\
+    python -m benchmarks.feature_windows                       # random weights at real sizes
+    python -m benchmarks.feature_windows --contentvec pretrained/content-vec-best \\
         --whisper pretrained/whisper-large-v3                     # the real models
 """
 
@@ -9,15 +9,44 @@ import argparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.signal import lfilter
-
-from rtsvc.features.extractor import window_fidelity
 
 SR = 16000
 WINDOWS_S = (0.5, 1.0, 2.0, 4.0)
 ENDS_S = (5.0, 7.0, 9.0, 11.0)  # where the windows end in the 12 s clip
 HEADER = ("| window | comparison | cos mean | cos min | cos newest 0.25 s | rel. err mean | "
           "rel. err newest 0.25 s |\n|---|---|---|---|---|---|---|")
+
+
+def window_fidelity(reference: torch.Tensor, window_fn, audio_16k: np.ndarray, window_s: float,
+                    ends_s: tuple[float, ...], tail_s: float = 0.25, frame_rate: int = 50) -> dict:
+    """How close features of short windows are to `reference` (the same clip's upstream features).
+
+    `window_fn(audio_window_16k) -> [frames, d]` at `frame_rate`; for each window ending at `ends_s`
+    (lasting `window_s`, left context included) the frames are compared with the reference frames at
+    the same times: cosine similarity and relative L2 error per frame, over all frames and over the
+    newest `tail_s` (what a streaming block keeps): the comparison behind docs/features.md.
+    """
+    hop = SR // frame_rate
+    tail = max(1, int(tail_s * frame_rate))
+    win, ref = [], []
+    for end in ends_s:
+        a, b = int((end - window_s) * SR), int(end * SR)
+        feats = window_fn(audio_16k[a:b])
+        r = reference[a // hop: a // hop + feats.shape[0]]
+        win.append(feats[: r.shape[0]].float().cpu())
+        ref.append(r.float().cpu())
+
+    def stats(x: list[torch.Tensor], y: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = torch.cat(x), torch.cat(y)
+        return F.cosine_similarity(x, y, dim=-1), (x - y).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-8)
+
+    cos, rel = stats(win, ref)
+    cos_t, rel_t = stats([w[-tail:] for w in win], [r[-tail:] for r in ref])
+    return {"cos_mean": cos.mean().item(), "cos_min": cos.min().item(), "cos_tail": cos_t.mean().item(),
+            "rel_mean": rel.mean().item(), "rel_tail": rel_t.mean().item()}
+
 
 
 def speechlike(seconds: float, seed: int = 0) -> np.ndarray:

@@ -1,11 +1,11 @@
-"""Per-block DiT cost of a V3 voice against a V2 voice of the same size (issue 9; docs/benchmarks.md).
+"""Per-block DiT cost of a V3 voice against a V2 voice of the same size (docs/benchmarks.md).
 
 Random weights at the published sizes; the frames a streaming block samples with the defaults
 (block 150.9 ms = 13 frames + 8 vocoder-context frames + 250 ms DiT context = 22 frames: 43
 frames), the sampler of `ModelVoice` (steps - 1 guided velocity calls) with each family's default
 guidance (V2: Whisper CFG 2.0, 2 passes batched; V3: ds 0.2 + spk 0.8, 3 passes batched, rescale
 0.7; and V3 with skip-layer guidance on, one more pass). The variants are timed alternately, block
-by block. Run: PYTHONPATH=. python tests/measure_v3_block_cost.py [--dims 512-8,768-12] [--reps 10]
+by block. Run: PYTHONPATH=. python benchmarks/v3_block_cost.py [--dims 512-8,768-12] [--reps 10]
 [--device cuda] (a GPU run of the defaults takes well under a minute).
 """
 

@@ -1,6 +1,6 @@
-"""Few-step sampling on a tiny model, end to end: schedules vs a distilled student (issue 10).
+"""Few-step sampling on a tiny model, end to end: schedules vs a distilled student.
 
-    PYTHONPATH=$PWD python tests/measure_distill.py --work /tmp/distill-tiny [--stage all]
+    PYTHONPATH=$PWD python benchmarks/distill_tiny.py --work /tmp/distill-tiny [--stage all]
 
 Stages (each reuses the previous one's files in WORK):
   data     espeak-ng sentences in two voices -> `prepare` with tiny random encoders (tests/tiny_encoders)
