@@ -128,7 +128,10 @@ class StreamingConverter:
         self._denoiser, self._denoise_name, self._denoise_ms = None, "off", 0.0
         self._switch_denoiser(self.settings.snapshot().denoise)
         self._gate_frame = max(1, int(GATE_FRAME_MS * self.sample_rate / 1000))
-        self._vad: StreamVad | None = None  # made when the `vad` knob is first on
+        # the detector (~1 s to load on a busy CPU) is made at start when `vad` is on, else when first
+        # switched on; switched off it is kept, and starts afresh when switched on again
+        self._vad = StreamVad(self.sample_rate) if self.settings.snapshot().vad == "on" else None
+        self._vad_on = False
         self._lock = threading.Lock()  # guards the counters read by stats() from other threads
         self.reset()
 
@@ -271,10 +274,13 @@ class StreamingConverter:
         """With `vad` on: the speech probability around the block's region, and whether that closes
         the gate. The detector hears every block (gated ones too), so its state stays current."""
         if knobs.vad == "off":
-            self._vad = None  # switching on again starts a fresh detector
+            self._vad_on = False
             return 0.0, False
         if self._vad is None:
             self._vad = StreamVad(self.sample_rate)
+        elif not self._vad_on:
+            self._vad.reset()
+        self._vad_on = True
         self._vad.feed(new)
         prob = self._vad.speech_prob(self.layout.tail)
         return prob, prob < knobs.vad_threshold
