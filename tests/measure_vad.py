@@ -3,11 +3,12 @@
     python -m tests.measure_vad [--block-ms 150.9] [--repeats 3]
 
 A scene of espeak-ng sentences with breaths (band-passed noise swells) and typing (clusters of
-high-passed clicks) in the pauses, all loud enough to open the level gate (-50 dBFS), streamed
+high-passed clicks) in the pauses, all loud enough to open the level gate (-50 dBFS), over a
+-65 dBFS hiss (below it), streamed
 through the engine with a voice that returns its input. Per 10 ms frame of the output (latency
 removed): passed (not silent) or gated, against the known speech segments (each espeak sentence,
 first to last sample above -50 dB). False accepts: frames without speech that passed (over the
-frames that hold breath or typing, and over all non-speech frames); false rejects: speech frames
+frames that hold a breath or a key press, and over all non-speech frames); false rejects: speech frames
 gated; onset: from a sentence's start to its first passed frame. Detectors: the level gate alone,
 Silero VAD (rtsvc.dsp.vad) at thresholds, and webrtcvad (webrtcvad-wheels, modes 1-3) in its place.
 Cost per block: the engine with the gate on vs off, alternated, on the same blocks.
@@ -28,6 +29,7 @@ from tests.noisy_speech import speech
 
 SR = 44100
 FRAME = SR // 100  # 10 ms
+FLOOR_DB = -65.0  # the room's hiss under everything (RMS dBFS), below the level gate
 SENTENCES = ("Hello everyone, welcome back to the stream.", "Today we are trying a new voice.",
              "Let me type the settings in first.", "Can you hear the difference now?",
              "Thanks for watching, see you next time.")
@@ -37,7 +39,7 @@ class IdentityVoice:
     sample_rate, speakers, default_block_ms = SR, ["x"], 150.9
 
     def convert(self, audio, knobs, start_sample=0, tail=None):
-        return audio[-tail:].copy()
+        return audio[-tail:].copy() if tail else audio.copy()
 
     def reset(self):
         pass
@@ -73,12 +75,12 @@ def scene(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     parts, is_speech, is_noise = [], [], []
 
-    def add(x, sp, nz):
+    def add(x, sp, nz):  # nz None: noise where x is not silent (a key press, not the pause after it)
         parts.append(x)
         is_speech.append(np.full(x.size, sp))
-        is_noise.append(np.full(x.size, nz))
+        is_noise.append(x != 0 if nz is None else np.full(x.size, nz))
 
-    add(typing(2.0, rng), False, True)
+    add(typing(2.0, rng), False, None)
     for i, text in enumerate(SENTENCES):
         utt = speech(SR, text, lead_s=0.0)
         loud = np.flatnonzero(np.abs(utt) > 10 ** (-50 / 20))
@@ -86,9 +88,10 @@ def scene(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         add(np.zeros(int(0.3 * SR), np.float32), False, False)
         add(utt, True, False)
         add(np.zeros(int(0.3 * SR), np.float32), False, False)
-        gap = breath(0.7, rng) if i % 2 == 0 else typing(1.5, rng)
-        add(gap, False, True)
-    return np.concatenate(parts), np.concatenate(is_speech), np.concatenate(is_noise)
+        add(breath(0.7, rng) if i % 2 == 0 else typing(1.5, rng), False, None)
+    audio = np.concatenate(parts)
+    floor = rng.standard_normal(audio.size).astype(np.float32) * 10 ** (FLOOR_DB / 20)  # a quiet room
+    return audio + floor, np.concatenate(is_speech), np.concatenate(is_noise)
 
 
 class WebrtcStreamVad:

@@ -102,3 +102,21 @@ def test_the_knobs_reach_the_protocol_the_page_and_the_cli(capsys, monkeypatch):
     assert code == 2 and err.strip() == "error: --vad-threshold must be between 0 and 1, got 2"
     code, out, _ = run_cli(["convert", "--help"], capsys, monkeypatch)
     assert code == 0 and "--vad" in out and "--vad-threshold" in out
+
+
+def test_offline_convert_gates_noise_and_keeps_whole_sentences(espeak_scene, tmp_path):
+    import soundfile as sf
+
+    from rtsvc.offline import convert_file
+
+    audio, speech_mask, noise_mask = espeak_scene
+    sf.write(tmp_path / "in.wav", audio, 44100)
+    for vad, path in (("off", tmp_path / "off.wav"), ("on", tmp_path / "on.wav")):
+        convert_file(IdentityVoice(), tmp_path / "in.wav", path, Knobs(vad=vad), target_lufs=None)
+    off, on = (sf.read(tmp_path / name, dtype="float32")[0] for name in ("off.wav", "on.wav"))
+    truth, noise, passed_off = frame_table(audio, speech_mask, noise_mask, off)
+    passed_on = frame_table(audio, speech_mask, noise_mask, on)[2]
+    print(f"\noffline: noise frames passed {passed_off[noise].mean():.1%} -> {passed_on[noise].mean():.1%}, "
+          f"speech frames gated {(~passed_on[truth]).mean():.1%}")
+    assert passed_off[noise].mean() > 0.5 and passed_on[noise].mean() < 0.2
+    assert (~passed_on[truth]).mean() < 0.02  # offline the hangover reaches back: onsets are kept

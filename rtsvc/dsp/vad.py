@@ -100,3 +100,21 @@ class StreamVad:
         start = self._fed - last - self.hangover
         frame_len = FRAME * self.sample_rate // VAD_RATE
         return max((p for end, p in self._probs if end > start and end - frame_len < self._fed), default=0.0)
+
+
+def speech_mask(audio: np.ndarray, sample_rate: int, threshold: float, hangover_ms: float = HANGOVER_MS,
+                ramp_ms: float = 10.0) -> np.ndarray:
+    """A whole clip's gain mask (offline `convert`): 1 where a frame scored at least `threshold` or
+    lies within `hangover_ms` of one (both sides: offline, a word's onset need not be cut), 0
+    elsewhere, with `ramp_ms` fades so the cuts do not click."""
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    resampled = StreamResampler(sample_rate, VAD_RATE).process(audio, last=True)
+    model, scale = SileroVad(), sample_rate / VAD_RATE
+    mask = np.zeros(audio.shape[0], dtype=np.float32)
+    pad = int(round(hangover_ms * sample_rate / 1000))
+    for begin in range(0, resampled.shape[0], FRAME):
+        frame = resampled[begin: begin + FRAME]
+        if model.frame(np.pad(frame, (0, FRAME - frame.shape[0]))) >= threshold:
+            mask[max(0, int(begin * scale) - pad): int((begin + FRAME) * scale) + pad] = 1.0
+    ramp = max(1, int(ramp_ms * sample_rate / 1000))
+    return np.convolve(mask, np.ones(ramp, np.float32) / ramp, mode="same").astype(np.float32)
