@@ -92,12 +92,17 @@ def test_a_client_hears_the_converted_voice_on_the_virtual_mic_and_nothing_is_le
     assert traces(pulse) == [] and NAME not in sources(pulse)
 
 
-def test_sigterm_removes_the_virtual_mic(pulse, tmp_path):
+def test_a_name_in_use_is_refused_and_sigterm_removes_the_virtual_mic(pulse, tmp_path):
     log = tmp_path / "live.log"
     live = start(pulse, [], log)
     try:
         wait_for_start(live, log, timeout=60)
         assert NAME in sources(pulse)
+        second = start(pulse, ["--duration", "1"], tmp_path / "second.log")
+        assert second.wait(timeout=60) == 2  # a UserError: the running one keeps its microphone
+        assert f"virtual microphone {NAME} is in use by rtsvc (pid {live.pid})" in \
+            (tmp_path / "second.log").read_text()
+        assert len(owned_modules(NAME, pactl(pulse, "list", "short", "modules"))) == 2
         live.send_signal(signal.SIGTERM)
         assert live.wait(timeout=20) == 0, log.read_text()
     finally:
