@@ -11,7 +11,8 @@ first to last sample above -50 dB). False accepts: frames without speech that pa
 frames that hold a breath or a key press, and over all non-speech frames); false rejects: speech frames
 gated; onset: from a sentence's start to its first passed frame. Detectors: the level gate alone,
 Silero VAD (rtsvc.dsp.vad) at thresholds, and webrtcvad (webrtcvad-wheels, modes 1-3) in its place.
-Cost per block: the engine with the gate on vs off, alternated, on the same blocks.
+Cost per block: the engine with the gate on vs off, alternated, on the same blocks. The webrtcvad rows
+need `pip install webrtcvad-wheels` (not a dependency: it lost, see docs/incoming-vmic-vad.md).
 """
 
 import argparse
