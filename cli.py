@@ -18,7 +18,7 @@ from rtsvc.autoblock import start_voice
 from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
 from rtsvc.serve.server import ServerConfig
-from rtsvc.settings import KnobError, Knobs
+from rtsvc.settings import KnobError, Knobs, RuntimeSettings
 from rtsvc.voices.defaults import DIT_CONTEXT_MS
 from rtsvc.voices.spec import CONCURRENT_F0, VoiceSpec, check_f0
 
@@ -40,8 +40,8 @@ CONVERT_STEPS = 32  # offline conversion: upstream infer.py's default sampling s
 @o.knob_options()
 def live(
     model: o.Model = None, pretrained_dir: o.PretrainedDir = Path("pretrained"), input: o.Input = None,
-    output: o.Output = None, monitor: o.Monitor = None, input_rate: o.InputRate = None,
-    output_rate: o.OutputRate = None, block_ms: o.BlockMs = "auto",
+    output: o.Output = None, monitor: o.Monitor = None, virtual_mic: o.VirtualMicName = None,
+    input_rate: o.InputRate = None, output_rate: o.OutputRate = None, block_ms: o.BlockMs = "auto",
     context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
     sola_search_ms: o.SolaSearchMs = o.STREAM.sola_search_ms, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
     concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0, threads: o.Threads = None, jitter_ms: o.JitterMs = "auto",
@@ -52,22 +52,22 @@ def live(
 ) -> None:
     """Microphone -> voice -> speaker in real time. Keys: up/down pitch, f/F formant, g/G gate, q quit."""
     from rtsvc import live as lib
-    from rtsvc.settings import RuntimeSettings
 
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     jitter = lib.parse_jitter_ms(jitter_ms)
     lib.check_live_options(input_rate, output_rate, duration)
     spec = _pick(VoiceSpec, locals(), speaker=knobs.speaker, streaming=True).validate()  # --model first
+    lib.check_virtual_mic(virtual_mic, output)
     dev_in, dev_out, dev_mon = lib.find_devices(input, output, monitor)  # before a model loads
     voice, knobs, config, choice = start_voice(spec, knobs, typed.get("steps"), config, _say)
     if jitter is None:
         jitter = lib.auto_jitter_ms(choice)
         if choice is not None:
             _say(f"auto jitter buffer: {jitter:.0f} ms (the block's headroom over its mean compute)")
-    result = lib.run_live(voice, RuntimeSettings(knobs), config, input_device=dev_in, output_device=dev_out,
-                          monitor_device=dev_mon, input_rate=input_rate, output_rate=output_rate,
-                          duration=duration, record=record, jitter_ms=jitter, console=console)
-    _say(lib.live_summary(result, record))
+    _say(lib.live_summary(lib.run_live(
+        voice, RuntimeSettings(knobs), config, input_device=dev_in, output_device=dev_out, record=record,
+        monitor_device=dev_mon, input_rate=input_rate, output_rate=output_rate, duration=duration,
+        jitter_ms=jitter, console=console, virtual_mic=virtual_mic), record))
 
 
 @app.command()

@@ -225,6 +225,10 @@ Output = opt(str | None, "Output device (or virtual cable): index or (part of) i
              "default output.", "--output", "-o", panel=DEVICE)
 Monitor = opt(str | None, "Also play the converted voice on this device (e.g. headphones while --output is a "
               "virtual cable), at the output rate. Default: none.", panel=DEVICE)
+VirtualMicName = opt(str | None, "Linux (PulseAudio/PipeWire): play the converted voice into a new "
+                     "virtual microphone of this name (instead of --output) for Discord, OBS or a browser to "
+                     "pick; removed on exit (a killed run's is cleaned at the next start). Default: none.",
+                     "--virtual-mic", panel=DEVICE)
 InputRate = opt(int | None, "Input device rate in Hz. Default: the device's.", panel=DEVICE)
 OutputRate = opt(int | None, "Output device rate in Hz. Default: the device's.", panel=DEVICE)
 JitterMs = opt(str, "Output buffer primed with this much silence (ms) to absorb block-to-block changes in "

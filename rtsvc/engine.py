@@ -14,6 +14,8 @@ waveforms in time, i.e. when SOLA settles on the centre of its search range):
   + crossfade    (the kept tail that the next block fades into)
   + SOLA search - centre  (the output is cut `centre` samples into the search range)
   + the denoiser's delay   (when the `denoise` knob is on: rtsvc.dsp.denoise runs on the input first)
+The gate (silence out, the voice skipped) closes on a quiet block (`gate_db`) or, with `vad` on, on a
+block without speech (rtsvc.dsp.vad; it adds no delay: it judges the frames complete so far).
 Output and input have the same length at every call: the output is the input delayed by that.
 """
 
@@ -27,6 +29,7 @@ import numpy as np
 from rtsvc.dsp.audio import HOP_LENGTH, StreamResampler, db_to_gain
 from rtsvc.dsp.denoise import make_denoiser  # the native libraries load only when one is made
 from rtsvc.dsp.sola import crossfade, find_sola_offset
+from rtsvc.dsp.vad import StreamVad  # onnxruntime loads only when `vad` is on
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
 from rtsvc.voice import Voice
@@ -125,6 +128,10 @@ class StreamingConverter:
         self._denoiser, self._denoise_name, self._denoise_ms = None, "off", 0.0
         self._switch_denoiser(self.settings.snapshot().denoise)
         self._gate_frame = max(1, int(GATE_FRAME_MS * self.sample_rate / 1000))
+        # the detector (~1 s to load on a busy CPU) is made at start when `vad` is on, else when first
+        # switched on; switched off it is kept, and starts afresh when switched on again
+        self._vad = StreamVad(self.sample_rate) if self.settings.snapshot().vad == "on" else None
+        self._vad_on = False
         self._lock = threading.Lock()  # guards the counters read by stats() from other threads
         self.reset()
 
@@ -162,15 +169,18 @@ class StreamingConverter:
             self._samples_in = self._samples_out = 0
             self._last_offset = lay.centre
             self._input_db = -120.0
+            self._speech_prob = 0.0
         self.reset_stats()
         if self._denoiser is not None:
             self._denoiser.reset()
+        if self._vad is not None:
+            self._vad.reset()
         self.voice.reset()
 
     def reset_stats(self) -> None:
         """Zero the block counters and compute times (e.g. after warm-up blocks in a benchmark)."""
         with self._lock:
-            self._blocks = self._gated = 0
+            self._blocks = self._gated = self._vad_gated = 0
             self._compute_ms: deque[float] = deque(maxlen=STATS_WINDOW)
             self._compute_total = 0.0
 
@@ -214,6 +224,8 @@ class StreamingConverter:
             return {
                 "blocks": blocks,
                 "gated_blocks": self._gated,
+                "vad_gated_blocks": self._vad_gated,
+                "speech_prob": self._speech_prob,
                 "samples_in": self._samples_in,
                 "samples_out": self._samples_out,
                 "compute_ms_mean": mean,
@@ -258,6 +270,21 @@ class StreamingConverter:
         loudest_db = 10.0 * np.log10(max(float(power.max()) if power.size else 0.0, 1e-12))
         return loudest_db < gate_db, loudest_db
 
+    def _voice_activity(self, new: np.ndarray, knobs: Knobs) -> tuple[float, bool]:
+        """With `vad` on: the speech probability around the block's region, and whether that closes
+        the gate. The detector hears every block (gated ones too), so its state stays current."""
+        if knobs.vad == "off":
+            self._vad_on = False
+            return 0.0, False
+        if self._vad is None:
+            self._vad = StreamVad(self.sample_rate)
+        elif not self._vad_on:
+            self._vad.reset()
+        self._vad_on = True
+        self._vad.feed(new)
+        prob = self._vad.speech_prob(self.layout.tail)
+        return prob, prob < knobs.vad_threshold
+
     def _process_block(self, new: np.ndarray) -> np.ndarray:
         lay = self.layout
         knobs: Knobs = self.settings.snapshot()  # one snapshot per block
@@ -269,6 +296,8 @@ class StreamingConverter:
         self._window_start += lay.block
 
         gated, level_db = self._is_gated(self._ring[-lay.tail:], knobs.gate_db)
+        speech_prob, vad_gated = self._voice_activity(new, knobs)
+        gated = gated or vad_gated
         if gated:
             converted = np.zeros(lay.tail, dtype=np.float32)
         else:
@@ -299,6 +328,8 @@ class StreamingConverter:
             self._blocks += 1
             self._input_db = level_db
             self._last_offset = offset
+            self._speech_prob = speech_prob
+            self._vad_gated += int(vad_gated)
             if gated:
                 self._gated += 1
             else:

@@ -17,6 +17,7 @@ import soundfile as sf
 from rtsvc.dsp.audio import read_audio_blocks
 from rtsvc.dsp.denoise import denoise_clip
 from rtsvc.dsp.slicer import CROSSFADE_MS, join_with_crossfade, slice_at_silences
+from rtsvc.dsp.vad import speech_mask
 from rtsvc.engine import StreamConfig, StreamingConverter
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings, validate_knobs
@@ -140,8 +141,9 @@ def convert_file(
     def convert(audio: np.ndarray) -> np.ndarray:
         if peak_dbfs(audio) < SILENCE_PEAK_DB:
             return np.zeros_like(audio)
-        return convert_offline(voice, audio, knobs, target_lufs=target_lufs,
-                               restore_loudness=restore_loudness)
+        out = convert_offline(voice, audio, knobs, target_lufs=target_lufs, restore_loudness=restore_loudness)
+        # the voice-activity gate: non-speech gives silence (phantom voice from breath, typing)
+        return out * speech_mask(audio, sr, knobs.vad_threshold) if knobs.vad == "on" else out
 
     with _atomic_output(output_path, sr) as out:
         for audio in _pieces((block for _, block, _ in read_audio_blocks(input_path, sr)), sr, piece):

@@ -24,6 +24,7 @@ DENOISE_CHOICES = ("off", "deepfilternet", "rnnoise")  # input noise suppression
 MAX_DEPTH = 64  # DiT blocks a skip-layer index may name
 SCHEDULES = ("uniform", "sway", "epss")  # sampling time grids (rtsvc.models.schedules)
 MAX_SEED = 2**32 - 1  # the sampler hashes the seed as an unsigned 32/64-bit key
+VAD_CHOICES = ("off", "on")  # the voice-activity gate (rtsvc.dsp.vad)
 VOICE_KINDS = ("all", "dsp", "model", "v2", "v3")  # which voices a knob applies to ("model": any family)
 
 
@@ -162,6 +163,12 @@ KNOB_TABLE: tuple[Knob, ...] = (
          choices=SCHEDULES, control="select", voices="model"),
     Knob("gate_db", float, -50.0, "noise gate", "Noise gate: input quieter than this gives silence and "
          "skips the voice", ("--gate",), -120.0, 0.0, "dBFS", basic=True),
+    Knob("vad", str, "off", "voice gate", "Voice-activity gate (Silero VAD): blocks without speech give "
+         "silence, so breath and keyboard noise make no phantom voice", ("--vad",), choices=VAD_CHOICES,
+         control="select", basic=True),
+    Knob("vad_threshold", float, 0.5, "voice gate threshold", "Speech probability at which the "
+         "voice-activity gate opens, higher rejects more noise and more quiet speech", ("--vad-threshold",),
+         0.0, 1.0, step=0.05),
     Knob("input_gain_db", float, 0.0, "input gain", "Input gain before conversion", ("--input-gain",),
          -40.0, 40.0, "dB", basic=True),
     Knob("output_gain_db", float, 0.0, "output gain", "Output gain after conversion", ("--output-gain",),

@@ -215,7 +215,7 @@ def test_control_panel_renders_keeps_settings_and_presets_in_headless_chromium(t
     before, edited, reloaded, ready, state = run(main(), timeout=120)
     print(f"panel before Start: {before}\nafter a reload: {reloaded}\nscreenshot: {shot}")
     assert before["speakers"] == ["dsp"]
-    assert before["controls"] == ["pitch_shift", "formant_shift", "gate_db", "input_gain_db",
+    assert before["controls"] == ["pitch_shift", "formant_shift", "gate_db", "vad", "input_gain_db",
                                   "output_gain_db", "denoise"]  # the DSP voice: basic knobs (KNOB_TABLE)
     assert before["denoise"] == ["off", "deepfilternet", "rnnoise"]
     assert "latency ≈ 76 ms in the engine" in before["status"] and before["mics"] >= 1
@@ -322,9 +322,9 @@ def test_control_panel_stopped_running_and_warned_in_headless_chromium(tmp_path)
     stopped, live, warned = run(panel(), timeout=150)
     print(f"stopped: {stopped}\nlive: {live}\nwarned: {warned}\nscreenshots in {shots}")
     assert stopped["badge"] == "stopped" and stopped["hint"] and stopped["warning"] is None
-    assert stopped["basic"] == ["pitch_shift", "gate_db", "input_gain_db", "output_gain_db", "denoise"]
+    assert stopped["basic"] == ["pitch_shift", "gate_db", "vad", "input_gain_db", "output_gain_db", "denoise"]
     assert stopped["advanced"] == ["ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength",
-                                   "cfg_skip_layers", "cfg_rescale", "steps", "schedule"]
+                                   "cfg_skip_layers", "cfg_rescale", "steps", "schedule", "vad_threshold"]
     assert not stopped["advancedOpen"]
     assert stopped["advancedHelp"][0].startswith("Content-degradation guidance strength")  # KNOB_TABLE help
     assert stopped["pitchMax"] == "36" and stopped["latency"].startswith("≈ ")  # the server's range

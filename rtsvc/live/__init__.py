@@ -17,7 +17,8 @@ from rtsvc.live.run import (
     run_live,
 )
 from rtsvc.live.state import LiveState
+from rtsvc.live.virtual_mic import VirtualMic, check_virtual_mic
 
 __all__ = ["JITTER_MS", "KeyReader", "LiveState", "OutputFifo", "auto_jitter_ms", "check_live_options",
            "devices_table", "find_device", "find_devices", "key_help", "list_devices", "live_summary",
-           "parse_jitter_ms", "run_live"]
+           "parse_jitter_ms", "run_live", "VirtualMic", "check_virtual_mic"]

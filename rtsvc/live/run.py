@@ -36,6 +36,7 @@ from rtsvc.live.devices import MAX_RATE, MIN_RATE, find_devices, load_sounddevic
 from rtsvc.live.fifo import OutputFifo
 from rtsvc.live.keys import KeyReader, key_help
 from rtsvc.live.state import LiveState
+from rtsvc.live.virtual_mic import VirtualMic
 from rtsvc.settings import RuntimeSettings
 from rtsvc.voice import Voice
 
@@ -163,12 +164,14 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
              input_device: str | int | dict | None = None, output_device: str | int | dict | None = None,
              input_rate: int | None = None, output_rate: int | None = None, duration: float | None = None,
              record: str | Path | None = None, jitter_ms: float = JITTER_MS, console=None,
-             keys: bool = True, monitor_device: str | int | dict | None = None) -> dict:
+             keys: bool = True, monitor_device: str | int | dict | None = None,
+             virtual_mic: str | None = None) -> dict:
     """Run mic -> voice -> speaker until Ctrl-C, `q`, or `duration` seconds; return the final counters.
 
     Devices are indices or names (`find_device`), PulseAudio/PipeWire sources and sinks included, or
     the entries `find_devices` returned; `monitor_device` also plays the converted voice (e.g.
-    headphones, while the output is a cable).
+    headphones, while the output is a cable). `virtual_mic` plays into a new virtual microphone of
+    that name instead of the output device, removed however this ends (rtsvc.live.virtual_mic).
     """
     sd = load_sounddevice()
     from rich.console import Console
@@ -190,6 +193,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
     fifo, monitor_fifo = (OutputFifo(prime=prime, max_level=prime + 2 * block_out + out_rate // 5,
                                      max_prime=prime + block_out) for _ in range(2))
     inbox: queue.Queue = queue.Queue()
+    vmic = VirtualMic(virtual_mic, out_rate) if virtual_mic else None
     max_chunks = int(MAX_QUEUE_S * 1000 / DEVICE_BLOCK_MS)
 
     def on_input(indata, frames, time_info, status):
@@ -236,6 +240,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
             raise UserError(f"cannot write recording {record}: {err}") from None
     try:
         try:
+            dev_out = vmic.create() if vmic is not None else dev_out  # removed in the finally below
             with pulse_routing(dev_in, "input"):
                 in_stream = sd.InputStream(device=dev_in["index"], samplerate=in_rate, channels=1,
                                            dtype="float32", blocksize=int(in_rate * DEVICE_BLOCK_MS / 1000),
@@ -294,6 +299,8 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
     finally:
         if recorder is not None:
             recorder.close()
+        if vmic is not None:
+            vmic.remove()
     result = engine.stats()
     result.update(underruns=fifo.underruns, overruns=fifo.overruns + state.input_overruns,
                   portaudio_flags=state.portaudio_flags, seconds=state.seconds, input_rate=in_rate,
