@@ -75,7 +75,7 @@ class VoiceSpec:
         """What the model needs from the pretrained dir: a .rtsvc bundle carries its vocoder (and the
         encoders when exported --with-encoders), so those are not asked of the pretrained dir."""
         f0 = check_f0(self.f0)
-        whisper = ["whisper"] if self.model is None or model_family(self.model) == "v2" else []  # V3: none
+        whisper = ["whisper"] if self.model is None or _uses_whisper(self.model) else []  # V3: none
         need = ["contentvec", *whisper, "vocoder"] + (["rmvpe"] if f0 == "rmvpe" else [])
         if self.model is not None and Path(self.model).is_dir():
             from rtsvc.backends.bundle import bundle_components
@@ -108,7 +108,8 @@ def describe_voice(voice: Voice, model: Path | None, speaker: str | None = None)
 
 
 def model_family(model: str | Path) -> str:
-    """"v2" or "v3" of a .ckpt (from its keys, weights not read) or a .rtsvc bundle (its manifest)."""
+    """The family name ("v2", "v3", ...) of a .ckpt (from its keys, weights not read) or a .rtsvc
+    bundle (its manifest)."""
     from rtsvc.backends.bundle import bundle_family, is_bundle
 
     if is_bundle(model):
@@ -116,6 +117,12 @@ def model_family(model: str | Path) -> str:
     from rtsvc.models.loading import checkpoint_family  # torch
 
     return checkpoint_family(model)
+
+
+def _uses_whisper(model: str | Path) -> bool:
+    from rtsvc.models.families import family_named  # torch
+
+    return family_named(model_family(model)).uses_whisper
 
 
 def check_f0(f0: str | None) -> str:
