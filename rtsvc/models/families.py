@@ -9,8 +9,8 @@ frames go onto the mel grid: V2's upstream `interpolate_tensor` is "nearest", V3
 `guided_velocity`; `prepare_condition`, what a teacher adds to a window's conditioning once
 before sampling; `batch_wide`, whether its guidance mixes the items of a batch), the velocity of
 its distilled student, and how it trains (`forward`, `training_drop`, `adapters`,
-`model_hparams`). The ONNX graphs of a family are listed by its name in `export.graphs.DIT_GRAPHS`
-(export sits above this package).
+`model_hparams`, `content_100fps`). The ONNX graphs of a family are listed by its name in
+`export.graphs.DIT_GRAPHS` (export sits above this package).
 
 A new family is its network (a module whose class attribute `family` is the record's name) plus
 one record passed to `register`.
@@ -78,6 +78,7 @@ class Family:
     prepare_condition: Callable[[Conditioning, Guidance], Conditioning] = _unchanged  # once per window
     batch_wide: Callable[[Guidance], bool] = _never  # its guided velocity mixes a batch's items
     adapters: bool = False  # LoRA adapters and frozen adaptive norms (`rtsvc train --lora-rank`)
+    content_100fps: bool = False  # training data's ContentVec at 100 frames/s (V3's prepare_cvec.py)
     merge_adapters: Callable[[nn.Module], None] = _no_adapters  # fold adapters in (export, distill)
 
     @property
@@ -282,6 +283,7 @@ V3 = register(Family(
     guided_velocity=v3_velocity, student_velocity=v3_student_velocity, forward=_v3_forward,
     training_drop="speaker", model_hparams=_v3_model_hparams, pretrained_path_in="training",
     prepare_condition=_v3_prepare, batch_wide=_v3_batch_wide, adapters=True, merge_adapters=_merge_lora,
+    content_100fps=True,
 ))
 
 
