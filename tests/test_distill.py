@@ -11,11 +11,12 @@ import torch
 
 from rtsvc.errors import UserError
 from rtsvc.models.dit import DiT
+from rtsvc.models.families import teacher_velocity
 from rtsvc.models.flow import Conditioning
 from rtsvc.models.guidance import Guidance
 from rtsvc.models.loading import load_dit
 from rtsvc.models.schedules import EPSS_TABLE, time_grid
-from rtsvc.models.student import StudentInfo, is_student, make_student, teacher_velocity, v2_student_velocity
+from rtsvc.models.student import StudentInfo, is_student, make_student, v2_student_velocity
 from tests.test_prepare import cheap_extract, make_voices
 from tests.tiny_models import _randomise, make_tiny_dit_checkpoint, tiny_dit_config
 from training.distill import DistillConfig, distill
@@ -320,7 +321,7 @@ def test_v3_batch_conditioning_has_no_whisper_and_a_per_item_bad_cvec():
 
 
 def test_v3_student_checkpoint_round_trips_through_load_dit(v3_distilled, v3_teacher):
-    from rtsvc.models.student import student_velocity
+    from rtsvc.models.families import student_velocity
 
     out, result = v3_distilled
     assert result.global_step == 4 and len(result.losses) == 4
