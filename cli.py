@@ -18,6 +18,7 @@ from rich.text import Text
 from rtsvc.autoblock import P99_MARGIN, resolve_block, resolve_block_choice
 from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
+from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0
 from rtsvc.live import JITTER_MS
 from rtsvc.serve.server import ServerConfig
 from rtsvc.settings import MAX_PITCH_SHIFT, MAX_STEPS, SCHEDULES, Knobs
@@ -66,8 +67,8 @@ Whisper = _opt(str | None, "Whisper folder or hub id (V2 models only). Default: 
 Vocoder = _opt(Path | None, "NSF-HiFiGAN model.ckpt (config.json beside it). Default: PRETRAINED_DIR/"
                "nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt (a .rtsvc bundle has its own).")
 Rmvpe = _opt(Path | None, "RMVPE model.pt. Default: PRETRAINED_DIR/rmvpe/model.pt.")
-F0 = _opt(str | None, "F0 extractor for models: rmvpe, fcpe or pyworld (the DSP voice always uses "
-          "pyworld). Default: rmvpe.")
+F0 = _opt(str | None, f"F0 extractor for models: {', '.join(MODEL_F0)} (the DSP voice always uses "
+          f"pyworld). Default: {DEFAULT_F0}.")
 Device = _opt(str, "Torch device: auto, cpu or cuda. Default: auto (CUDA if present).")
 Backend = _opt(str, "Model backend: auto, torch or onnx. Default: auto (onnx for .rtsvc bundles, torch "
                "for .ckpt).")
@@ -421,7 +422,7 @@ def prepare(
     data: Path = typer.Argument(..., help="Dataset folder: DATA/SPEAKER/*.wav (flac, ogg, mp3 too); one "
                                 "subfolder per speaker."),
     pretrained_dir: PretrainedDir = Path("pretrained"),
-    f0: str = typer.Option("rmvpe", help="F0 extractor: rmvpe, fcpe or pyworld. Default: rmvpe."),
+    f0: str = typer.Option(DEFAULT_F0, help=f"F0 extractor: {', '.join(MODEL_F0)}. Default: {DEFAULT_F0}."),
     workers: int = typer.Option(2, help="Files processed in parallel (threads sharing the encoders). "
                                 "Default: 2."),
     device: Device = "auto", contentvec: ContentVec = None, whisper: Whisper = None, rmvpe: Rmvpe = None,

@@ -66,6 +66,7 @@ from rtsvc.dsp.audio import (
 )
 from rtsvc.dsp.mel import CLAMP_MIN, LOG_MEL_MAX, LOG_MEL_MIN
 from rtsvc.errors import UserError
+from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0
 from rtsvc.models.families import family_named, family_of
 from rtsvc.models.loading import LoadedDiT, load_dit, load_vocoder
 from rtsvc.models.vocoder import HARMONIC_NUM, NsfHifiGan
@@ -292,7 +293,7 @@ def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encode
                            "output": "last_hidden_state", "resize": family.content_resize,
                            "onnx": encoders.get("contentvec")},
             "whisper": whisper,
-            "f0": {"extractors": ["rmvpe", "fcpe", "pyworld"], "default": "rmvpe",
+            "f0": {"extractors": list(MODEL_F0), "default": DEFAULT_F0,
                    "unvoiced": "linear interpolation", "units": "Hz"},
             "fcpe": {"sample_rate": ENCODER_SAMPLE_RATE, "frame_rate": 100, "input": "torchfcpe wav2mel",
                      "output": "latent (local-argmax decoded by torchfcpe)", "onnx": encoders.get("fcpe")},
