@@ -138,9 +138,9 @@ def family_of_state(state: dict[str, torch.Tensor]) -> Family:
     for family in FAMILIES.values():
         if all(key in state for key in family.markers):
             return family
-    known = "; ".join(f"{f.label} ({', '.join(k.split('.')[0] for k in f.markers)})"
-                      for f in FAMILIES.values())
-    raise UserError(f"not a RIFT-SVC DiT of a known family: found the keys of none of {known}; "
+    known = " nor ".join(f"{f.label} keys ({', '.join(k.split('.')[0] for k in f.markers)})"
+                         for f in FAMILIES.values())
+    raise UserError(f"not a RIFT-SVC DiT of a known family: found neither {known}; "
                     "V1 checkpoints are not supported")
 
 
