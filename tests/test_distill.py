@@ -84,7 +84,7 @@ def test_baked_guidance_target_equals_an_explicit_guided_evaluation():
     model, cond = _dit(), _cond()
     noise = torch.randn(2, 20, 128, generator=torch.Generator().manual_seed(1))
     grid = time_grid(32)
-    loaded = type("Loaded", (), {"model": model})()
+    loaded = type("Loaded", (), {"model": model, "family": "v2"})()
     traj = teacher_trajectory(teacher_velocity(loaded, {"cfg_strength": 2.5}), noise, cond, grid)
     assert traj.shape == (32, 2, 20, 128)
     k = 7
@@ -226,14 +226,14 @@ def test_student_bundle_has_no_guidance_input_and_matches_torch(distilled, vocod
 def test_convert_and_stream_a_student_through_the_cli(distilled, tmp_path, capsys, monkeypatch):
     import soundfile as sf
 
-    from rtsvc.voices.model import ModelVoice
+    from rtsvc.voices import model as voice_model
     from tests.cli_helpers import harmonic_tone, run_cli, write_wav
     from tests.tiny_encoders import make_tiny_pretrained_dir
 
     out, _ = distilled
-    grids, original = [], ModelVoice.sampling_grid
-    monkeypatch.setattr(ModelVoice, "sampling_grid", lambda self, knobs: grids.append(knobs.steps) or
-                        original(self, knobs))
+    grids, original = [], voice_model.sampling_grid  # what every block's sampling asks for
+    monkeypatch.setattr(voice_model, "sampling_grid", lambda backend, knobs: grids.append(knobs.steps) or
+                        original(backend, knobs))
     pretrained = make_tiny_pretrained_dir(tmp_path / "pretrained")
     tone = write_wav(tmp_path / "tone.wav", harmonic_tone(0.6))
     base = ["--model", out / "last.ckpt", "--pretrained-dir", pretrained, "--f0", "pyworld",
@@ -363,7 +363,7 @@ def test_v3_student_exports_and_converts_at_one_evaluation(v3_distilled, tmp_pat
     from rtsvc.backends.onnx_backend import OnnxBackend
     from rtsvc.backends.torch_backend import TorchBackend
     from rtsvc.pretrained import LAYOUT
-    from rtsvc.voices.model import ModelVoice
+    from rtsvc.voices import model as voice_model
     from tests.cli_helpers import harmonic_tone, run_cli, write_wav
     from tests.tiny_encoders import make_tiny_pretrained_dir
 
@@ -394,9 +394,9 @@ def test_v3_student_exports_and_converts_at_one_evaluation(v3_distilled, tmp_pat
     rows = {r.graph: r for r in quantize_bundle(int8)}  # dynamic int8 DiT, fed the student's inputs
     assert 0.0 <= rows["dit.onnx"].rel_l2 < 0.1
 
-    grids, original = [], ModelVoice.sampling_grid
-    monkeypatch.setattr(ModelVoice, "sampling_grid", lambda self, knobs: grids.append(knobs.steps) or
-                        original(self, knobs))
+    grids, original = [], voice_model.sampling_grid  # what every block's sampling asks for
+    monkeypatch.setattr(voice_model, "sampling_grid", lambda backend, knobs: grids.append(knobs.steps) or
+                        original(backend, knobs))
     tone = write_wav(tmp_path / "tone.wav", harmonic_tone(0.6))
     for model in (bundle, out / "last.ckpt"):  # ONNX, then the checkpoint on torch
         grids.clear()
