@@ -229,8 +229,16 @@ class BlockJob:
 
 # --- the networks' half of a block, for one job or many (`rtsvc.voices.batch`) -------------------
 
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors as one batch; one job's own tensor as it is (a copy can change the float rounding of
+    what reads it: the one-stream path stays bit-identical to its earlier self)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def stack(items: list[Conditioning]) -> Conditioning:
     """Conditionings of equal frame count as one batch (a field stays None only if it is in all)."""
+    if len(items) == 1:
+        return items[0]
     columns = {f.name: [getattr(c, f.name) for c in items] for f in fields(Conditioning)}
     return Conditioning(**{name: None if col[0] is None else torch.cat(col, dim=0)
                            for name, col in columns.items()})
@@ -260,10 +268,10 @@ def vocode_group(backend: "Backend", jobs: list[BlockJob], mels: list[torch.Tens
     job's returned samples (see `vocoder_source` for why a tail equals the whole)."""
     device = backend.device
     sources = [vocoder_source(j.f0, j.first, j.start_sample, j.knobs.seed) for j in jobs]
-    phase = torch.cat([p for p, _ in sources]).to(device)
-    noise = torch.cat([n for _, n in sources]).to(device)
-    f0 = torch.cat([j.f0[:, j.first:] for j in jobs])
-    audio = backend.vocode(torch.cat(mels), f0, phase, noise).float().cpu().numpy()
+    phase = _cat([p for p, _ in sources]).to(device)
+    noise = _cat([n for _, n in sources]).to(device)
+    f0 = _cat([j.f0[:, j.first:] for j in jobs])
+    audio = backend.vocode(_cat(mels), f0, phase, noise).float().cpu().numpy()
     return [j.cut(a) for j, a in zip(jobs, audio, strict=True)]
 
 
