@@ -203,7 +203,6 @@ class ModelVoice:
         return sampling_grid(self.backend, knobs)
 
 
-
 @dataclass
 class BlockJob:
     """One window after feature extraction: the DiT's conditioning (cropped to its frames), the
