@@ -17,6 +17,7 @@ import cli_options as o
 from rtsvc.autoblock import start_voice
 from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
+from rtsvc.features.f0_methods import DEFAULT_F0
 from rtsvc.serve.server import ServerConfig
 from rtsvc.settings import KnobError, Knobs, RuntimeSettings
 from rtsvc.voices.defaults import DIT_CONTEXT_MS
@@ -173,7 +174,7 @@ def devices() -> None:
 
 @app.command()
 def prepare(
-    data: o.Data, pretrained_dir: o.PretrainedDir = Path("pretrained"), f0: o.PrepareF0 = "rmvpe",
+    data: o.Data, pretrained_dir: o.PretrainedDir = Path("pretrained"), f0: o.PrepareF0 = DEFAULT_F0,
     workers: o.PrepareWorkers = 2, device: o.Device = "auto", contentvec: o.ContentVec = None,
     whisper: o.Whisper = None, rmvpe: o.Rmvpe = None, family: o.Family = "v2",
 ) -> None:

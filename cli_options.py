@@ -19,6 +19,7 @@ from rich.console import Console
 from rtsvc.autoblock import P99_MARGIN
 from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
+from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0
 from rtsvc.live import JITTER_MS
 from rtsvc.serve.server import ServerConfig
 from rtsvc.settings import KNOB_TABLE, Knob, KnobError, knobs_class, validate_knobs
@@ -103,8 +104,8 @@ Vocoder = opt(Path | None, "NSF-HiFiGAN model.ckpt (config.json beside it). Defa
               "nsf_hifigan_44.1k_hop512_128bin_2024.02/model.ckpt (a .rtsvc bundle has its own).",
               panel=MODEL)
 Rmvpe = opt(Path | None, "RMVPE model.pt. Default: PRETRAINED_DIR/rmvpe/model.pt.", panel=MODEL)
-F0 = opt(str | None, "F0 extractor for models: rmvpe, fcpe or pyworld (the DSP voice always uses "
-         "pyworld). Default: rmvpe.", panel=MODEL)
+F0 = opt(str | None, f"F0 extractor for models: {', '.join(MODEL_F0)} (the DSP voice always uses "
+         f"pyworld). Default: {DEFAULT_F0}.", panel=MODEL)
 Device = opt(str, "Torch device: auto, cpu or cuda. Default: auto (CUDA if present).", panel=MODEL)
 Backend = opt(str, "Model backend: auto, torch or onnx. Default: auto (onnx for .rtsvc bundles, torch "
               "for .ckpt).", panel=MODEL)
@@ -282,7 +283,7 @@ Stream = opt(bool, "Convert through the streaming engine block by block (what li
 # prepare
 Data = Annotated[Path, typer.Argument(help="Dataset folder: DATA/SPEAKER/*.wav (flac, ogg, mp3 too); one "
                                       "subfolder per speaker.")]
-PrepareF0 = opt(str, "F0 extractor: rmvpe, fcpe or pyworld. Default: rmvpe.", "--f0", panel=MODEL)
+PrepareF0 = opt(str, f"F0 extractor: {', '.join(MODEL_F0)}. Default: {DEFAULT_F0}.", "--f0", panel=MODEL)
 PrepareWorkers = opt(int, "Files processed in parallel (threads sharing the encoders). Default: 2.",
                      "--workers")
 Family = opt(str, "Model family the features are for: v2 (ContentVec + Whisper) or v3 (ContentVec only, as "

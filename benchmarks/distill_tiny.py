@@ -128,10 +128,10 @@ def errors(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 @torch.no_grad()
 def table(work: Path, device: str) -> list[dict]:
     from rtsvc.dsp.mel import denormalize_mel
+    from rtsvc.models.families import student_velocity
     from rtsvc.models.flow import N_MELS, cfg_velocity, frame_noise, sample, sample_on_grid
     from rtsvc.models.loading import load_dit
     from rtsvc.models.schedules import SCHEDULES
-    from rtsvc.models.student import student_velocity
 
     teacher = load_dit(work / "teacher" / "last.ckpt", device)
     students = {p.parent.name: load_dit(p, device) for p in sorted(work.glob("student-nfe*/last.ckpt"))}

@@ -16,10 +16,9 @@ Voices:
         benchmarks/real_size_student.py) exported by `rtsvc export --with-encoders` (+ `--int8`) and
         opened as `rtsvc live --model` opens it (`open_voice`): the bundle's DiT, vocoder and
         ContentVec graphs, F0 from the pretrained folder (random real-size RMVPE, or FCPE)
-    student-512, student-768   (the earlier stand-in) a V2 DiT of that size evaluated once per block
-        (2 grid points = 1 Euler update) on its null-Whisper branch only: the cost of a V3-size
-        one-evaluation student (no Whisper, no guidance branches). The feature cache gets a zero
-        Whisper (no encoder).
+    student-512, student-768   a V2 one-evaluation student of that size (`make_student`, exported by
+        export.graphs.StudentVelocity, random weights) evaluated once per block (2 grid points = 1
+        update): one branch, no guidance. The feature cache gets a zero Whisper (no encoder).
     v2-512, v2-768             the full V2 voice: Whisper large-v3 size (32 layers, torch, random),
         3 Euler updates x 2 guidance branches (cfg 2).
 
@@ -40,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from export.quantize import QuantizedGraph
 from rtsvc.bench.blocks import BenchCase, StageTimes, log_spectral_distance
@@ -70,31 +68,14 @@ def random_dit(dim: int, depth: int):
     return _random_dit(dim, depth)
 
 
-class StudentVelocity(nn.Module):
-    """One unguided evaluation: the DiT's null-Whisper branch (what cfg 0 computes), so the graph
-    has no whisper or cfg_strength input (the ONNX backend feeds only what a graph takes)."""
+def random_student(dim: int, depth: int):
+    """A V2 one-evaluation student of that size (`make_student`: the teacher plus its interval input)."""
+    from rtsvc.models.student import make_student
 
-    def __init__(self, dit):
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, x, t, spk, f0, rms, cvec):
-        whisper = cvec.new_zeros(cvec.shape[0], cvec.shape[1], WHISPER_DIM)
-        drop = t > -1.0  # all True, as a traced bool tensor [b] (a Python bool trips the tracer's full())
-        return self.dit(x, spk, f0, rms, cvec, whisper, t, drop_whisper=drop)
+    return make_student(random_dit(dim, depth))
 
 
-def export_student(dit, path: Path) -> None:
-    from export.graphs import dit_example
-    from export.onnx_export import _export
-    from rtsvc.backends.bundle import DIT_OUTPUT
-
-    example = dit_example(2, 40, dit.config.num_speaker, torch.Generator().manual_seed(0))[:6]
-    per_frame = {0: "batch", 1: "frames"}
-    axes = {"x": per_frame, "t": {0: "batch"}, "spk": {0: "batch"}, "f0": per_frame, "rms": per_frame,
-            "cvec": per_frame, DIT_OUTPUT: per_frame}
-    _export(StudentVelocity(dit).eval(), example, path, ("x", "t", "spk", "f0", "rms", "cvec"), DIT_OUTPUT,
-            axes, 17)
+STUDENT_MARKER = {"nfe": 1, "grid": [0.0, 1.0]}  # what `rtsvc distill` records: one evaluation, 0 -> 1
 
 
 class NullWhisper:
@@ -155,7 +136,7 @@ def speech_audio() -> np.ndarray:
 
 
 def graphs(dims: list[tuple[int, int]], int8: bool, log=print) -> dict[str, Path]:
-    """fp32 (and int8) ONNX files in CACHE, built once: vocoder, contentvec, dit-D-L[-v2]."""
+    """fp32 (and int8) ONNX files in CACHE, built once: vocoder, contentvec, dit-D-L-student, dit-D-L-v2."""
     from export.graphs import ContentVecGraph
     from export.onnx_export import _export, export_dit, export_vocoder
     from export.quantize import quantize_graph, vocoder_feeds
@@ -182,7 +163,8 @@ def graphs(dims: list[tuple[int, int]], int8: bool, log=print) -> dict[str, Path
         ContentVecGraph(HubertModelWithFinalProj(HubertConfig()).eval()), (torch.randn(1, 16000) * 0.1,), p,
         ("audio",), "features", {"audio": {0: "b", 1: "samples"}, "features": {0: "b", 1: "frames"}}, 17))
     for dim, depth in dims:
-        build(f"dit-{dim}-{depth}", lambda p, d=dim, L=depth: export_student(random_dit(d, L), p))
+        build(f"dit-{dim}-{depth}-student", lambda p, d=dim, L=depth: export_dit(random_student(d, L), p,
+                                                                                student=True))
         build(f"dit-{dim}-{depth}-v2", lambda p, d=dim, L=depth: export_dit(random_dit(d, L), p))
     if int8:
         audio = calibration_audio()
@@ -206,13 +188,14 @@ def graph_feeds(name: str, path: Path, audio: list[np.ndarray]) -> list[dict[str
     if name == "contentvec":
         return [{"audio": resample(a[i:i + SAMPLE_RATE], SAMPLE_RATE, ENCODER_SAMPLE_RATE)[None]}
                 for a in audio for i in range(0, len(a) - SAMPLE_RATE, 2 * SAMPLE_RATE)]
-    from export.graphs import dit_example
+    from export.graphs import dit_example, student_example
+    from rtsvc.backends.bundle import DIT_INPUTS, STUDENT_DIT_INPUTS
 
     inputs = {i.name for i in ort.InferenceSession(str(path)).get_inputs()}
-    names = ("x", "t", "spk", "f0", "rms", "cvec", "whisper", "cfg_strength")
+    names, make = (STUDENT_DIT_INPUTS, student_example) if "dt" in inputs else (DIT_INPUTS, dit_example)
     feeds = []
     for seed in range(4):
-        example = dit_example(1, 100, 2, torch.Generator().manual_seed(seed))
+        example = make(1, 100, 2, torch.Generator().manual_seed(seed))
         feeds.append({k: v.numpy() for k, v in zip(names, example, strict=True) if k in inputs})
     return feeds
 
@@ -256,10 +239,13 @@ def make_voice(kind: str, files: dict[str, Path], f0: str, precision: str, threa
     if runtime == "onnx":
         providers = [CPU] if flavour == "cpu" else [PROVIDER_NAMES[flavour], CPU]
         bundle = Path(tempfile.mkdtemp(prefix="rtsvc-bench-"))
-        os.link(files[f"dit-{dim}-{depth}" + ("-v2" if family == "v2" else "") + q], bundle / "dit.onnx")
+        graph = f"dit-{dim}-{depth}" + ("-v2" if family == "v2" else "-student") + q
+        os.link(files[graph], bundle / "dit.onnx")
         os.link(files["vocoder" + q], bundle / "vocoder.onnx")
+        student = {} if family == "v2" else {"student": STUDENT_MARKER}
         write_manifest(bundle, {"audio": {"sample_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH},
-                                "speakers": {"a": 0, "b": 1}, "dit": {}, "defaults": {}, "features": {}})
+                                "speakers": {"a": 0, "b": 1}, "dit": {}, "defaults": {}, "features": {},
+                                **student})
         model = OnnxBackend(read_bundle(bundle, verify_hashes=False), providers, device, threads)
         contentvec = OnnxContentVec(make_session(files["contentvec" + q], providers, threads), device)
     else:
@@ -268,11 +254,13 @@ def make_voice(kind: str, files: dict[str, Path], f0: str, precision: str, threa
         from rtsvc.backends.torch_backend import TorchBackend
         from rtsvc.features.contentvec import ContentVec, HubertModelWithFinalProj
         from rtsvc.models.loading import LoadedDiT
+        from rtsvc.models.student import StudentInfo
         from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig
 
-        dit = random_dit(dim, depth).to(device)
+        student = None if family == "v2" else StudentInfo.from_dict(STUDENT_MARKER)
+        dit = (random_dit(dim, depth) if student is None else random_student(dim, depth)).to(device)
         loaded = LoadedDiT(model=dit, speakers={"a": 0, "b": 1}, config=dit.config, path=Path(kind),
-                           dataset={})
+                           dataset={}, student=student)
         torch.manual_seed(0)
         model = TorchBackend(loaded, NsfHifiGan(VocoderConfig()).eval().to(device), device, flavour)
         contentvec = ContentVec(HubertModelWithFinalProj(HubertConfig()), device)
@@ -460,6 +448,16 @@ def run_table(args, files: dict[str, Path], whisper_large) -> None:
 
 # --- quality cost of each cut ---------------------------------------------------------------------
 
+def vocode_from(voice, mel: torch.Tensor, f0: torch.Tensor, first: int, start: int) -> np.ndarray:
+    """Audio of window frames first ... n-1 (`mel` holds those frames) as the voice's vocoder stage
+    makes it (`rtsvc.voices.model.vocode_group` with one job, seed 0)."""
+    from rtsvc.voices.model import BlockJob, vocode_group
+
+    need = (f0.shape[1] - first) * HOP_LENGTH
+    job = BlockJob(None, f0, first, first, start, Knobs(seed=0), 0, need)
+    return vocode_group(voice.backend, [job], [mel])[0]
+
+
 def vocoder_context_error(voice, audio: np.ndarray, contexts=(0, 1, 2, 4, 8, 12, 16), tail_frames: int = 17,
                           window_frames: int = 60) -> list[tuple[int, float, float]]:
     """(context frames, LSD dB, rel. L2) of vocoding only the kept tail plus `context` frames
@@ -476,9 +474,9 @@ def vocoder_context_error(voice, audio: np.ndarray, contexts=(0, 1, 2, 4, 8, 12,
         for end in range(window_frames, mel.shape[-1], tail_frames):
             m, f = mel[..., end - window_frames:end], f0[:, end - window_frames:end]
             start = (end - window_frames) * HOP_LENGTH
-            full = voice._vocode(m, f, 0, start, 0)[-tail_frames * HOP_LENGTH:]
+            full = vocode_from(voice, m, f, 0, start)[-tail_frames * HOP_LENGTH:]
             first = window_frames - tail_frames - c
-            cut = voice._vocode(m[..., first:], f, first, start, 0)[-tail_frames * HOP_LENGTH:]
+            cut = vocode_from(voice, m[..., first:], f, first, start)[-tail_frames * HOP_LENGTH:]
             full_parts.append(full)
             cut_parts.append(cut)
         a, b = np.concatenate(full_parts), np.concatenate(cut_parts)

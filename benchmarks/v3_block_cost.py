@@ -17,8 +17,9 @@ import torch
 
 from rtsvc.models.dit import DiT, DiTConfig
 from rtsvc.models.dit_v3 import DiTV3, DiTV3Config
+from rtsvc.models.families import guided_velocity
 from rtsvc.models.flow import Conditioning, frame_noise, sample
-from rtsvc.models.guidance import Guidance, guided_velocity, with_bad_cvec
+from rtsvc.models.guidance import Guidance, with_bad_cvec
 
 FRAMES = 43
 

@@ -1,10 +1,16 @@
 """The torch modules that are traced to ONNX: each model with its randomness and guidance as inputs,
-and the example inputs they are traced and parity-checked with."""
+and the example inputs they are traced and parity-checked with. `DIT_GRAPHS` lists each model
+family's DiT graphs (a teacher's guided velocity, a student's average velocity) by family name."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rtsvc.backends.bundle import DIT_INPUTS, DIT_V3_INPUTS, STUDENT_DIT_INPUTS, STUDENT_V3_DIT_INPUTS
+from rtsvc.errors import UserError
 from rtsvc.features.whisper import LAYER_INDEX
 from rtsvc.models.dit import DiT
 from rtsvc.models.dit_v3 import DiTV3
@@ -180,3 +186,58 @@ class WhisperGraph(nn.Module):
         for layer in enc.layers[: self.stop]:
             x = layer(x, None)
         return x
+
+
+# --- each family's DiT graphs ---------------------------------------------------------------------
+
+PER_FRAME_INPUTS = ("x", "f0", "rms", "cvec", "whisper", "bad_cvec")  # [batch, frames, ...]
+PER_ITEM_INPUTS = ("t", "dt", "spk")  # [batch]; every other input is a 0-d strength
+
+
+@dataclass(frozen=True)
+class DitGraph:
+    """One traced DiT interface: `module(dit, skip_layers, half)` wraps the network, `inputs` are
+    its inputs in order (the bundle's `dit.inputs`), `example(batch, frames, speakers, generator)`
+    random inputs in that order."""
+
+    module: Callable[[nn.Module, tuple[int, ...] | None, bool], nn.Module]
+    inputs: tuple[str, ...]
+    example: Callable
+
+
+@dataclass(frozen=True)
+class FamilyGraphs:
+    """A model family's ONNX export: its teacher and student graphs and its own keys in the
+    manifest's `dit` section (`manifest(config, skip_layers)`)."""
+
+    teacher: DitGraph
+    student: DitGraph
+    manifest: Callable[[object, tuple[int, ...] | None], dict]
+
+
+def graphs_for(family: str) -> FamilyGraphs:
+    if family not in DIT_GRAPHS:
+        raise UserError(f"{family.upper()} models have no ONNX export yet; run the .ckpt on --backend torch")
+    return DIT_GRAPHS[family]
+
+
+def _v3_manifest(c, skip_layers: tuple[int, ...] | None) -> dict:
+    lora = None if c.lora_rank is None else {"rank": c.lora_rank, "alpha": c.lora_alpha, "merged": True}
+    return {"kernel_size": c.kernel_size, "lora": lora,
+            "cfg_skip_layers": None if skip_layers is None else list(skip_layers)}
+
+
+DIT_GRAPHS: dict[str, FamilyGraphs] = {
+    "v2": FamilyGraphs(
+        teacher=DitGraph(lambda dit, skip, half: DitCfgVelocity(dit, half=half), DIT_INPUTS,
+                         dit_example),
+        student=DitGraph(lambda dit, skip, half: StudentVelocity(dit, half=half), STUDENT_DIT_INPUTS,
+                         student_example),
+        manifest=lambda c, skip_layers: {"whisper_dim": c.whisper_dim}),
+    "v3": FamilyGraphs(
+        teacher=DitGraph(lambda dit, skip, half: DitV3GuidedVelocity(dit, skip, half=half), DIT_V3_INPUTS,
+                         dit_v3_example),
+        student=DitGraph(lambda dit, skip, half: StudentV3Velocity(dit, half=half), STUDENT_V3_DIT_INPUTS,
+                         student_v3_example),
+        manifest=_v3_manifest),
+}

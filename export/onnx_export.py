@@ -26,17 +26,12 @@ import torch
 from torch import nn
 
 from export.graphs import (
+    PER_FRAME_INPUTS,
+    PER_ITEM_INPUTS,
     ContentVecGraph,
-    DitCfgVelocity,
-    DitV3GuidedVelocity,
-    StudentV3Velocity,
-    StudentVelocity,
     VocoderGraph,
     WhisperGraph,
-    dit_example,
-    dit_v3_example,
-    student_example,
-    student_v3_example,
+    graphs_for,
     vocoder_example,
 )
 from export.parity import (
@@ -51,12 +46,8 @@ from export.parity import (
 from rtsvc import __version__
 from rtsvc.backends.bundle import (
     DIT_FILE,
-    DIT_INPUTS,
     DIT_OUTPUT,
-    DIT_V3_INPUTS,
     MANIFEST,
-    STUDENT_DIT_INPUTS,
-    STUDENT_V3_DIT_INPUTS,
     VOCODER_FILE,
     VOCODER_INPUTS,
     VOCODER_OUTPUT,
@@ -75,8 +66,8 @@ from rtsvc.dsp.audio import (
 )
 from rtsvc.dsp.mel import CLAMP_MIN, LOG_MEL_MAX, LOG_MEL_MIN
 from rtsvc.errors import UserError
-from rtsvc.models.dit import DiT
-from rtsvc.models.dit_v3 import DiTV3
+from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0
+from rtsvc.models.families import family_named, family_of
 from rtsvc.models.loading import LoadedDiT, load_dit, load_vocoder
 from rtsvc.models.vocoder import HARMONIC_NUM, NsfHifiGan
 from rtsvc.pretrained import DEFAULT_PRETRAINED_DIR, LAYOUT, resolve_pretrained
@@ -87,7 +78,6 @@ TRACE_BATCH = 2  # >1 so the batch axis is not specialised to 1 while tracing
 ProgressFn = Callable[[str], None]  # called with a label before each step
 MAX_OPSET = 21  # newest opset ONNX Runtime 1.18+ runs everywhere
 DEFAULT_STEPS = 32  # upstream offline default; streaming overrides it with its own knob
-DEFAULT_CFG = 2.0
 
 
 def _export(module: nn.Module, example: tuple, path: Path, input_names: tuple[str, ...], output: str,
@@ -135,38 +125,26 @@ def _export_raw(module: nn.Module, example: tuple, path: Path, input_names: tupl
             raise RuntimeError(f"ONNX export failed with both exporters: {first!r}; {second!r}") from second
 
 
-def export_dit(dit: DiT | DiTV3, path: str | Path, opset: int = DEFAULT_OPSET, fp16: bool = False,
+def export_dit(dit: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, fp16: bool = False,
                skip_layers: tuple[int, ...] | None = None, student: bool = False) -> str:
-    """Write dit.onnx (the guided velocity, dynamic batch and frames); returns the exporter used.
-    V2: Whisper CFG. V3: every guidance pass, with `skip_layers` fixed in the graph (None: no skip
-    pass); a LoRA DiT is exported merged (W + alpha / sqrt(rank) B A^T). A distilled student
-    (`student`, either family): its single-branch average velocity, `dt` instead of strengths."""
-    dit = dit.to("cpu").eval()
-    g = torch.Generator().manual_seed(0)
-    per_frame = {0: "batch", 1: "frames"}
-    axes = {"x": per_frame, "t": {0: "batch"}, "spk": {0: "batch"}, "f0": per_frame, "rms": per_frame,
-            "cvec": per_frame, DIT_OUTPUT: per_frame}
-    if dit.family == "v3":
-        dit = copy.deepcopy(dit)
-        dit.merge_lora()
-    if dit.family == "v3" and student:  # one branch, interval length dt instead of the strengths
-        module = StudentV3Velocity(dit.half() if fp16 else dit, half=fp16)
-        example = student_v3_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, g)
-        axes["dt"] = {0: "batch"}
-        return _export(module, example, Path(path), STUDENT_V3_DIT_INPUTS, DIT_OUTPUT, axes, opset)
-    if dit.family == "v3":
-        module = DitV3GuidedVelocity(dit.half() if fp16 else dit, skip_layers, half=fp16)
-        example = dit_v3_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, g)
-        axes["bad_cvec"] = per_frame
-        return _export(module, example, Path(path), DIT_V3_INPUTS, DIT_OUTPUT, axes, opset)
-    if student:  # a distilled V2 student: single branch, interval length dt instead of a strength
-        module = StudentVelocity(copy.deepcopy(dit).half() if fp16 else dit, half=fp16)
-        example = student_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, g)
-        axes.update(whisper=per_frame, dt={0: "batch"})
-        return _export(module, example, Path(path), STUDENT_DIT_INPUTS, DIT_OUTPUT, axes, opset)
-    module = DitCfgVelocity(copy.deepcopy(dit).half() if fp16 else dit, half=fp16)
-    example = dit_example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, g)
-    return _export(module, example, Path(path), DIT_INPUTS, DIT_OUTPUT, {**axes, "whisper": per_frame}, opset)
+    """Write dit.onnx (dynamic batch and frames) with the graph its family lists in
+    `export.graphs.DIT_GRAPHS`; returns the exporter used. A teacher: its guided velocity (V2: Whisper
+    CFG; V3: every guidance pass, with `skip_layers` fixed in the graph, None: no skip pass). A
+    distilled student (`student`): its single-branch average velocity, `dt` instead of strengths.
+    Adapters (V3 LoRA) are exported merged (W + alpha / sqrt(rank) B A^T)."""
+    family = family_of(dit)
+    graphs = graphs_for(family.name)
+    graph = graphs.student if student else graphs.teacher
+    dit = copy.deepcopy(dit).to("cpu").eval()
+    family.merge_adapters(dit)
+    module = graph.module(dit.half() if fp16 else dit, skip_layers, fp16)
+    generator = torch.Generator().manual_seed(0)
+    example = graph.example(TRACE_BATCH, TRACE_FRAMES, dit.config.num_speaker, generator)
+    per_frame, per_item = {0: "batch", 1: "frames"}, {0: "batch"}
+    axes = {name: per_frame if name in PER_FRAME_INPUTS else per_item for name in graph.inputs
+            if name in PER_FRAME_INPUTS + PER_ITEM_INPUTS}
+    axes[DIT_OUTPUT] = per_frame
+    return _export(module, example, Path(path), graph.inputs, DIT_OUTPUT, axes, opset)
 
 
 def export_vocoder(vocoder: NsfHifiGan, path: str | Path, opset: int = DEFAULT_OPSET,
@@ -280,29 +258,22 @@ def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encode
     """Everything a runtime needs besides the graphs; `files` and `format_version` are added by
     `rtsvc.backends.bundle.write_manifest`."""
     c = loaded.config
-    v3 = loaded.family == "v3"
-    if v3:
-        lora = None if c.lora_rank is None else {"rank": c.lora_rank, "alpha": c.lora_alpha, "merged": True}
-        skip = options.get("skip_layers")
-        dit = {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim, "ff_mult": c.ff_mult,
-               "num_speaker": c.num_speaker, "n_mel": c.n_mel, "cvec_dim": c.cvec_dim,
-               "kernel_size": c.kernel_size, "lora": lora,
-               "cfg_skip_layers": None if skip is None else list(skip),
-               "inputs": list(DIT_V3_INPUTS), "output": DIT_OUTPUT}
-        defaults = {"steps": DEFAULT_STEPS, "ds_cfg_strength": 0.2, "spk_cfg_strength": 0.8,
-                    "skip_cfg_strength": 0.0, "cfg_rescale": 0.7}
-    else:
-        dit = {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim, "ff_mult": c.ff_mult,
-               "num_speaker": c.num_speaker, "n_mel": c.n_mel, "cvec_dim": c.cvec_dim,
-               "whisper_dim": c.whisper_dim, "inputs": list(DIT_INPUTS), "output": DIT_OUTPUT}
-        defaults = {"steps": DEFAULT_STEPS, "cfg_strength": DEFAULT_CFG}
+    family = family_named(loaded.family)
+    graphs = graphs_for(family.name)
+    graph = graphs.teacher if loaded.student is None else graphs.student  # student: its guidance is baked in
+    dit = {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim, "ff_mult": c.ff_mult,
+           "num_speaker": c.num_speaker, "n_mel": c.n_mel, "cvec_dim": c.cvec_dim,
+           **graphs.manifest(c, options.get("skip_layers")),
+           "inputs": list(graph.inputs), "output": DIT_OUTPUT}
+    strengths = {k: v for k, v in family.default_guidance().items() if k != "cfg_skip_layers"}
+    defaults = {"steps": DEFAULT_STEPS, **strengths}
     if loaded.student is not None:  # one evaluation per grid update; its guidance is in the weights
-        dit["inputs"] = list(STUDENT_V3_DIT_INPUTS if v3 else STUDENT_DIT_INPUTS)
         baked = {k: v for k, v in loaded.student.guidance.items() if k in defaults}  # for the record
         defaults = {**defaults, **baked, "steps": loaded.student.nfe + 1}
-    whisper = None if v3 else {"sample_rate": ENCODER_SAMPLE_RATE, "dim": c.whisper_dim, "frame_rate": 50,
-                               "output": "hidden_states[-2]", "onnx": encoders.get("whisper"),
-                               "preprocessor": encoders.get("whisper_preprocessor")}
+    whisper = None if not family.uses_whisper else {
+        "sample_rate": ENCODER_SAMPLE_RATE, "dim": c.whisper_dim, "frame_rate": 50,
+        "output": "hidden_states[-2]", "onnx": encoders.get("whisper"),
+        "preprocessor": encoders.get("whisper_preprocessor")}
     manifest = {
         "name": options["name"],
         "family": loaded.family,
@@ -316,13 +287,13 @@ def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encode
                     "output": VOCODER_OUTPUT},
         "defaults": {**defaults, "speaker": next(iter(loaded.speakers))},  # the checkpoint's default (first)
         "features": {
-            "pretrained_layout": {k: LAYOUT[k] for k in (("contentvec", "rmvpe") if v3 else
-                                                         ("contentvec", "whisper", "rmvpe"))},
+            "pretrained_layout": {k: LAYOUT[k] for k in ("contentvec", "whisper", "rmvpe")
+                                  if k != "whisper" or family.uses_whisper},
             "contentvec": {"sample_rate": ENCODER_SAMPLE_RATE, "dim": c.cvec_dim, "frame_rate": 50,
-                           "output": "last_hidden_state", "resize": "linear" if v3 else "nearest",
+                           "output": "last_hidden_state", "resize": family.content_resize,
                            "onnx": encoders.get("contentvec")},
             "whisper": whisper,
-            "f0": {"extractors": ["rmvpe", "fcpe", "pyworld"], "default": "rmvpe",
+            "f0": {"extractors": list(MODEL_F0), "default": DEFAULT_F0,
                    "unvoiced": "linear interpolation", "units": "Hz"},
             "fcpe": {"sample_rate": ENCODER_SAMPLE_RATE, "frame_rate": 100, "input": "torchfcpe wav2mel",
                      "output": "latent (local-argmax decoded by torchfcpe)", "onnx": encoders.get("fcpe")},
@@ -373,12 +344,13 @@ def export_bundle(
     if skip_layers is not None and loaded.student is not None:
         raise UserError("--cfg-skip-layers does not apply to a distilled student: its guidance is in its "
                         "weights")
-    if skip_layers is not None and loaded.family != "v3":
-        raise UserError("--cfg-skip-layers applies to V3 models only; this checkpoint is V2")
+    family = family_named(loaded.family)
+    if skip_layers is not None and "cfg_skip_layers" not in family.guidance:
+        raise UserError(f"--cfg-skip-layers applies to V3 models only; this checkpoint is {family.label}")
     if skip_layers is not None and not all(0 <= i < loaded.config.depth for i in skip_layers):
         raise UserError(f"--cfg-skip-layers must name blocks 0..{loaded.config.depth - 1}, "
                         f"got {list(skip_layers)}")
-    encoders_needed = ("contentvec", "whisper") if loaded.family == "v2" else ("contentvec",)
+    encoders_needed = ("contentvec", "whisper") if family.uses_whisper else ("contentvec",)
     need = ("vocoder", *encoders_needed) if with_encoders else ("vocoder",)
     paths = resolve_pretrained(pretrained_dir, vocoder=vocoder, need=need)
     voc = load_vocoder(paths.vocoder, "cpu")
@@ -402,7 +374,7 @@ def export_bundle(
         rows += check_vocoder(work / VOCODER_FILE, voc, lengths, tolerance)
         if with_encoders and all(r.ok for r in rows):
             enc_rows, encoders, enc_exporters = export_encoders(paths, work, opset, tolerance, step,
-                                                                with_whisper=loaded.family == "v2")
+                                                                with_whisper=family.uses_whisper)
             rows += enc_rows
             exporters.update(enc_exporters)
         if not all(r.ok for r in rows):

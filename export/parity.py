@@ -13,28 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.graphs import (
-    DitCfgVelocity,
-    DitV3GuidedVelocity,
-    StudentV3Velocity,
-    StudentVelocity,
-    VocoderGraph,
-    dit_example,
-    dit_v3_example,
-    student_example,
-    student_v3_example,
-    vocoder_example,
-)
-from rtsvc.backends.bundle import (
-    DIT_INPUTS,
-    DIT_V3_INPUTS,
-    STUDENT_DIT_INPUTS,
-    STUDENT_V3_DIT_INPUTS,
-    VOCODER_INPUTS,
-)
+from export.graphs import VocoderGraph, graphs_for, vocoder_example
+from rtsvc.backends.bundle import VOCODER_INPUTS
 from rtsvc.backends.onnx_backend import make_session
-from rtsvc.models.dit import DiT
-from rtsvc.models.dit_v3 import DiTV3
 from rtsvc.models.vocoder import NsfHifiGan
 
 DEFAULT_LENGTHS = (17, 64, 203)  # mel frames: 0.2 s, 0.74 s, 2.4 s
@@ -83,7 +64,7 @@ def _compare(graph: str, reference: Callable, session, names: tuple[str, ...], e
     return ParityRow(graph, int(example[0].shape[0]), int(frames), err, ref_max, tolerance)
 
 
-def check_dit(onnx_path: str | Path, dit: DiT | DiTV3, lengths=DEFAULT_LENGTHS,
+def check_dit(onnx_path: str | Path, dit: torch.nn.Module, lengths=DEFAULT_LENGTHS,
               tolerance: float = FP32_TOLERANCE, providers: list[str] | None = None,
               skip_layers: tuple[int, ...] | None = None, student: bool = False) -> list[ParityRow]:
     """dit.onnx vs the torch DiT (fp32), one row per length: V2 with CFG 2.0; V3 with every guidance
@@ -91,16 +72,10 @@ def check_dit(onnx_path: str | Path, dit: DiT | DiTV3, lengths=DEFAULT_LENGTHS,
     student (either family): its single-branch velocity at random t, dt."""
     session = make_session(onnx_path, providers or ["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(PARITY_SEED)
-    if dit.family == "v3" and student:
-        reference = StudentV3Velocity(dit.float().eval())
-        names, example = STUDENT_V3_DIT_INPUTS, student_v3_example
-    elif dit.family == "v3":
-        reference = DitV3GuidedVelocity(dit.float().eval(), skip_layers)
-        names, example = DIT_V3_INPUTS, dit_v3_example
-    elif student:
-        reference, names, example = StudentVelocity(dit.float().eval()), STUDENT_DIT_INPUTS, student_example
-    else:
-        reference, names, example = DitCfgVelocity(dit.float().eval()), DIT_INPUTS, dit_example
+    graphs = graphs_for(dit.family)
+    graph = graphs.student if student else graphs.teacher
+    reference, names, example = graph.module(dit.float().eval(), skip_layers, False), graph.inputs, \
+        graph.example
     return [_compare("dit", reference, session, names, example(_batch_for(i), n, dit.config.num_speaker, g),
                      tolerance)
             for i, n in enumerate(lengths)]

@@ -123,21 +123,86 @@ def _audio_devices() -> list[Check]:
     return rows
 
 
+# what a missing component stops (F0 weights: only the F0 that needs them; see `_f0_rows`)
+BLOCKS = {
+    "contentvec": "every .ckpt model, and bundles exported without --with-encoders",
+    "whisper": "V2 models (.ckpt, and V2 bundles exported without --with-encoders); V3 needs none",
+    "vocoder": "every .ckpt model (a .rtsvc bundle carries its own)",
+}
+
+
+def _f0_weights() -> dict[str, list[str]]:
+    """Pretrained component -> the --f0 choices that need it (RMVPE's model.pt -> rmvpe)."""
+    from rtsvc.features.f0_methods import F0_METHODS
+
+    needs: dict[str, list[str]] = {}
+    for method in F0_METHODS:
+        if method.models and method.weights:
+            needs.setdefault(method.weights, []).append(method.name)
+    return needs
+
+
+def _usable_f0(found) -> list[str]:
+    """The --f0 choices this machine can run: their package installed, their weights present."""
+    from rtsvc.features.f0_methods import F0_METHODS
+
+    return [m.name for m in F0_METHODS
+            if m.models and m.installed() and (m.weights is None or getattr(found, m.weights) is not None)]
+
+
+def _f0_rows(found) -> list[Check]:
+    from rtsvc.features.f0_methods import DEFAULT_F0, F0_METHODS
+
+    rows = []
+    for m in (m for m in F0_METHODS if m.models):
+        name = f"--f0 {m.name}" + (" (default)" if m.name == DEFAULT_F0 else "")
+        if not m.installed():
+            rows.append(Check("f0", name, f"not usable: the {m.package} package is not installed", None))
+        elif m.weights is not None and getattr(found, m.weights) is None:
+            rows.append(Check("f0", name, f"not usable: its weights ({m.weights}) are missing", None))
+        else:
+            rows.append(Check("f0", name, f"usable: {m.summary}; {m.cost}", True))
+    return rows
+
+
 def _components(pretrained_dir: Path) -> list[Check]:
+    """Each component: present (where), or missing with what that blocks; F0 weights are optional
+    (another --f0 needs none). Then per model family: ready (with which --f0), or what to fetch."""
+    from rtsvc.features.f0_methods import DEFAULT_F0
     from rtsvc.pretrained import COMPONENTS, FAMILY_COMPONENTS, LAYOUT, resolve_pretrained
 
     found = resolve_pretrained(pretrained_dir, need=())
+    f0_weights = _f0_weights()
+    usable = _usable_f0(found)
     rows = []
     for name in COMPONENTS:
         path = getattr(found, name)
         users = "/".join(f.upper() for f, needs in FAMILY_COMPONENTS.items() if name in needs)
-        where = path if path is not None else f"missing ({pretrained_dir / LAYOUT[name]})"
-        rows.append(Check("pretrained", f"{name} ({users})", where, path is not None))
+        if path is not None:
+            rows.append(Check("pretrained", f"{name} ({users})", f"present: {path}", True))
+        elif name in f0_weights:
+            blocks = ", ".join(f"--f0 {f}" for f in f0_weights[name])
+            others = ", ".join(f for f in usable if f not in f0_weights[name]) or "none usable here"
+            rows.append(Check("pretrained", f"{name} ({users})",
+                              f"optional, missing ({pretrained_dir / LAYOUT[name]}): blocks {blocks} only; "
+                              f"other F0: {others}", None if usable else False))
+        else:
+            rows.append(Check("pretrained", f"{name} ({users})",
+                              f"missing ({pretrained_dir / LAYOUT[name]}): blocks {BLOCKS[name]}", False))
+    rows += _f0_rows(found)
     for family, needs in FAMILY_COMPONENTS.items():
-        missing = [name for name in needs if getattr(found, name) is None]
-        state = "complete" if not missing else f"missing {', '.join(missing)}: rtsvc download --family " \
-            f"{family} --to {pretrained_dir}"
-        rows.append(Check("pretrained", f"for {family.upper()} models", state, not missing))
+        required = [name for name in needs if name not in f0_weights]
+        missing = [name for name in required if getattr(found, name) is None]
+        fetch = f"rtsvc download --family {family} --to {pretrained_dir}"
+        if missing:
+            state = f"missing {', '.join(missing)}: {fetch} (or pass --pretrained-dir FOLDER where they are)"
+        elif not usable:
+            state = f"no usable F0: install torchfcpe for --f0 fcpe, or {fetch} for --f0 rmvpe"
+        else:
+            lacking = [name for name in needs if name in f0_weights and getattr(found, name) is None]
+            state = "complete" if not lacking else (f"ready with --f0 {' or '.join(usable)} (not the default "
+                                                    f"--f0 {DEFAULT_F0}: {', '.join(lacking)} missing)")
+        rows.append(Check("pretrained", f"for {family.upper()} models", state, not missing and bool(usable)))
     return rows
 
 

@@ -78,7 +78,9 @@ def _component_ok(name: str, path: Path) -> bool:
 
 
 def _missing_message(name: str, where: str, pretrained_dir: Path | None) -> str:
-    fetch = f"run `rtsvc download --to {pretrained_dir or DEFAULT_PRETRAINED_DIR}`"
+    # the usual cause: the components are in another folder and --pretrained-dir was left out
+    fetch = (f"pass --pretrained-dir FOLDER (where `rtsvc download` put them), run `rtsvc download --to "
+             f"{pretrained_dir or DEFAULT_PRETRAINED_DIR}`")
     what = {
         "contentvec": "ContentVec (a folder with config.json)",
         "whisper": "Whisper encoder (a folder with config.json)",
@@ -87,7 +89,7 @@ def _missing_message(name: str, where: str, pretrained_dir: Path | None) -> str:
     }[name]
     if name == "rmvpe":  # FCPE ships inside the torchfcpe package: nothing to download
         return f"{what} not found at {where}: {fetch}, point --rmvpe at it, or use --f0 fcpe (no download)"
-    return f"{what} not found at {where}: {fetch} or point {OPTION[name]} at it"
+    return f"{what} not found at {where}: {fetch}, or point {OPTION[name]} at it"
 
 
 def resolve_pretrained(

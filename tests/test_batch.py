@@ -16,6 +16,7 @@ import pytest
 
 from rtsvc.dsp.signals import sung_tone
 from rtsvc.engine import StreamConfig, StreamLayout
+from rtsvc.models.families import V2
 from rtsvc.pretrained import resolve_pretrained
 from rtsvc.settings import Knobs
 from rtsvc.voices.batch import BatchedVoice, Block, dit_key, run_blocks, run_jobs, vocoder_key
@@ -198,7 +199,7 @@ def test_jobs_of_different_windows_are_separate_groups(tiny):
     (sa, wa), (sb, wb) = windows(150.0, LAYOUT, 1)[0], windows(150.0, SHORT, 1)[0]
     ja = a.prepare(wa, STREAMS[0][1], sa, LAYOUT.tail)
     jb = b.prepare(wb, STREAMS[0][1], sb, SHORT.tail)
-    assert dit_key(ja, "v2", 0) != dit_key(jb, "v2", 1) and vocoder_key(ja) != vocoder_key(jb)
+    assert dit_key(ja, V2, 0) != dit_key(jb, V2, 1) and vocoder_key(ja) != vocoder_key(jb)
     counting = CountingBackend(tiny.backend)
     out = run_jobs(counting, [ja, jb])
     assert [o.shape[0] for o in out] == [LAYOUT.tail, SHORT.tail]

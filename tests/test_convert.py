@@ -224,8 +224,9 @@ def test_model_voice_unknown_speaker_lists_valid_ones(tiny_voice):
 def test_model_voice_equals_the_pipeline_composed_by_hand(tiny_voice):
     """features (shifted F0) -> flow.sample_mel with frame noise -> vocoder with the same F0."""
     from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, resample
+    from rtsvc.models.families import sample_mel
     from rtsvc.models.flow import Conditioning, counter_normal
-    from rtsvc.models.guidance import Guidance, sample_mel
+    from rtsvc.models.guidance import Guidance
     from rtsvc.voices.model import HARMONICS, NOISE_SEED_SALT, base_phase
 
     audio = harmonic_tone(0.5, 160.0)[: 40 * 512]

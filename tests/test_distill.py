@@ -11,11 +11,12 @@ import torch
 
 from rtsvc.errors import UserError
 from rtsvc.models.dit import DiT
+from rtsvc.models.families import teacher_velocity
 from rtsvc.models.flow import Conditioning
 from rtsvc.models.guidance import Guidance
 from rtsvc.models.loading import load_dit
 from rtsvc.models.schedules import EPSS_TABLE, time_grid
-from rtsvc.models.student import StudentInfo, is_student, make_student, teacher_velocity, v2_student_velocity
+from rtsvc.models.student import StudentInfo, is_student, make_student, v2_student_velocity
 from tests.test_prepare import cheap_extract, make_voices
 from tests.tiny_models import _randomise, make_tiny_dit_checkpoint, tiny_dit_config
 from training.distill import DistillConfig, distill
@@ -83,7 +84,7 @@ def test_baked_guidance_target_equals_an_explicit_guided_evaluation():
     model, cond = _dit(), _cond()
     noise = torch.randn(2, 20, 128, generator=torch.Generator().manual_seed(1))
     grid = time_grid(32)
-    loaded = type("Loaded", (), {"model": model})()
+    loaded = type("Loaded", (), {"model": model, "family": "v2"})()
     traj = teacher_trajectory(teacher_velocity(loaded, {"cfg_strength": 2.5}), noise, cond, grid)
     assert traj.shape == (32, 2, 20, 128)
     k = 7
@@ -226,13 +227,13 @@ def test_convert_and_stream_a_student_through_the_cli(distilled, tmp_path, capsy
                                                       tiny_pretrained):
     import soundfile as sf
 
-    from rtsvc.voices.model import ModelVoice
+    from rtsvc.voices import model as voice_model
     from tests.cli_helpers import harmonic_tone, run_cli, write_wav
 
     out, _ = distilled
-    grids, original = [], ModelVoice.sampling_grid
-    monkeypatch.setattr(ModelVoice, "sampling_grid", lambda self, knobs: grids.append(knobs.steps) or
-                        original(self, knobs))
+    grids, original = [], voice_model.sampling_grid  # what every block's sampling asks for
+    monkeypatch.setattr(voice_model, "sampling_grid", lambda backend, knobs: grids.append(knobs.steps) or
+                        original(backend, knobs))
     pretrained = tiny_pretrained
     tone = write_wav(tmp_path / "tone.wav", harmonic_tone(0.6))
     base = ["--model", out / "last.ckpt", "--pretrained-dir", pretrained, "--f0", "pyworld",
@@ -320,7 +321,7 @@ def test_v3_batch_conditioning_has_no_whisper_and_a_per_item_bad_cvec():
 
 
 def test_v3_student_checkpoint_round_trips_through_load_dit(v3_distilled, v3_teacher):
-    from rtsvc.models.student import student_velocity
+    from rtsvc.models.families import student_velocity
 
     out, result = v3_distilled
     assert result.global_step == 4 and len(result.losses) == 4
@@ -363,7 +364,7 @@ def test_v3_student_exports_and_converts_at_one_evaluation(v3_distilled, tmp_pat
     from rtsvc.backends.onnx_backend import OnnxBackend
     from rtsvc.backends.torch_backend import TorchBackend
     from rtsvc.pretrained import LAYOUT
-    from rtsvc.voices.model import ModelVoice
+    from rtsvc.voices import model as voice_model
     from tests.cli_helpers import harmonic_tone, run_cli, write_wav
 
     out, _ = v3_distilled
@@ -393,9 +394,9 @@ def test_v3_student_exports_and_converts_at_one_evaluation(v3_distilled, tmp_pat
     rows = {r.graph: r for r in quantize_bundle(int8)}  # dynamic int8 DiT, fed the student's inputs
     assert 0.0 <= rows["dit.onnx"].rel_l2 < 0.1
 
-    grids, original = [], ModelVoice.sampling_grid
-    monkeypatch.setattr(ModelVoice, "sampling_grid", lambda self, knobs: grids.append(knobs.steps) or
-                        original(self, knobs))
+    grids, original = [], voice_model.sampling_grid  # what every block's sampling asks for
+    monkeypatch.setattr(voice_model, "sampling_grid", lambda backend, knobs: grids.append(knobs.steps) or
+                        original(backend, knobs))
     tone = write_wav(tmp_path / "tone.wav", harmonic_tone(0.6))
     for model in (bundle, out / "last.ckpt"):  # ONNX, then the checkpoint on torch
         grids.clear()

@@ -166,3 +166,31 @@ def test_pitch_shift_multiplies_by_semitone_ratio():
     np.testing.assert_allclose(shift_f0(f0, 12), [0.0, 440.0, 220.0])
     np.testing.assert_allclose(shift_f0(f0, -7), f0 * 2 ** (-7 / 12))
     assert shift_f0(f0, 0) is f0
+
+
+def test_every_f0_list_reads_the_one_table():
+    from rtsvc.features.f0_methods import BY_NAME, DSP_F0, F0_METHODS, MODEL_F0
+    from rtsvc.voices.dsp import DspVoice
+    from rtsvc.voices.spec import check_f0
+
+    assert MODEL_F0 == ("rmvpe", "fcpe", "pyworld") and DSP_F0 == ("harvest", "dio")
+    assert [m.name for m in F0_METHODS if m.weights] == ["rmvpe"]  # the only one with a download
+    assert BY_NAME["fcpe"].package == "torchfcpe" and BY_NAME["fcpe"].weights is None
+    assert [check_f0(name) for name in MODEL_F0] == list(MODEL_F0) and check_f0(None) == "rmvpe"
+    with pytest.raises(UserError, match="unknown --f0 'dio': use rmvpe, fcpe or pyworld"):
+        check_f0("dio")  # a DSP tracker, not a model voice's F0
+    assert DspVoice("harvest").f0_method == "harvest"
+    with pytest.raises(UserError, match="unknown DSP F0 method 'fcpe': use harvest or dio"):
+        DspVoice("fcpe")
+    made = [make_f0_extractor(name).name for name in ("pyworld", "harvest", "dio")]
+    assert made == ["harvest", "harvest", "dio"]
+
+
+def test_the_f0_needs_only_the_weights_its_row_names(tmp_path):
+    from rtsvc.voices.spec import VoiceSpec
+    from tests.tiny_models import make_tiny_dit_checkpoint
+
+    ckpt = make_tiny_dit_checkpoint(tmp_path / "m.ckpt")
+    assert "rmvpe" in VoiceSpec(model=ckpt).needed_components()
+    for name in ("fcpe", "pyworld"):
+        assert "rmvpe" not in VoiceSpec(model=ckpt, f0=name).needed_components()

@@ -7,6 +7,7 @@ import torch
 
 from rtsvc.dsp.mel import normalize_mel
 from rtsvc.errors import UserError
+from rtsvc.models.families import sample_mel
 from rtsvc.models.flow import (
     Conditioning,
     cfg_velocity,
@@ -14,7 +15,7 @@ from rtsvc.models.flow import (
     sample,
     time_grid,
 )
-from rtsvc.models.guidance import Guidance, sample_mel
+from rtsvc.models.guidance import Guidance
 from rtsvc.models.loading import load_dit
 from tests.tiny_models import make_tiny_dit_checkpoint
 

@@ -92,8 +92,9 @@ def _strengths(ds, spk, skip, layers, rescale):
 ])
 def test_v3_sampler_matches_upstream_on_the_same_noise(tmp_path, strengths):
     from rtsvc.dsp.mel import denormalize_mel
+    from rtsvc.models.families import guided_velocity
     from rtsvc.models.flow import Conditioning, sample
-    from rtsvc.models.guidance import Guidance, degrade_content, guided_velocity
+    from rtsvc.models.guidance import Guidance, degrade_content
     from tests.upstream.v3_head import RF, make_bad_cvec
 
     path, upstream = make_v3_head(tmp_path / "v3.ckpt", lora_rank=2, lora_alpha=4.0)

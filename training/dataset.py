@@ -14,6 +14,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, Sampler
 
+from rtsvc.models.families import family_named
 from training.config import MAX_FRAME_LEN
 from training.prepare import cache_root
 
@@ -37,8 +38,8 @@ class ClipDataset(Dataset):
         self.spk2idx = spk2idx
         self.split = split
         self.max_frame_len = max_frame_len
-        v2 = data_family(metadata) == "v2"
-        self.features = FEATURES if v2 else tuple(f for f in FEATURES if f != "whisper")
+        whisper = family_named(data_family(metadata)).uses_whisper
+        self.features = FEATURES if whisper else tuple(f for f in FEATURES if f != "whisper")
 
     def __len__(self) -> int:
         return len(self.clips)

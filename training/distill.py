@@ -21,16 +21,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from rtsvc.errors import UserError
+from rtsvc.models.families import FAMILIES, default_guidance, family_named, student_velocity, teacher_velocity
 from rtsvc.models.loading import LoadedDiT, load_dit
 from rtsvc.models.schedules import student_grid
-from rtsvc.models.student import (
-    STUDENT_KEY,
-    StudentInfo,
-    default_guidance,
-    make_student,
-    student_velocity,
-    teacher_velocity,
-)
+from rtsvc.models.student import STUDENT_KEY, StudentInfo, make_student
 from rtsvc.settings import KNOB_ROWS
 from training.checkpoint import load_checkpoint
 from training.config import DistillConfig
@@ -52,8 +46,6 @@ from training.train import (
     save_or_stop,
 )
 
-FAMILY_GUIDANCE = {"v2": ("cfg_strength",),
-                   "v3": ("ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength", "cfg_skip_layers")}
 TEACHER_POINTS = 32  # the teacher's reference: upstream convert's 32-point grid
 
 
@@ -84,14 +76,10 @@ def _check(cfg: DistillConfig) -> None:
 
 
 def _hparams(cfg: DistillConfig, teacher: LoadedDiT, info: StudentInfo, world: int) -> dict:
-    c = teacher.config
-    if teacher.family == "v3":  # upstream V3: cfg.model is the DiT's kwargs, flat (a student has no LoRA)
-        model = {"dim": c.dim, "depth": c.depth, "n_mel_channels": c.n_mel, "head_dim": c.head_dim,
-                 "ff_mult": c.ff_mult, "kernel_size": c.kernel_size}
-    else:
-        model = {"name": model_name(c), "cfg": {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim,
-                                                "ff_mult": c.ff_mult},
-                 "pretrained_path": cfg.teacher}
+    family = family_named(teacher.family)
+    model = family.model_hparams(teacher.config, model_name(teacher.config))  # a student has no LoRA
+    if family.pretrained_path_in == "model":
+        model["pretrained_path"] = cfg.teacher
     return {
         "seed": cfg.seed,
         "model": model,
@@ -108,13 +96,14 @@ def _hparams(cfg: DistillConfig, teacher: LoadedDiT, info: StudentInfo, world: i
 
 
 def _guidance(cfg: DistillConfig, teacher: LoadedDiT) -> dict:
-    """The teacher's default guidance with the strengths the run sets; the other family's are refused."""
+    """The teacher's default guidance with the strengths the run sets; other families' are refused."""
+    family = family_named(teacher.family)
     guidance = default_guidance(teacher)
-    given = {k: getattr(cfg, k) for k in FAMILY_GUIDANCE["v2"] + FAMILY_GUIDANCE["v3"]
-             if getattr(cfg, k) is not None}
+    flags = dict.fromkeys(k for f in FAMILIES.values() for k in f.guidance if hasattr(cfg, k))
+    given = {k: getattr(cfg, k) for k in flags if getattr(cfg, k) is not None}
     for key, value in given.items():
-        if key not in FAMILY_GUIDANCE[teacher.family]:
-            raise UserError(f"--{key.replace('_', '-')} does not apply to a {teacher.family.upper()} teacher")
+        if key not in family.guidance:
+            raise UserError(f"--{key.replace('_', '-')} does not apply to a {family.label} teacher")
         guidance[key] = [int(i) for i in value] if key == "cfg_skip_layers" else float(value)
     layers = guidance.get("cfg_skip_layers")
     if layers is not None and not all(0 <= i < teacher.config.depth for i in layers):
@@ -141,9 +130,8 @@ def _models(cfg: DistillConfig, out: Path, device: torch.device):
                            teacher_points=TEACHER_POINTS, guidance=guidance, teacher=str(cfg.teacher))
         student = copy.copy(teacher)
         student.model = copy.deepcopy(teacher.model)
-        if teacher.family == "v3":  # every weight trains: adapters would only add a rank limit
-            student.model.merge_lora()
-            student.config = student.model.config
+        family_named(teacher.family).merge_adapters(student.model)  # every weight trains: adapters
+        student.config = student.model.config  # would only add a rank limit (V3 LoRA)
         student.model = make_student(student.model)
         student.student, resumed = info, None
     teacher.model.to(device).eval().requires_grad_(False)

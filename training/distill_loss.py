@@ -13,32 +13,38 @@ the grid, so other step counts (--steps) stay meaningful. Each trajectory feeds 
 the student's batch (the teacher's P - 1 guided evaluations dominate the cost).
 """
 
+from dataclasses import replace
+
 import torch
 
 from rtsvc.dsp.mel import normalize_mel
-from rtsvc.models.flow import CFG_EPS, Conditioning
-from rtsvc.models.guidance import degrade_content
+from rtsvc.models.families import GuidedVelocity, StepVelocity, family_named
+from rtsvc.models.flow import Conditioning
 from rtsvc.models.schedules import time_grid
-from rtsvc.models.student import GuidedVelocity, StepVelocity, StudentInfo
+from rtsvc.models.student import StudentInfo
 from training.dataset import lengths_to_mask
 
 
 def batch_conditioning(batch: dict[str, torch.Tensor], family: str, guidance: dict) -> Conditioning:
-    """A padded batch's conditioning as the family's sampler builds it. V2: with Whisper. V3: no
-    Whisper; with content-degradation guidance on, each item's bad_cvec is made from its own valid
-    frames (as convert makes it per window), so padding never blurs into the content."""
+    """A padded batch's conditioning as the family's sampler builds it: with Whisper where the family
+    uses it (V2), and the family's per-window preparation (`Family.prepare_condition`: V3's bad_cvec
+    when content-degradation guidance is on) made per item from its own valid frames (as convert
+    makes it per window), so padding never blurs into the content."""
+    record = family_named(family)
     n = batch["mel"].shape[1]
     mask = lengths_to_mask(batch["frame_len"], n)
-    if family != "v3":
-        return Conditioning(spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=batch["cvec"],
-                            whisper=batch["whisper"], mask=mask)
-    cvec, bad = batch["cvec"], None
-    if float(guidance.get("ds_cfg_strength", 0.0)) > CFG_EPS:
-        bad = torch.zeros_like(cvec)
-        for i, length in enumerate(batch["frame_len"].tolist()):
-            bad[i, :length] = degrade_content(cvec[i:i + 1, :length])[0]
-    return Conditioning(spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=cvec, mask=mask,
-                        bad_cvec=bad)
+    cond = Conditioning(spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=batch["cvec"],
+                        whisper=batch["whisper"] if record.uses_whisper else None, mask=mask)
+    settings = record.settings(guidance)
+    bad = None
+    for i, length in enumerate(batch["frame_len"].tolist()):
+        item = Conditioning(spk=cond.spk[i:i + 1], f0=cond.f0[i:i + 1, :length],
+                            rms=cond.rms[i:i + 1, :length], cvec=cond.cvec[i:i + 1, :length])
+        made = record.prepare_condition(item, settings).bad_cvec
+        if made is not None:
+            bad = torch.zeros_like(cond.cvec) if bad is None else bad
+            bad[i, :length] = made[0]
+    return replace(cond, bad_cvec=bad)
 
 
 @torch.no_grad()

@@ -15,6 +15,8 @@ import math
 import torch
 
 from rtsvc.dsp.mel import normalize_mel
+from rtsvc.models.families import family_named
+from rtsvc.models.flow import Conditioning
 from training.config import WHISPER_DROP
 from training.dataset import lengths_to_mask
 
@@ -42,8 +44,8 @@ def flow_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], generator:
               whisper_drop: float = WHISPER_DROP, lognorm: bool = True, family: str = "v2",
               spk_drop: float = SPEAKER_DROP_FINETUNE) -> torch.Tensor:
     """Masked MSE between predicted and true velocity; `batch` tensors already on the device.
-    V2 drops Whisper per item with probability `whisper_drop`; V3 drops the speaker of exactly
-    int(b * spk_drop) items."""
+    The family's `training_drop` says what is dropped for its guidance: Whisper per item with
+    probability `whisper_drop` (V2), or the speaker of exactly int(b * spk_drop) items (V3)."""
     mel = batch["mel"]
     b, n, _ = mel.shape
     device = mel.device
@@ -53,12 +55,13 @@ def flow_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], generator:
     t = sample_time(b, generator, device, lognorm)
     tt = t[:, None, None]
     x_t = (1 - tt) * x0 + tt * x1
-    if family == "v3":
-        pred = model(x=x_t, spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=batch["cvec"], time=t,
-                     drop_speaker=speaker_drop(b, spk_drop, generator, device), mask=mask)
-    else:
+    record = family_named(family)
+    if record.training_drop == "speaker":
+        drop = speaker_drop(b, spk_drop, generator, device)
+    else:  # "whisper"
         drop = torch.rand(b, generator=generator, device=device) < whisper_drop
-        pred = model(x=x_t, spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=batch["cvec"],
-                     whisper=batch["whisper"], time=t, drop_whisper=drop, mask=mask)
+    cond = Conditioning(spk=batch["spk_id"], f0=batch["f0"], rms=batch["rms"], cvec=batch["cvec"],
+                        whisper=batch["whisper"] if record.uses_whisper else None, mask=mask)
+    pred = record.forward(model, x_t, t, cond, drop)
     err = (pred.float() - (x1 - x0)) ** 2
     return err[mask].mean()

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from rtsvc.errors import UserError
-from rtsvc.models.dit import DiT, DiTConfig
-from rtsvc.models.dit_v3 import DiTV3, DiTV3Config
+from rtsvc.models.dit import DiTConfig
+from rtsvc.models.families import family_named, family_of
 from rtsvc.models.loading import load_dit
 from rtsvc.models.lora import LoRALinear
 
@@ -26,7 +26,7 @@ DEFAULT_MODEL = "dit-768-12"
 
 @dataclass
 class TrainModel:
-    dit: DiT | DiTV3
+    dit: torch.nn.Module  # a family's network (`rtsvc.models.families`)
     spk2idx: dict[str, int]
     name: str  # preset name, e.g. dit-768-12 (or dim-depth for custom sizes)
     new_speakers: list[str]  # added to a pretrained checkpoint's table
@@ -56,24 +56,22 @@ def model_name(config: DiTConfig) -> str:
 
 def from_scratch(name: str, speakers: list[str], family: str = "v2") -> TrainModel:
     """A new DiT of `family` (spectral init inside) with one embedding row per dataset speaker."""
-    config = parse_model(name)
-    config.num_speaker = len(speakers)
-    if family == "v3":
-        config = DiTV3Config(dim=config.dim, depth=config.depth, num_speaker=len(speakers))
-        dit = DiTV3(config)
-    else:
-        dit = DiT(config)
+    size = parse_model(name)
+    record = family_named(family)
+    config = record.config(dim=size.dim, depth=size.depth, num_speaker=len(speakers))
+    dit = record.network(config)
     return TrainModel(dit, {s: i for i, s in enumerate(speakers)}, model_name(config), [])
 
 
-def set_trainable(dit: DiT | DiTV3, lora_rank: int | None = None, lora_alpha: float | None = None,
+def set_trainable(dit: torch.nn.Module, lora_rank: int | None = None, lora_alpha: float | None = None,
                   freeze_adaln_and_tembed: bool = False) -> None:
     """What trains. `lora_rank`: add adapters (if the DiT has none yet) on every attn.k_proj /
     attn.v_proj and train only them and the speaker table (upstream `apply_lora`, whose optimizer
     groups then miss A and B; here they train). `freeze_adaln_and_tembed`: upstream's option,
     the time embedding and every adaptive-norm projection stay fixed. V3 only."""
-    if (lora_rank is not None or freeze_adaln_and_tembed) and dit.family != "v3":
-        raise UserError("--lora-rank and --freeze-adaln-and-tembed need a V3 model (this one is V2)")
+    if (lora_rank is not None or freeze_adaln_and_tembed) and not family_of(dit).adapters:
+        raise UserError(f"--lora-rank and --freeze-adaln-and-tembed need a V3 model (this one is "
+                        f"{family_of(dit).label})")
     if lora_rank is not None:
         if lora_rank < 1:
             raise UserError(f"--lora-rank must be at least 1, got {lora_rank}")
@@ -95,7 +93,8 @@ def set_trainable(dit: DiT | DiTV3, lora_rank: int | None = None, lora_alpha: fl
             param.requires_grad = False
 
 
-def extend_speakers(dit: DiT, spk2idx: dict[str, int], speakers: list[str]) -> tuple[DiT, dict, list[str]]:
+def extend_speakers(dit: torch.nn.Module, spk2idx: dict[str, int],
+                    speakers: list[str]) -> tuple[torch.nn.Module, dict, list[str]]:
     """Append rows for speakers not yet in `spk2idx`; existing indices never move."""
     new = [s for s in speakers if s not in spk2idx]
     if not new:

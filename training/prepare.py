@@ -250,14 +250,16 @@ def make_feature_fn(pretrained_dir: str | Path | None, f0: str = "rmvpe", device
                     contentvec: str | None = None, whisper: str | None = None,
                     rmvpe: str | None = None, family: str = "v2") -> tuple[FeatureFn, dict]:
     """Load the encoders once; returns the per-clip function and the settings that identify it.
-    `family` "v3": no Whisper; ContentVec as upstream's V3 prepare_cvec.py (`content_100fps`)."""
+    `family` "v3": no Whisper; ContentVec as upstream's V3 prepare_cvec.py (`content_100fps`); each
+    family's record says which."""
     from rtsvc.compute import pick_device
-    from rtsvc.features.extractor import FAMILY_FEATURES, FeatureExtractor
+    from rtsvc.features.extractor import FeatureExtractor
+    from rtsvc.models.families import FAMILIES
     from rtsvc.pretrained import resolve_pretrained
 
-    if family not in FAMILY_FEATURES:
-        raise UserError(f"unknown --family {family!r}: use v2 or v3")
-    uses_whisper, resize = FAMILY_FEATURES[family]
+    if family not in FAMILIES:
+        raise UserError(f"unknown --family {family!r}: use {' or '.join(FAMILIES)}")
+    uses_whisper, resize = FAMILIES[family].uses_whisper, FAMILIES[family].content_resize
     need = ("contentvec",) + (("whisper",) if uses_whisper else ()) + (("rmvpe",) if f0 == "rmvpe" else ())
     paths = resolve_pretrained(pretrained_dir, contentvec=contentvec, whisper=whisper, rmvpe=rmvpe, need=need)
     extractor = FeatureExtractor.from_pretrained(paths, f0=f0, device=pick_device(device), family=family)
@@ -267,7 +269,7 @@ def make_feature_fn(pretrained_dir: str | Path | None, f0: str = "rmvpe", device
         out = {"mel": feats.mel, "f0": feats.f0, "rms": feats.rms, "cvec": feats.cvec}
         if uses_whisper:
             out["whisper"] = feats.whisper
-        else:
+        if FAMILIES[family].content_100fps:
             out["cvec"] = content_100fps(extractor, audio, feats.n_frames)
         return out
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from rtsvc.compute import pick_device
 from rtsvc.dsp.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE
 from rtsvc.errors import UserError
+from rtsvc.models.families import family_named
 from rtsvc.models.loading import load_vocoder
 from training.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig
@@ -189,20 +190,19 @@ def _worker_init(_: int) -> None:
 def _hparams(cfg: TrainConfig, tm: TrainModel, meta_path: str, lr: float, wd: float, world: int,
              spk_drop: float) -> dict:
     c = tm.dit.config
-    if tm.family == "v3":  # upstream V3: cfg.model is the DiT's kwargs, flat
-        model = {"dim": c.dim, "depth": c.depth, "n_mel_channels": c.n_mel, "head_dim": c.head_dim,
-                 "ff_mult": c.ff_mult, "kernel_size": c.kernel_size}
-        family_training = {"drop_spk_prob": spk_drop, "freeze_adaln_and_tembed": cfg.freeze_adaln_and_tembed,
-                           "pretrained_path": cfg.pretrained}
-        if c.lora_rank is not None:
-            family_training.update(lora_training=cfg.lora_rank is not None, lora_rank=c.lora_rank,
-                                   lora_alpha=c.lora_alpha)
-    else:
-        model = {"name": tm.name, "cfg": {"dim": c.dim, "depth": c.depth, "head_dim": c.head_dim,
-                                          "ff_mult": c.ff_mult},
-                 "lognorm": cfg.lognorm, "whisper_drop_prob": cfg.whisper_drop,
-                 "pretrained_path": cfg.pretrained}
-        family_training = {}
+    family = family_named(tm.family)
+    model = family.model_hparams(c, tm.name)  # upstream's layout (V2 nested under cfg, V3 flat)
+    family_training = {}
+    if family.training_drop == "whisper":  # upstream records these with V2's model
+        model.update(lognorm=cfg.lognorm, whisper_drop_prob=cfg.whisper_drop)
+    else:  # "speaker" (V3, in its training section)
+        family_training["drop_spk_prob"] = spk_drop
+    if family.adapters:
+        family_training["freeze_adaln_and_tembed"] = cfg.freeze_adaln_and_tembed
+    (model if family.pretrained_path_in == "model" else family_training)["pretrained_path"] = cfg.pretrained
+    if family.adapters and c.lora_rank is not None:
+        family_training.update(lora_training=cfg.lora_rank is not None, lora_rank=c.lora_rank,
+                               lora_alpha=c.lora_alpha)
     return {
         "seed": cfg.seed,
         "model": model,

@@ -18,8 +18,9 @@ import torch
 
 from rtsvc.dsp.audio import SAMPLE_RATE, save_audio
 from rtsvc.dsp.mel import LOG_MEL_MAX, LOG_MEL_MIN
+from rtsvc.models.families import sample_mel
 from rtsvc.models.flow import Conditioning
-from rtsvc.models.guidance import Guidance, sample_mel
+from rtsvc.models.guidance import Guidance
 from training.dataset import ClipDataset, collate, lengths_to_mask
 from training.loss import flow_loss
 

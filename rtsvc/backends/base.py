@@ -20,7 +20,7 @@ BACKENDS = ("auto", "torch", "onnx")
 class Backend(Protocol):
     speakers: dict[str, int]  # name -> speaker index
     device: torch.device
-    family: str  # "v2" or "v3": which conditioning (Whisper or not) and guidance the DiT takes
+    family: str  # its `rtsvc.models.families` record's name ("v2", "v3"): conditioning and guidance
     student: StudentInfo | None  # a distilled student (`rtsvc distill`): no guidance branches
 
     def step_velocity(self, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, cond: Conditioning,
@@ -33,7 +33,7 @@ class Backend(Protocol):
     def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                         guidance: Guidance) -> torch.Tensor:
         """Guided velocity [b, n, 128] at time t ([b] or scalar) for the normalised noisy mel x, as
-        `rtsvc.models.guidance.guided_velocity`: V2 reads `guidance.cfg_strength` (Whisper CFG), V3
+        `rtsvc.models.families.guided_velocity`: V2 reads `guidance.cfg_strength` (Whisper CFG), V3
         its ds / spk / skip strengths, skip layers and rescale."""
         ...
 

@@ -51,7 +51,7 @@ class Bundle:
 
     @property
     def family(self) -> str:
-        """The DiT family: "v2" or "v3" (bundles written before V3 support are V2)."""
+        """The DiT family's name (`rtsvc.models.families`); bundles written before V3 support are V2."""
         return str(self.manifest.get("family", "v2"))
 
     @property
@@ -214,7 +214,7 @@ def bundle_components(path: str | Path) -> set[str]:
     except (OSError, ValueError, AttributeError):
         return {"vocoder"}
     has = {name for name in ("contentvec", "whisper") if (features.get(name) or {}).get("onnx")}
-    encoders = {"contentvec", "whisper"} if bundle_family(path) == "v2" else {"contentvec"}
+    encoders = {"contentvec"} | ({"whisper"} if features.get("whisper") is not None else set())  # V3: null
     return {"vocoder"} | (has if has >= encoders else set())
 
 

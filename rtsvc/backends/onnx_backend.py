@@ -17,6 +17,7 @@ import torch
 
 from rtsvc.backends.bundle import DIT_FILE, DIT_OUTPUT, VOCODER_FILE, VOCODER_OUTPUT, Bundle, read_bundle
 from rtsvc.errors import UserError
+from rtsvc.models.families import family_named
 from rtsvc.models.flow import CFG_EPS, Conditioning
 from rtsvc.models.guidance import Guidance, bad_cvec_of
 from rtsvc.models.student import StudentInfo
@@ -260,17 +261,17 @@ class OnnxBackend:
         t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
         feeds = {"x": x.float(), "t": t.expand(b) if t.numel() == 1 else t, "spk": cond.spk.long(),
                  "f0": cond.f0.float(), "rms": cond.rms.float(), "cvec": cond.cvec.float()}
-        if self.family == "v3":
+        # the family's strengths are graph inputs (`_run` feeds only the inputs the graph has); the
+        # skip-layer pass is fixed in the graph
+        family = family_named(self.family)
+        if "cfg_skip_layers" in family.guidance:
             self._check_skip_layers(guidance)
-            bad = bad_cvec_of(cond)
-            scalar = lambda v: torch.tensor(float(v))  # noqa: E731
-            feeds.update(bad_cvec=bad.float(), ds_cfg_strength=scalar(guidance.ds_cfg_strength),
-                         spk_cfg_strength=scalar(guidance.spk_cfg_strength),
-                         skip_cfg_strength=scalar(guidance.skip_cfg_strength),
-                         cfg_rescale=scalar(guidance.cfg_rescale))
-        else:
-            feeds.update(whisper=cond.whisper.float(),
-                         cfg_strength=torch.tensor(float(guidance.cfg_strength)))
+        feeds.update({name: torch.tensor(float(getattr(guidance, name))) for name in family.guidance
+                      if name != "cfg_skip_layers"})
+        if cond.whisper is not None:
+            feeds["whisper"] = cond.whisper.float()
+        if "bad_cvec" in self._inputs[id(self.dit)]:
+            feeds["bad_cvec"] = bad_cvec_of(cond).float()
         return self._run(self.dit, feeds, DIT_OUTPUT, (b, n, x.shape[2]))
 
     def _check_skip_layers(self, guidance: Guidance) -> None:
@@ -300,11 +301,12 @@ class OnnxBackend:
         `encoder_threads`: the encoder sessions' threads (None: the backend's), or with F0 on the
         bundle's graph, that graph's."""
         threads = self._threads if encoder_threads is None else encoder_threads
-        from rtsvc.features.extractor import FAMILY_FEATURES, FeatureExtractor
+        from rtsvc.features.extractor import FeatureExtractor
         from rtsvc.features.f0 import make_f0_extractor
 
         features = self.bundle.manifest["features"]
-        uses_whisper, content_resize = FAMILY_FEATURES[self.family]
+        family = family_named(self.family)
+        uses_whisper, content_resize = family.uses_whisper, family.content_resize
         cvec_file = (features.get("contentvec") or {}).get("onnx")
         whisper_file = (features.get("whisper") or {}).get("onnx")
         preprocessor = (features.get("whisper") or {}).get("preprocessor")

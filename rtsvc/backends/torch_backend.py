@@ -7,10 +7,10 @@ import torch
 
 from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.errors import UserError
+from rtsvc.models.families import guided_velocity, student_velocity
 from rtsvc.models.flow import Conditioning
-from rtsvc.models.guidance import Guidance, guided_velocity
+from rtsvc.models.guidance import Guidance
 from rtsvc.models.loading import load_dit, load_vocoder
-from rtsvc.models.student import student_velocity
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

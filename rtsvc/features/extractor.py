@@ -14,11 +14,8 @@ import torch
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.dsp.mel import log_mel_spectrogram, rms_per_frame
 from rtsvc.features.f0 import F0Extractor, f0_to_mel_frames, make_f0_extractor, shift_f0
+from rtsvc.models.families import family_named
 from rtsvc.pretrained import PretrainedPaths
-
-# per model family: (Whisper needed, how ContentVec goes onto the mel grid) as upstream: V2's
-# utils.interpolate_tensor is "nearest", V3's linear_interpolate_tensor is "linear" (align_corners)
-FAMILY_FEATURES = {"v2": (True, "nearest"), "v3": (False, "linear")}
 
 
 @dataclass
@@ -43,9 +40,9 @@ class Features:
 class FeatureExtractor:
     """The loaded encoders + F0 extractor. `extract(audio_44k) -> Features`.
 
-    Per model family (`FAMILY_FEATURES`): V2 wants ContentVec and Whisper resized with "nearest"
-    onto the mel grid; V3 wants ContentVec only, resized "linear" (align_corners); `whisper=None`
-    then, and no Whisper is loaded or computed.
+    Per model family (its record's `uses_whisper` and `content_resize`): V2 wants ContentVec and
+    Whisper resized with "nearest" onto the mel grid; V3 wants ContentVec only, resized "linear"
+    (align_corners); `whisper=None` then, and no Whisper is loaded or computed.
     """
 
     def __init__(self, contentvec, whisper, f0: F0Extractor, device: str | torch.device = "cpu",
@@ -61,7 +58,8 @@ class FeatureExtractor:
                         device: str | torch.device = "cpu", family: str = "v2") -> "FeatureExtractor":
         from rtsvc.features.contentvec import ContentVec
 
-        uses_whisper, content_resize = FAMILY_FEATURES[family]
+        record = family_named(family)
+        uses_whisper, content_resize = record.uses_whisper, record.content_resize
         if paths.contentvec is None or (uses_whisper and paths.whisper is None):
             raise ValueError("resolve_pretrained(need=...) must include what the family needs")
         whisper = None

@@ -20,10 +20,10 @@ import torch
 
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE
 from rtsvc.errors import UserError
+from rtsvc.features.f0_methods import f0_method
 
 F0_FRAME_RATE = 100  # frames per second of every extractor's output
 F0_HOP = ENCODER_SAMPLE_RATE // F0_FRAME_RATE  # 160 samples at 16 kHz
-F0_METHODS = ("rmvpe", "fcpe", "pyworld", "harvest", "dio")  # pyworld = harvest
 F0_MIN, F0_MAX = 50.0, 1100.0  # WORLD search range (Hz)
 FCPE_THRESHOLD = 0.006  # torchfcpe's default voicing threshold
 
@@ -82,8 +82,8 @@ def _rmvpe(path: str | Path | None, device: str | torch.device):
     from rtsvc.features.rmvpe import Rmvpe
 
     if path is None:
-        raise UserError("--f0 rmvpe needs the RMVPE model (rmvpe/model.pt): run `rtsvc download` "
-                        "or pass --rmvpe PATH, or use --f0 fcpe / pyworld")
+        raise UserError("--f0 rmvpe needs the RMVPE model (rmvpe/model.pt): pass --pretrained-dir FOLDER "
+                        "(where `rtsvc download` put it), --rmvpe PATH, or use --f0 fcpe / pyworld")
     model = Rmvpe.load(path, device)
     return model.f0, model.f0_batch
 
@@ -167,17 +167,15 @@ def _world(method: str) -> Callable[[np.ndarray], np.ndarray]:
 
 def make_f0_extractor(name: str = "rmvpe", rmvpe_path: str | Path | None = None,
                       device: str | torch.device = "cpu", fcpe_net: FcpeNet | None = None) -> F0Extractor:
-    """rmvpe (needs `rmvpe/model.pt`), fcpe (torchfcpe's bundled model; `fcpe_net` runs its network
-    instead), pyworld/harvest, dio (no weights)."""
-    key = name.lower()
+    """Any `rtsvc.features.f0_methods.F0_METHODS` row: rmvpe (needs `rmvpe/model.pt`), fcpe
+    (torchfcpe's bundled model; `fcpe_net` runs its network instead), pyworld/harvest, dio (no weights)."""
+    key = f0_method(name, option="F0 extractor").name
     if key == "rmvpe":
         return F0Extractor("rmvpe", *_rmvpe(rmvpe_path, device))
     if key == "fcpe":
         return F0Extractor("fcpe", *_fcpe(device, fcpe_net), network=fcpe_net)
-    if key in ("pyworld", "harvest", "dio"):
-        method = "dio" if key == "dio" else "harvest"
-        return F0Extractor(method, _world(method))
-    raise UserError(f"unknown F0 extractor {name!r}: choose one of {', '.join(F0_METHODS)}")
+    method = "dio" if key == "dio" else "harvest"  # pyworld is harvest
+    return F0Extractor(method, _world(method))
 
 
 def f0_to_mel_frames(f0: np.ndarray, n_frames: int, frame_rate: float = F0_FRAME_RATE,

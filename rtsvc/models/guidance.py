@@ -1,4 +1,5 @@
-"""Guided velocity for both DiT families, from one `Guidance` holding every family's settings.
+"""Guidance of both RIFT-SVC families, from one `Guidance` holding every family's settings (each
+family's record in `rtsvc.models.families` says which it reads and which velocity it runs).
 
 V2 (`rtsvc.models.flow.cfg_velocity`): classifier-free guidance on Whisper,
     v = v_null + cfg_strength * (v_full - v_null).
@@ -21,8 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from rtsvc.dsp.mel import denormalize_mel
-from rtsvc.models.flow import CFG_EPS, N_MELS, Conditioning, cfg_velocity, frame_noise, sample
+from rtsvc.models.flow import CFG_EPS, Conditioning
 
 CVEC_DOWNSAMPLE_RATE = 2  # upstream --cvec-downsample-rate
 
@@ -133,27 +133,3 @@ def v3_velocity_all_branches(model: torch.nn.Module, x: torch.Tensor, t: torch.T
     rescaled = rescale * (pred * (std_cond / pred.std())) + (1 - rescale) * pred
     return torch.where((ds_on | spk_on | skip_on) & (rescale > CFG_EPS), rescaled, pred)
 
-
-def guided_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                    guidance: Guidance) -> torch.Tensor:
-    """The guided velocity of either family (`model.family` is "v2" or "v3")."""
-    if getattr(model, "family", "v2") == "v3":
-        return v3_velocity(model, x, t, cond, guidance)
-    return cfg_velocity(model, x, t, cond, guidance.cfg_strength)
-
-
-@torch.no_grad()
-def sample_mel(model: torch.nn.Module, cond: Conditioning, steps: int = 32, guidance: Guidance = Guidance(),
-               noise: torch.Tensor | None = None, seed: int = 0, start_frame: int = 0) -> torch.Tensor:
-    """De-normalised log-mel [b, n, 128] for `cond`, guided as `guidance` says for the model's family.
-
-    `noise` [b, n, 128] is the start point; when omitted every item gets
-    `frame_noise(start_frame, n, seed)` (the same noise for the same absolute frames).
-    """
-    b, n = cond.f0.shape
-    param = next(model.parameters())
-    if noise is None:
-        noise = frame_noise(start_frame, n, seed).expand(b, n, N_MELS)
-    noise = noise.to(device=param.device, dtype=param.dtype)
-    x = sample(lambda x, t: guided_velocity(model, x, t, cond, guidance), noise, steps)
-    return denormalize_mel(x)

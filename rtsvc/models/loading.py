@@ -17,9 +17,7 @@ from typing import Any
 import torch
 
 from rtsvc.errors import UserError
-from rtsvc.models.dit import DiT, DiTConfig
-from rtsvc.models.dit_v3 import DiTV3, DiTV3Config
-from rtsvc.models.lora import lora_rank_of
+from rtsvc.models.families import family_of_state
 from rtsvc.models.safe_load import load_torch_file
 from rtsvc.models.student import STUDENT_KEY, StudentInfo, make_student
 from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig, fold_weight_norm
@@ -27,20 +25,16 @@ from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig, fold_weight_norm
 STATE_PREFIX = "model.transformer."
 VOCODER_CONFIG = "config.json"
 VOCODER_CHECKPOINT = "model.ckpt"
-DIT_CONFIG_KEYS = ("dim", "depth", "head_dim", "ff_mult", "dropout")
-MAX_DIT_SIZE = 1 << 16  # no real dim/depth/head_dim comes near: larger is corrupt metadata
-V3_MARKERS = ("null_spk_embed.weight", "tembed.time_emb.weight")  # V3 DiT keys absent from V2
-V2_MARKERS = ("null_whisper_embed.weight", "time_embed.time_emb.weight")  # V2 DiT keys absent from V3
 
 
 @dataclass
 class LoadedDiT:
-    model: DiT | DiTV3  # eval mode, on the requested device
+    model: torch.nn.Module  # its family's network (`DiT`, `DiTV3`), eval mode, on the requested device
     speakers: dict[str, int]  # name -> speaker index
-    config: DiTConfig | DiTV3Config
+    config: Any  # the network's config (`DiTConfig`, `DiTV3Config`)
     path: Path
     dataset: dict[str, Any]  # the checkpoint's dataset settings (sample_rate, hop_length, ...)
-    family: str = "v2"  # "v2" (ContentVec + Whisper) or "v3" (ContentVec, null speaker)
+    family: str = "v2"  # its `rtsvc.models.families` record's name: "v2" (ContentVec + Whisper), "v3", ...
     student: StudentInfo | None = None  # set for a distilled student (`rtsvc distill`)
 
     def speaker_index(self, name: str) -> int:
@@ -74,14 +68,8 @@ def _strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
 # --- DiT ------------------------------------------------------------------------------------
 
 def dit_family(state: dict[str, torch.Tensor]) -> str:
-    """"v2" or "v3" from a DiT state dict's keys (never from a flag): V2 conditions on Whisper
-    (`null_whisper_embed`, `time_embed`), V3 has a null speaker (`null_spk_embed`, `tembed`)."""
-    if all(k in state for k in V3_MARKERS):
-        return "v3"
-    if all(k in state for k in V2_MARKERS):
-        return "v2"
-    raise UserError("not a RIFT-SVC V2 or V3 DiT: found neither V2 keys (null_whisper_embed, time_embed) "
-                    "nor V3 keys (null_spk_embed, tembed); V1 checkpoints are not supported")
+    """The family name of a DiT state dict, from its keys (never from a flag; see `Family.markers`)."""
+    return family_of_state(state).name
 
 
 def _dit_state(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -102,32 +90,6 @@ def _dit_state(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_sizes(sizes: dict, default_head_dim: int, path: Path) -> None:
-    """Model sizes from a checkpoint's metadata are data from a stranger: whole numbers in range
-    (dropout a fraction), and dim a multiple of head_dim, before any network is built from them."""
-    for name, value in sizes.items():
-        ok = (0 <= value < 1) if name == "dropout" else (type(value) is int and 0 < value <= MAX_DIT_SIZE)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not ok:
-            raise UserError(f"{path}: hyper_parameters has an invalid model size {name}={value!r}")
-    head_dim = sizes.get("head_dim", default_head_dim)
-    if "dim" in sizes and sizes["dim"] % head_dim:
-        raise UserError(f"{path}: hyper_parameters has dim={sizes['dim']}, not a multiple of "
-                        f"head_dim={head_dim}")
-
-
-def _v2_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, path: Path) -> DiTConfig:
-    model_cfg = _as_dict(_as_dict(hparams.get("model")).get("cfg"))  # V2: cfg.model = {name, cfg: {...}}
-    if not {"dim", "depth"} <= set(model_cfg):
-        raise UserError(f"{path} has no model size in hyper_parameters.cfg.model.cfg (dim, depth)")
-    kw = {k: model_cfg[k] for k in DIT_CONFIG_KEYS if k in model_cfg}
-    dataset = _as_dict(hparams.get("dataset"))
-    n_mel = dataset.get("n_mel_channels", 128)
-    _check_sizes({**kw, "n_mel_channels": n_mel}, DiTConfig.head_dim, path)
-    return DiTConfig(**kw, num_speaker=n_speakers, n_mel=n_mel,
-                     cvec_dim=state["cond_embed.cvec_embed.weight"].shape[1],
-                     whisper_dim=state["null_whisper_embed.weight"].shape[1])
-
-
 def _default_first(speakers: dict[str, int], default: object) -> dict[str, int]:
     """The speaker table with the checkpoint's default speaker (the voice `rtsvc train` added) first:
     every front end uses the first speaker when none is given. Upstream checkpoints have no default."""
@@ -136,28 +98,8 @@ def _default_first(speakers: dict[str, int], default: object) -> dict[str, int]:
     return speakers
 
 
-def _v3_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, path: Path) -> DiTV3Config:
-    model_cfg = _as_dict(hparams.get("model"))  # V3: cfg.model = flat DiT kwargs
-    if not {"dim", "depth"} <= set(model_cfg):
-        raise UserError(f"{path} has no model size in hyper_parameters.cfg.model (dim, depth)")
-    kw = {k: model_cfg[k] for k in (*DIT_CONFIG_KEYS, "kernel_size", "n_mel_channels") if k in model_cfg}
-    _check_sizes(kw, DiTV3Config.head_dim, path)
-    kw.pop("n_mel_channels", None)
-    rank = lora_rank_of(state)
-    alpha = None
-    if rank is not None:
-        alpha = _as_dict(hparams.get("training")).get("lora_alpha")
-        if alpha is None:
-            raise UserError(f"{path} carries LoRA adapters (rank {rank}) but no "
-                            "hyper_parameters.cfg.training.lora_alpha to scale them")
-    return DiTV3Config(**kw, num_speaker=n_speakers,
-                       n_mel=int(model_cfg.get("n_mel_channels", state["output.weight"].shape[0])),
-                       cvec_dim=state["cond_embed.cvec_embed.weight"].shape[1],
-                       lora_rank=rank, lora_alpha=None if alpha is None else float(alpha))
-
-
 def checkpoint_family(path: str | Path) -> str:
-    """"v2" or "v3" of a RIFT-SVC checkpoint without reading its weights (tensors are mapped)."""
+    """The family name of a RIFT-SVC checkpoint without reading its weights (tensors are mapped)."""
     path = Path(path)
     state = _dit_state(load_torch_file(path, "model checkpoint", mmap=True), path)
     try:
@@ -167,13 +109,13 @@ def checkpoint_family(path: str | Path) -> str:
 
 
 def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
-    """Load a RIFT-SVC V2 or V3 Lightning checkpoint (family told by its keys, LoRA adapters
-    included); strict keys; UserError on any mismatch."""
+    """Load a RIFT-SVC Lightning checkpoint of any registered family (told by its keys; V3 LoRA
+    adapters included); strict keys; UserError on any mismatch."""
     path = Path(path)
     ckpt = load_torch_file(path, "model checkpoint")
     state = _dit_state(ckpt, path)
     try:
-        family = dit_family(state)
+        family = family_of_state(state)
     except UserError as err:
         raise UserError(f"{path} is {err}") from None
     hparams = _as_dict(_as_dict(ckpt.get("hyper_parameters")).get("cfg"))
@@ -187,22 +129,16 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
     if max(speakers.values()) >= n_speakers:
         raise UserError(f"{path}: speaker table lists index {max(speakers.values())} but the model "
                         f"has {n_speakers} speaker embeddings")
-    if family == "v3":
-        config = _v3_config(hparams, state, n_speakers, path)
-        model = DiTV3(config)
-        lora = f", LoRA rank {config.lora_rank}" if config.lora_rank else ""
-        what = f"RIFT-SVC V3 DiT ({config.dim}-{config.depth}{lora})"
-    else:
-        config = _v2_config(hparams, state, n_speakers, path)
-        model = DiT(config)
-        what = f"RIFT-SVC V2 DiT ({config.dim}-{config.depth})"
+    config = family.read_config(hparams, state, n_speakers, path)
+    model = family.network(config)
+    what = family.describe(config)
     student = StudentInfo.from_dict(_as_dict(hparams[STUDENT_KEY])) if STUDENT_KEY in hparams else None
     if student is not None:  # its extra keys: the second time input
         make_student(model)
         what += " student"
     _strict_load(model, state, path, what)
     return LoadedDiT(model=model.to(device).eval(), speakers=speakers, config=config, path=path,
-                     dataset=_as_dict(hparams.get("dataset")), family=family, student=student)
+                     dataset=_as_dict(hparams.get("dataset")), family=family.name, student=student)
 
 
 # --- vocoder --------------------------------------------------------------------------------

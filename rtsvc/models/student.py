@@ -12,14 +12,11 @@ student runs one branch (full conditioning) per evaluation.
 Checkpoint: the upstream layout plus `time_embed.interval.*` keys, and a marker
 `hyper_parameters.cfg.student` (`StudentInfo.as_dict`) that `load_dit` reads.
 
-Family plug-in point: `teacher_velocity(loaded, guidance)` returns the teacher's guided velocity
-v(x, t, cond) and `student_velocity(loaded)` the student's u(x, t, dt, cond). V2 and V3 are wired
-end to end (distill, checkpoint round trip, export, convert); V2's quality is measured. Another
-family adds its branch in both (and its time-embedding attribute in TIME_EMBED_ATTRS), and its
-batch conditioning in `training.distill_loss.batch_conditioning`.
+Families: each family's record (`rtsvc.models.families`) names its student velocity below; the
+second time input goes on whichever `TimestepEmbedding` the network holds. V2 and V3 are wired end
+to end (distill, checkpoint round trip, export, convert); V2's quality is measured.
 """
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -28,16 +25,9 @@ from torch import nn
 from rtsvc.errors import UserError
 from rtsvc.models.dit import TimestepEmbedding
 from rtsvc.models.flow import Conditioning
-from rtsvc.models.guidance import Guidance, guided_velocity
 
-TIME_EMBED_ATTRS = ("time_embed", "tembed")  # where each family keeps its timestep embedding (V2, V3)
 STUDENT_KEY = "student"  # hyper_parameters.cfg[STUDENT_KEY]
 RECIPE = "trajectory-meanflow"
-V3_GUIDANCE = ("ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength", "cfg_skip_layers", "cfg_rescale")
-
-GuidedVelocity = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]  # v(x, t, cond)
-# u(x, t, dt, cond): the average velocity over [t, t + dt]
-StepVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 
 
 @dataclass
@@ -88,11 +78,12 @@ _STUDENT_CLASSES: dict[type, type] = {}
 
 
 def _time_embedding(model: nn.Module) -> tuple[str, nn.Module]:
-    for attr in TIME_EMBED_ATTRS:
-        if isinstance(getattr(model, attr, None), nn.Module):
-            return attr, getattr(model, attr)
-    raise UserError(f"{type(model).__name__} has no timestep embedding ({', '.join(TIME_EMBED_ATTRS)}): "
-                    "this network family cannot be distilled yet")
+    """The network's one timestep embedding (V2 `time_embed`, V3 `tembed`), found by its type."""
+    found = [(name, m) for name, m in model.named_children() if isinstance(m, TimestepEmbedding)]
+    if len(found) != 1:
+        raise UserError(f"{type(model).__name__} has {len(found)} TimestepEmbedding children, not one: "
+                        "this network cannot be distilled")
+    return found[0]
 
 
 def make_student(model: nn.Module) -> nn.Module:
@@ -123,7 +114,7 @@ def is_student(model: nn.Module) -> bool:
         return False
 
 
-# --- the family plug-in point ------------------------------------------------------------------
+# --- the students' velocities (named by their families' records) ---------------------------------
 
 def v2_student_velocity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor,
                         cond: Conditioning) -> torch.Tensor:
@@ -147,42 +138,3 @@ def v3_student_velocity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, dt: 
     time = torch.stack((t.to(x.dtype), dt.to(x.dtype)), dim=-1)
     return model(x=x, spk=cond.spk, f0=cond.f0, rms=cond.rms, cvec=cond.cvec, time=time, mask=cond.mask)
 
-
-def family_of(loaded) -> str:
-    return getattr(loaded, "family", "v2")
-
-
-def teacher_velocity(loaded, guidance: dict) -> GuidedVelocity:
-    """The teacher's guided velocity v(x, t, cond) at the given guidance strengths (a dict of
-    `rtsvc.models.guidance.Guidance` fields). V2: Whisper CFG at `cfg_strength` (both branches in one
-    batch). V3: ds / spk / skip guidance with rescale; `cond.bad_cvec` must be made beforehand when ds is
-    on (per item, from its valid frames: `training.distill_loss.batch_conditioning`)."""
-    family = family_of(loaded)
-    if family == "v2":
-        settings = Guidance(cfg_strength=float(guidance.get("cfg_strength", Guidance.cfg_strength)))
-    elif family == "v3":
-        known = {k: v for k, v in guidance.items() if k in V3_GUIDANCE}
-        if known.get("cfg_skip_layers") is not None:
-            known["cfg_skip_layers"] = tuple(known["cfg_skip_layers"])
-        settings = Guidance(**known)
-    else:
-        raise UserError(f"distilling a {family} teacher is not supported yet")
-    return lambda x, t, cond: guided_velocity(loaded.model, x, t, cond, settings)
-
-
-def student_velocity(loaded) -> StepVelocity:
-    """The student's average velocity u(x, t, dt, cond) (one branch; guidance baked in)."""
-    family = family_of(loaded)
-    if family == "v2":
-        return lambda x, t, dt, cond: v2_student_velocity(loaded.model, x, t, dt, cond)
-    if family == "v3":
-        return lambda x, t, dt, cond: v3_student_velocity(loaded.model, x, t, dt, cond)
-    raise UserError(f"{family} students are not supported yet")
-
-
-def default_guidance(loaded) -> dict:
-    """The guidance a teacher of this family is distilled at unless told otherwise (live defaults)."""
-    if family_of(loaded) == "v3":
-        g = Guidance()
-        return {k: getattr(g, k) for k in V3_GUIDANCE}
-    return {"cfg_strength": Guidance.cfg_strength}

@@ -734,7 +734,7 @@ def model_source(voice: Voice, name: str = "model") -> VoiceSource:
         return clone
 
     batchable = voice if hasattr(voice, "prepare") and getattr(voice, "streaming", False) else None
-    family = getattr(getattr(voice, "backend", None), "family", "v2")
+    family = voice.backend.family  # its model family: which controls the page shows
     return VoiceSource(name, list(voice.speakers), make, batchable, family, voice.default_block_ms,
                        capabilities_of(voice, family))
 

@@ -26,18 +26,16 @@ a group each item equals its one-at-a-time result to float tolerance.
 
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
-from rtsvc.dsp.mel import denormalize_mel
 from rtsvc.features.requests import drive_lockstep
-from rtsvc.models.flow import CFG_EPS, Conditioning, frame_noise, sample_on_grid
-from rtsvc.models.guidance import Guidance, with_bad_cvec
+from rtsvc.models.families import Family, family_named
 from rtsvc.settings import Knobs
-from rtsvc.voices.model import BlockJob, ModelVoice, guidance_of, sampling_grid, vocoder_source
+from rtsvc.voices.model import BlockJob, ModelVoice, guidance_of, sample_group, stack, vocode_group
 
 if TYPE_CHECKING:
     from rtsvc.backends.base import Backend
@@ -50,19 +48,12 @@ class Batcher(Protocol):
     def submit(self, job: "Block", due: float, stream: Hashable | None = None) -> np.ndarray: ...
 
 
-def batch_wide(family: str, guidance: Guidance) -> bool:
-    """True when the guided velocity mixes items of a batch: V3's rescale (std over the batch)."""
-    if family != "v3" or guidance.cfg_rescale <= CFG_EPS:
-        return False
-    return max(guidance.ds_cfg_strength, guidance.spk_cfg_strength, guidance.skip_cfg_strength) > CFG_EPS
-
-
-def dit_key(job: BlockJob, family: str, index: int) -> tuple:
+def dit_key(job: BlockJob, family: Family, index: int) -> tuple:
     """What must agree for jobs to share one DiT sampling: frames, steps, guidance (and, where the
-    guidance mixes the batch, the job itself)."""
+    family's guidance mixes the batch, e.g. V3's rescale, the job itself)."""
     guidance = guidance_of(job.knobs)
     return (job.cond.f0.shape[1], job.knobs.steps, job.knobs.schedule, guidance,
-            index if batch_wide(family, guidance) else -1)
+            index if family.batch_wide(guidance) else -1)
 
 
 def vocoder_key(job: BlockJob) -> int:
@@ -77,17 +68,10 @@ def groups(keys: list) -> list[list[int]]:
     return list(found.values())
 
 
-def stack(items: list[Conditioning]) -> Conditioning:
-    """Conditionings of equal frame count as one batch (a field stays None only if it is in all)."""
-    columns = {f.name: [getattr(c, f.name) for c in items] for f in fields(Conditioning)}
-    return Conditioning(**{name: None if col[0] is None else torch.cat(col, dim=0)
-                           for name, col in columns.items()})
-
-
 @torch.inference_mode()
 def run_jobs(backend: "Backend", jobs: list[BlockJob]) -> list[np.ndarray]:
     """Every job's audio, as `ModelVoice.convert` returns it, with jobs batched per stage."""
-    family = getattr(backend, "family", "v2")
+    family = family_named(backend.family)
     mels: list[torch.Tensor | None] = [None] * len(jobs)
     for rows in groups([dit_key(j, family, i) for i, j in enumerate(jobs)]):
         for i, mel in zip(rows, sample_group(backend, [jobs[i] for i in rows]), strict=True):
@@ -98,33 +82,6 @@ def run_jobs(backend: "Backend", jobs: list[BlockJob]) -> list[np.ndarray]:
         for i, a in zip(rows, audio, strict=True):
             out[i] = a
     return out
-
-
-def sample_group(backend: "Backend", jobs: list[BlockJob]) -> list[torch.Tensor]:
-    """Stacked DiT sampling of jobs with one `dit_key`: each job's log-mel [1, 128, vocoded frames]."""
-    device = backend.device
-    frames = jobs[0].cond.f0.shape[1]
-    guidance = guidance_of(jobs[0].knobs)
-    conds = [j.cond for j in jobs]
-    if getattr(backend, "family", "v2") == "v3" and getattr(backend, "student", None) is None:
-        conds = [with_bad_cvec(c, guidance) for c in conds]  # per item, once per window
-    cond = stack(conds)
-    noise = torch.stack([frame_noise(j.noise_frame, frames, j.knobs.seed) for j in jobs]).to(device)
-    velocity = lambda x, t, dt: backend.step_velocity(x, t, dt, cond, guidance)  # noqa: E731 - students too
-    x = sample_on_grid(velocity, noise, sampling_grid(backend, jobs[0].knobs))
-    mel = denormalize_mel(x).transpose(1, 2)  # [b, 128, frames]
-    return [mel[k:k + 1, :, j.first - j.dit_first:] for k, j in enumerate(jobs)]
-
-
-def vocode_group(backend: "Backend", jobs: list[BlockJob], mels: list[torch.Tensor]) -> list[np.ndarray]:
-    """The stacked vocoder for jobs with one `vocoder_key`; each job's returned samples."""
-    device = backend.device
-    sources = [vocoder_source(j.f0, j.first, j.start_sample, j.knobs.seed) for j in jobs]
-    phase = torch.cat([p for p, _ in sources]).to(device)
-    noise = torch.cat([n for _, n in sources]).to(device)
-    f0 = torch.cat([j.f0[:, j.first:] for j in jobs])
-    audio = backend.vocode(torch.cat(mels), f0, phase, noise).float().cpu().numpy()
-    return [j.cut(a) for j, a in zip(jobs, audio, strict=True)]
 
 
 @dataclass

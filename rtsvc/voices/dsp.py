@@ -19,7 +19,8 @@ with warnings.catch_warnings():  # pyworld 0.3.5 imports the deprecated pkg_reso
     import pyworld
 
 from rtsvc.dsp.audio import SAMPLE_RATE
-from rtsvc.errors import UserError
+from rtsvc.features.f0_methods import DSP_F0
+from rtsvc.features.f0_methods import f0_method as f0_row
 from rtsvc.settings import Knobs
 from rtsvc.voices.defaults import DSP_BLOCK_MS
 
@@ -29,7 +30,6 @@ F0_CEIL = 1100.0
 SILENCE_PEAK = 1e-5  # a window quieter than this everywhere is returned as digital silence
 MARGIN_FRAMES = 2  # extra frames synthesised before the tail so the first tail samples are settled
 F0_CONTEXT = 16 * FRAME_HOP  # left context (93 ms) F0 tracking uses before the tail; more changed nothing
-F0_METHODS = ("dio", "harvest")
 
 
 def shift_envelope(envelope: np.ndarray, factor: float) -> np.ndarray:
@@ -58,9 +58,7 @@ class DspVoice:
     uses_formant = True  # the formant knob applies (model voices ignore it)
 
     def __init__(self, f0_method: str = "dio", sample_rate: int = SAMPLE_RATE):
-        if f0_method not in F0_METHODS:
-            raise UserError(f"unknown DSP F0 method {f0_method!r}: use {' or '.join(F0_METHODS)}")
-        self.f0_method = f0_method
+        self.f0_method = f0_row(f0_method, DSP_F0, option="DSP F0 method").name
         self.sample_rate = sample_rate
         self.frame_period_ms = FRAME_HOP / sample_rate * 1000.0
 

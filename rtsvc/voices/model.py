@@ -18,7 +18,7 @@ grows with its input; features are still computed on the encoders' window).
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import EllipsisType
 from typing import TYPE_CHECKING
 
@@ -31,8 +31,9 @@ from rtsvc.errors import UserError
 from rtsvc.features.cache import ENCODER_CONTEXT_S, FeatureCache
 from rtsvc.features.f0 import shift_f0
 from rtsvc.features.requests import FeatureSteps, drive
+from rtsvc.models.families import family_named
 from rtsvc.models.flow import Conditioning, counter_normal, frame_noise, sample_on_grid
-from rtsvc.models.guidance import Guidance, with_bad_cvec
+from rtsvc.models.guidance import Guidance
 from rtsvc.models.schedules import time_grid
 from rtsvc.settings import Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, MODEL_BLOCK_MS
@@ -113,14 +114,14 @@ class ModelVoice:
         job = self.prepare(audio, knobs, start_sample, tail)
         if job is None:
             return np.zeros(0, dtype=np.float32)
+        # the batch path with one job (`rtsvc.voices.batch` runs many streams' jobs the same way)
         started = time.perf_counter()
-        # [1, 128, n - dit_first] log-mel; noise by absolute frame, so any crop draws the same noise
-        mel = self._sample(job.cond, knobs, job.noise_frame)
+        mel = sample_group(self.backend, [job])  # noise by absolute frame: any crop draws the same noise
         self.last_ms["dit"] = (time.perf_counter() - started) * 1000.0
         started = time.perf_counter()
-        out = self._vocode(mel[..., job.first - job.dit_first:], job.f0, job.first, start_sample, knobs.seed)
+        out = vocode_group(self.backend, [job], mel)[0]
         self.last_ms["vocoder"] = (time.perf_counter() - started) * 1000.0
-        return job.cut(out)
+        return out
 
     def prepare(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                 tail: int | None = None) -> "BlockJob | None":
@@ -201,23 +202,6 @@ class ModelVoice:
     def sampling_grid(self, knobs: Knobs) -> torch.Tensor:
         return sampling_grid(self.backend, knobs)
 
-    def _sample(self, cond: Conditioning, knobs: Knobs, start_frame: int) -> torch.Tensor:
-        n = cond.f0.shape[1]
-        noise = frame_noise(start_frame, n, knobs.seed)[None].to(self.backend.device)
-        guidance = guidance_of(knobs)
-        if self.backend.family == "v3" and getattr(self.backend, "student", None) is None:
-            cond = with_bad_cvec(cond, guidance)  # once per window, not per step
-        velocity = lambda x, t, dt: self.backend.step_velocity(x, t, dt, cond, guidance)  # noqa: E731
-        x = sample_on_grid(velocity, noise, self.sampling_grid(knobs))
-        return denormalize_mel(x).transpose(1, 2)
-
-    def _vocode(self, mel: torch.Tensor, f0: torch.Tensor, first: int, start_sample: int,
-                seed: int) -> np.ndarray:
-        """Audio of frames first ... n-1 (see `vocoder_source` for why a tail equals the whole)."""
-        phase, noise = vocoder_source(f0, first, start_sample, seed)
-        audio = self.backend.vocode(mel, f0[:, first:], phase, noise)
-        return audio[0].float().cpu().numpy()
-
 
 @dataclass
 class BlockJob:
@@ -240,6 +224,54 @@ class BlockJob:
 
     def cut(self, vocoded: np.ndarray) -> np.ndarray:
         return vocoded[self.begin:self.begin + self.need]
+
+
+# --- the networks' half of a block, for one job or many (`rtsvc.voices.batch`) -------------------
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors as one batch; one job's own tensor as it is (a copy can change the float rounding of
+    what reads it: the one-stream path stays bit-identical to its earlier self)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def stack(items: list[Conditioning]) -> Conditioning:
+    """Conditionings of equal frame count as one batch (a field stays None only if it is in all)."""
+    if len(items) == 1:
+        return items[0]
+    columns = {f.name: [getattr(c, f.name) for c in items] for f in fields(Conditioning)}
+    return Conditioning(**{name: None if col[0] is None else torch.cat(col, dim=0)
+                           for name, col in columns.items()})
+
+
+def sample_group(backend: "Backend", jobs: list[BlockJob]) -> list[torch.Tensor]:
+    """Stacked DiT sampling of jobs with one `rtsvc.voices.batch.dit_key` (frames, steps, guidance):
+    each job's log-mel [1, 128, vocoded frames]; per item its conditioning and start noise (drawn by
+    its absolute frame index and seed, so any crop and any batch draws the same noise)."""
+    device = backend.device
+    frames = jobs[0].cond.f0.shape[1]
+    guidance = guidance_of(jobs[0].knobs)
+    conds = [j.cond for j in jobs]
+    if backend.student is None:  # a teacher's per-window preparation (V3: bad_cvec), per item
+        prepare = family_named(backend.family).prepare_condition
+        conds = [prepare(c, guidance) for c in conds]
+    cond = stack(conds)
+    noise = torch.stack([frame_noise(j.noise_frame, frames, j.knobs.seed) for j in jobs]).to(device)
+    velocity = lambda x, t, dt: backend.step_velocity(x, t, dt, cond, guidance)  # noqa: E731 - students too
+    x = sample_on_grid(velocity, noise, sampling_grid(backend, jobs[0].knobs))
+    mel = denormalize_mel(x).transpose(1, 2)  # [b, 128, frames]
+    return [mel[k:k + 1, :, j.first - j.dit_first:] for k, j in enumerate(jobs)]
+
+
+def vocode_group(backend: "Backend", jobs: list[BlockJob], mels: list[torch.Tensor]) -> list[np.ndarray]:
+    """The stacked vocoder for jobs with one `rtsvc.voices.batch.vocoder_key` (vocoded frames): each
+    job's returned samples (see `vocoder_source` for why a tail equals the whole)."""
+    device = backend.device
+    sources = [vocoder_source(j.f0, j.first, j.start_sample, j.knobs.seed) for j in jobs]
+    phase = _cat([p for p, _ in sources]).to(device)
+    noise = _cat([n for _, n in sources]).to(device)
+    f0 = _cat([j.f0[:, j.first:] for j in jobs])
+    audio = backend.vocode(_cat(mels), f0, phase, noise).float().cpu().numpy()
+    return [j.cut(a) for j, a in zip(jobs, audio, strict=True)]
 
 
 def vocoder_source(f0: torch.Tensor, first: int, start_sample: int,

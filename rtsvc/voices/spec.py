@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rtsvc.errors import UserError
+from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0, f0_method
 from rtsvc.pretrained import DEFAULT_PRETRAINED_DIR, PretrainedPaths, resolve_pretrained
 from rtsvc.settings import Knobs
 from rtsvc.voice import Voice
@@ -25,7 +26,6 @@ CONCURRENT_F0 = True
 # ONNX encoder sessions' threads while a torch F0 runs beside them (on the other core); a bundle's
 # FCPE graph (~10 ms a block) takes this instead and the encoders keep ONNX Runtime's default
 ENCODER_THREADS_BESIDE_F0 = 1
-F0_CHOICES = ("rmvpe", "fcpe", "pyworld")  # what --f0 offers (rtsvc.features.f0 has more, for the DSP voice)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class VoiceSpec:
     rmvpe: Path | None = None  # RMVPE model.pt
     backend: str = "auto"  # auto, torch, onnx
     device: str = "auto"  # torch device: auto, cpu, cuda
-    f0: str | None = None  # rmvpe (None), fcpe, pyworld
+    f0: str | None = None  # a `rtsvc.features.f0_methods.MODEL_F0` name; None: rmvpe
     precision: str = "fp32"  # torch autocast on CUDA: fp32, fp16, bf16
     speaker: str | None = None  # checked as soon as the model is read
     providers: str | None = None  # ONNX Runtime providers, e.g. "cuda,cpu"
@@ -75,8 +75,9 @@ class VoiceSpec:
         """What the model needs from the pretrained dir: a .rtsvc bundle carries its vocoder (and the
         encoders when exported --with-encoders), so those are not asked of the pretrained dir."""
         f0 = check_f0(self.f0)
-        whisper = ["whisper"] if self.model is None or model_family(self.model) == "v2" else []  # V3: none
-        need = ["contentvec", *whisper, "vocoder"] + (["rmvpe"] if f0 == "rmvpe" else [])
+        whisper = ["whisper"] if self.model is None or _uses_whisper(self.model) else []  # V3: none
+        weights = f0_method(f0).weights  # RMVPE's model.pt; FCPE and WORLD need none
+        need = ["contentvec", *whisper, "vocoder"] + ([weights] if weights else [])
         if self.model is not None and Path(self.model).is_dir():
             from rtsvc.backends.bundle import bundle_components
 
@@ -108,7 +109,8 @@ def describe_voice(voice: Voice, model: Path | None, speaker: str | None = None)
 
 
 def model_family(model: str | Path) -> str:
-    """"v2" or "v3" of a .ckpt (from its keys, weights not read) or a .rtsvc bundle (its manifest)."""
+    """The family name ("v2", "v3", ...) of a .ckpt (from its keys, weights not read) or a .rtsvc
+    bundle (its manifest)."""
     from rtsvc.backends.bundle import bundle_family, is_bundle
 
     if is_bundle(model):
@@ -118,11 +120,15 @@ def model_family(model: str | Path) -> str:
     return checkpoint_family(model)
 
 
+def _uses_whisper(model: str | Path) -> bool:
+    from rtsvc.models.families import family_named  # torch
+
+    return family_named(model_family(model)).uses_whisper
+
+
 def check_f0(f0: str | None) -> str:
-    """--f0 as given (None: rmvpe); anything else is a UserError."""
-    if f0 is not None and f0 not in F0_CHOICES:
-        raise UserError(f"unknown --f0 {f0!r}: use rmvpe, fcpe or pyworld")
-    return f0 or "rmvpe"
+    """--f0 as given (None: the default, rmvpe); a name --f0 does not offer is a UserError."""
+    return DEFAULT_F0 if f0 is None else f0_method(f0, MODEL_F0).name
 
 
 def open_voice(spec: VoiceSpec) -> Voice:
@@ -171,11 +177,12 @@ def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
         from rtsvc.backends.torch_backend import TorchBackend
 
         if pretrained.vocoder is None:
-            raise UserError("NSF-HiFiGAN vocoder not found: run `rtsvc download` or point --vocoder at it")
+            raise UserError("NSF-HiFiGAN vocoder not found: pass --pretrained-dir FOLDER (where `rtsvc "
+                            "download` put it), run `rtsvc download`, or point --vocoder at it")
         model = TorchBackend.from_checkpoint(path, pretrained.vocoder, torch_device, spec.precision)
     if spec.speaker is not None and spec.speaker not in model.speakers:
         raise UserError(f"unknown speaker {spec.speaker!r}; this model has: {', '.join(model.speakers)}")
-    f0 = spec.f0 or "rmvpe"  # library callers may pass any rtsvc.features.f0 method
+    f0 = spec.f0 or DEFAULT_F0  # library callers may pass any rtsvc.features.f0_methods name
     own = getattr(model, "feature_extractor", None)  # a bundle exported --with-encoders runs its own
     # F0 beside the encoders on a CPU: each takes one core (measured fastest, issue 14)
     beside = spec.concurrent_f0 and spec.streaming and spec.threads is None and torch_device.type == "cpu"
