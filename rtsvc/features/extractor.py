@@ -1,9 +1,10 @@
 """Every conditioning feature of a clip, on the mel frame grid (n = len(audio_44k) // 512 frames).
 
-As upstream infer.py: mel and RMS from the 44.1 kHz audio; ContentVec, Whisper and F0 from the
-same audio resampled to 16 kHz; each encoder's frames resized onto the n mel frames; F0 through
-`f0_to_mel_frames` (fill, resample, re-zero unvoiced). The per-feature methods take any window, so
-the streaming engine can compute them on bounded windows.
+As upstream infer.py: mel and RMS from the 44.1 kHz audio; ContentVec and Whisper from the audio
+resampled to 16 kHz by soxr (librosa.resample), F0 from the sinc resampler upstream's RMVPE uses;
+each encoder's frames resized onto the n mel frames; F0 through `f0_to_mel_frames` (fill, resample,
+re-zero unvoiced). The per-feature methods take any window, so the streaming engine can compute them
+on bounded windows.
 """
 
 from dataclasses import dataclass, fields
@@ -14,7 +15,9 @@ import torch.nn.functional as F
 
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.dsp.mel import log_mel_spectrogram, rms_per_frame
+from rtsvc.dsp.sinc import sinc_resample
 from rtsvc.features.f0 import F0Extractor, f0_to_mel_frames, make_f0_extractor, shift_f0
+from rtsvc.features.frames import mel_frame_count
 from rtsvc.pretrained import PretrainedPaths
 
 # per model family: (Whisper needed, how ContentVec goes onto the mel grid) as upstream: V2's
@@ -104,12 +107,13 @@ class FeatureExtractor:
     def extract(self, audio_44k: np.ndarray, semitones: float = 0.0, with_mel: bool = True) -> Features:
         """Features of a 44.1 kHz mono clip on its len // 512 mel frames."""
         audio_44k = np.asarray(audio_44k, dtype=np.float32).reshape(-1)
-        n = len(audio_44k) // HOP_LENGTH
+        n = mel_frame_count(len(audio_44k))
         if n == 0:
             raise ValueError(f"audio shorter than one mel frame ({HOP_LENGTH} samples)")
         audio_16k = resample(audio_44k, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        f0_16k = sinc_resample(audio_44k, SAMPLE_RATE, ENCODER_SAMPLE_RATE)  # what upstream's RMVPE hears
         return Features(
-            f0=self.f0(audio_16k, n, semitones),
+            f0=self.f0(f0_16k, n, semitones),
             rms=self.rms(audio_44k),
             cvec=self.content(audio_16k, n),
             whisper=self.whisper(audio_16k, n) if self.whisper_encoder is not None else None,
