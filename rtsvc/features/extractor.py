@@ -84,8 +84,9 @@ class FeatureExtractor:
     # ------------------------------------------------------------ per feature, any window
 
     def f0(self, audio_16k: np.ndarray, n_frames: int, semitones: float = 0.0) -> torch.Tensor:
-        hz = f0_to_mel_frames(self.f0_extractor(audio_16k), n_frames)
-        return torch.from_numpy(shift_f0(hz, semitones)).to(self.device)
+        hz = f0_to_mel_frames(self.f0_extractor(audio_16k), n_frames, dtype=np.float64)
+        hz = shift_f0(hz, semitones).astype(np.float32)  # shifted, then rounded, as upstream
+        return torch.from_numpy(hz).to(self.device)
 
     def content(self, audio_16k: np.ndarray, n_frames: int) -> torch.Tensor:
         return self.contentvec.encode(audio_16k, n_frames, self.content_resize)
