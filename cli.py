@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from rtsvc.autoblock import P99_MARGIN, resolve_block, resolve_block_choice
+from rtsvc.dsp.slicer import FADE_MS
 from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
 from rtsvc.live import JITTER_MS
@@ -345,21 +346,39 @@ def convert(
                                   ".flac, .ogg)."),
     model: Model = None, speaker: Speaker = None, pretrained_dir: PretrainedDir = Path("pretrained"),
     contentvec: ContentVec = None, whisper: Whisper = None, vocoder: Vocoder = None, rmvpe: Rmvpe = None,
-    steps: int | None = typer.Option(None, help=f"Rectified-flow sampling steps (grid points, "
+    steps: int | None = typer.Option(None, "--steps", "--infer-steps",
+                                     help=f"Rectified-flow sampling steps (grid points, "
                                      f"2-{MAX_STEPS}). Default: {CONVERT_STEPS} (with --stream too); a "
                                      "distilled student: its own count (1 evaluation = 2 points)."),
     schedule: Schedule = KNOBS.schedule,
     cfg_strength: CfgStrength = KNOBS.cfg_strength, ds_cfg_strength: DsCfg = KNOBS.ds_cfg_strength,
     spk_cfg_strength: SpkCfg = KNOBS.spk_cfg_strength, skip_cfg_strength: SkipCfg = KNOBS.skip_cfg_strength,
     cfg_skip_layers: SkipLayers = KNOBS.cfg_skip_layers, cfg_rescale: Rescale = KNOBS.cfg_rescale,
-    pitch: Pitch = KNOBS.pitch_shift, formant: Formant = KNOBS.formant_shift,
+    pitch: float = typer.Option(KNOBS.pitch_shift, "--pitch", "--key-shift",
+                                help=f"Pitch shift in semitones (±{MAX_PITCH_SHIFT:g}). Default: "
+                                f"{KNOBS.pitch_shift:g}."),
+    formant: Formant = KNOBS.formant_shift,
     denoise: Denoise = KNOBS.denoise, f0: F0 = None,
     seed: int = typer.Option(KNOBS.seed, help=f"Random seed of the sampler noise (integer). "
                              f"Default: {KNOBS.seed}."),
     device: Device = "auto", backend: Backend = "auto", providers: Providers = None,
     precision: Precision = "fp32",
-    restore_loudness: bool = typer.Option(False, help="Give each slice back its input loudness instead of "
-                                          "the model's -18 LUFS. Default: off."),
+    use_fp16: bool = typer.Option(False, "--use-fp16", help="Upstream's name for --precision fp16 (CUDA "
+                                  "only; a CPU keeps fp32). Default: off (fp32; upstream's infer.py "
+                                  "defaults to fp16 on CUDA)."),
+    restore_loudness: str = typer.Option("true", help="Give each slice back its input loudness (true) or "
+                                         "keep the model's --target-loudness (false), as upstream's "
+                                         "--restore-loudness. Default: true."),
+    target_loudness: float = typer.Option(-18.0, help="Loudness (LUFS) each slice is brought to "
+                                          "before conversion, as upstream. Default: -18."),
+    fade_duration: float = typer.Option(FADE_MS, help="Fade at each slice boundary in ms (upstream's join: "
+                                        "half-Hann in, linear out). Default: 20."),
+    join: str = typer.Option("fades", help="How slices are joined: fades (upstream's, no overlap) or "
+                             "crossfade (ours: slices overlap by --fade-duration and crossfade). "
+                             "Default: fades."),
+    cvec_downsample_rate: int = typer.Option(2, help="Upstream's bad-ContentVec downsampling rate; only 2 "
+                                             "(upstream's default) is supported. Default: 2."),
+    batch_size: int = typer.Option(1, help="Slices per batch, as upstream; only 1 is supported. Default: 1."),
     stream: bool = typer.Option(False, help="Convert through the streaming engine block by block (what "
                                 "live/serve hear) instead of offline slices. Default: off."),
     block_ms: BlockMs = "auto", context_ms: ContextMs = STREAM.context_ms,
@@ -367,10 +386,16 @@ def convert(
     dit_context_ms: DitContextMs = DIT_CONTEXT_MS, concurrent_f0: ConcurrentF0 = CONCURRENT_F0,
 ) -> None:
     """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
-    from rtsvc.offline import TARGET_LUFS, check_input_file, check_output_path, convert_file, stream_file
+    from rtsvc.offline import check_input_file, check_output_path, convert_file, stream_file
     from rtsvc.settings import validate_knobs
 
     check_f0(f0)
+    restore = _switch(restore_loudness, "--restore-loudness")
+    if cvec_downsample_rate != 2 or batch_size != 1:
+        raise UserError("--cvec-downsample-rate other than 2 and --batch-size other than 1 are not "
+                        "supported yet")
+    if use_fp16:
+        precision = "fp16"
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant,
                                  cfg_strength=cfg_strength, ds_cfg_strength=ds_cfg_strength,
                                  spk_cfg_strength=spk_cfg_strength, skip_cfg_strength=skip_cfg_strength,
@@ -389,8 +414,8 @@ def convert(
         providers=providers, streaming=stream, dit_context_ms=dit_context_ms, concurrent_f0=concurrent_f0))
     knobs = sampling_steps(knobs, voice, steps)
     _say(describe_voice(voice, model, speaker))
-    if stream:
-        config = resolve_block(voice, config, knobs, say=_say)  # auto: measured here
+    if stream:  # a file needs no real-time tuning: an auto block is the live default, not measured
+        config = config.for_voice(voice)
     with _progress_bar() as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
@@ -398,10 +423,18 @@ def convert(
             seconds = stream_file(voice, input, output, knobs, config, progress=update)
         else:  # piece by piece: memory bounded whatever the length. The DSP voice keeps each
             # slice's level; models hear the training loudness
-            seconds = convert_file(voice, input, output, knobs, progress=update,
-                                   restore_loudness=restore_loudness,
-                                   target_lufs=None if model is None else TARGET_LUFS)
+            seconds = convert_file(voice, input, output, knobs, progress=update, restore_loudness=restore,
+                                   target_lufs=None if model is None else target_loudness, join=join,
+                                   fade_ms=fade_duration)
     _say(f"wrote {output} ({seconds:.2f} s)")
+
+
+def _switch(text: str, option: str) -> bool:
+    """An on/off value as upstream's click options take it (true/false, 1/0, yes/no, on/off)."""
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise UserError(f"{option} takes true or false, got {text!r}")
+    return value in ("true", "1", "yes", "on")
 
 
 @app.command()

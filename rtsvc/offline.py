@@ -148,7 +148,8 @@ def convert_file(
         if peak_dbfs(audio) < SILENCE_PEAK_DB:
             return np.zeros_like(audio)
         return convert_offline(voice, audio, knobs, target_lufs=target_lufs,
-                               restore_loudness=restore_loudness, join=join, fade_ms=fade_ms)
+                               restore_loudness=restore_loudness, join=join, fade_ms=fade_ms,
+                               crossfade_ms=fade_ms)
 
     with _atomic_output(output_path, sr) as out:
         for audio in _pieces((block for _, block, _ in read_audio_blocks(input_path, sr)), sr, piece):
