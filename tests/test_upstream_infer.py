@@ -76,3 +76,193 @@ def test_v3_convert_equals_upstream_infer_on_the_same_noise(v3_setup, tmp_path, 
     assert np.abs(want).max() > 0.01  # sound, not silence
     # the output file is 16-bit PCM: 1.5e-5 of quantisation is in this bound
     assert np.abs(got - want).max() < 1e-4
+
+
+# --- each difference from issue 22 alone ---------------------------------------------------------
+
+def test_frame_grid_is_floor_and_the_partial_frame_comes_out_silent():
+    from rtsvc.features.frames import mel_frame_count
+    from tests.upstream.v3_infer import RMSExtractor, get_mel_spectrogram
+
+    for length in (1023, 1024, 44100, 44100 * 3 + 511):  # (upstream's reflect pad needs > 768 samples)
+        x = torch.randn(1, length) * 0.1
+        assert mel_frame_count(length) == get_mel_spectrogram(x).shape[-1] == RMSExtractor()(x).shape[-1] \
+            == length // 512
+
+
+def test_model_voice_gives_floor_frames_and_a_silent_tail(tmp_path):
+    from rtsvc.settings import Knobs
+    from rtsvc.voices.spec import VoiceSpec, open_model
+
+    ckpt, _ = make_v3_head(tmp_path / "v3.ckpt")
+    pretrained = make_tiny_pretrained_dir(tmp_path / "pretrained")
+    from rtsvc.pretrained import resolve_pretrained
+
+    paths = resolve_pretrained(pretrained, need=("contentvec", "vocoder"))
+    voice = open_model(VoiceSpec(model=ckpt, backend="torch", device="cpu", f0="dio", streaming=False), paths)
+    audio = harmonic_tone(0.5, 180.0)[: 40 * 512 + 300]
+    out = voice.convert(audio, Knobs(steps=2))
+    assert out.shape == audio.shape
+    assert np.all(out[40 * 512:] == 0) and np.abs(out[: 40 * 512]).max() > 1e-3
+    feats = voice.features.extract(audio)  # the extractor's grid is the voice's grid
+    assert feats.n_frames == 40
+    streaming = voice.for_streaming()  # the streaming cache agrees on aligned windows
+    f0, rms, cvec, _ = streaming.cache.window(audio[: 40 * 512], 0)
+    assert f0.shape[0] == rms.shape[0] == cvec.shape[0] == 40
+
+
+def test_sinc_resampler_equals_the_torchaudio_transcription():
+    from rtsvc.dsp.sinc import sinc_kernel, sinc_resample
+    from tests.upstream.torchaudio_resample import Resample, resample
+
+    kernel, width = sinc_kernel(44100, 16000, 128)
+    ref = Resample(44100, 16000, lowpass_filter_width=128)
+    assert width == ref.width == 357 and torch.equal(kernel, ref.kernel)
+    x = np.random.default_rng(0).standard_normal(44100 + 37).astype(np.float32) * 0.3
+    got = sinc_resample(x, 44100, 16000)
+    want = ref(torch.from_numpy(x)[None])[0].numpy()
+    assert got.shape == want.shape == (16014,) and np.array_equal(got, want)
+    # other rates and the functional form (kernel in the waveform's dtype) too
+    for src, dst, width in ((48000, 16000, 6), (22050, 44100, 128)):
+        want = resample(torch.from_numpy(x), src, dst, lowpass_filter_width=width).numpy()
+        np.testing.assert_allclose(sinc_resample(x, src, dst, width), want, atol=1e-6)
+    # it is not soxr: the band above ~7.9 kHz is what differs
+    from rtsvc.dsp.audio import resample as soxr_resample
+
+    soxr = soxr_resample(x, 44100, 16000)  # (16013 samples: soxr rounds the length, torchaudio ceils)
+    assert np.abs(soxr - got[:len(soxr)]).max() > 1e-3
+
+
+def test_slicer_reproduces_upstream_slicer_py():
+    from rtsvc.dsp.slicer import slice_at_silences
+    from tests.upstream.v3_infer import Slicer
+
+    rng = np.random.default_rng(1)
+    audio = multi_slice_input()
+    cases = [audio, audio * 0.2,  # quieter: upstream's absolute threshold drops the quiet phrases
+             np.concatenate([audio, harmonic_tone(30.0, 150.0, 0.3)]),  # 30 s with no silence: no max length
+             (0.05 * rng.standard_normal(SR * 2)).astype(np.float32), np.zeros(200, np.float32)]
+    for case in cases:
+        want = [(int(s), int(s) + len(c)) for s, c in Slicer(SR, -30, 3000, 100, 10, 200).slice(case)]
+        assert slice_at_silences(case, SR) == want
+    # on purpose: input that is all below the threshold is converted whole (upstream converts nothing)
+    quiet = audio * 0.05
+    assert Slicer(SR, -30, 3000, 100, 10, 200).slice(quiet) == []
+    assert slice_at_silences(quiet, SR) == [(0, len(quiet))]
+    assert len(slice_at_silences(cases[2], SR)[-1]) and slice_at_silences(cases[2], SR)[-1][1] \
+        - slice_at_silences(cases[2], SR)[-1][0] > 30 * SR
+
+
+def test_joins_are_upstreams_fades_and_crossfade_is_an_option():
+    from rtsvc.dsp.slicer import join_with_fades
+    from rtsvc.offline import convert_offline
+    from rtsvc.settings import Knobs
+    from tests.upstream.v3_infer import apply_fade
+
+    fade, n = 882, 20000
+    a, b = np.ones(9000), np.ones(n - 9500)
+    got = join_with_fades([(0, a), (9500, b)], n, fade)
+    want = np.zeros(n + fade)  # upstream's loop, by hand
+    a2 = a.copy()
+    a2[-fade:] *= np.linspace(1, 0, fade)
+    want[:9000] += a2
+    b2 = apply_fade(b.copy(), fade, fade_in=True)
+    want[9500:9500 + fade] *= np.linspace(1, 0, fade)
+    want[9500:9500 + len(b2)] += b2
+    np.testing.assert_allclose(got, want[:n], atol=1e-7)
+    assert got[9000 - 1] == 0 and got[9500] == 0  # the dip: linear out to 0, half-Hann in from 0
+
+    class Echo:
+        sample_rate, speakers = SR, ["echo"]
+
+        def reset(self):
+            pass
+
+        def convert(self, audio, knobs, start_sample=0, tail=None):
+            return audio
+
+    audio = multi_slice_input()
+    faded = convert_offline(Echo(), audio, Knobs(), target_lufs=None)
+    crossfaded = convert_offline(Echo(), audio, Knobs(), target_lufs=None, join="crossfade")
+    cut = 493038  # two slices meet here with no silence between them
+    assert abs(faded[cut]) < 1e-6 < abs(audio[cut - 300:cut + 300]).max()  # upstream: a dip
+    # ours: none
+    np.testing.assert_allclose(crossfaded[cut - 300:cut + 300], audio[cut - 300:cut + 300], atol=1e-6)
+
+
+def test_loudness_is_normalised_per_slice_then_restored_by_default(tmp_path):
+    import pyloudnorm
+
+    from rtsvc.offline import convert_offline
+    from rtsvc.settings import Knobs
+
+    class Gain:
+        sample_rate, speakers = SR, ["x"]
+
+        def __init__(self):
+            self.levels = []
+
+        def reset(self):
+            pass
+
+        def convert(self, audio, knobs, start_sample=0, tail=None):
+            self.levels.append(meter.integrated_loudness(audio))
+            return audio * 0.3
+
+    meter = pyloudnorm.Meter(SR, block_size=0.1)
+    audio = multi_slice_input()
+    voice = Gain()
+    out = convert_offline(voice, audio, Knobs())
+    assert np.allclose(voice.levels, -18.0, atol=0.01)  # every slice heard at -18 LUFS
+    a, b = 7497, 163611  # first slice: restored to its input loudness despite the voice's gain
+    assert abs(meter.integrated_loudness(out[a + 1000:b - 1000]) - meter.integrated_loudness(
+        audio[a + 1000:b - 1000])) < 0.3
+    kept = convert_offline(Gain(), audio, Knobs(), restore_loudness=False)
+    assert abs(meter.integrated_loudness(kept[a + 1000:b - 1000]) - (-18 + 20 * np.log10(0.3))) < 0.3
+    loud = convert_offline(Gain(), audio * 3.0, Knobs(), target_lufs=0.0, restore_loudness=False)
+    assert np.abs(loud).max() <= 0.99 * 0.3 + 1e-6  # upstream's peak rule: over 1.0 -> 0.99
+
+
+def test_upstream_option_names_reach_the_conversion(tmp_path, capsys, monkeypatch):
+    import rtsvc.offline
+
+    seen = {}
+
+    def fake_convert_file(voice, src, out, knobs, progress=None, **kw):
+        seen.update(kw, knobs=knobs)
+        return 1.0
+
+    monkeypatch.setattr(rtsvc.offline, "convert_file", fake_convert_file)
+    src = write_wav(tmp_path / "in.wav", harmonic_tone(1.0))
+    args = ["convert", src, tmp_path / "o.wav", "--key-shift", "3", "--infer-steps", "7",
+            "--restore-loudness", "False", "--target-loudness", "-20", "--fade-duration", "30",
+            "--cvec-downsample-rate", "2", "--batch-size", "1"]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert seen["knobs"].pitch_shift == 3 and seen["knobs"].steps == 7
+    assert seen["restore_loudness"] is False and seen["fade_ms"] == 30 and seen["join"] == "fades"
+    assert seen["target_lufs"] is None  # the DSP voice keeps each slice's level
+    code, _, _ = run_cli(args[:3], capsys, monkeypatch)
+    assert seen["restore_loudness"] is True  # upstream V3's default
+    code, _, err = run_cli([*args[:3], "--restore-loudness", "maybe"], capsys, monkeypatch)
+    assert code == 2 and "--restore-loudness takes true or false" in err
+    code, _, err = run_cli([*args[:3], "--batch-size", "4"], capsys, monkeypatch)
+    assert code == 2 and "not supported" in err
+
+
+def test_convert_stream_does_not_measure_blocks_or_advise(tmp_path, capsys, monkeypatch):
+    """Issue 24: a file needs no real-time tuning: the live default block, no measurement."""
+    import rtsvc.autoblock
+    import rtsvc.offline
+
+    monkeypatch.setattr(rtsvc.autoblock, "pick_block", lambda *a, **k: pytest.fail("measured blocks"))
+    used = []
+    monkeypatch.setattr(rtsvc.offline, "stream_file", lambda voice, src, out, knobs, config, **kw:
+                        used.append(config.block_ms) or 1.0)
+    src = write_wav(tmp_path / "in.wav", harmonic_tone(1.0))
+    code, out, err = run_cli(["convert", src, tmp_path / "o.wav", "--stream"], capsys, monkeypatch)
+    assert code == 0, err
+    from rtsvc.voices.defaults import DSP_BLOCK_MS
+
+    assert used == [DSP_BLOCK_MS]
+    assert "--f0" not in out + err and "underrun" not in (out + err).lower()
