@@ -379,6 +379,9 @@ def convert(
     cvec_downsample_rate: int = typer.Option(2, help="Upstream's bad-ContentVec downsampling rate; only 2 "
                                              "(upstream's default) is supported. Default: 2."),
     batch_size: int = typer.Option(1, help="Slices per batch, as upstream; only 1 is supported. Default: 1."),
+    robust_f0: int = typer.Option(0, help="Upstream's robust F0 for models: 0 off, 1 fill RMVPE's unvoiced "
+                                  "frames where WORLD or Praat hear pitch, 2 median of the three with "
+                                  "outliers replaced (needs praat-parselmouth; offline only). Default: 0."),
     stream: bool = typer.Option(False, help="Convert through the streaming engine block by block (what "
                                 "live/serve hear) instead of offline slices. Default: off."),
     block_ms: BlockMs = "auto", context_ms: ContextMs = STREAM.context_ms,
@@ -396,6 +399,10 @@ def convert(
                         "supported yet")
     if use_fp16:
         precision = "fp16"
+    if robust_f0 not in (0, 1, 2):
+        raise UserError(f"--robust-f0 takes 0, 1 or 2, got {robust_f0}")
+    if robust_f0 and (model is None or stream):
+        raise UserError("--robust-f0 applies to models converting offline (not the DSP voice or --stream)")
     knobs = validate_knobs(Knobs(speaker=speaker, pitch_shift=pitch, formant_shift=formant,
                                  cfg_strength=cfg_strength, ds_cfg_strength=ds_cfg_strength,
                                  spk_cfg_strength=spk_cfg_strength, skip_cfg_strength=skip_cfg_strength,
@@ -413,6 +420,8 @@ def convert(
         rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision, speaker=speaker,
         providers=providers, streaming=stream, dit_context_ms=dit_context_ms, concurrent_f0=concurrent_f0))
     knobs = sampling_steps(knobs, voice, steps)
+    if robust_f0:
+        voice.features.robust_f0 = robust_f0
     _say(describe_voice(voice, model, speaker))
     if stream:  # a file needs no real-time tuning: an auto block is the live default, not measured
         config = config.for_voice(voice)

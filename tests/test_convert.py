@@ -148,18 +148,18 @@ def test_long_input_is_sliced_at_silences_and_joined_to_the_same_length():
     assert np.max(np.abs(out[int(7 * SR):int(7.6 * SR)])) == 0.0  # dropped silence stays silent
 
 
-def test_slices_are_brought_to_minus_18_lufs_and_restored_on_request():
+def test_slices_are_brought_to_minus_18_lufs_and_restored_by_default():
     import pyloudnorm
 
     audio = _speech_like([("v", 4), ("s", 1), ("v", 4)])
     audio[int(5 * SR):] *= 0.1  # second phrase 20 dB quieter (below -30 dBFS: not dropped as silence)
     meter = pyloudnorm.Meter(SR, block_size=0.1)
     voice = EchoVoice()
-    out = convert_offline(voice, audio, Knobs())
+    out = convert_offline(voice, audio, Knobs(), restore_loudness=False)
     first, second = out[:int(4 * SR)], out[int(5 * SR):]
     assert abs(meter.integrated_loudness(first.astype(np.float64)) + 18.0) < 0.5
     assert abs(meter.integrated_loudness(second.astype(np.float64)) + 18.0) < 0.5
-    out = convert_offline(EchoVoice(gain=3.0), audio, Knobs(), restore_loudness=True)
+    out = convert_offline(EchoVoice(gain=3.0), audio, Knobs())
     core = slice(int(0.5 * SR), int(3.5 * SR))
     np.testing.assert_allclose(out[core], audio[core], atol=2e-3)
 

@@ -248,6 +248,10 @@ def test_upstream_option_names_reach_the_conversion(tmp_path, capsys, monkeypatc
     assert code == 2 and "--restore-loudness takes true or false" in err
     code, _, err = run_cli([*args[:3], "--batch-size", "4"], capsys, monkeypatch)
     assert code == 2 and "not supported" in err
+    code, _, err = run_cli([*args[:3], "--robust-f0", "3"], capsys, monkeypatch)
+    assert code == 2 and "--robust-f0 takes 0, 1 or 2" in err
+    code, _, err = run_cli([*args[:3], "--robust-f0", "1"], capsys, monkeypatch)  # no --model
+    assert code == 2 and "--robust-f0 applies to models" in err
 
 
 def test_convert_stream_does_not_measure_blocks_or_advise(tmp_path, capsys, monkeypatch):
@@ -266,3 +270,26 @@ def test_convert_stream_does_not_measure_blocks_or_advise(tmp_path, capsys, monk
 
     assert used == [DSP_BLOCK_MS]
     assert "--f0" not in out + err and "underrun" not in (out + err).lower()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_robust_f0_levels_equal_upstreams_ensembles():
+    from rtsvc.features.robust_f0 import robust_f0
+    from tests.upstream import robust_f0 as up
+
+    audio = np.concatenate([harmonic_tone(1.0, 150.0, 0.3, vibrato=0.05), np.zeros(SR // 4, np.float32),
+                            harmonic_tone(0.8, 240.0, 0.2)]).astype(np.float64)
+    n = len(audio) // 512
+    rng = np.random.default_rng(3)
+    rmvpe = np.where(rng.random(n) < 0.2, 0.0, 150.0 + 5 * rng.standard_normal(n))  # gaps to fill
+    rmvpe[40] = 600.0  # an octave error for the median to catch
+    rms = np.abs(rng.standard_normal(n)) * 0.1
+    step = 512 / SR
+    world, praat = up.get_f0_pw(audio, SR, step, 40, 1100), up.get_f0_pm(audio, SR, step, 40, 1100)
+    light = robust_f0(1, rmvpe, audio, SR, 512, rms)
+    np.testing.assert_array_equal(light, up.f0_ensemble_light(rmvpe.copy(), world, praat, rms=rms))
+    full = robust_f0(2, rmvpe, audio, SR, 512)
+    np.testing.assert_allclose(full, up.f0_ensemble(rmvpe.copy(), world, praat), atol=1e-9)
+    assert light.shape == full.shape == (n,)
+    assert (light != rmvpe).any() and (full != rmvpe).any()  # both changed something
+    assert full[40] < 400  # the outlier is gone

@@ -18,6 +18,7 @@ from rtsvc.dsp.mel import log_mel_spectrogram, rms_per_frame
 from rtsvc.dsp.sinc import sinc_resample
 from rtsvc.features.f0 import F0Extractor, f0_to_mel_frames, make_f0_extractor, shift_f0
 from rtsvc.features.frames import mel_frame_count
+from rtsvc.features.robust_f0 import robust_f0
 from rtsvc.pretrained import PretrainedPaths
 
 # per model family: (Whisper needed, how ContentVec goes onto the mel grid) as upstream: V2's
@@ -59,6 +60,7 @@ class FeatureExtractor:
         self.f0_extractor = f0
         self.device = torch.device(device)
         self.content_resize = content_resize  # how ContentVec frames go onto the mel grid
+        self.robust_f0 = 0  # upstream's --robust-f0 level for whole clips (offline): 0, 1 or 2
 
     @classmethod
     def from_pretrained(cls, paths: PretrainedPaths, f0: str = "rmvpe",
@@ -87,6 +89,17 @@ class FeatureExtractor:
         hz = f0_to_mel_frames(self.f0_extractor(audio_16k), n_frames, dtype=np.float64)
         hz = shift_f0(hz, semitones).astype(np.float32)  # shifted, then rounded, as upstream
         return torch.from_numpy(hz).to(self.device)
+
+    def f0_clip(self, audio_44k: np.ndarray, f0_16k: np.ndarray, n_frames: int,
+                semitones: float = 0.0) -> torch.Tensor:
+        """Offline F0 of a whole clip (`f0` of its F0 audio `f0_16k`), checked by WORLD and Praat as
+        upstream's `--robust-f0` when `robust_f0` is 1 or 2 (then `audio_44k` is what they hear)."""
+        if not self.robust_f0:
+            return self.f0(f0_16k, n_frames, semitones)
+        hz = f0_to_mel_frames(self.f0_extractor(f0_16k), n_frames, dtype=np.float64)
+        rms = self.rms(audio_44k).cpu().numpy() if self.robust_f0 == 1 else None
+        hz = robust_f0(self.robust_f0, hz, np.asarray(audio_44k), SAMPLE_RATE, HOP_LENGTH, rms)
+        return torch.from_numpy(shift_f0(hz, semitones).astype(np.float32)).to(self.device)
 
     def content(self, audio_16k: np.ndarray, n_frames: int) -> torch.Tensor:
         return self.contentvec.encode(audio_16k, n_frames, self.content_resize)

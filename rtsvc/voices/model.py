@@ -182,7 +182,7 @@ class ModelVoice:
         row = lambda a: torch.as_tensor(a, dtype=torch.float32).to(device)[None]  # noqa: E731 - [1, n, ...]
         audio_16k = self._timed("resample", resample, audio, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
         f0_16k = self._timed("resample_f0", sinc_resample, audio, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
-        f0 = row(self._timed("f0", feats.f0, f0_16k, n, semitones))  # shifted: for DiT and vocoder
+        f0 = row(self._timed("f0", feats.f0_clip, audio, f0_16k, n, semitones))  # shifted: DiT and vocoder
         whisper = None
         if feats.whisper_encoder is not None:  # V2 only
             whisper = row(self._timed("whisper", feats.whisper, audio_16k, n,
