@@ -122,22 +122,35 @@ def serve(
 
 
 @app.command()
-@o.knob_options(skip=("gate_db", "input_gain_db", "output_gain_db"), defaults={"steps": CONVERT_STEPS})
+@o.knob_options(skip=("gate_db", "input_gain_db", "output_gain_db"), defaults={"steps": CONVERT_STEPS},
+                aliases=o.UPSTREAM_ALIASES)
 def convert(
     input: o.InputFile, output: o.OutputFile, model: o.Model = None,
     pretrained_dir: o.PretrainedDir = Path("pretrained"), contentvec: o.ContentVec = None,
     whisper: o.Whisper = None, vocoder: o.Vocoder = None, rmvpe: o.Rmvpe = None, f0: o.F0 = None,
     device: o.Device = "auto", backend: o.Backend = "auto", providers: o.Providers = None,
-    precision: o.Precision = "fp32", restore_loudness: o.RestoreLoudness = False, stream: o.Stream = False,
-    block_ms: o.BlockMs = "auto", context_ms: o.ContextMs = o.STREAM.context_ms,
+    precision: o.Precision = "fp32", use_fp16: o.UseFp16 = False,
+    restore_loudness: o.RestoreLoudness = "true", target_loudness: o.TargetLoudness = -18.0,
+    fade_duration: o.FadeDuration = o.FADE_MS, join: o.Join = "fades",
+    cvec_downsample_rate: o.CvecDownsampleRate = 2, batch_size: o.BatchSize = 1, robust_f0: o.RobustF0 = 0,
+    stream: o.Stream = False, block_ms: o.BlockMs = "auto", context_ms: o.ContextMs = o.STREAM.context_ms,
     crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
     sola_search_ms: o.SolaSearchMs = o.STREAM.sola_search_ms, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
     concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0, knobs: Knobs = KNOBS, typed: dict | None = None,
 ) -> None:
     """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
-    from rtsvc.offline import TARGET_LUFS, check_input_file, check_output_path, convert_file, stream_file
+    from rtsvc.offline import (
+        check_input_file,
+        check_output_path,
+        check_upstream_options,
+        convert_file,
+        stream_file,
+    )
 
     check_f0(f0)
+    restore = check_upstream_options(restore_loudness, cvec_downsample_rate, batch_size, robust_f0,
+                                     model is not None and not stream)
+    precision = "fp16" if use_fp16 else precision
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_output_path(output, input)
     check_input_file(input)  # before any model loads; read block by block
@@ -146,7 +159,11 @@ def convert(
     if model is not None and knobs.formant_shift != 1.0:
         _say("note: --formant applies to the DSP voice only; ignored with --model")
     spec = _pick(VoiceSpec, locals(), speaker=knobs.speaker, streaming=stream)
-    voice, knobs, config, _ = start_voice(spec, knobs, typed.get("steps"), config if stream else None, _say)
+    # a file needs no real-time tuning: an auto block is the live default, not measured
+    voice, knobs, _, _ = start_voice(spec, knobs, typed.get("steps"), None, _say)
+    config = config.for_voice(voice)
+    if robust_f0:
+        voice.features.robust_f0 = robust_f0
     with o.progress_bar(console) as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
@@ -154,9 +171,9 @@ def convert(
             seconds = stream_file(voice, input, output, knobs, config, progress=update)
         else:  # piece by piece: memory bounded whatever the length. The DSP voice keeps each
             # slice's level; models hear the training loudness
-            seconds = convert_file(voice, input, output, knobs, progress=update,
-                                   restore_loudness=restore_loudness,
-                                   target_lufs=None if model is None else TARGET_LUFS)
+            seconds = convert_file(voice, input, output, knobs, progress=update, restore_loudness=restore,
+                                   target_lufs=None if model is None else target_loudness, join=join,
+                                   fade_ms=fade_duration)
     _say(f"wrote {output} ({seconds:.2f} s)")
 
 

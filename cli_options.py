@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from rtsvc.autoblock import P99_MARGIN
+from rtsvc.dsp.slicer import FADE_MS
 from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
 from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0
@@ -43,12 +44,13 @@ def opt(kind: type, help: str, *names: str, panel: str | None = None):
 
 
 def knob_options(skip: Collection[str] = (), defaults: dict | None = None,
-                 table: Iterable[Knob] = KNOB_TABLE):
+                 table: Iterable[Knob] = KNOB_TABLE, aliases: dict[str, tuple[str, ...]] | None = None):
     """Decorator: adds one option per knob row (its flags and help; basic knobs in the Voice panel,
     the rest in Advanced) to a typer command, which instead receives `knobs` (validated `Knobs`:
     what was typed, else `defaults`, else the row's default) and `typed` (the knob values typed).
-    A bad value is a UserError naming the flag typed (`--pitch must be ...`)."""
-    defaults, table = dict(defaults or {}), tuple(table)
+    A bad value is a UserError naming the flag typed (`--pitch must be ...`). `aliases` adds option
+    names to a knob for this command (convert takes upstream's `--key-shift`)."""
+    defaults, table, aliases = dict(defaults or {}), tuple(table), dict(aliases or {})
     rows = [k for k in table if k.flags and k.name not in skip]
     make_knobs = knobs_class(table)  # `Knobs` itself for KNOB_TABLE
 
@@ -57,7 +59,7 @@ def knob_options(skip: Collection[str] = (), defaults: dict | None = None,
         added = [inspect.Parameter(
             k.name, inspect.Parameter.KEYWORD_ONLY, default=None,
             annotation=Annotated[k.kind | None, typer.Option(
-                *k.flags, help=k.cli_help(defaults.get(k.name)),
+                *k.flags, *aliases.get(k.name, ()), help=k.cli_help(defaults.get(k.name)),
                 rich_help_panel=VOICE if k.basic else ADVANCED)],
         ) for k in rows]
 
@@ -275,8 +277,23 @@ InputFile = Annotated[Path, typer.Argument(help="Input audio file (wav, flac, og
                                            "mono).")]
 OutputFile = Annotated[Path, typer.Argument(help="Output file, 44.1 kHz mono; format from the extension "
                                             "(.wav, .flac, .ogg).")]
-RestoreLoudness = opt(bool, "Give each slice back its input loudness instead of the model's -18 LUFS. "
-                      "Default: off.")
+RestoreLoudness = opt(str, "Give each slice back its input loudness (true) or keep the model's "
+                      "--target-loudness (false), as upstream's --restore-loudness. Default: true.")
+TargetLoudness = opt(float, "Loudness (LUFS) each slice is brought to before conversion, as upstream. "
+                     "Default: -18.")
+FadeDuration = opt(float, f"Fade at each slice boundary in ms (upstream's join: half-Hann in, linear out). "
+                   f"Default: {FADE_MS:g}.")
+Join = opt(str, "How slices are joined: fades (upstream's, no overlap) or crossfade (ours: slices overlap "
+           "by --fade-duration and crossfade). Default: fades.")
+UseFp16 = opt(bool, "Upstream's name for --precision fp16 (CUDA only; a CPU keeps fp32). Default: off "
+              "(fp32; upstream's infer.py defaults to fp16 on CUDA).", panel=MODEL)
+CvecDownsampleRate = opt(int, "Upstream's bad-ContentVec downsampling rate; only 2 (upstream's default) is "
+                         "supported. Default: 2.", panel=ADVANCED)
+BatchSize = opt(int, "Slices per batch, as upstream; only 1 is supported. Default: 1.", panel=ADVANCED)
+RobustF0 = opt(int, "Upstream's robust F0 for models: 0 off, 1 fill RMVPE's unvoiced frames where WORLD or "
+               "Praat hear pitch, 2 median of the three with outliers replaced (needs praat-parselmouth; "
+               "offline only). Default: 0.", panel=MODEL)
+UPSTREAM_ALIASES = {"pitch_shift": ("--key-shift",), "steps": ("--infer-steps",)}  # upstream infer.py's names
 Stream = opt(bool, "Convert through the streaming engine block by block (what live/serve hear) instead of "
              "offline slices. Default: off.", panel=STREAMING)
 

@@ -31,7 +31,7 @@ import pyloudnorm
 import torch
 
 from rtsvc.dsp.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE, load_audio
-from rtsvc.dsp.slicer import slice_at_silences
+from rtsvc.dsp.slicer import TRAINING_KEEP_RANGE_DB, TRAINING_MAX_SIL_KEPT_MS, slice_at_silences
 from rtsvc.errors import UserError
 
 CACHE_DIR = ".rtsvc-cache"
@@ -104,7 +104,9 @@ def slice_clips(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, min_s: float 
                 max_s: float = MAX_CLIP_S) -> list[np.ndarray]:
     """Non-silent pieces at least `min_s` long, cut to whole mel frames."""
     pieces = []
-    for start, end in slice_at_silences(audio, sample_rate, max_length_s=max_s):
+    ranges = slice_at_silences(audio, sample_rate, max_length_s=max_s, keep_range_db=TRAINING_KEEP_RANGE_DB,
+                               max_sil_kept_ms=TRAINING_MAX_SIL_KEPT_MS)  # as before issue 22
+    for start, end in ranges:
         piece = audio[start:end]
         piece = piece[: len(piece) // HOP_LENGTH * HOP_LENGTH]
         if len(piece) >= min_s * sample_rate and np.max(np.abs(piece)) > 1e-4:
