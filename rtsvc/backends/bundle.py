@@ -205,6 +205,27 @@ def read_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     return Bundle(path=path, manifest=manifest)
 
 
+def replaceable_bundle_problem(path: str | Path) -> str | None:
+    """Why `path` may not be deleted to make room for a new export (None: it may). Only a folder
+    that provably is an rtsvc bundle is replaced: its manifest validates as ours and the folder
+    holds nothing but manifest.json and the files it lists (a web project with a manifest.json,
+    or a bundle someone added notes to, is not ours to delete)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a plain folder"
+    try:
+        manifest = read_bundle(path, verify_hashes=False).manifest
+    except UserError as err:
+        return f"it is not an rtsvc bundle ({str(err).removeprefix(f'bundle {path}: ')})"
+    listed = {PurePosixPath(name) for name in manifest["files"]} | {PurePosixPath(MANIFEST)}
+    folders = {parent for name in listed for parent in name.parents if parent != PurePosixPath(".")}
+    for entry in path.rglob("*"):
+        rel = PurePosixPath(entry.relative_to(path).as_posix())
+        if entry.is_symlink() or not (rel in listed and entry.is_file() or rel in folders and entry.is_dir()):
+            return f"it holds {_shown(str(rel))}, which is not one of its bundle files"
+    return None
+
+
 def bundle_components(path: str | Path) -> set[str]:
     """Pretrained components a bundle carries itself (so a pretrained dir need not have them):
     always the vocoder; ContentVec and Whisper when exported with --with-encoders. Reads the
