@@ -54,9 +54,8 @@ def _as_dict(obj: Any) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-def _strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    expected = set(module.state_dict())
-    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+def _check_key_sets(expected: set[str], given: set[str], path: Path, what: str) -> None:
+    missing, extra = sorted(expected - given), sorted(given - expected)
     if missing or extra:
         parts = []
         if missing:
@@ -64,6 +63,10 @@ def _strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
         if extra:
             parts.append(f"unexpected {len(extra)} key(s), e.g. {', '.join(extra[:3])}")
         raise UserError(f"{path} does not match the {what} architecture: {'; '.join(parts)}")
+
+
+def _strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    _check_key_sets(set(module.state_dict()), set(state), path, what)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:  # shape mismatches
@@ -115,6 +118,34 @@ def _check_sizes(sizes: dict, default_head_dim: int, path: Path) -> None:
                         f"head_dim={head_dim}")
 
 
+def _tensor_dim(state: dict[str, torch.Tensor], key: str, axis: int, path: Path) -> int:
+    """A size the model takes from one of the checkpoint's tensors (UserError if it has none)."""
+    tensor = state.get(key)
+    if tensor is None or tensor.ndim <= axis:
+        raise UserError(f"{path} does not hold a RIFT-SVC DiT: {key} is missing or not a matrix")
+    return int(tensor.shape[axis])
+
+
+def _check_against_tensors(build, config, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """The metadata's model size must be the one the tensors have, checked before the network is
+    built: a 1.4 MB file claiming dim 4096 would otherwise allocate gigabytes first. The depth and
+    width are compared directly; then every shape, on a skeleton on the meta device (no memory)."""
+    blocks = {k.split(".")[1] for k in state if k.startswith("transformer_blocks.")}
+    if len(blocks) != config.depth:
+        raise UserError(f"{path}: hyper_parameters say depth={config.depth} but the weights hold "
+                        f"{len(blocks)} transformer blocks")
+    width = _tensor_dim(state, "output.weight", 1, path)
+    if width != config.dim:
+        raise UserError(f"{path}: hyper_parameters say dim={config.dim} but the weights are {width} wide")
+    with torch.device("meta"):
+        expected = build().state_dict()
+    _check_key_sets(set(expected), set(state), path, what)
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise UserError(f"{path} does not match the {what} architecture: {key} is "
+                            f"{list(state[key].shape)} in the file, {list(tensor.shape)} in the model")
+
+
 def _v2_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, path: Path) -> DiTConfig:
     model_cfg = _as_dict(_as_dict(hparams.get("model")).get("cfg"))  # V2: cfg.model = {name, cfg: {...}}
     if not {"dim", "depth"} <= set(model_cfg):
@@ -124,8 +155,8 @@ def _v2_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, p
     n_mel = dataset.get("n_mel_channels", 128)
     _check_sizes({**kw, "n_mel_channels": n_mel}, DiTConfig.head_dim, path)
     return DiTConfig(**kw, num_speaker=n_speakers, n_mel=n_mel,
-                     cvec_dim=state["cond_embed.cvec_embed.weight"].shape[1],
-                     whisper_dim=state["null_whisper_embed.weight"].shape[1])
+                     cvec_dim=_tensor_dim(state, "cond_embed.cvec_embed.weight", 1, path),
+                     whisper_dim=_tensor_dim(state, "null_whisper_embed.weight", 1, path))
 
 
 def _default_first(speakers: dict[str, int], default: object) -> dict[str, int]:
@@ -150,9 +181,9 @@ def _v3_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, p
         if alpha is None:
             raise UserError(f"{path} carries LoRA adapters (rank {rank}) but no "
                             "hyper_parameters.cfg.training.lora_alpha to scale them")
-    return DiTV3Config(**kw, num_speaker=n_speakers,
-                       n_mel=int(model_cfg.get("n_mel_channels", state["output.weight"].shape[0])),
-                       cvec_dim=state["cond_embed.cvec_embed.weight"].shape[1],
+    n_mel = model_cfg.get("n_mel_channels", _tensor_dim(state, "output.weight", 0, path))
+    return DiTV3Config(**kw, num_speaker=n_speakers, n_mel=int(n_mel),
+                       cvec_dim=_tensor_dim(state, "cond_embed.cvec_embed.weight", 1, path),
                        lora_rank=rank, lora_alpha=None if alpha is None else float(alpha))
 
 
@@ -189,17 +220,22 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
                         f"has {n_speakers} speaker embeddings")
     if family == "v3":
         config = _v3_config(hparams, state, n_speakers, path)
-        model = DiTV3(config)
         lora = f", LoRA rank {config.lora_rank}" if config.lora_rank else ""
         what = f"RIFT-SVC V3 DiT ({config.dim}-{config.depth}{lora})"
     else:
         config = _v2_config(hparams, state, n_speakers, path)
-        model = DiT(config)
         what = f"RIFT-SVC V2 DiT ({config.dim}-{config.depth})"
     student = StudentInfo.from_dict(_as_dict(hparams[STUDENT_KEY])) if STUDENT_KEY in hparams else None
-    if student is not None:  # its extra keys: the second time input
-        make_student(model)
-        what += " student"
+    what += " student" if student is not None else ""
+
+    def build() -> DiT | DiTV3:
+        model = DiTV3(config) if family == "v3" else DiT(config)
+        if student is not None:  # its extra keys: the second time input
+            make_student(model)
+        return model
+
+    _check_against_tensors(build, config, state, path, what)  # before any memory is spent on it
+    model = build()
     _strict_load(model, state, path, what)
     return LoadedDiT(model=model.to(device).eval(), speakers=speakers, config=config, path=path,
                      dataset=_as_dict(hparams.get("dataset")), family=family, student=student)
