@@ -207,14 +207,15 @@ def prepare(
         update = lambda done, total, name: bar.update(task, completed=done, total=total)  # noqa: E731
         result = prepare_dataset(data, extract, settings, workers=workers, on_progress=update)
     for skipped in result.skipped:
-        console.print(f"[yellow]skipped[/] {skipped.path}: {skipped.reason}", highlight=False)
+        console.print(Text.assemble(("skipped", "yellow"), f" {skipped.path}: {skipped.reason}"),
+                      highlight=False)
     o.print_table(f"prepared {data} ({CACHE_DIR}/)", ("speaker", "files", "clips", "minutes"),
                   [(name, str(i["sources"]), str(i["clips"]), f"{i['seconds'] / 60:.1f}")
                    for name, i in sorted(result.speakers.items())])
     _say(f"{result.processed} file(s) processed, {result.reused} already done, {len(result.skipped)} "
          f"skipped; metadata: {result.metadata_path}")
     for warning in too_little_audio(result):
-        console.print(f"[yellow]warning[/] {warning}", highlight=False)
+        console.print(Text.assemble(("warning", "yellow"), f" {warning}"), highlight=False)
 
 
 @app.command()
@@ -239,14 +240,12 @@ def train(
     if result.rank != 0:  # torchrun: one report, from rank 0
         return
     new = set(result.new_speakers)
-    console.print("speakers: " + ", ".join(f"{n}{' (new)' if n in new else ''}" for n in result.speakers),
-                  highlight=False)
+    _say("speakers: " + ", ".join(f"{n}{' (new)' if n in new else ''}" for n in result.speakers))
     if result.new_speakers:
-        console.print(f"default speaker: {result.new_speakers[0]} (live, convert and serve use it without "
-                      "--speaker)", highlight=False)
+        _say(f"default speaker: {result.new_speakers[0]} (live, convert and serve use it without --speaker)")
     state = "stopped (Ctrl-C)" if result.interrupted else "finished"
-    console.print(f"{state} at step {result.global_step}; checkpoint: {result.last_checkpoint}"
-                  + (" (continue with --resume)" if result.interrupted else ""), highlight=False)
+    _say(f"{state} at step {result.global_step}; checkpoint: {result.last_checkpoint}"
+         + (" (continue with --resume)" if result.interrupted else ""))
 
 
 @app.command()
@@ -273,8 +272,8 @@ def distill(
         return
     state = "stopped (Ctrl-C)" if result.interrupted else "finished"
     resume_hint = " (continue with --resume)" if result.interrupted else ""
-    console.print(f"{state} at step {result.global_step}; student ({result.info.nfe} evaluation(s) per "
-                  f"block): {result.last_checkpoint}{resume_hint}", highlight=False)
+    _say(f"{state} at step {result.global_step}; student ({result.info.nfe} evaluation(s) per "
+         f"block): {result.last_checkpoint}{resume_hint}")
 
 
 @app.command("export")
@@ -306,13 +305,13 @@ def export_cmd(
     o.print_table("parity: ONNX Runtime (CPU) vs torch",
                   ("graph", "batch", "frames", "max abs error", "max |torch|", "relative", "ok"),
                   [(r.graph, str(r.batch), str(r.frames), f"{r.max_abs:.2e}", f"{r.ref_max:.3g}",
-                    f"{r.rel:.2e}", "yes" if r.ok else "[bold red]NO[/]") for r in result.rows])
+                    f"{r.rel:.2e}", "yes" if r.ok else Text("NO", style="bold red")) for r in result.rows])
     if not result.ok:
         worst = max(result.failures(), key=lambda r: r.rel)
         raise UserError(f"parity check failed: {worst.graph} at {worst.frames} frames differs by "
                         f"{worst.rel:.2e} (relative) > tolerance {worst.tolerance:g}; no bundle written")
     exporters = ", ".join(f"{k}: {v}" for k, v in result.exporters.items())
-    console.print(f"wrote {result.path} (exporter {exporters})", highlight=False)
+    _say(f"wrote {result.path} (exporter {exporters})")
     if int8:
         from export.quantize import quantize_bundle
 
@@ -323,7 +322,7 @@ def export_cmd(
                       ("graph", "scheme", "relative L2", "fp32 ms", "int8 ms", "speed-up"),
                       [(r.graph, r.scheme, f"{r.rel_l2:.4f}", f"{r.fp32_ms:.1f}", f"{r.int8_ms:.1f}",
                         f"{r.fp32_ms / r.int8_ms:.2f}x") for r in rows])
-        console.print(f"quantized {result.path} to int8", highlight=False)
+        _say(f"quantized {result.path} to int8")
 
 
 @app.command()

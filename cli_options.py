@@ -154,7 +154,7 @@ console = Console(stderr=True)
 
 
 def say(text: str) -> None:
-    console.print(text, highlight=False, soft_wrap=True)
+    console.print(text, highlight=False, soft_wrap=True, markup=False)  # paths may hold "[/"
 
 
 def pick(cls: type, options: dict, **fixed):
@@ -167,19 +167,21 @@ def pick(cls: type, options: dict, **fixed):
 def progress_bar(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=False)
 
 
 def print_table(title: str, columns: tuple[str, ...], rows) -> None:
-    """Print a table on stdout: the first column left-aligned, numbers right-aligned."""
+    """Print a table on stdout: the first column left-aligned, numbers right-aligned. Text is shown
+    literally (names and paths may hold rich markup such as "[/"); style a cell with a `Text`."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title)
+    table = Table(title=Text(title))
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(cell if isinstance(cell, Text) else Text(cell) for cell in row))
     Console().print(table)
 
 

@@ -11,6 +11,9 @@ ours instead: slices extended by half the crossfade into their neighbours and cr
 import contextlib
 import math
 import os
+import signal
+import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -218,10 +221,18 @@ def stream_file(voice: Voice, input_path: str | Path, output_path: str | Path, k
 @contextlib.contextmanager
 def _atomic_output(output_path: str | Path, sample_rate: int) -> Iterator[sf.SoundFile]:
     """A mono float file written beside `output_path` and renamed onto it only when the body
-    finishes: a failure never leaves a half-written output."""
+    finishes: a failure (or SIGTERM, like Ctrl-C) never leaves a half-written output. The
+    temporary name is new (created exclusively, random), so it is never an input nor a link to one."""
     output_path = Path(output_path)
-    partial = output_path.with_name(f".{output_path.stem}.partial{output_path.suffix}")
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{output_path.stem}.", suffix=f".partial{output_path.suffix}",
+                                    dir=output_path.parent)
+    except OSError as err:
+        raise UserError(f"cannot write audio file {output_path}: {err}") from None
+    os.close(fd)
+    partial = Path(name)
+    previous = _terminate_as_interrupt()
     try:
         try:
             out = sf.SoundFile(str(partial), "w", sample_rate, 1)
@@ -232,6 +243,20 @@ def _atomic_output(output_path: str | Path, sample_rate: int) -> Iterator[sf.Sou
         os.replace(partial, output_path)
     finally:
         partial.unlink(missing_ok=True)  # (gone after the rename) a failure leaves no partial file
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt (as Ctrl-C does) so the partial file is removed; returns the
+    handler to restore, or None off the main thread (where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _pieces(blocks: Iterable[np.ndarray], sample_rate: int, piece: int):

@@ -10,6 +10,7 @@ grid and save one `.pt` per clip:
                                                    "rms": [n], "cvec": [n, 768] fp16,
                                                    "whisper": [n, 1280] fp16}
     DIR/.rtsvc-cache/SPEAKER/<file name>.json     which clips a source file gave (resume record)
+    (<file name>: the path inside SPEAKER/, "%" and "/" written %25 and %2F: one name per source)
     DIR/.rtsvc-cache/metadata.json                speakers, clips (frames, split), settings
 
 A source whose record exists with the same size, mtime and settings is skipped, so an interrupted
@@ -148,8 +149,10 @@ def _source_key(path: Path, settings: dict) -> dict:
 
 
 def _record_path(cache: Path, speaker: str, source: Path, root: Path) -> Path:
-    rel = source.relative_to(root / speaker)
-    return cache / speaker / (str(rel).replace(os.sep, "__") + ".json")
+    """One cache name per source, never shared: the path inside the speaker folder with "%" and "/"
+    percent-escaped (a reversible spelling, so `a/b.wav` and `a__b.wav` stay two recordings)."""
+    rel = source.relative_to(root / speaker).as_posix()
+    return cache / speaker / (rel.replace("%", "%25").replace("/", "%2F") + ".json")
 
 
 def _load_record(path: Path, key: dict) -> dict | None:

@@ -143,6 +143,7 @@ def find_devices(input_device: str | int | None, output_device: str | int | None
 def devices_table(devices: list[dict]):
     """`rtsvc devices` as a rich table."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="audio devices: --input / --output / --monitor take an index or a name "
                         "(PulseAudio/PipeWire sources and sinks by name)")
@@ -151,7 +152,7 @@ def devices_table(devices: list[dict]):
     for d in devices:
         flags = (("input", d["default_input"]), ("output", d["default_output"]))
         kind = "source" if d["inputs"] else "sink"
-        table.add_row("-" if d.get("pulse") else str(d["index"]), d["name"],
+        table.add_row("-" if d.get("pulse") else str(d["index"]), Text(d["name"]),  # literal, not markup
                       f"PulseAudio {kind}" if d.get("pulse") else d["hostapi"], str(d["inputs"]),
                       str(d["outputs"]), str(d["default_rate"]), "/".join(name for name, on in flags if on))
     return table

@@ -264,7 +264,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
             console.print(f"live: {dev_in['name']} ({in_rate} Hz) -> {dev_out['name']} ({out_rate} Hz)"
                           f"{monitor}, block {engine.layout.block * 1000 / engine.sample_rate:.0f} ms, "
                           f"algorithmic latency {engine.latency_ms:.0f} ms. Ctrl-C to stop.",
-                          highlight=False, soft_wrap=True)
+                          highlight=False, soft_wrap=True, markup=False)  # device names are literal
             if key_reader is not None:
                 console.print(key_help(voice), style="dim", highlight=False, soft_wrap=True)
                 key_reader.start()
