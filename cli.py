@@ -18,6 +18,7 @@ from rich.text import Text
 from rtsvc.autoblock import P99_MARGIN, resolve_block, resolve_block_choice
 from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
+from rtsvc.eval.configs import help_text as eval_config_help
 from rtsvc.live import JITTER_MS
 from rtsvc.serve.server import ServerConfig
 from rtsvc.settings import MAX_PITCH_SHIFT, MAX_STEPS, SCHEDULES, Knobs
@@ -728,6 +729,79 @@ def bench(
         for config in lib.dsp_configs(configs):
             _say(f"loopback: starting PulseAudio and `rtsvc live` (DSP voice, block {config.block_ms:g} ms)")
             wide.print(loopback_report(config), highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    clips: Path = typer.Option(..., "--clips", help="Folder of input clips (wav, flac, ogg, mp3; searched "
+                               "recursively); each is converted with every --config. Required."),
+    config: list[str] | None = typer.Option(None, "--config", "-c", metavar="MODE[:KEY=VALUE,...]",
+                                            help="A configuration to convert with (repeatable), e.g. "
+                                            "offline:steps=32, live:block=150.9, live:block=104.5,int8, "
+                                            "live:f0=fcpe,denoise=rnnoise, offline:model=student.ckpt. "
+                                            f"{eval_config_help()} Default: offline:steps=32 and live "
+                                            "(the defaults)."),
+    reference: str | None = typer.Option(None, help="The configuration (label or text) the others are "
+                                         "compared with. Default: the offline 32-step one, added when no "
+                                         "--config is it."),
+    model: Model = None, speaker: Speaker = None,
+    speaker_clips: Path | None = typer.Option(None, help="Recordings of the target speaker, for speaker "
+                                              "similarity. Default: the training clips the checkpoint "
+                                              "records (DATA/SPEAKER), when they are still there."),
+    pitch: Pitch = KNOBS.pitch_shift,
+    out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="Folder for eval.json, eval.png and the "
+                             "converted audio (audio/). Default: eval-out/."),
+    f0_tracker: str = typer.Option("pyworld", help="F0 extractor that scores every output against its "
+                                   "input (rmvpe, fcpe or pyworld). Default: pyworld (WORLD harvest)."),
+    similarity: bool = typer.Option(True, help="Score speaker similarity (Resemblyzer). Default: on."),
+    dnsmos: bool = typer.Option(True, help="Score quality with DNSMOS (speechmos). Default: on."),
+    max_seconds: float | None = typer.Option(None, help="Cut each clip to this many seconds. Default: "
+                                             "whole clips."),
+    seed: int = typer.Option(KNOBS.seed, help=f"Sampler noise seed. Default: {KNOBS.seed}."),
+    f0: F0 = None, pretrained_dir: PretrainedDir = Path("pretrained"), device: Device = "auto",
+    backend: Backend = "auto", providers: Providers = None, contentvec: ContentVec = None,
+    whisper: Whisper = None, vocoder: Vocoder = None, rmvpe: Rmvpe = None, threads: Threads = None,
+) -> None:
+    """Compare configurations on your own clips: speaker similarity, F0 accuracy, DNSMOS, distance to a
+    reference, RTF and latency (table, OUT/eval.json, OUT/eval.png).
+
+    Limits of the metrics: the speaker encoder (Resemblyzer) and DNSMOS were trained on speech, not
+    singing nor converted voices, so on singing they are weaker and on any voice they are a guide, not a
+    listening test; F0 error uses one tracker for input and output, whose own mistakes count; LSD and
+    mel L1 measure distance to the reference configuration, not to a ground truth; RTF is measured on
+    this machine as it is (a busy machine inflates it)."""
+    from rtsvc.eval import report
+    from rtsvc.eval.configs import parse_configs
+    from rtsvc.eval.runner import EvalPlan, run_eval
+
+    if f0_tracker not in ("rmvpe", "fcpe", "pyworld"):
+        raise UserError(f"unknown --f0-tracker {f0_tracker!r}: use rmvpe, fcpe or pyworld")
+    if max_seconds is not None and not max_seconds > 0:
+        raise UserError(f"--max-seconds must be positive, got {max_seconds:g}")
+    configs, ref = parse_configs(config or ["offline:steps=32", "live"], reference)
+    spec = VoiceSpec(model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper,
+                     vocoder=vocoder, rmvpe=rmvpe, backend=backend, device=device, f0=f0, speaker=speaker,
+                     providers=providers, threads=threads).validate()
+
+    def int8_bundle(bundle: Path) -> Path:
+        from export.quantize import int8_copy
+
+        _say(f"quantizing a copy of {bundle} to int8 under {out / 'int8'}")
+        return int8_copy(bundle, out / "int8")
+
+    plan = EvalPlan(clips=clips, configs=configs, reference=ref, spec=spec, speaker=speaker,
+                    speaker_clips=speaker_clips, pitch=pitch, seed=seed, eval_f0=f0_tracker,
+                    max_seconds=max_seconds, speaker_metric=similarity, quality_metric=dnsmos, out=out,
+                    int8_bundle=int8_bundle)
+    with _progress_bar() as bar:
+        task = bar.add_task("evaluating", total=None)
+        result = run_eval(plan, progress=lambda what, done, total: bar.update(
+            task, description=what, completed=done, total=total))
+    Console(width=None if sys.stdout.isatty() else 160).print(report.eval_table(result))
+    for note in result.notes:
+        console.print(f"[yellow]note[/] {note}", highlight=False)
+    written = report.write_json(result, out / "eval.json"), report.write_png(result, out / "eval.png")
+    _say(f"wrote {written[0]}, {written[1]} and the converted clips under {out / 'audio'}")
 
 
 @app.command()
