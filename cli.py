@@ -772,7 +772,7 @@ def eval_cmd(
     this machine as it is (a busy machine inflates it)."""
     from rtsvc.eval import report
     from rtsvc.eval.configs import parse_configs
-    from rtsvc.eval.runner import EvalPlan, run_eval
+    from rtsvc.eval.runner import EvalPlan, prepare_eval, run_eval
 
     if f0_tracker not in ("rmvpe", "fcpe", "pyworld"):
         raise UserError(f"unknown --f0-tracker {f0_tracker!r}: use rmvpe, fcpe or pyworld")
@@ -793,10 +793,11 @@ def eval_cmd(
                     speaker_clips=speaker_clips, pitch=pitch, seed=seed, eval_f0=f0_tracker,
                     max_seconds=max_seconds, speaker_metric=similarity, quality_metric=dnsmos, out=out,
                     int8_bundle=int8_bundle)
+    prepared = prepare_eval(plan)  # bad clips and configurations: said before the progress bar
     with _progress_bar() as bar:
         task = bar.add_task("evaluating", total=None)
         result = run_eval(plan, progress=lambda what, done, total: bar.update(
-            task, description=what, completed=done, total=total))
+            task, description=what, completed=done, total=total), prepared=prepared)
     Console(width=None if sys.stdout.isatty() else 160).print(report.eval_table(result))
     for note in result.notes:
         console.print(f"[yellow]note[/] {note}", highlight=False)

@@ -97,8 +97,8 @@ def read_clip(path: Path, max_seconds: float | None = None) -> np.ndarray:
         if max_seconds is not None:
             audio = audio[: int(max_seconds * sr)]
         audio = check_input_audio(audio)
-    except UserError as err:
-        raise UserError(f"clip {path}: {err}") from None
+    except UserError as err:  # load_audio's messages name the file already
+        raise UserError(str(err) if str(path) in str(err) else f"clip {path}: {err}") from None
     if len(audio) < sr // 2:
         raise UserError(f"clip {path}: {len(audio) / sr:.2f} s is too short to score (at least 0.5 s)")
     return _to_loudness(audio, _loudness(_meter(sr), audio, sr), TARGET_LUFS).astype(np.float32)
@@ -184,19 +184,40 @@ def _mean_std(values: list[float]) -> dict[str, float | None]:
     return {"mean": float(np.mean(kept)), "std": float(np.std(kept)), "n": len(kept)}
 
 
-def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
-    """Convert every clip with every configuration (the reference first), then score them."""
-    progress = progress or (lambda what, done, total: None)
+@dataclass
+class Prepared:
+    """What is checked before any model loads: the clips (read, -18 LUFS), their names, the
+    configurations in run order (reference first) and each one's voice spec."""
+
+    inputs: list[np.ndarray]
+    names: list[str]
+    configs: list[EvalConfig]
+    specs: dict[str, VoiceSpec]
+    voices: "_Voices"
+
+
+def prepare_eval(plan: EvalPlan) -> Prepared:
+    """Every mistake that needs no model: bad clips, options, configurations (one-line UserErrors)."""
     paths = find_clips(plan.clips)
-    inputs = [read_clip(p, plan.max_seconds) for p in paths]  # all checked before any model loads
+    inputs = [read_clip(p, plan.max_seconds) for p in paths]
     names = [str(p.relative_to(plan.clips)) for p in paths]
-    seconds = [len(a) / 44100 for a in inputs]
     if plan.speaker_clips is not None:
         find_clips(plan.speaker_clips, "--speaker-clips")
     validate_knobs(Knobs(pitch_shift=plan.pitch, seed=plan.seed))
     configs = [plan.reference] + [c for c in plan.configs if c is not plan.reference]
     voices = _Voices(plan)
-    specs = {c.label: voices.spec_for(c).validate() for c in configs}  # mistakes before the long part
+    specs = {c.label: voices.spec_for(c).validate() for c in configs}
+    return Prepared(inputs, names, configs, specs, voices)
+
+
+def run_eval(plan: EvalPlan, progress: Progress | None = None,
+             prepared: Prepared | None = None) -> EvalResult:
+    """Convert every clip with every configuration (the reference first), then score them."""
+    progress = progress or (lambda what, done, total: None)
+    prepared = prepared or prepare_eval(plan)
+    inputs, names, configs, specs, voices = (prepared.inputs, prepared.names, prepared.configs,
+                                             prepared.specs, prepared.voices)
+    seconds = [len(a) / 44100 for a in inputs]
 
     outputs: dict[str, list[np.ndarray]] = {}
     timing: dict[str, dict] = {}
