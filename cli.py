@@ -538,6 +538,11 @@ def distill(
     batch_size: int = typer.Option(16, help="Teacher trajectories per step per GPU. Default: 16."),
     pairs: int = typer.Option(4, help="Intervals trained per trajectory (the student's batch is "
                               "batch-size x pairs). Default: 4."),
+    teacher_reuse: int = typer.Option(1, help="Steps that learn from one batch of teacher trajectories: "
+                                      "every Nth step runs the teacher (31 guided evaluations per "
+                                      "trajectory), the steps between train on new intervals of the last "
+                                      "few batches kept. "
+                                      "Default: 1 (fresh trajectories every step)."),
     cfg_strength: float | None = typer.Option(None, help="V2 teachers: Whisper guidance strength baked into "
                                               "the student (0-10). Default: 2."),
     ds_cfg_strength: float | None = typer.Option(None, help="V3 teachers: content-degradation guidance "
@@ -570,7 +575,7 @@ def distill(
             raise UserError(f"--{name.replace('_', '-')} must be between 0 and 10, got {value:g}")
     result = run_distill(DistillConfig(
         teacher=str(teacher), data=str(data), out=str(out), nfe=nfe, max_steps=max_steps,
-        batch_size=batch_size, pairs=pairs, **strengths,
+        batch_size=batch_size, pairs=pairs, teacher_reuse=teacher_reuse, **strengths,
         cfg_skip_layers=None if cfg_skip_layers is None else [cfg_skip_layers], lr=lr, grad_clip=grad_clip,
         precision=precision, save_every=save_every, log_every=log_every, num_workers=num_workers, seed=seed,
         resume=resume, device=device))

@@ -33,7 +33,8 @@ from rtsvc.models.student import (
 )
 from training.checkpoint import load_checkpoint
 from training.dataset import MAX_FRAME_LEN, ClipDataset, StepBatchSampler, collate, data_family
-from training.distill_loss import distill_loss
+from training.distill_cache import TrajectoryCache
+from training.distill_loss import teacher_trajectories, trajectory_loss
 from training.model import model_name
 from training.optim import BETAS, WARMUP_RATIO, make_optimizer
 from training.prepare import load_metadata
@@ -64,6 +65,7 @@ class DistillConfig:
     max_steps: int = 5000
     batch_size: int = 16  # trajectories per step per GPU; the student sees batch_size * pairs items
     pairs: int = 4  # intervals trained per teacher trajectory
+    teacher_reuse: int = 1  # steps per batch of teacher trajectories (training.distill_cache); 1: fresh
     deployed_share: float = 0.5  # share of intervals that are the 1-/2-evaluation ones
     # guidance baked in; None = the family's default (V2: cfg 2.0; V3: ds 0.2, spk 0.8, skip 0, rescale 0.7)
     cfg_strength: float | None = None  # V2
@@ -101,7 +103,7 @@ def _check(cfg: DistillConfig) -> None:
         raise UserError(f"--nfe must be 1 or 2, got {cfg.nfe}")
     for name, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size),
                         ("--pairs", cfg.pairs), ("--save-every", cfg.save_every),
-                        ("--log-every", cfg.log_every)):
+                        ("--log-every", cfg.log_every), ("--teacher-reuse", cfg.teacher_reuse)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     if not 0.0 <= cfg.deployed_share <= 1.0:
@@ -123,6 +125,7 @@ def _hparams(cfg: DistillConfig, teacher: LoadedDiT, info: StudentInfo, world: i
         "dataset": {**teacher.dataset, "data_dir": str(cfg.data)},
         "training": {"learning_rate": cfg.lr, "betas": str(BETAS), "weight_decay": cfg.weight_decay,
                      "batch_size_per_gpu": cfg.batch_size, "pairs_per_trajectory": cfg.pairs,
+                     "teacher_reuse": cfg.teacher_reuse,
                      "deployed_share": cfg.deployed_share, "max_grad_norm": cfg.grad_clip,
                      "max_steps": cfg.max_steps, "warmup_ratio": WARMUP_RATIO,
                      "save_per_steps": cfg.save_every,
@@ -232,6 +235,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     log = MetricsLog(out, start_step if resumed else None) if d.main else None
 
     result = DistillResult(out, start_step, False, None, info, rank=d.rank)
+    cache = TrajectoryCache(cfg.teacher_reuse)
     step, window, t_window = start_step, [], time.perf_counter()
     try:
         with StopFlag() as stop, _progress(cfg, d) as bar:
@@ -243,8 +247,12 @@ def distill(cfg: DistillConfig) -> DistillResult:
                 generator = torch.Generator(device=device).manual_seed(seed)
                 ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
                 with ctx:
-                    loss = distill_loss(student_fn, teacher_fn, batch, info, generator, cfg.pairs,
-                                        cfg.deployed_share, teacher.family)
+                    if cache.due(step):  # the teacher's 31 guided evaluations per trajectory
+                        found = cache.add(teacher_trajectories(teacher_fn, batch, info, generator,
+                                                               teacher.family))
+                    else:  # this step's batch is only its step count: new pairs of kept trajectories
+                        found = cache.pick(generator)
+                    loss = trajectory_loss(student_fn, found, info, generator, cfg.pairs, cfg.deployed_share)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
