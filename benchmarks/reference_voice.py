@@ -167,7 +167,11 @@ def main() -> None:
     p.add_argument("--pitch", type=float, default=0.0, help="eval pitch shift in semitones")
     p.add_argument("--f0", default="rmvpe", help="F0 extractor for prepare and the model (default rmvpe)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in every command (OMP_NUM_THREADS; 1 is steadiest on a busy machine)")
     a = p.parse_args()
+    if a.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
     if not 2 <= a.held_out < a.texts <= len(HARVARD):
         p.error(f"need 2 <= --held-out < --texts <= {len(HARVARD)}")
     work = a.work.resolve()
