@@ -180,7 +180,7 @@ def main() -> None:
     pretrained = a.pretrained_dir.resolve()
     data, source, target = make_clips(work, a.texts, a.held_out)
 
-    if not (data / "meta_info.json").exists() and not (work / "prepare.done").exists():
+    if not (work / "prepare.done").exists():  # (prepare itself also skips files it has done)
         rtsvc("prepare", data, "--pretrained-dir", pretrained, "--f0", a.f0, "--family", a.family,
               "--device", a.device, "--workers", 1, log=log)
         (work / "prepare.done").write_text("ok\n")
