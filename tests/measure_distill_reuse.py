@@ -58,8 +58,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     make_data(args.work)
     train_teacher(args.work, args.teacher_steps, "cpu")
+    state = args.work / "arms.json"  # a rerun continues the arms (e.g. with a larger --seconds)
     arms = {1: {"seconds": 0.0, "steps": 0}, args.reuse: {"seconds": 0.0, "steps": 0}}
     turns = []
+    if state.exists():
+        saved = json.loads(state.read_text())
+        arms.update({int(r): a for r, a in saved["arms"].items()})
+        turns = saved["turns"]
     while min(a["seconds"] for a in arms.values()) < args.seconds:
         reuse = min(arms, key=lambda r: arms[r]["seconds"])  # alternate by time used
         arm = arms[reuse]
@@ -69,6 +74,7 @@ def main() -> None:
         turns.append({"reuse": reuse, "steps": CHUNK, "seconds": round(spent, 2),
                       "load_1m": os.getloadavg()[0]})
         print(f"reuse {reuse}: {arm['steps']} steps in {arm['seconds']:.0f} s", flush=True)
+        state.write_text(json.dumps({"arms": arms, "turns": turns}))
     summary = {r: {**a, "steps_per_s": a["steps"] / a["seconds"],
                    "window_steps_per_s": window_rate(args.work, r)} for r, a in arms.items()}
     base = summary[1]
