@@ -538,11 +538,11 @@ def distill(
     batch_size: int = typer.Option(16, help="Teacher trajectories per step per GPU. Default: 16."),
     pairs: int = typer.Option(4, help="Intervals trained per trajectory (the student's batch is "
                               "batch-size x pairs). Default: 4."),
-    teacher_reuse: int = typer.Option(1, help="Steps that learn from one batch of teacher trajectories: "
+    teacher_reuse: int = typer.Option(4, help="Steps that learn from one batch of teacher trajectories: "
                                       "every Nth step runs the teacher (31 guided evaluations per "
                                       "trajectory), the steps between train on new intervals of the last "
-                                      "few batches kept. "
-                                      "Default: 1 (fresh trajectories every step)."),
+                                      "few batches kept; 1 = fresh trajectories every step (the recipe "
+                                      "before issue 26). Default: 4."),
     cfg_strength: float | None = typer.Option(None, help="V2 teachers: Whisper guidance strength baked into "
                                               "the student (0-10). Default: 2."),
     ds_cfg_strength: float | None = typer.Option(None, help="V3 teachers: content-degradation guidance "

@@ -85,8 +85,9 @@ def test_teacher_runs_every_nth_step_only(data, teacher, tmp_path, monkeypatch):
     assert ckpt["hyper_parameters"]["cfg"]["training"]["teacher_reuse"] == 3
     calls.clear()
     distill(DistillConfig(teacher=str(teacher), data=str(data), out=str(tmp_path / "r1"), max_steps=4,
-                          save_every=4, **TINY))
-    assert len(calls) == 4  # the default: fresh trajectories every step
+                          save_every=4, teacher_reuse=1, **TINY))
+    assert len(calls) == 4  # the original recipe: fresh trajectories every step
+    assert DistillConfig(teacher="t", data="d", out="o").teacher_reuse == 4  # the default (issue 26)
 
 
 def test_reused_steps_train_the_student(data, teacher, tmp_path):
@@ -106,3 +107,18 @@ def test_bad_reuse_is_a_user_error(data, teacher, tmp_path):
     with pytest.raises(UserError, match="--teacher-reuse must be at least 1"):
         distill(DistillConfig(teacher=str(teacher), data=str(data), out=str(tmp_path / "x"), teacher_reuse=0,
                               **TINY))
+
+
+def test_resume_rebuilds_the_cache_and_is_exact(data, teacher, tmp_path):
+    def run(out, steps, resume=False):
+        return distill(DistillConfig(teacher=str(teacher), data=str(data), out=str(out), max_steps=steps,
+                                     save_every=3, teacher_reuse=2, resume=resume, **TINY))
+
+    run(tmp_path / "straight", 6)
+    run(tmp_path / "r", 3)  # stops at step 3: the kept trajectories are those of steps 0 and 2
+    assert TrajectoryCache(2).refresh_steps_before(3) == [0, 2]
+    assert TrajectoryCache(2, size=4).refresh_steps_before(12) == [4, 6, 8, 10]
+    run(tmp_path / "r", 6, resume=True)
+    straight = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)["state_dict"]
+    again = torch.load(tmp_path / "r" / "last.ckpt", weights_only=True)["state_dict"]
+    assert straight.keys() == again.keys() and all(torch.equal(straight[k], again[k]) for k in straight)

@@ -65,7 +65,7 @@ class DistillConfig:
     max_steps: int = 5000
     batch_size: int = 16  # trajectories per step per GPU; the student sees batch_size * pairs items
     pairs: int = 4  # intervals trained per teacher trajectory
-    teacher_reuse: int = 1  # steps per batch of teacher trajectories (training.distill_cache); 1: fresh
+    teacher_reuse: int = 4  # steps per batch of teacher trajectories (training.distill_cache); 1: fresh
     deployed_share: float = 0.5  # share of intervals that are the 1-/2-evaluation ones
     # guidance baked in; None = the family's default (V2: cfg 2.0; V3: ds 0.2, spk 0.8, skip 0, rescale 0.7)
     cfg_strength: float | None = None  # V2
@@ -236,6 +236,12 @@ def distill(cfg: DistillConfig) -> DistillResult:
 
     result = DistillResult(out, start_step, False, None, info, rank=d.rank)
     cache = TrajectoryCache(cfg.teacher_reuse)
+    for refresh in cache.refresh_steps_before(start_step):  # --resume: the kept trajectories, exactly
+        items = collate([train_set[item] for item in sampler.batch(refresh)])
+        generator = torch.Generator(device=device).manual_seed(_step_seed(cfg, refresh, d.rank))
+        with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+            cache.add(teacher_trajectories(teacher_fn, {k: v.to(device) for k, v in items.items()}, info,
+                                           generator, teacher.family))
     step, window, t_window = start_step, [], time.perf_counter()
     try:
         with StopFlag() as stop, _progress(cfg, d) as bar:
@@ -243,8 +249,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
                                 sps=0.0)
             for batch in loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                seed = cfg.seed * 1_000_003 + step * 4096 + d.rank
-                generator = torch.Generator(device=device).manual_seed(seed)
+                generator = torch.Generator(device=device).manual_seed(_step_seed(cfg, step, d.rank))
                 ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
                 with ctx:
                     if cache.due(step):  # the teacher's 31 guided evaluations per trajectory
@@ -276,6 +281,11 @@ def distill(cfg: DistillConfig) -> DistillResult:
             dist.destroy_process_group()
     result.global_step = step
     return result
+
+
+def _step_seed(cfg: DistillConfig, step: int, rank: int) -> int:
+    """A step's generator seed: its noise and intervals (a rebuilt cache draws the same noise)."""
+    return cfg.seed * 1_000_003 + step * 4096 + rank
 
 
 def _progress(cfg: DistillConfig, d):

@@ -8,8 +8,9 @@ between train on new random intervals of one of the last `size` kept batches (pi
 own generator). R = 1 is the original recipe, bit for bit.
 
 The cache lives in memory only (a few batches: [P, b, n, 128] float32 each, ~67 MB at b = 16 and
-256 frames): a resumed run starts empty and refreshes at once, so with R > 1 a resume is not
-bit-exact with an uninterrupted run (with R = 1 it is).
+256 frames). A resumed run rebuilds it: the kept batches are those of the last refresh steps before
+it (`refresh_steps_before`), whose batches and noise are fixed by their step numbers, so --resume
+stays bit-exact (at the cost of up to CACHE_BATCHES teacher batches at start).
 """
 
 import torch
@@ -26,6 +27,12 @@ class TrajectoryCache:
         self.reuse, self.size = reuse, size
         self.kept: list[Trajectories] = []
         self.refreshes = 0  # batches of trajectories computed (what the teacher cost)
+
+    def refresh_steps_before(self, step: int) -> list[int]:
+        """The refresh steps whose trajectories an uninterrupted run holds when it reaches `step`."""
+        if self.reuse == 1 or step <= 0:
+            return []
+        return list(range(0, step, self.reuse))[-self.size:]
 
     def due(self, step: int) -> bool:
         """Whether `step` computes new trajectories: every `reuse`-th step, and whenever none are kept."""
