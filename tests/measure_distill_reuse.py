@@ -22,18 +22,18 @@ import torch
 
 from tests.measure_distill import CFG, make_data, table, train_teacher
 
-CHUNK = 24  # steps per turn (a multiple of every tested reuse: a turn starts on a refresh)
+CHUNK = 24  # steps per turn (--chunk; a multiple of --reuse: a turn starts on a refresh)
 
 
-def run_chunk(work: Path, reuse: int, until: int) -> float:
+def run_chunk(work: Path, reuse: int, until: int, chunk: int = CHUNK) -> float:
     """Continue arm `reuse` to step `until`; returns the wall seconds it took."""
     from training.distill import DistillConfig, distill
 
     out = work / f"student-nfe1-reuse{reuse}"
     started = time.perf_counter()
     distill(DistillConfig(teacher=str(work / "teacher" / "last.ckpt"), data=str(work / "wavs"), out=str(out),
-                          nfe=1, max_steps=until, batch_size=4, pairs=4, lr=1e-3, save_every=CHUNK,
-                          log_every=CHUNK // 2, max_frame_len=128, num_workers=0, device="cpu",
+                          nfe=1, max_steps=until, batch_size=4, pairs=4, lr=1e-3, save_every=chunk,
+                          log_every=max(1, chunk // 2), max_frame_len=128, num_workers=0, device="cpu",
                           progress=False, cfg_strength=CFG, teacher_reuse=reuse,
                           resume=(out / "last.ckpt").exists()))
     return time.perf_counter() - started
@@ -53,7 +53,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=600.0, help="wall time per arm")
     ap.add_argument("--teacher-steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=CHUNK, help="steps per turn (a multiple of --reuse)")
     args = ap.parse_args()
+    if args.chunk % args.reuse:
+        ap.error("--chunk must be a multiple of --reuse")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     make_data(args.work)
@@ -68,10 +71,10 @@ def main() -> None:
     while min(a["seconds"] for a in arms.values()) < args.seconds:
         reuse = min(arms, key=lambda r: arms[r]["seconds"])  # alternate by time used
         arm = arms[reuse]
-        spent = run_chunk(args.work, reuse, arm["steps"] + CHUNK)
+        spent = run_chunk(args.work, reuse, arm["steps"] + args.chunk, args.chunk)
         arm["seconds"] += spent
-        arm["steps"] += CHUNK
-        turns.append({"reuse": reuse, "steps": CHUNK, "seconds": round(spent, 2),
+        arm["steps"] += args.chunk
+        turns.append({"reuse": reuse, "steps": args.chunk, "seconds": round(spent, 2),
                       "load_1m": os.getloadavg()[0]})
         print(f"reuse {reuse}: {arm['steps']} steps in {arm['seconds']:.0f} s", flush=True)
         state.write_text(json.dumps({"arms": arms, "turns": turns}))
