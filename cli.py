@@ -252,7 +252,8 @@ def train(
 def distill(
     teacher: o.Teacher, data: o.DistillData, out: o.DistillOut, nfe: o.Nfe = None,
     max_steps: o.MaxSteps(o.DISTILL.max_steps) = None, batch_size: o.DistillBatch = None,
-    pairs: o.Pairs = None, cfg_strength: o.BakedCfg = None, ds_cfg_strength: o.BakedDsCfg = None,
+    pairs: o.Pairs = None, teacher_reuse: o.TeacherReuse = None, cfg_strength: o.BakedCfg = None,
+    ds_cfg_strength: o.BakedDsCfg = None,
     spk_cfg_strength: o.BakedSpkCfg = None, skip_cfg_strength: o.BakedSkipCfg = None,
     cfg_skip_layers: o.SkipBlock = None,
     lr: o.DistillLr = None, grad_clip: o.GradClip(o.DISTILL.grad_clip) = None,
@@ -372,6 +373,44 @@ def bench(
         for config in lib.dsp_configs(configs):
             _say(f"loopback: starting PulseAudio and `rtsvc live` (DSP voice, block {config.block_ms:g} ms)")
             wide.print(loopback_report(config), highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    clips: o.EvalClips, config: o.EvalConfigs = None, reference: o.EvalReference = None,
+    model: o.Model = None, speaker: o.EvalSpeaker = None, speaker_clips: o.SpeakerClips = None,
+    pitch: o.EvalPitch = 0.0, out: o.EvalOut = Path("eval-out"), f0_tracker: o.F0Tracker = "pyworld",
+    similarity: o.Similarity = True, dnsmos: o.Dnsmos = True, max_seconds: o.MaxSeconds = None,
+    seed: o.EvalSeed = 0, f0: o.F0 = None, pretrained_dir: o.PretrainedDir = Path("pretrained"),
+    device: o.Device = "auto", backend: o.Backend = "auto", providers: o.Providers = None,
+    contentvec: o.ContentVec = None, whisper: o.Whisper = None, vocoder: o.Vocoder = None,
+    rmvpe: o.Rmvpe = None, threads: o.Threads = None,
+) -> None:
+    """Compare configurations on your own clips: speaker similarity, F0 accuracy, DNSMOS, distance to a
+    reference, RTF and latency (table, OUT/eval.json, OUT/eval.png).
+
+    Limits of the metrics: the speaker encoder (Resemblyzer) and DNSMOS were trained on speech, not
+    singing nor converted voices, so on singing they are weaker and on any voice they are a guide, not a
+    listening test; F0 error uses one tracker for input and output, whose own mistakes count; LSD and
+    mel L1 measure distance to the reference configuration, not to a ground truth; RTF is measured on
+    this machine as it is (a busy machine inflates it)."""
+    from rtsvc.eval import report
+    from rtsvc.eval.runner import eval_plan, prepare_eval, run_eval
+
+    def int8_bundle(bundle: Path) -> Path:  # rtsvc may not import export: the command lends it
+        from export.quantize import int8_copy
+
+        _say(f"quantizing a copy of {bundle} to int8 under {out / 'int8'}")
+        return int8_copy(bundle, out / "int8")
+
+    plan = eval_plan(clips, config, reference, _pick(VoiceSpec, locals()).validate(), speaker, speaker_clips,
+                     pitch, seed, f0_tracker, max_seconds, similarity, dnsmos, out, int8_bundle)
+    prepared = prepare_eval(plan)  # bad clips and configurations: said before the progress bar
+    with o.progress_bar(console) as bar:
+        task = bar.add_task("evaluating", total=None)
+        result = run_eval(plan, progress=lambda what, done, total: bar.update(
+            task, description=what, completed=done, total=total), prepared=prepared)
+    report.print_report(result, out, _say)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from rtsvc.autoblock import P99_MARGIN
 from rtsvc.dsp.slicer import FADE_MS
 from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
+from rtsvc.eval.configs import help_text as eval_config_help
 from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0
 from rtsvc.live import JITTER_MS
 from rtsvc.serve.server import ServerConfig
@@ -299,6 +300,29 @@ UPSTREAM_ALIASES = {"pitch_shift": ("--key-shift",), "steps": ("--infer-steps",)
 Stream = opt(bool, "Convert through the streaming engine block by block (what live/serve hear) instead of "
              "offline slices. Default: off.", panel=STREAMING)
 
+# eval
+EvalClips = opt(Path, "Folder of input clips (wav, flac, ogg, mp3; searched recursively); each is converted "
+                "with every --config. Required.", "--clips")
+EvalConfigs = Annotated[list[str] | None, typer.Option(
+    "--config", "-c", metavar="MODE[:KEY=VALUE,...]", help="A configuration to convert with (repeatable), "
+    "e.g. offline:steps=32, live:block=150.9, live:block=104.5,int8, live:f0=fcpe,denoise=rnnoise, "
+    f"offline:model=student.ckpt. {eval_config_help()} Default: offline:steps=32 and live (the defaults).")]
+EvalReference = opt(str | None, "The configuration (label or text) the others are compared with. Default: "
+                    "the offline 32-step one, added when no --config is it.")
+EvalSpeaker = opt(str | None, "Target speaker name. Default: the model's default (first) speaker.",
+                  "--speaker")
+SpeakerClips = opt(Path | None, "Recordings of the target speaker, for speaker similarity. Default: the "
+                   "training clips the checkpoint records (DATA/SPEAKER), when they are still there.")
+EvalPitch = opt(float, "Pitch shift in semitones for every configuration. Default: 0.", "--pitch")
+EvalOut = opt(Path, "Folder for eval.json, eval.png and the converted audio (audio/). Default: eval-out/.",
+              "--out", "-o")
+F0Tracker = opt(str, "F0 extractor that scores every output against its input (rmvpe, fcpe or pyworld). "
+                "Default: pyworld (WORLD harvest).")
+Similarity = opt(bool, "Score speaker similarity (Resemblyzer). Default: on.")
+Dnsmos = opt(bool, "Score quality with DNSMOS (speechmos). Default: on.")
+MaxSeconds = opt(float | None, "Cut each clip to this many seconds. Default: whole clips.")
+EvalSeed = opt(int, "Sampler noise seed. Default: 0.", "--seed")
+
 # prepare
 Data = Annotated[Path, typer.Argument(help="Dataset folder: DATA/SPEAKER/*.wav (flac, ogg, mp3 too); one "
                                       "subfolder per speaker.")]
@@ -367,6 +391,10 @@ DistillBatch = opt(int | None, f"Teacher trajectories per step per GPU. Default:
 Pairs = opt(int | None, "Intervals trained per trajectory (the student's batch is batch-size x pairs). "
             f"Default: {DISTILL.pairs}.",
             panel=TRAINING)
+TeacherReuse = opt(int | None, "Steps that learn from one batch of teacher trajectories: every Nth step runs "
+                   "the teacher (31 guided evaluations per trajectory), the steps between train on new "
+                   "intervals of the last few batches kept; 1 = fresh trajectories every step. Default: "
+                   f"{DISTILL.teacher_reuse}.", panel=TRAINING)
 DistillLr = opt(float | None, f"Learning rate. Default: {DISTILL.lr:g}.", "--lr", panel=TRAINING)
 
 

@@ -246,3 +246,21 @@ def quantize_bundle(bundle_dir: str | Path, threads: int | None = None, step=Non
     manifest["export"] = {**manifest.get("export", {}), "precision": "int8", "int8": [r.row() for r in rows]}
     write_manifest(bundle_dir, manifest)
     return rows
+
+
+def int8_copy(bundle_dir: str | Path, out_dir: str | Path, threads: int | None = None) -> Path:
+    """An int8 copy of an fp32 bundle at OUT_DIR/NAME (reused when a finished one is there): what
+    `rtsvc eval --config live:int8` runs. The copy is quantized beside and renamed when done."""
+    from rtsvc.backends.bundle import is_bundle, read_bundle
+
+    src, dst = Path(bundle_dir), Path(out_dir) / Path(bundle_dir).name
+    if is_bundle(dst) and read_bundle(dst, verify_hashes=False).manifest.get("export", {}).get("precision") \
+            == "int8":
+        return dst
+    partial = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(src, partial)
+    quantize_bundle(partial, threads=threads)
+    shutil.rmtree(dst, ignore_errors=True)
+    partial.replace(dst)
+    return dst

@@ -26,8 +26,8 @@ from rtsvc.voices.model import ModelVoice
 from tests.cli_helpers import run_cli
 from tests.test_cli_errors import fails
 
-ORDER = ["live", "serve", "convert", "devices", "prepare", "train", "distill", "export", "bench", "download",
-         "doctor"]
+ORDER = ["live", "serve", "convert", "devices", "prepare", "train", "distill", "export", "bench", "eval",
+         "download", "doctor"]
 DEVICES = [{"index": 0, "name": "Fake Mic", "hostapi": "ALSA", "inputs": 1, "outputs": 0,
             "default_rate": 48000, "default_input": True, "default_output": False},
            {"index": 1, "name": "Fake Speaker", "hostapi": "ALSA", "inputs": 0, "outputs": 2,
@@ -166,6 +166,7 @@ def fake_model(tmp_path, monkeypatch):
         return DspVoice()
 
     monkeypatch.setattr(rtsvc.voices.spec, "open_model", open_model)
+    monkeypatch.setattr(rtsvc.voices.spec, "model_family", lambda model: "v2")  # the manifest is a stub
     return bundle, pretrained, calls
 
 

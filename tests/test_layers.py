@@ -15,7 +15,7 @@ LAYERS = [
     {"rtsvc.voices"},
     {"rtsvc.engine", "rtsvc.offline", "rtsvc.autoblock"},
     {"rtsvc.live", "rtsvc.serve"},
-    {"rtsvc.bench", "rtsvc.doctor"},
+    {"rtsvc.bench", "rtsvc.doctor", "rtsvc.eval"},
 ]
 
 
