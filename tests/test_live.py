@@ -163,7 +163,7 @@ def test_output_fifo_primes_counts_underruns_and_caps_growth():
         fifo.push(np.ones(100, np.float32))
         pushes += 1
     assert pushes == 10  # 100 primed + 10 * 100 > 1000
-    assert fifo.level <= 500  # an overrun cuts back to half the cap, not just under it
+    assert fifo.level == fifo.target  # an overrun cuts back to the target, not just under the cap
 
 
 def test_output_fifo_waits_as_long_as_the_late_block_took_up_to_its_cap():
@@ -180,6 +180,57 @@ def test_output_fifo_waits_as_long_as_the_late_block_took_up_to_its_cap():
     fifo.pop(100)  # 100 late: the prime grows only to its cap
     fifo.push(np.ones(10, np.float32))
     assert fifo.underruns == 2 and fifo.prime == 180 and fifo.level == 190
+
+
+def simulate_live(fifo: OutputFifo, ticks: int, stall: range, chunk: int = 441, block_chunks: int = 4,
+                  compute_ticks: int = 2) -> list[tuple[int, int]]:
+    """A worker and an output device at 10 ms ticks: input arrives one chunk a tick; the chunk that
+    completes a block costs `compute_ticks`; during `stall` the worker gets no time at all. Returns
+    (fifo total, target) per tick. The output is a continuous sine, so a seam would show as a jump."""
+    inbox, budget, done, played = 0, 0, 0, []
+    totals = []
+    t = np.arange(ticks * chunk)
+    sine = (0.5 * np.sin(2 * np.pi * 441 / 44100 * t)).astype(np.float32)
+    for tick in range(ticks):
+        inbox += 1
+        budget += 0 if tick in stall else 1
+        while inbox and budget >= (cost := compute_ticks if done % block_chunks == block_chunks - 1 else 0):
+            budget -= cost
+            inbox -= 1
+            fifo.push(sine[done * chunk:(done + 1) * chunk], queued=inbox * chunk)
+            done += 1
+        budget = min(budget, compute_ticks)  # an idle worker banks no more than one block's compute
+        played.append(fifo.pop(chunk))
+        totals.append((fifo.level + inbox * chunk, fifo.target))
+    return totals
+
+
+def test_output_fifo_returns_to_its_target_after_a_stall_and_counts_the_trim():
+    """Issue 23: a 0.5 s stall (underrun, then a burst of backlog) must not leave its delay behind."""
+    fifo = OutputFifo(prime=1764, max_level=44100, max_prime=1764 + 1764, tolerance=441)
+    totals = simulate_live(fifo, 600, stall=range(200, 250))
+    first_target = totals[100][1]
+    assert fifo.underruns >= 1 and fifo.trims >= 1 and fifo.trimmed > 0
+    assert fifo.target - first_target <= 1764  # the target grew by at most the prime's cap
+    after = totals[350:]  # 1 s after the stall ended (the backlog takes 0.5 s to convert)
+    assert max(abs(total - target) for total, target in after) <= 882  # within 20 ms of the target
+    assert max(total for total, _ in totals[200:260]) > fifo.target + 20000  # the stall really piled up
+
+
+def test_output_fifo_without_trimming_would_have_drifted():
+    """The same stall with trimming off (a huge tolerance): the delay stays (what issue 23 saw)."""
+    fifo = OutputFifo(prime=1764, max_level=441000, max_prime=1764 + 1764, tolerance=10 ** 9)
+    totals = simulate_live(fifo, 600, stall=range(200, 250))
+    assert fifo.trims == 0 and totals[-1][0] > totals[-1][1] + 10000
+
+
+def test_output_fifo_trim_crossfades_the_seam():
+    fifo = OutputFifo(prime=0, max_level=10 ** 6, tolerance=100, crossfade=64, settle=1)
+    fifo.push(np.ones(200, np.float32))  # target: 200
+    fifo.push(np.full(1000, 0.5, np.float32))  # 1000 over the target: trimmed at once
+    assert fifo.trims == 1 and fifo.trimmed == 1000 and fifo.level == 200
+    out = fifo.pop(200)
+    assert out[0] == 1.0 and np.all(np.diff(out[:64]) <= 0) and out[-1] == 0.5  # faded 1 -> 0.5
 
 
 def test_key_reader_reads_arrow_keys_from_a_terminal(monkeypatch):
