@@ -20,11 +20,12 @@ Output and input have the same length at every call: the output is the input del
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from rtsvc.dsp.audio import HOP_LENGTH, StreamResampler, db_to_gain
+from rtsvc.dsp.limiter import soft_limit
 from rtsvc.dsp.denoise import make_denoiser  # the native libraries load only when one is made
 from rtsvc.dsp.sola import crossfade, find_sola_offset
 from rtsvc.errors import UserError
@@ -170,7 +171,7 @@ class StreamingConverter:
     def reset_stats(self) -> None:
         """Zero the block counters and compute times (e.g. after warm-up blocks in a benchmark)."""
         with self._lock:
-            self._blocks = self._gated = 0
+            self._blocks = self._gated = self._limited = 0
             self._compute_ms: deque[float] = deque(maxlen=STATS_WINDOW)
             self._compute_total = 0.0
 
@@ -227,6 +228,7 @@ class StreamingConverter:
                 "denoise": self._denoise_name,
                 "sola_offset": self._last_offset,
                 "input_db": self._input_db,
+                "limited_samples": self._limited,
             }
 
     # --- internals ---
@@ -259,6 +261,16 @@ class StreamingConverter:
         return loudest_db < gate_db, loudest_db
 
     def _process_block(self, new: np.ndarray) -> np.ndarray:
+        block = self.begin_block(new)
+        converted = None if block.window is None else self.voice.convert(
+            block.window, block.knobs, start_sample=block.start_sample, tail=self.layout.tail)
+        return self.finish_block(block, converted)
+
+    def begin_block(self, new: np.ndarray) -> "BlockStart":
+        """A block's first half: input gain, the ring buffer and the gate; the window to convert (None
+        when gated). `finish_block` takes the voice's output for it. `rtsvc.pipeline` runs the two
+        halves (and a model voice's stages between them) on different threads; the order of the
+        blocks through each half is the stream's."""
         lay = self.layout
         knobs: Knobs = self.settings.snapshot()  # one snapshot per block
         started = time.perf_counter()
@@ -267,17 +279,26 @@ class StreamingConverter:
         self._in_gain = in_gain
         self._ring = np.concatenate((self._ring[lay.block:], new.astype(np.float32)))
         self._window_start += lay.block
-
         gated, level_db = self._is_gated(self._ring[-lay.tail:], knobs.gate_db)
+        elapsed = (time.perf_counter() - started) * 1000.0 + self._denoise_ms
+        self._denoise_ms = 0.0
+        return BlockStart(knobs, None if gated else self._ring.copy(), self._window_start - lay.block,
+                          level_db, elapsed)
+
+    def finish_block(self, block: "BlockStart", converted: np.ndarray | None,
+                     compute_ms: float | None = None) -> np.ndarray:
+        """A block's second half: SOLA against the kept tail, crossfade, output gain, counters.
+        `converted`: the voice's `tail` samples (None: gated). `compute_ms`: the voice's time when
+        it ran elsewhere (default: since `begin_block`)."""
+        lay, knobs = self.layout, block.knobs
+        started = time.perf_counter()
+        gated = converted is None
         if gated:
             converted = np.zeros(lay.tail, dtype=np.float32)
-        else:
-            converted = np.asarray(self.voice.convert(self._ring.copy(), knobs,
-                                                      start_sample=self._window_start - lay.block,
-                                                      tail=lay.tail), dtype=np.float32)
-            if converted.shape != (lay.tail,):
-                raise RuntimeError(f"voice returned {converted.shape[0]} samples, the engine asked for "
-                                   f"{lay.tail}")
+        converted = np.asarray(converted, dtype=np.float32)
+        if converted.shape != (lay.tail,):
+            raise RuntimeError(f"voice returned {converted.shape[0]} samples, the engine asked for "
+                               f"{lay.tail}")
 
         silent_head = gated or not np.any(converted[: lay.crossfade + lay.search])
         if self._kept_silent or silent_head or lay.crossfade == 0:
@@ -293,18 +314,36 @@ class StreamingConverter:
         out_gain = db_to_gain(knobs.output_gain_db)
         out *= self._gain_ramp(self._out_gain, out_gain, lay.block)
         self._out_gain = out_gain
-        elapsed_ms = (time.perf_counter() - started) * 1000.0 + self._denoise_ms
-        self._denoise_ms = 0.0
+        out, limited = soft_limit(out)
+        now = time.perf_counter()
+        if compute_ms is None:  # ran inline: everything since begin_block
+            elapsed_ms = (now - block.started) * 1000.0 + block.begin_ms
+        else:
+            elapsed_ms = block.begin_ms + compute_ms + (now - started) * 1000.0
         with self._lock:
             self._blocks += 1
-            self._input_db = level_db
+            self._input_db = block.level_db
             self._last_offset = offset
+            self._limited += limited
             if gated:
                 self._gated += 1
             else:
                 self._compute_ms.append(elapsed_ms)
                 self._compute_total += elapsed_ms
         return out
+
+
+@dataclass
+class BlockStart:
+    """What `begin_block` hands to `finish_block`: the block's knobs, the window to convert (None:
+    gated) and its stream position, the gate's level and the time spent so far."""
+
+    knobs: Knobs
+    window: np.ndarray | None
+    start_sample: int
+    level_db: float
+    begin_ms: float
+    started: float = field(default_factory=time.perf_counter)
 
 
 class RateAdapter:
