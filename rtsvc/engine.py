@@ -180,17 +180,7 @@ class StreamingConverter:
         """Feed any number of samples; get as many back, delayed by `latency_samples`."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         count = samples.shape[0]
-        denoise = self.settings.snapshot().denoise
-        if denoise != self._denoise_name:
-            self._switch_denoiser(denoise)
-        if self._denoiser is not None:
-            started = time.perf_counter()
-            samples = self._denoiser.process(samples)
-            self._denoise_ms += (time.perf_counter() - started) * 1000.0  # counted in the next block
-        self._pending = np.concatenate((self._pending, samples)) if self._pending.size else samples.copy()
-        block = self.layout.block
-        while self._pending.shape[0] >= block:
-            new, self._pending = self._pending[:block], self._pending[block:]
+        for new in self.split_blocks(samples):
             out = self._process_block(new)
             self._out.append(out)
             self._out_len += out.shape[0]
@@ -199,6 +189,22 @@ class StreamingConverter:
             self._samples_in += count
             self._samples_out += result.shape[0]
         return result
+
+    def split_blocks(self, samples: np.ndarray) -> list[np.ndarray]:
+        """The input side of `process`: the denoiser (when on), then the blocks these samples complete."""
+        denoise = self.settings.snapshot().denoise
+        if denoise != self._denoise_name:
+            self._switch_denoiser(denoise)
+        if self._denoiser is not None:
+            started = time.perf_counter()
+            samples = self._denoiser.process(samples)
+            self._denoise_ms += (time.perf_counter() - started) * 1000.0  # counted in the next block
+        self._pending = np.concatenate((self._pending, samples)) if self._pending.size else samples.copy()
+        block, blocks = self.layout.block, []
+        while self._pending.shape[0] >= block:
+            new, self._pending = self._pending[:block], self._pending[block:]
+            blocks.append(new)
+        return blocks
 
     def flush(self) -> np.ndarray:
         """The `latency_samples` still held back (the end of the stream); then a fresh stream starts."""
