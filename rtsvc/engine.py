@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from rtsvc.dsp.audio import HOP_LENGTH, StreamResampler, db_to_gain
-from rtsvc.dsp.limiter import soft_limit
 from rtsvc.dsp.denoise import make_denoiser  # the native libraries load only when one is made
+from rtsvc.dsp.limiter import soft_limit
 from rtsvc.dsp.sola import crossfade, find_sola_offset
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings

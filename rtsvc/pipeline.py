@@ -55,7 +55,8 @@ class PipelinedAdapter:
         self.run_ms: deque[float] = deque(maxlen=STATS_WINDOW)  # stage 2 per block
         self.error: BaseException | None = None
         self._jobs: queue.Queue = queue.Queue()
-        self._jobs.put(("emit", np.zeros(engine.layout.block, dtype=np.float32)))  # the engine's block of delay
+        # first out: the engine's block of delay (the unpipelined engine starts its output with it)
+        self._jobs.put(("emit", np.zeros(engine.layout.block, dtype=np.float32)))
         self._thread = None
         if threaded:
             self._thread = threading.Thread(target=self._stage2_loop, name="pipeline-stage2", daemon=True)
@@ -79,7 +80,8 @@ class PipelinedAdapter:
             block = self.engine.begin_block(new)
             job = None
             if block.window is not None:
-                job = self.voice.prepare(block.window, block.knobs, block.start_sample, self.engine.layout.tail)
+                job = self.voice.prepare(block.window, block.knobs, block.start_sample,
+                                         self.engine.layout.tail)
             self._jobs.put((block, job, (time.perf_counter() - started) * 1000.0))
         if self._thread is None:
             self._drain()

@@ -26,7 +26,8 @@ def load_pasimple():
     except ImportError:
         raise UserError("--audio-api pulse needs the pasimple package (pip install pasimple)") from None
     except OSError as err:  # libpulse-simple.so.0 missing
-        raise UserError(f"--audio-api pulse needs libpulse-simple ({err}); apt-get install libpulse0") from None
+        raise UserError(f"--audio-api pulse needs libpulse-simple ({err}); apt-get install libpulse0") \
+            from None
     return pasimple
 
 
@@ -45,7 +46,8 @@ class PulseStream:
             attrs = {"fragsize": block * frame}
             direction = pasimple.PA_STREAM_RECORD
         else:  # playback starts once two blocks are queued; the server asks for a block at a time
-            attrs = {"tlength": buffer_bytes, "minreq": block * frame, "prebuf": min(buffer_bytes, 2 * block * frame)}
+            attrs = {"tlength": buffer_bytes, "minreq": block * frame,
+                     "prebuf": min(buffer_bytes, 2 * block * frame)}
             direction = pasimple.PA_STREAM_PLAYBACK
         try:
             self._pa = pasimple.PaSimple(direction, pasimple.PA_SAMPLE_FLOAT32LE, channels, rate,
