@@ -18,7 +18,7 @@ from rich.text import Text
 from rtsvc.autoblock import P99_MARGIN, resolve_block, resolve_block_choice
 from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
-from rtsvc.live import JITTER_MS
+from rtsvc.live import AUDIO_API, DEVICE_BLOCK_MS, JITTER_MS, PULSE_BUFFER_MS
 from rtsvc.serve.server import ServerConfig
 from rtsvc.settings import MAX_PITCH_SHIFT, MAX_STEPS, SCHEDULES, Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
@@ -185,7 +185,19 @@ def live(
                                   "picked block's measured headroom (block minus mean compute, at least "
                                   f"{JITTER_MS:g}), else {JITTER_MS:g}. Default: auto."),
     duration: float | None = typer.Option(None, help="Stop after this many seconds and exit 0. Default: "
-                                          "run until Ctrl-C or q."),
+                                          "run until Ctrl-C, SIGTERM or q."),
+    audio_api: str = typer.Option(AUDIO_API, help="How to reach the sound devices: portaudio (any "
+                                  "device) or pulse (PulseAudio/PipeWire sources and sinks through libpulse, "
+                                  f"explicit buffer sizes; needs pasimple). Default: {AUDIO_API}."),
+    device_buffer_ms: str = typer.Option("low", metavar="MS|low", help="Device buffering asked for per "
+                                         "stream in ms: PortAudio's suggested latency, or the pulse playback "
+                                         "buffer; low = PortAudio's low default (pulse: "
+                                         f"{PULSE_BUFFER_MS:g} ms). Default: low."),
+    device_block_ms: float = typer.Option(DEVICE_BLOCK_MS, help="Device callback size in ms. Default: "
+                                          f"{DEVICE_BLOCK_MS:g}."),
+    pipeline: bool = typer.Option(False, help="Models: extract block n+1's features while block n's "
+                                  "DiT and vocoder run (two threads; same output; --block-ms auto then needs "
+                                  "only the slower half to fit). Default: off."),
     record: Path | None = typer.Option(None, help="Also write the converted output to this audio file "
                                        "(output device rate). Default: none."),
     f0: F0 = None, device: Device = "auto", backend: Backend = "auto", precision: Precision = "fp32",
@@ -198,6 +210,7 @@ def live(
         check_live_options,
         find_devices,
         live_summary,
+        parse_device_buffer_ms,
         parse_jitter_ms,
         run_live,
     )
@@ -211,6 +224,7 @@ def live(
                                  cfg_skip_layers=cfg_skip_layers, cfg_rescale=cfg_rescale, denoise=denoise))
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     jitter = parse_jitter_ms(jitter_ms)
+    buffer_ms = parse_device_buffer_ms(device_buffer_ms)
     check_live_options(input_rate, output_rate, duration)
     spec = VoiceSpec(model=model, pretrained_dir=pretrained_dir, contentvec=contentvec, whisper=whisper,
                      vocoder=vocoder, rmvpe=rmvpe, backend=backend, device=device, f0=f0, precision=precision,
@@ -220,7 +234,8 @@ def live(
     dev_in, dev_out, dev_mon = find_devices(input, output, monitor)  # before a model loads
     voice = open_voice(spec)
     knobs = sampling_steps(knobs, voice, steps)
-    config, choice = resolve_block_choice(voice, config, knobs, say=_say)  # auto: measured here
+    # auto: measured here
+    config, choice = resolve_block_choice(voice, config, knobs, say=_say, pipelined=pipeline)
     if jitter is None:
         jitter = auto_jitter_ms(choice)
         if choice is not None:
@@ -229,7 +244,8 @@ def live(
     result = run_live(voice, RuntimeSettings(knobs), config, input_device=dev_in,
                       output_device=dev_out, monitor_device=dev_mon, input_rate=input_rate,
                       output_rate=output_rate, duration=duration, record=record, jitter_ms=jitter,
-                      console=console)
+                      console=console, audio_api=audio_api, device_block_ms=device_block_ms,
+                      device_buffer_ms=buffer_ms, pipeline=pipeline)
     _say(live_summary(result, record))
 
 

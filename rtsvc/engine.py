@@ -34,6 +34,7 @@ from rtsvc.voice import Voice
 
 GATE_FRAME_MS = 10.0  # the gate opens when any 10 ms frame of the block's region is above threshold
 STATS_WINDOW = 2000  # blocks kept for compute-time percentiles
+RECENT_BLOCKS = 8  # compute_ms_recent: the mean of the last few blocks (what `live` watches for overload)
 
 
 def auto_block_ms(voice: Voice) -> float:
@@ -227,6 +228,7 @@ class StreamingConverter:
                 "compute_ms_p50": float(np.percentile(times, 50)) if times.size else 0.0,
                 "compute_ms_p99": float(np.percentile(times, 99)) if times.size else 0.0,
                 "compute_ms_last": float(times[-1]) if times.size else 0.0,
+                "compute_ms_recent": float(times[-RECENT_BLOCKS:].mean()) if times.size else 0.0,
                 "block_ms": block_ms,
                 "rtf": mean / block_ms,
                 "latency_ms": self.latency_ms,
