@@ -35,7 +35,8 @@ DEVICES = [{"index": 0, "name": "Fake Mic", "hostapi": "ALSA", "inputs": 1, "out
 
 # what run_live reports beside the engine's counters (its summary line names them)
 LIVE_EXTRAS = {"block_ms": 100.0, "trims": 0, "trimmed_ms": 0.0, "e2e_ms_mean": 150.0,
-               "algorithmic_ms": 110.0, "buffer_ms_mean": 20.0, "device_latency_ms": 20.0, "limited_samples": 0, "block_changes": 0}
+               "algorithmic_ms": 110.0, "buffer_ms_mean": 20.0, "device_latency_ms": 20.0,
+               "limited_samples": 0, "block_changes": 0}
 
 
 def _commands() -> dict:
