@@ -684,9 +684,13 @@ def bench(
     context_ms: ContextMs = STREAM.context_ms, crossfade_ms: CrossfadeMs = STREAM.crossfade_ms,
     dit_context_ms: DitContextMs = DIT_CONTEXT_MS, concurrent_f0: ConcurrentF0 = CONCURRENT_F0,
     seconds: float = typer.Option(5.0, help="Audio streamed per configuration, in seconds. Default: 5."),
-    loopback: bool = typer.Option(False, help="Also measure end-to-end latency of `rtsvc live` (DSP voice, "
-                                  "each block length) through PulseAudio null sinks (needs pulseaudio). "
-                                  "Default: off."),
+    loopback: bool = typer.Option(False, help="Also measure end-to-end latency of `rtsvc live` (DSP voice "
+                                  "and --model, each block length) through PulseAudio null sinks (needs "
+                                  "pulseaudio): mean and p95, underruns, and the split. Default: off."),
+    loopback_live: str = typer.Option("", help="--loopback: more `rtsvc live` options for every row, e.g. "
+                                      "'--audio-api pulse --pipeline'. Default: none."),
+    loopback_seconds: float = typer.Option(6.0, help="--loopback: seconds of bursts measured per row. "
+                                           "Default: 6."),
     gap: bool = typer.Option(False, help="Also measure how close streaming is to offline (log-spectral "
                              "distance, dB) for each block length x crossfade (--crossfades) x SOLA search "
                              "(--sola-searches), for the DSP voice and --model. Default: off."),
@@ -741,9 +745,24 @@ def bench(
     if gap:  # a model's gap on the first device and backend
         lib.run_gap(grid, spec.with_(backend=backends[0], device=devices_[0]), console=wide)
     if loopback:
-        for config in lib.dsp_configs(configs):
-            _say(f"loopback: starting PulseAudio and `rtsvc live` (DSP voice, block {config.block_ms:g} ms)")
-            wide.print(loopback_report(config), highlight=False)
+        import shlex
+
+        from rtsvc.bench.loopback import LOOPBACK_COLUMNS
+
+        extra = shlex.split(loopback_live)
+        runs = [(c, extra) for c in lib.dsp_configs(configs)]
+        if model is not None:  # the model at each block as given (auto: live measures it)
+            model_args = ["--model", str(model), "--pretrained-dir", str(pretrained_dir)]
+            model_args += ["--f0", f0] if f0 else []
+            model_args += ["--providers", providers] if providers else []
+            runs += [(c, model_args + extra) for c in configs]
+        rows = []
+        for config, args in runs:
+            block = "auto" if config.block_ms is None else f"{config.block_ms:g} ms"
+            _say(f"loopback: PulseAudio and `rtsvc live {' '.join(args)}` (block {block})")
+            rows.append(loopback_report(config, args, seconds=loopback_seconds))
+        _table("end-to-end latency of `rtsvc live` through PulseAudio null sinks (ms, rig delay subtracted)",
+               LOOPBACK_COLUMNS, rows)
 
 
 @app.command()

@@ -228,7 +228,7 @@ def test_live_block_is_auto_per_voice_and_explicit_values_win(fake_model, fake_d
 def test_bench_loopback_measures_every_block_and_the_table_has_the_real_time_margin(capsys, monkeypatch):
     measured = []
     monkeypatch.setattr(rtsvc.bench.loopback, "loopback_report",
-                        lambda config: measured.append(config) or "ok")
+                        lambda config, args, seconds: measured.append(config) or ("row",) * 11)
     monkeypatch.setattr(rtsvc.autoblock, "pick_block", lambda voice, config, knobs=None: AutoBlock(
         voice.default_block_ms, [(voice.default_block_ms, 1.0, 1.0)]))  # auto: what a quiet machine picks
     code, out, err = run_cli(["bench", "--block-ms", "auto,100,50", "--seconds", "0.3", "--loopback"],

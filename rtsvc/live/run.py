@@ -385,9 +385,8 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                         message = guard.check(now)
                         if message is not None:
                             console.print(message, style="yellow", highlight=False, soft_wrap=True)
-                        if console.is_terminal:
-                            panel.update(status())
-                        elif now - last_log >= LOG_EVERY_S:
+                        panel.update(status())  # drawn 4 times a second on a terminal, else once at the end
+                        if not console.is_terminal and now - last_log >= LOG_EVERY_S:
                             console.print(log_line(conversion, fifo, state, device_ms), highlight=False,
                                           soft_wrap=True)
                             last_log = now
@@ -400,6 +399,8 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                     console.print("stopping (Ctrl-C)", highlight=False)
                 finally:
                     state.stop.set()
+            if not console.is_terminal:
+                console.print()  # end the status lines in logs
             if state.terminated:
                 console.print("stopping (SIGTERM)", highlight=False)
         worker.join(timeout=5.0)
