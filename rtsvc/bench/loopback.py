@@ -193,7 +193,8 @@ def measure_loopback(live_args: list[str], seconds: float = 6.0, startup_timeout
     started = next((line.strip() for line in text.splitlines() if line.startswith("live:")), "")
     live_ms = total - float(np.mean(rig))
     return {"rig_ms": float(np.mean(rig)), "total_ms": float(np.mean(total)),
-            "live_ms": float(np.mean(live_ms)), "live_p95_ms": float(np.percentile(live_ms, 95)), "bursts": int(live_ms.size),
+            "live_ms": float(np.mean(live_ms)), "live_p95_ms": float(np.percentile(live_ms, 95)),
+            "bursts": int(live_ms.size),
             "live_summary": summary, "live_start": started, "split": summary_split(summary),
             "log_tail": text[-2000:]}
 

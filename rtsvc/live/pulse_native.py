@@ -42,8 +42,8 @@ class PulseStream:
         self.callback = callback
         frame = BYTES * channels
         buffer_bytes = max(block, int(round(buffer_ms * rate / 1000))) * frame
-        if kind == "input":
-            attrs = {"fragsize": block * frame}
+        if kind == "input":  # a reader late by more than the buffer loses the oldest audio, never adds delay
+            attrs = {"fragsize": block * frame, "maxlength": buffer_bytes}
             direction = pasimple.PA_STREAM_RECORD
         else:  # playback starts once two blocks are queued; the server asks for a block at a time
             attrs = {"tlength": buffer_bytes, "minreq": block * frame,
@@ -55,11 +55,19 @@ class PulseStream:
                                          **attrs)
         except pasimple.PaSimpleError as err:
             raise UserError(f"cannot open PulseAudio {kind} {device or '(default)'}: {err}") from None
-        # what the stream buffers by design: one fragment in, tlength out
-        self.latency = (block if kind == "input" else buffer_bytes // frame) / rate
+        # what the stream buffers by design: one fragment in, tlength out (`latency` measures it)
+        self.nominal_latency = (block if kind == "input" else buffer_bytes // frame) / rate
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pulse-{kind}", daemon=True)
         self.error: BaseException | None = None
+
+    @property
+    def latency(self) -> float:
+        """Seconds buffered now (the server's measure, sink or source included); nominal before it runs."""
+        try:
+            return self._pa.get_latency() / 1e6
+        except Exception:  # not yet running, or closed: what was asked for
+            return self.nominal_latency
 
     @property
     def active(self) -> bool:

@@ -234,7 +234,8 @@ def open_streams(sd, api: str, dev_in: dict, dev_out: dict, dev_mon: dict | None
 
         out_ms = PULSE_BUFFER_MS if buffer_ms is None else buffer_ms
         in_block, out_block = int(in_rate * block_ms / 1000), int(out_rate * block_ms / 1000)
-        return (PulseStream("input", name(dev_in, "input"), in_rate, 1, in_block, block_ms, on_input),
+        return (PulseStream("input", name(dev_in, "input"), in_rate, 1, in_block, max(out_ms, 4 * block_ms),
+                            on_input),
                 PulseStream("output", name(dev_out, "output"), out_rate, min(2, dev_out["outputs"]),
                             out_block, out_ms, on_output),
                 None if dev_mon is None else PulseStream("output", name(dev_mon, "output"), out_rate,
@@ -348,7 +349,8 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
     samples = 0
     try:
         in_stream, out_stream, mon_stream = open_streams(
-            sd, audio_api, dev_in, dev_out, dev_mon, in_rate, out_rate, device_block_ms, device_buffer_ms,
+            sd, audio_api, dev_in, dev_out, dev_mon, in_rate, out_rate, device_block_ms,
+            PULSE_BUFFER_MS if audio_api == "pulse" and device_buffer_ms is None else device_buffer_ms,
             on_input, on_output, on_monitor)
         device_ms = (in_stream.latency + out_stream.latency) * 1000.0
         if mon_stream is not None:
@@ -356,8 +358,9 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
         worker = threading.Thread(target=_worker, args=(conversion, inbox, state), daemon=True)
         key_reader = KeyReader(settings, state, voice) if keys and sys.stdin.isatty() else None
         worker.start()
-        status = lambda: status_lines(conversion, fifo, state, settings, device_ms,  # noqa: E731
-                                      key_reader, max(20, console.width - 1))
+        status = lambda: status_lines(conversion, fifo, state, settings,  # noqa: E731
+                                      (in_stream.latency + out_stream.latency) * 1000.0, key_reader,
+                                      max(20, console.width - 1))
         with sigterm_as_stop(state), native_stderr_above(console), in_stream, out_stream, \
                 (mon_stream or nullcontext()):
             _wait_for_input(state, console)
@@ -378,6 +381,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                         state.stop.wait(1.0 / STATUS_HZ)
                         now = time.monotonic()
                         state.seconds = now - started
+                        device_ms = (in_stream.latency + out_stream.latency) * 1000.0  # pulse: measured
                         if fifo.started:
                             split = latency_split(conversion, fifo, device_ms)
                             buffer_sum, e2e_sum, samples = (buffer_sum + split["buffer_ms"],
