@@ -429,7 +429,7 @@ def devices() -> None:
     if not found:
         _say("no audio devices found (no sound card, or PulseAudio/PipeWire not running)")
         return
-    Console().print(devices_table(found))
+    print(devices_table(found))  # plain: nothing wrapped or cut, whatever the width
 
 
 @app.command()
