@@ -473,7 +473,8 @@ def test_status_fits_80_columns_with_every_field():
     assert all(len(line) <= 79 for line in lines) and "…" not in plain, plain
     e2e = conv.engine.latency_ms + (4800 + 480 + 960) / 48 + 47.0
     for part in (f"e2e ~{e2e:.0f} ms", "algo 76", "buffer 130", "device 47", "under 12", "over 353",
-                 "trim 67", "pitch -12", "formant 1.25", "gate -55 dB", "gain -12/+12 dB", "denoise deepfilternet",
+                 "trim 67", "pitch -12", "formant 1.25", "gate -55 dB", "gain -12/+12 dB",
+                 "denoise deepfilternet",
                  "1234.5 s", "compute 0/46 ms"):
         assert part in plain, (part, plain)
 
@@ -515,7 +516,8 @@ def test_overload_guard_lengthens_the_block_after_sustained_overload_and_shorten
     assert guard.check(100.0) is None
     assert guard.check(100.0 + OVERLOAD_S / 2) is None  # not yet sustained
     message = guard.check(100.0 + OVERLOAD_S)
-    assert conv.requested == [pytest.approx(69.66, abs=0.01)] and message.startswith("overload: compute 60 ms")
+    assert conv.requested == [pytest.approx(69.66, abs=0.01)]
+    assert message.startswith("overload: compute 60 ms")
     assert "block 46 -> 70 ms" in message
     conv.compute = 10.0  # calm: under 0.4 of the 46.4 ms block
     t = 100.0 + OVERLOAD_S + 6.0
