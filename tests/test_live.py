@@ -437,7 +437,7 @@ def test_devices_print_every_name_whole_at_80_columns(capsys, monkeypatch):
 
 
 class FakeConversion:
-    """What the status line reads of a `Conversion`."""
+    """What the status line reads of a `Conversion` (960 samples of input waiting)."""
 
     def __init__(self, stats: dict, block_ms: float = 46.4):
         from rtsvc.engine import StreamingConverter
@@ -450,6 +450,12 @@ class FakeConversion:
 
     def bottleneck_ms(self) -> float:
         return self._stats["compute_ms_recent"]
+
+    def inbox_samples(self) -> int:
+        return 960
+
+    def held(self) -> int:
+        return 0
 
 
 def test_status_fits_80_columns_with_every_field():

@@ -9,6 +9,7 @@ overload it rebuilds the engine at the next longer candidate block (`rtsvc.autob
 and steps back down after CALM_S of comfortable headroom.
 """
 
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,6 +28,7 @@ OVERLOAD_S = 3.0  # seconds of overload before the block grows
 CALM_RTF = 0.4  # the next shorter block would run at most this loaded ...
 CALM_S = 20.0  # ... for this long: step back down
 MIN_CHANGE_S = 5.0  # at most one change in this many seconds
+SKIP_FADE = 128  # samples: the seam where skipped input is crossfaded
 
 
 class Conversion:
@@ -82,12 +84,37 @@ class Conversion:
             requested, self._requested = self._requested, None
         if requested is not None:
             self.build(replace(self.config, block_ms=requested))
-            for fifo in self.fifos:
-                fifo.retarget()
+            block = self.engine.layout.block * self.out_rate // self.engine.sample_rate
+            for fifo in self.fifos:  # the prime plus a whole block of compute: on time while it keeps up
+                fifo.retarget(fifo.prime + block)
         if isinstance(self.adapter, PipelinedAdapter):
             self.adapter.process(chunk)
         else:
             self._emit(self.adapter.process(chunk))
+
+    def skip_backlog(self, chunk: np.ndarray, inbox: queue.Queue) -> np.ndarray:
+        """After a stall: input that would only be converted to be trimmed from the output (the FIFO
+        over its target) is skipped now, the seam crossfaded, and counted as a trim. Returns the
+        chunk to convert."""
+        fifo = self.fifos[0]
+        per_chunk, skipped = chunk.shape[0] * self.out_rate // self.in_rate, 0
+        while fifo.target is not None and not inbox.empty():
+            total = fifo.level + self.inbox_samples() + self.held() + per_chunk
+            if total - fifo.target <= fifo.tolerance + per_chunk:
+                break
+            try:
+                following = inbox.get_nowait()
+            except queue.Empty:
+                break
+            fade = min(SKIP_FADE, chunk.shape[0], following.shape[0])
+            ramp = np.linspace(0.0, 1.0, fade, endpoint=False, dtype=np.float32)
+            following = following.copy()
+            following[:fade] = chunk[:fade] * (1.0 - ramp) + following[:fade] * ramp
+            skipped += per_chunk
+            chunk = following
+        if skipped:
+            fifo.count_skip(skipped)
+        return chunk
 
     def _emit(self, out: np.ndarray) -> None:
         queued = self.inbox_samples() + self.held()

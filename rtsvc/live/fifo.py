@@ -64,8 +64,6 @@ class OutputFifo:
                 self.primed = self.started = True
             self._chunks.append(samples)
             self.level += samples.shape[0]
-            if self.target is None:  # after retarget(): what is in flight now is the new normal
-                self.target = self.total
             if self.level > self.max_level:  # output stalled or its clock is slow: cut latency back
                 self.overruns += 1
                 self._trim(self.total - self.target)
@@ -74,11 +72,17 @@ class OutputFifo:
             if len(self._totals) == self.settle and min(self._totals) > self.target + self.tolerance:
                 self._trim(min(self._totals) - self.target)
 
-    def retarget(self) -> None:
-        """Learn the target again at the next push (the conversion changed, e.g. a longer block)."""
+    def retarget(self, target: int) -> None:
+        """A new target (the conversion changed, e.g. a longer block)."""
         with self._lock:
-            self.target = None if self.started else self.target
+            self.target = target
             self._totals.clear()
+
+    def count_skip(self, samples: int) -> None:
+        """Count input skipped upstream to hold the target (cut before conversion instead of after)."""
+        with self._lock:
+            self.trims += 1
+            self.trimmed += samples
 
     def _trim(self, excess: int) -> None:
         """Drop `excess` samples at the head, crossfading the seam (lock held). Only once the backlog

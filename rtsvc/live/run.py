@@ -122,7 +122,7 @@ def _worker(conversion: Conversion, inbox: queue.Queue, state: LiveState) -> Non
                 chunk = inbox.get(timeout=0.1)
             except queue.Empty:
                 continue
-            conversion.process(chunk)
+            conversion.process(conversion.skip_backlog(chunk, inbox))
     except BaseException as err:  # surfaced by the main loop
         state.error = err
         state.stop.set()
@@ -134,7 +134,8 @@ def latency_split(conversion: Conversion, fifo: OutputFifo, device_ms: float) ->
     slack live here), device (PortAudio's / the sound server's stream latencies)."""
     rate = conversion.out_rate
     algo = conversion.engine.latency_ms
-    buffer_ms = fifo.total * 1000.0 / rate
+    # now, not as of the last push: mid-compute the FIFO drains while input queues up
+    buffer_ms = (fifo.level + conversion.inbox_samples() + conversion.held()) * 1000.0 / rate
     target_ms = (fifo.target or 0) * 1000.0 / rate
     return {"e2e_ms": algo + buffer_ms + device_ms, "algorithmic_ms": algo, "buffer_ms": buffer_ms,
             "buffer_target_ms": target_ms, "device_ms": device_ms}
