@@ -551,8 +551,8 @@ def test_conversion_skips_input_backlog_over_the_target_crossfaded():
     for i in range(100):
         inbox.put(np.full(441, i + 1, np.float32))
     chunk = conv.skip_backlog(np.zeros(441, np.float32), inbox)
-    left = inbox.qsize()
-    assert 0 < left <= 6 and fifo.trims == 1  # left: the target (5) + tolerance (1) and fifo.trimmed == (100 - left) * 441
+    left = inbox.qsize()  # what is left: the target (5) + tolerance (1)
+    assert 0 < left <= 6 and fifo.trims == 1 and fifo.trimmed == (100 - left) * 441
     assert chunk[0] == 0.0 and chunk[-1] == 100 - left  # faded from the skipped audio into the kept
     assert np.all(np.diff(chunk[:128]) >= 0)
 
