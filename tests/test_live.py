@@ -605,13 +605,18 @@ def parse_status(text: str) -> list[tuple[float, float, float]]:
 def test_live_buffer_returns_to_its_target_after_a_cpu_hog(pulse, tmp_path):
     """Issue 23: a CPU hog for 10 s in the middle of a live run; within 5 s after it stops, the
     buffer is back within 20 ms of its target (before: it stayed 300-480 ms up)."""
+    import shlex
+
     clip = tmp_path / "tone.wav"
-    sf.write(clip, sung_tone(40.0, f0=TONE_F0), SR)
+    sf.write(clip, sung_tone(60.0, f0=TONE_F0), SR)
     log = tmp_path / "live.log"
-    live = start_live(pulse, ["--block-ms", "69.7", "--gate", "-60", "--duration", "34"], log)
+    # RTSVC_HOG_LIVE_ARGS: the same check for another voice, e.g. the issue-23 student:
+    # "--model student.rtsvc --pretrained-dir P --f0 fcpe --block-ms auto" (docs/incoming-latency.md)
+    args = shlex.split(os.environ.get("RTSVC_HOG_LIVE_ARGS", "--block-ms 69.7"))
+    live = start_live(pulse, [*args, "--gate", "-60", "--duration", "34"], log)
     player = None
     try:
-        wait_for_start(live, log, timeout=60)
+        wait_for_start(live, log, timeout=900)
         player = subprocess.Popen(["paplay", "-d", "mic", str(clip)], env=pulse.env)
         time.sleep(8.0)
         started = parse_status(log.read_text())[-1][0]
