@@ -67,3 +67,20 @@ def test_only_a_model_voice_pipelines():
     engine = StreamingConverter(DspVoice(), RuntimeSettings(), CONFIG)
     with pytest.raises(UserError, match="--pipeline needs a model voice"):
         PipelinedAdapter(engine, 44100, lambda s: None)
+
+
+def test_auto_block_with_pipeline_measures_the_slower_stage(voice, monkeypatch):
+    """`--block-ms auto --pipeline`: each candidate is judged by its slower stage, timed apart."""
+    import rtsvc.autoblock as autoblock
+
+    p99, mean = autoblock.measure_pipelined(voice.fork(), CONFIG, KNOBS, blocks=2)
+    assert p99 >= mean > 0
+    seen = []
+    def half_of_the_block(v, config, knobs, blocks):
+        seen.append(config.block_ms)
+        return 0.5 * config.block_ms, 0.4 * config.block_ms
+
+    monkeypatch.setattr(autoblock, "measure_pipelined", half_of_the_block)
+    choice = autoblock.pick_block(voice.fork(), StreamConfig(context_ms=300.0), KNOBS, pipelined=True)
+    assert seen and choice.pipelined and choice.block_ms == min(seen)  # 0.5 of any block fits 0.7
+    assert "p99 of the slower pipeline stage" in choice.summary()
