@@ -12,8 +12,10 @@ length; on a machine whose load moves compute by more (issue 14: 70-200 ms withi
 FIFO runs dry (an underrun) and is primed again with the silence it lacked added to the prime (at
 most one block more in all), so the next equally late block is on time: latency grows only where
 it must.
-Overruns (the worker falling behind, or the output clock running slower than the input clock) drop
-the oldest audio and are counted.
+Drift (issue 23): what waits between the callbacks returns to its target after a stall or a burst:
+queued input over it is skipped and converted audio over it is dropped, both crossfaded and counted
+as trims (`rtsvc/live/fifo.py`); under sustained overload the block grows (`rtsvc/live/chain.py`).
+The status shows the end-to-end estimate: algorithmic + buffer + device (docs/latency.md).
 """
 
 
