@@ -57,12 +57,9 @@ class PipelinedAdapter:
         self._jobs: queue.Queue = queue.Queue()
         # first out: the engine's block of delay (the unpipelined engine starts its output with it)
         self._jobs.put(("emit", np.zeros(engine.layout.block, dtype=np.float32)))
-        self._thread = None
-        if threaded:
-            self._thread = threading.Thread(target=self._stage2_loop, name="pipeline-stage2", daemon=True)
-            self._thread.start()
-        else:
-            self._drain()
+        self._threaded = threaded
+        self._thread: threading.Thread | None = None  # started by the first process(): nothing is
+        # emitted while the caller is still storing this object
 
     @property
     def held(self) -> int:
@@ -73,6 +70,9 @@ class PipelinedAdapter:
         """Stage 1 for these samples; blocks they complete go to stage 2."""
         if self.error is not None:
             raise self.error
+        if self._threaded and self._thread is None:
+            self._thread = threading.Thread(target=self._stage2_loop, name="pipeline-stage2", daemon=True)
+            self._thread.start()
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         self.samples_in += samples.shape[0]
         for new in self.engine.split_blocks(self._to_engine.process(samples)):
@@ -83,7 +83,7 @@ class PipelinedAdapter:
                 job = self.voice.prepare(block.window, block.knobs, block.start_sample,
                                          self.engine.layout.tail)
             self._jobs.put((block, job, (time.perf_counter() - started) * 1000.0))
-        if self._thread is None:
+        if not self._threaded:
             self._drain()
 
     def _drain(self) -> None:
@@ -127,6 +127,8 @@ class PipelinedAdapter:
             self._jobs.put(_STOP)
             self._thread.join(timeout=timeout)
             self._thread = None
+        else:
+            self._drain()
         if self.error is not None:
             raise self.error
 

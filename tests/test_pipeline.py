@@ -84,3 +84,19 @@ def test_auto_block_with_pipeline_measures_the_slower_stage(voice, monkeypatch):
     choice = autoblock.pick_block(voice.fork(), StreamConfig(context_ms=300.0), KNOBS, pipelined=True)
     assert seen and choice.pipelined and choice.block_ms == min(seen)  # 0.5 of any block fits 0.7
     assert "p99 of the slower pipeline stage" in choice.summary()
+
+
+def test_live_conversion_runs_the_pipeline_into_its_fifo(voice):
+    """`rtsvc live --pipeline`: the worker's Conversion feeds stage 1, stage 2 pushes into the FIFO
+    (the first push happens while the conversion is still being built)."""
+    from rtsvc.live.chain import Conversion
+    from rtsvc.live.fifo import OutputFifo
+
+    fifo = OutputFifo(prime=480, max_level=10 ** 7, tolerance=10 ** 7)
+    conv = Conversion(voice.fork(), RuntimeSettings(KNOBS), CONFIG, 48000, 48000, [fifo], pipeline=True)
+    audio = sung_tone(1.0, 48000)
+    for i in range(0, audio.shape[0], 480):
+        conv.process(audio[i:i + 480])
+    conv.close()
+    assert fifo.started and fifo.level > 0.5 * 48000  # most of the second came through
+    assert conv.bottleneck_ms() > 0

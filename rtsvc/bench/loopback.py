@@ -183,7 +183,8 @@ def measure_loopback(live_args: list[str], seconds: float = 6.0, startup_timeout
             try:
                 total = _rig(server, "speaker.monitor", seconds, Path(tmp)) * 1000
             except UserError as err:  # say what live said
-                raise UserError(f"{err}; live's last lines: {log.read_text(errors='replace')[-600:]}") from None
+                said = log.read_text(errors="replace")[-600:]
+                raise UserError(f"{err}; live's last lines: {said}") from None
         finally:
             live.send_signal(signal.SIGINT)  # a clean Ctrl-C: live prints its counters
             try:
