@@ -226,6 +226,12 @@ def test_output_fifo_without_trimming_would_have_drifted():
     assert fifo.trims == 0 and totals[-1][0] > totals[-1][1] + 10000
 
 
+def test_output_fifo_target_ignores_a_first_block_slowed_by_warm_up():
+    fifo = OutputFifo(prime=100, max_level=10 ** 6, max_prime=300)
+    fifo.push(np.ones(50, np.float32), queued=5000)  # the first block took 5000 samples to compute
+    assert fifo.target == 100 + 50 + 200  # prime + push + at most what the prime may grow by
+
+
 def test_output_fifo_trim_crossfades_the_seam():
     fifo = OutputFifo(prime=0, max_level=10 ** 6, tolerance=100, crossfade=64, settle=1)
     fifo.push(np.ones(200, np.float32))  # target: 200

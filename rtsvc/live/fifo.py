@@ -56,10 +56,11 @@ class OutputFifo:
                 self.prime, self.max_level, self.dry = self.prime + grow, self.max_level + grow, 0
                 self._chunks.append(np.zeros(self.prime, dtype=np.float32))
                 self.level += self.prime
-                # the first time: what is in flight now (this block's compute backlog) plus the prime;
+                # the first time: what is in flight now (this block's compute backlog, at most what the
+                # prime may grow by: a first block slowed by warm-up must not set it) plus the prime;
                 # after an underrun: only the lateness is added (the backlog and prime are there already)
-                self.target = self.level + samples.shape[0] + queued if self.target is None \
-                    else self.target + grow
+                first = self.level + samples.shape[0] + min(queued, self.max_prime - self.prime)
+                self.target = first if self.target is None else self.target + grow
                 self._totals.clear()
                 self.primed = self.started = True
             self._chunks.append(samples)
