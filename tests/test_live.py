@@ -519,11 +519,13 @@ class GuardConversion:
 
 
 def test_overload_guard_lengthens_the_block_after_sustained_overload_and_shortens_it_when_calm():
-    from rtsvc.live.chain import CALM_S, OVERLOAD_S, OverloadGuard
+    from rtsvc.live.chain import CALM_S, GRACE_S, OVERLOAD_S, OverloadGuard
 
     conv = GuardConversion()
     guard = OverloadGuard(conv)
     conv.compute = 60.0  # over a 46.4 ms block
+    assert guard.check(100.0 - GRACE_S) is None  # the run starts: warm-up is no overload
+    assert guard.check(100.0 - OVERLOAD_S - 1) is None and not conv.requested
     assert guard.check(100.0) is None
     assert guard.check(100.0 + OVERLOAD_S / 2) is None  # not yet sustained
     message = guard.check(100.0 + OVERLOAD_S)

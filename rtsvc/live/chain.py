@@ -28,6 +28,7 @@ OVERLOAD_S = 3.0  # seconds of overload before the block grows
 CALM_RTF = 0.4  # the next shorter block would run at most this loaded ...
 CALM_S = 20.0  # ... for this long: step back down
 MIN_CHANGE_S = 5.0  # at most one change in this many seconds
+GRACE_S = 10.0  # no change in the first seconds of a run: caches and thread pools are still warming up
 SKIP_FADE = 128  # samples: the seam where skipped input is crossfaded
 
 
@@ -150,10 +151,13 @@ class OverloadGuard:
         self._over_since: float | None = None
         self._calm_since: float | None = None
         self._last_change = float("-inf")
+        self._first_check: float | None = None
 
     def check(self, now: float) -> str | None:
         conv = self.conversion
-        if not self.enabled or conv.engine.stats()["blocks"] - conv.engine.stats()["gated_blocks"] < 4:
+        self._first_check = now if self._first_check is None else self._first_check
+        st = conv.engine.stats()
+        if not self.enabled or now - self._first_check < GRACE_S or st["blocks"] - st["gated_blocks"] < 4:
             return None
         block, compute = conv.block_ms, conv.bottleneck_ms()
         backlog_ms = conv.inbox_samples() * 1000.0 / conv.out_rate
