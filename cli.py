@@ -49,18 +49,21 @@ def live(
     duration: o.Duration = None, record: o.Record = None, f0: o.F0 = None, device: o.Device = "auto",
     backend: o.Backend = "auto", precision: o.Precision = "fp32", providers: o.Providers = None,
     contentvec: o.ContentVec = None, whisper: o.Whisper = None, vocoder: o.Vocoder = None,
-    rmvpe: o.Rmvpe = None, knobs: Knobs = KNOBS, typed: dict | None = None,
+    rmvpe: o.Rmvpe = None, audio_api: o.AudioApi = o.AUDIO_API, device_buffer_ms: o.DeviceBufferMs = "low",
+    device_block_ms: o.DeviceBlockMs = o.DEVICE_BLOCK_MS, pipeline: o.Pipeline = False,
+    knobs: Knobs = KNOBS, typed: dict | None = None,
 ) -> None:
     """Microphone -> voice -> speaker in real time. Keys: up/down pitch, f/F formant, g/G gate, q quit."""
     from rtsvc import live as lib
 
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
-    jitter = lib.parse_jitter_ms(jitter_ms)
+    jitter, buffer_ms = lib.parse_jitter_ms(jitter_ms), lib.parse_device_buffer_ms(device_buffer_ms)
     lib.check_live_options(input_rate, output_rate, duration)
     spec = _pick(VoiceSpec, locals(), speaker=knobs.speaker, streaming=True).validate()  # --model first
     lib.check_virtual_mic(virtual_mic, output)
     dev_in, dev_out, dev_mon = lib.find_devices(input, output, monitor)  # before a model loads
-    voice, knobs, config, choice = start_voice(spec, knobs, typed.get("steps"), config, _say)
+    voice, knobs, config, choice = start_voice(spec, knobs, typed.get("steps"), config, _say,
+                                                  pipelined=pipeline)
     if jitter is None:
         jitter = lib.auto_jitter_ms(choice)
         if choice is not None:
@@ -68,7 +71,8 @@ def live(
     _say(lib.live_summary(lib.run_live(
         voice, RuntimeSettings(knobs), config, input_device=dev_in, output_device=dev_out, record=record,
         monitor_device=dev_mon, input_rate=input_rate, output_rate=output_rate, duration=duration,
-        jitter_ms=jitter, console=console, virtual_mic=virtual_mic), record))
+        jitter_ms=jitter, console=console, virtual_mic=virtual_mic, audio_api=audio_api,
+        device_block_ms=device_block_ms, device_buffer_ms=buffer_ms, pipeline=pipeline), record))
 
 
 @app.command()
@@ -186,7 +190,7 @@ def devices() -> None:
     if not found:
         _say("no audio devices found (no sound card, or PulseAudio/PipeWire not running)")
         return
-    Console().print(devices_table(found))
+    print(devices_table(found))  # plain: nothing wrapped or cut, whatever the width
 
 
 @app.command()
@@ -333,7 +337,8 @@ def bench(
     schedule: o.Schedule = KNOBS.schedule, backend: o.BenchBackends = "auto", device: o.BenchDevices = "all",
     context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
     dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS, concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0,
-    seconds: o.Seconds = 5.0, loopback: o.Loopback = False, gap: o.Gap = False,
+    seconds: o.Seconds = 5.0, loopback: o.Loopback = False, loopback_live: o.LoopbackLive = "",
+    loopback_seconds: o.LoopbackSeconds = 6.0, gap: o.Gap = False,
     crossfades: o.Crossfades = o.GAP_CROSSFADES, sola_searches: o.SolaSearches = o.GAP_SEARCHES,
     threads: o.BenchThreads = None, streams: o.Streams = None, max_batches: o.MaxBatches = o.STREAMS_BATCHES,
     batch_deadline_ms: o.BatchDeadlineMs = SERVER.batch_deadline_ms,
@@ -343,8 +348,6 @@ def bench(
 ) -> None:
     """Per-block compute time (mean/p50/p99), real-time factor, latency and per-stage breakdown."""
     from rtsvc.bench import blocks as lib
-    from rtsvc.bench.loopback import loopback_report
-
     spec = _pick(VoiceSpec, locals(), backend="auto", device="auto")  # per case below
     if streams is not None:  # the streams bench instead of the per-block tables
         from rtsvc.bench.streams import run_streams_command
@@ -370,9 +373,12 @@ def bench(
     if gap:  # a model's gap on the first device and backend
         lib.run_gap(grid, spec.with_(backend=backends[0], device=devices_[0]), console=wide)
     if loopback:
-        for config in lib.dsp_configs(configs):
-            _say(f"loopback: starting PulseAudio and `rtsvc live` (DSP voice, block {config.block_ms:g} ms)")
-            wide.print(loopback_report(config), highlight=False)
+        from rtsvc.bench.loopback import LOOPBACK_COLUMNS, loopback_rows
+
+        rows = loopback_rows(lib.dsp_configs(configs), configs, model, pretrained_dir, f0, providers,
+                             loopback_live, loopback_seconds, _say)
+        o.print_table("end-to-end latency of `rtsvc live` through PulseAudio null sinks (ms, rig delay "
+                      "subtracted)", LOOPBACK_COLUMNS, rows)
 
 
 @app.command("eval")

@@ -22,7 +22,7 @@ from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
 from rtsvc.eval.configs import help_text as eval_config_help
 from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0
-from rtsvc.live import JITTER_MS
+from rtsvc.live import AUDIO_API, DEVICE_BLOCK_MS, JITTER_MS, PULSE_BUFFER_MS
 from rtsvc.serve.server import ServerConfig
 from rtsvc.settings import KNOB_TABLE, Knob, KnobError, knobs_class, validate_knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
@@ -240,7 +240,8 @@ OutputRate = opt(int | None, "Output device rate in Hz. Default: the device's.",
 JitterMs = opt(str, "Output buffer primed with this much silence (ms) to absorb block-to-block changes in "
                "compute time; auto = with --block-ms auto, the picked block's measured headroom (block minus "
                f"mean compute, at least {JITTER_MS:g}), else {JITTER_MS:g}. Default: auto.", panel=STREAMING)
-Duration = opt(float | None, "Stop after this many seconds and exit 0. Default: run until Ctrl-C or q.")
+Duration = opt(float | None, "Stop after this many seconds and exit 0. Default: run until Ctrl-C, SIGTERM or "
+               "q.")
 Record = opt(Path | None, "Also write the converted output to this audio file (output device rate). "
              "Default: none.")
 
@@ -274,6 +275,17 @@ Ray = Annotated[str | None, typer.Option(
 Replicas = opt(int, "--ray: replicas, each holding the voice and its clients. Default: 2.", panel=SERVING)
 ReplicaCpus = opt(float, "--ray: CPUs Ray reserves per replica. Default: 0.", panel=SERVING)
 ReplicaGpus = opt(float, "--ray: GPUs per replica (e.g. 1, or 0.5 to share one). Default: 0.", panel=SERVING)
+
+AudioApi = opt(str, "How to reach the sound devices: portaudio (any device) or pulse (PulseAudio/PipeWire "
+               "sources and sinks through libpulse, explicit buffer sizes; needs pasimple). Default: "
+               f"{AUDIO_API}.", panel=DEVICE)
+DeviceBufferMs = opt(str, "Device buffering asked for per stream in ms: PortAudio's suggested latency, or "
+                     "the pulse playback buffer; low = PortAudio's low default (pulse: "
+                     f"{PULSE_BUFFER_MS:g} ms). Default: low.", panel=DEVICE)
+DeviceBlockMs = opt(float, f"Device callback size in ms. Default: {DEVICE_BLOCK_MS:g}.", panel=DEVICE)
+Pipeline = opt(bool, "Models: extract block n+1's features while block n's DiT and vocoder run (two threads; "
+               "same output; --block-ms auto then needs only the slower half to fit). Default: off.",
+               panel=STREAMING)
 
 # convert
 InputFile = Annotated[Path, typer.Argument(help="Input audio file (wav, flac, ogg, mp3; any rate; mixed to "
@@ -448,8 +460,12 @@ BenchBackends = opt(str, "Comma-separated model backends (torch, onnx, auto). De
 BenchDevices = opt(str, "Comma-separated torch devices (cpu, cuda) or all (cpu and cuda when present). "
                    "Default: all.", "--device", panel=MODEL)
 Seconds = opt(float, "Audio streamed per configuration, in seconds. Default: 5.")
-Loopback = opt(bool, "Also measure end-to-end latency of `rtsvc live` (DSP voice, each block length) through "
-               "PulseAudio null sinks (needs pulseaudio). Default: off.")
+Loopback = opt(bool, "Also measure end-to-end latency of `rtsvc live` (DSP voice and --model, each block "
+               "length) through PulseAudio null sinks (needs pulseaudio): mean and p95, underruns, and the "
+               "split. Default: off.")
+LoopbackLive = opt(str, "--loopback: more `rtsvc live` options for every row, e.g. '--audio-api pulse "
+                   "--pipeline'. Default: none.")
+LoopbackSeconds = opt(float, "--loopback: seconds of bursts measured per row. Default: 6.")
 Gap = opt(bool, "Also measure how close streaming is to offline (log-spectral distance, dB) for each block "
           "length x crossfade (--crossfades) x SOLA search (--sola-searches), for the DSP voice and --model. "
           "Default: off.")

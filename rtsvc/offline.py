@@ -22,6 +22,7 @@ import soundfile as sf
 
 from rtsvc.dsp.audio import read_audio_blocks
 from rtsvc.dsp.denoise import denoise_clip
+from rtsvc.dsp.limiter import soft_limit
 from rtsvc.dsp.slicer import CROSSFADE_MS, FADE_MS, join_with_crossfade, join_with_fades, slice_at_silences
 from rtsvc.dsp.vad import speech_mask
 from rtsvc.engine import StreamConfig, StreamingConverter
@@ -180,7 +181,7 @@ def convert_file(
 
     with _atomic_output(output_path, sr) as out:
         for audio in _pieces((block for _, block, _ in read_audio_blocks(input_path, sr)), sr, piece):
-            out.write(np.clip(convert(audio), -1.0, 1.0).astype(np.float32))
+            out.write(soft_limit(convert(audio))[0])  # bends overshoot instead of clipping
             written += len(audio)
             if progress is not None:
                 progress(min(int(written / sr), int(total)), int(total))
@@ -206,7 +207,7 @@ def stream_file(voice: Voice, input_path: str | Path, output_path: str | Path, k
             cut = min(skip, len(audio))
             skip -= cut
             audio = audio[cut:][:max(0, limit - written)]
-            out.write(np.clip(audio, -1.0, 1.0).astype(np.float32))
+            out.write(soft_limit(audio)[0])
             written += len(audio)
 
         for _, block, _ in read_audio_blocks(input_path, sr, read_s):
