@@ -6,12 +6,10 @@ The options (their help, defaults and panels), the knob options made from one ta
 """
 
 import sys
-import warnings
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.text import Text
 
 import cli_options as o
 from rtsvc.autoblock import start_voice
@@ -19,7 +17,7 @@ from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
 from rtsvc.features.f0_methods import DEFAULT_F0
 from rtsvc.serve.server import ServerConfig
-from rtsvc.settings import KnobError, Knobs, RuntimeSettings
+from rtsvc.settings import Knobs, RuntimeSettings
 from rtsvc.voices.defaults import DIT_CONTEXT_MS
 from rtsvc.voices.spec import CONCURRENT_F0, VoiceSpec, check_f0
 
@@ -64,10 +62,7 @@ def live(
     dev_in, dev_out, dev_mon = lib.find_devices(input, output, monitor)  # before a model loads
     voice, knobs, config, choice = start_voice(spec, knobs, typed.get("steps"), config, _say,
                                                   pipelined=pipeline)
-    if jitter is None:
-        jitter = lib.auto_jitter_ms(choice)
-        if choice is not None:
-            _say(f"auto jitter buffer: {jitter:.0f} ms (the block's headroom over its mean compute)")
+    jitter = lib.auto_jitter_ms(choice, _say) if jitter is None else jitter
     _say(lib.live_summary(lib.run_live(
         voice, RuntimeSettings(knobs), config, input_device=dev_in, output_device=dev_out, record=record,
         monitor_device=dev_mon, input_rate=input_rate, output_rate=output_rate, duration=duration,
@@ -210,16 +205,7 @@ def prepare(
         task = bar.add_task("preparing", total=None)
         update = lambda done, total, name: bar.update(task, completed=done, total=total)  # noqa: E731
         result = prepare_dataset(data, extract, settings, workers=workers, on_progress=update)
-    for skipped in result.skipped:
-        console.print(Text.assemble(("skipped", "yellow"), f" {skipped.path}: {skipped.reason}"),
-                      highlight=False)
-    o.print_table(f"prepared {data} ({CACHE_DIR}/)", ("speaker", "files", "clips", "minutes"),
-                  [(name, str(i["sources"]), str(i["clips"]), f"{i['seconds'] / 60:.1f}")
-                   for name, i in sorted(result.speakers.items())])
-    _say(f"{result.processed} file(s) processed, {result.reused} already done, {len(result.skipped)} "
-         f"skipped; metadata: {result.metadata_path}")
-    for warning in too_little_audio(result):
-        console.print(Text.assemble(("warning", "yellow"), f" {warning}"), highlight=False)
+    o.report_prepared(result, data, CACHE_DIR, too_little_audio(result))
 
 
 @app.command()
@@ -241,15 +227,7 @@ def train(
 
     paths = {name: str(value) for name, value in locals().items() if isinstance(value, Path)}
     result = run_training(_pick(TrainConfig, locals(), **paths))
-    if result.rank != 0:  # torchrun: one report, from rank 0
-        return
-    new = set(result.new_speakers)
-    _say("speakers: " + ", ".join(f"{n}{' (new)' if n in new else ''}" for n in result.speakers))
-    if result.new_speakers:
-        _say(f"default speaker: {result.new_speakers[0]} (live, convert and serve use it without --speaker)")
-    state = "stopped (Ctrl-C)" if result.interrupted else "finished"
-    _say(f"{state} at step {result.global_step}; checkpoint: {result.last_checkpoint}"
-         + (" (continue with --resume)" if result.interrupted else ""))
+    o.report_trained(result)
 
 
 @app.command()
@@ -273,12 +251,7 @@ def distill(
     paths = {name: str(value) for name, value in locals().items() if isinstance(value, Path)}
     result = run_distill(_pick(DistillConfig, locals(), **paths,
                                cfg_skip_layers=None if cfg_skip_layers is None else [cfg_skip_layers]))
-    if result.rank != 0:
-        return
-    state = "stopped (Ctrl-C)" if result.interrupted else "finished"
-    resume_hint = " (continue with --resume)" if result.interrupted else ""
-    _say(f"{state} at step {result.global_step}; student ({result.info.nfe} evaluation(s) per "
-         f"block): {result.last_checkpoint}{resume_hint}")
+    o.report_distilled(result)
 
 
 @app.command("export")
@@ -297,37 +270,19 @@ def export_cmd(
 
     with o.progress_bar(console) as bar:
         task = bar.add_task("exporting", total=export_steps(with_encoders))
-        started = []
-
-        def step(label: str) -> None:  # called as each step starts: the previous ones are done
-            bar.update(task, description=label, completed=len(started))
-            started.append(label)
-
         result = export_bundle(ckpt, out, pretrained_dir=pretrained_dir, vocoder=vocoder, opset=opset,
-                               fp16=fp16, with_encoders=with_encoders, tolerance=tolerance, progress=step,
+                               fp16=fp16, with_encoders=with_encoders, tolerance=tolerance,
+                               progress=o.step_counter(bar, task),
                                skip_layers=None if cfg_skip_layers < 0 else (cfg_skip_layers,))
         bar.update(task, completed=export_steps(with_encoders), description="done")
-    o.print_table("parity: ONNX Runtime (CPU) vs torch",
-                  ("graph", "batch", "frames", "max abs error", "max |torch|", "relative", "ok"),
-                  [(r.graph, str(r.batch), str(r.frames), f"{r.max_abs:.2e}", f"{r.ref_max:.3g}",
-                    f"{r.rel:.2e}", "yes" if r.ok else Text("NO", style="bold red")) for r in result.rows])
-    if not result.ok:
-        worst = max(result.failures(), key=lambda r: r.rel)
-        raise UserError(f"parity check failed: {worst.graph} at {worst.frames} frames differs by "
-                        f"{worst.rel:.2e} (relative) > tolerance {worst.tolerance:g}; no bundle written")
-    exporters = ", ".join(f"{k}: {v}" for k, v in result.exporters.items())
-    _say(f"wrote {result.path} (exporter {exporters})")
+    o.report_parity(result)
     if int8:
         from export.quantize import quantize_bundle
 
         with o.progress_bar(console) as bar:
             task = bar.add_task("int8", total=None)
             rows = quantize_bundle(result.path, step=lambda label: bar.update(task, description=label))
-        o.print_table("int8 vs fp32 (ONNX Runtime CPU, this machine)",
-                      ("graph", "scheme", "relative L2", "fp32 ms", "int8 ms", "speed-up"),
-                      [(r.graph, r.scheme, f"{r.rel_l2:.4f}", f"{r.fp32_ms:.1f}", f"{r.int8_ms:.1f}",
-                        f"{r.fp32_ms / r.int8_ms:.2f}x") for r in rows])
-        _say(f"quantized {result.path} to int8")
+        o.report_int8(result.path, rows)
 
 
 @app.command()
@@ -381,7 +336,7 @@ def bench(
                       "subtracted)", LOOPBACK_COLUMNS, rows)
 
 
-@app.command("eval")
+@app.command("eval", help=o.EVAL_HELP)
 def eval_cmd(
     clips: o.EvalClips, config: o.EvalConfigs = None, reference: o.EvalReference = None,
     model: o.Model = None, speaker: o.EvalSpeaker = None, speaker_clips: o.SpeakerClips = None,
@@ -392,14 +347,6 @@ def eval_cmd(
     contentvec: o.ContentVec = None, whisper: o.Whisper = None, vocoder: o.Vocoder = None,
     rmvpe: o.Rmvpe = None, threads: o.Threads = None,
 ) -> None:
-    """Compare configurations on your own clips: speaker similarity, F0 accuracy, DNSMOS, distance to a
-    reference, RTF and latency (table, OUT/eval.json, OUT/eval.png).
-
-    Limits of the metrics: the speaker encoder (Resemblyzer) and DNSMOS were trained on speech, not
-    singing nor converted voices, so on singing they are weaker and on any voice they are a guide, not a
-    listening test; F0 error uses one tracker for input and output, whose own mistakes count; LSD and
-    mel L1 measure distance to the reference configuration, not to a ground truth; RTF is measured on
-    this machine as it is (a busy machine inflates it)."""
     from rtsvc.eval import report
     from rtsvc.eval.runner import eval_plan, prepare_eval, run_eval
 
@@ -443,18 +390,7 @@ def doctor(pretrained_dir: o.LookIn = Path("pretrained")) -> None:
 
 
 def main() -> None:
-    # pyworld 0.3.5 imports pkg_resources; its deprecation warning is noise for users
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-    command = typer.main.get_command(app)
-    for sub in command.commands.values():
-        o.tidy_command(sub)
-    try:
-        command(prog_name="rtsvc")
-    except UserError as err:  # a knob's range from the library (bench, distill) names its flag too
-        message = err.for_flag() if isinstance(err, KnobError) else str(err)
-        # one line whatever the terminal width, and no markup parsing of the message
-        console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, highlight=False)
-        sys.exit(2)
+    o.run_app(app)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Defaults and the "Default: ..." in help come from the library (`KNOB_TABLE`, `St
 
 import functools
 import inspect
+import sys
+import warnings
 from collections.abc import Collection, Iterable
 from dataclasses import fields
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from rtsvc.autoblock import P99_MARGIN
 from rtsvc.dsp.slicer import FADE_MS
@@ -172,6 +175,17 @@ def progress_bar(console):
                     TimeElapsedColumn(), console=console, transient=False)
 
 
+def step_counter(bar, task):
+    """A progress callback called as each step starts (the previous ones are then done)."""
+    started = []
+
+    def step(label: str) -> None:
+        bar.update(task, description=label, completed=len(started))
+        started.append(label)
+
+    return step
+
+
 def print_table(title: str, columns: tuple[str, ...], rows) -> None:
     """Print a table on stdout: the first column left-aligned, numbers right-aligned. Text is shown
     literally (names and paths may hold rich markup such as "[/"); style a cell with a `Text`."""
@@ -184,6 +198,70 @@ def print_table(title: str, columns: tuple[str, ...], rows) -> None:
     for row in rows:
         table.add_row(*(cell if isinstance(cell, Text) else Text(cell) for cell in row))
     Console().print(table)
+
+
+def report_prepared(result, data: Path, cache_dir: str, warnings: list[str]) -> None:
+    """What `rtsvc prepare` did: skipped files, a table per speaker, totals and warnings."""
+    from rich.text import Text
+
+    for skipped in result.skipped:
+        console.print(Text.assemble(("skipped", "yellow"), f" {skipped.path}: {skipped.reason}"),
+                      highlight=False)
+    print_table(f"prepared {data} ({cache_dir}/)", ("speaker", "files", "clips", "minutes"),
+                [(name, str(i["sources"]), str(i["clips"]), f"{i['seconds'] / 60:.1f}")
+                 for name, i in sorted(result.speakers.items())])
+    say(f"{result.processed} file(s) processed, {result.reused} already done, {len(result.skipped)} "
+        f"skipped; metadata: {result.metadata_path}")
+    for warning in warnings:
+        console.print(Text.assemble(("warning", "yellow"), f" {warning}"), highlight=False)
+
+
+def _stopped(result) -> str:
+    return "stopped (Ctrl-C)" if result.interrupted else "finished"
+
+
+def report_trained(result) -> None:
+    """What `rtsvc train` did (rank 0 only under torchrun)."""
+    if result.rank != 0:
+        return
+    new = set(result.new_speakers)
+    say("speakers: " + ", ".join(f"{n}{' (new)' if n in new else ''}" for n in result.speakers))
+    if result.new_speakers:
+        say(f"default speaker: {result.new_speakers[0]} (live, convert and serve use it without --speaker)")
+    say(f"{_stopped(result)} at step {result.global_step}; checkpoint: {result.last_checkpoint}"
+        + (" (continue with --resume)" if result.interrupted else ""))
+
+
+def report_distilled(result) -> None:
+    """What `rtsvc distill` did (rank 0 only under torchrun)."""
+    if result.rank != 0:
+        return
+    resume_hint = " (continue with --resume)" if result.interrupted else ""
+    say(f"{_stopped(result)} at step {result.global_step}; student ({result.info.nfe} evaluation(s) per "
+        f"block): {result.last_checkpoint}{resume_hint}")
+
+
+def report_parity(result) -> None:
+    """`rtsvc export`'s parity table; a failed check is a UserError (no bundle was written)."""
+    from rich.text import Text
+
+    print_table("parity: ONNX Runtime (CPU) vs torch",
+                ("graph", "batch", "frames", "max abs error", "max |torch|", "relative", "ok"),
+                [(r.graph, str(r.batch), str(r.frames), f"{r.max_abs:.2e}", f"{r.ref_max:.3g}",
+                  f"{r.rel:.2e}", "yes" if r.ok else Text("NO", style="bold red")) for r in result.rows])
+    if not result.ok:
+        worst = max(result.failures(), key=lambda r: r.rel)
+        raise UserError(f"parity check failed: {worst.graph} at {worst.frames} frames differs by "
+                        f"{worst.rel:.2e} (relative) > tolerance {worst.tolerance:g}; no bundle written")
+    say(f"wrote {result.path} (exporter {', '.join(f'{k}: {v}' for k, v in result.exporters.items())})")
+
+
+def report_int8(path: Path, rows) -> None:
+    print_table("int8 vs fp32 (ONNX Runtime CPU, this machine)",
+                ("graph", "scheme", "relative L2", "fp32 ms", "int8 ms", "speed-up"),
+                [(r.graph, r.scheme, f"{r.rel_l2:.4f}", f"{r.fp32_ms:.1f}", f"{r.int8_ms:.1f}",
+                  f"{r.fp32_ms / r.int8_ms:.2f}x") for r in rows])
+    say(f"quantized {path} to int8")
 
 
 # --- help that fits the terminal ------------------------------------------------------------------
@@ -313,6 +391,13 @@ Stream = opt(bool, "Convert through the streaming engine block by block (what li
              "offline slices. Default: off.", panel=STREAMING)
 
 # eval
+EVAL_HELP = ("Compare configurations on your own clips: speaker similarity, F0 accuracy, DNSMOS, distance to "
+             "a reference, RTF and latency (table, OUT/eval.json, OUT/eval.png).\n\n"
+             "Limits of the metrics: the speaker encoder (Resemblyzer) and DNSMOS were trained on speech, "
+             "not singing nor converted voices, so on singing they are weaker and on any voice they are a "
+             "guide, not a listening test; F0 error uses one tracker for input and output, whose own "
+             "mistakes count; LSD and mel L1 measure distance to the reference configuration, not to a "
+             "ground truth; RTF is measured on this machine as it is (a busy machine inflates it).")
 EvalClips = opt(Path, "Folder of input clips (wav, flac, ogg, mp3; searched recursively); each is converted "
                 "with every --config. Required.", "--clips")
 EvalConfigs = Annotated[list[str] | None, typer.Option(
@@ -488,3 +573,19 @@ PretrainedVoice = opt(list[str] | None, "Pretrained voice checkpoint to fetch to
 Components = opt(str, "Components for which models: v2 (ContentVec, Whisper, vocoder, RMVPE), v3 (the same "
                  "without Whisper, ~3 GB less) or all. Default: all.", "--family")
 LookIn = opt(Path, "Folder of pretrained components to look into. Default: pretrained/.", "--pretrained-dir")
+
+
+def run_app(app: typer.Typer) -> None:
+    """The `rtsvc` console script: every user mistake is one line on stderr and exit code 2."""
+    # pyworld 0.3.5 imports pkg_resources; its deprecation warning is noise for users
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    command = typer.main.get_command(app)
+    for sub in command.commands.values():
+        tidy_command(sub)
+    try:
+        command(prog_name="rtsvc")
+    except UserError as err:  # a knob's range from the library (bench, distill) names its flag too
+        message = err.for_flag() if isinstance(err, KnobError) else str(err)
+        # one line whatever the terminal width, and no markup parsing of the message
+        console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, highlight=False)
+        sys.exit(2)

@@ -459,13 +459,17 @@ def parse_jitter_ms(text: str) -> float | None:
     return value
 
 
-def auto_jitter_ms(choice: "AutoBlock | None") -> float:
+def auto_jitter_ms(choice: "AutoBlock | None", say=None) -> float:
     """`--jitter-ms auto`: with a measured (auto) block, its headroom, so that every block computed
     within the block's length is on time (measured: a V3 student at a 209 ms block had 1 underrun a
-    minute with 40 ms, none with 100 ms); at least JITTER_MS. A given block was not measured: JITTER_MS."""
+    minute with 40 ms, none with 100 ms); at least JITTER_MS. A given block was not measured: JITTER_MS.
+    `say` is told the buffer an auto block got."""
     if choice is None:
         return JITTER_MS
-    return min(MAX_JITTER_MS, max(JITTER_MS, float(np.ceil(choice.headroom_ms))))
+    jitter = min(MAX_JITTER_MS, max(JITTER_MS, float(np.ceil(choice.headroom_ms))))
+    if say is not None:
+        say(f"auto jitter buffer: {jitter:.0f} ms (the block's headroom over its mean compute)")
+    return jitter
 
 
 def check_live_options(input_rate: int | None = None, output_rate: int | None = None,
