@@ -142,8 +142,6 @@ def convert(
     check_input_file(input)  # before any model loads; read block by block
     if model is None and f0 not in (None, "pyworld"):
         _say(f"note: the DSP voice uses pyworld for F0; --f0 {f0} is ignored")
-    if model is not None and knobs.formant_shift != 1.0:
-        _say("note: --formant applies to the DSP voice only; ignored with --model")
     spec = _pick(VoiceSpec, locals(), speaker=knobs.speaker, streaming=stream)
     voice, knobs, config, _ = start_voice(spec, knobs, typed.get("steps"), config if stream else None, _say)
     with o.progress_bar(console) as bar:

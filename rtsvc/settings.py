@@ -139,8 +139,8 @@ KNOB_TABLE: tuple[Knob, ...] = (
          "fine-tuned is its model's default"),
     Knob("pitch_shift", float, 0.0, "pitch", "Pitch shift", ("--pitch",), -MAX_PITCH_SHIFT,
          MAX_PITCH_SHIFT, "semitones", basic=True),
-    Knob("formant_shift", float, 1.0, "formant", "DSP voice only: formant shift factor, above 1 "
-         "brighter, below 1 darker", ("--formant",), 0.5, 2.0, step=0.01, basic=True, voices="dsp"),
+    Knob("formant_shift", float, 1.0, "formant", "Formant (timbre) shift factor, above 1 brighter, below "
+         "1 darker; pitch unchanged", ("--formant",), 0.5, 2.0, step=0.01, basic=True),
     Knob("cfg_strength", float, 2.0, "guidance", "V2 models: classifier-free guidance strength on "
          "Whisper, 0 = off", ("--cfg-strength",), **{**GUIDANCE, "step": 0.1}, voices="v2"),
     Knob("ds_cfg_strength", float, 0.2, "content guidance", "V3 models: content-degradation guidance "

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
+from rtsvc.dsp.formant_warp import warp_formants
 from rtsvc.dsp.mel import denormalize_mel
 from rtsvc.features.requests import drive_lockstep
 from rtsvc.models.flow import CFG_EPS, Conditioning, frame_noise, sample_on_grid
@@ -113,7 +114,8 @@ def sample_group(backend: "Backend", jobs: list[BlockJob]) -> list[torch.Tensor]
     velocity = lambda x, t, dt: backend.step_velocity(x, t, dt, cond, guidance)  # noqa: E731 - students too
     x = sample_on_grid(velocity, noise, sampling_grid(backend, jobs[0].knobs))
     mel = denormalize_mel(x).transpose(1, 2)  # [b, 128, frames]
-    return [mel[k:k + 1, :, j.first - j.dit_first:] for k, j in enumerate(jobs)]
+    return [warp_formants(mel[k:k + 1, :, j.first - j.dit_first:], j.knobs.formant_shift)  # per job
+            for k, j in enumerate(jobs)]
 
 
 def vocode_group(backend: "Backend", jobs: list[BlockJob], mels: list[torch.Tensor]) -> list[np.ndarray]:

@@ -55,7 +55,7 @@ class DspVoice:
 
     speakers = ["dsp"]
     default_block_ms = DSP_BLOCK_MS
-    uses_formant = True  # the formant knob applies (model voices ignore it)
+    uses_formant = True  # the formant knob applies (model voices too: rtsvc.dsp.formant_warp)
 
     def __init__(self, f0_method: str = "dio", sample_rate: int = SAMPLE_RATE):
         if f0_method not in F0_METHODS:

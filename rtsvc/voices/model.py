@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
+from rtsvc.dsp.formant_warp import warp_formants
 from rtsvc.dsp.mel import denormalize_mel
 from rtsvc.errors import UserError
 from rtsvc.features.cache import ENCODER_CONTEXT_S, FeatureCache
@@ -60,6 +61,7 @@ class ModelVoice:
 
     sample_rate = SAMPLE_RATE
     default_block_ms = MODEL_BLOCK_MS
+    uses_formant = True  # the formant knob warps the generated mel (rtsvc.dsp.formant_warp)
 
     def __init__(self, backend: "Backend", features: "FeatureExtractor", whisper_pad_30s: bool = True,
                  streaming: bool = False, encoder_context_s: float | None = ENCODER_CONTEXT_S,
@@ -116,6 +118,7 @@ class ModelVoice:
         started = time.perf_counter()
         # [1, 128, n - dit_first] log-mel; noise by absolute frame, so any crop draws the same noise
         mel = self._sample(job.cond, knobs, job.noise_frame)
+        mel = warp_formants(mel, knobs.formant_shift)  # formant shift: the mel's envelope, F0 kept
         self.last_ms["dit"] = (time.perf_counter() - started) * 1000.0
         started = time.perf_counter()
         out = self._vocode(mel[..., job.first - job.dit_first:], job.f0, job.first, start_sample, knobs.seed)
