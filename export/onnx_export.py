@@ -1,7 +1,7 @@
 """torch -> ONNX for the DiT (its CFG velocity), the vocoder and optionally the feature encoders.
 
 Graphs (names fixed in `rtsvc.backends.bundle`, described in docs/bundle.md):
-  dit.onnx      x [b, n, 128], t [b], spk [b] int64, f0 [b, n], rms [b, n], cvec [b, n, 768],
+  dit.onnx      x [b, n, 128], t [b], spk [b, S] speaker weights, f0 [b, n], rms [b, n], cvec [b, n, 768],
                 whisper [b, n, 1280], cfg_strength [] -> velocity [b, n, 128]
                 The null-whisper and full branches run as one batch of 2b inside the graph;
                 v = v_null + cfg_strength * (v_full - v_null).

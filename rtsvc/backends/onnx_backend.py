@@ -15,10 +15,19 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from rtsvc.backends.bundle import DIT_FILE, DIT_OUTPUT, VOCODER_FILE, VOCODER_OUTPUT, Bundle, read_bundle
+from rtsvc.backends.bundle import (
+    DIT_FILE,
+    DIT_OUTPUT,
+    SPEAKER_WEIGHTS_VERSION,
+    VOCODER_FILE,
+    VOCODER_OUTPUT,
+    Bundle,
+    read_bundle,
+)
 from rtsvc.errors import UserError
 from rtsvc.models.flow import CFG_EPS, Conditioning
 from rtsvc.models.guidance import Guidance, bad_cvec_of
+from rtsvc.models.speakers import speaker_weights
 from rtsvc.models.student import StudentInfo
 
 PROVIDER_NAMES = {  # what users type -> ONNX Runtime's name
@@ -190,6 +199,9 @@ class OnnxBackend:
         self.family = bundle.family
         layers = bundle.manifest["dit"].get("cfg_skip_layers")
         self.skip_layers = None if layers is None else tuple(int(i) for i in layers)  # fixed in the V3 graph
+        # format 2 graphs take speaker weights [b, num_speaker] (blends); format 1 an index [b]
+        self.takes_speaker_weights = bundle.manifest["format_version"] >= SPEAKER_WEIGHTS_VERSION
+        self.num_speaker = int(bundle.manifest["dit"].get("num_speaker", len(self.speakers)))
         self.device = device
         self._providers, self._threads = list(providers), threads  # for the optional encoder sessions
         self.dit = make_session(bundle.file(DIT_FILE), providers, threads)
@@ -244,7 +256,8 @@ class OnnxBackend:
         if cond.mask is not None and not bool(cond.mask.all()):
             raise ValueError("the ONNX DiT has no frame mask input: pass unpadded items")
         b, n = x.shape[0], x.shape[1]
-        feeds = {"x": x.float(), "t": _per_item(t, b), "dt": _per_item(dt, b), "spk": cond.spk.long(),
+        feeds = {"x": x.float(), "t": _per_item(t, b), "dt": _per_item(dt, b),
+                 "spk": self._speaker_feed(cond.spk),
                  "f0": cond.f0.float(), "rms": cond.rms.float(), "cvec": cond.cvec.float()}
         if cond.whisper is not None:  # V2 students (a V3 student's graph has no whisper input)
             feeds["whisper"] = cond.whisper.float()
@@ -258,7 +271,8 @@ class OnnxBackend:
             raise ValueError("the ONNX DiT has no frame mask input: pass unpadded items")
         b, n = x.shape[0], x.shape[1]
         t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
-        feeds = {"x": x.float(), "t": t.expand(b) if t.numel() == 1 else t, "spk": cond.spk.long(),
+        feeds = {"x": x.float(), "t": t.expand(b) if t.numel() == 1 else t,
+                 "spk": self._speaker_feed(cond.spk),
                  "f0": cond.f0.float(), "rms": cond.rms.float(), "cvec": cond.cvec.float()}
         if self.family == "v3":
             self._check_skip_layers(guidance)
@@ -272,6 +286,15 @@ class OnnxBackend:
             feeds.update(whisper=cond.whisper.float(),
                          cfg_strength=torch.tensor(float(guidance.cfg_strength)))
         return self._run(self.dit, feeds, DIT_OUTPUT, (b, n, x.shape[2]))
+
+    def _speaker_feed(self, spk: torch.Tensor) -> torch.Tensor:
+        """The graph's `spk`: weights over all rows (format 2), or the index (format 1: no blends)."""
+        if self.takes_speaker_weights:
+            return speaker_weights(spk, self.num_speaker)
+        if spk.is_floating_point():
+            raise UserError(f"bundle {self.bundle.path} (format 1) takes one speaker index, not a blend: "
+                            "export it again with `rtsvc export`")
+        return spk.long()
 
     def _check_skip_layers(self, guidance: Guidance) -> None:
         """The skip-layer pass is fixed in the graph at export: other layers cannot be honoured."""

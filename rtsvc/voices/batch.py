@@ -38,6 +38,7 @@ from rtsvc.features.requests import drive_lockstep
 from rtsvc.models.flow import CFG_EPS, Conditioning, frame_noise, sample_on_grid
 from rtsvc.models.guidance import Guidance, with_bad_cvec
 from rtsvc.settings import Knobs
+from rtsvc.voices.blend import common_speakers
 from rtsvc.voices.model import BlockJob, ModelVoice, guidance_of, sampling_grid, vocoder_source
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ def groups(keys: list) -> list[list[int]]:
 def stack(items: list[Conditioning]) -> Conditioning:
     """Conditionings of equal frame count as one batch (a field stays None only if it is in all)."""
     columns = {f.name: [getattr(c, f.name) for c in items] for f in fields(Conditioning)}
+    columns["spk"] = common_speakers(columns["spk"])  # a blend among indices: all as weights
     return Conditioning(**{name: None if col[0] is None else torch.cat(col, dim=0)
                            for name, col in columns.items()})
 

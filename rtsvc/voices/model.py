@@ -36,6 +36,7 @@ from rtsvc.models.flow import Conditioning, counter_normal, frame_noise, sample_
 from rtsvc.models.guidance import Guidance, with_bad_cvec
 from rtsvc.models.schedules import time_grid
 from rtsvc.settings import Knobs
+from rtsvc.voices.blend import blend_weights, is_blend, speaker_tensor
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, MODEL_BLOCK_MS
 
 if TYPE_CHECKING:
@@ -102,7 +103,14 @@ class ModelVoice:
         if reset is not None:
             reset()
 
-    def speaker_index(self, name: str | None) -> int:
+    def speaker_index(self, name: str | None) -> "int | torch.Tensor":
+        """The speaker's index, or a blend's weights [S] over the speaker table (rtsvc.voices.blend)."""
+        if is_blend(name, self.backend.speakers):
+            weights = blend_weights(name, self.backend.speakers)
+            if not getattr(self.backend, "takes_speaker_weights", True):
+                raise UserError("speaker blends need a bundle of format 2 or later; this one takes one "
+                                "speaker index: export it again with `rtsvc export`")
+            return weights
         if name is None:
             return self.backend.speakers[self.speakers[0]]
         if name not in self.backend.speakers:
@@ -169,7 +177,7 @@ class ModelVoice:
         self.last_ms = dict(self.cache.last_ms)
         device = self.backend.device
         f0 = shift_f0(f0, semitones).to(device)[None]  # shifted F0 feeds both the DiT and the vocoder
-        cond = Conditioning(spk=torch.tensor([spk], device=device), f0=f0, rms=rms.to(device)[None],
+        cond = Conditioning(spk=speaker_tensor(spk, device), f0=f0, rms=rms.to(device)[None],
                             cvec=cvec.to(device)[None],
                             whisper=None if whisper is None else whisper.to(device)[None])
         return cond, f0
@@ -184,7 +192,7 @@ class ModelVoice:
         if feats.whisper_encoder is not None:  # V2 only
             whisper = row(self._timed("whisper", feats.whisper, audio_16k, n,
                                       pad_to_30s=self.whisper_pad_30s))
-        cond = Conditioning(spk=torch.tensor([spk], device=device), f0=f0,
+        cond = Conditioning(spk=speaker_tensor(spk, device), f0=f0,
                             rms=row(self._timed("rms", feats.rms, padded)),
                             cvec=row(self._timed("contentvec", feats.content, audio_16k, n)), whisper=whisper)
         return cond, f0
