@@ -311,6 +311,7 @@ def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encode
                   "mel_scale": "slaney", "log": "natural",
                   "clamp_min": CLAMP_MIN, "model_mel_range": [LOG_MEL_MIN, LOG_MEL_MAX]},
         "speakers": dict(loaded.speakers),
+        "pitch_stats": dict(loaded.pitch_stats or {}),  # speaker -> log-F0 statistics (auto pitch)
         "dit": dit,
         "vocoder": {**asdict(vocoder.config), "harmonics": HARMONIC_NUM + 1, "inputs": list(VOCODER_INPUTS),
                     "output": VOCODER_OUTPUT},

@@ -227,6 +227,7 @@ class StreamingConverter:
                 "denoise": self._denoise_name,
                 "sola_offset": self._last_offset,
                 "input_db": self._input_db,
+                "auto_pitch": getattr(self.voice, "auto_pitch", None),  # semitones chosen by --pitch auto
             }
 
     # --- internals ---

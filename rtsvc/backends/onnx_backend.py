@@ -202,6 +202,7 @@ class OnnxBackend:
         # format 2 graphs take speaker weights [b, num_speaker] (blends); format 1 an index [b]
         self.takes_speaker_weights = bundle.manifest["format_version"] >= SPEAKER_WEIGHTS_VERSION
         self.num_speaker = int(bundle.manifest["dit"].get("num_speaker", len(self.speakers)))
+        self.pitch_stats = dict(bundle.manifest.get("pitch_stats") or {})  # speaker -> log-F0 stats
         self.device = device
         self._providers, self._threads = list(providers), threads  # for the optional encoder sessions
         self.dit = make_session(bundle.file(DIT_FILE), providers, threads)

@@ -147,7 +147,8 @@ def _status_text(engine: StreamingConverter, fifo: OutputFifo, state: LiveState,
     formant = f" formant {knobs.formant_shift:g}" if keys is None or keys.formant else ""
     denoise = f" denoise {knobs.denoise}" if knobs.denoise != "off" else ""
     gains = f"{knobs.input_gain_db:+g}/{knobs.output_gain_db:+g}"
-    text.append(f"pitch {knobs.pitch_shift:+g}{formant} gate {knobs.gate_db:g} dB gain {gains} dB{denoise}  "
+    auto = f" auto {st['auto_pitch']:+.1f}" if st.get("auto_pitch") is not None else ""  # --pitch auto
+    text.append(f"pitch {knobs.pitch_shift:+g}{auto}{formant} gate {knobs.gate_db:g} dB gain {gains} dB{denoise}  "
                 f"{state.seconds:5.1f} s")
     # each line cut at the terminal width: a line the terminal wraps is taller than rich Live thinks,
     # and every refresh would then leave a copy behind

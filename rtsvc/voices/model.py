@@ -36,7 +36,8 @@ from rtsvc.models.flow import Conditioning, counter_normal, frame_noise, sample_
 from rtsvc.models.guidance import Guidance, with_bad_cvec
 from rtsvc.models.schedules import time_grid
 from rtsvc.settings import Knobs
-from rtsvc.voices.blend import blend_weights, is_blend, speaker_tensor
+from rtsvc.voices.auto_pitch import PitchFollower, target_median_hz
+from rtsvc.voices.blend import blend_weights, is_blend, parse_blend, speaker_tensor
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, MODEL_BLOCK_MS
 
 if TYPE_CHECKING:
@@ -80,6 +81,12 @@ class ModelVoice:
         self.cache = FeatureCache(features, encoder_context_s, concurrent_f0=concurrent_f0) \
             if streaming else None
         self.last_ms: dict[str, float] = {}
+        # auto pitch (rtsvc.voices.auto_pitch): per-stream follower; the target from --pitch-reference
+        self.pitch_follower, self.pitch_reference, self.auto_pitch = PitchFollower(), None, None
+
+    def _carry(self, voice: "ModelVoice") -> "ModelVoice":
+        voice.pitch_reference = self.pitch_reference  # what a fork shares besides the weights
+        return voice
 
     def for_streaming(self, encoder_context_s: float | None = ENCODER_CONTEXT_S,
                       dit_context_ms: float | None | EllipsisType = ...) -> "ModelVoice":
@@ -88,15 +95,16 @@ class ModelVoice:
         DIT_CONTEXT_MS)."""
         if dit_context_ms is ...:
             dit_context_ms = self.dit_context_ms
-        return ModelVoice(self.backend, self.features, self.whisper_pad_30s, True, encoder_context_s,
-                          dit_context_ms, self.concurrent_f0)
+        return self._carry(ModelVoice(self.backend, self.features, self.whisper_pad_30s, True,
+                                      encoder_context_s, dit_context_ms, self.concurrent_f0))
 
     def fork(self) -> "ModelVoice":
         """Same weights, own per-stream state (what the server gives each session)."""
-        return ModelVoice(self.backend, self.features, self.whisper_pad_30s, self.streaming,
-                          self.encoder_context_s, self.dit_context_ms, self.concurrent_f0)
+        return self._carry(ModelVoice(self.backend, self.features, self.whisper_pad_30s, self.streaming,
+                                      self.encoder_context_s, self.dit_context_ms, self.concurrent_f0))
 
     def reset(self) -> None:
+        self.pitch_follower.reset()
         if self.cache is not None:
             self.cache.reset()
         reset = getattr(self.features, "reset", None)
@@ -155,11 +163,13 @@ class ModelVoice:
         n = -(-length // HOP_LENGTH)  # whole mel frames; the last one is zero-padded
         if self.cache is not None:
             features = yield from self.cache.window_steps(audio, start_sample)
-            cond, f0 = self._stream_conditioning(features, spk, knobs.pitch_shift)
+            new_frames = -(-need // HOP_LENGTH)
+            semitones = self._semitones(knobs, features[0], new_frames)
+            cond, f0 = self._stream_conditioning(features, spk, semitones)
         else:
             padded = np.pad(audio, (0, n * HOP_LENGTH - length))
             self.last_ms = {}
-            cond, f0 = self._conditioning(padded, n, spk, knobs.pitch_shift)
+            cond, f0 = self._conditioning(padded, n, spk, knobs.pitch_shift, knobs)
         # vocode only the frames under the requested tail, plus the vocoder's left context
         first = max(0, (length - need) // HOP_LENGTH - VOCODER_CONTEXT_FRAMES)
         dit_first = self._dit_first(first)
@@ -182,12 +192,16 @@ class ModelVoice:
                             whisper=None if whisper is None else whisper.to(device)[None])
         return cond, f0
 
-    def _conditioning(self, padded: np.ndarray, n: int, spk: int, semitones: float):
+    def _conditioning(self, padded: np.ndarray, n: int, spk: int, semitones: float,
+                      knobs: Knobs | None = None):
         """Every feature over the whole window, as upstream (the offline path)."""
         feats, device = self.features, self.backend.device
         row = lambda a: torch.as_tensor(a, dtype=torch.float32).to(device)[None]  # noqa: E731 - [1, n, ...]
         audio_16k = self._timed("resample", resample, padded, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
-        f0 = row(self._timed("f0", feats.f0, audio_16k, n, semitones))  # shifted: for DiT and vocoder
+        auto = knobs is not None and knobs.pitch_mode != "fixed"
+        f0 = row(self._timed("f0", feats.f0, audio_16k, n, 0.0 if auto else semitones))  # for DiT and vocoder
+        if auto:  # auto pitch hears the unshifted F0 of the whole window
+            f0 = shift_f0(f0, self._semitones(knobs, f0[0], n))
         whisper = None
         if feats.whisper_encoder is not None:  # V2 only
             whisper = row(self._timed("whisper", feats.whisper, audio_16k, n,
@@ -196,6 +210,26 @@ class ModelVoice:
                             rms=row(self._timed("rms", feats.rms, padded)),
                             cvec=row(self._timed("contentvec", feats.content, audio_16k, n)), whisper=whisper)
         return cond, f0
+
+    def _semitones(self, knobs: Knobs, f0: torch.Tensor, new_frames: int) -> float:
+        """The block's pitch shift: `pitch_shift`, plus in auto mode the follower's shift after hearing
+        the window's last `new_frames` F0 frames (unshifted Hz); `auto_pitch` keeps it for the status."""
+        if knobs.pitch_mode == "fixed":
+            self.auto_pitch = None
+            return knobs.pitch_shift
+        name = knobs.speaker or self.speakers[0]
+        blend = parse_blend(name, self.backend.speakers) if is_blend(name, self.backend.speakers) else None
+        target = target_median_hz(getattr(self.backend, "pitch_stats", {}), name, blend, self.pitch_reference)
+        new = f0[-new_frames:].detach().cpu().numpy() if new_frames > 0 else np.zeros(0)
+        self.auto_pitch = self.pitch_follower.update(new, target, knobs.pitch_mode == "auto-continuous")
+        return self.auto_pitch + knobs.pitch_shift
+
+    def f0_of_audio(self, audio: np.ndarray) -> np.ndarray:
+        """F0 (Hz per mel frame, unshifted) of 44.1 kHz audio with this voice's F0 extractor."""
+        n = -(-len(audio) // HOP_LENGTH)
+        padded = np.pad(np.asarray(audio, dtype=np.float32), (0, n * HOP_LENGTH - len(audio)))
+        audio_16k = resample(padded, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        return torch.as_tensor(self.features.f0(audio_16k, n)).cpu().numpy()
 
     def _timed(self, name: str, fn, *args, **kwargs):
         started = time.perf_counter()

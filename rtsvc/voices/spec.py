@@ -51,6 +51,7 @@ class VoiceSpec:
     threads: int | None = None  # CPU threads: torch's (process-wide) and each ONNX Runtime session's;
     # None: ONNX Runtime's own default, and torch at STREAMING_TORCH_THREADS when streaming on a CPU
     concurrent_f0: bool = False  # streaming: F0 beside the encoders on a side thread (same results)
+    pitch_reference: Path | None = None  # --pitch auto: recordings of the target (rtsvc.voices.auto_pitch)
 
     def with_(self, **changes) -> "VoiceSpec":
         """A copy with some fields changed (bench opens one spec per backend and device)."""
@@ -186,6 +187,10 @@ def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
     voice = ModelVoice(model, features, streaming=spec.streaming, dit_context_ms=spec.dit_context_ms,
                        concurrent_f0=spec.concurrent_f0)
     voice.speaker_index(spec.speaker)  # a blend on a bundle that takes an index only fails here
+    if spec.pitch_reference is not None:  # --pitch auto's target from recordings (one F0 pass at start)
+        from rtsvc.voices.auto_pitch import reference_stats
+
+        voice.pitch_reference = reference_stats(spec.pitch_reference, voice.f0_of_audio)
     return voice
 
 

@@ -275,6 +275,10 @@ function showLatency() {
   if (rtsvc.stats && rtsvc.stats.compute_ms_mean !== undefined) {
     text += `, compute ${Number(rtsvc.stats.compute_ms_mean).toFixed(1)} ms/block`;
   }
+  if (rtsvc.stats && rtsvc.stats.auto_pitch !== undefined && rtsvc.stats.auto_pitch !== null) {
+    const shift = Number(rtsvc.stats.auto_pitch);  // --pitch auto: the shift the server chose
+    text += `\nauto pitch ${shift >= 0 ? "+" : ""}${shift.toFixed(1)} semitones`;
+  }
   const behind = rtsvc.warning && performance.now() - rtsvc.warningAt < WARNING_SHOWN_MS;
   setStatus(text, false);
   $("warning").hidden = !behind;  // the banner shows the last warning for a while
