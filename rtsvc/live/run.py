@@ -147,7 +147,8 @@ def _status_text(engine: StreamingConverter, fifo: OutputFifo, state: LiveState,
     formant = f" formant {knobs.formant_shift:g}" if keys is None or keys.formant else ""
     denoise = f" denoise {knobs.denoise}" if knobs.denoise != "off" else ""
     gains = f"{knobs.input_gain_db:+g}/{knobs.output_gain_db:+g}"
-    auto = f" auto {st['auto_pitch']:+.1f}" if st.get("auto_pitch") is not None else ""  # --pitch auto
+    auto = st.get("auto_pitch")  # --pitch auto: the shift chosen
+    auto = f" auto {auto:+.1f}" if auto is not None else ""
     text.append(f"pitch {knobs.pitch_shift:+g}{auto}{formant} gate {knobs.gate_db:g} dB gain {gains} dB{denoise}  "
                 f"{state.seconds:5.1f} s")
     # each line cut at the terminal width: a line the terminal wraps is taller than rich Live thinks,
