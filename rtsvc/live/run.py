@@ -149,8 +149,8 @@ def _status_text(engine: StreamingConverter, fifo: OutputFifo, state: LiveState,
     gains = f"{knobs.input_gain_db:+g}/{knobs.output_gain_db:+g}"
     auto = st.get("auto_pitch")  # --pitch auto: the shift chosen
     auto = f" auto {auto:+.1f}" if auto is not None else ""
-    text.append(f"pitch {knobs.pitch_shift:+g}{auto}{formant} gate {knobs.gate_db:g} dB gain {gains} dB{denoise}  "
-                f"{state.seconds:5.1f} s")
+    text.append(f"pitch {knobs.pitch_shift:+g}{auto}{formant} gate {knobs.gate_db:g} dB gain {gains} "
+                f"dB{denoise}  {state.seconds:5.1f} s")
     # each line cut at the terminal width: a line the terminal wraps is taller than rich Live thinks,
     # and every refresh would then leave a copy behind
     text.truncate(width, overflow="ellipsis")
