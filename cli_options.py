@@ -144,7 +144,8 @@ DitContextMs = opt(float, "Left context in ms the model's DiT samples before the
                    f"time). Models only. Default: {DIT_CONTEXT_MS:g}.", panel=STREAMING)
 PitchReference = opt(Path, "Model voices, --pitch auto: a folder of recordings of the target voice whose "
                      "median F0 is the target (for models without pitch statistics, e.g. upstream "
-                     "checkpoints; overrides the model's).", "--pitch-reference", panel=VOICE)
+                     "checkpoints; overrides the model's). Default: the model's own statistics.",
+                     "--pitch-reference", panel=VOICE)
 ContextMs = opt(float, f"Left context per block in ms. Default: {STREAM.context_ms:g}.", panel=STREAMING)
 CrossfadeMs = opt(float, f"SOLA crossfade in ms. Default: {STREAM.crossfade_ms:g}.", panel=STREAMING)
 SolaSearchMs = opt(float, f"SOLA search window in ms. Default: {STREAM.sola_search_ms:g}.", panel=STREAMING)
