@@ -135,3 +135,18 @@ def test_bundle_takes_blend_weights_and_format_1_still_loads(files, monkeypatch)
         old.fork().convert(AUDIO, Knobs(speaker="alice:0.5,bob:0.5", steps=3))
     with pytest.raises(UserError, match="export it again"):
         open_voice(spec.with_(model=root / "v1.rtsvc", speaker="alice:0.5,bob:0.5"))
+
+
+def test_v3_bundle_takes_blend_weights(files, tmp_path):
+    from export.onnx_export import export_bundle
+    from tests.upstream.fixtures import make_v3_head
+
+    ckpt, _ = make_v3_head(tmp_path / "v3.ckpt")
+    export_bundle(ckpt, tmp_path / "v3.rtsvc", pretrained_dir=files[2], lengths=(17,))
+    spec = VoiceSpec(pretrained_dir=files[2], f0="pyworld", device="cpu")
+    bundle = open_voice(spec.with_(model=tmp_path / "v3.rtsvc"))
+    assert bundle.backend.family == "v3" and bundle.backend.takes_speaker_weights
+    out = outputs(bundle, BLENDS)
+    assert_between(out)
+    torch_out = outputs(open_voice(spec.with_(model=ckpt, backend="torch")), ["alice:0.5,bob:0.5"])
+    np.testing.assert_allclose(out["alice:0.5,bob:0.5"], torch_out["alice:0.5,bob:0.5"], atol=2e-3)
