@@ -161,3 +161,11 @@ def test_prepare_and_train_record_each_speakers_statistics(tmp_path):
     base = {"carol": {"median_hz": 200.0}, "bob": {"median_hz": 1.0}}
     merged = checkpoint_pitch_stats({"pitch_stats": stats}, base, {"alice": 0, "bob": 1, "carol": 2})
     assert merged["bob"] == stats["bob"] and merged["carol"] == base["carol"]  # new data wins
+
+
+def test_the_dsp_voice_refuses_auto_pitch_in_one_line():
+    from rtsvc.voices.dsp import DspVoice
+
+    with pytest.raises(UserError, match="--pitch auto needs a model voice"):
+        DspVoice().convert(harmonic_tone(0.2), Knobs(pitch_mode="auto"))
+

@@ -77,6 +77,9 @@ class DspVoice:
     def convert(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                 tail: int | None = None) -> np.ndarray:
         """Convert `audio`; with `tail`, return only its last `tail` samples (analysed with context)."""
+        if knobs.pitch_mode != "fixed":  # auto pitch needs a target speaker's statistics
+            raise UserError("--pitch auto needs a model voice (--model); the DSP voice takes --pitch in "
+                            "semitones")
         audio = np.asarray(audio, dtype=np.float32)
         n = audio.shape[0]
         need = n if tail is None else int(tail)
