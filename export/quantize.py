@@ -219,8 +219,8 @@ def quantize_bundle(bundle_dir: str | Path, threads: int | None = None, step=Non
     step = step or (lambda label: None)
     tones = calibration_tones()
     interface = manifest["dit"].get("inputs", [])
-    rows = manifest["dit"].get("num_speaker", max(len(bundle.speakers), 1))  # the speaker table's rows
-    jobs = [(DIT_FILE, False, lambda p: dit_feeds(p, rows, interface)),
+    table = manifest["dit"].get("num_speaker", max(len(bundle.speakers), 1))  # the speaker table's rows
+    jobs = [(DIT_FILE, False, lambda p: dit_feeds(p, table, interface)),
             (VOCODER_FILE, True, lambda p: vocoder_feeds(tones))]
     features = manifest.get("features", {})
     if (features.get("contentvec") or {}).get("onnx"):

@@ -322,7 +322,8 @@ def test_control_panel_stopped_running_and_warned_in_headless_chromium(tmp_path)
     stopped, live, warned = run(panel(), timeout=150)
     print(f"stopped: {stopped}\nlive: {live}\nwarned: {warned}\nscreenshots in {shots}")
     assert stopped["badge"] == "stopped" and stopped["hint"] and stopped["warning"] is None
-    assert stopped["basic"] == ["pitch_shift", "gate_db", "input_gain_db", "output_gain_db", "denoise"]
+    assert stopped["basic"] == ["pitch_shift", "pitch_mode", "formant_shift", "gate_db", "input_gain_db",
+                                "output_gain_db", "denoise"]  # models: auto pitch and formant too
     assert stopped["advanced"] == ["ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength",
                                    "cfg_skip_layers", "cfg_rescale", "steps", "schedule"]
     assert not stopped["advancedOpen"]
