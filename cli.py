@@ -41,6 +41,7 @@ def live(
     model: o.Model = None, pretrained_dir: o.PretrainedDir = Path("pretrained"), input: o.Input = None,
     output: o.Output = None, monitor: o.Monitor = None, virtual_mic: o.VirtualMicName = None,
     input_rate: o.InputRate = None, output_rate: o.OutputRate = None, block_ms: o.BlockMs = "auto",
+    pitch_reference: o.PitchReference = None,
     context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
     sola_search_ms: o.SolaSearchMs = o.STREAM.sola_search_ms, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
     concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0, threads: o.Threads = None, jitter_ms: o.JitterMs = "auto",
@@ -75,7 +76,7 @@ def live(
 def serve(
     model: o.Model = None, pretrained_dir: o.PretrainedDir = Path("pretrained"), host: o.Host = SERVER.host,
     port: o.Port = SERVER.port, token: o.Token = None, max_clients: o.MaxClients = SERVER.max_clients,
-    max_frame_bytes: o.MaxFrameBytes = SERVER.max_frame_bytes,
+    max_frame_bytes: o.MaxFrameBytes = SERVER.max_frame_bytes, pitch_reference: o.PitchReference = None,
     idle_timeout: o.IdleTimeout = SERVER.idle_timeout_s, allowed_origin: o.AllowedOrigin = None,
     workers: o.Workers = SERVER.workers, max_lag_ms: o.MaxLagMs = SERVER.max_lag_ms,
     send_timeout: o.SendTimeout = SERVER.send_timeout_s, max_batch: o.MaxBatch = SERVER.max_batch,
@@ -124,7 +125,7 @@ def serve(
 @o.knob_options(skip=("gate_db", "input_gain_db", "output_gain_db"), defaults={"steps": CONVERT_STEPS},
                 aliases=o.UPSTREAM_ALIASES)
 def convert(
-    input: o.InputFile, output: o.OutputFile, model: o.Model = None,
+    input: o.InputFile, output: o.OutputFile, model: o.Model = None, pitch_reference: o.PitchReference = None,
     pretrained_dir: o.PretrainedDir = Path("pretrained"), contentvec: o.ContentVec = None,
     whisper: o.Whisper = None, vocoder: o.Vocoder = None, rmvpe: o.Rmvpe = None, f0: o.F0 = None,
     device: o.Device = "auto", backend: o.Backend = "auto", providers: o.Providers = None,
@@ -155,8 +156,6 @@ def convert(
     check_input_file(input)  # before any model loads; read block by block
     if model is None and f0 not in (None, "pyworld"):
         _say(f"note: the DSP voice uses pyworld for F0; --f0 {f0} is ignored")
-    if model is not None and knobs.formant_shift != 1.0:
-        _say("note: --formant applies to the DSP voice only; ignored with --model")
     spec = _pick(VoiceSpec, locals(), speaker=knobs.speaker, streaming=stream)
     # a file needs no real-time tuning: an auto block is the live default, not measured
     voice, knobs, _, _ = start_voice(spec, knobs, typed.get("steps"), None, _say)
@@ -172,7 +171,7 @@ def convert(
             # slice's level; models hear the training loudness
             seconds = convert_file(voice, input, output, knobs, progress=update, restore_loudness=restore,
                                    target_lufs=None if model is None else target_loudness, join=join,
-                                   fade_ms=fade_duration)
+                                   fade_ms=fade_duration, limit=model is None)  # models: as upstream
     _say(f"wrote {output} ({seconds:.2f} s)")
 
 

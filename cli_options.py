@@ -62,7 +62,7 @@ def knob_options(skip: Collection[str] = (), defaults: dict | None = None,
         own = [p for name, p in inspect.signature(func).parameters.items() if name not in ("knobs", "typed")]
         added = [inspect.Parameter(
             k.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[k.kind | None, typer.Option(
+            annotation=Annotated[(str if k.words else k.kind) | None, typer.Option(  # words: typed as text
                 *k.flags, *aliases.get(k.name, ()), help=k.cli_help(defaults.get(k.name)),
                 rich_help_panel=VOICE if k.basic else ADVANCED)],
         ) for k in rows]
@@ -72,6 +72,7 @@ def knob_options(skip: Collection[str] = (), defaults: dict | None = None,
             typed = {k.name: kwargs.pop(k.name) for k in rows}
             typed = {name: value for name, value in typed.items() if value is not None}
             try:
+                typed = with_words(typed, rows)
                 knobs = validate_knobs(make_knobs(**{**defaults, **typed}), table)
             except KnobError as err:
                 raise UserError(err.for_flag()) from None
@@ -83,6 +84,23 @@ def knob_options(skip: Collection[str] = (), defaults: dict | None = None,
         return command
 
     return decorate
+
+
+def with_words(typed: dict, rows: Iterable[Knob]) -> dict:
+    """`typed` with a row's words (`--pitch auto`) replaced by the knob value they stand for, and the
+    row's other text as its number (KnobError when it is neither)."""
+    for k in rows:
+        if k.words and k.name in typed:
+            value, meaning = typed.pop(k.name), {word: (name, v) for word, name, v in k.words}
+            if value in meaning:
+                typed[meaning[value][0]] = meaning[value][1]
+            else:
+                try:
+                    typed[k.name] = k.coerce(value, text=True)
+                except KnobError as err:
+                    words = " or ".join(repr(w) for w, _, _ in k.words)
+                    raise KnobError(k, f"{err.problem.split(',')[0]} or {words}, got {value!r}") from None
+    return typed
 
 
 # --- options shared by several commands ---------------------------------------------------------
@@ -131,6 +149,10 @@ BlockMs = Annotated[str, typer.Option(metavar="MS|auto", rich_help_panel=STREAMI
 DitContextMs = opt(float, "Left context in ms the model's DiT samples before the frames it outputs while "
                    "streaming (>= 0; longer than --context-ms = the whole window; longer costs more DiT "
                    f"time). Models only. Default: {DIT_CONTEXT_MS:g}.", panel=STREAMING)
+PitchReference = opt(Path, "Model voices, --pitch auto: a folder of recordings of the target voice whose "
+                     "median F0 is the target (for models without pitch statistics, e.g. upstream "
+                     "checkpoints; overrides the model's). Default: the model's own statistics.",
+                     "--pitch-reference", panel=VOICE)
 ContextMs = opt(float, f"Left context per block in ms. Default: {STREAM.context_ms:g}.", panel=STREAMING)
 CrossfadeMs = opt(float, f"SOLA crossfade in ms. Default: {STREAM.crossfade_ms:g}.", panel=STREAMING)
 SolaSearchMs = opt(float, f"SOLA search window in ms. Default: {STREAM.sola_search_ms:g}.", panel=STREAMING)

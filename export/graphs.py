@@ -118,7 +118,7 @@ def dit_example(batch: int, frames: int, num_speaker: int, generator: torch.Gene
     return (
         torch.randn(batch, frames, 128, generator=g),
         torch.rand(batch, generator=g),
-        torch.randint(0, num_speaker, (batch,), generator=g),
+        speaker_example(batch, num_speaker, g),  # weights over the table (bundle format 2: blends)
         f0,
         torch.rand(batch, frames, generator=g) * 0.2,
         torch.randn(batch, frames, 768, generator=g),
@@ -186,6 +186,14 @@ class WhisperGraph(nn.Module):
         for layer in enc.layers[: self.stop]:
             x = layer(x, None)
         return x
+
+
+def speaker_example(batch: int, num_speaker: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Speaker weights [batch, num_speaker]: the first item one-hot (a single speaker), the rest random
+    blends, so a traced graph and a parity check see both."""
+    weights = torch.rand(batch, num_speaker, generator=generator)
+    weights[0] = F.one_hot(torch.randint(0, num_speaker, (), generator=generator), num_speaker)
+    return weights / weights.sum(dim=1, keepdim=True)
 
 
 # --- each family's DiT graphs ---------------------------------------------------------------------

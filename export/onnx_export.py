@@ -1,7 +1,7 @@
 """torch -> ONNX for the DiT (its CFG velocity), the vocoder and optionally the feature encoders.
 
 Graphs (names fixed in `rtsvc.backends.bundle`, described in docs/bundle.md):
-  dit.onnx      x [b, n, 128], t [b], spk [b] int64, f0 [b, n], rms [b, n], cvec [b, n, 768],
+  dit.onnx      x [b, n, 128], t [b], spk [b, S] speaker weights, f0 [b, n], rms [b, n], cvec [b, n, 768],
                 whisper [b, n, 1280], cfg_strength [] -> velocity [b, n, 128]
                 The null-whisper and full branches run as one batch of 2b inside the graph;
                 v = v_null + cfg_strength * (v_full - v_null).
@@ -290,6 +290,7 @@ def build_manifest(loaded: LoadedDiT, vocoder: NsfHifiGan, options: dict, encode
                   "mel_scale": "slaney", "log": "natural",
                   "clamp_min": CLAMP_MIN, "model_mel_range": [LOG_MEL_MIN, LOG_MEL_MAX]},
         "speakers": dict(loaded.speakers),
+        "pitch_stats": dict(loaded.pitch_stats or {}),  # speaker -> log-F0 statistics (auto pitch)
         "dit": dit,
         "vocoder": {**asdict(vocoder.config), "harmonics": HARMONIC_NUM + 1, "inputs": list(VOCODER_INPUTS),
                     "output": VOCODER_OUTPUT},

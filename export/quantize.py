@@ -180,11 +180,14 @@ def dit_feeds(session_path: Path, num_speaker: int, interface: list[str], frames
     names = tuple(interface) or DIT_INPUTS  # bundles from before V3 list no inputs: they are V2
     if names not in examples:
         raise ValueError(f"{session_path}: unknown DiT interface {list(names)}")
-    inputs = {i.name for i in ort.InferenceSession(str(session_path)).get_inputs()}
+    inputs = {i.name: i.type for i in ort.InferenceSession(str(session_path)).get_inputs()}
     feeds = []
     for seed in range(count):
         example = examples[names](1, frames, num_speaker, torch.Generator().manual_seed(seed))
-        feeds.append({k: v.numpy() for k, v in zip(names, example, strict=True) if k in inputs})
+        feed = {k: v.numpy() for k, v in zip(names, example, strict=True) if k in inputs}
+        if inputs.get("spk") == "tensor(int64)":  # a format-1 bundle takes an index, not weights
+            feed["spk"] = feed["spk"].argmax(axis=1)
+        feeds.append(feed)
     return feeds
 
 
@@ -222,7 +225,8 @@ def quantize_bundle(bundle_dir: str | Path, threads: int | None = None, step=Non
     step = step or (lambda label: None)
     tones = calibration_tones()
     interface = manifest["dit"].get("inputs", [])
-    jobs = [(DIT_FILE, False, lambda p: dit_feeds(p, max(len(bundle.speakers), 1), interface)),
+    table = manifest["dit"].get("num_speaker", max(len(bundle.speakers), 1))  # the speaker table's rows
+    jobs = [(DIT_FILE, False, lambda p: dit_feeds(p, table, interface)),
             (VOCODER_FILE, True, lambda p: vocoder_feeds(tones))]
     features = manifest.get("features", {})
     if (features.get("contentvec") or {}).get("onnx"):

@@ -249,6 +249,7 @@ class StreamingConverter:
                 "sola_offset": self._last_offset,
                 "input_db": self._input_db,
                 "limited_samples": self._limited,
+                "auto_pitch": getattr(self.voice, "auto_pitch", None),  # semitones chosen by --pitch auto
             }
 
     # --- internals ---

@@ -157,11 +157,13 @@ def check_upstream_options(restore_loudness: str, cvec_downsample_rate: int, bat
 def convert_file(
     voice: Voice, input_path: str | Path, output_path: str | Path, knobs: Knobs,
     progress: Progress | None = None, target_lufs: float | None = TARGET_LUFS, restore_loudness: bool = True,
-    piece_s: float = PIECE_S, join: str = "fades", fade_ms: float = FADE_MS,
+    piece_s: float = PIECE_S, join: str = "fades", fade_ms: float = FADE_MS, limit: bool = True,
 ) -> float:
     """Convert a file of any length into `output_path` piece by piece: about `piece_s` seconds
     (cut in a silence) are in memory at a time. The output is written to a temporary file beside
     it and renamed at the end, so a failure never leaves a half-written output. Returns seconds.
+    `limit`: bend overshoot with the soft limiter (the DSP voice); off, the samples are written as
+    upstream's infer.py writes them (a model voice's default: parity with upstream).
 
     Within a piece this is `convert_offline`; pieces are independent, as its slices are."""
     check_input_file(input_path)
@@ -181,7 +183,8 @@ def convert_file(
 
     with _atomic_output(output_path, sr) as out:
         for audio in _pieces((block for _, block, _ in read_audio_blocks(input_path, sr)), sr, piece):
-            out.write(soft_limit(convert(audio))[0])  # bends overshoot instead of clipping
+            converted = convert(audio)
+            out.write(soft_limit(converted)[0] if limit else converted)  # limit: bend overshoot, not clip
             written += len(audio)
             if progress is not None:
                 progress(min(int(written / sr), int(total)), int(total))

@@ -25,6 +25,7 @@ MAX_DEPTH = 64  # DiT blocks a skip-layer index may name
 SCHEDULES = ("uniform", "sway", "epss")  # sampling time grids (rtsvc.models.schedules)
 MAX_SEED = 2**32 - 1  # the sampler hashes the seed as an unsigned 32/64-bit key
 VAD_CHOICES = ("off", "on")  # the voice-activity gate (rtsvc.dsp.vad)
+PITCH_MODES = ("fixed", "auto", "auto-continuous")  # auto pitch (rtsvc.voices.auto_pitch)
 VOICE_KINDS = ("all", "dsp", "model", "v2", "v3")  # which voices a knob applies to ("model": any family)
 
 
@@ -69,6 +70,7 @@ class Knob:
     basic: bool = False  # on the page's Basic panel; others fold under Advanced
     voices: str = "all"  # which voices honour it: one of VOICE_KINDS
     default_text: str = ""  # the CLI's "Default: ..." when the number alone says too little; {default}
+    words: tuple[tuple[str, str, object], ...] = ()  # CLI words for a number: (word, knob set, its value)
 
     def range_text(self) -> str:
         """The range as CLI help says it: "±36 semitones", "0-10", "-120 to 0 dBFS"."""
@@ -138,10 +140,15 @@ KNOB_TABLE: tuple[Knob, ...] = (
     Knob("speaker", str, None, "speaker", "Target speaker name", ("--speaker",), nullable=True,
          control="speaker", basic=True, default_text="the model's default (first) speaker; a voice you "
          "fine-tuned is its model's default"),
-    Knob("pitch_shift", float, 0.0, "pitch", "Pitch shift", ("--pitch",), -MAX_PITCH_SHIFT,
-         MAX_PITCH_SHIFT, "semitones", basic=True),
-    Knob("formant_shift", float, 1.0, "formant", "DSP voice only: formant shift factor, above 1 "
-         "brighter, below 1 darker", ("--formant",), 0.5, 2.0, step=0.01, basic=True, voices="dsp"),
+    Knob("pitch_shift", float, 0.0, "pitch", "Pitch shift (--pitch auto: auto pitch, see --pitch-mode)",
+         ("--pitch",), -MAX_PITCH_SHIFT, MAX_PITCH_SHIFT, "semitones", basic=True,
+         words=(("auto", "pitch_mode", "auto"),)),
+    Knob("pitch_mode", str, "fixed", "pitch mode", "Model voices: auto follows your median pitch and shifts "
+         "towards the target speaker's median in whole semitones (auto-continuous: not rounded); the "
+         "pitch shift adds to it", ("--pitch-mode",), choices=PITCH_MODES, control="select", basic=True,
+         voices="model"),
+    Knob("formant_shift", float, 1.0, "formant", "Formant (timbre) shift factor, above 1 brighter, below "
+         "1 darker; pitch unchanged", ("--formant",), 0.5, 2.0, step=0.01, basic=True),
     Knob("cfg_strength", float, 2.0, "guidance", "V2 models: classifier-free guidance strength on "
          "Whisper, 0 = off", ("--cfg-strength",), **{**GUIDANCE, "step": 0.1}, voices="v2"),
     Knob("ds_cfg_strength", float, 0.2, "content guidance", "V3 models: content-degradation guidance "

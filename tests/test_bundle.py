@@ -56,7 +56,7 @@ def flip_byte(path, offset=100):
 
 def test_manifest_lists_every_file_with_its_hash(bundle):
     manifest = json.loads((bundle / MANIFEST).read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 1
+    assert manifest["format_version"] == FORMAT_VERSION == 2  # 2: the DiT takes speaker weights
     assert sorted(manifest["files"]) == ["dit.onnx", "extra/weights.bin", "vocoder.onnx"]
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(bundle / name)

@@ -394,6 +394,9 @@ def test_key_help_lists_only_keys_that_apply():
         speakers = ["alice"]
 
     assert "f/F formant" in key_help(DspVoice()) and "f/F" not in key_help(ModelLike())
+    from rtsvc.voices.model import ModelVoice
+
+    assert ModelVoice.uses_formant  # model voices warp their mel (rtsvc.dsp.formant_warp): the key applies
     assert "lowercase lowers, uppercase raises" in key_help(ModelLike())
     settings, state = RuntimeSettings(), LiveState()
     keys = KeyReader(settings, state, ModelLike())

@@ -746,7 +746,7 @@ def test_page_controls_follow_the_model_family():
     names = {kind: [c["name"] for c in knob_spec(kind)] for kind in ("dsp", "v2", "v3")}
     assert "cfg_strength" in names["v2"] and "ds_cfg_strength" not in names["v2"]
     assert {"ds_cfg_strength", "spk_cfg_strength", "cfg_rescale"} <= set(names["v3"])
-    assert "cfg_strength" not in names["v3"] and "steps" in names["v3"] and "formant_shift" not in names["v3"]
+    assert "cfg_strength" not in names["v3"] and "steps" in names["v3"] and "formant_shift" in names["v3"]
     assert not {"cfg_strength", "ds_cfg_strength", "steps"} & set(names["dsp"])
     v3_voice = SimpleNamespace(speakers=["a"], backend=SimpleNamespace(family="v3"), fork=lambda: None,
                                default_block_ms=150.0)

@@ -322,7 +322,8 @@ def test_control_panel_stopped_running_and_warned_in_headless_chromium(tmp_path)
     stopped, live, warned = run(panel(), timeout=150)
     print(f"stopped: {stopped}\nlive: {live}\nwarned: {warned}\nscreenshots in {shots}")
     assert stopped["badge"] == "stopped" and stopped["hint"] and stopped["warning"] is None
-    assert stopped["basic"] == ["pitch_shift", "gate_db", "vad", "input_gain_db", "output_gain_db", "denoise"]
+    assert stopped["basic"] == ["pitch_shift", "pitch_mode", "formant_shift", "gate_db", "vad",
+                                "input_gain_db", "output_gain_db", "denoise"]  # models: auto pitch, formant
     assert stopped["advanced"] == ["ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength",
                                    "cfg_skip_layers", "cfg_rescale", "steps", "schedule", "vad_threshold"]
     assert not stopped["advancedOpen"]
@@ -365,3 +366,42 @@ def test_page_hides_controls_the_voice_cannot_honour_in_headless_chromium(tmp_pa
     assert "skip_cfg_strength" not in shown and "cfg_skip_layers" not in shown
     assert panel["denoise"] == ["off", "deepfilternet"]
     assert ready["settings"]["denoise"] == "off"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_page_blends_two_speakers_in_headless_chromium(tmp_path):
+    """The blend control (a second speaker and its weight) sends `alice:0.70,bob:0.30` as the speaker,
+    keeps it across a reload, and is hidden for a voice with one speaker."""
+    source = VoiceSource("two.ckpt", ["alice", "bob"], IdentityVoice, family="v2")
+    pick = ("(() => { const w = document.getElementById('blend-with'); w.value = 'bob';"
+            " w.dispatchEvent(new Event('change'));"
+            " const b = document.getElementById('blend'); b.value = '0.3';"
+            " b.dispatchEvent(new Event('change')); })()")
+    hidden = "[...document.querySelectorAll('.row.blend')].every(r => r.hidden)"
+
+    async def main():
+        async with running(source, token=TOKEN) as server:
+            url = f"http://127.0.0.1:{server.port}/?token={TOKEN}"
+            async with chromium_page(url, tmp_path) as page:
+                await page.wait_for("window.rtsvc && rtsvc.panelReady")
+                shown = not await page.eval(hidden)
+                await page.eval(pick)
+                await page.eval("location.reload()")
+                await asyncio.sleep(0.5)
+                await page.wait_for("window.rtsvc && rtsvc.panelReady")
+                kept = await page.eval("document.getElementById('blend').value")
+                await page.eval("document.getElementById('start').click()")
+                ready = await page.wait_for("rtsvc.ready && JSON.stringify(rtsvc.ready)")
+            await settled(server)
+        one_voice = VoiceSource("one.ckpt", ["alice"], IdentityVoice, family="v2")
+        async with running(one_voice, token=TOKEN) as one:
+            async with chromium_page(f"http://127.0.0.1:{one.port}/?token={TOKEN}", tmp_path) as page:
+                await page.wait_for("window.rtsvc && rtsvc.panelReady")
+                one_hidden = await page.eval(hidden)
+            await settled(one)
+        return shown, kept, json.loads(ready), one_hidden
+
+    shown, kept, ready, one_hidden = run(main(), timeout=120)
+    assert shown and kept == "0.3"
+    assert ready["settings"]["speaker"] == "alice:0.70,bob:0.30"
+    assert one_hidden

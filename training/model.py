@@ -30,6 +30,7 @@ class TrainModel:
     spk2idx: dict[str, int]
     name: str  # preset name, e.g. dit-768-12 (or dim-depth for custom sizes)
     new_speakers: list[str]  # added to a pretrained checkpoint's table
+    base_pitch_stats: dict | None = None  # the pretrained checkpoint's pitch statistics (auto pitch)
 
     @property
     def family(self) -> str:
@@ -119,4 +120,4 @@ def from_pretrained(path: str, speakers: list[str], requested: str | None = None
         raise UserError(f"--model {requested} does not match the pretrained checkpoint ({name}); "
                         "leave --model out when fine-tuning")
     dit, spk2idx, new = extend_speakers(loaded.model, loaded.speakers, speakers)
-    return TrainModel(dit.train(), spk2idx, name, new)
+    return TrainModel(dit.train(), spk2idx, name, new, loaded.pitch_stats)

@@ -34,6 +34,7 @@ import torch
 from rtsvc.dsp.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE, load_audio
 from rtsvc.dsp.slicer import TRAINING_KEEP_RANGE_DB, TRAINING_MAX_SIL_KEPT_MS, slice_at_silences
 from rtsvc.errors import UserError
+from training.pitch_stats import dataset_pitch_stats
 
 CACHE_DIR = ".rtsvc-cache"
 METADATA = "metadata.json"
@@ -231,6 +232,7 @@ def write_metadata(root: Path, records: list[dict], settings: dict, skipped: lis
         "clips": clips,
         "skipped": [asdict(s) for s in skipped],
     }
+    meta["pitch_stats"] = dataset_pitch_stats(cache_root(root), clips)  # auto pitch's targets
     path = cache_root(root) / METADATA
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_bytes(path, lambda p: p.write_text(json.dumps(meta, indent=1)))

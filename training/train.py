@@ -35,6 +35,7 @@ from training.dataset import ClipDataset, StepBatchSampler, collate, data_family
 from training.loss import SPEAKER_DROP_FINETUNE, SPEAKER_DROP_SCRATCH, flow_loss
 from training.model import DEFAULT_MODEL, TrainModel, from_pretrained, from_scratch, set_trainable
 from training.optim import BETAS, WARMUP_RATIO, current_lr, make_optimizer
+from training.pitch_stats import checkpoint_pitch_stats
 from training.prepare import load_metadata
 from training.progress import TrainProgress
 from training.validate import MAX_VAL_FRAMES, ValSettings, validate
@@ -359,6 +360,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     hparams = _hparams(cfg, tm, str(Path(cfg.data) / ".rtsvc-cache" / "metadata.json"), lr, wd, d.world,
                        spk_drop)
+    hparams["pitch_stats"] = checkpoint_pitch_stats(meta, tm.base_pitch_stats, tm.spk2idx)  # auto pitch
     if resumed is not None:  # the run keeps the settings it started with; only its length changes
         hparams = resumed["hyper_parameters"]["cfg"]
         hparams["training"]["max_steps"] = cfg.max_steps

@@ -17,8 +17,9 @@ from pathlib import Path, PurePosixPath
 from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.errors import UserError
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+SPEAKER_WEIGHTS_VERSION = 2  # from here the DiT's `spk` is weights [b, num_speaker] (blends), before an index
 MANIFEST = "manifest.json"
 BUNDLE_SUFFIX = ".rtsvc"
 DIT_FILE = "dit.onnx"

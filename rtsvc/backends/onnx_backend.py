@@ -19,6 +19,7 @@ from rtsvc.backends.bundle import (
     DIT_FILE,
     DIT_OUTPUT,
     FAMILY_INTERFACES,
+    SPEAKER_WEIGHTS_VERSION,
     VOCODER_FILE,
     VOCODER_INPUTS,
     VOCODER_OUTPUT,
@@ -29,6 +30,7 @@ from rtsvc.errors import UserError
 from rtsvc.models.families import family_named
 from rtsvc.models.flow import CFG_EPS, Conditioning
 from rtsvc.models.guidance import Guidance, bad_cvec_of
+from rtsvc.models.speakers import speaker_weights
 from rtsvc.models.student import StudentInfo
 
 PROVIDER_NAMES = {  # what users type -> ONNX Runtime's name
@@ -200,6 +202,10 @@ class OnnxBackend:
         self.family = bundle.family
         layers = bundle.manifest["dit"].get("cfg_skip_layers")
         self.skip_layers = None if layers is None else tuple(int(i) for i in layers)  # fixed in the V3 graph
+        # format 2 graphs take speaker weights [b, num_speaker] (blends); format 1 an index [b]
+        self.takes_speaker_weights = bundle.manifest["format_version"] >= SPEAKER_WEIGHTS_VERSION
+        self.num_speaker = int(bundle.manifest["dit"].get("num_speaker", len(self.speakers)))
+        self.pitch_stats = dict(bundle.manifest.get("pitch_stats") or {})  # speaker -> log-F0 stats
         self.device = device
         self._providers, self._threads = list(providers), threads  # for the optional encoder sessions
         self.dit = make_session(bundle.graph(DIT_FILE), providers, threads)
@@ -268,7 +274,8 @@ class OnnxBackend:
         if cond.mask is not None and not bool(cond.mask.all()):
             raise ValueError("the ONNX DiT has no frame mask input: pass unpadded items")
         b, n = x.shape[0], x.shape[1]
-        feeds = {"x": x.float(), "t": _per_item(t, b), "dt": _per_item(dt, b), "spk": cond.spk.long(),
+        feeds = {"x": x.float(), "t": _per_item(t, b), "dt": _per_item(dt, b),
+                 "spk": self._speaker_feed(cond.spk),
                  "f0": cond.f0.float(), "rms": cond.rms.float(), "cvec": cond.cvec.float()}
         if cond.whisper is not None:  # V2 students (a V3 student's graph has no whisper input)
             feeds["whisper"] = cond.whisper.float()
@@ -282,7 +289,8 @@ class OnnxBackend:
             raise ValueError("the ONNX DiT has no frame mask input: pass unpadded items")
         b, n = x.shape[0], x.shape[1]
         t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
-        feeds = {"x": x.float(), "t": t.expand(b) if t.numel() == 1 else t, "spk": cond.spk.long(),
+        feeds = {"x": x.float(), "t": t.expand(b) if t.numel() == 1 else t,
+                 "spk": self._speaker_feed(cond.spk),
                  "f0": cond.f0.float(), "rms": cond.rms.float(), "cvec": cond.cvec.float()}
         # the family's strengths are graph inputs (`_run` feeds only the inputs the graph has); the
         # skip-layer pass is fixed in the graph
@@ -296,6 +304,15 @@ class OnnxBackend:
         if "bad_cvec" in self._inputs[id(self.dit)]:
             feeds["bad_cvec"] = bad_cvec_of(cond).float()
         return self._run(self.dit, feeds, DIT_OUTPUT, (b, n, x.shape[2]))
+
+    def _speaker_feed(self, spk: torch.Tensor) -> torch.Tensor:
+        """The graph's `spk`: weights over all rows (format 2), or the index (format 1: no blends)."""
+        if self.takes_speaker_weights:
+            return speaker_weights(spk, self.num_speaker)
+        if spk.is_floating_point():
+            raise UserError(f"bundle {self.bundle.path} (format 1) takes one speaker index, not a blend: "
+                            "export it again with `rtsvc export`")
+        return spk.long()
 
     def _check_skip_layers(self, guidance: Guidance) -> None:
         """The skip-layer pass is fixed in the graph at export: other layers cannot be honoured."""

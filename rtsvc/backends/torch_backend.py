@@ -32,6 +32,7 @@ class TorchBackend:
         self.family = dit.family
         self.dtype = PRECISIONS[precision]
         self.student = dit.student
+        self.pitch_stats = dict(dit.pitch_stats or {})  # speaker -> log-F0 statistics (auto pitch)
         self._student_velocity = student_velocity(dit) if dit.student is not None else None
 
     @classmethod

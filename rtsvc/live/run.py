@@ -169,7 +169,10 @@ def status_lines(conversion: Conversion, fifo: OutputFifo, state: LiveState, set
     formant = f" formant {knobs.formant_shift:g}" if keys is None or keys.formant else ""
     denoise = f" denoise {knobs.denoise}" if knobs.denoise != "off" else ""
     gains = f"{knobs.input_gain_db:+g}/{knobs.output_gain_db:+g}"
-    third = Text(f"pitch {knobs.pitch_shift:+g}{formant} gate {knobs.gate_db:g} dB gain {gains} dB{denoise}")
+    auto = st.get("auto_pitch")  # --pitch auto: the shift chosen
+    auto = f" auto {auto:+.1f}" if auto is not None else ""
+    third = Text(f"pitch {knobs.pitch_shift:+g}{auto}{formant} gate {knobs.gate_db:g} dB gain {gains} "
+                 f"dB{denoise}")
     if st["limited_samples"]:
         third.append(f"  limited {st['limited_samples']}", style="yellow")
     lines = [first, second, third]

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rtsvc.models.speakers import embed_speaker
+
 LN_EPS = 1e-6
 TIME_FREQ_DIM = 256  # sinusoidal features of t before the time MLP
 TIME_SCALE = 1000.0
@@ -261,7 +263,7 @@ class DiT(nn.Module):
         b, n = x.shape[0], x.shape[1]
         if time.ndim == 0:
             time = time.expand(b)
-        t = self.time_embed(time) + self.spk_embed(spk)
+        t = self.time_embed(time) + embed_speaker(self.spk_embed, spk)  # an index or blend weights
         if isinstance(drop_whisper, bool):
             drop_whisper = torch.full((b,), drop_whisper, dtype=torch.bool, device=x.device)
         null = self.null_whisper_embed.weight.to(whisper.dtype)[None]  # [1, 1, whisper_dim]

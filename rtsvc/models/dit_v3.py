@@ -27,6 +27,7 @@ from rtsvc.models.dit import (
     init_spectral,
 )
 from rtsvc.models.lora import LoRALinear
+from rtsvc.models.speakers import embed_speaker
 
 V3_KERNEL = 31
 
@@ -124,9 +125,9 @@ class DiTV3(nn.Module):
             time = time.expand(b)
         null = self.null_spk_embed.weight[0][None]
         if isinstance(drop_speaker, bool):  # a Python branch, no bool tensor: keeps ONNX tracing simple
-            speaker = null.expand(b, -1) if drop_speaker else self.spk_embed(spk)
+            speaker = null.expand(b, -1) if drop_speaker else embed_speaker(self.spk_embed, spk)
         else:
-            speaker = torch.where(drop_speaker.bool()[:, None], null, self.spk_embed(spk))
+            speaker = torch.where(drop_speaker.bool()[:, None], null, embed_speaker(self.spk_embed, spk))
         t = self.tembed(time) + speaker
         x = self.input_embed(x, self.cond_embed(f0, rms, cvec))
         rope = self.rotary_embed(n)

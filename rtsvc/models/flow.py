@@ -25,7 +25,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 @dataclass
 class Conditioning:
     """Everything the DiT is conditioned on, on the mel grid (b items, n frames)."""
-    spk: torch.Tensor  # [b] long speaker index
+    spk: torch.Tensor  # [b] long speaker index, or [b, S] float weights (a blend: rtsvc.models.speakers)
     f0: torch.Tensor  # [b, n] Hz (0 = unvoiced, normally interpolated away)
     rms: torch.Tensor  # [b, n]
     cvec: torch.Tensor  # [b, n, 768]

@@ -36,6 +36,7 @@ class LoadedDiT:
     dataset: dict[str, Any]  # the checkpoint's dataset settings (sample_rate, hop_length, ...)
     family: str = "v2"  # its `rtsvc.models.families` record's name: "v2" (ContentVec + Whisper), "v3", ...
     student: StudentInfo | None = None  # set for a distilled student (`rtsvc distill`)
+    pitch_stats: dict | None = None  # speaker -> log-F0 statistics (`rtsvc train`; rtsvc.voices.auto_pitch)
 
     def speaker_index(self, name: str) -> int:
         if name not in self.speakers:
@@ -170,7 +171,8 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
     model = build()
     _strict_load(model, state, path, what)
     return LoadedDiT(model=model.to(device).eval(), speakers=speakers, config=config, path=path,
-                     dataset=_as_dict(hparams.get("dataset")), family=family.name, student=student)
+                     dataset=_as_dict(hparams.get("dataset")), family=family.name, student=student,
+                     pitch_stats=_as_dict(hparams.get("pitch_stats")))
 
 
 # --- vocoder --------------------------------------------------------------------------------

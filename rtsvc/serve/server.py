@@ -84,6 +84,7 @@ from rtsvc.serve.scheduler import DEFAULT_BATCH_DEADLINE_MS, BatchScheduler, Blo
 from rtsvc.serve.transport import Transport, TransportClosed, WebsocketsTransport, limit_send_buffer
 from rtsvc.settings import DENOISE_CHOICES, Knobs, RuntimeSettings, knob_spec
 from rtsvc.voice import Voice
+from rtsvc.voices.blend import check_speaker, is_blend
 from rtsvc.voices.defaults import DSP_BLOCK_MS
 
 log = logging.getLogger("rtsvc.serve.server")
@@ -600,6 +601,12 @@ class StreamServer:
 
     def _check_speaker(self, speaker: object, fatal: bool) -> None:
         if speaker is not None and speaker not in self.source.speakers:
+            if isinstance(speaker, str) and is_blend(speaker, self.source.speakers) \
+                    and self.source.family != "dsp":
+                try:  # a blend of this model's speakers (rtsvc.voices.blend)
+                    return check_speaker(speaker, self.source.speakers, "this server")
+                except UserError as err:
+                    raise ProtocolError("unknown_speaker", str(err), fatal=fatal) from None
             raise ProtocolError("unknown_speaker", f"unknown speaker {speaker!r}; this server has: "
                                 f"{', '.join(self.source.speakers)}", fatal=fatal)
 

@@ -147,6 +147,11 @@ class BatchedVoice:
     def reset(self) -> None:
         self.voice.reset()
 
+    @property
+    def auto_pitch(self) -> float | None:
+        """The stream's auto-pitch shift in semitones (None: fixed pitch)."""
+        return self.voice.auto_pitch
+
 
 __all__ = ["Batcher", "BatchedVoice", "Block", "dit_key", "run_blocks", "run_jobs", "sample_group", "stack",
            "vocode_group", "vocoder_key"]

@@ -19,6 +19,7 @@ with warnings.catch_warnings():  # pyworld 0.3.5 imports the deprecated pkg_reso
     import pyworld
 
 from rtsvc.dsp.audio import SAMPLE_RATE
+from rtsvc.errors import UserError
 from rtsvc.features.f0_methods import DSP_F0
 from rtsvc.features.f0_methods import f0_method as f0_row
 from rtsvc.settings import Knobs
@@ -55,7 +56,7 @@ class DspVoice:
 
     speakers = ["dsp"]
     default_block_ms = DSP_BLOCK_MS
-    uses_formant = True  # the formant knob applies (model voices ignore it)
+    uses_formant = True  # the formant knob applies (model voices too: rtsvc.dsp.formant_warp)
 
     def __init__(self, f0_method: str = "dio", sample_rate: int = SAMPLE_RATE):
         self.f0_method = f0_row(f0_method, DSP_F0, option="DSP F0 method").name
@@ -75,6 +76,9 @@ class DspVoice:
     def convert(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                 tail: int | None = None) -> np.ndarray:
         """Convert `audio`; with `tail`, return only its last `tail` samples (analysed with context)."""
+        if knobs.pitch_mode != "fixed":  # auto pitch needs a target speaker's statistics
+            raise UserError("--pitch auto needs a model voice (--model); the DSP voice takes --pitch in "
+                            "semitones")
         audio = np.asarray(audio, dtype=np.float32)
         n = audio.shape[0]
         need = n if tail is None else int(tail)

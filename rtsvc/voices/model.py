@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
+from rtsvc.dsp.formant_warp import warp_formants
 from rtsvc.dsp.mel import denormalize_mel
 from rtsvc.dsp.sinc import sinc_resample
 from rtsvc.errors import UserError
@@ -38,6 +39,8 @@ from rtsvc.models.flow import Conditioning, counter_normal, frame_noise, sample_
 from rtsvc.models.guidance import Guidance
 from rtsvc.models.schedules import time_grid
 from rtsvc.settings import Knobs
+from rtsvc.voices.auto_pitch import PitchFollower, target_median_hz
+from rtsvc.voices.blend import blend_weights, common_speakers, is_blend, parse_blend, speaker_tensor
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, MODEL_BLOCK_MS
 
 if TYPE_CHECKING:
@@ -63,6 +66,7 @@ class ModelVoice:
 
     sample_rate = SAMPLE_RATE
     default_block_ms = MODEL_BLOCK_MS
+    uses_formant = True  # the formant knob warps the generated mel (rtsvc.dsp.formant_warp)
 
     def __init__(self, backend: "Backend", features: "FeatureExtractor", whisper_pad_30s: bool = True,
                  streaming: bool = False, encoder_context_s: float | None = ENCODER_CONTEXT_S,
@@ -80,6 +84,12 @@ class ModelVoice:
         self.cache = FeatureCache(features, encoder_context_s, concurrent_f0=concurrent_f0) \
             if streaming else None
         self.last_ms: dict[str, float] = {}
+        # auto pitch (rtsvc.voices.auto_pitch): per-stream follower; the target from --pitch-reference
+        self.pitch_follower, self.pitch_reference, self.auto_pitch = PitchFollower(), None, None
+
+    def _carry(self, voice: "ModelVoice") -> "ModelVoice":
+        voice.pitch_reference = self.pitch_reference  # what a fork shares besides the weights
+        return voice
 
     def for_streaming(self, encoder_context_s: float | None = ENCODER_CONTEXT_S,
                       dit_context_ms: float | None | EllipsisType = ...) -> "ModelVoice":
@@ -88,22 +98,30 @@ class ModelVoice:
         DIT_CONTEXT_MS)."""
         if dit_context_ms is ...:
             dit_context_ms = self.dit_context_ms
-        return ModelVoice(self.backend, self.features, self.whisper_pad_30s, True, encoder_context_s,
-                          dit_context_ms, self.concurrent_f0)
+        return self._carry(ModelVoice(self.backend, self.features, self.whisper_pad_30s, True,
+                                      encoder_context_s, dit_context_ms, self.concurrent_f0))
 
     def fork(self) -> "ModelVoice":
         """Same weights, own per-stream state (what the server gives each session)."""
-        return ModelVoice(self.backend, self.features, self.whisper_pad_30s, self.streaming,
-                          self.encoder_context_s, self.dit_context_ms, self.concurrent_f0)
+        return self._carry(ModelVoice(self.backend, self.features, self.whisper_pad_30s, self.streaming,
+                                      self.encoder_context_s, self.dit_context_ms, self.concurrent_f0))
 
     def reset(self) -> None:
+        self.pitch_follower.reset()
         if self.cache is not None:
             self.cache.reset()
         reset = getattr(self.features, "reset", None)
         if reset is not None:
             reset()
 
-    def speaker_index(self, name: str | None) -> int:
+    def speaker_index(self, name: str | None) -> "int | torch.Tensor":
+        """The speaker's index, or a blend's weights [S] over the speaker table (rtsvc.voices.blend)."""
+        if is_blend(name, self.backend.speakers):
+            weights = blend_weights(name, self.backend.speakers)
+            if not getattr(self.backend, "takes_speaker_weights", True):
+                raise UserError("speaker blends need a bundle of format 2 or later; this one takes one "
+                                "speaker index: export it again with `rtsvc export`")
+            return weights
         if name is None:
             return self.backend.speakers[self.speakers[0]]
         if name not in self.backend.speakers:
@@ -149,10 +167,12 @@ class ModelVoice:
             return None
         if self.cache is not None:
             features = yield from self.cache.window_steps(audio, start_sample)
-            cond, f0 = self._stream_conditioning(features, spk, knobs.pitch_shift)
+            new_frames = -(-need // HOP_LENGTH)
+            semitones = self._semitones(knobs, features[0], new_frames)
+            cond, f0 = self._stream_conditioning(features, spk, semitones)
         else:
             self.last_ms = {}
-            cond, f0 = self._conditioning(audio, n, spk, knobs.pitch_shift)
+            cond, f0 = self._conditioning(audio, n, spk, knobs.pitch_shift, knobs)
         # vocode only the frames under the requested tail, plus the vocoder's left context
         first = max(0, (length - need) // HOP_LENGTH - VOCODER_CONTEXT_FRAMES)
         dit_first = self._dit_first(first)
@@ -170,12 +190,13 @@ class ModelVoice:
         self.last_ms = dict(self.cache.last_ms)
         device = self.backend.device
         f0 = shift_f0(f0, semitones).to(device)[None]  # shifted F0 feeds both the DiT and the vocoder
-        cond = Conditioning(spk=torch.tensor([spk], device=device), f0=f0, rms=rms.to(device)[None],
+        cond = Conditioning(spk=speaker_tensor(spk, device), f0=f0, rms=rms.to(device)[None],
                             cvec=cvec.to(device)[None],
                             whisper=None if whisper is None else whisper.to(device)[None])
         return cond, f0
 
-    def _conditioning(self, audio: np.ndarray, n: int, spk: int, semitones: float):
+    def _conditioning(self, audio: np.ndarray, n: int, spk: int, semitones: float,
+                      knobs: Knobs | None = None):
         """Every feature over the whole window on its n = len // 512 frames, as upstream's infer.py
         (the offline path): the encoders hear soxr's 16 kHz (librosa.resample), F0 the sinc
         resampler upstream's RMVPE uses."""
@@ -183,15 +204,38 @@ class ModelVoice:
         row = lambda a: torch.as_tensor(a, dtype=torch.float32).to(device)[None]  # noqa: E731 - [1, n, ...]
         audio_16k = self._timed("resample", resample, audio, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
         f0_16k = self._timed("resample_f0", sinc_resample, audio, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
-        f0 = row(self._timed("f0", feats.f0_clip, audio, f0_16k, n, semitones))  # shifted: DiT and vocoder
+        auto = knobs is not None and knobs.pitch_mode != "fixed"
+        f0 = row(self._timed("f0", feats.f0_clip, audio, f0_16k, n, 0.0 if auto else semitones))  # shifted
+        if auto:  # auto pitch hears the unshifted F0 of the whole window
+            f0 = shift_f0(f0, self._semitones(knobs, f0[0], n))
         whisper = None
         if feats.whisper_encoder is not None:  # V2 only
             whisper = row(self._timed("whisper", feats.whisper, audio_16k, n,
                                       pad_to_30s=self.whisper_pad_30s))
-        cond = Conditioning(spk=torch.tensor([spk], device=device), f0=f0,
+        cond = Conditioning(spk=speaker_tensor(spk, device), f0=f0,
                             rms=row(self._timed("rms", feats.rms, audio)),
                             cvec=row(self._timed("contentvec", feats.content, audio_16k, n)), whisper=whisper)
         return cond, f0
+
+    def _semitones(self, knobs: Knobs, f0: torch.Tensor, new_frames: int) -> float:
+        """The block's pitch shift: `pitch_shift`, plus in auto mode the follower's shift after hearing
+        the window's last `new_frames` F0 frames (unshifted Hz); `auto_pitch` keeps it for the status."""
+        if knobs.pitch_mode == "fixed":
+            self.auto_pitch = None
+            return knobs.pitch_shift
+        name = knobs.speaker or self.speakers[0]
+        blend = parse_blend(name, self.backend.speakers) if is_blend(name, self.backend.speakers) else None
+        target = target_median_hz(getattr(self.backend, "pitch_stats", {}), name, blend, self.pitch_reference)
+        new = f0[-new_frames:].detach().cpu().numpy() if new_frames > 0 else np.zeros(0)
+        self.auto_pitch = self.pitch_follower.update(new, target, knobs.pitch_mode == "auto-continuous")
+        return self.auto_pitch + knobs.pitch_shift
+
+    def f0_of_audio(self, audio: np.ndarray) -> np.ndarray:
+        """F0 (Hz per mel frame, unshifted) of 44.1 kHz audio with this voice's F0 extractor."""
+        n = -(-len(audio) // HOP_LENGTH)
+        padded = np.pad(np.asarray(audio, dtype=np.float32), (0, n * HOP_LENGTH - len(audio)))
+        audio_16k = resample(padded, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        return torch.as_tensor(self.features.f0(audio_16k, n)).cpu().numpy()
 
     def _timed(self, name: str, fn, *args, **kwargs):
         started = time.perf_counter()
@@ -247,6 +291,7 @@ def stack(items: list[Conditioning]) -> Conditioning:
     if len(items) == 1:
         return items[0]
     columns = {f.name: [getattr(c, f.name) for c in items] for f in fields(Conditioning)}
+    columns["spk"] = common_speakers(columns["spk"])  # a blend among indices: all as weights
     return Conditioning(**{name: None if col[0] is None else torch.cat(col, dim=0)
                            for name, col in columns.items()})
 
@@ -267,7 +312,8 @@ def sample_group(backend: "Backend", jobs: list[BlockJob]) -> list[torch.Tensor]
     velocity = lambda x, t, dt: backend.step_velocity(x, t, dt, cond, guidance)  # noqa: E731 - students too
     x = sample_on_grid(velocity, noise, sampling_grid(backend, jobs[0].knobs))
     mel = denormalize_mel(x).transpose(1, 2)  # [b, 128, frames]
-    return [mel[k:k + 1, :, j.first - j.dit_first:] for k, j in enumerate(jobs)]
+    return [warp_formants(mel[k:k + 1, :, j.first - j.dit_first:], j.knobs.formant_shift)  # per job
+            for k, j in enumerate(jobs)]
 
 
 def vocode_group(backend: "Backend", jobs: list[BlockJob], mels: list[torch.Tensor]) -> list[np.ndarray]:

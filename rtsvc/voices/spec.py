@@ -51,6 +51,7 @@ class VoiceSpec:
     threads: int | None = None  # CPU threads: torch's (process-wide) and each ONNX Runtime session's;
     # None: ONNX Runtime's own default, and torch at STREAMING_TORCH_THREADS when streaming on a CPU
     concurrent_f0: bool = False  # streaming: F0 beside the encoders on a side thread (same results)
+    pitch_reference: Path | None = None  # --pitch auto: recordings of the target (rtsvc.voices.auto_pitch)
 
     def with_(self, **changes) -> "VoiceSpec":
         """A copy with some fields changed (bench opens one spec per backend and device)."""
@@ -139,7 +140,7 @@ def open_voice(spec: VoiceSpec) -> Voice:
         from rtsvc.voices.dsp import DspVoice  # pyworld
 
         voice = DspVoice()
-        if spec.speaker is not None and spec.speaker not in voice.speakers:
+        if spec.speaker is not None and spec.speaker not in voice.speakers:  # no blends: one voice
             raise UserError(f"unknown speaker {spec.speaker!r}; the voice has: {', '.join(voice.speakers)}")
         return voice
     return open_model(spec, spec.pretrained_paths())
@@ -180,8 +181,9 @@ def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
             raise UserError("NSF-HiFiGAN vocoder not found: pass --pretrained-dir FOLDER (where `rtsvc "
                             "download` put it), run `rtsvc download`, or point --vocoder at it")
         model = TorchBackend.from_checkpoint(path, pretrained.vocoder, torch_device, spec.precision)
-    if spec.speaker is not None and spec.speaker not in model.speakers:
-        raise UserError(f"unknown speaker {spec.speaker!r}; this model has: {', '.join(model.speakers)}")
+    from rtsvc.voices.blend import check_speaker
+
+    check_speaker(spec.speaker, model.speakers)  # a name or a blend of names (rtsvc.voices.blend)
     f0 = spec.f0 or DEFAULT_F0  # library callers may pass any rtsvc.features.f0_methods name
     own = getattr(model, "feature_extractor", None)  # a bundle exported --with-encoders runs its own
     # F0 beside the encoders on a CPU: each takes one core (measured fastest, issue 14)
@@ -189,8 +191,14 @@ def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
     encoder_threads = ENCODER_THREADS_BESIDE_F0 if beside else None
     features = (own(pretrained, f0, torch_device, encoder_threads) if own else None) or \
         FeatureExtractor.from_pretrained(pretrained, f0=f0, device=torch_device, family=model.family)
-    return ModelVoice(model, features, streaming=spec.streaming, dit_context_ms=spec.dit_context_ms,
-                      concurrent_f0=spec.concurrent_f0)
+    voice = ModelVoice(model, features, streaming=spec.streaming, dit_context_ms=spec.dit_context_ms,
+                       concurrent_f0=spec.concurrent_f0)
+    voice.speaker_index(spec.speaker)  # a blend on a bundle that takes an index only fails here
+    if spec.pitch_reference is not None:  # --pitch auto's target from recordings (one F0 pass at start)
+        from rtsvc.voices.auto_pitch import reference_stats
+
+        voice.pitch_reference = reference_stats(spec.pitch_reference, voice.f0_of_audio)
+    return voice
 
 
 def _open_onnx(path: Path, device: str, pretrained: PretrainedPaths, providers: str | None = None,

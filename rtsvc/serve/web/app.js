@@ -47,8 +47,35 @@ function loadJson(key, fallback) {
 
 // --- settings: the controls' values, kept between visits -------------------------------------
 
+// A blend (rtsvc.voices.blend): "alice:0.70,bob:0.30" from the speaker, a second one and its weight.
+function speakerValue() {
+  const first = $("speaker").value || null, second = $("blend-with").value, weight = Number($("blend").value);
+  if (!first || !second || second === first || !(weight > 0)) return first;
+  if (weight >= 1) return second;
+  return `${first}:${(1 - weight).toFixed(2)},${second}:${weight.toFixed(2)}`;
+}
+
+function knownSpeaker(value) {  // a speaker of this voice, or a blend of two of them
+  if (!value || !rtsvc.info) return false;
+  const names = value.split(",").map((part) => part.replace(/:[^:]*$/, "").trim());
+  return names.every((name) => rtsvc.info.speakers.includes(name)) && (names.length === 1 || blendable());
+}
+
+function blendable() {
+  return rtsvc.info && rtsvc.info.voice !== "dsp" && rtsvc.info.speakers.length > 1;
+}
+
+function showSpeaker(value) {
+  const parts = value.split(",").map((part) => part.split(":"));
+  $("speaker").value = parts[0][0].trim();
+  $("blend-with").value = parts.length > 1 ? parts[1][0].trim() : "";
+  const weight = parts.length > 1 ? Number(parts[1][1]) / (Number(parts[0][1]) + Number(parts[1][1])) : 0;
+  $("blend").value = Number.isFinite(weight) ? weight : 0;
+  document.querySelector("output[for=blend]").value = $("blend").value;
+}
+
 function currentSettings() {
-  const settings = {speaker: $("speaker").value || null, mic: $("mic").value, output: $("output").value};
+  const settings = {speaker: speakerValue(), mic: $("mic").value, output: $("output").value};
   for (const c of controls) {
     settings[c.name] = c.choices.length ? $(c.name).value : Number($(c.name).value);
   }
@@ -58,9 +85,7 @@ function currentSettings() {
 function knobValues(settings) {
   const knobs = {};
   for (const c of controls) if (settings[c.name] !== undefined) knobs[c.name] = settings[c.name];
-  if (settings.speaker && rtsvc.info && rtsvc.info.speakers.includes(settings.speaker)) {
-    knobs.speaker = settings.speaker;
-  }
+  if (knownSpeaker(settings.speaker)) knobs.speaker = settings.speaker;
   return knobs;
 }
 
@@ -75,7 +100,7 @@ function showValue(name, value) {
 
 function applySettings(settings) {
   for (const c of controls) if (settings[c.name] !== undefined && settings[c.name] !== null) showValue(c.name, settings[c.name]);
-  if (settings.speaker && rtsvc.info && rtsvc.info.speakers.includes(settings.speaker)) $("speaker").value = settings.speaker;
+  if (knownSpeaker(settings.speaker)) showSpeaker(settings.speaker);
   for (const id of ["mic", "output"]) {
     if (settings[id] !== undefined && [...$(id).options].some((o) => o.value === settings[id])) $(id).value = settings[id];
   }
@@ -162,7 +187,16 @@ function fillSpeakers(speakers, current) {
     option.value = option.textContent = name;
     select.appendChild(option);
   }
-  if (current) select.value = current;
+  const other = $("blend-with");
+  other.textContent = "";
+  for (const name of ["", ...speakers]) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = name || "none";
+    other.appendChild(option);
+  }
+  for (const row of document.querySelectorAll(".row.blend")) row.hidden = !blendable();
+  if (current && knownSpeaker(current)) showSpeaker(current);
 }
 
 async function loadInfo() {
@@ -240,6 +274,10 @@ function showLatency() {
     `underruns ${rtsvc.underruns}, dropped ${rtsvc.dropped} samples`;
   if (rtsvc.stats && rtsvc.stats.compute_ms_mean !== undefined) {
     text += `, compute ${Number(rtsvc.stats.compute_ms_mean).toFixed(1)} ms/block`;
+  }
+  if (rtsvc.stats && rtsvc.stats.auto_pitch !== undefined && rtsvc.stats.auto_pitch !== null) {
+    const shift = Number(rtsvc.stats.auto_pitch);  // --pitch auto: the shift the server chose
+    text += `\nauto pitch ${shift >= 0 ? "+" : ""}${shift.toFixed(1)} semitones`;
   }
   const behind = rtsvc.warning && performance.now() - rtsvc.warningAt < WARNING_SHOWN_MS;
   setStatus(text, false);
@@ -419,7 +457,8 @@ function stop() {
   $("stop").disabled = true;
 }
 
-$("speaker").addEventListener("change", () => onControlChange("speaker"));
+for (const id of ["speaker", "blend-with", "blend"]) $(id).addEventListener("change", () => onControlChange("speaker"));
+$("blend").addEventListener("input", () => { document.querySelector("output[for=blend]").value = $("blend").value; });
 for (const id of ["mic", "output"]) $(id).addEventListener("change", saveSettings);
 $("start").addEventListener("click", start);
 $("stop").addEventListener("click", stop);
