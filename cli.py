@@ -265,12 +265,17 @@ def export_cmd(
     ckpt: o.Checkpoint, out: o.BundleOut, pretrained_dir: o.ExportPretrainedDir = Path("pretrained"),
     vocoder: o.ExportVocoder = None, opset: o.Opset = 17, fp16: o.Fp16 = False,
     cfg_skip_layers: o.ExportSkipLayers = -1, with_encoders: o.WithEncoders = False,
-    tolerance: o.Tolerance = None, int8: o.Int8 = False,
+    tolerance: o.Tolerance = None, int8: o.Int8 = False, format: o.ExportFormat = "onnx",
+    merge_lora: o.MergeLora = False,
 ) -> None:
-    """Export a checkpoint + vocoder to an ONNX Runtime bundle (.rtsvc), checked against torch."""
+    """Export a checkpoint + vocoder to an ONNX Runtime bundle (.rtsvc), checked against torch, or
+    the checkpoint alone to a .safetensors voice (--format safetensors) to share."""
     from export.onnx_export import export_bundle, export_steps
 
     VoiceSpec(model=ckpt).validate()  # a wrong path is said before the progress bar starts
+    if format != "onnx" or merge_lora:  # a shared voice file: weights and JSON, no graphs
+        return _say(o.export_voice_file(ckpt, out, format, merge_lora, fp16=fp16, int8=int8,
+                                        with_encoders=with_encoders, cfg_skip_layers=cfg_skip_layers >= 0))
     if int8 and fp16:
         raise UserError("--int8 quantizes an fp32 export: drop --fp16")
 
@@ -286,27 +291,11 @@ def export_cmd(
                                fp16=fp16, with_encoders=with_encoders, tolerance=tolerance, progress=step,
                                skip_layers=None if cfg_skip_layers < 0 else (cfg_skip_layers,))
         bar.update(task, completed=export_steps(with_encoders), description="done")
-    o.print_table("parity: ONNX Runtime (CPU) vs torch",
-                  ("graph", "batch", "frames", "max abs error", "max |torch|", "relative", "ok"),
-                  [(r.graph, str(r.batch), str(r.frames), f"{r.max_abs:.2e}", f"{r.ref_max:.3g}",
-                    f"{r.rel:.2e}", "yes" if r.ok else "[bold red]NO[/]") for r in result.rows])
-    if not result.ok:
-        worst = max(result.failures(), key=lambda r: r.rel)
-        raise UserError(f"parity check failed: {worst.graph} at {worst.frames} frames differs by "
-                        f"{worst.rel:.2e} (relative) > tolerance {worst.tolerance:g}; no bundle written")
+    o.report_parity(result)  # a failed check raises: no bundle was written
     exporters = ", ".join(f"{k}: {v}" for k, v in result.exporters.items())
     console.print(f"wrote {result.path} (exporter {exporters})", highlight=False)
     if int8:
-        from export.quantize import quantize_bundle
-
-        with o.progress_bar(console) as bar:
-            task = bar.add_task("int8", total=None)
-            rows = quantize_bundle(result.path, step=lambda label: bar.update(task, description=label))
-        o.print_table("int8 vs fp32 (ONNX Runtime CPU, this machine)",
-                      ("graph", "scheme", "relative L2", "fp32 ms", "int8 ms", "speed-up"),
-                      [(r.graph, r.scheme, f"{r.rel_l2:.4f}", f"{r.fp32_ms:.1f}", f"{r.int8_ms:.1f}",
-                        f"{r.fp32_ms / r.int8_ms:.2f}x") for r in rows])
-        console.print(f"quantized {result.path} to int8", highlight=False)
+        o.quantize_and_report(result.path)
 
 
 @app.command()

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from rtsvc.autoblock import P99_MARGIN
+from rtsvc.backends.providers import PROVIDER_CHOICES
 from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
 from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0
@@ -92,8 +93,9 @@ Resume = opt(bool, "Continue OUT/last.ckpt at its exact step. Default: off.", pa
 TrainDevice = opt(str | None, f"Torch device: auto, cpu or cuda. Default: {TRAIN.device} (under torchrun: "
                   "one GPU per rank).")
 
-Model = opt(Path | None, "RIFT-SVC V2 or V3 checkpoint (.ckpt, LoRA fine-tunes too) or exported .rtsvc "
-            "bundle. Default: none, the built-in DSP voice.", "--model", "-m", panel=MODEL)
+Model = opt(Path | None, "RIFT-SVC V2 or V3 checkpoint (.ckpt, LoRA fine-tunes too), shared .safetensors "
+            "voice (read without pickle) or exported .rtsvc bundle. Default: none, the built-in DSP voice.",
+            "--model", "-m", panel=MODEL)
 PretrainedDir = opt(Path, "Folder of pretrained components in the upstream layout. Default: pretrained/.",
                     panel=MODEL)
 ContentVec = opt(str | None, "ContentVec folder or hub id. Default: PRETRAINED_DIR/content-vec-best.",
@@ -111,8 +113,9 @@ Backend = opt(str, "Model backend: auto, torch or onnx. Default: auto (onnx for 
               "for .ckpt).", panel=MODEL)
 Precision = opt(str, "Torch compute precision on CUDA: fp32, fp16 or bf16 (CPU always fp32). Default: fp32.",
                 panel=MODEL)
-Providers = opt(str | None, "ONNX Runtime providers for .rtsvc bundles, in order, e.g. cuda,cpu (tensorrt, "
-                "cuda, cpu). Default: automatic (the first of TensorRT, CUDA that starts here, then CPU).",
+Providers = opt(str | None, "ONNX Runtime providers for .rtsvc bundles, in order, e.g. cuda,cpu ("
+                f"{', '.join(PROVIDER_CHOICES)}; `rtsvc doctor` shows which start here). Default: automatic "
+                "(each of TensorRT, CUDA, MIGraphX, ROCm, DirectML, CoreML that starts here, then CPU).",
                 panel=MODEL)
 Schedule = opt(str, next(k for k in KNOB_TABLE if k.name == "schedule").cli_help(), panel=ADVANCED)
 
@@ -179,6 +182,45 @@ def print_table(title: str, columns: tuple[str, ...], rows) -> None:
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+def report_parity(result) -> None:
+    """`rtsvc export`'s parity table; a graph over its tolerance is a UserError (no bundle written)."""
+    print_table("parity: ONNX Runtime (CPU) vs torch",
+                ("graph", "batch", "frames", "max abs error", "max |torch|", "relative", "ok"),
+                [(r.graph, str(r.batch), str(r.frames), f"{r.max_abs:.2e}", f"{r.ref_max:.3g}",
+                  f"{r.rel:.2e}", "yes" if r.ok else "[bold red]NO[/]") for r in result.rows])
+    if not result.ok:
+        worst = max(result.failures(), key=lambda r: r.rel)
+        raise UserError(f"parity check failed: {worst.graph} at {worst.frames} frames differs by "
+                        f"{worst.rel:.2e} (relative) > tolerance {worst.tolerance:g}; no bundle written")
+
+
+def quantize_and_report(path: Path) -> None:
+    """`rtsvc export --int8`: quantize the bundle at `path` and print int8-vs-fp32 per graph."""
+    from export.quantize import quantize_bundle
+
+    with progress_bar(console) as bar:
+        task = bar.add_task("int8", total=None)
+        rows = quantize_bundle(path, step=lambda label: bar.update(task, description=label))
+    print_table("int8 vs fp32 (ONNX Runtime CPU, this machine)",
+                ("graph", "scheme", "relative L2", "fp32 ms", "int8 ms", "speed-up"),
+                [(r.graph, r.scheme, f"{r.rel_l2:.4f}", f"{r.fp32_ms:.1f}", f"{r.int8_ms:.1f}",
+                  f"{r.fp32_ms / r.int8_ms:.2f}x") for r in rows])
+    console.print(f"quantized {path} to int8", highlight=False)
+
+
+def export_voice_file(ckpt: Path, out: Path, format: str, merge_lora: bool, **onnx_options) -> str:
+    """`rtsvc export --format safetensors`: write the voice file; the line to print."""
+    if format != "safetensors":
+        if format == "onnx":
+            raise UserError("--merge-lora is for --format safetensors (a bundle always merges the adapters)")
+        raise UserError(f"unknown --format {format!r}: use onnx or safetensors")
+    from export.safetensors_export import check_out, export_safetensors
+
+    check_out(out, **onnx_options)
+    path, checked = export_safetensors(ckpt, out, merge_lora=merge_lora)
+    return f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB; {checked} tensors read back bit-identical)"
 
 
 # --- help that fits the terminal ------------------------------------------------------------------
@@ -365,10 +407,15 @@ SkipBlock = opt(int | None, "V3 teachers: the block (0-based) the skip-layer pas
                 "--cfg-skip-layers", panel=ADVANCED)
 
 # export
-Checkpoint = Annotated[Path, typer.Argument(help="RIFT-SVC V2 or V3 checkpoint (.ckpt; V3 LoRA adapters are "
-                                            "merged) to export.")]
-BundleOut = opt(Path, "Bundle directory to write, e.g. my-voice.rtsvc (replaced if it is already a bundle). "
-                "Required.", "--out", "-o")
+Checkpoint = Annotated[Path, typer.Argument(help="RIFT-SVC V2 or V3 checkpoint (.ckpt or .safetensors voice; "
+                                            "V3 LoRA adapters are merged into a bundle) to export.")]
+BundleOut = opt(Path, "Bundle directory to write, e.g. my-voice.rtsvc (replaced if it is already a bundle); "
+                "with --format safetensors a file my-voice.safetensors. Required.", "--out", "-o")
+ExportFormat = opt(str, "onnx: an ONNX Runtime bundle (.rtsvc) with the vocoder; safetensors: the DiT's "
+                   "weights with its config and speakers as one .safetensors file to share (read without "
+                   "pickle; docs/bundle.md). Default: onnx.", "--format")
+MergeLora = opt(bool, "--format safetensors: fold V3 LoRA adapters into plain V3 weights (same outputs up to "
+                "float rounding) instead of carrying them (bit-identical). Default: off.", panel=ADVANCED)
 ExportPretrainedDir = opt(Path, "Folder of pretrained components in the upstream layout (vocoder; encoders "
                           "with --with-encoders). Default: pretrained/.", "--pretrained-dir", panel=MODEL)
 ExportVocoder = opt(Path | None, "NSF-HiFiGAN model.ckpt (config.json beside it). Default: PRETRAINED_DIR/"

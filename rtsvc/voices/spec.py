@@ -64,7 +64,7 @@ class VoiceSpec:
         if not self.dit_context_ms >= 0:  # `not >=` also refuses NaN
             raise UserError(f"--dit-context-ms must be at least 0 ms, got {self.dit_context_ms:g}")
         if self.providers is not None:  # a typo fails here, even where no bundle would use them
-            from rtsvc.backends.onnx_backend import parse_providers  # onnxruntime: heavy, optional
+            from rtsvc.backends.providers import parse_providers  # onnxruntime-free until a probe
 
             parse_providers(self.providers)
         if self.model is not None and not Path(self.model).exists():
@@ -105,6 +105,13 @@ def describe_voice(voice: Voice, model: Path | None, speaker: str | None = None)
     others = [name for name in voice.speakers if name != active]
     listed = ", ".join(others[:8]) + (", ..." if len(others) > 8 else "")
     rest = f" (also: {listed}; --speaker)" if others else ""
+    backend = getattr(voice, "backend", None)
+    runs = getattr(backend, "providers", None)  # ONNX Runtime: where it runs, and any fallback
+    if runs:
+        from rtsvc.backends.providers import short_name
+
+        rest += f"; ONNX Runtime on {', '.join(map(short_name, runs))}"
+        rest += f" ({backend.fallback})" if getattr(backend, "fallback", None) else ""
     return f"voice: {model}, speaker {active}{rest}"
 
 
