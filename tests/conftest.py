@@ -84,6 +84,8 @@ SLOW_TESTS = {
                                "test_any_value_at_any_metadata_field_loads_or_is_one_line",
                                "test_a_student_keeps_its_marker_and_output",
                                "test_v3_lora_carried_is_exact_and_folded_is_plain_v3"},
+    "test_providers": {"test_an_accelerator_that_fails_on_the_graphs_falls_back_to_cpu_and_says_so",
+                       "test_an_accelerator_that_starts_runs_the_bundle"},
     "test_server": {"test_eight_concurrent_clients_get_identical_independent_streams",
                     "test_memory_stays_flat_over_200_connect_disconnect_cycles",
                     "test_live_set_changes_gain_and_pitch_mid_stream",
