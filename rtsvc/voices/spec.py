@@ -5,8 +5,8 @@ and passes that object around; a new voice option is a field here, a CLI option,
 that uses it. Torch-free at import (the command line shows these defaults in --help); the voices
 and backends, which need torch, load when a voice is opened.
 
-Without a model the built-in DSP voice opens. A `.ckpt` runs on torch, a `.rtsvc` bundle on ONNX
-Runtime. Options are checked before anything slow loads, the model path first.
+Without a model the built-in DSP voice opens. A `.ckpt` or `.safetensors` voice runs on torch, a
+`.rtsvc` bundle on ONNX Runtime. Options are checked before anything slow loads, the model path first.
 """
 
 from dataclasses import dataclass, replace
@@ -34,7 +34,7 @@ class VoiceSpec:
     pretrained dir's upstream layout; `streaming=False` gives the offline variant (convert, the
     reference of `rtsvc.bench.blocks.streaming_gap`)."""
 
-    model: Path | None = None  # .ckpt or .rtsvc bundle
+    model: Path | None = None  # .ckpt, .safetensors voice or .rtsvc bundle
     pretrained_dir: Path = Path(DEFAULT_PRETRAINED_DIR)
     contentvec: str | None = None  # folder or hub id
     whisper: str | None = None  # folder or hub id
