@@ -177,13 +177,21 @@ HOSTILE_META = [
 def test_bad_metadata_is_one_line_before_any_network(v2, tmp_path, monkeypatch, change, message):
     _, good = v2
     bad = _rewrite(good, tmp_path / "bad.safetensors", change_meta=change)
-    import rtsvc.models.loading as loading
+    from rtsvc.models.dit import DiT
 
-    built = []
-    monkeypatch.setattr(loading, "_strict_load", lambda *a: built.append(a))  # never reached
+    built, init = [], DiT.__init__
+
+    def record(self, *args, **kwargs):  # where each DiT is built: the checks' skeleton is on "meta"
+        built.append(torch.empty(0).device.type)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiT, "__init__", record)
     with pytest.raises(UserError) as err:
         load_dit(bad)
-    assert message in str(err.value) and "\n" not in str(err.value) and not built
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert set(built) <= {"meta"}  # no network with real memory was built
+    load_dit(good)
+    assert built[-1] == "cpu"  # the recording sees a real build
 
 
 HOSTILE_FILES = [
