@@ -274,8 +274,10 @@ def export_cmd(
 
     VoiceSpec(model=ckpt).validate()  # a wrong path is said before the progress bar starts
     if format != "onnx" or merge_lora:  # a shared voice file: weights and JSON, no graphs
-        return _say(o.export_voice_file(ckpt, out, format, merge_lora, fp16=fp16, int8=int8,
-                                        with_encoders=with_encoders, cfg_skip_layers=cfg_skip_layers >= 0))
+        from export.safetensors_export import export_voice_file
+
+        return _say(export_voice_file(ckpt, out, format, merge_lora, fp16=fp16, int8=int8,
+                                      with_encoders=with_encoders, cfg_skip_layers=cfg_skip_layers >= 0))
     if int8 and fp16:
         raise UserError("--int8 quantizes an fp32 export: drop --fp16")
 

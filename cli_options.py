@@ -210,19 +210,6 @@ def quantize_and_report(path: Path) -> None:
     console.print(f"quantized {path} to int8", highlight=False)
 
 
-def export_voice_file(ckpt: Path, out: Path, format: str, merge_lora: bool, **onnx_options) -> str:
-    """`rtsvc export --format safetensors`: write the voice file; the line to print."""
-    if format != "safetensors":
-        if format == "onnx":
-            raise UserError("--merge-lora is for --format safetensors (a bundle always merges the adapters)")
-        raise UserError(f"unknown --format {format!r}: use onnx or safetensors")
-    from export.safetensors_export import check_out, export_safetensors
-
-    check_out(out, **onnx_options)
-    path, checked = export_safetensors(ckpt, out, merge_lora=merge_lora)
-    return f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB; {checked} tensors read back bit-identical)"
-
-
 # --- help that fits the terminal ------------------------------------------------------------------
 
 

@@ -88,3 +88,13 @@ def export_safetensors(ckpt: str | Path, out: str | Path, merge_lora: bool = Fal
         partial.unlink(missing_ok=True)
     return out, len(state)
 
+
+def export_voice_file(ckpt: Path, out: Path, format: str, merge_lora: bool, **onnx_options) -> str:
+    """`rtsvc export --format safetensors`: write the voice file; the line to print."""
+    if format != "safetensors":
+        if format == "onnx":
+            raise UserError("--merge-lora is for --format safetensors (a bundle always merges the adapters)")
+        raise UserError(f"unknown --format {format!r}: use onnx or safetensors")
+    check_out(out, **onnx_options)
+    path, checked = export_safetensors(ckpt, out, merge_lora=merge_lora)
+    return f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB; {checked} tensors read back bit-identical)"
