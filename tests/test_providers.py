@@ -133,6 +133,12 @@ def test_an_accelerator_that_fails_on_the_graphs_falls_back_to_cpu_and_says_so(f
     assert line.endswith("; ONNX Runtime on cpu (" + backend.fallback + ")")
     with pytest.raises(UserError, match="DmlExecutionProvider: unsupported operator"):
         OnnxBackend.open(bundle, providers="dml,cpu")  # named: an error, never a silent fallback
+    p.provider_works.cache_clear()
+    fake_ort.listed, fake_ort.starts = [MIGRAPHX, DML, CPU], {MIGRAPHX, DML}
+    fake_ort.graph_fails = {MIGRAPHX}
+    backend = OnnxBackend.open(bundle)  # the next accelerator, not straight to CPU
+    assert backend.providers == [DML, CPU] and backend.fallback.startswith("migraphx failed (")
+    assert backend.fallback.endswith("; running on directml")
 
 
 def test_an_accelerator_that_starts_runs_the_bundle(fake_ort, bundle):

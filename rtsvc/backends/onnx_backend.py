@@ -129,14 +129,21 @@ class OnnxBackend:
         bundle = read_bundle(path)
         chosen = _providers_for(device, providers)
         on_gpu = chosen[0] in GPU_PROVIDERS and torch.cuda.is_available()
-        try:
-            return cls(bundle, chosen, torch.device("cuda" if on_gpu else "cpu"), threads)
-        except UserError as err:  # an accelerator picked automatically that fails on these graphs
-            if chosen == [CPU] or device != "auto" or parse_providers(providers) is not None:
-                raise
-            backend = cls(bundle, [CPU], torch.device("cpu"), threads)
-            backend.fallback = f"{short_name(chosen[0])} failed ({err}); running on cpu"
-            return backend
+        automatic = device == "auto" and parse_providers(providers) is None
+        failed = []
+        while True:
+            try:
+                backend = cls(bundle, chosen, torch.device("cuda" if on_gpu else "cpu"), threads)
+                break
+            except UserError as err:  # an accelerator picked automatically that fails on these graphs:
+                if not automatic or chosen == [CPU]:  # the next one (CPU last), and the voice line says so
+                    raise
+                failed.append(f"{short_name(chosen[0])} failed ({err})")
+                chosen = chosen[1:]
+                on_gpu = chosen[0] in GPU_PROVIDERS and torch.cuda.is_available()
+        if failed:
+            backend.fallback = f"{'; '.join(failed)}; running on {short_name(chosen[0])}"
+        return backend
 
     # -- running a graph --
 
