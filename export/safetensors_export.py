@@ -9,6 +9,7 @@ the loader and every tensor compared before it is moved into place.
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -18,7 +19,14 @@ from rtsvc import __version__
 from rtsvc.errors import UserError
 from rtsvc.models.families import family_of
 from rtsvc.models.loading import LoadedDiT, load_dit
-from rtsvc.models.safetensors_voice import FORMAT, FORMAT_VERSION, METADATA_KEY, SUFFIX, is_safetensors
+from rtsvc.models.safetensors_voice import (
+    FORMAT,
+    FORMAT_VERSION,
+    MAX_DATASET_VALUE,
+    METADATA_KEY,
+    SUFFIX,
+    is_safetensors,
+)
 from rtsvc.models.student import STUDENT_KEY
 
 ONNX_ONLY = ("fp16", "int8", "with_encoders", "cfg_skip_layers")  # export options a DiT file has no use for
@@ -43,8 +51,9 @@ def voice_metadata(loaded: LoadedDiT, merged: bool, source: Path) -> dict:
     config = loaded.config
     cfg: dict = {"model": family.model_hparams(config, f"dit-{config.dim}-{config.depth}"),
                  "spk2idx": dict(loaded.speakers), "default_speaker": next(iter(loaded.speakers))}
-    dataset = {k: v for k, v in loaded.dataset.items()
-               if isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)}
+    dataset = {k: v for k, v in loaded.dataset.items()  # the numbers a reader accepts (no paths)
+               if isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+               and math.isfinite(v) and 0 <= v <= MAX_DATASET_VALUE}
     if dataset:
         cfg["dataset"] = dataset
     alpha = getattr(config, "lora_alpha", None)

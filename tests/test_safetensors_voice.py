@@ -152,7 +152,7 @@ def _set(path, value):
 
 
 HOSTILE_META = [
-    (_set(["format_version"], 2), "unknown format_version 2"),
+    (_set(["format_version"], 2), "unknown format_version '2' (this rtsvc reads 1); a newer rtsvc wrote it"),
     (_set(["family"], "v3"), "metadata says family 'v3' but its tensors are V2's"),
     (_set(["cfg", "spk2idx"], {"alice": 0, "mallory": 7}), "lists index 7 but the model has 3 speaker"),
     (_set(["cfg", "spk2idx"], {"a\nb": 0}), "names are printable text"),

@@ -106,11 +106,12 @@ def read_metadata(path: Path, metadata: dict[str, str] | None) -> dict:
         raise _refuse(path, f"its metadata nests deeper than {MAX_JSON_DEPTH}")
     version = meta.get("format_version")
     if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
-        raise _refuse(path, f"unknown format_version {version!r} (this rtsvc reads {FORMAT_VERSION}); "
-                      "a newer rtsvc wrote it")
+        newer = "; a newer rtsvc wrote it" if type(version) is int and version > FORMAT_VERSION else ""
+        raise _refuse(path, f"unknown format_version {str(version)[:20]!r} (this rtsvc reads "
+                      f"{FORMAT_VERSION}){newer}")
     extra = sorted(set(meta) - TOP_KEYS)
     if extra:
-        raise _refuse(path, f"unknown metadata key(s) {', '.join(map(repr, extra[:3]))}")
+        raise _refuse(path, f"unknown metadata key(s) {', '.join(repr(k[:40]) for k in extra[:3])}")
     if not isinstance(meta.get("family"), str):
         raise _refuse(path, "its metadata has no \"family\" (v2, v3)")
     cfg = meta.get("cfg")
@@ -118,7 +119,7 @@ def read_metadata(path: Path, metadata: dict[str, str] | None) -> dict:
         raise _refuse(path, "its metadata has no \"cfg\" object")
     extra = sorted(set(cfg) - CFG_KEYS)
     if extra:
-        raise _refuse(path, f"unknown cfg key(s) {', '.join(map(repr, extra[:3]))}")
+        raise _refuse(path, f"unknown cfg key(s) {', '.join(repr(k[:40]) for k in extra[:3])}")
     _check_cfg(path, cfg)
     return meta
 
