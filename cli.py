@@ -6,12 +6,10 @@ The options (their help, defaults and panels), the knob options made from one ta
 """
 
 import sys
-import warnings
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.text import Text
 
 import cli_options as o
 from rtsvc.autoblock import start_voice
@@ -19,7 +17,7 @@ from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
 from rtsvc.features.f0_methods import DEFAULT_F0
 from rtsvc.serve.server import ServerConfig
-from rtsvc.settings import KnobError, Knobs, RuntimeSettings
+from rtsvc.settings import Knobs, RuntimeSettings
 from rtsvc.voices.defaults import DIT_CONTEXT_MS
 from rtsvc.voices.spec import CONCURRENT_F0, VoiceSpec, check_f0
 
@@ -49,26 +47,27 @@ def live(
     duration: o.Duration = None, record: o.Record = None, f0: o.F0 = None, device: o.Device = "auto",
     backend: o.Backend = "auto", precision: o.Precision = "fp32", providers: o.Providers = None,
     contentvec: o.ContentVec = None, whisper: o.Whisper = None, vocoder: o.Vocoder = None,
-    rmvpe: o.Rmvpe = None, knobs: Knobs = KNOBS, typed: dict | None = None,
+    rmvpe: o.Rmvpe = None, audio_api: o.AudioApi = o.AUDIO_API, device_buffer_ms: o.DeviceBufferMs = "low",
+    device_block_ms: o.DeviceBlockMs = o.DEVICE_BLOCK_MS, pipeline: o.Pipeline = False,
+    knobs: Knobs = KNOBS, typed: dict | None = None,
 ) -> None:
     """Microphone -> voice -> speaker in real time. Keys: up/down pitch, f/F formant, g/G gate, q quit."""
     from rtsvc import live as lib
 
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
-    jitter = lib.parse_jitter_ms(jitter_ms)
+    jitter, buffer_ms = lib.parse_jitter_ms(jitter_ms), lib.parse_device_buffer_ms(device_buffer_ms)
     lib.check_live_options(input_rate, output_rate, duration)
     spec = _pick(VoiceSpec, locals(), speaker=knobs.speaker, streaming=True).validate()  # --model first
     lib.check_virtual_mic(virtual_mic, output)
     dev_in, dev_out, dev_mon = lib.find_devices(input, output, monitor)  # before a model loads
-    voice, knobs, config, choice = start_voice(spec, knobs, typed.get("steps"), config, _say)
-    if jitter is None:
-        jitter = lib.auto_jitter_ms(choice)
-        if choice is not None:
-            _say(f"auto jitter buffer: {jitter:.0f} ms (the block's headroom over its mean compute)")
+    voice, knobs, config, choice = start_voice(spec, knobs, typed.get("steps"), config, _say,
+                                                  pipelined=pipeline)
+    jitter = lib.auto_jitter_ms(choice, _say) if jitter is None else jitter
     _say(lib.live_summary(lib.run_live(
         voice, RuntimeSettings(knobs), config, input_device=dev_in, output_device=dev_out, record=record,
         monitor_device=dev_mon, input_rate=input_rate, output_rate=output_rate, duration=duration,
-        jitter_ms=jitter, console=console, virtual_mic=virtual_mic), record))
+        jitter_ms=jitter, console=console, virtual_mic=virtual_mic, audio_api=audio_api,
+        device_block_ms=device_block_ms, device_buffer_ms=buffer_ms, pipeline=pipeline), record))
 
 
 @app.command()
@@ -122,22 +121,35 @@ def serve(
 
 
 @app.command()
-@o.knob_options(skip=("gate_db", "input_gain_db", "output_gain_db"), defaults={"steps": CONVERT_STEPS})
+@o.knob_options(skip=("gate_db", "input_gain_db", "output_gain_db"), defaults={"steps": CONVERT_STEPS},
+                aliases=o.UPSTREAM_ALIASES)
 def convert(
     input: o.InputFile, output: o.OutputFile, model: o.Model = None,
     pretrained_dir: o.PretrainedDir = Path("pretrained"), contentvec: o.ContentVec = None,
     whisper: o.Whisper = None, vocoder: o.Vocoder = None, rmvpe: o.Rmvpe = None, f0: o.F0 = None,
     device: o.Device = "auto", backend: o.Backend = "auto", providers: o.Providers = None,
-    precision: o.Precision = "fp32", restore_loudness: o.RestoreLoudness = False, stream: o.Stream = False,
-    block_ms: o.BlockMs = "auto", context_ms: o.ContextMs = o.STREAM.context_ms,
+    precision: o.Precision = "fp32", use_fp16: o.UseFp16 = False,
+    restore_loudness: o.RestoreLoudness = "true", target_loudness: o.TargetLoudness = -18.0,
+    fade_duration: o.FadeDuration = o.FADE_MS, join: o.Join = "fades",
+    cvec_downsample_rate: o.CvecDownsampleRate = 2, batch_size: o.BatchSize = 1, robust_f0: o.RobustF0 = 0,
+    stream: o.Stream = False, block_ms: o.BlockMs = "auto", context_ms: o.ContextMs = o.STREAM.context_ms,
     crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
     sola_search_ms: o.SolaSearchMs = o.STREAM.sola_search_ms, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
     concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0, knobs: Knobs = KNOBS, typed: dict | None = None,
 ) -> None:
     """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
-    from rtsvc.offline import TARGET_LUFS, check_input_file, check_output_path, convert_file, stream_file
+    from rtsvc.offline import (
+        check_input_file,
+        check_output_path,
+        check_upstream_options,
+        convert_file,
+        stream_file,
+    )
 
     check_f0(f0)
+    restore = check_upstream_options(restore_loudness, cvec_downsample_rate, batch_size, robust_f0,
+                                     model is not None and not stream)
+    precision = "fp16" if use_fp16 else precision
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_output_path(output, input)
     check_input_file(input)  # before any model loads; read block by block
@@ -146,7 +158,11 @@ def convert(
     if model is not None and knobs.formant_shift != 1.0:
         _say("note: --formant applies to the DSP voice only; ignored with --model")
     spec = _pick(VoiceSpec, locals(), speaker=knobs.speaker, streaming=stream)
-    voice, knobs, config, _ = start_voice(spec, knobs, typed.get("steps"), config if stream else None, _say)
+    # a file needs no real-time tuning: an auto block is the live default, not measured
+    voice, knobs, _, _ = start_voice(spec, knobs, typed.get("steps"), None, _say)
+    config = config.for_voice(voice)
+    if robust_f0:
+        voice.features.robust_f0 = robust_f0
     with o.progress_bar(console) as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
@@ -154,9 +170,9 @@ def convert(
             seconds = stream_file(voice, input, output, knobs, config, progress=update)
         else:  # piece by piece: memory bounded whatever the length. The DSP voice keeps each
             # slice's level; models hear the training loudness
-            seconds = convert_file(voice, input, output, knobs, progress=update,
-                                   restore_loudness=restore_loudness,
-                                   target_lufs=None if model is None else TARGET_LUFS)
+            seconds = convert_file(voice, input, output, knobs, progress=update, restore_loudness=restore,
+                                   target_lufs=None if model is None else target_loudness, join=join,
+                                   fade_ms=fade_duration)
     _say(f"wrote {output} ({seconds:.2f} s)")
 
 
@@ -169,7 +185,7 @@ def devices() -> None:
     if not found:
         _say("no audio devices found (no sound card, or PulseAudio/PipeWire not running)")
         return
-    Console().print(devices_table(found))
+    print(devices_table(found))  # plain: nothing wrapped or cut, whatever the width
 
 
 @app.command()
@@ -189,15 +205,7 @@ def prepare(
         task = bar.add_task("preparing", total=None)
         update = lambda done, total, name: bar.update(task, completed=done, total=total)  # noqa: E731
         result = prepare_dataset(data, extract, settings, workers=workers, on_progress=update)
-    for skipped in result.skipped:
-        console.print(f"[yellow]skipped[/] {skipped.path}: {skipped.reason}", highlight=False)
-    o.print_table(f"prepared {data} ({CACHE_DIR}/)", ("speaker", "files", "clips", "minutes"),
-                  [(name, str(i["sources"]), str(i["clips"]), f"{i['seconds'] / 60:.1f}")
-                   for name, i in sorted(result.speakers.items())])
-    _say(f"{result.processed} file(s) processed, {result.reused} already done, {len(result.skipped)} "
-         f"skipped; metadata: {result.metadata_path}")
-    for warning in too_little_audio(result):
-        console.print(f"[yellow]warning[/] {warning}", highlight=False)
+    o.report_prepared(result, data, CACHE_DIR, too_little_audio(result))
 
 
 @app.command()
@@ -219,24 +227,15 @@ def train(
 
     paths = {name: str(value) for name, value in locals().items() if isinstance(value, Path)}
     result = run_training(_pick(TrainConfig, locals(), **paths))
-    if result.rank != 0:  # torchrun: one report, from rank 0
-        return
-    new = set(result.new_speakers)
-    console.print("speakers: " + ", ".join(f"{n}{' (new)' if n in new else ''}" for n in result.speakers),
-                  highlight=False)
-    if result.new_speakers:
-        console.print(f"default speaker: {result.new_speakers[0]} (live, convert and serve use it without "
-                      "--speaker)", highlight=False)
-    state = "stopped (Ctrl-C)" if result.interrupted else "finished"
-    console.print(f"{state} at step {result.global_step}; checkpoint: {result.last_checkpoint}"
-                  + (" (continue with --resume)" if result.interrupted else ""), highlight=False)
+    o.report_trained(result)
 
 
 @app.command()
 def distill(
     teacher: o.Teacher, data: o.DistillData, out: o.DistillOut, nfe: o.Nfe = None,
     max_steps: o.MaxSteps(o.DISTILL.max_steps) = None, batch_size: o.DistillBatch = None,
-    pairs: o.Pairs = None, cfg_strength: o.BakedCfg = None, ds_cfg_strength: o.BakedDsCfg = None,
+    pairs: o.Pairs = None, teacher_reuse: o.TeacherReuse = None, cfg_strength: o.BakedCfg = None,
+    ds_cfg_strength: o.BakedDsCfg = None,
     spk_cfg_strength: o.BakedSpkCfg = None, skip_cfg_strength: o.BakedSkipCfg = None,
     cfg_skip_layers: o.SkipBlock = None,
     lr: o.DistillLr = None, grad_clip: o.GradClip(o.DISTILL.grad_clip) = None,
@@ -252,12 +251,7 @@ def distill(
     paths = {name: str(value) for name, value in locals().items() if isinstance(value, Path)}
     result = run_distill(_pick(DistillConfig, locals(), **paths,
                                cfg_skip_layers=None if cfg_skip_layers is None else [cfg_skip_layers]))
-    if result.rank != 0:
-        return
-    state = "stopped (Ctrl-C)" if result.interrupted else "finished"
-    resume_hint = " (continue with --resume)" if result.interrupted else ""
-    console.print(f"{state} at step {result.global_step}; student ({result.info.nfe} evaluation(s) per "
-                  f"block): {result.last_checkpoint}{resume_hint}", highlight=False)
+    o.report_distilled(result)
 
 
 @app.command("export")
@@ -283,21 +277,14 @@ def export_cmd(
 
     with o.progress_bar(console) as bar:
         task = bar.add_task("exporting", total=export_steps(with_encoders))
-        started = []
-
-        def step(label: str) -> None:  # called as each step starts: the previous ones are done
-            bar.update(task, description=label, completed=len(started))
-            started.append(label)
-
         result = export_bundle(ckpt, out, pretrained_dir=pretrained_dir, vocoder=vocoder, opset=opset,
-                               fp16=fp16, with_encoders=with_encoders, tolerance=tolerance, progress=step,
+                               fp16=fp16, with_encoders=with_encoders, tolerance=tolerance,
+                               progress=o.step_counter(bar, task),
                                skip_layers=None if cfg_skip_layers < 0 else (cfg_skip_layers,))
         bar.update(task, completed=export_steps(with_encoders), description="done")
-    o.report_parity(result)  # a failed check raises: no bundle was written
-    exporters = ", ".join(f"{k}: {v}" for k, v in result.exporters.items())
-    console.print(f"wrote {result.path} (exporter {exporters})", highlight=False)
+    o.report_parity(result)
     if int8:
-        o.quantize_and_report(result.path)
+        o.report_int8(result.path, o.quantize_with_progress(result.path))
 
 
 @app.command()
@@ -307,7 +294,8 @@ def bench(
     schedule: o.Schedule = KNOBS.schedule, backend: o.BenchBackends = "auto", device: o.BenchDevices = "all",
     context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
     dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS, concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0,
-    seconds: o.Seconds = 5.0, loopback: o.Loopback = False, gap: o.Gap = False,
+    seconds: o.Seconds = 5.0, loopback: o.Loopback = False, loopback_live: o.LoopbackLive = "",
+    loopback_seconds: o.LoopbackSeconds = 6.0, gap: o.Gap = False,
     crossfades: o.Crossfades = o.GAP_CROSSFADES, sola_searches: o.SolaSearches = o.GAP_SEARCHES,
     threads: o.BenchThreads = None, streams: o.Streams = None, max_batches: o.MaxBatches = o.STREAMS_BATCHES,
     batch_deadline_ms: o.BatchDeadlineMs = SERVER.batch_deadline_ms,
@@ -317,8 +305,6 @@ def bench(
 ) -> None:
     """Per-block compute time (mean/p50/p99), real-time factor, latency and per-stage breakdown."""
     from rtsvc.bench import blocks as lib
-    from rtsvc.bench.loopback import loopback_report
-
     spec = _pick(VoiceSpec, locals(), backend="auto", device="auto")  # per case below
     if streams is not None:  # the streams bench instead of the per-block tables
         from rtsvc.bench.streams import run_streams_command
@@ -344,9 +330,42 @@ def bench(
     if gap:  # a model's gap on the first device and backend
         lib.run_gap(grid, spec.with_(backend=backends[0], device=devices_[0]), console=wide)
     if loopback:
-        for config in lib.dsp_configs(configs):
-            _say(f"loopback: starting PulseAudio and `rtsvc live` (DSP voice, block {config.block_ms:g} ms)")
-            wide.print(loopback_report(config), highlight=False)
+        from rtsvc.bench.loopback import LOOPBACK_COLUMNS, loopback_rows
+
+        rows = loopback_rows(lib.dsp_configs(configs), configs, model, pretrained_dir, f0, providers,
+                             loopback_live, loopback_seconds, _say)
+        o.print_table("end-to-end latency of `rtsvc live` through PulseAudio null sinks (ms, rig delay "
+                      "subtracted)", LOOPBACK_COLUMNS, rows)
+
+
+@app.command("eval", help=o.EVAL_HELP)
+def eval_cmd(
+    clips: o.EvalClips, config: o.EvalConfigs = None, reference: o.EvalReference = None,
+    model: o.Model = None, speaker: o.EvalSpeaker = None, speaker_clips: o.SpeakerClips = None,
+    pitch: o.EvalPitch = 0.0, out: o.EvalOut = Path("eval-out"), f0_tracker: o.F0Tracker = "pyworld",
+    similarity: o.Similarity = True, dnsmos: o.Dnsmos = True, max_seconds: o.MaxSeconds = None,
+    seed: o.EvalSeed = 0, f0: o.F0 = None, pretrained_dir: o.PretrainedDir = Path("pretrained"),
+    device: o.Device = "auto", backend: o.Backend = "auto", providers: o.Providers = None,
+    contentvec: o.ContentVec = None, whisper: o.Whisper = None, vocoder: o.Vocoder = None,
+    rmvpe: o.Rmvpe = None, threads: o.Threads = None,
+) -> None:
+    from rtsvc.eval import report
+    from rtsvc.eval.runner import eval_plan, prepare_eval, run_eval
+
+    def int8_bundle(bundle: Path) -> Path:  # rtsvc may not import export: the command lends it
+        from export.quantize import int8_copy
+
+        _say(f"quantizing a copy of {bundle} to int8 under {out / 'int8'}")
+        return int8_copy(bundle, out / "int8")
+
+    plan = eval_plan(clips, config, reference, _pick(VoiceSpec, locals()).validate(), speaker, speaker_clips,
+                     pitch, seed, f0_tracker, max_seconds, similarity, dnsmos, out, int8_bundle)
+    prepared = prepare_eval(plan)  # bad clips and configurations: said before the progress bar
+    with o.progress_bar(console) as bar:
+        task = bar.add_task("evaluating", total=None)
+        result = run_eval(plan, progress=lambda what, done, total: bar.update(
+            task, description=what, completed=done, total=total), prepared=prepared)
+    report.print_report(result, out, _say)
 
 
 @app.command()
@@ -373,18 +392,7 @@ def doctor(pretrained_dir: o.LookIn = Path("pretrained")) -> None:
 
 
 def main() -> None:
-    # pyworld 0.3.5 imports pkg_resources; its deprecation warning is noise for users
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-    command = typer.main.get_command(app)
-    for sub in command.commands.values():
-        o.tidy_command(sub)
-    try:
-        command(prog_name="rtsvc")
-    except UserError as err:  # a knob's range from the library (bench, distill) names its flag too
-        message = err.for_flag() if isinstance(err, KnobError) else str(err)
-        # one line whatever the terminal width, and no markup parsing of the message
-        console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, highlight=False)
-        sys.exit(2)
+    o.run_app(app)
 
 
 if __name__ == "__main__":

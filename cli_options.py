@@ -7,6 +7,8 @@ Defaults and the "Default: ..." in help come from the library (`KNOB_TABLE`, `St
 
 import functools
 import inspect
+import sys
+import warnings
 from collections.abc import Collection, Iterable
 from dataclasses import fields
 from pathlib import Path
@@ -15,13 +17,16 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from rtsvc.autoblock import P99_MARGIN
 from rtsvc.backends.providers import PROVIDER_CHOICES
+from rtsvc.dsp.slicer import FADE_MS
 from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
+from rtsvc.eval.configs import help_text as eval_config_help
 from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0
-from rtsvc.live import JITTER_MS
+from rtsvc.live import AUDIO_API, DEVICE_BLOCK_MS, JITTER_MS, PULSE_BUFFER_MS
 from rtsvc.serve.server import ServerConfig
 from rtsvc.settings import KNOB_TABLE, Knob, KnobError, knobs_class, validate_knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
@@ -44,12 +49,13 @@ def opt(kind: type, help: str, *names: str, panel: str | None = None):
 
 
 def knob_options(skip: Collection[str] = (), defaults: dict | None = None,
-                 table: Iterable[Knob] = KNOB_TABLE):
+                 table: Iterable[Knob] = KNOB_TABLE, aliases: dict[str, tuple[str, ...]] | None = None):
     """Decorator: adds one option per knob row (its flags and help; basic knobs in the Voice panel,
     the rest in Advanced) to a typer command, which instead receives `knobs` (validated `Knobs`:
     what was typed, else `defaults`, else the row's default) and `typed` (the knob values typed).
-    A bad value is a UserError naming the flag typed (`--pitch must be ...`)."""
-    defaults, table = dict(defaults or {}), tuple(table)
+    A bad value is a UserError naming the flag typed (`--pitch must be ...`). `aliases` adds option
+    names to a knob for this command (convert takes upstream's `--key-shift`)."""
+    defaults, table, aliases = dict(defaults or {}), tuple(table), dict(aliases or {})
     rows = [k for k in table if k.flags and k.name not in skip]
     make_knobs = knobs_class(table)  # `Knobs` itself for KNOB_TABLE
 
@@ -58,7 +64,7 @@ def knob_options(skip: Collection[str] = (), defaults: dict | None = None,
         added = [inspect.Parameter(
             k.name, inspect.Parameter.KEYWORD_ONLY, default=None,
             annotation=Annotated[k.kind | None, typer.Option(
-                *k.flags, help=k.cli_help(defaults.get(k.name)),
+                *k.flags, *aliases.get(k.name, ()), help=k.cli_help(defaults.get(k.name)),
                 rich_help_panel=VOICE if k.basic else ADVANCED)],
         ) for k in rows]
 
@@ -155,7 +161,7 @@ console = Console(stderr=True)
 
 
 def say(text: str) -> None:
-    console.print(text, highlight=False, soft_wrap=True)
+    console.print(text, highlight=False, soft_wrap=True, markup=False)  # paths may hold "[/"
 
 
 def pick(cls: type, options: dict, **fixed):
@@ -168,46 +174,106 @@ def pick(cls: type, options: dict, **fixed):
 def progress_bar(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=False)
 
 
-def print_table(title: str, columns: tuple[str, ...], rows) -> None:
-    """Print a table on stdout: the first column left-aligned, numbers right-aligned."""
-    from rich.table import Table
+def step_counter(bar, task):
+    """A progress callback called as each step starts (the previous ones are then done)."""
+    started = []
 
-    table = Table(title=title)
+    def step(label: str) -> None:
+        bar.update(task, description=label, completed=len(started))
+        started.append(label)
+
+    return step
+
+
+def print_table(title: str, columns: tuple[str, ...], rows) -> None:
+    """Print a table on stdout: the first column left-aligned, numbers right-aligned. Text is shown
+    literally (names and paths may hold rich markup such as "[/"); style a cell with a `Text`."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(title))
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(cell if isinstance(cell, Text) else Text(cell) for cell in row))
     Console().print(table)
 
 
+def report_prepared(result, data: Path, cache_dir: str, warnings: list[str]) -> None:
+    """What `rtsvc prepare` did: skipped files, a table per speaker, totals and warnings."""
+    from rich.text import Text
+
+    for skipped in result.skipped:
+        console.print(Text.assemble(("skipped", "yellow"), f" {skipped.path}: {skipped.reason}"),
+                      highlight=False)
+    print_table(f"prepared {data} ({cache_dir}/)", ("speaker", "files", "clips", "minutes"),
+                [(name, str(i["sources"]), str(i["clips"]), f"{i['seconds'] / 60:.1f}")
+                 for name, i in sorted(result.speakers.items())])
+    say(f"{result.processed} file(s) processed, {result.reused} already done, {len(result.skipped)} "
+        f"skipped; metadata: {result.metadata_path}")
+    for warning in warnings:
+        console.print(Text.assemble(("warning", "yellow"), f" {warning}"), highlight=False)
+
+
+def _stopped(result) -> str:
+    return "stopped (Ctrl-C)" if result.interrupted else "finished"
+
+
+def report_trained(result) -> None:
+    """What `rtsvc train` did (rank 0 only under torchrun)."""
+    if result.rank != 0:
+        return
+    new = set(result.new_speakers)
+    say("speakers: " + ", ".join(f"{n}{' (new)' if n in new else ''}" for n in result.speakers))
+    if result.new_speakers:
+        say(f"default speaker: {result.new_speakers[0]} (live, convert and serve use it without --speaker)")
+    say(f"{_stopped(result)} at step {result.global_step}; checkpoint: {result.last_checkpoint}"
+        + (" (continue with --resume)" if result.interrupted else ""))
+
+
+def report_distilled(result) -> None:
+    """What `rtsvc distill` did (rank 0 only under torchrun)."""
+    if result.rank != 0:
+        return
+    resume_hint = " (continue with --resume)" if result.interrupted else ""
+    say(f"{_stopped(result)} at step {result.global_step}; student ({result.info.nfe} evaluation(s) per "
+        f"block): {result.last_checkpoint}{resume_hint}")
+
+
 def report_parity(result) -> None:
-    """`rtsvc export`'s parity table; a graph over its tolerance is a UserError (no bundle written)."""
+    """`rtsvc export`'s parity table; a failed check is a UserError (no bundle was written)."""
+    from rich.text import Text
+
     print_table("parity: ONNX Runtime (CPU) vs torch",
                 ("graph", "batch", "frames", "max abs error", "max |torch|", "relative", "ok"),
                 [(r.graph, str(r.batch), str(r.frames), f"{r.max_abs:.2e}", f"{r.ref_max:.3g}",
-                  f"{r.rel:.2e}", "yes" if r.ok else "[bold red]NO[/]") for r in result.rows])
+                  f"{r.rel:.2e}", "yes" if r.ok else Text("NO", style="bold red")) for r in result.rows])
     if not result.ok:
         worst = max(result.failures(), key=lambda r: r.rel)
         raise UserError(f"parity check failed: {worst.graph} at {worst.frames} frames differs by "
                         f"{worst.rel:.2e} (relative) > tolerance {worst.tolerance:g}; no bundle written")
+    say(f"wrote {result.path} (exporter {', '.join(f'{k}: {v}' for k, v in result.exporters.items())})")
 
 
-def quantize_and_report(path: Path) -> None:
-    """`rtsvc export --int8`: quantize the bundle at `path` and print int8-vs-fp32 per graph."""
+def quantize_with_progress(path: Path) -> list:
+    """`rtsvc export --int8`: quantize the bundle at `path` under a progress line; its rows."""
     from export.quantize import quantize_bundle
 
     with progress_bar(console) as bar:
         task = bar.add_task("int8", total=None)
-        rows = quantize_bundle(path, step=lambda label: bar.update(task, description=label))
+        return quantize_bundle(path, step=lambda label: bar.update(task, description=label))
+
+
+def report_int8(path: Path, rows) -> None:
     print_table("int8 vs fp32 (ONNX Runtime CPU, this machine)",
                 ("graph", "scheme", "relative L2", "fp32 ms", "int8 ms", "speed-up"),
                 [(r.graph, r.scheme, f"{r.rel_l2:.4f}", f"{r.fp32_ms:.1f}", f"{r.int8_ms:.1f}",
                   f"{r.fp32_ms / r.int8_ms:.2f}x") for r in rows])
-    console.print(f"quantized {path} to int8", highlight=False)
+    say(f"quantized {path} to int8")
 
 
 # --- help that fits the terminal ------------------------------------------------------------------
@@ -264,7 +330,8 @@ OutputRate = opt(int | None, "Output device rate in Hz. Default: the device's.",
 JitterMs = opt(str, "Output buffer primed with this much silence (ms) to absorb block-to-block changes in "
                "compute time; auto = with --block-ms auto, the picked block's measured headroom (block minus "
                f"mean compute, at least {JITTER_MS:g}), else {JITTER_MS:g}. Default: auto.", panel=STREAMING)
-Duration = opt(float | None, "Stop after this many seconds and exit 0. Default: run until Ctrl-C or q.")
+Duration = opt(float | None, "Stop after this many seconds and exit 0. Default: run until Ctrl-C, SIGTERM or "
+               "q.")
 Record = opt(Path | None, "Also write the converted output to this audio file (output device rate). "
              "Default: none.")
 
@@ -299,15 +366,71 @@ Replicas = opt(int, "--ray: replicas, each holding the voice and its clients. De
 ReplicaCpus = opt(float, "--ray: CPUs Ray reserves per replica. Default: 0.", panel=SERVING)
 ReplicaGpus = opt(float, "--ray: GPUs per replica (e.g. 1, or 0.5 to share one). Default: 0.", panel=SERVING)
 
+AudioApi = opt(str, "How to reach the sound devices: portaudio (any device) or pulse (PulseAudio/PipeWire "
+               "sources and sinks through libpulse, explicit buffer sizes; needs pasimple). Default: "
+               f"{AUDIO_API}.", panel=DEVICE)
+DeviceBufferMs = opt(str, "Device buffering asked for per stream in ms: PortAudio's suggested latency, or "
+                     "the pulse playback buffer; low = PortAudio's low default (pulse: "
+                     f"{PULSE_BUFFER_MS:g} ms). Default: low.", panel=DEVICE)
+DeviceBlockMs = opt(float, f"Device callback size in ms. Default: {DEVICE_BLOCK_MS:g}.", panel=DEVICE)
+Pipeline = opt(bool, "Models: extract block n+1's features while block n's DiT and vocoder run (two threads; "
+               "same output; --block-ms auto then needs only the slower half to fit). Default: off.",
+               panel=STREAMING)
+
 # convert
 InputFile = Annotated[Path, typer.Argument(help="Input audio file (wav, flac, ogg, mp3; any rate; mixed to "
                                            "mono).")]
 OutputFile = Annotated[Path, typer.Argument(help="Output file, 44.1 kHz mono; format from the extension "
                                             "(.wav, .flac, .ogg).")]
-RestoreLoudness = opt(bool, "Give each slice back its input loudness instead of the model's -18 LUFS. "
-                      "Default: off.")
+RestoreLoudness = opt(str, "Give each slice back its input loudness (true) or keep the model's "
+                      "--target-loudness (false), as upstream's --restore-loudness. Default: true.")
+TargetLoudness = opt(float, "Loudness (LUFS) each slice is brought to before conversion, as upstream. "
+                     "Default: -18.")
+FadeDuration = opt(float, f"Fade at each slice boundary in ms (upstream's join: half-Hann in, linear out). "
+                   f"Default: {FADE_MS:g}.")
+Join = opt(str, "How slices are joined: fades (upstream's, no overlap) or crossfade (ours: slices overlap "
+           "by --fade-duration and crossfade). Default: fades.")
+UseFp16 = opt(bool, "Upstream's name for --precision fp16 (CUDA only; a CPU keeps fp32). Default: off "
+              "(fp32; upstream's infer.py defaults to fp16 on CUDA).", panel=MODEL)
+CvecDownsampleRate = opt(int, "Upstream's bad-ContentVec downsampling rate; only 2 (upstream's default) is "
+                         "supported. Default: 2.", panel=ADVANCED)
+BatchSize = opt(int, "Slices per batch, as upstream; only 1 is supported. Default: 1.", panel=ADVANCED)
+RobustF0 = opt(int, "Upstream's robust F0 for models: 0 off, 1 fill RMVPE's unvoiced frames where WORLD or "
+               "Praat hear pitch, 2 median of the three with outliers replaced (needs praat-parselmouth; "
+               "offline only). Default: 0.", panel=MODEL)
+UPSTREAM_ALIASES = {"pitch_shift": ("--key-shift",), "steps": ("--infer-steps",)}  # upstream infer.py's names
 Stream = opt(bool, "Convert through the streaming engine block by block (what live/serve hear) instead of "
              "offline slices. Default: off.", panel=STREAMING)
+
+# eval
+EVAL_HELP = ("Compare configurations on your own clips: speaker similarity, F0 accuracy, DNSMOS, distance to "
+             "a reference, RTF and latency (table, OUT/eval.json, OUT/eval.png).\n\n"
+             "Limits of the metrics: the speaker encoder (Resemblyzer) and DNSMOS were trained on speech, "
+             "not singing nor converted voices, so on singing they are weaker and on any voice they are a "
+             "guide, not a listening test; F0 error uses one tracker for input and output, whose own "
+             "mistakes count; LSD and mel L1 measure distance to the reference configuration, not to a "
+             "ground truth; RTF is measured on this machine as it is (a busy machine inflates it).")
+EvalClips = opt(Path, "Folder of input clips (wav, flac, ogg, mp3; searched recursively); each is converted "
+                "with every --config. Required.", "--clips")
+EvalConfigs = Annotated[list[str] | None, typer.Option(
+    "--config", "-c", metavar="MODE[:KEY=VALUE,...]", help="A configuration to convert with (repeatable), "
+    "e.g. offline:steps=32, live:block=150.9, live:block=104.5,int8, live:f0=fcpe,denoise=rnnoise, "
+    f"offline:model=student.ckpt. {eval_config_help()} Default: offline:steps=32 and live (the defaults).")]
+EvalReference = opt(str | None, "The configuration (label or text) the others are compared with. Default: "
+                    "the offline 32-step one, added when no --config is it.")
+EvalSpeaker = opt(str | None, "Target speaker name. Default: the model's default (first) speaker.",
+                  "--speaker")
+SpeakerClips = opt(Path | None, "Recordings of the target speaker, for speaker similarity. Default: the "
+                   "training clips the checkpoint records (DATA/SPEAKER), when they are still there.")
+EvalPitch = opt(float, "Pitch shift in semitones for every configuration. Default: 0.", "--pitch")
+EvalOut = opt(Path, "Folder for eval.json, eval.png and the converted audio (audio/). Default: eval-out/.",
+              "--out", "-o")
+F0Tracker = opt(str, "F0 extractor that scores every output against its input (rmvpe, fcpe or pyworld). "
+                "Default: pyworld (WORLD harvest).")
+Similarity = opt(bool, "Score speaker similarity (Resemblyzer). Default: on.")
+Dnsmos = opt(bool, "Score quality with DNSMOS (speechmos). Default: on.")
+MaxSeconds = opt(float | None, "Cut each clip to this many seconds. Default: whole clips.")
+EvalSeed = opt(int, "Sampler noise seed. Default: 0.", "--seed")
 
 # prepare
 Data = Annotated[Path, typer.Argument(help="Dataset folder: DATA/SPEAKER/*.wav (flac, ogg, mp3 too); one "
@@ -377,6 +500,10 @@ DistillBatch = opt(int | None, f"Teacher trajectories per step per GPU. Default:
 Pairs = opt(int | None, "Intervals trained per trajectory (the student's batch is batch-size x pairs). "
             f"Default: {DISTILL.pairs}.",
             panel=TRAINING)
+TeacherReuse = opt(int | None, "Steps that learn from one batch of teacher trajectories: every Nth step runs "
+                   "the teacher (31 guided evaluations per trajectory), the steps between train on new "
+                   "intervals of the last few batches kept; 1 = fresh trajectories every step. Default: "
+                   f"{DISTILL.teacher_reuse}.", panel=TRAINING)
 DistillLr = opt(float | None, f"Learning rate. Default: {DISTILL.lr:g}.", "--lr", panel=TRAINING)
 
 
@@ -435,8 +562,12 @@ BenchBackends = opt(str, "Comma-separated model backends (torch, onnx, auto). De
 BenchDevices = opt(str, "Comma-separated torch devices (cpu, cuda) or all (cpu and cuda when present). "
                    "Default: all.", "--device", panel=MODEL)
 Seconds = opt(float, "Audio streamed per configuration, in seconds. Default: 5.")
-Loopback = opt(bool, "Also measure end-to-end latency of `rtsvc live` (DSP voice, each block length) through "
-               "PulseAudio null sinks (needs pulseaudio). Default: off.")
+Loopback = opt(bool, "Also measure end-to-end latency of `rtsvc live` (DSP voice and --model, each block "
+               "length) through PulseAudio null sinks (needs pulseaudio): mean and p95, underruns, and the "
+               "split. Default: off.")
+LoopbackLive = opt(str, "--loopback: more `rtsvc live` options for every row, e.g. '--audio-api pulse "
+                   "--pipeline'. Default: none.")
+LoopbackSeconds = opt(float, "--loopback: seconds of bursts measured per row. Default: 6.")
 Gap = opt(bool, "Also measure how close streaming is to offline (log-spectral distance, dB) for each block "
           "length x crossfade (--crossfades) x SOLA search (--sola-searches), for the DSP voice and --model. "
           "Default: off.")
@@ -459,3 +590,19 @@ PretrainedVoice = opt(list[str] | None, "Pretrained voice checkpoint to fetch to
 Components = opt(str, "Components for which models: v2 (ContentVec, Whisper, vocoder, RMVPE), v3 (the same "
                  "without Whisper, ~3 GB less) or all. Default: all.", "--family")
 LookIn = opt(Path, "Folder of pretrained components to look into. Default: pretrained/.", "--pretrained-dir")
+
+
+def run_app(app: typer.Typer) -> None:
+    """The `rtsvc` console script: every user mistake is one line on stderr and exit code 2."""
+    # pyworld 0.3.5 imports pkg_resources; its deprecation warning is noise for users
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    command = typer.main.get_command(app)
+    for sub in command.commands.values():
+        tidy_command(sub)
+    try:
+        command(prog_name="rtsvc")
+    except UserError as err:  # a knob's range from the library (bench, distill) names its flag too
+        message = err.for_flag() if isinstance(err, KnobError) else str(err)
+        # one line whatever the terminal width, and no markup parsing of the message
+        console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, highlight=False)
+        sys.exit(2)

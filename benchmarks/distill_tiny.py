@@ -115,7 +115,7 @@ def held_out(work: Path, device: str):
     val = ClipDataset(work / "wavs", meta, spk2idx, "val", 256)
     for i in range(len(val)):
         batch = {k: v.to(device) for k, v in collate([val[i]]).items()}
-        yield batch_conditioning(batch), val.clips[i]["file"]
+        yield batch_conditioning(batch, "v2", {}), val.clips[i]["file"]
 
 
 def errors(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:

@@ -17,6 +17,7 @@ export; the dynamo exporter (onnxscript) is the fallback if TorchScript export f
 
 import copy
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -47,10 +48,10 @@ from rtsvc import __version__
 from rtsvc.backends.bundle import (
     DIT_FILE,
     DIT_OUTPUT,
-    MANIFEST,
     VOCODER_FILE,
     VOCODER_INPUTS,
     VOCODER_OUTPUT,
+    replaceable_bundle_problem,
     sha256_file,
     write_manifest,
 )
@@ -243,10 +244,17 @@ def export_steps(with_encoders: bool) -> int:
 
 
 def _check_out(out: Path) -> None:
+    """`out` may be new, an empty folder, or a bundle to replace: only a folder that provably is an
+    rtsvc bundle is ever deleted (see `replaceable_bundle_problem`)."""
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link; name the bundle folder itself")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; a bundle is a directory (e.g. my-voice.rtsvc)")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise UserError(f"--out {out} is a non-empty directory that is not a bundle; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        problem = replaceable_bundle_problem(out)
+        if problem is not None:
+            raise UserError(f"--out {out} is a non-empty folder that export will not replace: {problem}; "
+                            "choose another --out")
 
 
 def _source_info(ckpt: Path) -> dict:
@@ -355,9 +363,8 @@ def export_bundle(
     paths = resolve_pretrained(pretrained_dir, vocoder=vocoder, need=need)
     voc = load_vocoder(paths.vocoder, "cpu")
 
-    work = out.parent / f".{out.name}.partial"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))  # a new name
     try:
         exporters, encoders = {}, {}
         step("exporting dit.onnx")
@@ -384,6 +391,7 @@ def export_bundle(
                    "parity": _parity_summary(rows), "source": _source_info(ckpt), "skip_layers": skip_layers}
         write_manifest(work, build_manifest(loaded, voc, options, encoders))
         if out.exists():
+            _check_out(out)  # still a bundle (or empty) after the minutes the export took
             shutil.rmtree(out)
         work.rename(out)
     finally:

@@ -5,7 +5,11 @@ issue 14):
 
     dit.onnx, contentvec.onnx, whisper_encoder.onnx   dynamic int8 (weights int8 per channel,
         activations quantized per call): their cost is MatMul/Gemm, which ONNX Runtime runs as
-        int8 GEMMs; nothing to calibrate
+        int8 GEMMs; nothing to calibrate. Weights use 7 bits (`reduce_range`): on x86 CPUs without
+        VNNI (AVX2 only) ONNX Runtime's uint8 x int8 GEMM adds pairs of products in saturating int16
+        (255 * 127 * 2 > 32767), which on a tiny DiT tripled the error (rel. L2 0.106 instead of
+        the exact integer result's 0.042, onnxruntime 1.31.1 and 1.32.0 alike); 7-bit weights cannot
+        saturate (255 * 63 * 2 < 32767), run the same kernels, and a bundle may move between CPUs
     vocoder.onnx   static (calibrated) int8 QDQ on Conv, ConvTranspose and LeakyReLU (the activations
         between two convolutions stay int8: 11% faster for +0.003 rel. L2; the residual Adds stay fp32,
         quantizing them cost 3.5x the error): activation ranges come
@@ -32,7 +36,7 @@ TIMING_REPEATS = 5
 @dataclass
 class QuantizedGraph:
     graph: str  # file name in the bundle
-    scheme: str  # "dynamic int8 (MatMul, Gemm)", "static int8 QDQ (Conv)" or "fp32"
+    scheme: str  # "dynamic int8 (MatMul, Gemm; 7-bit weights)", "static int8 QDQ (Conv)" or "fp32"
     rel_l2: float  # ||int8 - fp32|| / ||fp32|| over the parity inputs
     fp32_ms: float  # mean time per parity input, this machine
     int8_ms: float
@@ -56,13 +60,15 @@ def without_shape_hints(src: Path, dst: Path) -> Path:
 
 
 def quantize_dynamic_graph(src: Path, dst: Path) -> None:
-    """Dynamic int8 of every MatMul/Gemm weight (per channel), activations quantized at run time."""
+    """Dynamic int8 of every MatMul/Gemm weight (per channel, 7 bits: see the module docstring),
+    activations quantized at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     plain = without_shape_hints(src, dst.with_name(dst.name + ".plain.onnx"))
     try:
+        # int8 weights: even Whisper fits in 2 GB
         quantize_dynamic(str(plain), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=DYNAMIC_OPS)  # int8 weights: even Whisper fits in 2 GB
+                         reduce_range=True, op_types_to_quantize=DYNAMIC_OPS)
     finally:
         plain.unlink()
         plain.with_name(plain.name + ".data").unlink(missing_ok=True)
@@ -119,7 +125,7 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], sta
         scheme = f"static int8 QDQ ({', '.join(STATIC_OPS)})"
     else:
         quantize_dynamic_graph(src, scratch)
-        scheme = "dynamic int8 (MatMul, Gemm)"
+        scheme = "dynamic int8 (MatMul, Gemm; 7-bit weights)"
     rel, fp32_ms, int8_ms = compare(src, scratch, feeds, threads)
     kept = keep_if_slower and int8_ms >= fp32_ms
     if kept:
@@ -240,3 +246,21 @@ def quantize_bundle(bundle_dir: str | Path, threads: int | None = None, step=Non
     manifest["export"] = {**manifest.get("export", {}), "precision": "int8", "int8": [r.row() for r in rows]}
     write_manifest(bundle_dir, manifest)
     return rows
+
+
+def int8_copy(bundle_dir: str | Path, out_dir: str | Path, threads: int | None = None) -> Path:
+    """An int8 copy of an fp32 bundle at OUT_DIR/NAME (reused when a finished one is there): what
+    `rtsvc eval --config live:int8` runs. The copy is quantized beside and renamed when done."""
+    from rtsvc.backends.bundle import is_bundle, read_bundle
+
+    src, dst = Path(bundle_dir), Path(out_dir) / Path(bundle_dir).name
+    if is_bundle(dst) and read_bundle(dst, verify_hashes=False).manifest.get("export", {}).get("precision") \
+            == "int8":
+        return dst
+    partial = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(src, partial)
+    quantize_bundle(partial, threads=threads)
+    shutil.rmtree(dst, ignore_errors=True)
+    partial.replace(dst)
+    return dst

@@ -33,6 +33,7 @@ class AutoBlock:
     block_ms: float
     measured: list[tuple[float, float, float]] = field(default_factory=list)
     fits: bool = True  # False: even the longest candidate missed the margin
+    pipelined: bool = False  # the times are of the slower pipeline stage (`--pipeline`)
 
     @property
     def headroom_ms(self) -> float:
@@ -46,7 +47,8 @@ class AutoBlock:
         p99, mean = rows[self.block_ms]
         others = ", ".join(f"{b:.1f} ms: p99 {p:.0f} ms = {p / b:.2f}" for b, p, _ in sorted(self.measured)
                            if b != self.block_ms)
-        head = (f"auto block: {self.block_ms:.1f} ms (measured here: p99 compute {p99:.0f} ms = "
+        what = "p99 of the slower pipeline stage" if self.pipelined else "p99 compute"
+        head = (f"auto block: {self.block_ms:.1f} ms (measured here: {what} {p99:.0f} ms = "
                 f"{p99 / self.block_ms:.2f} of the block, mean {mean:.0f} ms; margin {P99_MARGIN:g})")
         if not self.fits:
             head += "; no candidate fits the margin: expect underruns, try a smaller model or --f0 fcpe"
@@ -57,9 +59,32 @@ def frames_to_ms(frames: int, sample_rate: int) -> float:
     return frames * HOP_LENGTH * 1000.0 / sample_rate
 
 
+def measure_pipelined(voice: Voice, config: StreamConfig, knobs: Knobs,
+                      blocks: int = MEASURED_BLOCKS) -> tuple[float, float]:
+    """`measure_block` for `--pipeline`: (p99, mean) ms of the slower stage, each stage timed on its
+    own (features; DiT + vocoder), since two threads overlap them."""
+    from rtsvc.pipeline import PipelinedAdapter
+
+    engine = StreamingConverter(voice, RuntimeSettings(replace(knobs, gate_db=-120.0)), config)
+    block = engine.layout.block
+    audio = sung_tone((WARMUP_BLOCKS + blocks + 1) * block / voice.sample_rate, voice.sample_rate)
+    piped = PipelinedAdapter(engine, voice.sample_rate, lambda out: None, threaded=False)
+    piped.process(audio[: WARMUP_BLOCKS * block])
+    piped.prepare_ms.clear()
+    piped.run_ms.clear()
+    for i in range(blocks):
+        piped.process(audio[(WARMUP_BLOCKS + i) * block:(WARMUP_BLOCKS + i + 1) * block])
+    stages = piped.stage_stats()
+    slower = "prepare" if stages["prepare_ms_mean"] >= stages["run_ms_mean"] else "run"
+    return (max(stages["prepare_ms_p99"], stages["run_ms_p99"]), stages[f"{slower}_ms_mean"])
+
+
 def measure_block(voice: Voice, config: StreamConfig, knobs: Knobs,
-                  blocks: int = MEASURED_BLOCKS) -> tuple[float, float]:
-    """(p99 ms, mean ms) of compute per block for `voice` streaming a sung tone at `config`."""
+                  blocks: int = MEASURED_BLOCKS, pipelined: bool = False) -> tuple[float, float]:
+    """(p99 ms, mean ms) of compute per block for `voice` streaming a sung tone at `config` (with
+    `pipelined`, of the slower pipeline stage: `measure_pipelined`)."""
+    if pipelined:
+        return measure_pipelined(voice, config, knobs, blocks)
     engine = StreamingConverter(voice, RuntimeSettings(replace(knobs, gate_db=-120.0)), config)
     block = engine.layout.block
     audio = sung_tone((WARMUP_BLOCKS + blocks + 1) * block / voice.sample_rate, voice.sample_rate)
@@ -76,7 +101,7 @@ def measure_block(voice: Voice, config: StreamConfig, knobs: Knobs,
 
 def pick_block(voice: Voice, config: StreamConfig, knobs: Knobs | None = None,
                candidates: tuple[int, ...] = CANDIDATE_FRAMES, margin: float = P99_MARGIN,
-               blocks: int = MEASURED_BLOCKS) -> AutoBlock:
+               blocks: int = MEASURED_BLOCKS, pipelined: bool = False) -> AutoBlock:
     """Measure candidates (in mel frames) around the voice's declared block; the shortest that fits."""
     knobs = knobs or Knobs()
     config.for_voice(voice)  # the declared block must suit the other lengths (crossfade), as before
@@ -89,7 +114,7 @@ def pick_block(voice: Voice, config: StreamConfig, knobs: Knobs | None = None,
     def fits(i: int) -> bool:
         if i not in results:
             probe.reset()
-            results[i] = measure_block(probe, replace(config, block_ms=sizes[i]), knobs, blocks)
+            results[i] = measure_block(probe, replace(config, block_ms=sizes[i]), knobs, blocks, pipelined)
         return results[i][0] <= margin * sizes[i]
 
     i = declared
@@ -105,7 +130,7 @@ def pick_block(voice: Voice, config: StreamConfig, knobs: Knobs | None = None,
     probe.reset()
     voice.reset()
     measured = [(sizes[j], p99, mean) for j, (p99, mean) in sorted(results.items())]
-    return AutoBlock(sizes[chosen], measured, ok)
+    return AutoBlock(sizes[chosen], measured, ok, pipelined)
 
 
 def resolve_block(voice: Voice, config: StreamConfig, knobs: Knobs | None = None,
@@ -116,18 +141,20 @@ def resolve_block(voice: Voice, config: StreamConfig, knobs: Knobs | None = None
 
 
 def resolve_block_choice(voice: Voice, config: StreamConfig, knobs: Knobs | None = None,
-                         say=None) -> tuple[StreamConfig, AutoBlock | None]:
+                         say=None, pipelined: bool = False) -> tuple[StreamConfig, AutoBlock | None]:
     """`resolve_block`, and the measurement behind an auto block (None for a given block)."""
     if config.block_ms is not None:
         return config.for_voice(voice), None
-    choice = pick_block(voice, config, knobs)
+    choice = pick_block(voice, config, knobs, pipelined=True) if pipelined else \
+        pick_block(voice, config, knobs)
     if say is not None:
         say(choice.summary())
     return replace(config, block_ms=choice.block_ms).for_voice(voice), choice
 
 
 def start_voice(spec, knobs: Knobs, requested_steps: int | None, config: StreamConfig | None = None,
-                say=None) -> tuple[Voice, Knobs, StreamConfig | None, AutoBlock | None]:
+                say=None, pipelined: bool = False
+                ) -> tuple[Voice, Knobs, StreamConfig | None, AutoBlock | None]:
     """How live, serve and convert start: open `spec` (a `VoiceSpec`), take the steps it runs
     (`--steps` as `requested_steps`, else a student's own), fit the block (auto: measured here;
     `config` None: not streaming), then say which voice. Returns (voice, knobs, config, the auto
@@ -138,7 +165,7 @@ def start_voice(spec, knobs: Knobs, requested_steps: int | None, config: StreamC
     knobs = sampling_steps(knobs, voice, requested_steps)
     choice = None
     if config is not None:  # first: a block that does not fit is a mistake, said alone
-        config, choice = resolve_block_choice(voice, config, knobs, say)
+        config, choice = resolve_block_choice(voice, config, knobs, say, pipelined=pipelined)
     if say is not None:
         say(describe_voice(voice, spec.model, knobs.speaker))
     return voice, knobs, config, choice

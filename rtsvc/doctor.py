@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
+from rich.text import Text
 
 ORT_WHEELS = ("onnxruntime-gpu", "onnxruntime", "onnxruntime-directml", "onnxruntime-migraphx",
               "onnxruntime-rocm")
@@ -237,6 +238,7 @@ def render_report(checks: list[Check]) -> Table:
     last = None
     for check in checks:
         section = check.section if check.section != last else ""
-        table.add_row(section, check.name, mark[check.ok] + check.value)
+        # values hold paths and versions: shown literally, not as markup
+        table.add_row(section, check.name, Text.from_markup(mark[check.ok]) + Text(check.value))
         last = check.section
     return table

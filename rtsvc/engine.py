@@ -22,12 +22,13 @@ Output and input have the same length at every call: the output is the input del
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from rtsvc.dsp.audio import HOP_LENGTH, StreamResampler, db_to_gain
 from rtsvc.dsp.denoise import make_denoiser  # the native libraries load only when one is made
+from rtsvc.dsp.limiter import soft_limit
 from rtsvc.dsp.sola import crossfade, find_sola_offset
 from rtsvc.dsp.vad import StreamVad  # onnxruntime loads only when `vad` is on
 from rtsvc.errors import UserError
@@ -36,6 +37,7 @@ from rtsvc.voice import Voice
 
 GATE_FRAME_MS = 10.0  # the gate opens when any 10 ms frame of the block's region is above threshold
 STATS_WINDOW = 2000  # blocks kept for compute-time percentiles
+RECENT_BLOCKS = 8  # compute_ms_recent: the mean of the last few blocks (what `live` watches for overload)
 
 
 def auto_block_ms(voice: Voice) -> float:
@@ -180,7 +182,7 @@ class StreamingConverter:
     def reset_stats(self) -> None:
         """Zero the block counters and compute times (e.g. after warm-up blocks in a benchmark)."""
         with self._lock:
-            self._blocks = self._gated = self._vad_gated = 0
+            self._blocks = self._gated = self._vad_gated = self._limited = 0
             self._compute_ms: deque[float] = deque(maxlen=STATS_WINDOW)
             self._compute_total = 0.0
 
@@ -189,17 +191,7 @@ class StreamingConverter:
         """Feed any number of samples; get as many back, delayed by `latency_samples`."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         count = samples.shape[0]
-        denoise = self.settings.snapshot().denoise
-        if denoise != self._denoise_name:
-            self._switch_denoiser(denoise)
-        if self._denoiser is not None:
-            started = time.perf_counter()
-            samples = self._denoiser.process(samples)
-            self._denoise_ms += (time.perf_counter() - started) * 1000.0  # counted in the next block
-        self._pending = np.concatenate((self._pending, samples)) if self._pending.size else samples.copy()
-        block = self.layout.block
-        while self._pending.shape[0] >= block:
-            new, self._pending = self._pending[:block], self._pending[block:]
+        for new in self.split_blocks(samples):
             out = self._process_block(new)
             self._out.append(out)
             self._out_len += out.shape[0]
@@ -208,6 +200,22 @@ class StreamingConverter:
             self._samples_in += count
             self._samples_out += result.shape[0]
         return result
+
+    def split_blocks(self, samples: np.ndarray) -> list[np.ndarray]:
+        """The input side of `process`: the denoiser (when on), then the blocks these samples complete."""
+        denoise = self.settings.snapshot().denoise
+        if denoise != self._denoise_name:
+            self._switch_denoiser(denoise)
+        if self._denoiser is not None:
+            started = time.perf_counter()
+            samples = self._denoiser.process(samples)
+            self._denoise_ms += (time.perf_counter() - started) * 1000.0  # counted in the next block
+        self._pending = np.concatenate((self._pending, samples)) if self._pending.size else samples.copy()
+        block, blocks = self.layout.block, []
+        while self._pending.shape[0] >= block:
+            new, self._pending = self._pending[:block], self._pending[block:]
+            blocks.append(new)
+        return blocks
 
     def flush(self) -> np.ndarray:
         """The `latency_samples` still held back (the end of the stream); then a fresh stream starts."""
@@ -232,6 +240,7 @@ class StreamingConverter:
                 "compute_ms_p50": float(np.percentile(times, 50)) if times.size else 0.0,
                 "compute_ms_p99": float(np.percentile(times, 99)) if times.size else 0.0,
                 "compute_ms_last": float(times[-1]) if times.size else 0.0,
+                "compute_ms_recent": float(times[-RECENT_BLOCKS:].mean()) if times.size else 0.0,
                 "block_ms": block_ms,
                 "rtf": mean / block_ms,
                 "latency_ms": self.latency_ms,
@@ -239,6 +248,7 @@ class StreamingConverter:
                 "denoise": self._denoise_name,
                 "sola_offset": self._last_offset,
                 "input_db": self._input_db,
+                "limited_samples": self._limited,
             }
 
     # --- internals ---
@@ -286,6 +296,16 @@ class StreamingConverter:
         return prob, prob < knobs.vad_threshold
 
     def _process_block(self, new: np.ndarray) -> np.ndarray:
+        block = self.begin_block(new)
+        converted = None if block.window is None else self.voice.convert(
+            block.window, block.knobs, start_sample=block.start_sample, tail=self.layout.tail)
+        return self.finish_block(block, converted)
+
+    def begin_block(self, new: np.ndarray) -> "BlockStart":
+        """A block's first half: input gain, the ring buffer and the gate; the window to convert (None
+        when gated). `finish_block` takes the voice's output for it. `rtsvc.pipeline` runs the two
+        halves (and a model voice's stages between them) on different threads; the order of the
+        blocks through each half is the stream's."""
         lay = self.layout
         knobs: Knobs = self.settings.snapshot()  # one snapshot per block
         started = time.perf_counter()
@@ -294,19 +314,28 @@ class StreamingConverter:
         self._in_gain = in_gain
         self._ring = np.concatenate((self._ring[lay.block:], new.astype(np.float32)))
         self._window_start += lay.block
-
         gated, level_db = self._is_gated(self._ring[-lay.tail:], knobs.gate_db)
         speech_prob, vad_gated = self._voice_activity(new, knobs)
         gated = gated or vad_gated
+        elapsed = (time.perf_counter() - started) * 1000.0 + self._denoise_ms
+        self._denoise_ms = 0.0
+        return BlockStart(knobs, None if gated else self._ring.copy(), self._window_start - lay.block,
+                          level_db, elapsed, speech_prob, vad_gated)
+
+    def finish_block(self, block: "BlockStart", converted: np.ndarray | None,
+                     compute_ms: float | None = None) -> np.ndarray:
+        """A block's second half: SOLA against the kept tail, crossfade, output gain, counters.
+        `converted`: the voice's `tail` samples (None: gated). `compute_ms`: the voice's time when
+        it ran elsewhere (default: since `begin_block`)."""
+        lay, knobs = self.layout, block.knobs
+        started = time.perf_counter()
+        gated = converted is None
         if gated:
             converted = np.zeros(lay.tail, dtype=np.float32)
-        else:
-            converted = np.asarray(self.voice.convert(self._ring.copy(), knobs,
-                                                      start_sample=self._window_start - lay.block,
-                                                      tail=lay.tail), dtype=np.float32)
-            if converted.shape != (lay.tail,):
-                raise RuntimeError(f"voice returned {converted.shape[0]} samples, the engine asked for "
-                                   f"{lay.tail}")
+        converted = np.asarray(converted, dtype=np.float32)
+        if converted.shape != (lay.tail,):
+            raise RuntimeError(f"voice returned {converted.shape[0]} samples, the engine asked for "
+                               f"{lay.tail}")
 
         silent_head = gated or not np.any(converted[: lay.crossfade + lay.search])
         if self._kept_silent or silent_head or lay.crossfade == 0:
@@ -322,20 +351,40 @@ class StreamingConverter:
         out_gain = db_to_gain(knobs.output_gain_db)
         out *= self._gain_ramp(self._out_gain, out_gain, lay.block)
         self._out_gain = out_gain
-        elapsed_ms = (time.perf_counter() - started) * 1000.0 + self._denoise_ms
-        self._denoise_ms = 0.0
+        out, limited = soft_limit(out)
+        now = time.perf_counter()
+        if compute_ms is None:  # ran inline: everything since begin_block
+            elapsed_ms = (now - block.started) * 1000.0 + block.begin_ms
+        else:
+            elapsed_ms = block.begin_ms + compute_ms + (now - started) * 1000.0
         with self._lock:
             self._blocks += 1
-            self._input_db = level_db
+            self._input_db = block.level_db
             self._last_offset = offset
-            self._speech_prob = speech_prob
-            self._vad_gated += int(vad_gated)
+            self._speech_prob = block.speech_prob
+            self._vad_gated += int(block.vad_gated)
+            self._limited += limited
             if gated:
                 self._gated += 1
             else:
                 self._compute_ms.append(elapsed_ms)
                 self._compute_total += elapsed_ms
         return out
+
+
+@dataclass
+class BlockStart:
+    """What `begin_block` hands to `finish_block`: the block's knobs, the window to convert (None:
+    gated) and its stream position, the gate's level and the time spent so far."""
+
+    knobs: Knobs
+    window: np.ndarray | None
+    start_sample: int
+    level_db: float
+    begin_ms: float
+    speech_prob: float = 0.0  # the voice-activity detector's, `vad` on
+    vad_gated: bool = False  # the voice-activity gate closed this block
+    started: float = field(default_factory=time.perf_counter)
 
 
 class RateAdapter:

@@ -1,13 +1,19 @@
 """Offline conversion of whole recordings: upstream `infer.py`'s long-audio path, for any `Voice`.
 
-Slice at silences, bring each slice to -18 LUFS (the loudness the models were trained at; the DSP
-voice keeps each slice's level), convert, optionally restore the slice's own loudness, and join the
-slices with short crossfades into exactly the input's length.
+As upstream's infer.py (c03fa59) by default: slice at silences (upstream's slicer and settings),
+bring each slice to -18 LUFS (the loudness the models were trained at; peaks over 1.0 scaled to
+0.99; the DSP voice keeps each slice's level), convert, give each converted slice back its input
+loudness (`restore_loudness`, on by default as upstream V3), and join the slices with upstream's
+fades (half-Hann in, linear out, no overlap) into exactly the input's length. `join="crossfade"` is
+ours instead: slices extended by half the crossfade into their neighbours and crossfaded.
 """
 
 import contextlib
 import math
 import os
+import signal
+import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -16,7 +22,8 @@ import soundfile as sf
 
 from rtsvc.dsp.audio import read_audio_blocks
 from rtsvc.dsp.denoise import denoise_clip
-from rtsvc.dsp.slicer import CROSSFADE_MS, join_with_crossfade, slice_at_silences
+from rtsvc.dsp.limiter import soft_limit
+from rtsvc.dsp.slicer import CROSSFADE_MS, FADE_MS, join_with_crossfade, join_with_fades, slice_at_silences
 from rtsvc.dsp.vad import speech_mask
 from rtsvc.engine import StreamConfig, StreamingConverter
 from rtsvc.errors import UserError
@@ -80,17 +87,21 @@ def _meter(sample_rate: int):
 
 
 def _loudness(meter, audio: np.ndarray, sample_rate: int) -> float | None:
-    """Integrated loudness in LUFS, or None where it is undefined (too short, all gated)."""
+    """Integrated loudness in LUFS, or None where it is undefined (too short, all gated: upstream
+    fails or gives NaN there; we leave such a slice's level as it is). Measured on the samples as
+    they are (float32 as upstream; pyloudnorm filters in the input's dtype)."""
     if len(audio) < LOUDNESS_BLOCK_S * sample_rate:
         return None
-    value = float(meter.integrated_loudness(audio.astype(np.float64)))
+    value = float(meter.integrated_loudness(audio))
     return value if math.isfinite(value) else None
 
 
 def _to_loudness(audio: np.ndarray, loudness: float | None, target: float) -> np.ndarray:
+    """pyloudnorm.normalize.loudness (float64 gain times the samples), then upstream's peak rule:
+    a result whose peak passes 1.0 is scaled to a 0.99 peak."""
     if loudness is None:
         return audio
-    out = audio * 10 ** ((target - loudness) / 20)
+    out = np.power(10.0, (target - loudness) / 20.0) * np.asarray(audio, dtype=np.float64)
     peak = float(np.max(np.abs(out))) if out.size else 0.0
     return out * (PEAK_LIMIT / peak) if peak > 1.0 else out
 
@@ -122,10 +133,31 @@ def _cut_point(audio: np.ndarray, sample_rate: int, target: int) -> int:
     return min(gaps, key=lambda g: abs(g - target)) if gaps else target
 
 
+
+UPSTREAM_SWITCH = {"true": True, "1": True, "yes": True, "on": True,
+                   "false": False, "0": False, "no": False, "off": False}  # as upstream's click options
+
+
+def check_upstream_options(restore_loudness: str, cvec_downsample_rate: int, batch_size: int, robust_f0: int,
+                           model_offline: bool) -> bool:
+    """Upstream infer.py's options as `convert` takes them; returns --restore-loudness as a bool."""
+    restore = UPSTREAM_SWITCH.get(restore_loudness.strip().lower())
+    if restore is None:
+        raise UserError(f"--restore-loudness takes true or false, got {restore_loudness!r}")
+    if cvec_downsample_rate != 2 or batch_size != 1:
+        raise UserError("--cvec-downsample-rate other than 2 and --batch-size other than 1 are not "
+                        "supported yet")
+    if robust_f0 not in (0, 1, 2):
+        raise UserError(f"--robust-f0 takes 0, 1 or 2, got {robust_f0}")
+    if robust_f0 and not model_offline:
+        raise UserError("--robust-f0 applies to models converting offline (not the DSP voice or --stream)")
+    return restore
+
+
 def convert_file(
     voice: Voice, input_path: str | Path, output_path: str | Path, knobs: Knobs,
-    progress: Progress | None = None, target_lufs: float | None = TARGET_LUFS, restore_loudness: bool = False,
-    piece_s: float = PIECE_S,
+    progress: Progress | None = None, target_lufs: float | None = TARGET_LUFS, restore_loudness: bool = True,
+    piece_s: float = PIECE_S, join: str = "fades", fade_ms: float = FADE_MS,
 ) -> float:
     """Convert a file of any length into `output_path` piece by piece: about `piece_s` seconds
     (cut in a silence) are in memory at a time. The output is written to a temporary file beside
@@ -141,13 +173,15 @@ def convert_file(
     def convert(audio: np.ndarray) -> np.ndarray:
         if peak_dbfs(audio) < SILENCE_PEAK_DB:
             return np.zeros_like(audio)
-        out = convert_offline(voice, audio, knobs, target_lufs=target_lufs, restore_loudness=restore_loudness)
+        out = convert_offline(voice, audio, knobs, target_lufs=target_lufs,
+                              restore_loudness=restore_loudness, join=join, fade_ms=fade_ms,
+                              crossfade_ms=fade_ms)
         # the voice-activity gate: non-speech gives silence (phantom voice from breath, typing)
         return out * speech_mask(audio, sr, knobs.vad_threshold) if knobs.vad == "on" else out
 
     with _atomic_output(output_path, sr) as out:
         for audio in _pieces((block for _, block, _ in read_audio_blocks(input_path, sr)), sr, piece):
-            out.write(np.clip(convert(audio), -1.0, 1.0).astype(np.float32))
+            out.write(soft_limit(convert(audio))[0])  # bends overshoot instead of clipping
             written += len(audio)
             if progress is not None:
                 progress(min(int(written / sr), int(total)), int(total))
@@ -173,7 +207,7 @@ def stream_file(voice: Voice, input_path: str | Path, output_path: str | Path, k
             cut = min(skip, len(audio))
             skip -= cut
             audio = audio[cut:][:max(0, limit - written)]
-            out.write(np.clip(audio, -1.0, 1.0).astype(np.float32))
+            out.write(soft_limit(audio)[0])
             written += len(audio)
 
         for _, block, _ in read_audio_blocks(input_path, sr, read_s):
@@ -188,10 +222,18 @@ def stream_file(voice: Voice, input_path: str | Path, output_path: str | Path, k
 @contextlib.contextmanager
 def _atomic_output(output_path: str | Path, sample_rate: int) -> Iterator[sf.SoundFile]:
     """A mono float file written beside `output_path` and renamed onto it only when the body
-    finishes: a failure never leaves a half-written output."""
+    finishes: a failure (or SIGTERM, like Ctrl-C) never leaves a half-written output. The
+    temporary name is new (created exclusively, random), so it is never an input nor a link to one."""
     output_path = Path(output_path)
-    partial = output_path.with_name(f".{output_path.stem}.partial{output_path.suffix}")
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{output_path.stem}.", suffix=f".partial{output_path.suffix}",
+                                    dir=output_path.parent)
+    except OSError as err:
+        raise UserError(f"cannot write audio file {output_path}: {err}") from None
+    os.close(fd)
+    partial = Path(name)
+    previous = _terminate_as_interrupt()
     try:
         try:
             out = sf.SoundFile(str(partial), "w", sample_rate, 1)
@@ -202,6 +244,20 @@ def _atomic_output(output_path: str | Path, sample_rate: int) -> Iterator[sf.Sou
         os.replace(partial, output_path)
     finally:
         partial.unlink(missing_ok=True)  # (gone after the rename) a failure leaves no partial file
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt (as Ctrl-C does) so the partial file is removed; returns the
+    handler to restore, or None off the main thread (where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _pieces(blocks: Iterable[np.ndarray], sample_rate: int, piece: int):
@@ -217,21 +273,30 @@ def _pieces(blocks: Iterable[np.ndarray], sample_rate: int, piece: int):
         yield buffer
 
 
+JOINS = ("fades", "crossfade")
+
+
 def convert_offline(
     voice: Voice, audio: np.ndarray, knobs: Knobs, progress: Progress | None = None,
-    target_lufs: float | None = TARGET_LUFS, restore_loudness: bool = False,
-    crossfade_ms: float = CROSSFADE_MS,
+    target_lufs: float | None = TARGET_LUFS, restore_loudness: bool = True,
+    crossfade_ms: float = CROSSFADE_MS, join: str = "fades", fade_ms: float = FADE_MS,
 ) -> np.ndarray:
     """Convert a whole recording (mono float at `voice.sample_rate`); output has the same length.
 
     `target_lufs=None` keeps each slice's level (the DSP voice needs no loudness normalisation).
+    `join`: "fades" (upstream's: half-Hann fade-in, linear fade-out over `fade_ms`, no overlap) or
+    "crossfade" (ours: slices overlap by `crossfade_ms` and crossfade).
     """
+    if join not in JOINS:
+        raise UserError(f"unknown join {join!r}: use {' or '.join(JOINS)}")
+    if fade_ms < 0 or crossfade_ms < 0:
+        raise UserError("fade and crossfade durations must be at least 0 ms")
     validate_knobs(knobs)
     audio = check_input_audio(audio)
     sr = voice.sample_rate
     if knobs.denoise != "off":  # before slicing: the slicer then sees the denoised silences
         audio = denoise_clip(audio, sr, knobs.denoise)
-    pad = int(crossfade_ms * sr / 1000) // 2  # neighbours overlap by 2 * pad and crossfade there
+    pad = int(crossfade_ms * sr / 1000) // 2 if join == "crossfade" else 0  # neighbours overlap by 2 * pad
     ranges = slice_at_silences(audio, sr)
     meter = _meter(sr) if target_lufs is not None else None
     pieces = []
@@ -242,11 +307,14 @@ def convert_offline(
         if meter is not None:
             piece = _to_loudness(piece, loudness, target_lufs)
         voice.reset()  # every slice is a stream of its own
-        out = np.asarray(voice.convert(piece, knobs, start_sample=a), dtype=np.float32)
+        out = np.asarray(voice.convert(np.asarray(piece, dtype=np.float32), knobs, start_sample=a),
+                         dtype=np.float32)
         out = np.pad(out[: len(piece)], (0, max(0, len(piece) - len(out))))
         if restore_loudness and meter is not None and loudness is not None:
             out = _to_loudness(out, _loudness(meter, out, sr), loudness)
         pieces.append((a, out))
         if progress is not None:
             progress(i + 1, len(ranges))
-    return join_with_crossfade(pieces, len(audio), 2 * pad)
+    if join == "crossfade":
+        return join_with_crossfade(pieces, len(audio), 2 * pad)
+    return join_with_fades(pieces, len(audio), int(fade_ms * sr / 1000))

@@ -90,7 +90,7 @@ def test_manifest_structure_errors(bundle):
     (bundle / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="manifest.json lacks speakers"):
         read_bundle(bundle)
-    manifest["speakers"] = {}
+    manifest["speakers"] = {"alice": 0}  # (an empty table is refused on its own)
     manifest["files"]["../outside.onnx"] = {"sha256": "0" * 64}
     (bundle / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="file outside the bundle"):

@@ -26,12 +26,17 @@ from rtsvc.voices.model import ModelVoice
 from tests.cli_helpers import run_cli
 from tests.test_cli_errors import fails
 
-ORDER = ["live", "serve", "convert", "devices", "prepare", "train", "distill", "export", "bench", "download",
-         "doctor"]
+ORDER = ["live", "serve", "convert", "devices", "prepare", "train", "distill", "export", "bench", "eval",
+         "download", "doctor"]
 DEVICES = [{"index": 0, "name": "Fake Mic", "hostapi": "ALSA", "inputs": 1, "outputs": 0,
             "default_rate": 48000, "default_input": True, "default_output": False},
            {"index": 1, "name": "Fake Speaker", "hostapi": "ALSA", "inputs": 0, "outputs": 2,
             "default_rate": 48000, "default_input": False, "default_output": True}]
+
+# what run_live reports beside the engine's counters (its summary line names them)
+LIVE_EXTRAS = {"block_ms": 100.0, "trims": 0, "trimmed_ms": 0.0, "e2e_ms_mean": 150.0,
+               "algorithmic_ms": 110.0, "buffer_ms_mean": 20.0, "device_latency_ms": 20.0,
+               "limited_samples": 0, "block_changes": 0}
 
 
 def _commands() -> dict:
@@ -166,6 +171,7 @@ def fake_model(tmp_path, monkeypatch):
         return DspVoice()
 
     monkeypatch.setattr(rtsvc.voices.spec, "open_model", open_model)
+    monkeypatch.setattr(rtsvc.voices.spec, "model_family", lambda model: "v2")  # the manifest is a stub
     return bundle, pretrained, calls
 
 
@@ -176,7 +182,7 @@ def test_live_passes_providers_and_asks_no_vocoder_of_a_bundle(fake_model, fake_
     def run_live(voice, settings, config, **kwargs):
         seen.update(kwargs, config=config, knobs=settings.snapshot())
         return {"seconds": 1.0, "blocks": 3, "gated_blocks": 1, "compute_ms_mean": 2.0, "compute_ms_p99": 3.0,
-                "underruns": 0, "overruns": 0}
+                "underruns": 0, "overruns": 0, **LIVE_EXTRAS}
 
     monkeypatch.setattr(rtsvc.live, "run_live", run_live)
     code, _, err = run_cli(["live", "--model", bundle, "--pretrained-dir", pretrained, "--providers", "cpu",
@@ -199,7 +205,7 @@ def test_live_block_is_auto_per_voice_and_explicit_values_win(fake_model, fake_d
     monkeypatch.setattr(rtsvc.voices.spec, "open_model", lambda *args, **kwargs: model)
     seen = []
     result = {"seconds": 1.0, "blocks": 1, "gated_blocks": 0, "compute_ms_mean": 2.0, "compute_ms_p99": 3.0,
-              "underruns": 0, "overruns": 0}
+              "underruns": 0, "overruns": 0, **LIVE_EXTRAS}
     jitters = []
     monkeypatch.setattr(rtsvc.live, "run_live", lambda voice, settings, config, **kw: seen.append(config)
                         or jitters.append(kw["jitter_ms"]) or result)
@@ -229,7 +235,7 @@ def test_live_block_is_auto_per_voice_and_explicit_values_win(fake_model, fake_d
 def test_bench_loopback_measures_every_block_and_the_table_has_the_real_time_margin(capsys, monkeypatch):
     measured = []
     monkeypatch.setattr(rtsvc.bench.loopback, "loopback_report",
-                        lambda config: measured.append(config) or "ok")
+                        lambda config, args, seconds: measured.append(config) or ("row",) * 11)
     monkeypatch.setattr(rtsvc.autoblock, "pick_block", lambda voice, config, knobs=None: AutoBlock(
         voice.default_block_ms, [(voice.default_block_ms, 1.0, 1.0)]))  # auto: what a quiet machine picks
     code, out, err = run_cli(["bench", "--block-ms", "auto,100,50", "--seconds", "0.3", "--loopback"],

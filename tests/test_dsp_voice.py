@@ -115,3 +115,36 @@ def test_pitch_knob_change_mid_stream_takes_effect(tone):
 def test_unknown_f0_method_is_a_user_error():
     with pytest.raises(UserError, match="F0 method"):
         DspVoice(f0_method="crepe")
+
+
+def test_a_full_scale_input_is_limited_not_clipped_offline_and_streaming(tmp_path):
+    """Issue 24: a 0.99-peak input at pitch 0 came out with full-scale (hard-clipped) samples."""
+    import soundfile as sf
+
+    from rtsvc.engine import StreamingConverter
+    from rtsvc.offline import convert_file
+
+    loud = sung_tone(2.0)
+    loud = (0.99 * loud / np.abs(loud).max()).astype(np.float32)
+    src, dst = tmp_path / "loud.wav", tmp_path / "out.wav"
+    sf.write(src, loud, SR, subtype="FLOAT")
+    convert_file(DspVoice(), src, dst, Knobs(), target_lufs=None)
+    offline = sf.read(dst, dtype="float32")[0]
+    assert 0.9 < np.abs(offline).max() < 0.9995  # loud, and bent below full scale
+    engine = StreamingConverter(DspVoice(), RuntimeSettings(Knobs(gate_db=-120.0)))
+    streamed = np.concatenate([engine.process(loud[i:i + 441]) for i in range(0, loud.size, 441)])
+    assert 0.9 < np.abs(streamed).max() < 0.9995
+    assert engine.stats()["limited_samples"] > 0  # counted where a user can see it
+    quiet = StreamingConverter(DspVoice(), RuntimeSettings(Knobs(gate_db=-120.0)))
+    quiet.process(0.3 * loud)
+    assert quiet.stats()["limited_samples"] == 0  # a normal level passes untouched
+
+
+def test_soft_limit_leaves_quiet_samples_exactly_and_bends_loud_ones_monotonically():
+    from rtsvc.dsp.limiter import CEILING, KNEE, soft_limit
+
+    x = np.linspace(-3, 3, 6001, dtype=np.float32)
+    y, count = soft_limit(x)
+    quiet = np.abs(x) <= KNEE
+    assert np.array_equal(y[quiet], x[quiet]) and count == np.count_nonzero(~quiet)
+    assert np.all(np.diff(y) >= 0) and np.abs(y).max() <= np.float32(CEILING) < 1.0

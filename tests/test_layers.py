@@ -13,9 +13,9 @@ LAYERS = [
     {"rtsvc.features"},
     {"rtsvc.backends"},
     {"rtsvc.voices"},
-    {"rtsvc.engine", "rtsvc.offline", "rtsvc.autoblock"},
+    {"rtsvc.engine", "rtsvc.offline", "rtsvc.autoblock", "rtsvc.pipeline"},
     {"rtsvc.live", "rtsvc.serve"},
-    {"rtsvc.bench", "rtsvc.doctor"},
+    {"rtsvc.bench", "rtsvc.doctor", "rtsvc.eval"},
 ]
 
 

@@ -17,6 +17,7 @@ import soundfile as sf
 
 from rtsvc.bench.loopback import PulseServer, start_live, wait_for_start
 from rtsvc.dsp.signals import sung_tone
+from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
 from rtsvc.live import KeyReader, LiveState, OutputFifo, find_device
 from rtsvc.live.devices import parse_pactl_short, pulse_devices, pulse_routing
@@ -76,7 +77,8 @@ def test_live_pitch_up_an_octave_through_pulseaudio(pulse, tmp_path):
     record = tmp_path / "record.wav"
     # a fixed block: auto measures this machine, and on a busy one picks up to 1 s blocks, whose
     # latency would push the tone's end past --duration (auto itself: tests/test_cpu_cost.py)
-    args = ["--pitch", "12", "--duration", "5", "--gate", "-60", "--record", str(record), "--block-ms", "50"]
+    args = ["--pitch", "12", "--duration", "5", "--gate", "-60", "--record", str(record), "--block-ms", "50",
+            "--jitter-ms", "150"]  # slack for a busy machine: late blocks wait instead of being cut
     out, text = live_with_tone(pulse, args, tmp_path)
     f0_in, _ = median_f0(sung_tone(3.0, f0=TONE_F0))
     f0_out, voiced = median_f0(out)
@@ -162,7 +164,7 @@ def test_output_fifo_primes_counts_underruns_and_caps_growth():
         fifo.push(np.ones(100, np.float32))
         pushes += 1
     assert pushes == 10  # 100 primed + 10 * 100 > 1000
-    assert fifo.level <= 500  # an overrun cuts back to half the cap, not just under it
+    assert fifo.level == fifo.target  # an overrun cuts back to the target, not just under the cap
 
 
 def test_output_fifo_waits_as_long_as_the_late_block_took_up_to_its_cap():
@@ -179,6 +181,63 @@ def test_output_fifo_waits_as_long_as_the_late_block_took_up_to_its_cap():
     fifo.pop(100)  # 100 late: the prime grows only to its cap
     fifo.push(np.ones(10, np.float32))
     assert fifo.underruns == 2 and fifo.prime == 180 and fifo.level == 190
+
+
+def simulate_live(fifo: OutputFifo, ticks: int, stall: range, chunk: int = 441, block_chunks: int = 4,
+                  compute_ticks: int = 2) -> list[tuple[int, int]]:
+    """A worker and an output device at 10 ms ticks: input arrives one chunk a tick; the chunk that
+    completes a block costs `compute_ticks`; during `stall` the worker gets no time at all. Returns
+    (fifo total, target) per tick. The output is a continuous sine, so a seam would show as a jump."""
+    inbox, budget, done, played = 0, 0, 0, []
+    totals = []
+    t = np.arange(ticks * chunk)
+    sine = (0.5 * np.sin(2 * np.pi * 441 / 44100 * t)).astype(np.float32)
+    for tick in range(ticks):
+        inbox += 1
+        budget += 0 if tick in stall else 1
+        while inbox and budget >= (cost := compute_ticks if done % block_chunks == block_chunks - 1 else 0):
+            budget -= cost
+            inbox -= 1
+            fifo.push(sine[done * chunk:(done + 1) * chunk], queued=inbox * chunk)
+            done += 1
+        budget = min(budget, compute_ticks)  # an idle worker banks no more than one block's compute
+        played.append(fifo.pop(chunk))
+        totals.append((fifo.level + inbox * chunk, fifo.target))
+    return totals
+
+
+def test_output_fifo_returns_to_its_target_after_a_stall_and_counts_the_trim():
+    """Issue 23: a 0.5 s stall (underrun, then a burst of backlog) must not leave its delay behind."""
+    fifo = OutputFifo(prime=1764, max_level=44100, max_prime=1764 + 1764, tolerance=441)
+    totals = simulate_live(fifo, 600, stall=range(200, 250))
+    first_target = totals[100][1]
+    assert fifo.underruns >= 1 and fifo.trims >= 1 and fifo.trimmed > 0
+    assert fifo.target - first_target <= 1764  # the target grew by at most the prime's cap
+    after = totals[350:]  # 1 s after the stall ended (the backlog takes 0.5 s to convert)
+    assert max(abs(total - target) for total, target in after) <= 882  # within 20 ms of the target
+    assert max(total for total, _ in totals[200:260]) > fifo.target + 20000  # the stall really piled up
+
+
+def test_output_fifo_without_trimming_would_have_drifted():
+    """The same stall with trimming off (a huge tolerance): the delay stays (what issue 23 saw)."""
+    fifo = OutputFifo(prime=1764, max_level=441000, max_prime=1764 + 1764, tolerance=10 ** 9)
+    totals = simulate_live(fifo, 600, stall=range(200, 250))
+    assert fifo.trims == 0 and totals[-1][0] > totals[-1][1] + 10000
+
+
+def test_output_fifo_target_ignores_a_first_block_slowed_by_warm_up():
+    fifo = OutputFifo(prime=100, max_level=10 ** 6, max_prime=300)
+    fifo.push(np.ones(50, np.float32), queued=5000)  # the first block took 5000 samples to compute
+    assert fifo.target == 100 + 50 + 200  # prime + push + at most what the prime may grow by
+
+
+def test_output_fifo_trim_crossfades_the_seam():
+    fifo = OutputFifo(prime=0, max_level=10 ** 6, tolerance=100, crossfade=64, settle=1)
+    fifo.push(np.ones(200, np.float32))  # target: 200
+    fifo.push(np.full(1000, 0.5, np.float32))  # 1000 over the target: trimmed at once
+    assert fifo.trims == 1 and fifo.trimmed == 1000 and fifo.level == 200
+    out = fifo.pop(200)
+    assert out[0] == 1.0 and np.all(np.diff(out[:64]) <= 0) and out[-1] == 0.5  # faded 1 -> 0.5
 
 
 def test_key_reader_reads_arrow_keys_from_a_terminal(monkeypatch):
@@ -347,17 +406,246 @@ def test_key_help_lists_only_keys_that_apply():
     assert settings.snapshot().denoise == "off"
 
 
-def test_status_line_never_wraps():
+def test_status_lines_never_wrap_on_a_narrow_terminal():
     from rich.console import Console
 
-    from rtsvc.engine import StreamingConverter
-    from rtsvc.live.run import _status_text
-    from rtsvc.voices.dsp import DspVoice
+    from rtsvc.live.run import status_lines
 
-    settings = RuntimeSettings()
-    engine = StreamingConverter(DspVoice(), settings)
-    text = _status_text(engine, OutputFifo(10, 100), LiveState(), settings, 48000, 20.0, None, width=60)
+    conv, settings = FakeConversion({"compute_ms_recent": 5.0}), RuntimeSettings()
+    text = status_lines(conv, OutputFifo(10, 100), LiveState(), settings, 20.0, None, width=60)
     console = Console(width=60, force_terminal=True, record=True)
     console.print(text)
     lines = console.export_text().splitlines()
-    assert len(lines) == 1 and len(lines[0]) <= 60
+    assert len(lines) == 3 and all(len(line) <= 60 for line in lines)  # cut, so rich Live redraws in place
+
+
+# --- issue 23/24: what live says, how it stops, and that it never drifts ---------------------------
+
+LONG_SOURCE = "alsa_output.usb-Focusrite_Scarlett_2i2_USB-00.analog-stereo.monitor"
+
+
+def test_devices_print_every_name_whole_at_80_columns(capsys, monkeypatch):
+    from tests.cli_helpers import run_cli
+
+    found = [dict(_device(0, "pulse", 32, 32, True, True), hostapi="ALSA", default_rate=44100, pulse=None)]
+    found += parse_pactl_short(f"3\t{LONG_SOURCE}\tmodule-alsa-card.c\ts16le 2ch 48000Hz\tIDLE\n"
+                               "4\tmic_feed.monitor\tmodule-null-sink.c\tfloat32le 2ch 48000Hz\tIDLE\n",
+                               "sources", 0)
+    monkeypatch.setattr("rtsvc.live.list_devices", lambda: found)
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run_cli(["devices"], capsys, monkeypatch)
+    assert code == 0
+    lines = out.splitlines()
+    assert LONG_SOURCE in lines and "mic_feed.monitor" in lines  # whole, each on its own line
+    assert "0: pulse" in lines and "…" not in out
+
+
+class FakeConversion:
+    """What the status line reads of a `Conversion` (960 samples of input waiting)."""
+
+    def __init__(self, stats: dict, block_ms: float = 46.4):
+        from rtsvc.engine import StreamingConverter
+        from rtsvc.voices.dsp import DspVoice
+
+        self.engine = StreamingConverter(DspVoice())
+        self.out_rate = 48000
+        self.block_ms = block_ms
+        self._stats = stats
+
+    def bottleneck_ms(self) -> float:
+        return self._stats["compute_ms_recent"]
+
+    def inbox_samples(self) -> int:
+        return 960
+
+    def held(self) -> int:
+        return 0
+
+
+def test_status_fits_80_columns_with_every_field():
+    from rich.console import Console
+
+    from rtsvc.live.run import status_lines
+    from rtsvc.settings import Knobs
+
+    conv = FakeConversion({"compute_ms_recent": 123.4})
+    fifo = OutputFifo(prime=4800, max_level=10 ** 6)
+    fifo.push(np.ones(480, np.float32), queued=960)
+    fifo.underruns, fifo.overruns, fifo.trims = 12, 345, 67
+    state = LiveState(input_db=-23.4, input_overruns=8, seconds=1234.5)
+    settings = RuntimeSettings(Knobs(pitch_shift=-12, formant_shift=1.25, gate_db=-55, input_gain_db=-12,
+                                     output_gain_db=12, denoise="deepfilternet"))
+    text = status_lines(conv, fifo, state, settings, device_ms=47.0, keys=None, width=79)
+    console = Console(width=80, record=True, force_terminal=True)
+    console.print(text)
+    lines = console.export_text().rstrip("\n").splitlines()
+    plain = "\n".join(lines)
+    assert all(len(line) <= 79 for line in lines) and "…" not in plain, plain
+    e2e = conv.engine.latency_ms + (4800 + 480 + 960) / 48 + 47.0
+    for part in (f"e2e ~{e2e:.0f} ms", "algo 76", "buffer 130", "device 47", "under 12", "over 353",
+                 "trim 67", "pitch -12", "formant 1.25", "gate -55 dB", "gain -12/+12 dB",
+                 "denoise deepfilternet",
+                 "1234.5 s", "compute 0/46 ms"):
+        assert part in plain, (part, plain)
+
+
+class GuardConversion:
+    def __init__(self):
+        self.requested = []
+        self.block_ms = 46.4
+        self.compute = 10.0
+        self.inbox = 0
+        self.out_rate = 44100
+
+        class Engine:
+            sample_rate = 44100
+
+            @staticmethod
+            def stats():
+                return {"blocks": 100, "gated_blocks": 0}
+
+        self.engine = Engine()
+
+    def bottleneck_ms(self):
+        return self.compute
+
+    def inbox_samples(self):
+        return self.inbox
+
+    def request_block(self, block_ms):
+        self.requested.append(block_ms)
+        self.block_ms = block_ms
+
+
+def test_overload_guard_lengthens_the_block_after_sustained_overload_and_shortens_it_when_calm():
+    from rtsvc.live.chain import CALM_S, GRACE_S, OVERLOAD_S, OverloadGuard
+
+    conv = GuardConversion()
+    guard = OverloadGuard(conv)
+    conv.compute = 60.0  # over a 46.4 ms block
+    assert guard.check(100.0 - GRACE_S) is None  # the run starts: warm-up is no overload
+    assert guard.check(100.0 - OVERLOAD_S - 1) is None and not conv.requested
+    assert guard.check(100.0) is None
+    assert guard.check(100.0 + OVERLOAD_S / 2) is None  # not yet sustained
+    message = guard.check(100.0 + OVERLOAD_S)
+    assert conv.requested == [pytest.approx(69.66, abs=0.01)]
+    assert message.startswith("overload: compute 60 ms")
+    assert "block 46 -> 70 ms" in message
+    conv.compute = 10.0  # calm: under 0.4 of the 46.4 ms block
+    t = 100.0 + OVERLOAD_S + 6.0
+    assert guard.check(t) is None
+    message = guard.check(t + CALM_S)
+    assert conv.requested[-1] == pytest.approx(46.44, abs=0.01) and message.startswith("load eased")
+    assert guard.check(t + 3 * CALM_S) is None  # never below the block it started with
+    assert OverloadGuard(conv, enabled=False).check(1e6) is None
+
+
+def test_conversion_skips_input_backlog_over_the_target_crossfaded():
+    """After a stall the worker finds a second of input queued: what would only be trimmed from the
+    output later is skipped before it is converted, and counted as a trim."""
+    import queue
+
+    from rtsvc.live.chain import Conversion
+    from rtsvc.voices.dsp import DspVoice
+
+    fifo = OutputFifo(prime=441, max_level=10 ** 6, tolerance=441)
+    inbox: queue.Queue = queue.Queue()
+    conv = Conversion(DspVoice(), RuntimeSettings(), StreamConfig(block_ms=46.4), 44100, 44100, [fifo],
+                      inbox_samples=lambda: inbox.qsize() * 441)
+    fifo.target = 441 * 5
+    for i in range(100):
+        inbox.put(np.full(441, i + 1, np.float32))
+    chunk = conv.skip_backlog(np.zeros(441, np.float32), inbox)
+    left = inbox.qsize()  # what is left: the target (5) + tolerance (1)
+    assert 0 < left <= 6 and fifo.trims == 1 and fifo.trimmed == (100 - left) * 441
+    assert chunk[0] == 0.0 and chunk[-1] == 100 - left  # faded from the skipped audio into the kept
+    assert np.all(np.diff(chunk[:128]) >= 0)
+
+
+def test_live_stops_on_sigterm_like_ctrl_c(pulse, tmp_path):
+    """Issue 24: SIGTERM (a service manager, `kill`) printed nothing and exited 143."""
+    import signal
+
+    log = tmp_path / "live.log"
+    live = start_live(pulse, ["--block-ms", "50", "--duration", "60"], log)
+    try:
+        wait_for_start(live, log, timeout=60)
+        time.sleep(1.0)
+        live.send_signal(signal.SIGTERM)
+        code = live.wait(timeout=30)
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.wait()
+    text = log.read_text()
+    assert code == 0, text
+    assert "stopping (SIGTERM)" in text and "stopped after" in text and "e2e estimate" in text
+
+
+def test_live_through_the_native_pulse_api(pulse, tmp_path):
+    """--audio-api pulse (libpulse via pasimple, explicit buffers) converts like PortAudio does."""
+    pytest.importorskip("pasimple")
+    args = ["--pitch", "12", "--duration", "5", "--gate", "-60", "--block-ms", "50", "--audio-api", "pulse",
+            "--input", "mic.monitor", "--output", "speaker", "--jitter-ms", "150"]
+    out, text = live_with_tone(pulse, args, tmp_path)
+    f0_out, voiced = median_f0(out)
+    print("\n" + "\n".join(line for line in text.splitlines() if line.startswith(("live:", "stopped"))))
+    assert "(pulse)" in text and voiced >= 100
+    assert f0_out == pytest.approx(2 * TONE_F0, rel=0.03)
+
+
+def cpu_hog(seconds: float) -> list[subprocess.Popen]:
+    """One busy process per core for `seconds`."""
+    code = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(os.cpu_count() or 2)]
+
+
+def parse_status(text: str) -> list[tuple[float, float, float]]:
+    """(seconds, buffer ms, target ms) of each plain status line live writes to a log."""
+    import re
+
+    pattern = re.compile(r"\[\s*([\d.]+) s\] e2e ~\d+ ms = algo \d+ \+ buffer (\d+) \(target (\d+)\)")
+    return [tuple(float(g) for g in m.groups()) for m in map(pattern.search, text.splitlines()) if m]
+
+
+@pytest.mark.slow
+def test_live_buffer_returns_to_its_target_after_a_cpu_hog(pulse, tmp_path):
+    """Issue 23: a CPU hog for 10 s in the middle of a live run; within 5 s after it stops, the
+    buffer is back within 20 ms of its target (before: it stayed 300-480 ms up)."""
+    import shlex
+
+    clip = tmp_path / "tone.wav"
+    sf.write(clip, sung_tone(60.0, f0=TONE_F0), SR)
+    log = tmp_path / "live.log"
+    # RTSVC_HOG_LIVE_ARGS: the same check for another voice, e.g. the issue-23 student:
+    # "--model student.rtsvc --pretrained-dir P --f0 fcpe --block-ms auto" (docs/incoming-latency.md)
+    args = shlex.split(os.environ.get("RTSVC_HOG_LIVE_ARGS", "--block-ms 69.7"))
+    live = start_live(pulse, [*args, "--gate", "-60", "--duration", "34"], log)
+    player = None
+    try:
+        wait_for_start(live, log, timeout=900)
+        player = subprocess.Popen(["paplay", "-d", "mic", str(clip)], env=pulse.env)
+        time.sleep(8.0)
+        started = parse_status(log.read_text())[-1][0]
+        hogs = cpu_hog(10.0)
+        for hog in hogs:
+            hog.wait(timeout=60)
+        stopped = parse_status(log.read_text())[-1][0]
+        assert live.wait(timeout=60) == 0, log.read_text()[-2000:]
+    finally:
+        for proc in (live, player):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=10)
+    text = log.read_text()
+    rows = parse_status(text)
+    during = [buf - target for t, buf, target in rows if started <= t <= stopped]
+    settled = [(t, buf - target) for t, buf, target in rows if stopped + 5.0 <= t <= stopped + 10.0]
+    print(f"\nhog {started:.1f}-{stopped:.1f} s; most over target during it {max(during, default=0):.0f} ms; "
+          f"after +5 s: {[round(d) for _, d in settled]}\n"
+          + next((line for line in text.splitlines() if line.startswith("stopped")), ""))
+    assert settled, text[-2000:]
+    # no delay left over (the drift): never over the target by more than 20 ms. Under it is a late block
+    # caught mid-compute (an underrun on a machine still busy with others), so it is bounded loosely
+    assert all(d <= 20.0 for _, d in settled), text[-3000:]
+    assert float(np.median([abs(d) for _, d in settled])) <= 20.0, text[-3000:]

@@ -207,7 +207,8 @@ HOSTILE_FILES = [
      "spk_embed.weight is [3, 63] in the file"),
     (dict(change_state=lambda s: s.update({"output.bias": torch.zeros(128, dtype=torch.int64)})),
      "is I64; a DiT holds floats only"),
-    (dict(change_state=lambda s: s.pop("cond_embed.cvec_embed.weight")), "is missing or has too few"),
+    (dict(change_state=lambda s: s.pop("cond_embed.cvec_embed.weight")),
+     "cond_embed.cvec_embed.weight is missing"),
 ]
 
 

@@ -199,6 +199,9 @@ def test_live_set_changes_gain_and_pitch_mid_stream():
     assert error["code"] == "bad_setting" and not error["fatal"] and "pitch_shift" in error["message"]
     stats = next(m for m in replies if m["type"] == "stats")
     assert stats["samples_in"] == rate and stats["blocks"] >= 5 and stats["compute_ms_mean"] > 0
+    # the page shows this: algorithmic latency plus the recent compute per block
+    assert stats["e2e_ms"] == pytest.approx(stats["latency_ms"] + stats["compute_ms_recent"], abs=0.1)
+    assert stats["e2e_ms"] > stats["latency_ms"] and stats["limited_samples"] == 0
     out, lag = result["out"], int(round(result["ready"]["latency_ms"] * rate / 1000))
     before, after = out[lag + 3200: lag + 12800], out[lag + 22400: lag + 30400]
     drop_db = 20 * np.log10(np.sqrt(np.mean(after ** 2)) / np.sqrt(np.mean(before ** 2)))

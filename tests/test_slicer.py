@@ -21,7 +21,7 @@ def test_slices_at_long_silences_and_drops_most_of_them():
     pieces = slice_at_silences(audio, SR)
     assert len(pieces) == 2
     (a0, b0), (a1, b1) = pieces
-    # the cuts sit in the silences, at most max_sil_kept (300 ms) away from the sound
+    # the cuts sit in the silences, at most max_sil_kept (200 ms) away from the sound
     assert 0.5 * SR - 0.31 * SR <= a0 <= 0.5 * SR
     assert 4.5 * SR <= b0 <= 4.81 * SR
     assert 5.5 * SR - 0.31 * SR <= a1 <= 5.5 * SR
@@ -48,13 +48,15 @@ def test_long_clip_without_silence_is_split_below_max_length():
     assert all(pieces[i][1] == pieces[i + 1][0] for i in range(len(pieces) - 1))
 
 
-def test_threshold_follows_quiet_recordings():
-    # a phrase 20 dB under the first is below upstream's -30 dBFS but not silence
+def test_threshold_follows_quiet_recordings_on_request():
+    # a phrase 20 dB under the first is below upstream's -30 dBFS but not silence (keep_range_db, ours)
     audio = np.concatenate([_tone(4), _silence(1.0), 0.1 * _tone(4)])
-    pieces = slice_at_silences(audio, SR)
+    pieces = slice_at_silences(audio, SR, keep_range_db=30.0)
     assert len(pieces) == 2 and pieces[1][1] == len(audio) and pieces[1][0] < 5 * SR
     # the same recording 30 dB lower slices the same way
-    assert slice_at_silences(audio * 10 ** (-30 / 20), SR) == pieces
+    assert slice_at_silences(audio * 10 ** (-30 / 20), SR, keep_range_db=30.0) == pieces
+    # upstream's default: the absolute threshold drops the quiet phrase as silence
+    assert len(slice_at_silences(audio, SR)) == 1
 
 
 def test_all_quiet_audio_is_one_piece():

@@ -51,6 +51,7 @@ class DistillConfig:
     max_steps: int = 5000
     batch_size: int = 16  # trajectories per step per GPU; the student sees batch_size * pairs items
     pairs: int = 4  # intervals trained per teacher trajectory
+    teacher_reuse: int = 4  # steps per batch of teacher trajectories (training.distill_cache); 1: fresh
     deployed_share: float = 0.5  # share of intervals that are the 1-/2-evaluation ones
     # guidance baked in; None = the family's default (V2: cfg 2.0; V3: ds 0.2, spk 0.8, skip 0, rescale 0.7)
     cfg_strength: float | None = None  # V2

@@ -29,7 +29,8 @@ from rtsvc.settings import KNOB_ROWS
 from training.checkpoint import load_checkpoint
 from training.config import DistillConfig
 from training.dataset import ClipDataset, StepBatchSampler, collate, data_family
-from training.distill_loss import distill_loss
+from training.distill_cache import TrajectoryCache
+from training.distill_loss import teacher_trajectories, trajectory_loss
 from training.model import model_name
 from training.optim import BETAS, WARMUP_RATIO, make_optimizer
 from training.prepare import load_metadata
@@ -65,7 +66,7 @@ def _check(cfg: DistillConfig) -> None:
         raise UserError(f"--nfe must be 1 or 2, got {cfg.nfe}")
     for name, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size),
                         ("--pairs", cfg.pairs), ("--save-every", cfg.save_every),
-                        ("--log-every", cfg.log_every)):
+                        ("--log-every", cfg.log_every), ("--teacher-reuse", cfg.teacher_reuse)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     for name in ("cfg_strength", "ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength"):
@@ -86,6 +87,7 @@ def _hparams(cfg: DistillConfig, teacher: LoadedDiT, info: StudentInfo, world: i
         "dataset": {**teacher.dataset, "data_dir": str(cfg.data)},
         "training": {"learning_rate": cfg.lr, "betas": str(BETAS), "weight_decay": cfg.weight_decay,
                      "batch_size_per_gpu": cfg.batch_size, "pairs_per_trajectory": cfg.pairs,
+                     "teacher_reuse": cfg.teacher_reuse,
                      "deployed_share": cfg.deployed_share, "max_grad_norm": cfg.grad_clip,
                      "max_steps": cfg.max_steps, "warmup_ratio": WARMUP_RATIO,
                      "save_per_steps": cfg.save_every,
@@ -195,6 +197,13 @@ def distill(cfg: DistillConfig) -> DistillResult:
     log = MetricsLog(out, start_step if resumed else None) if d.main else None
 
     result = DistillResult(out, start_step, False, None, info, rank=d.rank)
+    cache = TrajectoryCache(cfg.teacher_reuse)
+    for refresh in cache.refresh_steps_before(start_step):  # --resume: the kept trajectories, exactly
+        items = collate([train_set[item] for item in sampler.batch(refresh)])
+        generator = torch.Generator(device=device).manual_seed(_step_seed(cfg, refresh, d.rank))
+        with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+            cache.add(teacher_trajectories(teacher_fn, {k: v.to(device) for k, v in items.items()}, info,
+                                           generator, teacher.family))
     step, window, t_window = start_step, [], time.perf_counter()
     try:
         with StopFlag() as stop, _progress(cfg, d) as bar:
@@ -202,12 +211,15 @@ def distill(cfg: DistillConfig) -> DistillResult:
                                 sps=0.0)
             for batch in loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                seed = cfg.seed * 1_000_003 + step * 4096 + d.rank
-                generator = torch.Generator(device=device).manual_seed(seed)
+                generator = torch.Generator(device=device).manual_seed(_step_seed(cfg, step, d.rank))
                 ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
                 with ctx:
-                    loss = distill_loss(student_fn, teacher_fn, batch, info, generator, cfg.pairs,
-                                        cfg.deployed_share, teacher.family)
+                    if cache.due(step):  # the teacher's 31 guided evaluations per trajectory
+                        found = cache.add(teacher_trajectories(teacher_fn, batch, info, generator,
+                                                               teacher.family))
+                    else:  # this step's batch is only its step count: new pairs of kept trajectories
+                        found = cache.pick(generator)
+                    loss = trajectory_loss(student_fn, found, info, generator, cfg.pairs, cfg.deployed_share)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -231,6 +243,11 @@ def distill(cfg: DistillConfig) -> DistillResult:
             dist.destroy_process_group()
     result.global_step = step
     return result
+
+
+def _step_seed(cfg: DistillConfig, step: int, rank: int) -> int:
+    """A step's generator seed: its noise and intervals (a rebuilt cache draws the same noise)."""
+    return cfg.seed * 1_000_003 + step * 4096 + rank
 
 
 def _progress(cfg: DistillConfig, d) -> TrainProgress:

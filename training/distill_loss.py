@@ -13,7 +13,7 @@ the grid, so other step counts (--steps) stay meaningful. Each trajectory feeds 
 the student's batch (the teacher's P - 1 guided evaluations dominate the cost).
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -82,17 +82,34 @@ def sample_pairs(count: int, points: int, deployed: torch.Tensor, deployed_share
     return torch.where(use[:, None], deployed.to(device)[pick], rand)
 
 
-def distill_loss(student: StepVelocity, teacher: GuidedVelocity, batch: dict[str, torch.Tensor],
-                 info: StudentInfo, generator: torch.Generator, pairs: int = 4,
-                 deployed_share: float = 0.5, family: str = "v2") -> torch.Tensor:
-    """Masked MSE of the student's average velocity on `pairs` random intervals per trajectory."""
+@dataclass
+class Trajectories:
+    """A batch's teacher trajectories with what the student needs to learn from them again: the
+    conditioning and the grid. `rtsvc distill --teacher-reuse` keeps a few and draws new pairs from
+    them on the steps between refreshes (training.distill_cache)."""
+
+    cond: Conditioning
+    traj: torch.Tensor  # [P, b, n, 128] float32
+    grid: torch.Tensor  # [P]
+
+
+def teacher_trajectories(teacher: GuidedVelocity, batch: dict[str, torch.Tensor], info: StudentInfo,
+                         generator: torch.Generator, family: str = "v2") -> Trajectories:
+    """The expensive half of a step: noise from `generator`, then the teacher's P - 1 guided steps."""
     mel = batch["mel"]
-    device = mel.device
     cond = batch_conditioning(batch, family, info.guidance)
-    noise = torch.randn(normalize_mel(mel).shape, generator=generator, device=device)
-    grid = time_grid(info.teacher_points, "uniform", device)
-    traj = teacher_trajectory(teacher, noise, cond, grid)  # [P, b, n, 128]
-    b = mel.shape[0]
+    noise = torch.randn(normalize_mel(mel).shape, generator=generator, device=mel.device)
+    grid = time_grid(info.teacher_points, "uniform", mel.device)
+    return Trajectories(cond, teacher_trajectory(teacher, noise, cond, grid), grid)
+
+
+def trajectory_loss(student: StepVelocity, found: Trajectories, info: StudentInfo, generator: torch.Generator,
+                    pairs: int = 4, deployed_share: float = 0.5) -> torch.Tensor:
+    """The cheap half: masked MSE of the student's average velocity on `pairs` random intervals per
+    trajectory (drawn from `generator`)."""
+    cond, traj, grid = found.cond, found.traj, found.grid
+    device = traj.device
+    b = traj.shape[1]
     ij = sample_pairs(b * pairs, info.teacher_points, deployment_pairs(info), deployed_share, generator)
     item = torch.arange(b, device=device).repeat(pairs)
     x_i, x_j = traj[ij[:, 0], item], traj[ij[:, 1], item]
@@ -107,3 +124,12 @@ def distill_loss(student: StepVelocity, teacher: GuidedVelocity, batch: dict[str
     pred = student(x_i, t_i, t_j - t_i, cond_p)
     err = (pred.float() - target) ** 2
     return err[cond_p.mask].mean()
+
+
+def distill_loss(student: StepVelocity, teacher: GuidedVelocity, batch: dict[str, torch.Tensor],
+                 info: StudentInfo, generator: torch.Generator, pairs: int = 4,
+                 deployed_share: float = 0.5, family: str = "v2") -> torch.Tensor:
+    """Masked MSE of the student's average velocity on `pairs` random intervals per trajectory (fresh
+    teacher trajectories for `batch`: `teacher_trajectories` then `trajectory_loss`)."""
+    found = teacher_trajectories(teacher, batch, info, generator, family)
+    return trajectory_loss(student, found, info, generator, pairs, deployed_share)

@@ -10,6 +10,7 @@ grid and save one `.pt` per clip:
                                                    "rms": [n], "cvec": [n, 768] fp16,
                                                    "whisper": [n, 1280] fp16}
     DIR/.rtsvc-cache/SPEAKER/<file name>.json     which clips a source file gave (resume record)
+    (<file name>: the path inside SPEAKER/, "%" and "/" written %25 and %2F: one name per source)
     DIR/.rtsvc-cache/metadata.json                speakers, clips (frames, split), settings
 
 A source whose record exists with the same size, mtime and settings is skipped, so an interrupted
@@ -31,7 +32,7 @@ import pyloudnorm
 import torch
 
 from rtsvc.dsp.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE, load_audio
-from rtsvc.dsp.slicer import slice_at_silences
+from rtsvc.dsp.slicer import TRAINING_KEEP_RANGE_DB, TRAINING_MAX_SIL_KEPT_MS, slice_at_silences
 from rtsvc.errors import UserError
 
 CACHE_DIR = ".rtsvc-cache"
@@ -104,7 +105,9 @@ def slice_clips(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, min_s: float 
                 max_s: float = MAX_CLIP_S) -> list[np.ndarray]:
     """Non-silent pieces at least `min_s` long, cut to whole mel frames."""
     pieces = []
-    for start, end in slice_at_silences(audio, sample_rate, max_length_s=max_s):
+    ranges = slice_at_silences(audio, sample_rate, max_length_s=max_s, keep_range_db=TRAINING_KEEP_RANGE_DB,
+                               max_sil_kept_ms=TRAINING_MAX_SIL_KEPT_MS)  # as before issue 22
+    for start, end in ranges:
         piece = audio[start:end]
         piece = piece[: len(piece) // HOP_LENGTH * HOP_LENGTH]
         if len(piece) >= min_s * sample_rate and np.max(np.abs(piece)) > 1e-4:
@@ -146,8 +149,10 @@ def _source_key(path: Path, settings: dict) -> dict:
 
 
 def _record_path(cache: Path, speaker: str, source: Path, root: Path) -> Path:
-    rel = source.relative_to(root / speaker)
-    return cache / speaker / (str(rel).replace(os.sep, "__") + ".json")
+    """One cache name per source, never shared: the path inside the speaker folder with "%" and "/"
+    percent-escaped (a reversible spelling, so `a/b.wav` and `a__b.wav` stay two recordings)."""
+    rel = source.relative_to(root / speaker).as_posix()
+    return cache / speaker / (rel.replace("%", "%25").replace("/", "%2F") + ".json")
 
 
 def _load_record(path: Path, key: dict) -> dict | None:

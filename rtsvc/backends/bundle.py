@@ -9,9 +9,12 @@ The format is described for users in docs/bundle.md.
 
 import hashlib
 import json
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE
 from rtsvc.errors import UserError
 
 FORMAT_VERSION = 1
@@ -51,7 +54,8 @@ class Bundle:
 
     @property
     def family(self) -> str:
-        """The DiT family's name (`rtsvc.models.families`); bundles written before V3 support are V2."""
+        """The DiT family's name (`rtsvc.models.families`; validated); bundles written before V3 support
+        are V2."""
         return str(self.manifest.get("family", "v2"))
 
     @property
@@ -66,6 +70,56 @@ class Bundle:
 
     def has(self, name: str) -> bool:
         return name in self.manifest["files"]
+
+    def graph(self, name: str) -> Path:
+        """`file(name)` for an ONNX graph, after checking where its external data lives: ONNX
+        Runtime would read any path a graph names (`/etc/passwd`, `../../secret`), so every
+        external-data location must be a file this bundle lists (hence hashed)."""
+        path = self.file(name)
+        for location in external_data_locations(path):
+            rel = PurePosixPath(location.replace("\\", "/"))
+            target = (path.parent / rel).resolve()
+            inside = target.is_relative_to(self.path.resolve())
+            listed = inside and target.relative_to(self.path.resolve()).as_posix() in self.manifest["files"]
+            if rel.is_absolute() or ".." in rel.parts or not listed:
+                raise UserError(f"bundle {self.path}: {_shown(name)} reads external data from "
+                                f"{_shown(location)[:120]!s}, which is not a file of this bundle")
+        return path
+
+
+def _graph_tensors(graph) -> Iterator:
+    """Every tensor of an ONNX graph that may hold external data, subgraphs (If, Loop) included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_tensors(sub)
+
+
+def external_data_locations(path: str | Path) -> list[str]:
+    """The external-data file names an ONNX graph refers to (its `location` entries), read without
+    loading any external data; UserError when the file is not an ONNX graph."""
+    import onnx
+    from onnx import TensorProto
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf raises its own types for foreign bytes
+        raise UserError(f"{path} is not an ONNX graph ({type(err).__name__})") from None
+    locations = []
+    for tensor in _graph_tensors(model.graph):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            entry = {e.key: e.value for e in tensor.external_data}
+            locations.append(entry.get("location", ""))
+    return locations
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -130,29 +184,84 @@ def _shown(text: str) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+MAX_SPEAKERS = 1 << 20  # speaker indices above this are corrupt (and would overflow an int64 feed)
+FAMILY_INTERFACES = {"v2": (DIT_INPUTS, STUDENT_DIT_INPUTS), "v3": (DIT_V3_INPUTS, STUDENT_V3_DIT_INPUTS)}
+NUMERIC_DEFAULTS = ("steps", "cfg_strength", "ds_cfg_strength", "spk_cfg_strength", "skip_cfg_strength",
+                    "cfg_rescale")
+
+
+def _is_int(value: object, minimum: int, maximum: int | None = None) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+            and (maximum is None or value <= maximum))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _schema_errors(manifest: dict) -> list[str]:
-    """What in a manifest has the wrong type (the fields this code reads), as short phrases."""
+    """What in a manifest has the wrong type or an impossible value (every field this code reads),
+    as short phrases; values written by a stranger never reach a network or a traceback."""
     errors = []
     for key in ("audio", "speakers", "dit", "defaults", "features", "files"):
         if not isinstance(manifest[key], dict):
             errors.append(f'"{key}" must be an object, got {type(manifest[key]).__name__}')
+    for key in ("vocoder", "export", "source", "student"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            errors.append(f'"{key}" must be an object, got {type(manifest[key]).__name__}')
     if errors:
         return errors
-    for key in ("sample_rate", "hop_length"):
-        if not _is_int(manifest["audio"].get(key), 1):
+    if not isinstance(manifest.get("name", ""), str):
+        errors.append('"name" must be a string')
+    family = manifest.get("family", "v2")
+    if not (isinstance(family, str) and family in FAMILY_INTERFACES):
+        errors.append(f'"family" must be "v2" or "v3", got {_shown(json.dumps(family))[:40]}')
+        family = None
+    for key, want in (("sample_rate", SAMPLE_RATE), ("hop_length", HOP_LENGTH)):
+        value = manifest["audio"].get(key)
+        if not _is_int(value, 1):
             errors.append(f'"audio.{key}" must be a positive integer')
+        elif value != want:
+            errors.append(f'"audio.{key}" is {value}; this rtsvc runs {want}')
+    dit = manifest["dit"]
+    for key in ("dim", "depth", "head_dim", "num_speaker", "n_mel", "cvec_dim", "whisper_dim"):
+        if dit.get(key) is not None and not _is_int(dit[key], 1, 1 << 16):
+            errors.append(f'"dit.{key}" must be a positive integer')
+    inputs = dit.get("inputs")
+    if inputs is not None and not _is_str_list(inputs):
+        errors.append('"dit.inputs" must be a list of input names')
+    elif family is not None and inputs and tuple(inputs) not in FAMILY_INTERFACES[family]:
+        errors.append(f'"dit.inputs" {_shown(", ".join(inputs))[:80]} is not a {family} DiT interface '
+                      f"(family {family})")
+    layers = dit.get("cfg_skip_layers")
+    depth = dit.get("depth") if _is_int(dit.get("depth"), 1, 1 << 16) else 1 << 16
+    listed = isinstance(layers, list) and all(_is_int(i, 0, depth - 1) for i in layers)
+    if layers is not None and not listed:
+        errors.append(f'"dit.cfg_skip_layers" must be null or a list of block numbers 0..{depth - 1}')
     speakers = manifest["speakers"]
-    if not all(isinstance(k, str) and k and _is_int(v, 0) for k, v in speakers.items()):
-        errors.append('"speakers" must map speaker names to indices (integers >= 0)')
+    count = dit.get("num_speaker") if _is_int(dit.get("num_speaker"), 1, MAX_SPEAKERS) else MAX_SPEAKERS
+    if not speakers:
+        errors.append('"speakers" lists no speaker')
+    elif not all(isinstance(k, str) and k and _is_int(v, 0, count - 1) for k, v in speakers.items()):
+        errors.append(f'"speakers" must map speaker names to indices (integers 0..{count - 1})')
+    defaults = manifest["defaults"]
+    if defaults.get("speaker") is not None and not isinstance(defaults["speaker"], str):
+        errors.append('"defaults.speaker" must be a speaker name')
+    for key in NUMERIC_DEFAULTS:
+        if defaults.get(key) is not None and not _is_number(defaults[key]):
+            errors.append(f'"defaults.{key}" must be a number')
     for name in ("contentvec", "whisper", "fcpe"):
         entry = manifest["features"].get(name)
         if entry is not None and not (isinstance(entry, dict) and all(
                 isinstance(entry.get(k), str | None) for k in ("onnx", "preprocessor"))):
             errors.append(f'"features.{name}" must be an object naming its files')
+    export = manifest.get("export") or {}
+    if not isinstance(export.get("precision", ""), str):
+        errors.append('"export.precision" must be a string')
     for name, entry in manifest["files"].items():
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and (entry.get("bytes") is None or _is_int(entry["bytes"], 0))):
@@ -179,6 +288,9 @@ def _check_file(path: Path, name: str, entry: dict, verify_hashes: bool) -> None
     if not name or "\0" in name or rel.is_absolute() or ".." in rel.parts:
         raise UserError(f"bundle {path}: manifest.json lists a file outside the bundle: {name!r}")
     file = path / rel
+    if not file.resolve().is_relative_to(path.resolve()):  # a link (or a linked folder) out of it
+        raise UserError(f"bundle {path}: {_shown(name)} is a link to a file outside the bundle "
+                        f"({_shown(str(file.resolve()))}); copy the file into the bundle")
     if not file.is_file():
         raise UserError(f"bundle {path}: {_shown(name)} is missing (listed in manifest.json): "
                         "the bundle is incomplete")
@@ -205,6 +317,27 @@ def read_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     return Bundle(path=path, manifest=manifest)
 
 
+def replaceable_bundle_problem(path: str | Path) -> str | None:
+    """Why `path` may not be deleted to make room for a new export (None: it may). Only a folder
+    that provably is an rtsvc bundle is replaced: its manifest validates as ours and the folder
+    holds nothing but manifest.json and the files it lists (a web project with a manifest.json,
+    or a bundle someone added notes to, is not ours to delete)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a plain folder"
+    try:
+        manifest = read_bundle(path, verify_hashes=False).manifest
+    except UserError as err:
+        return f"it is not an rtsvc bundle ({str(err).removeprefix(f'bundle {path}: ')})"
+    listed = {PurePosixPath(name) for name in manifest["files"]} | {PurePosixPath(MANIFEST)}
+    folders = {parent for name in listed for parent in name.parents if parent != PurePosixPath(".")}
+    for entry in path.rglob("*"):
+        rel = PurePosixPath(entry.relative_to(path).as_posix())
+        if entry.is_symlink() or not (rel in listed and entry.is_file() or rel in folders and entry.is_dir()):
+            return f"it holds {_shown(str(rel))}, which is not one of its bundle files"
+    return None
+
+
 def bundle_components(path: str | Path) -> set[str]:
     """Pretrained components a bundle carries itself (so a pretrained dir need not have them):
     always the vocoder; ContentVec and Whisper when exported with --with-encoders. Reads the
@@ -219,8 +352,6 @@ def bundle_components(path: str | Path) -> set[str]:
 
 
 def bundle_family(path: str | Path) -> str:
-    """The DiT family a bundle's manifest records ("v2" when it records none: older bundles)."""
-    try:
-        return str(json.loads((Path(path) / MANIFEST).read_text()).get("family", "v2"))
-    except (OSError, ValueError, AttributeError):
-        return "v2"
+    """The DiT family a bundle's manifest records ("v2" when it records none: older bundles), read
+    only from a manifest that validates (a stranger's bundle: one-line error otherwise)."""
+    return read_bundle(path, verify_hashes=False).family

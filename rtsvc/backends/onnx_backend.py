@@ -11,7 +11,16 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from rtsvc.backends.bundle import DIT_FILE, DIT_OUTPUT, VOCODER_FILE, VOCODER_OUTPUT, Bundle, read_bundle
+from rtsvc.backends.bundle import (
+    DIT_FILE,
+    DIT_OUTPUT,
+    FAMILY_INTERFACES,
+    VOCODER_FILE,
+    VOCODER_INPUTS,
+    VOCODER_OUTPUT,
+    Bundle,
+    read_bundle,
+)
 from rtsvc.backends.providers import (  # noqa: F401 - re-exported: callers import them from here
     CPU,
     GPU_PROVIDERS,
@@ -110,17 +119,31 @@ class OnnxBackend:
         self.skip_layers = None if layers is None else tuple(int(i) for i in layers)  # fixed in the V3 graph
         self.device = device
         self._providers, self._threads = list(providers), threads  # for the optional encoder sessions
-        self.dit = make_session(bundle.file(DIT_FILE), providers, threads)
-        self.vocoder = make_session(bundle.file(VOCODER_FILE), providers, threads)
+        self.dit = make_session(bundle.graph(DIT_FILE), providers, threads)
+        self.vocoder = make_session(bundle.graph(VOCODER_FILE), providers, threads)
         # a graph may take fewer inputs than the interface offers (an unguided DiT has no whisper or
         # cfg_strength input: the exporter drops unused inputs), so each run feeds only what it takes
         self._inputs = {id(s): {i.name for i in s.get_inputs()} for s in (self.dit, self.vocoder)}
+        self._check_interfaces()
         self.providers = self.dit.get_providers()
         self.fallback: str | None = None  # why an automatically chosen accelerator was given up (`open`)
         self.hop = int(bundle.manifest["audio"]["hop_length"])
         self.io_binding = self.providers[0] in GPU_PROVIDERS and device.type == "cuda"
         marker = bundle.manifest.get("student")
         self.student = StudentInfo.from_dict(marker) if marker else None  # dit.onnx: STUDENT_*DIT_INPUTS
+
+    def _check_interfaces(self) -> None:
+        """Each graph takes only inputs its family's interface feeds (a manifest whose `family` does
+        not match its graph, e.g. "v2" on a V3 DiT, is refused here, not by a missing feed later)."""
+        graphs = ((DIT_FILE, self.dit, FAMILY_INTERFACES[self.family]), (VOCODER_FILE, self.vocoder,
+                                                                          (VOCODER_INPUTS,)))
+        for name, session, interfaces in graphs:
+            taken = self._inputs[id(session)]
+            if not any(taken <= set(names) for names in interfaces):
+                unfed = sorted(taken - set().union(*interfaces))
+                raise UserError(f"bundle {self.bundle.path}: {name} takes inputs {', '.join(unfed)} that a "
+                                f"{self.family} bundle does not feed (manifest family {self.family!r} does "
+                                "not match the graph)")
 
     @classmethod
     def open(cls, path, device: str = "auto", pretrained=None, providers: str | Sequence[str] | None = None,
@@ -249,7 +272,7 @@ class OnnxBackend:
         if f0 == "fcpe" and fcpe_file:
             # F0 on its graph is short (~10 ms a block on 2 cores): beside the encoders it is the one
             # that takes `encoder_threads`, and the encoders keep the backend's (measured, issue 14)
-            session = make_session(self.bundle.file(fcpe_file), self._providers, threads)
+            session = make_session(self.bundle.graph(fcpe_file), self._providers, threads)
             fcpe_net = OnnxFcpeNet(session, device)
             threads = self._threads
         whisper = None
@@ -257,10 +280,10 @@ class OnnxBackend:
             from transformers import WhisperFeatureExtractor
 
             extractor = WhisperFeatureExtractor.from_pretrained(str(self.bundle.file(preprocessor).parent))
-            whisper = OnnxWhisperEncoder(make_session(self.bundle.file(whisper_file), self._providers,
+            whisper = OnnxWhisperEncoder(make_session(self.bundle.graph(whisper_file), self._providers,
                                                       threads), extractor, device)
         return FeatureExtractor(
-            OnnxContentVec(make_session(self.bundle.file(cvec_file), self._providers, threads), device),
+            OnnxContentVec(make_session(self.bundle.graph(cvec_file), self._providers, threads), device),
             whisper,
             make_f0_extractor(f0, rmvpe_path=pretrained.rmvpe if pretrained else None, device=device,
                               fcpe_net=fcpe_net),

@@ -77,6 +77,17 @@ class PulseServer:
         return env
 
 
+def burst_onsets(seconds: float, sample_rate: int = SAMPLE_RATE) -> list[int]:
+    """Where `burst_train` starts its bursts (samples): irregular intervals around BURST_EVERY_S."""
+    n, total = int(BURST_S * sample_rate), int(seconds * sample_rate)
+    rng = np.random.default_rng(7)
+    onsets, start = [], int(0.2 * sample_rate)
+    while start + n < total:
+        onsets.append(start)
+        start += int(BURST_EVERY_S * rng.uniform(0.6, 1.4) * sample_rate)
+    return onsets
+
+
 def burst_train(seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Hann-windowed harmonic bursts (voiced, so any voice passes them) at irregular intervals
     around BURST_EVERY_S, so that only the true delay lines the recording up with the bursts."""
@@ -84,12 +95,31 @@ def burst_train(seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     t = np.arange(n) / sample_rate
     burst = np.hanning(n) * sum(0.2 / k * np.sin(2 * np.pi * 220 * k * t) for k in range(1, 8))
     out = np.zeros(int(seconds * sample_rate), dtype=np.float32)
-    rng = np.random.default_rng(7)
-    start = int(0.2 * sample_rate)
-    while start + n < out.shape[0]:
+    for start in burst_onsets(seconds, sample_rate):
         out[start: start + n] = burst
-        start += int(BURST_EVERY_S * rng.uniform(0.6, 1.4) * sample_rate)
     return out
+
+
+def burst_delays(played: np.ndarray, recorded: np.ndarray, around: float, search_s: float = 0.1,
+                 sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Each burst's own delay in seconds, searched within `search_s` of the overall delay `around`
+    (so a long delay never matches the next burst); bursts that came back silent are left out."""
+    env_p, env_r = envelope(played, sample_rate), envelope(recorded, sample_rate)
+    n, reach = int(BURST_S * sample_rate), int(search_s * sample_rate)
+    centre = int(around * sample_rate)
+    floor = 0.1 * float(env_r.max()) if env_r.size else 0.0
+    delays = []
+    for onset in burst_onsets(played.shape[0] / sample_rate, sample_rate):
+        pattern = env_p[onset: onset + n]
+        lo, hi = onset + centre - reach, onset + centre + reach + n
+        if lo < 0 or hi > env_r.shape[0]:
+            continue
+        window = env_r[lo:hi]
+        if window.max() < floor:
+            continue
+        scores = np.correlate(window - window.mean(), pattern - pattern.mean(), mode="valid")
+        delays.append((lo + int(np.argmax(scores)) - onset) / sample_rate)
+    return np.array(delays)
 
 
 def envelope(x: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -123,9 +153,9 @@ def playrec_main(argv: list[str] | None = None) -> None:
     np.save(out_path, np.stack((played, recorded[:, 0])))
 
 
-def _rig(server: PulseServer, source: str, seconds: float, workdir: Path, attempts: int = 3) -> float:
-    """Play bursts into "mic" while recording `source`; the delay in seconds (retried: a PulseAudio
-    stream sometimes starts late on a busy machine and hears nothing)."""
+def _rig(server: PulseServer, source: str, seconds: float, workdir: Path, attempts: int = 3) -> np.ndarray:
+    """Play bursts into "mic" while recording `source`; each burst's delay in seconds (retried: a
+    PulseAudio stream sometimes starts late on a busy machine and hears nothing)."""
     out = workdir / f"rig-{source}.npy"
     code = "import sys; from rtsvc.bench.loopback import playrec_main; playrec_main(sys.argv[1:])"
     for _ in range(attempts):
@@ -134,41 +164,95 @@ def _rig(server: PulseServer, source: str, seconds: float, workdir: Path, attemp
                        capture_output=True)
         played, recorded = np.load(out)
         if np.max(np.abs(recorded)) >= 1e-3:
-            return delay_of(played, recorded)
+            delays = burst_delays(played, recorded, delay_of(played, recorded))
+            if delays.size:
+                return delays
     raise UserError(f"loopback: nothing came back on {source} (is `rtsvc live` passing audio?)")
 
 
-def measure_loopback(live_args: list[str], seconds: float = 6.0, startup_timeout: float = 60.0) -> dict:
-    """End-to-end latency of `rtsvc live LIVE_ARGS` between two PulseAudio null sinks, in ms."""
+def measure_loopback(live_args: list[str], seconds: float = 6.0, startup_timeout: float = 600.0) -> dict:
+    """End-to-end latency of `rtsvc live LIVE_ARGS` between two PulseAudio null sinks: per-burst
+    delays (ms) with the rig's own mean delay subtracted, and live's summary line."""
     with PulseServer() as server, tempfile.TemporaryDirectory() as tmp:
-        rig_ms = _rig(server, "mic.monitor", seconds, Path(tmp)) * 1000
+        rig = _rig(server, "mic.monitor", min(seconds, 6.0), Path(tmp)) * 1000
         log = Path(tmp) / "live.log"
-        live = start_live(server, ["--duration", str(seconds + 15), *live_args], log)
+        live = start_live(server, ["--duration", str(seconds + 30), *live_args], log)
         try:
             wait_for_start(live, log, startup_timeout)
             time.sleep(1.0)  # let the streams settle
-            total_ms = _rig(server, "speaker.monitor", seconds, Path(tmp)) * 1000
+            try:
+                total = _rig(server, "speaker.monitor", seconds, Path(tmp)) * 1000
+            except UserError as err:  # say what live said
+                said = log.read_text(errors="replace")[-600:]
+                raise UserError(f"{err}; live's last lines: {said}") from None
         finally:
             live.send_signal(signal.SIGINT)  # a clean Ctrl-C: live prints its counters
             try:
-                live.wait(timeout=10)
+                live.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 live.kill()
                 live.wait()
         text = log.read_text(errors="replace")
-        summary = text[text.rindex("stopped after"):].strip() if "stopped after" in text else ""
-    return {"rig_ms": rig_ms, "total_ms": total_ms, "live_ms": total_ms - rig_ms, "live_summary": summary}
+    summary = next((line.strip() for line in text.splitlines() if line.startswith("stopped after")), "")
+    started = next((line.strip() for line in text.splitlines() if line.startswith("live:")), "")
+    live_ms = total - float(np.mean(rig))
+    return {"rig_ms": float(np.mean(rig)), "total_ms": float(np.mean(total)),
+            "live_ms": float(np.mean(live_ms)), "live_p95_ms": float(np.percentile(live_ms, 95)),
+            "bursts": int(live_ms.size),
+            "live_summary": summary, "live_start": started, "split": summary_split(summary),
+            "log_tail": text[-2000:]}
 
 
-def loopback_report(config: StreamConfig, live_args: list[str] = ()) -> str:
-    """`rtsvc bench --loopback`: measure `rtsvc live` (DSP voice) at `config`; a printable summary."""
-    args = ["--block-ms", str(config.block_ms), "--context-ms", str(config.context_ms), "--crossfade-ms",
-            str(config.crossfade_ms), "--sola-search-ms", str(config.sola_search_ms), "--gate", "-70",
-            *live_args]
-    res = measure_loopback(args)
-    return (f"loopback end-to-end latency of `rtsvc live` (block {config.block_ms:g} ms): "
-            f"{res['live_ms']:.0f} ms (rig total {res['total_ms']:.0f} ms, rig alone {res['rig_ms']:.0f} ms)"
-            f"\n  live: {res['live_summary']}")
+SPLIT_PATTERNS = {
+    "underruns": r"underruns (\d+)", "overruns": r"overruns (\d+)", "trims": r"trims (\d+)",
+    "block_ms": r"of ([\d.]+) ms, compute", "compute_ms": r"compute ([\d.]+) ms/block",
+    "compute_p99_ms": r"\(p99 ([\d.]+)\)", "e2e_estimate_ms": r"e2e estimate (\d+) ms",
+    "algorithmic_ms": r"algorithmic (\d+)", "buffer_ms": r"\+ buffer (\d+)", "device_ms": r"\+ device (\d+)",
+}
+
+
+def summary_split(summary: str) -> dict:
+    """The numbers in live's summary line (`rtsvc.live.live_summary`) by name; missing ones are absent."""
+    import re
+
+    found = {}
+    for name, pattern in SPLIT_PATTERNS.items():
+        match = re.search(pattern, summary)
+        if match:
+            found[name] = float(match.group(1))
+    return found
+
+
+LOOPBACK_COLUMNS = ("voice / options", "e2e mean", "e2e p95", "under", "over", "block", "algo", "compute",
+                    "buffer", "device", "bursts")
+
+
+def loopback_row(label: str, res: dict) -> tuple[str, ...]:
+    sp = res["split"]
+
+    def ms(name: str) -> str:
+        return f"{sp[name]:.0f}" if name in sp else "?"
+
+    return (label, f"{res['live_ms']:.0f}", f"{res['live_p95_ms']:.0f}", ms("underruns"), ms("overruns"),
+            f"{sp['block_ms']:.1f}" if "block_ms" in sp else "?", ms("algorithmic_ms"),
+            f"{ms('compute_ms')} (p99 {ms('compute_p99_ms')})", ms("buffer_ms"), ms("device_ms"),
+            str(res["bursts"]))
+
+
+def loopback_args(config: StreamConfig, model_args: list[str] = ()) -> list[str]:
+    """`rtsvc live` options for one loopback row: the block (auto allowed) and lengths of `config`."""
+    block = "auto" if config.block_ms is None else f"{config.block_ms:g}"
+    return ["--block-ms", block, "--context-ms", f"{config.context_ms:g}", "--crossfade-ms",
+            f"{config.crossfade_ms:g}", "--sola-search-ms", f"{config.sola_search_ms:g}", "--gate", "-70",
+            *model_args]
+
+
+def loopback_report(config: StreamConfig, live_args: list[str] = (), seconds: float = 6.0) -> tuple[str, ...]:
+    """`rtsvc bench --loopback`: one row (see LOOPBACK_COLUMNS) for `rtsvc live` at `config` with
+    `live_args` (e.g. --model, --audio-api)."""
+    res = measure_loopback(loopback_args(config, list(live_args)), seconds=seconds)
+    label = " ".join(live_args) or "DSP voice"
+    return loopback_row(label, res)
 
 
 def start_live(server: PulseServer, args: list[str], log: Path) -> subprocess.Popen:
@@ -193,3 +277,25 @@ def wait_for_start(process: subprocess.Popen, log: Path, timeout: float) -> None
             raise UserError(f"`rtsvc live` exited early (code {process.returncode}): {text[-800:]}")
         time.sleep(0.1)
     raise UserError(f"`rtsvc live` did not start within {timeout:.0f} s")
+
+
+def loopback_rows(dsp_configs: list, model_configs: list, model: Path | None, pretrained_dir: Path,
+                  f0: str | None, providers: str | None, live_options: str, seconds: float, say) -> list:
+    """`rtsvc bench --loopback`: one row per `rtsvc live` run through the rig, the DSP voice at each
+    of `dsp_configs`, then `model` (when given) at each of `model_configs` as given (auto: live
+    measures it); `live_options` are more `rtsvc live` options for every row."""
+    import shlex
+
+    extra = shlex.split(live_options)
+    runs = [(c, extra) for c in dsp_configs]
+    if model is not None:
+        model_args = ["--model", str(model), "--pretrained-dir", str(pretrained_dir)]
+        model_args += ["--f0", f0] if f0 else []
+        model_args += ["--providers", providers] if providers else []
+        runs += [(c, model_args + extra) for c in model_configs]
+    rows = []
+    for config, args in runs:
+        block = "auto" if config.block_ms is None else f"{config.block_ms:g} ms"
+        say(f"loopback: PulseAudio and `rtsvc live {' '.join(args)}` (block {block})")
+        rows.append(loopback_report(config, args, seconds=seconds))
+    return rows

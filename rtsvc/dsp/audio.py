@@ -1,5 +1,8 @@
 """Audio I/O, resampling and the framing constants shared by the mel, the vocoder and the DiT."""
 
+import contextlib
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,15 +22,59 @@ FMAX = 16000.0
 ENCODER_SAMPLE_RATE = 16000  # ContentVec, Whisper and RMVPE take 16 kHz
 
 
+MIN_FILE_RATE, MAX_FILE_RATE = 4000, 384000  # audio files outside this are refused (corrupt headers)
+_NATIVE_STDERR = threading.Lock()
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Discard what C libraries print on file descriptor 2 meanwhile: libsndfile's MP3 decoder
+    (mpg123) prints "Note: Illegal Audio-MPEG-Header ..." for files that are not audio, before our
+    one-line message. One thread at a time, so the real stderr is always the one put back."""
+    with _NATIVE_STDERR:
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def open_audio(path: str | Path) -> sf.SoundFile:
+    """Open an audio file for reading (soundfile), or UserError in one line: missing, not a regular
+    file (a FIFO or device is never read), not readable audio, or a sample rate outside
+    MIN_FILE_RATE..MAX_FILE_RATE (a header claiming 1 Hz would make a 44.1 kHz output 44,100 times
+    longer than the file's samples; one claiming 1 GHz, an empty one)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"audio file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"cannot read audio file {path}: not a regular file (a folder, pipe or device)")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"cannot read audio file {path}: permission denied")
+    try:
+        with _native_stderr_silenced():
+            f = sf.SoundFile(str(path))
+    except Exception:  # noqa: BLE001 - soundfile raises several types, and its text blames the path
+        raise UserError(f"cannot read audio file {path}: not readable audio (unknown, corrupt or mislabelled "
+                        "format; wav, flac, ogg and mp3 are read)") from None
+    if not MIN_FILE_RATE <= f.samplerate <= MAX_FILE_RATE:
+        f.close()
+        raise UserError(f"cannot read audio file {path}: its header claims a sample rate of {f.samplerate} "
+                        f"Hz, outside {MIN_FILE_RATE // 1000}-{MAX_FILE_RATE // 1000} kHz (a corrupt or "
+                        "forged file)")
+    return f
+
+
 def load_audio(path: str | Path, sample_rate: int | None = SAMPLE_RATE) -> tuple[np.ndarray, int]:
     """Read any soundfile-supported file as mono float32, resampled to `sample_rate` if given."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"audio file not found: {path}")
-    try:
-        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as err:  # soundfile raises several types for bad files
-        raise UserError(f"cannot read audio file {path}: {err}") from None
+    with open_audio(path) as f:
+        try:
+            audio, sr = f.read(dtype="float32", always_2d=True), f.samplerate
+        except Exception as err:  # noqa: BLE001 - soundfile raises several types for bad files
+            raise UserError(f"cannot read audio file {path}: {err}") from None
     audio = audio.mean(axis=1)
     if audio.size == 0:
         raise UserError(f"audio file is empty: {path}")
@@ -43,13 +90,7 @@ def read_audio_blocks(path: str | Path, sample_rate: int | None = SAMPLE_RATE,
     bounded by the block, whatever the file's length). Yields (block as read, block resampled to
     `sample_rate`, start in seconds): callers can check the file's own samples."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"audio file not found: {path}")
-    try:
-        f = sf.SoundFile(str(path))
-    except Exception as err:  # soundfile raises several types for bad files
-        raise UserError(f"cannot read audio file {path}: {err}") from None
-    with f:
+    with open_audio(path) as f:
         resampler = StreamResampler(f.samplerate, sample_rate or f.samplerate)
         block, start = max(1, int(f.samplerate * block_s)), 0
         while True:

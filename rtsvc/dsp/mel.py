@@ -59,15 +59,16 @@ def mel_filterbank(
     The vocoder's mel uses the slaney scale; RMVPE's front end uses the HTK scale (`htk=True`).
     """
     to_mel, to_hz = (_hz_to_mel_htk, _mel_to_hz_htk) if htk else (_hz_to_mel, _mel_to_hz)
-    fft_freqs = np.linspace(0, sample_rate / 2, 1 + n_fft // 2)
+    fft_freqs = np.fft.rfftfreq(n=n_fft, d=1.0 / sample_rate)
     mel_points = to_hz(np.linspace(to_mel(np.array([fmin]))[0], to_mel(np.array([fmax]))[0], n_mels + 2))
     fdiff = np.diff(mel_points)
     ramps = mel_points[:, None] - fft_freqs[None, :]
     lower = -ramps[:-2] / fdiff[:-1, None]
     upper = ramps[2:] / fdiff[1:, None]
-    weights = np.maximum(0.0, np.minimum(lower, upper))
-    weights *= (2.0 / (mel_points[2:] - mel_points[:-2]))[:, None]  # slaney area normalisation
-    return weights.astype(np.float32)
+    # rounded to float32 before and after the slaney area normalisation, as librosa stores them
+    weights = np.maximum(0.0, np.minimum(lower, upper)).astype(np.float32)
+    weights *= (2.0 / (mel_points[2:] - mel_points[:-2]))[:, None]
+    return weights
 
 
 def _frames_padded(audio: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,17 @@
-"""Long-audio slicing at silences, and joining converted pieces back with crossfades.
+"""Long-audio slicing at silences, and joining converted pieces back.
 
-The idea follows RIFT-SVC's `slicer.py` (itself from audio-slicer): frame RMS every `hop_ms`,
-runs of frames below `threshold_db` that last at least `min_interval_ms` split the audio once
-the current clip is `min_length_ms` long; at most `max_sil_kept_ms` of silence is kept next to a
-clip, the rest is dropped (and comes back as silence when joining). We add one thing upstream
-lacks: clips longer than `max_length_s` are split again at their quietest frame, because the
-Whisper encoder only sees 30 s and long windows cost quadratic attention; and the threshold
-follows quiet recordings down (never above `KEEP_RANGE_DB` under the loudest frame), since
-upstream's absolute -30 dBFS drops whole phrases of a recording made at a low level.
+`slice_at_silences` is upstream RIFT-SVC's `slicer.py` (c03fa59, itself from audio-slicer) with
+upstream infer.py's settings: frame RMS every 10 ms, runs of frames below -30 dBFS that last at
+least 100 ms split the audio once the current clip is 3 s long; at most 200 ms of silence is kept
+next to a clip, the rest is dropped (and comes back as silence when joining). Two options of ours,
+off by default: `max_length_s` splits clips longer than that at their quietest frame (the Whisper
+encoder only sees 30 s; training uses it), and `keep_range_db` lets the threshold follow quiet
+recordings down (never above that many dB under the loudest frame: upstream's absolute -30 dBFS
+drops whole phrases of a recording made at a low level).
+
+`join_with_fades` is upstream infer.py's join: pieces placed at their start, a half-Hann fade-in
+and a linear fade-out of 20 ms at every inner boundary, no overlap. `join_with_crossfade` is ours
+(an option): pieces extended into their neighbours and crossfaded with complementary ramps.
 """
 
 import numpy as np
@@ -18,10 +22,11 @@ THRESHOLD_DB = -30.0  # upstream infer.py defaults
 MIN_LENGTH_MS = 3000
 MIN_INTERVAL_MS = 100
 HOP_MS = 10
-MAX_SIL_KEPT_MS = 300
-MAX_LENGTH_S = 25.0  # ours: keeps every piece inside Whisper's 30 s window
-KEEP_RANGE_DB = 30.0  # ours: sound within this of the loudest frame is never silence
-CROSSFADE_MS = 20.0  # upstream infer.py fade_duration
+MAX_SIL_KEPT_MS = 200
+FADE_MS = 20.0  # upstream infer.py --fade-duration
+CROSSFADE_MS = 20.0  # ours (join="crossfade"): neighbours overlap by this much
+TRAINING_KEEP_RANGE_DB = 30.0  # ours, for training: sound within this of the loudest frame is kept
+TRAINING_MAX_SIL_KEPT_MS = 300
 
 
 RMS_CHUNK_FRAMES = 1024  # frames whose RMS is computed at once: bounds frame_rms's scratch memory
@@ -65,6 +70,17 @@ def _silences(rms: np.ndarray, threshold: float, min_length: int, min_interval: 
             pos = int(rms[silence_start:i + 1].argmin()) + silence_start
             tags.append((0, pos) if silence_start == 0 else (pos, pos))
             clip_start = pos
+        elif i - silence_start <= max_kept * 2:
+            # medium silence: cut around its quietest middle frame, keeping up to max_kept each side
+            pos = int(rms[i - max_kept:silence_start + max_kept + 1].argmin()) + i - max_kept
+            left = int(rms[silence_start:silence_start + max_kept + 1].argmin()) + silence_start
+            right = int(rms[i - max_kept:i + 1].argmin()) + i - max_kept
+            if silence_start == 0:
+                tags.append((0, right))
+                clip_start = right
+            else:
+                tags.append((min(left, pos), max(right, pos)))
+                clip_start = max(right, pos)
         else:
             # long silence: keep up to max_kept frames on each side, cut at the quietest frames
             left = int(rms[silence_start:silence_start + max_kept + 1].argmin()) + silence_start
@@ -93,26 +109,31 @@ def _split_long(start: int, end: int, rms: np.ndarray, hop: int, max_len: int) -
 def slice_at_silences(
     audio: np.ndarray, sample_rate: int = SAMPLE_RATE, threshold_db: float = THRESHOLD_DB,
     min_length_ms: float = MIN_LENGTH_MS, min_interval_ms: float = MIN_INTERVAL_MS,
-    hop_ms: float = HOP_MS, max_sil_kept_ms: float = MAX_SIL_KEPT_MS, max_length_s: float = MAX_LENGTH_S,
+    hop_ms: float = HOP_MS, max_sil_kept_ms: float = MAX_SIL_KEPT_MS, max_length_s: float | None = None,
+    keep_range_db: float | None = None,
 ) -> list[tuple[int, int]]:
-    """Sample ranges [start, end) of the non-silent pieces, in order, not overlapping.
+    """Sample ranges [start, end) of the non-silent pieces, in order, not overlapping: upstream's
+    `Slicer(threshold, min_length, min_interval, hop_size, max_sil_kept).slice` positions.
 
-    Audio quieter than `threshold_db` everywhere gives one piece covering all of it (the caller
-    decides whether that is silence); dropped silence is simply not covered by any range.
+    Audio with no silence gives one piece covering all of it (the caller decides whether that is
+    silence); dropped silence is simply not covered by any range.
     """
     n = len(audio)
     if n == 0:
         return []
     hop = max(1, round(sample_rate * hop_ms / 1000))
     win = min(round(sample_rate * min_interval_ms / 1000), 4 * hop)
-    rms = frame_rms(audio, hop, win)
-    loudest_db = 20 * np.log10(max(float(rms.max(initial=0.0)), 1e-10))
-    threshold = 10 ** (min(threshold_db, loudest_db - KEEP_RANGE_DB) / 20)
     to_frames = lambda ms: round(sample_rate * ms / 1000 / hop)  # noqa: E731
-    tags = []
-    if len(rms) > to_frames(min_length_ms):
-        tags = _silences(rms, threshold, to_frames(min_length_ms), to_frames(min_interval_ms),
-                         to_frames(max_sil_kept_ms))
+    # upstream compares the length in *samples* with min_length in frames: in effect it always slices
+    if n <= to_frames(min_length_ms):
+        return [(0, n)]
+    rms = frame_rms(audio, hop, win)
+    threshold = threshold_db
+    if keep_range_db is not None:
+        loudest_db = 20 * np.log10(max(float(rms.max(initial=0.0)), 1e-10))
+        threshold = min(threshold_db, loudest_db - keep_range_db)
+    tags = _silences(rms, 10 ** (threshold / 20), to_frames(min_length_ms), to_frames(min_interval_ms),
+                     to_frames(max_sil_kept_ms))
     bounds, pos = [], 0
     for a, b in tags:
         if a * hop > pos:
@@ -122,8 +143,31 @@ def slice_at_silences(
         bounds.append((pos, n))
     if not bounds:  # all silence: hand the whole thing back
         bounds = [(0, n)]
+    if max_length_s is None:
+        return [(a, b) for a, b in bounds if b > a]
     max_len = max(hop, int(max_length_s * sample_rate))
     return [piece for a, b in bounds if b > a for piece in _split_long(a, b, rms, hop, max_len)]
+
+
+def join_with_fades(pieces: list[tuple[int, np.ndarray]], length: int, fade: int) -> np.ndarray:
+    """Upstream infer.py's join: each piece in order at its start sample, into `length` samples of
+    silence; every piece but the first fades in over `fade` samples with the first half of a Hann
+    window (numpy's, 2 * fade long) and fades out what is already there; every piece but the last
+    fades out linearly over its last `fade` samples. Pieces do not overlap, so each inner boundary
+    dips through silence (20 + 20 ms at upstream's default)."""
+    out = np.zeros(length + fade, dtype=np.float64)
+    fade_in = np.hanning(fade * 2)[:fade]
+    fade_out = np.linspace(1, 0, fade)
+    for idx, (start, piece) in enumerate(pieces):
+        piece = np.array(piece, dtype=np.float64)
+        k = min(fade, len(piece))  # a piece shorter than the fade (upstream would fail) fades over itself
+        if idx > 0:
+            piece[:k] *= fade_in[:k]
+            out[start:start + fade] *= fade_out[: len(out[start:start + fade])]
+        if idx < len(pieces) - 1:
+            piece[len(piece) - k:] *= fade_out[fade - k:]
+        out[start:start + len(piece)] += piece
+    return out[:length].astype(np.float32)
 
 
 def _ramp(length: int) -> np.ndarray:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, N_FFT, SAMPLE_RATE, resample
 from rtsvc.features.f0 import f0_to_mel_frames
+from rtsvc.features.frames import mel_frame_count
 from rtsvc.features.overlap import SideThread
 from rtsvc.features.requests import FeatureRequest, FeatureSteps, drive
 
@@ -109,7 +110,8 @@ class FeatureCache:
 
     `window(audio, start_sample)` (or the generator `window_steps`) -> (f0 Hz unshifted [n], rms [n],
     cvec [n, 768], whisper [n, 1280] or None when `features` has no Whisper encoder (V3)),
-    n = ceil(len / 512) mel frames, on `features.device`. `last_ms` holds the last call's time per part
+    n = len // 512 mel frames (`mel_frame_count`, the offline grid), on `features.device`. `last_ms`
+    holds the last call's time per part
     (with `concurrent_f0`, F0 and the encoders overlap in time, so their times add up to more).
 
     `concurrent_f0`: `window` computes F0 on a side thread while the encoders run
@@ -166,7 +168,7 @@ class FeatureCache:
 
     def _on_window(self, audio: np.ndarray, start_sample: int):
         """The window's frames from the stores (all computed by now); forget what no later window needs."""
-        n = -(-len(audio) // HOP_LENGTH)
+        n = mel_frame_count(len(audio))
         s = start_sample - self.origin
         k0 = s // HOP_LENGTH
         whisper = self._enc_on_mel(self.whisper, k0, n) if self.features.whisper_encoder is not None else None
@@ -197,8 +199,8 @@ class FeatureCache:
             store.clear()
         self.origin = start_sample
         self.cold_starts += 1
-        n = -(-len(audio) // HOP_LENGTH)
-        padded = np.pad(audio, (0, n * HOP_LENGTH - len(audio)))
+        n = mel_frame_count(len(audio))
+        padded = audio[:n * HOP_LENGTH]  # (engine windows are whole frames; a partial one gets no frame)
         started = time.perf_counter()
         self.rms.write(0, _rms(padded, left_reflect=True))
         self._lap("rms", started)

@@ -1,9 +1,10 @@
 """Every conditioning feature of a clip, on the mel frame grid (n = len(audio_44k) // 512 frames).
 
-As upstream infer.py: mel and RMS from the 44.1 kHz audio; ContentVec, Whisper and F0 from the
-same audio resampled to 16 kHz; each encoder's frames resized onto the n mel frames; F0 through
-`f0_to_mel_frames` (fill, resample, re-zero unvoiced). The per-feature methods take any window, so
-the streaming engine can compute them on bounded windows.
+As upstream infer.py: mel and RMS from the 44.1 kHz audio; ContentVec and Whisper from the audio
+resampled to 16 kHz by soxr (librosa.resample), F0 from the sinc resampler upstream's RMVPE uses;
+each encoder's frames resized onto the n mel frames; F0 through `f0_to_mel_frames` (fill, resample,
+re-zero unvoiced). The per-feature methods take any window, so the streaming engine can compute them
+on bounded windows.
 """
 
 from dataclasses import dataclass, fields
@@ -13,7 +14,10 @@ import torch
 
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.dsp.mel import log_mel_spectrogram, rms_per_frame
+from rtsvc.dsp.sinc import sinc_resample
 from rtsvc.features.f0 import F0Extractor, f0_to_mel_frames, make_f0_extractor, shift_f0
+from rtsvc.features.frames import mel_frame_count
+from rtsvc.features.robust_f0 import robust_f0
 from rtsvc.models.families import family_named
 from rtsvc.pretrained import PretrainedPaths
 
@@ -52,6 +56,7 @@ class FeatureExtractor:
         self.f0_extractor = f0
         self.device = torch.device(device)
         self.content_resize = content_resize  # how ContentVec frames go onto the mel grid
+        self.robust_f0 = 0  # upstream's --robust-f0 level for whole clips (offline): 0, 1 or 2
 
     @classmethod
     def from_pretrained(cls, paths: PretrainedPaths, f0: str = "rmvpe",
@@ -78,8 +83,20 @@ class FeatureExtractor:
     # ------------------------------------------------------------ per feature, any window
 
     def f0(self, audio_16k: np.ndarray, n_frames: int, semitones: float = 0.0) -> torch.Tensor:
-        hz = f0_to_mel_frames(self.f0_extractor(audio_16k), n_frames)
-        return torch.from_numpy(shift_f0(hz, semitones)).to(self.device)
+        hz = f0_to_mel_frames(self.f0_extractor(audio_16k), n_frames, dtype=np.float64)
+        hz = shift_f0(hz, semitones).astype(np.float32)  # shifted, then rounded, as upstream
+        return torch.from_numpy(hz).to(self.device)
+
+    def f0_clip(self, audio_44k: np.ndarray, f0_16k: np.ndarray, n_frames: int,
+                semitones: float = 0.0) -> torch.Tensor:
+        """Offline F0 of a whole clip (`f0` of its F0 audio `f0_16k`), checked by WORLD and Praat as
+        upstream's `--robust-f0` when `robust_f0` is 1 or 2 (then `audio_44k` is what they hear)."""
+        if not self.robust_f0:
+            return self.f0(f0_16k, n_frames, semitones)
+        hz = f0_to_mel_frames(self.f0_extractor(f0_16k), n_frames, dtype=np.float64)
+        rms = self.rms(audio_44k).cpu().numpy() if self.robust_f0 == 1 else None
+        hz = robust_f0(self.robust_f0, hz, np.asarray(audio_44k), SAMPLE_RATE, HOP_LENGTH, rms)
+        return torch.from_numpy(shift_f0(hz, semitones).astype(np.float32)).to(self.device)
 
     def content(self, audio_16k: np.ndarray, n_frames: int) -> torch.Tensor:
         return self.contentvec.encode(audio_16k, n_frames, self.content_resize)
@@ -101,12 +118,13 @@ class FeatureExtractor:
     def extract(self, audio_44k: np.ndarray, semitones: float = 0.0, with_mel: bool = True) -> Features:
         """Features of a 44.1 kHz mono clip on its len // 512 mel frames."""
         audio_44k = np.asarray(audio_44k, dtype=np.float32).reshape(-1)
-        n = len(audio_44k) // HOP_LENGTH
+        n = mel_frame_count(len(audio_44k))
         if n == 0:
             raise ValueError(f"audio shorter than one mel frame ({HOP_LENGTH} samples)")
         audio_16k = resample(audio_44k, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        f0_16k = sinc_resample(audio_44k, SAMPLE_RATE, ENCODER_SAMPLE_RATE)  # what upstream's RMVPE hears
         return Features(
-            f0=self.f0(audio_16k, n, semitones),
+            f0=self.f0(f0_16k, n, semitones),
             rms=self.rms(audio_44k),
             cvec=self.content(audio_16k, n),
             whisper=self.whisper(audio_16k, n) if self.whisper_encoder is not None else None,

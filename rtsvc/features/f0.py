@@ -180,12 +180,13 @@ def make_f0_extractor(name: str = "rmvpe", rmvpe_path: str | Path | None = None,
 
 def f0_to_mel_frames(f0: np.ndarray, n_frames: int, frame_rate: float = F0_FRAME_RATE,
                      sample_rate: int = SAMPLE_RATE, hop_length: int = HOP_LENGTH,
-                     f0_start: int = 0, mel_start: int = 0) -> np.ndarray:
+                     f0_start: int = 0, mel_start: int = 0, dtype: type = np.float32) -> np.ndarray:
     """Upstream `post_process_f0`: fill unvoiced gaps, resample to mel frame times, re-zero unvoiced.
 
     `f0_start` / `mel_start` are the stream indices of the first F0 frame and the first mel frame
     wanted (a streaming window's F0 slice and mel frames sit on the stream's clock; 0 for a clip).
-    A clip with no voiced frame stays all zeros. Returns float32 [n_frames].
+    A clip with no voiced frame stays all zeros. Returns [n_frames] in `dtype` (float64: shift before
+    rounding, as upstream does).
     """
     f0 = np.asarray(f0, dtype=np.float64).reshape(-1).copy()
     if n_frames <= 0:
@@ -200,7 +201,7 @@ def f0_to_mel_frames(f0: np.ndarray, n_frames: int, frame_rate: float = F0_FRAME
     dst_t = (mel_start + np.arange(n_frames)) * hop_length / sample_rate
     out = np.interp(dst_t, src_t, f0)
     out[np.interp(dst_t, src_t, uv.astype(np.float64)) > 0.5] = 0.0
-    return out.astype(np.float32)
+    return out.astype(dtype)
 
 
 def interpolate_unvoiced(f0: np.ndarray) -> np.ndarray:

@@ -3,10 +3,19 @@
 import torch
 import torch.nn.functional as F
 
+from rtsvc.dsp.audio import HOP_LENGTH
+
 # How encoder frames (50/s) are stretched onto mel frames (86.13/s). RIFT-SVC V2's
 # `interpolate_tensor` is F.interpolate(mode="nearest") on [1, 1, frames, dim]; V3 switched to
 # `linear_interpolate_tensor` (mode="linear", align_corners=True). We follow V2, the model we load.
 RESIZE_MODE = "nearest"
+
+
+def mel_frame_count(samples: int) -> int:
+    """Mel frames of `samples` audio samples: floor(samples / 512), upstream's grid (its mel pads 768
+    samples each side, reflecting, and frames 2048 every 512). The last `samples % 512` samples get no
+    frame: converted, they come out silent, as upstream's infer.py zero-pads them."""
+    return int(samples) // HOP_LENGTH
 
 
 def resize_frames(x: torch.Tensor, n_frames: int, mode: str | None = None) -> torch.Tensor:

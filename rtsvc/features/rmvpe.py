@@ -78,7 +78,8 @@ def rmvpe_log_mel(audio: torch.Tensor) -> torch.Tensor:
     spec = torch.stft(audio, N_FFT, hop_length=HOP_LENGTH, win_length=N_FFT, window=window,
                       center=True, pad_mode="reflect", return_complex=True)
     basis = torch.from_numpy(mel_filterbank_htk()).to(audio.device)
-    return torch.log(torch.clamp(basis @ spec.abs(), min=1e-5))
+    magnitude = torch.sqrt(spec.real.pow(2) + spec.imag.pow(2))  # as upstream (abs() rounds differently)
+    return torch.log(torch.clamp(basis @ magnitude, min=1e-5))
 
 
 # ---------------------------------------------------------------- decoding

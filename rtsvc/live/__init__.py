@@ -9,16 +9,21 @@ from rtsvc.live.devices import devices_table, find_device, find_devices, list_de
 from rtsvc.live.fifo import OutputFifo
 from rtsvc.live.keys import KeyReader, key_help
 from rtsvc.live.run import (
+    AUDIO_API,
+    DEVICE_BLOCK_MS,
     JITTER_MS,
+    PULSE_BUFFER_MS,
     auto_jitter_ms,
     check_live_options,
     live_summary,
+    parse_device_buffer_ms,
     parse_jitter_ms,
     run_live,
 )
 from rtsvc.live.state import LiveState
 from rtsvc.live.virtual_mic import VirtualMic, check_virtual_mic
 
-__all__ = ["JITTER_MS", "KeyReader", "LiveState", "OutputFifo", "auto_jitter_ms", "check_live_options",
+__all__ = ["AUDIO_API", "DEVICE_BLOCK_MS", "JITTER_MS", "PULSE_BUFFER_MS", "KeyReader",
+           "LiveState", "OutputFifo", "auto_jitter_ms", "check_live_options",
            "devices_table", "find_device", "find_devices", "key_help", "list_devices", "live_summary",
-           "parse_jitter_ms", "run_live", "VirtualMic", "check_virtual_mic"]
+           "parse_device_buffer_ms", "parse_jitter_ms", "run_live", "VirtualMic", "check_virtual_mic"]

@@ -140,18 +140,21 @@ def find_devices(input_device: str | int | None, output_device: str | int | None
     return find_device(input_device, "input", devices), find_device(output_device, "output", devices), monitor
 
 
-def devices_table(devices: list[dict]):
-    """`rtsvc devices` as a rich table."""
-    from rich.table import Table
-
-    table = Table(title="audio devices: --input / --output / --monitor take an index or a name "
-                        "(PulseAudio/PipeWire sources and sinks by name)")
-    for col in ("index", "name", "host API", "in", "out", "default Hz", "default"):
-        table.add_column(col, justify="right" if col in ("index", "in", "out", "default Hz") else "left")
+def devices_table(devices: list[dict]) -> str:
+    """`rtsvc devices` as plain lines: each name whole on its own line (a user types or copies it; a
+    table column would cut a long PulseAudio name at 80 columns), its details indented below."""
+    lines = ["audio devices: --input / --output / --monitor take an index or a name",
+             "(PulseAudio/PipeWire sources and sinks by name)"]
     for d in devices:
         flags = (("input", d["default_input"]), ("output", d["default_output"]))
-        kind = "source" if d["inputs"] else "sink"
-        table.add_row("-" if d.get("pulse") else str(d["index"]), d["name"],
-                      f"PulseAudio {kind}" if d.get("pulse") else d["hostapi"], str(d["inputs"]),
-                      str(d["outputs"]), str(d["default_rate"]), "/".join(name for name, on in flags if on))
-    return table
+        defaults = "/".join(kind for kind, on in flags if on)
+        if d.get("pulse"):
+            kind = "source" if d["inputs"] else "sink"
+            where = f"PulseAudio {kind}"
+            head = d["name"]
+        else:
+            where = d["hostapi"]
+            head = f"{d['index']}: {d['name']}"
+        details = f"{where}, in {d['inputs']} out {d['outputs']}, {d['default_rate']} Hz"
+        lines += ["", head, f"    {details}" + (f", default {defaults}" if defaults else "")]
+    return "\n".join(lines)

@@ -12,13 +12,16 @@ length; on a machine whose load moves compute by more (issue 14: 70-200 ms withi
 FIFO runs dry (an underrun) and is primed again with the silence it lacked added to the prime (at
 most one block more in all), so the next equally late block is on time: latency grows only where
 it must.
-Overruns (the worker falling behind, or the output clock running slower than the input clock) drop
-the oldest audio and are counted.
+Drift (issue 23): what waits between the callbacks returns to its target after a stall or a burst:
+queued input over it is skipped and converted audio over it is dropped, both crossfaded and counted
+as trims (`rtsvc/live/fifo.py`); under sustained overload the block grows (`rtsvc/live/chain.py`).
+The status shows the end-to-end estimate: algorithmic + buffer + device (docs/latency.md).
 """
 
 
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -30,13 +33,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rtsvc.dsp.audio import rms_db
-from rtsvc.engine import RateAdapter, StreamConfig, StreamingConverter
+from rtsvc.engine import StreamConfig, StreamLayout
 from rtsvc.errors import UserError
+from rtsvc.live.chain import Conversion, OverloadGuard
 from rtsvc.live.devices import MAX_RATE, MIN_RATE, find_devices, load_sounddevice, pulse_routing
 from rtsvc.live.fifo import OutputFifo
 from rtsvc.live.keys import KeyReader, key_help
 from rtsvc.live.state import LiveState
 from rtsvc.live.virtual_mic import VirtualMic
+from rtsvc.pipeline import PipelinedAdapter
 from rtsvc.settings import RuntimeSettings
 from rtsvc.voice import Voice
 
@@ -44,10 +49,14 @@ if TYPE_CHECKING:
     from rtsvc.autoblock import AutoBlock
 
 DEVICE_BLOCK_MS = 10.0  # PortAudio callback size
+AUDIO_API = "portaudio"  # --audio-api default
 JITTER_MS = 40.0  # silence primed into the output FIFO to absorb block-wise delivery (at least)
 MAX_JITTER_MS = 2000.0
 MAX_QUEUE_S = 1.0  # more unprocessed input than this: drop the oldest (overrun)
 STATUS_HZ = 4.0
+LOG_EVERY_S = 1.0  # stderr no terminal: one plain status line this often
+TRIM_TOLERANCE_MS = 10.0  # the output buffer may stand this far above its target before it is trimmed
+PULSE_BUFFER_MS = 20.0  # --audio-api pulse: playback buffer (tlength) unless --device-buffer-ms
 INPUT_WAIT_S = 10.0  # how long to wait for the first input callback before warning
 
 
@@ -109,71 +118,177 @@ def _wait_for_input(state: LiveState, console, timeout: float = INPUT_WAIT_S) ->
         console.print(f"warning: no input audio after {timeout:.0f} s; still waiting", style="yellow")
 
 
-def _worker(adapter: RateAdapter, inbox: queue.Queue, fifos: list[OutputFifo], state: LiveState,
-            recorder) -> None:
+def _worker(conversion: Conversion, inbox: queue.Queue, state: LiveState) -> None:
     try:
         while not state.stop.is_set():
             try:
                 chunk = inbox.get(timeout=0.1)
             except queue.Empty:
                 continue
-            out = adapter.process(chunk)
-            for fifo in fifos:  # the output device, and the monitor (headphones) when there is one
-                fifo.push(out)
-            if recorder is not None and out.size:
-                recorder.write(out)
+            conversion.process(conversion.skip_backlog(chunk, inbox))
     except BaseException as err:  # surfaced by the main loop
         state.error = err
         state.stop.set()
 
 
-def _status_text(engine: StreamingConverter, fifo: OutputFifo, state: LiveState, settings: RuntimeSettings,
-                 out_rate: int, device_ms: float, keys: KeyReader | None, width: int = 200):
+def latency_split(conversion: Conversion, fifo: OutputFifo, device_ms: float) -> dict:
+    """The current end-to-end estimate and its parts (ms): algorithmic (the engine), buffer (input
+    waiting for the worker + converted audio waiting for the device: compute time and jitter
+    slack live here), device (PortAudio's / the sound server's stream latencies)."""
+    rate = conversion.out_rate
+    algo = conversion.engine.latency_ms
+    # now, not as of the last push: mid-compute the FIFO drains while input queues up
+    buffer_ms = (fifo.level + conversion.inbox_samples() + conversion.held()) * 1000.0 / rate
+    target_ms = (fifo.target or 0) * 1000.0 / rate
+    return {"e2e_ms": algo + buffer_ms + device_ms, "algorithmic_ms": algo, "buffer_ms": buffer_ms,
+            "buffer_target_ms": target_ms, "device_ms": device_ms}
+
+
+def status_lines(conversion: Conversion, fifo: OutputFifo, state: LiveState, settings: RuntimeSettings,
+                 device_ms: float, keys: KeyReader | None, width: int = 200):
+    """The live status: three lines of at most 79 columns (each cut only on a narrower terminal)."""
     from rich.text import Text
 
-    st, knobs = engine.stats(), settings.snapshot()
+    st, knobs = conversion.engine.stats(), settings.snapshot()
+    split = latency_split(conversion, fifo, device_ms)
     level = max(-60.0, min(0.0, state.input_db))
-    bar = "█" * int((level + 60) / 3) + "·" * (20 - int((level + 60) / 3))
-    buffer_ms = fifo.level * 1000.0 / out_rate
-    text = Text()
-    text.append(f"in {bar} {state.input_db:6.1f} dB  ",
-                style="green" if state.input_db > knobs.gate_db else "dim")
-    text.append(f"latency {engine.latency_ms:.0f} ms algo + {buffer_ms:.0f} buffer "
-                f"+ {device_ms:.0f} device  ")
+    bar = "█" * int((level + 60) / 6) + "·" * (10 - int((level + 60) / 6))
+    first = Text()
+    first.append(f"in {bar} {state.input_db:6.1f} dB  ",
+                 style="green" if state.input_db > knobs.gate_db else "dim")
+    first.append(f"e2e ~{split['e2e_ms']:.0f} ms = algo {split['algorithmic_ms']:.0f} + buffer "
+                 f"{split['buffer_ms']:.0f} + device {device_ms:.0f}")
     rtf_style = "red" if st["rtf"] > 0.9 else "yellow" if st["rtf"] > 0.6 else "green"
-    text.append(f"compute {st['compute_ms_last']:.1f} ms/{st['block_ms']:.0f} ms block "
-                f"(rtf {st['rtf']:.2f})  ", style=rtf_style)
-    text.append(f"under {fifo.underruns} over {fifo.overruns + state.input_overruns}  ",
-                style="red" if fifo.underruns or fifo.overruns or state.input_overruns else "")
+    second = Text()
+    second.append(f"compute {st['compute_ms_recent']:.0f}/{st['block_ms']:.0f} ms (rtf {st['rtf']:.2f})  ",
+                  style=rtf_style)
+    over = fifo.overruns + state.input_overruns
+    second.append(f"under {fifo.underruns} over {over} trim {fifo.trims}  ",
+                  style="red" if fifo.underruns or over else "")
+    second.append(f"target {split['buffer_target_ms']:.0f} ms  {state.seconds:6.1f} s")
     formant = f" formant {knobs.formant_shift:g}" if keys is None or keys.formant else ""
     denoise = f" denoise {knobs.denoise}" if knobs.denoise != "off" else ""
     gains = f"{knobs.input_gain_db:+g}/{knobs.output_gain_db:+g}"
-    text.append(f"pitch {knobs.pitch_shift:+g}{formant} gate {knobs.gate_db:g} dB gain {gains} dB{denoise}  "
-                f"{state.seconds:5.1f} s")
+    third = Text(f"pitch {knobs.pitch_shift:+g}{formant} gate {knobs.gate_db:g} dB gain {gains} dB{denoise}")
+    if st["limited_samples"]:
+        third.append(f"  limited {st['limited_samples']}", style="yellow")
+    lines = [first, second, third]
+    if keys is not None and keys.message:
+        lines.append(Text(keys.message, style="yellow"))
     # each line cut at the terminal width: a line the terminal wraps is taller than rich Live thinks,
     # and every refresh would then leave a copy behind
-    text.truncate(width, overflow="ellipsis")
-    if keys is not None and keys.message:
-        message = Text(keys.message, style="yellow")
-        message.truncate(width, overflow="ellipsis")
-        text = Text("\n").join([text, message])
-    return text
+    for line in lines:
+        line.truncate(width, overflow="ellipsis")
+    return Text("\n").join(lines)
+
+
+def log_line(conversion: Conversion, fifo: OutputFifo, state: LiveState, device_ms: float) -> str:
+    """One plain status line (printed every LOG_EVERY_S when stderr is no terminal)."""
+    st, split = conversion.engine.stats(), latency_split(conversion, fifo, device_ms)
+    return (f"[{state.seconds:6.1f} s] e2e ~{split['e2e_ms']:.0f} ms = algo {split['algorithmic_ms']:.0f} + "
+            f"buffer {split['buffer_ms']:.0f} (target {split['buffer_target_ms']:.0f}) + device "
+            f"{device_ms:.0f}; compute {st['compute_ms_recent']:.0f}/{st['block_ms']:.0f} ms; under "
+            f"{fifo.underruns} over {fifo.overruns + state.input_overruns} trim {fifo.trims}")
+
+
+@contextmanager
+def sigterm_as_stop(state: LiveState) -> Iterator[None]:
+    """SIGTERM stops `live` the way Ctrl-C does (summary, exit 0), not with status 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame) -> None:
+        state.terminated = True
+        state.stop.set()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def parse_device_buffer_ms(text: str | None) -> float | None:
+    """`--device-buffer-ms`: milliseconds, or low/None (PortAudio's "low" / the API's default)."""
+    if text is None or text.strip().lower() in ("", "low", "auto"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--device-buffer-ms must be a number of ms or low, got {text!r}") from None
+    if not 1.0 <= value <= 1000.0:
+        raise UserError(f"--device-buffer-ms must be between 1 and 1000 ms, got {value:g}")
+    return value
+
+
+def open_streams(sd, api: str, dev_in: dict, dev_out: dict, dev_mon: dict | None, in_rate: int, out_rate: int,
+                 block_ms: float, buffer_ms: float | None, on_input, on_output, on_monitor):
+    """(input, output, monitor or None) streams on `api`: portaudio (sounddevice) or pulse (pasimple)."""
+    if api == "pulse":
+        from rtsvc.live.pulse_native import PulseStream
+
+        def name(device: dict, kind: str) -> str | None:
+            if device.get("pulse"):
+                return device["pulse"]
+            if device["name"] in ("pulse", "default"):
+                return None  # the server's default source / sink
+            raise UserError(f"--audio-api pulse opens PulseAudio/PipeWire sources and sinks; "
+                            f"{device['name']!r} is a {device['hostapi']} device (see `rtsvc devices`)")
+
+        out_ms = PULSE_BUFFER_MS if buffer_ms is None else buffer_ms
+        in_block, out_block = int(in_rate * block_ms / 1000), int(out_rate * block_ms / 1000)
+        return (PulseStream("input", name(dev_in, "input"), in_rate, 1, in_block, max(out_ms, 4 * block_ms),
+                            on_input),
+                PulseStream("output", name(dev_out, "output"), out_rate, min(2, dev_out["outputs"]),
+                            out_block, out_ms, on_output),
+                None if dev_mon is None else PulseStream("output", name(dev_mon, "output"), out_rate,
+                                                         min(2, dev_mon["outputs"]), out_block, out_ms,
+                                                         on_monitor))
+    if api != "portaudio":
+        raise UserError(f"--audio-api must be portaudio or pulse, got {api!r}")
+    latency = "low" if buffer_ms is None else buffer_ms / 1000.0
+
+    def output(device: dict, callback):
+        with pulse_routing(device, "output"):
+            return sd.OutputStream(device=device["index"], samplerate=out_rate,
+                                   channels=min(2, device["outputs"]), dtype="float32",
+                                   blocksize=int(out_rate * block_ms / 1000), latency=latency,
+                                   callback=callback)
+
+    try:
+        with pulse_routing(dev_in, "input"):
+            in_stream = sd.InputStream(device=dev_in["index"], samplerate=in_rate, channels=1,
+                                       dtype="float32", blocksize=int(in_rate * block_ms / 1000),
+                                       latency=latency,
+                                       callback=on_input)
+        return in_stream, output(dev_out, on_output), None if dev_mon is None else output(dev_mon, on_monitor)
+    except sd.PortAudioError as err:
+        names = " + ".join(d["name"] for d in (dev_out, dev_mon) if d is not None)
+        raise UserError(f"cannot open audio devices ({dev_in['name']} -> {names}): {err}") from None
 
 
 def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | None = None,
              input_device: str | int | dict | None = None, output_device: str | int | dict | None = None,
              input_rate: int | None = None, output_rate: int | None = None, duration: float | None = None,
              record: str | Path | None = None, jitter_ms: float = JITTER_MS, console=None,
-             keys: bool = True, monitor_device: str | int | dict | None = None,
-             virtual_mic: str | None = None) -> dict:
-    """Run mic -> voice -> speaker until Ctrl-C, `q`, or `duration` seconds; return the final counters.
+             keys: bool = True, monitor_device: str | int | dict | None = None, audio_api: str = AUDIO_API,
+             device_block_ms: float = DEVICE_BLOCK_MS, device_buffer_ms: float | None = None,
+             pipeline: bool = False, adapt: bool = True, virtual_mic: str | None = None) -> dict:
+    """Run mic -> voice -> speaker until Ctrl-C, SIGTERM, `q`, or `duration` seconds; return the final
+    counters.
 
     Devices are indices or names (`find_device`), PulseAudio/PipeWire sources and sinks included, or
     the entries `find_devices` returned; `monitor_device` also plays the converted voice (e.g.
-    headphones, while the output is a cable). `virtual_mic` plays into a new virtual microphone of
-    that name instead of the output device, removed however this ends (rtsvc.live.virtual_mic).
+    headphones, while the output is a cable). `audio_api`: portaudio (sounddevice) or pulse (a native
+    PulseAudio/PipeWire client with explicit buffers); `device_block_ms` / `device_buffer_ms`: the
+    callback size and the stream buffering asked for (None: PortAudio's "low", pulse PULSE_BUFFER_MS).
+    `pipeline`: a model voice's features and DiT + vocoder on two threads (`rtsvc.pipeline`).
+    `adapt`: lengthen the block under sustained overload (`rtsvc.live.chain.OverloadGuard`).
+    `virtual_mic` plays into a new virtual microphone of that name instead of the output device,
+    removed however this ends (rtsvc.live.virtual_mic).
     """
-    sd = load_sounddevice()
+    sd = load_sounddevice() if audio_api == "portaudio" else None
     from rich.console import Console
     from rich.live import Live
 
@@ -185,16 +300,29 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
         dev_in, dev_out, dev_mon = find_devices(input_device, output_device, monitor_device)
     in_rate = int(input_rate or dev_in["default_rate"])
     out_rate = int(output_rate or dev_out["default_rate"])
-    engine = StreamingConverter(voice, settings, config)
-    adapter = RateAdapter(engine, in_rate, out_rate)
     state = LiveState()
-    block_out = int(round(engine.layout.block * out_rate / engine.sample_rate))
-    prime = int(jitter_ms * out_rate / 1000)
+    config = (config or StreamConfig()).for_voice(voice)
+    block_out = int(round(StreamLayout.from_config(config, voice.sample_rate).block * out_rate
+                          / voice.sample_rate))
+    prime, tolerance = int(jitter_ms * out_rate / 1000), int(TRIM_TOLERANCE_MS * out_rate / 1000)
     fifo, monitor_fifo = (OutputFifo(prime=prime, max_level=prime + 2 * block_out + out_rate // 5,
-                                     max_prime=prime + block_out) for _ in range(2))
+                                     max_prime=prime + block_out, tolerance=tolerance) for _ in range(2))
     inbox: queue.Queue = queue.Queue()
     vmic = VirtualMic(virtual_mic, out_rate) if virtual_mic else None
-    max_chunks = int(MAX_QUEUE_S * 1000 / DEVICE_BLOCK_MS)
+    in_chunk = int(in_rate * device_block_ms / 1000)
+    max_chunks = int(MAX_QUEUE_S * 1000 / device_block_ms)
+
+    recorder = None
+    if record is not None:
+        import soundfile as sf
+
+        try:
+            recorder = sf.SoundFile(str(record), "w", samplerate=out_rate, channels=1)
+        except Exception as err:
+            raise UserError(f"cannot write recording {record}: {err}") from None
+    conversion = Conversion(voice, settings, config, in_rate, out_rate, [fifo], recorder, pipeline,
+                            inbox_samples=lambda: inbox.qsize() * in_chunk * out_rate // in_rate)
+    guard = OverloadGuard(conversion, enabled=adapt)
 
     def on_input(indata, frames, time_info, status):
         if status:
@@ -223,59 +351,58 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
         if outdata.shape[1] > 1:
             outdata[:, 1:] = outdata[:, :1]
 
-    def open_output(device: dict, callback):
-        with pulse_routing(device, "output"):
-            return sd.OutputStream(device=device["index"], samplerate=out_rate,
-                                   channels=min(2, device["outputs"]), dtype="float32",
-                                   blocksize=int(out_rate * DEVICE_BLOCK_MS / 1000), latency="low",
-                                   callback=callback)
-
-    recorder = None
-    if record is not None:
-        import soundfile as sf
-
-        try:
-            recorder = sf.SoundFile(str(record), "w", samplerate=out_rate, channels=1)
-        except Exception as err:
-            raise UserError(f"cannot write recording {record}: {err}") from None
+    errors = (UserError,) if sd is None else (sd.PortAudioError,)
+    buffer_sum = e2e_sum = 0.0
+    samples = 0
     try:
-        try:
-            dev_out = vmic.create() if vmic is not None else dev_out  # removed in the finally below
-            with pulse_routing(dev_in, "input"):
-                in_stream = sd.InputStream(device=dev_in["index"], samplerate=in_rate, channels=1,
-                                           dtype="float32", blocksize=int(in_rate * DEVICE_BLOCK_MS / 1000),
-                                           latency="low", callback=on_input)
-            out_stream = open_output(dev_out, on_output)
-            mon_stream = open_output(dev_mon, on_monitor) if dev_mon is not None else None
-        except sd.PortAudioError as err:
-            names = " + ".join(d["name"] for d in (dev_out, dev_mon) if d is not None)
-            raise UserError(f"cannot open audio devices ({dev_in['name']} -> {names}): {err}") from None
+        dev_out = vmic.create() if vmic is not None else dev_out  # removed in the finally below
+        in_stream, out_stream, mon_stream = open_streams(
+            sd, audio_api, dev_in, dev_out, dev_mon, in_rate, out_rate, device_block_ms,
+            PULSE_BUFFER_MS if audio_api == "pulse" and device_buffer_ms is None else device_buffer_ms,
+            on_input, on_output, on_monitor)
         device_ms = (in_stream.latency + out_stream.latency) * 1000.0
-        fifos = [fifo] + ([monitor_fifo] if mon_stream is not None else [])
-        worker = threading.Thread(target=_worker, args=(adapter, inbox, fifos, state, recorder),
-                                  daemon=True)
+        if mon_stream is not None:
+            conversion.fifos.append(monitor_fifo)
+        worker = threading.Thread(target=_worker, args=(conversion, inbox, state), daemon=True)
         key_reader = KeyReader(settings, state, voice) if keys and sys.stdin.isatty() else None
         worker.start()
-        status = lambda: _status_text(engine, fifo, state, settings, out_rate, device_ms,  # noqa: E731
-                                      key_reader, max(20, console.width - 1))
-        with native_stderr_above(console), in_stream, out_stream, (mon_stream or nullcontext()):
+        status = lambda: status_lines(conversion, fifo, state, settings,  # noqa: E731
+                                      (in_stream.latency + out_stream.latency) * 1000.0, key_reader,
+                                      max(20, console.width - 1))
+        with sigterm_as_stop(state), native_stderr_above(console), in_stream, out_stream, \
+                (mon_stream or nullcontext()):
             _wait_for_input(state, console)
             monitor = f", monitor {dev_mon['name']}" if dev_mon is not None else ""
             console.print(f"live: {dev_in['name']} ({in_rate} Hz) -> {dev_out['name']} ({out_rate} Hz)"
-                          f"{monitor}, block {engine.layout.block * 1000 / engine.sample_rate:.0f} ms, "
-                          f"algorithmic latency {engine.latency_ms:.0f} ms. Ctrl-C to stop.",
-                          highlight=False, soft_wrap=True)
+                          f"{monitor}, block {conversion.block_ms:.0f} ms"
+                          f"{' pipelined' if pipeline else ''}, algorithmic latency "
+                          f"{conversion.engine.latency_ms:.0f} ms, device buffers {device_ms:.0f} ms "
+                          f"({audio_api}). Ctrl-C to stop.", highlight=False, soft_wrap=True,
+                          markup=False)  # device names are literal
             if key_reader is not None:
                 console.print(key_help(voice), style="dim", highlight=False, soft_wrap=True)
                 key_reader.start()
-            started = time.monotonic()
+            started = last_log = time.monotonic()
             with Live(status(), console=console, refresh_per_second=STATUS_HZ, transient=False,
-                      redirect_stderr=False) as panel:
+                      redirect_stderr=False, auto_refresh=console.is_terminal) as panel:
                 try:
                     while not state.stop.is_set():
                         state.stop.wait(1.0 / STATUS_HZ)
-                        state.seconds = time.monotonic() - started
-                        panel.update(status())
+                        now = time.monotonic()
+                        state.seconds = now - started
+                        device_ms = (in_stream.latency + out_stream.latency) * 1000.0  # pulse: measured
+                        if fifo.started:
+                            split = latency_split(conversion, fifo, device_ms)
+                            buffer_sum, e2e_sum, samples = (buffer_sum + split["buffer_ms"],
+                                                            e2e_sum + split["e2e_ms"], samples + 1)
+                        message = guard.check(now)
+                        if message is not None:
+                            console.print(message, style="yellow", highlight=False, soft_wrap=True)
+                        panel.update(status())  # drawn 4 times a second on a terminal, else once at the end
+                        if not console.is_terminal and now - last_log >= LOG_EVERY_S:
+                            console.print(log_line(conversion, fifo, state, device_ms), highlight=False,
+                                          soft_wrap=True)
+                            last_log = now
                         if duration is not None and state.seconds >= duration:
                             break
                         if not (in_stream.active and out_stream.active
@@ -285,26 +412,38 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                     console.print("stopping (Ctrl-C)", highlight=False)
                 finally:
                     state.stop.set()
-        if not console.is_terminal:
-            console.print()  # end the status line in logs
+            if not console.is_terminal:
+                console.print()  # end the status lines in logs
+            if state.terminated:
+                console.print("stopping (SIGTERM)", highlight=False)
         worker.join(timeout=5.0)
+        conversion.close()
         if key_reader is not None:
             key_reader.join()
         if state.error is not None:
             if isinstance(state.error, UserError):
                 raise state.error
             raise RuntimeError(f"the conversion worker failed: {state.error!r}") from state.error
-    except sd.PortAudioError as err:
+    except errors as err:
+        if isinstance(err, UserError):
+            raise
         raise UserError(f"audio device error: {err}") from None
     finally:
         if recorder is not None:
             recorder.close()
         if vmic is not None:
             vmic.remove()
-    result = engine.stats()
+    result = conversion.engine.stats()
+    result["blocks"] += conversion.earlier_blocks
+    result["gated_blocks"] += conversion.earlier_gated
     result.update(underruns=fifo.underruns, overruns=fifo.overruns + state.input_overruns,
+                  trims=fifo.trims, trimmed_ms=fifo.trimmed * 1000.0 / out_rate,
                   portaudio_flags=state.portaudio_flags, seconds=state.seconds, input_rate=in_rate,
-                  output_rate=out_rate, device_latency_ms=device_ms)
+                  output_rate=out_rate, device_latency_ms=device_ms, block_changes=guard.changes,
+                  buffer_ms_mean=buffer_sum / max(samples, 1), e2e_ms_mean=e2e_sum / max(samples, 1),
+                  algorithmic_ms=conversion.engine.latency_ms, terminated=state.terminated)
+    if isinstance(conversion.adapter, PipelinedAdapter):
+        result.update(conversion.adapter.stage_stats())
     return result
 
 
@@ -320,13 +459,17 @@ def parse_jitter_ms(text: str) -> float | None:
     return value
 
 
-def auto_jitter_ms(choice: "AutoBlock | None") -> float:
+def auto_jitter_ms(choice: "AutoBlock | None", say=None) -> float:
     """`--jitter-ms auto`: with a measured (auto) block, its headroom, so that every block computed
     within the block's length is on time (measured: a V3 student at a 209 ms block had 1 underrun a
-    minute with 40 ms, none with 100 ms); at least JITTER_MS. A given block was not measured: JITTER_MS."""
+    minute with 40 ms, none with 100 ms); at least JITTER_MS. A given block was not measured: JITTER_MS.
+    `say` is told the buffer an auto block got."""
     if choice is None:
         return JITTER_MS
-    return min(MAX_JITTER_MS, max(JITTER_MS, float(np.ceil(choice.headroom_ms))))
+    jitter = min(MAX_JITTER_MS, max(JITTER_MS, float(np.ceil(choice.headroom_ms))))
+    if say is not None:
+        say(f"auto jitter buffer: {jitter:.0f} ms (the block's headroom over its mean compute)")
+    return jitter
 
 
 def check_live_options(input_rate: int | None = None, output_rate: int | None = None,
@@ -342,8 +485,13 @@ def check_live_options(input_rate: int | None = None, output_rate: int | None = 
 
 
 def live_summary(result: dict, record: str | Path | None = None) -> str:
-    """The line `rtsvc live` prints when it stops."""
+    """The line `rtsvc live` prints when it stops (`rtsvc bench --loopback` reads it)."""
     return (f"stopped after {result['seconds']:.1f} s: {result['blocks']} blocks "
-            f"({result['gated_blocks']} gated), compute {result['compute_ms_mean']:.1f} ms/block "
-            f"(p99 {result['compute_ms_p99']:.1f}), underruns {result['underruns']}, "
-            f"overruns {result['overruns']}" + (f", recorded {record}" if record else ""))
+            f"({result['gated_blocks']} gated) of {result['block_ms']:.1f} ms, compute "
+            f"{result['compute_ms_mean']:.1f} ms/block (p99 {result['compute_ms_p99']:.1f}), underruns "
+            f"{result['underruns']}, overruns {result['overruns']}, trims {result['trims']} "
+            f"({result['trimmed_ms']:.0f} ms), e2e estimate {result['e2e_ms_mean']:.0f} ms = algorithmic "
+            f"{result['algorithmic_ms']:.0f} + buffer {result['buffer_ms_mean']:.0f} + device "
+            f"{result['device_latency_ms']:.0f}, limited samples {result['limited_samples']}"
+            + (f", block changes {result['block_changes']}" if result['block_changes'] else "")
+            + (f", recorded {record}" if record else ""))

@@ -15,4 +15,5 @@ class LiveState:
     frames_out: int = 0
     seconds: float = 0.0
     error: BaseException | None = None
+    terminated: bool = False  # stopped by SIGTERM
     stop: threading.Event = field(default_factory=threading.Event)

@@ -186,6 +186,14 @@ def check_sizes(sizes: dict, default_head_dim: int, path: Path) -> None:
                         f"head_dim={head_dim}")
 
 
+def tensor_dim(state: dict[str, torch.Tensor], key: str, axis: int, path: Path) -> int:
+    """A size the model takes from one of the checkpoint's tensors (UserError if it has none)."""
+    tensor = state.get(key)
+    if tensor is None or tensor.ndim <= axis:
+        raise UserError(f"{path} does not hold a RIFT-SVC DiT: {key} is missing or not a matrix")
+    return int(tensor.shape[axis])
+
+
 def _v2_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, path: Path) -> DiTConfig:
     model_cfg = _as_dict(_as_dict(hparams.get("model")).get("cfg"))  # V2: cfg.model = {name, cfg: {...}}
     if not {"dim", "depth"} <= set(model_cfg):
@@ -195,8 +203,8 @@ def _v2_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, p
     n_mel = dataset.get("n_mel_channels", 128)
     check_sizes({**kw, "n_mel_channels": n_mel}, DiTConfig.head_dim, path)
     return DiTConfig(**kw, num_speaker=n_speakers, n_mel=n_mel,
-                     cvec_dim=state["cond_embed.cvec_embed.weight"].shape[1],
-                     whisper_dim=state["null_whisper_embed.weight"].shape[1])
+                     cvec_dim=tensor_dim(state, "cond_embed.cvec_embed.weight", 1, path),
+                     whisper_dim=tensor_dim(state, "null_whisper_embed.weight", 1, path))
 
 
 def _v3_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, path: Path) -> DiTV3Config:
@@ -213,9 +221,9 @@ def _v3_config(hparams: dict, state: dict[str, torch.Tensor], n_speakers: int, p
         if alpha is None:
             raise UserError(f"{path} carries LoRA adapters (rank {rank}) but no "
                             "hyper_parameters.cfg.training.lora_alpha to scale them")
-    return DiTV3Config(**kw, num_speaker=n_speakers,
-                       n_mel=int(model_cfg.get("n_mel_channels", state["output.weight"].shape[0])),
-                       cvec_dim=state["cond_embed.cvec_embed.weight"].shape[1],
+    n_mel = model_cfg.get("n_mel_channels", tensor_dim(state, "output.weight", 0, path))
+    return DiTV3Config(**kw, num_speaker=n_speakers, n_mel=int(n_mel),
+                       cvec_dim=tensor_dim(state, "cond_embed.cvec_embed.weight", 1, path),
                        lora_rank=rank, lora_alpha=None if alpha is None else float(alpha))
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rtsvc.errors import UserError
-from rtsvc.models.families import family_of_state
+from rtsvc.models.families import family_of_state, tensor_dim
 from rtsvc.models.safe_load import load_torch_file
 from rtsvc.models.safetensors_voice import is_safetensors, read_voice, voice_family
 from rtsvc.models.student import STUDENT_KEY, StudentInfo, make_student
@@ -49,9 +49,8 @@ def _as_dict(obj: Any) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-def _strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    expected = set(module.state_dict())
-    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+def _check_key_sets(expected: set[str], given: set[str], path: Path, what: str) -> None:
+    missing, extra = sorted(expected - given), sorted(given - expected)
     if missing or extra:
         parts = []
         if missing:
@@ -59,6 +58,10 @@ def _strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
         if extra:
             parts.append(f"unexpected {len(extra)} key(s), e.g. {', '.join(extra[:3])}")
         raise UserError(f"{path} does not match the {what} architecture: {'; '.join(parts)}")
+
+
+def _strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    _check_key_sets(set(module.state_dict()), set(state), path, what)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:  # shape mismatches
@@ -89,6 +92,29 @@ def _dit_state(ckpt: Any, path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} is not a RIFT-SVC model checkpoint: no '{STATE_PREFIX}*' weights")
     state.update({k[len("model."):]: ckpt["state_dict"][k] for k in others})  # reported by the strict load
     return state
+
+
+def _check_against_tensors(build, config, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """The metadata's model size must be the one the tensors have, checked before the network is
+    built: a 1.4 MB file claiming dim 4096 would otherwise allocate gigabytes first. A DiT's depth and
+    width are compared directly (cheap, and a huge depth is refused before even a skeleton is built);
+    then every shape, on a skeleton on the meta device (no memory)."""
+    if hasattr(config, "depth"):
+        blocks = {k.split(".")[1] for k in state if k.startswith("transformer_blocks.")}
+        if len(blocks) != config.depth:
+            raise UserError(f"{path}: hyper_parameters say depth={config.depth} but the weights hold "
+                            f"{len(blocks)} transformer blocks")
+    if hasattr(config, "dim") and "output.weight" in state:
+        width = tensor_dim(state, "output.weight", 1, path)
+        if width != config.dim:
+            raise UserError(f"{path}: hyper_parameters say dim={config.dim} but the weights are {width} wide")
+    with torch.device("meta"):
+        expected = build().state_dict()
+    _check_key_sets(set(expected), set(state), path, what)
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise UserError(f"{path} does not match the {what} architecture: {key} is "
+                            f"{list(state[key].shape)} in the file, {list(tensor.shape)} in the model")
 
 
 def _default_first(speakers: dict[str, int], default: object) -> dict[str, int]:
@@ -137,12 +163,18 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
         raise UserError(f"{path}: speaker table lists index {max(speakers.values())} but the model "
                         f"has {n_speakers} speaker embeddings")
     config = family.read_config(hparams, state, n_speakers, path)
-    model = family.network(config)
     what = family.describe(config)
     student = StudentInfo.from_dict(_as_dict(hparams[STUDENT_KEY])) if STUDENT_KEY in hparams else None
-    if student is not None:  # its extra keys: the second time input
-        make_student(model)
-        what += " student"
+    what += " student" if student is not None else ""
+
+    def build() -> torch.nn.Module:
+        model = family.network(config)
+        if student is not None:  # its extra keys: the second time input
+            make_student(model)
+        return model
+
+    _check_against_tensors(build, config, state, path, what)  # before any memory is spent on it
+    model = build()
     _strict_load(model, state, path, what)
     return LoadedDiT(model=model.to(device).eval(), speakers=speakers, config=config, path=path,
                      dataset=_as_dict(hparams.get("dataset")), family=family.name, student=student)

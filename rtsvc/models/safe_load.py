@@ -13,6 +13,7 @@ import _codecs
 import builtins
 import collections
 import pickle
+import tarfile
 import types
 import zipfile
 from pathlib import Path
@@ -62,16 +63,30 @@ class TypingAny:
     """Stands in for `typing.Any` (OmegaConf records it as a container's key and element type)."""
 
 
-def plain(obj: Any) -> Any:
-    """Plain Python view: stand-in value nodes become their value, containers plain dict / list."""
+MAX_NESTING = 100  # containers inside containers; real checkpoints nest fewer than 10
+
+
+class TooDeep(ValueError):
+    pass
+
+
+def plain(obj: Any, depth: int = 0) -> Any:
+    """Plain Python view: stand-in value nodes become their value, containers plain dict / list.
+    Deeper than MAX_NESTING is refused (TooDeep), before Python's recursion limit."""
+    if depth > MAX_NESTING:
+        raise TooDeep(f"containers nested more than {MAX_NESTING} deep")
     if isinstance(obj, ConfigValue):
-        return plain(obj.value)
+        return plain(obj.value, depth + 1)
     if isinstance(obj, dict) and not isinstance(obj, collections.OrderedDict):
-        return {key: plain(value) for key, value in obj.items()}
+        return {key: plain(value, depth + 1) for key, value in obj.items()}
+    if isinstance(obj, collections.OrderedDict):  # state dicts: walked for the bound, kept as they are
+        for value in obj.values():
+            plain(value, depth + 1)
+        return obj
     if isinstance(obj, list):
-        return [plain(value) for value in obj]
+        return [plain(value, depth + 1) for value in obj]
     if type(obj) is tuple:
-        return tuple(plain(value) for value in obj)
+        return tuple(plain(value, depth + 1) for value in obj)
     return obj
 
 
@@ -120,17 +135,47 @@ class RefusedGlobal(pickle.UnpicklingError):
         self.qualified = f"{module}.{name}"
 
 
+class UnsafeTensor(pickle.UnpicklingError):
+    pass
+
+
 class AllowListUnpickler(pickle.Unpickler):
-    """`find_class` answers only from ALLOWED_GLOBALS; anything else raises RefusedGlobal."""
+    """`find_class` answers only from ALLOWED_GLOBALS; anything else raises RefusedGlobal. Tensors
+    are rebuilt through `_rebuild_tensor`, which refuses views a training run never saves but an
+    attacker would: stride-0 or other non-contiguous views (`zeros(1).expand(64, 10**11)` claims
+    25 TB in 4 bytes) and tensors sharing bytes of one storage (one block of data named a thousand
+    times). So every tensor owns its bytes, and the loaded tensors never exceed the file."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._claimed: dict[int, list[tuple[int, int]]] = {}  # storage -> byte ranges of its tensors
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = _PY2_NAMES.get((module, name), (module, name))
         if module == "__builtin__":  # protocol-2 pickles spell builtins the Python 2 way
             module = "builtins"
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._rebuild_tensor
         found = ALLOWED_GLOBALS.get((module, name))
         if found is None:
             raise RefusedGlobal(module, name)
         return found
+
+    def _rebuild_tensor(self, storage, offset, size, stride, *rest) -> torch.Tensor:
+        tensor = torch._utils._rebuild_tensor_v2(storage, offset, size, stride, *rest)
+        if tensor.numel() == 0:
+            return tensor
+        if not tensor.is_contiguous():
+            raise UnsafeTensor(f"a tensor of shape {list(tensor.shape)} with strides {list(tensor.stride())} "
+                               "(a stride-0 or non-contiguous view)")
+        start = tensor.storage_offset() * tensor.element_size()
+        span = (start, start + tensor.numel() * tensor.element_size())
+        claimed = self._claimed.setdefault(tensor.untyped_storage().data_ptr(), [])
+        if any(span[0] < end and begin < span[1] for begin, end in claimed):
+            raise UnsafeTensor(f"tensors that share storage bytes (a tensor of shape {list(tensor.shape)} "
+                               "overlaps another)")
+        claimed.append(span)
+        return tensor
 
 
 def _load(file, **kwargs) -> Any:
@@ -152,15 +197,41 @@ def load_torch_file(path: str | Path, what: str, mmap: bool = False) -> Any:
         raise UserError(f"{what} not found: {path}")
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory, expected a file")
-    mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format; legacy files are read
+    if not path.is_file():
+        raise UserError(f"refusing to read {what} {path}: not a regular file (a pipe or device)")
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
+        _check_zip(path, what)
+    elif tarfile.is_tarfile(path):  # torch < 0.4's format: torch extracts members (FIFOs too) to disk
+        raise UserError(f"refusing to load {what} {path}: a legacy tar checkpoint (PyTorch before 2018), "
+                        "which rtsvc does not read; re-save it with a current torch.save")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=allow_list_pickle,
-                            mmap=mmap)
+                            mmap=mmap and is_zip)  # torch maps only its zip format; legacy files are read
+        return plain(loaded)
     except RefusedGlobal as err:
         raise UserError(f"refusing to load {what} {path}: it references {err.qualified}, which is not "
                         "tensor data or a known config class (loading it could run code)") from None
+    except (UnsafeTensor, TooDeep, RecursionError) as err:
+        reason = str(err) if not isinstance(err, RecursionError) else "containers nested too deep"
+        raise UserError(f"refusing to load {what} {path}: it holds {reason}, which no checkpoint "
+                        "needs") from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for non-torch files
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(f"{path} is not a PyTorch checkpoint (reading it as a {what}: "
                         f"{type(err).__name__}: {first})") from None
-    return plain(loaded)
+
+
+MAX_ZIP_EXPANSION = 4  # stored (torch.save) is 1x; deflated float weights barely shrink
+
+
+def _check_zip(path: Path, what: str) -> None:
+    """A zip checkpoint's members may not unpack to much more than the file (a zip bomb)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a PyTorch checkpoint (reading it as a {what}: {err})") from None
+    if unpacked > MAX_ZIP_EXPANSION * path.stat().st_size + (1 << 20):
+        raise UserError(f"refusing to load {what} {path}: its members unpack to {unpacked / 2**20:.0f} MiB "
+                        f"from a {path.stat().st_size / 2**20:.1f} MiB file")

@@ -292,8 +292,10 @@ class Session:
 
     def stats(self) -> dict:
         engine = {k: v for k, v in self.engine.stats().items() if isinstance(v, int | float | str | None)}
+        # the server's part of end to end: a sample waits the algorithmic latency, then its block's compute
+        e2e = self.latency_ms + float(engine.get("compute_ms_recent", 0.0))
         return {**engine, "samples_in": self.samples_in, "samples_out": self.samples_out,
-                "frames_in": self.frames_in, "latency_ms": round(self.latency_ms, 3),
+                "frames_in": self.frames_in, "latency_ms": round(self.latency_ms, 3), "e2e_ms": round(e2e, 1),
                 "uptime_s": round(time.monotonic() - self.started, 3), **self.drops.stats()}
 
 

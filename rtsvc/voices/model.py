@@ -27,9 +27,11 @@ import torch
 
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.dsp.mel import denormalize_mel
+from rtsvc.dsp.sinc import sinc_resample
 from rtsvc.errors import UserError
 from rtsvc.features.cache import ENCODER_CONTEXT_S, FeatureCache
 from rtsvc.features.f0 import shift_f0
+from rtsvc.features.frames import mel_frame_count
 from rtsvc.features.requests import FeatureSteps, drive
 from rtsvc.models.families import family_named
 from rtsvc.models.flow import Conditioning, counter_normal, frame_noise, sample_on_grid
@@ -112,8 +114,8 @@ class ModelVoice:
     def convert(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                 tail: int | None = None) -> np.ndarray:
         job = self.prepare(audio, knobs, start_sample, tail)
-        if job is None:
-            return np.zeros(0, dtype=np.float32)
+        if job is None:  # nothing asked for, or less than one mel frame: silence
+            return np.zeros(len(audio) if tail is None else int(tail), dtype=np.float32)
         # the batch path with one job (`rtsvc.voices.batch` runs many streams' jobs the same way)
         started = time.perf_counter()
         mel = sample_group(self.backend, [job])  # noise by absolute frame: any crop draws the same noise
@@ -142,14 +144,15 @@ class ModelVoice:
         spk = self.speaker_index(knobs.speaker)  # before any work: a bad name fails fast
         if need == 0:
             return None
-        n = -(-length // HOP_LENGTH)  # whole mel frames; the last one is zero-padded
+        n = mel_frame_count(length)  # upstream's grid: the last length % 512 samples come out silent
+        if n == 0:
+            return None
         if self.cache is not None:
             features = yield from self.cache.window_steps(audio, start_sample)
             cond, f0 = self._stream_conditioning(features, spk, knobs.pitch_shift)
         else:
-            padded = np.pad(audio, (0, n * HOP_LENGTH - length))
             self.last_ms = {}
-            cond, f0 = self._conditioning(padded, n, spk, knobs.pitch_shift)
+            cond, f0 = self._conditioning(audio, n, spk, knobs.pitch_shift)
         # vocode only the frames under the requested tail, plus the vocoder's left context
         first = max(0, (length - need) // HOP_LENGTH - VOCODER_CONTEXT_FRAMES)
         dit_first = self._dit_first(first)
@@ -172,18 +175,21 @@ class ModelVoice:
                             whisper=None if whisper is None else whisper.to(device)[None])
         return cond, f0
 
-    def _conditioning(self, padded: np.ndarray, n: int, spk: int, semitones: float):
-        """Every feature over the whole window, as upstream (the offline path)."""
+    def _conditioning(self, audio: np.ndarray, n: int, spk: int, semitones: float):
+        """Every feature over the whole window on its n = len // 512 frames, as upstream's infer.py
+        (the offline path): the encoders hear soxr's 16 kHz (librosa.resample), F0 the sinc
+        resampler upstream's RMVPE uses."""
         feats, device = self.features, self.backend.device
         row = lambda a: torch.as_tensor(a, dtype=torch.float32).to(device)[None]  # noqa: E731 - [1, n, ...]
-        audio_16k = self._timed("resample", resample, padded, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
-        f0 = row(self._timed("f0", feats.f0, audio_16k, n, semitones))  # shifted: for DiT and vocoder
+        audio_16k = self._timed("resample", resample, audio, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        f0_16k = self._timed("resample_f0", sinc_resample, audio, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        f0 = row(self._timed("f0", feats.f0_clip, audio, f0_16k, n, semitones))  # shifted: DiT and vocoder
         whisper = None
         if feats.whisper_encoder is not None:  # V2 only
             whisper = row(self._timed("whisper", feats.whisper, audio_16k, n,
                                       pad_to_30s=self.whisper_pad_30s))
         cond = Conditioning(spk=torch.tensor([spk], device=device), f0=f0,
-                            rms=row(self._timed("rms", feats.rms, padded)),
+                            rms=row(self._timed("rms", feats.rms, audio)),
                             cvec=row(self._timed("contentvec", feats.content, audio_16k, n)), whisper=whisper)
         return cond, f0
 
@@ -223,7 +229,9 @@ class BlockJob:
         return self.start_sample // HOP_LENGTH + self.dit_first
 
     def cut(self, vocoded: np.ndarray) -> np.ndarray:
-        return vocoded[self.begin:self.begin + self.need]
+        """The `need` returned samples; past the last whole mel frame, silence (as upstream)."""
+        out = vocoded[self.begin:self.begin + self.need]
+        return np.pad(out, (0, self.need - len(out)))
 
 
 # --- the networks' half of a block, for one job or many (`rtsvc.voices.batch`) -------------------

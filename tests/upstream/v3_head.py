@@ -127,7 +127,8 @@ class RF(nn.Module):
     @torch.no_grad()
     def sample(self, src_mel, spk_id, f0, rms, cvec, frame_len=None, steps=32, bad_cvec=None,
                ds_cfg_strength=0.0, spk_cfg_strength=0.0, skip_cfg_strength=0.0, cfg_skip_layers=None,
-               cfg_rescale=0.7):
+               cfg_rescale=0.7, noise=None):
+        """`noise` (a test hook, not upstream): the start noise y0, instead of torch.randn's draw."""
         batch, mel_seq_len, num_mel_channels = src_mel.shape
         device = src_mel.device
         if frame_len is None:
@@ -173,7 +174,7 @@ class RF(nn.Module):
                 pred = cfg_rescale * (pred * (std_pred / pred.std())) + (1 - cfg_rescale) * pred
             return pred
 
-        y0 = torch.randn(batch, mel_seq_len, num_mel_channels, device=device)
+        y0 = torch.randn(batch, mel_seq_len, num_mel_channels, device=device) if noise is None else noise
         y0 = y0.masked_fill(~mask.unsqueeze(-1), 0)
         t = torch.linspace(0, 1, steps, device=device)
         y = y0  # torchdiffeq odeint(method='euler') over the grid t

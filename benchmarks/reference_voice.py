@@ -1,0 +1,227 @@
+"""A trained reference voice, rebuilt on this machine, and `rtsvc eval` of the speed levers on it.
+
+Random networks say nothing about quality; this recipe trains a small real voice in about an hour on
+a 2-core CPU, from clips anyone can regenerate (no weights or recordings are shipped):
+
+1. clips: espeak-ng voices (SPEAKERS) read the same Harvard sentences, so every text exists in every
+   voice (parallel references). The last HELD_OUT texts are never trained on: the SOURCE voice's
+   readings are the clips converted, the TARGET voice's readings its speaker reference.
+2. `rtsvc prepare` (ContentVec, Whisper for V2, RMVPE from --pretrained-dir: `rtsvc download`).
+3. `rtsvc train` from scratch (--model, default dit-256-4): a short probe measures steps/s here, then
+   the run is resumed to the number of steps that fills --train-minutes.
+4. `rtsvc distill` the same way (--distill-minutes) -> a 1-evaluation student.
+5. `rtsvc export` (ONNX bundle; the int8 copy is made by `rtsvc eval`'s int8 flag).
+6. `rtsvc eval` on the levers: teacher offline (reference) vs live at each block length, student
+   offline and live, ONNX fp32 vs int8, RMVPE vs FCPE vs WORLD, a shorter DiT window; then denoise
+   off / RNNoise / DeepFilterNet on noisy copies of the clips.
+
+The vocoder is the official NSF-HiFiGAN from --pretrained-dir; it is not retrained (a vocoder trained
+in an hour on espeak would be the weak link and measure itself). Every stage is skipped when its
+output is already in --work, so an interrupted run continues. Ship no weights: --work is scratch.
+
+Full run (about an hour of training + distillation, plus prepare and eval; quiet machine):
+    python benchmarks/reference_voice.py --pretrained-dir pretrained --work ref-voice
+Proof that the recipe runs (tiny random components, results meaningless):
+    python benchmarks/reference_voice.py --pretrained-dir TINY --work /tmp/ref --train-steps 20 \
+        --distill-steps 2 --texts 8 --held-out 2
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEAKERS = {"m1": "en+m1", "m3": "en+m3", "f2": "en+f2", "f4": "en+f4", "us": "en-us+m2"}
+SOURCE, TARGET = "m3", "f4"  # converted clips are SOURCE's readings, in TARGET's voice
+HARVARD = [  # Harvard sentences, lists 1-4 (IEEE 1969, public domain)
+    "The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
+    "It's easy to tell the depth of a well.", "These days a chicken leg is a rare dish.",
+    "Rice is often served in round bowls.", "The juice of lemons makes fine punch.",
+    "The box was thrown beside the parked truck.", "The hogs were fed chopped corn and garbage.",
+    "Four hours of steady work faced us.", "A large size in stockings is hard to sell.",
+    "The boy was there when the sun rose.", "A rod is used to catch pink salmon.",
+    "The source of the huge river is the clear spring.", "Kick the ball straight and follow through.",
+    "Help the woman get back to her feet.", "A pot of tea helps to pass the evening.",
+    "Smoky fires lack flame and heat.", "The soft cushion broke the man's fall.",
+    "The salt breeze came across from the sea.", "The girl at the booth sold fifty bonds.",
+    "The small pup gnawed a hole in the sock.", "The fish twisted and turned on the bent hook.",
+    "Press the pants and sew a button on the vest.", "The swan dive was far short of perfect.",
+    "The beauty of the view stunned the young boy.", "Two blue fish swam in the tank.",
+    "Her purse was full of useless trash.", "The colt reared and threw the tall rider.",
+    "It snowed, rained, and hailed the same morning.", "Read verse out loud for pleasure.",
+    "Hoist the load to your left shoulder.", "Take the winding path to reach the lake.",
+    "Note closely the size of the gas tank.", "Wipe the grease off his dirty face.",
+    "Mend the coat before you go out.", "The wrist was badly strained and hung limp.",
+    "The stray cat gave birth to kittens.", "The young girl gave no clear response.",
+    "The meal was cooked before the bell rang.", "What joy there is in living.",
+]
+PROBE_STEPS = 30  # steps of the probe run that measures steps/s before the budgeted run
+
+
+def rtsvc(*args: object, log: Path | None = None) -> None:
+    """One `rtsvc` command (this checkout's cli.py), echoed; a failure stops the recipe."""
+    cmd = [sys.executable, str(ROOT / "cli.py"), *map(str, args)]
+    print("$ rtsvc " + " ".join(map(str, args)), flush=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    if log is not None:
+        with log.open("a") as f:
+            f.write(json.dumps({"command": ["rtsvc", *map(str, args)],
+                                "seconds": round(time.perf_counter() - started, 1)}) + "\n")
+
+
+def make_clips(work: Path, texts: int, held_out: int) -> tuple[Path, Path, Path]:
+    """WORK/data/SPEAKER/NNN.wav (trained texts), WORK/eval/source/, WORK/eval/target/ (held out)."""
+    import soundfile as sf
+    import soxr
+
+    if shutil.which("espeak-ng") is None:
+        sys.exit("espeak-ng not found: apt-get install espeak-ng")
+    data, source, target = work / "data", work / "eval" / "source", work / "eval" / "target"
+    if (work / "clips.done").exists():
+        return data, source, target
+    rng = np.random.default_rng(0)
+    for name, voice in SPEAKERS.items():
+        for i, text in enumerate(HARVARD[:texts]):
+            held = i >= texts - held_out
+            if held and name not in (SOURCE, TARGET):
+                continue
+            folder = (source if name == SOURCE else target) if held else data / name
+            folder.mkdir(parents=True, exist_ok=True)
+            raw = folder / f"{i:03d}.raw.wav"
+            # a little prosody variety per reading: pitch 35-65 (espeak's 0-99), speed 150-190 wpm
+            pitch, speed = int(rng.integers(35, 66)), int(rng.integers(150, 191))
+            subprocess.run(["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(speed), "-w", str(raw),
+                            text], check=True, capture_output=True)
+            audio, sr = sf.read(raw, dtype="float32")
+            raw.unlink()
+            audio = soxr.resample(audio, sr, 44100).astype(np.float32)
+            pad = np.zeros(int(0.3 * 44100), np.float32)
+            sf.write(folder / f"{i:03d}.wav", np.concatenate([pad, 0.5 * audio / np.abs(audio).max(), pad]),
+                     44100)
+    (work / "clips.done").write_text("ok\n")
+    return data, source, target
+
+
+def noisy_copy(clips: Path, out: Path, snr_db: float = 10.0) -> Path:
+    """The clips with room-like noise (white hiss + 50 Hz hum with harmonics) at `snr_db`: what the
+    denoise lever is for."""
+    import soundfile as sf
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for path in sorted(clips.glob("*.wav")):
+        audio, sr = sf.read(path, dtype="float32")
+        t = np.arange(len(audio)) / sr
+        noise = rng.standard_normal(len(audio)) + sum(np.sin(2 * np.pi * 50 * k * t) / k for k in range(1, 6))
+        level = np.sqrt(np.mean(audio ** 2)) / np.sqrt(np.mean(noise ** 2)) / 10 ** (snr_db / 20)
+        mixed = audio + level * noise
+        sf.write(out / path.name, (mixed / max(1.0, np.abs(mixed).max())).astype(np.float32), sr)
+    return out
+
+
+def steps_per_s(run: Path) -> float:
+    """Median steps/s of a run's metrics.jsonl windows (the first one pays for start-up)."""
+    rates = [json.loads(line).get("steps_per_s") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [r for r in rates if r]
+    return float(np.median(rates[1:] if len(rates) > 1 else rates))
+
+
+def budgeted(command: str, run: Path, minutes: float | None, steps: int | None, args: list, log: Path) -> int:
+    """`rtsvc train|distill` for `steps`, or a probe then a resume to fill `minutes`; returns steps."""
+    if steps is None:
+        if not (run / "last.ckpt").exists():
+            rtsvc(command, *args, "--out", run, "--max-steps", PROBE_STEPS, "--log-every", 5, log=log)
+        rate = steps_per_s(run)
+        steps = max(PROBE_STEPS + 1, int(rate * minutes * 60))
+        print(f"{command}: {rate:.2f} steps/s here -> {steps} steps for {minutes:g} minutes", flush=True)
+    done = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] \
+        if (run / "metrics.jsonl").exists() else 0
+    if done < steps:
+        resume = ["--resume"] if (run / "last.ckpt").exists() else []
+        rtsvc(command, *args, "--out", run, "--max-steps", steps, *resume, log=log)
+    return steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("ref-voice"), help="scratch folder (default ref-voice)")
+    p.add_argument("--pretrained-dir", type=Path, default=Path("pretrained"))
+    p.add_argument("--family", choices=("v2", "v3"), default="v2")
+    p.add_argument("--model", default="dit-256-4", help="size trained from scratch (default dit-256-4)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--train-minutes", type=float, default=45.0)
+    p.add_argument("--train-steps", type=int, default=None, help="fixed steps instead of --train-minutes")
+    p.add_argument("--distill-minutes", type=float, default=15.0)
+    p.add_argument("--distill-steps", type=int, default=None, help="fixed steps instead of --distill-minutes")
+    p.add_argument("--texts", type=int, default=len(HARVARD), help=f"sentences used (<= {len(HARVARD)})")
+    p.add_argument("--held-out", type=int, default=6, help="last sentences kept out of training")
+    p.add_argument("--pitch", type=float, default=0.0, help="eval pitch shift in semitones")
+    p.add_argument("--f0", default="rmvpe", help="F0 extractor for prepare and the model (default rmvpe)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in every command (OMP_NUM_THREADS; 1 is steadiest on a busy machine)")
+    a = p.parse_args()
+    if a.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
+    if not 2 <= a.held_out < a.texts <= len(HARVARD):
+        p.error(f"need 2 <= --held-out < --texts <= {len(HARVARD)}")
+    work = a.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "commands.jsonl"  # what ran and how long it took
+    pretrained = a.pretrained_dir.resolve()
+    data, source, target = make_clips(work, a.texts, a.held_out)
+
+    if not (work / "prepare.done").exists():  # (prepare itself also skips files it has done)
+        rtsvc("prepare", data, "--pretrained-dir", pretrained, "--f0", a.f0, "--family", a.family,
+              "--device", a.device, "--workers", 1, log=log)
+        (work / "prepare.done").write_text("ok\n")
+    teacher_run, student_run = work / "teacher", work / "student"
+    budgeted("train", teacher_run, a.train_minutes, a.train_steps,
+             ["--data", data, "--model", a.model, "--batch-size", a.batch_size, "--eval-every", 0,
+              "--save-every", 500, "--num-workers", 0, "--device", a.device, "--pretrained-dir", pretrained],
+             log)
+    teacher = teacher_run / "last.ckpt"
+    budgeted("distill", student_run, a.distill_minutes, a.distill_steps,
+             ["--teacher", teacher, "--data", data, "--batch-size", 4, "--save-every", 100,
+              "--num-workers", 0, "--device", a.device], log)
+    student = student_run / "last.ckpt"
+    bundle = work / "voice.rtsvc"
+    if not bundle.exists():
+        rtsvc("export", teacher, "--out", bundle, "--pretrained-dir", pretrained, log=log)
+
+    common = ["--model", teacher, "--speaker", TARGET, "--speaker-clips", target, "--pretrained-dir",
+              pretrained, "--f0", a.f0, "--pitch", a.pitch, "--device", a.device]
+    levers = ["offline:steps=32,name=teacher offline 32",
+              "live:block=104.5,name=teacher live 104.5",
+              "live:block=150.9,name=teacher live 150.9",
+              "live:block=197.3,name=teacher live 197.3",
+              "live:block=150.9,dit_context=100,name=teacher live 150.9 dit-context 100",
+              "live:block=150.9,f0=fcpe,name=teacher live fcpe",
+              "live:block=150.9,f0=pyworld,name=teacher live world",
+              f"offline:model={student},name=student offline",
+              f"live:block=150.9,model={student},name=student live",
+              f"live:block=150.9,model={bundle},name=onnx fp32 live",
+              f"live:block=150.9,model={bundle},int8,name=onnx int8 live"]
+    rtsvc("eval", *common, "--clips", source, "--out", work / "eval-levers",
+          *[x for c in levers for x in ("--config", c)], log=log)
+    noisy = noisy_copy(source, work / "eval" / "source-noisy")
+    denoise = ["live:block=150.9,name=noisy denoise off",
+               "live:block=150.9,denoise=rnnoise,name=noisy rnnoise",
+               "live:block=150.9,denoise=deepfilternet,name=noisy deepfilternet"]
+    rtsvc("eval", *common, "--clips", noisy, "--out", work / "eval-denoise", "--reference", denoise[0],
+          *[x for c in denoise for x in ("--config", c)], log=log)
+    print(f"done: {work / 'eval-levers' / 'eval.json'}, {work / 'eval-denoise' / 'eval.json'} (+ eval.png); "
+          f"commands and their times: {log}")
+
+
+if __name__ == "__main__":
+    main()
