@@ -258,12 +258,19 @@ def export_cmd(
     ckpt: o.Checkpoint, out: o.BundleOut, pretrained_dir: o.ExportPretrainedDir = Path("pretrained"),
     vocoder: o.ExportVocoder = None, opset: o.Opset = 17, fp16: o.Fp16 = False,
     cfg_skip_layers: o.ExportSkipLayers = -1, with_encoders: o.WithEncoders = False,
-    tolerance: o.Tolerance = None, int8: o.Int8 = False,
+    tolerance: o.Tolerance = None, int8: o.Int8 = False, format: o.ExportFormat = "onnx",
+    merge_lora: o.MergeLora = False,
 ) -> None:
-    """Export a checkpoint + vocoder to an ONNX Runtime bundle (.rtsvc), checked against torch."""
+    """Export a checkpoint + vocoder to an ONNX Runtime bundle (.rtsvc), checked against torch, or
+    the checkpoint alone to a .safetensors voice (--format safetensors) to share."""
     from export.onnx_export import export_bundle, export_steps
 
     VoiceSpec(model=ckpt).validate()  # a wrong path is said before the progress bar starts
+    if format != "onnx" or merge_lora:  # a shared voice file: weights and JSON, no graphs
+        from export.safetensors_export import export_voice_file
+
+        return _say(export_voice_file(ckpt, out, format, merge_lora, fp16=fp16, int8=int8,
+                                      with_encoders=with_encoders, cfg_skip_layers=cfg_skip_layers >= 0))
     if int8 and fp16:
         raise UserError("--int8 quantizes an fp32 export: drop --fp16")
 
@@ -276,12 +283,7 @@ def export_cmd(
         bar.update(task, completed=export_steps(with_encoders), description="done")
     o.report_parity(result)
     if int8:
-        from export.quantize import quantize_bundle
-
-        with o.progress_bar(console) as bar:
-            task = bar.add_task("int8", total=None)
-            rows = quantize_bundle(result.path, step=lambda label: bar.update(task, description=label))
-        o.report_int8(result.path, rows)
+        o.report_int8(result.path, o.quantize_with_progress(result.path))
 
 
 @app.command()

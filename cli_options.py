@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from rtsvc.autoblock import P99_MARGIN
+from rtsvc.backends.providers import PROVIDER_CHOICES
 from rtsvc.dsp.slicer import FADE_MS
 from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
@@ -116,8 +117,9 @@ Resume = opt(bool, "Continue OUT/last.ckpt at its exact step. Default: off.", pa
 TrainDevice = opt(str | None, f"Torch device: auto, cpu or cuda. Default: {TRAIN.device} (under torchrun: "
                   "one GPU per rank).")
 
-Model = opt(Path | None, "RIFT-SVC V2 or V3 checkpoint (.ckpt, LoRA fine-tunes too) or exported .rtsvc "
-            "bundle. Default: none, the built-in DSP voice.", "--model", "-m", panel=MODEL)
+Model = opt(Path | None, "RIFT-SVC V2 or V3 checkpoint (.ckpt, LoRA fine-tunes too), shared .safetensors "
+            "voice (read without pickle) or exported .rtsvc bundle. Default: none, the built-in DSP voice.",
+            "--model", "-m", panel=MODEL)
 PretrainedDir = opt(Path, "Folder of pretrained components in the upstream layout. Default: pretrained/.",
                     panel=MODEL)
 ContentVec = opt(str | None, "ContentVec folder or hub id. Default: PRETRAINED_DIR/content-vec-best.",
@@ -135,8 +137,9 @@ Backend = opt(str, "Model backend: auto, torch or onnx. Default: auto (onnx for 
               "for .ckpt).", panel=MODEL)
 Precision = opt(str, "Torch compute precision on CUDA: fp32, fp16 or bf16 (CPU always fp32). Default: fp32.",
                 panel=MODEL)
-Providers = opt(str | None, "ONNX Runtime providers for .rtsvc bundles, in order, e.g. cuda,cpu (tensorrt, "
-                "cuda, cpu). Default: automatic (the first of TensorRT, CUDA that starts here, then CPU).",
+Providers = opt(str | None, "ONNX Runtime providers for .rtsvc bundles, in order, e.g. cuda,cpu ("
+                f"{', '.join(PROVIDER_CHOICES)}; `rtsvc doctor` shows which start here). Default: automatic "
+                "(each of TensorRT, CUDA, MIGraphX, ROCm, DirectML, CoreML that starts here, then CPU).",
                 panel=MODEL)
 Schedule = opt(str, next(k for k in KNOB_TABLE if k.name == "schedule").cli_help(), panel=ADVANCED)
 
@@ -276,6 +279,15 @@ def report_parity(result) -> None:
         raise UserError(f"parity check failed: {worst.graph} at {worst.frames} frames differs by "
                         f"{worst.rel:.2e} (relative) > tolerance {worst.tolerance:g}; no bundle written")
     say(f"wrote {result.path} (exporter {', '.join(f'{k}: {v}' for k, v in result.exporters.items())})")
+
+
+def quantize_with_progress(path: Path) -> list:
+    """`rtsvc export --int8`: quantize the bundle at `path` under a progress line; its rows."""
+    from export.quantize import quantize_bundle
+
+    with progress_bar(console) as bar:
+        task = bar.add_task("int8", total=None)
+        return quantize_bundle(path, step=lambda label: bar.update(task, description=label))
 
 
 def report_int8(path: Path, rows) -> None:
@@ -531,10 +543,15 @@ SkipBlock = opt(int | None, "V3 teachers: the block (0-based) the skip-layer pas
                 "--cfg-skip-layers", panel=ADVANCED)
 
 # export
-Checkpoint = Annotated[Path, typer.Argument(help="RIFT-SVC V2 or V3 checkpoint (.ckpt; V3 LoRA adapters are "
-                                            "merged) to export.")]
-BundleOut = opt(Path, "Bundle directory to write, e.g. my-voice.rtsvc (replaced if it is already a bundle). "
-                "Required.", "--out", "-o")
+Checkpoint = Annotated[Path, typer.Argument(help="RIFT-SVC V2 or V3 checkpoint (.ckpt or .safetensors voice; "
+                                            "V3 LoRA adapters are merged into a bundle) to export.")]
+BundleOut = opt(Path, "Bundle directory to write, e.g. my-voice.rtsvc (replaced if it is already a bundle); "
+                "with --format safetensors a file my-voice.safetensors. Required.", "--out", "-o")
+ExportFormat = opt(str, "onnx: an ONNX Runtime bundle (.rtsvc) with the vocoder; safetensors: the DiT's "
+                   "weights with its config and speakers as one .safetensors file to share (read without "
+                   "pickle; docs/bundle.md). Default: onnx.", "--format")
+MergeLora = opt(bool, "--format safetensors: fold V3 LoRA adapters into plain V3 weights (same outputs up to "
+                "float rounding) instead of carrying them (bit-identical). Default: off.", panel=ADVANCED)
 ExportPretrainedDir = opt(Path, "Folder of pretrained components in the upstream layout (vocoder; encoders "
                           "with --with-encoders). Default: pretrained/.", "--pretrained-dir", panel=MODEL)
 ExportVocoder = opt(Path | None, "NSF-HiFiGAN model.ckpt (config.json beside it). Default: PRETRAINED_DIR/"

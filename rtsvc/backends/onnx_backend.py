@@ -1,15 +1,11 @@
 """ONNX Runtime backend: a `.rtsvc` bundle's DiT and vocoder behind the same interface as torch.
 
-Providers: onnxruntime-gpu lists TensorRT and CUDA even on machines with no GPU or no CUDA
-libraries, so a provider counts as usable only if a session actually starts on it
-(`choose_providers`). Automatic choice tries TensorRT, then CUDA, and always keeps CPU last.
+Providers (which exist, which start here, the automatic order) are `rtsvc.backends.providers`;
+its names are re-exported here for older callers.
 """
 
-import contextlib
-import io
 import os
 from collections.abc import Sequence
-from functools import cache
 
 import numpy as np
 import onnxruntime as ort
@@ -26,6 +22,17 @@ from rtsvc.backends.bundle import (
     Bundle,
     read_bundle,
 )
+from rtsvc.backends.providers import (  # noqa: F401 - re-exported: callers import them from here
+    CPU,
+    GPU_PROVIDERS,
+    ORT_LOG_ERRORS_ONLY,
+    PROVIDER_NAMES,
+    choose_providers,
+    parse_providers,
+    provider_report,
+    provider_works,
+    short_name,
+)
 from rtsvc.errors import UserError
 from rtsvc.models.families import family_named
 from rtsvc.models.flow import CFG_EPS, Conditioning
@@ -33,111 +40,17 @@ from rtsvc.models.guidance import Guidance, bad_cvec_of
 from rtsvc.models.speakers import speaker_weights
 from rtsvc.models.student import StudentInfo
 
-PROVIDER_NAMES = {  # what users type -> ONNX Runtime's name
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
-AUTO_ORDER = ("tensorrt", "cuda", "cpu")
-CPU = "CPUExecutionProvider"
-ORT_LOG_ERRORS_ONLY = 3
-ORT_LOG_SILENT = 4
 TRT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "rtsvc", "trt")
 
 
-def _probe_model() -> bytes:
-    """A one-node ONNX graph (Relu) for checking that a provider can start a session."""
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+DIRECTML = "DmlExecutionProvider"
 
 
-@cache
-def provider_works(provider: str) -> bool:
-    """True when ONNX Runtime really runs a session on `provider` (ORT silently falls back to CPU)."""
-    if provider not in ort.get_available_providers():
-        return False
-    if provider == CPU:
-        return True
-    options = ort.SessionOptions()
-    options.log_severity_level = ORT_LOG_SILENT
-    ort.set_default_logger_severity(ORT_LOG_SILENT)
-    try:
-        # ORT prints its fallback notice with print(); keep the console clean while probing
-        with contextlib.redirect_stdout(io.StringIO()):
-            session = ort.InferenceSession(_probe_model(), options, providers=[provider])
-        return provider in session.get_providers()
-    except Exception:  # any failure to start means "not usable here"
-        return False
-    finally:
-        ort.set_default_logger_severity(ORT_LOG_ERRORS_ONLY)
-
-
-def parse_providers(spec: str | Sequence[str] | None) -> list[str] | None:
-    """`"cuda,cpu"` or `["cuda", "cpu"]` -> ORT provider names; None or "auto" -> None (automatic)."""
-    if spec is None:
-        return None
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    names = [n for n in names if n]
-    if not names or names == ["auto"]:
-        return None
-    out = []
-    for name in names:
-        key = name.lower()
-        full = PROVIDER_NAMES.get(key) or next((v for v in PROVIDER_NAMES.values() if v.lower() == key), None)
-        if full is None:
-            raise UserError(f"unknown ONNX Runtime provider {name!r}: use auto or a comma list of "
-                            "tensorrt, cuda, cpu")
-        if full not in out:
-            out.append(full)
-    return out
-
-
-def choose_providers(requested: str | Sequence[str] | None = None) -> list[str]:
-    """The providers to open sessions with, best first, CPU always last.
-
-    None / "auto": every provider of TensorRT, CUDA that actually starts here, then CPU.
-    An explicit list (e.g. "cuda,cpu") is honoured in its order; a provider in it that cannot
-    start here is a UserError, since the user asked for it by name.
-    """
-    wanted = parse_providers(requested)
-    if wanted is None:
-        chosen = [PROVIDER_NAMES[n] for n in AUTO_ORDER if provider_works(PROVIDER_NAMES[n])]
-    else:
-        broken = [p for p in wanted if not provider_works(p)]
-        if broken:
-            names = ", ".join(short_name(p) for p in broken)
-            raise UserError(f"ONNX Runtime provider {names} was asked for but cannot start here "
-                            "(no GPU or missing CUDA/TensorRT libraries); try --providers cpu")
-        chosen = list(wanted)
-    if CPU not in chosen:
-        chosen.append(CPU)  # ops a GPU provider lacks run on CPU
-    return chosen
-
-
-def short_name(provider: str) -> str:
-    """`CUDAExecutionProvider` -> `cuda`."""
-    return {v: k for k, v in PROVIDER_NAMES.items() if k != "trt"}.get(provider, provider)
-
-
-def provider_report() -> list[tuple[str, bool, bool]]:
-    """(name, listed by onnxruntime, actually starts) for each known provider: for `rtsvc doctor`."""
-    listed = set(ort.get_available_providers())
-    return [(short_name(PROVIDER_NAMES[n]), PROVIDER_NAMES[n] in listed, provider_works(PROVIDER_NAMES[n]))
-            for n in AUTO_ORDER]
-
-
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, providers: Sequence[str] = ()) -> ort.SessionOptions:
     """Full graph optimisation; `threads` caps intra-op threads (None: ORT uses every core)."""
     options = ort.SessionOptions()
+    if DIRECTML in providers:  # ORT's DirectML notes: no memory patterns (and sequential execution, below)
+        options.enable_mem_pattern = False
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1  # one graph at a time; parallelism is inside the ops
@@ -164,16 +77,19 @@ def make_session(path, providers: Sequence[str] | None = None,
     """An InferenceSession on `providers` (ORT names, from `choose_providers`; default CPU)."""
     providers = list(providers or [CPU])
     try:
-        return ort.InferenceSession(str(path), session_options(threads),
-                                    providers=[_provider_entry(p) for p in providers])
+        session = ort.InferenceSession(str(path), session_options(threads, providers),
+                                       providers=[_provider_entry(p) for p in providers])
     except Exception as err:  # ORT raises its own types for bad or unsupported graphs
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"ONNX Runtime cannot load {path}: {first}") from None
+    if providers[0] not in session.get_providers():  # ORT drops a provider that fails, with a log line
+        raise UserError(f"ONNX Runtime could not start {short_name(providers[0])} for {path} (it would run "
+                        f"on {', '.join(map(short_name, session.get_providers()))})")
+    return session
 
 
 # --- the backend ------------------------------------------------------------------------------
 
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
@@ -184,7 +100,8 @@ def _providers_for(device: str, requested: str | Sequence[str] | None) -> list[s
     providers = choose_providers(requested)
     if device.startswith("cuda") and not any(p in GPU_PROVIDERS for p in providers):
         raise UserError("--device cuda was asked for but ONNX Runtime cannot start its CUDA or TensorRT "
-                        "provider here (no GPU or missing CUDA libraries); try --device cpu")
+                        "provider here (no GPU or missing CUDA libraries); try --device cpu (AMD, Intel "
+                        "or Apple GPUs: --device auto and --providers, see `rtsvc doctor`)")
     return providers
 
 
@@ -215,6 +132,7 @@ class OnnxBackend:
         self._inputs = {id(s): {i.name for i in s.get_inputs()} for s in (self.dit, self.vocoder)}
         self._check_interfaces()
         self.providers = self.dit.get_providers()
+        self.fallback: str | None = None  # why an automatically chosen accelerator was given up (`open`)
         self.hop = int(bundle.manifest["audio"]["hop_length"])
         self.io_binding = self.providers[0] in GPU_PROVIDERS and device.type == "cuda"
         marker = bundle.manifest.get("student")
@@ -240,7 +158,21 @@ class OnnxBackend:
         bundle = read_bundle(path)
         chosen = _providers_for(device, providers)
         on_gpu = chosen[0] in GPU_PROVIDERS and torch.cuda.is_available()
-        return cls(bundle, chosen, torch.device("cuda" if on_gpu else "cpu"), threads)
+        automatic = device == "auto" and parse_providers(providers) is None
+        failed = []
+        while True:
+            try:
+                backend = cls(bundle, chosen, torch.device("cuda" if on_gpu else "cpu"), threads)
+                break
+            except UserError as err:  # an accelerator picked automatically that fails on these graphs:
+                if not automatic or chosen == [CPU]:  # the next one (CPU last), and the voice line says so
+                    raise
+                failed.append(f"{short_name(chosen[0])} failed ({err})")
+                chosen = chosen[1:]
+                on_gpu = chosen[0] in GPU_PROVIDERS and torch.cuda.is_available()
+        if failed:
+            backend.fallback = f"{'; '.join(failed)}; running on {short_name(chosen[0])}"
+        return backend
 
     # -- running a graph --
 

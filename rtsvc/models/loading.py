@@ -19,6 +19,7 @@ import torch
 from rtsvc.errors import UserError
 from rtsvc.models.families import family_of_state, tensor_dim
 from rtsvc.models.safe_load import load_torch_file
+from rtsvc.models.safetensors_voice import is_safetensors, read_voice, voice_family
 from rtsvc.models.student import STUDENT_KEY, StudentInfo, make_student
 from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig, fold_weight_norm
 
@@ -128,6 +129,8 @@ def _default_first(speakers: dict[str, int], default: object) -> dict[str, int]:
 def checkpoint_family(path: str | Path) -> str:
     """The family name of a RIFT-SVC checkpoint without reading its weights (tensors are mapped)."""
     path = Path(path)
+    if is_safetensors(path):  # a shared voice: its header only
+        return voice_family(path)
     state = _dit_state(load_torch_file(path, "model checkpoint", mmap=True), path)
     try:
         return dit_family(state)
@@ -137,15 +140,19 @@ def checkpoint_family(path: str | Path) -> str:
 
 def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LoadedDiT:
     """Load a RIFT-SVC Lightning checkpoint of any registered family (told by its keys; V3 LoRA
-    adapters included); strict keys; UserError on any mismatch."""
+    adapters included), or a `.safetensors` voice (no pickle; `safetensors_voice`); strict keys;
+    UserError on any mismatch."""
     path = Path(path)
-    ckpt = load_torch_file(path, "model checkpoint")
-    state = _dit_state(ckpt, path)
+    if is_safetensors(path):
+        state, hparams = read_voice(path)
+    else:
+        ckpt = load_torch_file(path, "model checkpoint")
+        state = _dit_state(ckpt, path)
+        hparams = _as_dict(_as_dict(ckpt.get("hyper_parameters")).get("cfg"))
     try:
         family = family_of_state(state)
     except UserError as err:
         raise UserError(f"{path} is {err}") from None
-    hparams = _as_dict(_as_dict(ckpt.get("hyper_parameters")).get("cfg"))
     speakers = _as_dict(hparams.get("spk2idx"))
     if not speakers:
         raise UserError(f"{path} has no speaker table (hyper_parameters.cfg.spk2idx)")

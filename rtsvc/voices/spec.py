@@ -5,8 +5,8 @@ and passes that object around; a new voice option is a field here, a CLI option,
 that uses it. Torch-free at import (the command line shows these defaults in --help); the voices
 and backends, which need torch, load when a voice is opened.
 
-Without a model the built-in DSP voice opens. A `.ckpt` runs on torch, a `.rtsvc` bundle on ONNX
-Runtime. Options are checked before anything slow loads, the model path first.
+Without a model the built-in DSP voice opens. A `.ckpt` or `.safetensors` voice runs on torch, a
+`.rtsvc` bundle on ONNX Runtime. Options are checked before anything slow loads, the model path first.
 """
 
 from dataclasses import dataclass, replace
@@ -34,7 +34,7 @@ class VoiceSpec:
     pretrained dir's upstream layout; `streaming=False` gives the offline variant (convert, the
     reference of `rtsvc.bench.blocks.streaming_gap`)."""
 
-    model: Path | None = None  # .ckpt or .rtsvc bundle
+    model: Path | None = None  # .ckpt, .safetensors voice or .rtsvc bundle
     pretrained_dir: Path = Path(DEFAULT_PRETRAINED_DIR)
     contentvec: str | None = None  # folder or hub id
     whisper: str | None = None  # folder or hub id
@@ -65,7 +65,7 @@ class VoiceSpec:
         if not self.dit_context_ms >= 0:  # `not >=` also refuses NaN
             raise UserError(f"--dit-context-ms must be at least 0 ms, got {self.dit_context_ms:g}")
         if self.providers is not None:  # a typo fails here, even where no bundle would use them
-            from rtsvc.backends.onnx_backend import parse_providers  # onnxruntime: heavy, optional
+            from rtsvc.backends.providers import parse_providers  # onnxruntime-free until a probe
 
             parse_providers(self.providers)
         if self.model is not None and not Path(self.model).exists():
@@ -106,6 +106,13 @@ def describe_voice(voice: Voice, model: Path | None, speaker: str | None = None)
     others = [name for name in voice.speakers if name != active]
     listed = ", ".join(others[:8]) + (", ..." if len(others) > 8 else "")
     rest = f" (also: {listed}; --speaker)" if others else ""
+    backend = getattr(voice, "backend", None)
+    runs = getattr(backend, "providers", None)  # ONNX Runtime: where it runs, and any fallback
+    if runs:
+        from rtsvc.backends.providers import short_name
+
+        rest += f"; ONNX Runtime on {', '.join(map(short_name, runs))}"
+        rest += f" ({backend.fallback})" if getattr(backend, "fallback", None) else ""
     return f"voice: {model}, speaker {active}{rest}"
 
 
