@@ -11,8 +11,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-import cli_options as o
 from rtsvc.autoblock import start_voice
+from rtsvc.commands import cli_options as o
 from rtsvc.engine import StreamConfig, parse_block_ms
 from rtsvc.errors import UserError
 from rtsvc.features.f0_methods import DEFAULT_F0
@@ -194,7 +194,13 @@ def prepare(
     whisper: o.Whisper = None, rmvpe: o.Rmvpe = None, family: o.Family = "v2",
 ) -> None:
     """Prepare recordings for training: 44.1 kHz, -18 LUFS, sliced, features cached (resumable)."""
-    from training.prepare import CACHE_DIR, find_sources, make_feature_fn, prepare_dataset, too_little_audio
+    from rtsvc.training.prepare import (
+        CACHE_DIR,
+        find_sources,
+        make_feature_fn,
+        prepare_dataset,
+        too_little_audio,
+    )
 
     f0 = check_f0(f0)
     find_sources(data)  # a wrong folder fails before the encoders load
@@ -221,8 +227,8 @@ def train(
 ) -> None:
     """Train a RIFT-SVC V2 or V3 model on a prepared dataset (fine-tune, LoRA or from scratch; the family
     follows --pretrained, else the dataset's `prepare --family`; torchrun for DDP)."""
-    from training.train import TrainConfig
-    from training.train import train as run_training
+    from rtsvc.training.train import TrainConfig
+    from rtsvc.training.train import train as run_training
 
     paths = {name: str(value) for name, value in locals().items() if isinstance(value, Path)}
     result = run_training(_pick(TrainConfig, locals(), **paths))
@@ -244,8 +250,8 @@ def distill(
     device: o.TrainDevice = None,
 ) -> None:
     """Distil a teacher into a 1-2 evaluation student without guidance branches (torchrun for DDP)."""
-    from training.distill import DistillConfig
-    from training.distill import distill as run_distill
+    from rtsvc.training.distill import DistillConfig
+    from rtsvc.training.distill import distill as run_distill
 
     paths = {name: str(value) for name, value in locals().items() if isinstance(value, Path)}
     result = run_distill(_pick(DistillConfig, locals(), **paths,
@@ -263,11 +269,11 @@ def export_cmd(
 ) -> None:
     """Export a checkpoint + vocoder to an ONNX Runtime bundle (.rtsvc), checked against torch, or
     the checkpoint alone to a .safetensors voice (--format safetensors) to share."""
-    from export.onnx_export import export_bundle, export_steps
+    from rtsvc.export.onnx_export import export_bundle, export_steps
 
     VoiceSpec(model=ckpt).validate()  # a wrong path is said before the progress bar starts
     if format != "onnx" or merge_lora:  # a shared voice file: weights and JSON, no graphs
-        from export.safetensors_export import export_voice_file
+        from rtsvc.export.safetensors_export import export_voice_file
 
         return _say(export_voice_file(ckpt, out, format, merge_lora, fp16=fp16, int8=int8,
                                       with_encoders=with_encoders, cfg_skip_layers=cfg_skip_layers >= 0))
@@ -352,7 +358,7 @@ def eval_cmd(
     from rtsvc.eval.runner import eval_plan, prepare_eval, run_eval
 
     def int8_bundle(bundle: Path) -> Path:  # rtsvc may not import export: the command lends it
-        from export.quantize import int8_copy
+        from rtsvc.export.quantize import int8_copy
 
         _say(f"quantizing a copy of {bundle} to int8 under {out / 'int8'}")
         return int8_copy(bundle, out / "int8")

@@ -18,6 +18,7 @@ import click
 import typer
 from rich.console import Console
 from rich.text import Text
+from rtsvc.training.config import DistillConfig, TrainConfig
 
 from rtsvc.autoblock import P99_MARGIN
 from rtsvc.backends.providers import PROVIDER_CHOICES
@@ -31,7 +32,6 @@ from rtsvc.serve.server import ServerConfig
 from rtsvc.settings import KNOB_TABLE, Knob, KnobError, knobs_class, validate_knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
 from rtsvc.voices.spec import CONCURRENT_F0
-from training.config import DistillConfig, TrainConfig
 
 STREAM, SERVER = StreamConfig(), ServerConfig()
 # help panels, in the order --help shows them
@@ -283,7 +283,7 @@ def report_parity(result) -> None:
 
 def quantize_with_progress(path: Path) -> list:
     """`rtsvc export --int8`: quantize the bundle at `path` under a progress line; its rows."""
-    from export.quantize import quantize_bundle
+    from rtsvc.export.quantize import quantize_bundle
 
     with progress_bar(console) as bar:
         task = bar.add_task("int8", total=None)

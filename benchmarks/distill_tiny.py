@@ -43,8 +43,9 @@ DB_PER_NEPER = 20.0 / math.log(10.0)  # log-mel is ln(amplitude)
 
 
 def make_data(work: Path) -> Path:
+    from rtsvc.training.prepare import cache_root, load_metadata, make_feature_fn, prepare_dataset
+
     from tests.tiny_encoders import make_tiny_pretrained_dir
-    from training.prepare import cache_root, load_metadata, make_feature_fn, prepare_dataset
 
     wavs = work / "wavs"
     for speaker, voice in VOICES.items():
@@ -74,7 +75,7 @@ def make_data(work: Path) -> Path:
 
 
 def train_teacher(work: Path, steps: int, device: str) -> Path:
-    from training.train import TrainConfig, train
+    from rtsvc.training.train import TrainConfig, train
 
     out = work / "teacher"
     if (out / "last.ckpt").exists():
@@ -88,7 +89,7 @@ def train_teacher(work: Path, steps: int, device: str) -> Path:
 
 
 def distill_student(work: Path, steps: int, device: str, nfe: int = 1) -> Path:
-    from training.distill import DistillConfig, distill
+    from rtsvc.training.distill import DistillConfig, distill
 
     out = work / f"student-nfe{nfe}"
     if (out / "last.ckpt").exists():
@@ -106,9 +107,9 @@ def distill_student(work: Path, steps: int, device: str, nfe: int = 1) -> Path:
 
 def held_out(work: Path, device: str):
     """(conditioning, name) of every held-out clip (first 256 frames)."""
-    from training.dataset import ClipDataset, collate
-    from training.distill_loss import batch_conditioning
-    from training.prepare import load_metadata
+    from rtsvc.training.dataset import ClipDataset, collate
+    from rtsvc.training.distill_loss import batch_conditioning
+    from rtsvc.training.prepare import load_metadata
 
     meta = load_metadata(work / "wavs")
     spk2idx = {s: i for i, s in enumerate(meta["speakers"])}
@@ -170,6 +171,8 @@ def cost(model_name: str, repeats: int, device: str) -> list[dict]:
     """Per-block DiT time on the live default window: teacher (Knobs().steps points, CFG batch of 2)
     vs a student of the same size (1 and 2 single-branch evaluations); random weights (cost does not
     depend on them), timed alternately, median of `repeats`."""
+    from rtsvc.training.model import parse_model
+
     from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE
     from rtsvc.models.dit import DiT
     from rtsvc.models.flow import Conditioning, cfg_velocity, sample, sample_on_grid
@@ -177,7 +180,6 @@ def cost(model_name: str, repeats: int, device: str) -> list[dict]:
     from rtsvc.settings import Knobs
     from rtsvc.voices.defaults import DIT_CONTEXT_MS, MODEL_BLOCK_MS
     from rtsvc.voices.model import VOCODER_CONTEXT_FRAMES
-    from training.model import parse_model
 
     frame_ms = 1000.0 * HOP_LENGTH / SAMPLE_RATE
     frames = (round(MODEL_BLOCK_MS / frame_ms) + VOCODER_CONTEXT_FRAMES

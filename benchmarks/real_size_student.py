@@ -22,11 +22,11 @@ import json
 from pathlib import Path
 
 import torch
+from rtsvc.training.checkpoint import build_checkpoint, save_checkpoint
 
 from rtsvc.models.dit_v3 import DiTV3, DiTV3Config
 from rtsvc.models.student import StudentInfo, make_student
 from rtsvc.pretrained import LAYOUT
-from training.checkpoint import build_checkpoint, save_checkpoint
 
 SPEAKERS = {"a": 0, "b": 1}
 WEIGHT_NOISE = 0.02  # the upstream init zeroes the output layers: give every layer real work

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rtsvc.export.quantize import QuantizedGraph
 
-from export.quantize import QuantizedGraph
 from rtsvc.bench.blocks import BenchCase, StageTimes, log_spectral_distance
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.dsp.signals import sung_tone
@@ -63,7 +63,7 @@ SPEECH = ("The quick brown fox jumps over the lazy dog. She sells sea shells by 
 # --- networks at real size, random weights ----------------------------------------------------------
 
 def random_dit(dim: int, depth: int):
-    from export.bench_onnx import _random_dit
+    from rtsvc.export.bench_onnx import _random_dit
 
     return _random_dit(dim, depth)
 
@@ -137,9 +137,10 @@ def speech_audio() -> np.ndarray:
 
 def graphs(dims: list[tuple[int, int]], int8: bool, log=print) -> dict[str, Path]:
     """fp32 (and int8) ONNX files in CACHE, built once: vocoder, contentvec, dit-D-L-student, dit-D-L-v2."""
-    from export.graphs import ContentVecGraph
-    from export.onnx_export import _export, export_dit, export_vocoder
-    from export.quantize import quantize_graph, vocoder_feeds
+    from rtsvc.export.graphs import ContentVecGraph
+    from rtsvc.export.onnx_export import _export, export_dit, export_vocoder
+    from rtsvc.export.quantize import quantize_graph, vocoder_feeds
+
     from rtsvc.features.contentvec import HubertModelWithFinalProj
     from rtsvc.models.vocoder import NsfHifiGan, VocoderConfig
 
@@ -188,7 +189,8 @@ def graph_feeds(name: str, path: Path, audio: list[np.ndarray]) -> list[dict[str
     if name == "contentvec":
         return [{"audio": resample(a[i:i + SAMPLE_RATE], SAMPLE_RATE, ENCODER_SAMPLE_RATE)[None]}
                 for a in audio for i in range(0, len(a) - SAMPLE_RATE, 2 * SAMPLE_RATE)]
-    from export.graphs import dit_example, student_example
+    from rtsvc.export.graphs import dit_example, student_example
+
     from rtsvc.backends.bundle import DIT_INPUTS, STUDENT_DIT_INPUTS
 
     inputs = {i.name for i in ort.InferenceSession(str(path)).get_inputs()}
@@ -277,9 +279,10 @@ def student_bundle(dim: int, depth: int, precision: str, log=print) -> tuple[Pat
     (`rtsvc export --with-encoders`, then `--int8`'s quantize_bundle for `int8`)."""
     import shutil
 
+    from rtsvc.export.onnx_export import export_bundle
+    from rtsvc.export.quantize import quantize_bundle
+
     from benchmarks.real_size_student import write_pretrained, write_student
-    from export.onnx_export import export_bundle
-    from export.quantize import quantize_bundle
 
     pretrained = write_pretrained(CACHE / "pretrained")
     ckpt = CACHE / f"student-v3-{dim}-{depth}.ckpt"

@@ -1,7 +1,7 @@
 """Per-block DiT compute: torch vs ONNX Runtime, on random weights (no downloads needed).
 
-    python -m export.bench_onnx                                  # dit-512-8, 1 s window, CPU
-    python -m export.bench_onnx --dims 512-8,768-12 --devices cpu,cuda --providers cuda,tensorrt
+    python -m rtsvc.export.bench_onnx                                  # dit-512-8, 1 s window, CPU
+    python -m rtsvc.export.bench_onnx --dims 512-8,768-12 --devices cpu,cuda --providers cuda,tensorrt
 
 One "block" is what the streaming engine pays per window: `steps - 1` Euler updates, each one
 CFG velocity (null and full Whisper branch batched, cfg 2.0) over the window's mel frames, plus
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+from rtsvc.export.onnx_export import export_dit, export_vocoder
 
-from export.onnx_export import export_dit, export_vocoder
 from rtsvc.backends.bundle import read_bundle, write_manifest
 from rtsvc.backends.onnx_backend import OnnxBackend, choose_providers, short_name
 from rtsvc.backends.torch_backend import TorchBackend
@@ -128,11 +128,11 @@ def run_encoders(seconds_list: list[float], whisper_layers: int, repeats: int, t
     """ContentVec (HuBERT-base size) and a Whisper-large-v3-width encoder with `whisper_layers`
     layers (time scales with the layer count; large-v3 runs 31 of its 32 for hidden_states[-2]),
     random weights, torch vs ORT CPU, on unpadded windows of `seconds_list`."""
+    from rtsvc.export.graphs import ContentVecGraph, WhisperGraph
+    from rtsvc.export.onnx_export import _export
     from transformers import HubertConfig, WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
-    from export.graphs import ContentVecGraph, WhisperGraph
-    from export.onnx_export import _export
     from rtsvc.backends.onnx_backend import make_session
     from rtsvc.features.contentvec import HubertModelWithFinalProj
     from rtsvc.features.whisper import WhisperEncoder

@@ -24,9 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from export.graphs import (
+from rtsvc.export.graphs import (
     PER_FRAME_INPUTS,
     PER_ITEM_INPUTS,
     ContentVecGraph,
@@ -35,7 +33,7 @@ from export.graphs import (
     graphs_for,
     vocoder_example,
 )
-from export.parity import (
+from rtsvc.export.parity import (
     ParityRow,
     check_contentvec,
     check_dit,
@@ -44,6 +42,8 @@ from export.parity import (
     check_whisper,
     default_tolerance,
 )
+from torch import nn
+
 from rtsvc import __version__
 from rtsvc.backends.bundle import (
     DIT_FILE,

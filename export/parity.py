@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rtsvc.export.graphs import VocoderGraph, graphs_for, vocoder_example
 
-from export.graphs import VocoderGraph, graphs_for, vocoder_example
 from rtsvc.backends.bundle import VOCODER_INPUTS
 from rtsvc.backends.onnx_backend import make_session
 from rtsvc.models.vocoder import NsfHifiGan

@@ -171,8 +171,8 @@ def dit_feeds(session_path: Path, num_speaker: int, interface: list[str], frames
     or a student's; export.graphs' examples), only those the graph takes."""
     import onnxruntime as ort
     import torch
+    from rtsvc.export.graphs import dit_example, dit_v3_example, student_example, student_v3_example
 
-    from export.graphs import dit_example, dit_v3_example, student_example, student_v3_example
     from rtsvc.backends.bundle import DIT_INPUTS, DIT_V3_INPUTS, STUDENT_DIT_INPUTS, STUDENT_V3_DIT_INPUTS
 
     examples = {DIT_INPUTS: dit_example, DIT_V3_INPUTS: dit_v3_example, STUDENT_DIT_INPUTS: student_example,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import cli
+from rtsvc.commands import cli
 
 SR = 44100
 

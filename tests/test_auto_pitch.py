@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import pyworld
 import torch
+from rtsvc.commands.cli_options import with_words
 
-from cli_options import with_words
 from rtsvc.dsp.audio import SAMPLE_RATE
 from rtsvc.engine import StreamConfig, StreamingConverter
 from rtsvc.errors import UserError
@@ -126,7 +126,8 @@ def test_models_without_statistics_take_them_from_recordings_or_say_what_to_do(t
 
 
 def test_bundle_manifest_carries_the_statistics(tiny):
-    from export.onnx_export import build_manifest
+    from rtsvc.export.onnx_export import build_manifest
+
     from rtsvc.models.loading import load_dit, load_vocoder
 
     root, ckpt, pre, stats = tiny
@@ -146,7 +147,7 @@ def test_pitch_auto_on_the_command_line():
 
 
 def test_prepare_and_train_record_each_speakers_statistics(tmp_path):
-    from training.pitch_stats import checkpoint_pitch_stats, dataset_pitch_stats
+    from rtsvc.training.pitch_stats import checkpoint_pitch_stats, dataset_pitch_stats
 
     for speaker, hz in (("alice", 300.0), ("bob", 120.0)):
         (tmp_path / speaker).mkdir()

@@ -167,7 +167,8 @@ def test_batched_blocks_equal_one_at_a_time_per_stream(tiny):
 
 @pytest.mark.slow
 def test_onnx_backend_batches_equal_one_at_a_time(tiny, tiny_files, tmp_path):
-    from export.onnx_export import export_bundle
+    from rtsvc.export.onnx_export import export_bundle
+
     from rtsvc.backends.onnx_backend import OnnxBackend
 
     ckpt, pretrained = tiny_files

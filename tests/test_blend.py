@@ -108,8 +108,8 @@ def test_v3_blend_lies_between_its_speakers(files, tmp_path):
 
 
 def test_bundle_takes_blend_weights_and_format_1_still_loads(files, monkeypatch):
-    import export.graphs
-    from export.onnx_export import export_bundle
+    import rtsvc.export.graphs
+    from rtsvc.export.onnx_export import export_bundle
 
     root, ckpt, pre = files
     export_bundle(ckpt, root / "v2.rtsvc", pretrained_dir=pre, lengths=(17,))
@@ -124,7 +124,7 @@ def test_bundle_takes_blend_weights_and_format_1_still_loads(files, monkeypatch)
 
     # a bundle written before blends: its DiT takes an index [b] int64 and its manifest says format 1
     index = lambda batch, rows, g=None: torch.randint(0, rows, (batch,), generator=g)  # noqa: E731
-    monkeypatch.setattr(export.graphs, "speaker_example", index)
+    monkeypatch.setattr(rtsvc.export.graphs, "speaker_example", index)
     export_bundle(ckpt, root / "v1.rtsvc", pretrained_dir=pre, lengths=(17,))
     path = root / "v1.rtsvc" / "manifest.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 1}))
@@ -138,7 +138,8 @@ def test_bundle_takes_blend_weights_and_format_1_still_loads(files, monkeypatch)
 
 
 def test_v3_bundle_takes_blend_weights(files, tmp_path):
-    from export.onnx_export import export_bundle
+    from rtsvc.export.onnx_export import export_bundle
+
     from tests.upstream.fixtures import make_v3_head
 
     ckpt, _ = make_v3_head(tmp_path / "v3.ckpt")

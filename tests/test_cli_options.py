@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import typer
 
-import cli
 import rtsvc.autoblock
 import rtsvc.bench.blocks
 import rtsvc.bench.loopback
@@ -17,6 +16,7 @@ import rtsvc.live.devices
 import rtsvc.voices.spec
 from rtsvc.autoblock import AutoBlock
 from rtsvc.bench.blocks import streaming_gap
+from rtsvc.commands import cli
 from rtsvc.engine import StreamConfig
 from rtsvc.live import JITTER_MS
 from rtsvc.settings import Knobs

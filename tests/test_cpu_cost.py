@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from rtsvc.export.onnx_export import export_vocoder
+from rtsvc.export.quantize import quantize_bundle
 
-from export.onnx_export import export_vocoder
-from export.quantize import quantize_bundle
 from rtsvc.autoblock import P99_MARGIN, frames_to_ms, pick_block, resolve_block
 from rtsvc.backends.bundle import read_bundle, write_manifest
 from rtsvc.backends.onnx_backend import CPU, OnnxBackend
@@ -127,9 +127,9 @@ def test_dynamic_int8_dit_runs_as_its_exact_integer_arithmetic(tiny, tmp_path):
     exact integer arithmetic, on whatever CPU runs the test."""
     import onnx
     from onnx.reference import ReferenceEvaluator
+    from rtsvc.export.onnx_export import export_dit
+    from rtsvc.export.quantize import dit_feeds, quantize_dynamic_graph
 
-    from export.onnx_export import export_dit
-    from export.quantize import dit_feeds, quantize_dynamic_graph
     from rtsvc.backends.onnx_backend import make_session
 
     _, ckpt, _ = tiny
@@ -166,8 +166,8 @@ class NullWhisperBranch(torch.nn.Module):
 
 
 def export_null_branch(dit, path) -> None:
-    from export.graphs import dit_example
-    from export.onnx_export import _export
+    from rtsvc.export.graphs import dit_example
+    from rtsvc.export.onnx_export import _export
 
     example = dit_example(2, 40, dit.config.num_speaker, torch.Generator().manual_seed(0))[:6]
     per_frame = {0: "batch", 1: "frames"}

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from rtsvc.training.prepare import CACHE_DIR, prepare_dataset
 
 from rtsvc.backends.bundle import MANIFEST, replaceable_bundle_problem
 from tests.cli_helpers import harmonic_tone, run_cli, write_wav
@@ -21,7 +22,6 @@ from tests.test_bundle import make_fake_bundle
 from tests.test_prepare import SETTINGS, cheap_extract
 from tests.tiny_encoders import make_tiny_pretrained_dir
 from tests.tiny_models import make_tiny_dit_checkpoint
-from training.prepare import CACHE_DIR, prepare_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,4 +170,17 @@ def test_the_wheel_carries_the_web_page(tmp_path):
             assert f"rtsvc/serve/web/{name}" in names, sorted(n for n in names if "web" in n)
         page_html = (ROOT / "rtsvc/serve/web/index.html").read_bytes()
         assert archive.read("rtsvc/serve/web/index.html") == page_html
-    assert "cli.py" in names and "rtsvc/serve/server.py" in names
+    # the wheel owns only `rtsvc`: export/, training/ and cli.py install under its namespace, every module
+    tops = {n.split("/")[0] for n in names if not n.startswith("rtsvc-0.1.0.dist-info/")}
+    assert tops == {"rtsvc"}, tops
+    where = {"export/": "rtsvc/export/", "training/": "rtsvc/training/", "cli.py": "rtsvc/commands/cli.py",
+             "cli_options.py": "rtsvc/commands/cli_options.py"}
+    ours = tuple(where) + ("rtsvc/",)
+    modules = [n for n in tracked.decode().split("\0")
+               if n.endswith(".py") and n.startswith(ours) and n != "rtsvc/commands/__init__.py"]
+    installed = {m: next((m.replace(k, v, 1) for k, v in where.items() if m.startswith(k)), m)
+                 for m in modules}
+    assert not [m for m, at in installed.items() if at not in names]
+    with zipfile.ZipFile(wheel) as archive:
+        entry_points = archive.read("rtsvc-0.1.0.dist-info/entry_points.txt").decode()
+    assert "rtsvc = rtsvc.commands.cli:main" in entry_points

@@ -8,6 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from rtsvc.training.distill import DistillConfig, distill
+from rtsvc.training.distill_loss import deployment_pairs, teacher_trajectory
+from rtsvc.training.prepare import prepare_dataset
 
 from rtsvc.errors import UserError
 from rtsvc.models.dit import DiT
@@ -19,9 +22,6 @@ from rtsvc.models.schedules import EPSS_TABLE, time_grid
 from rtsvc.models.student import StudentInfo, is_student, make_student, v2_student_velocity
 from tests.test_prepare import cheap_extract, make_voices
 from tests.tiny_models import _randomise, make_tiny_dit_checkpoint, tiny_dit_config
-from training.distill import DistillConfig, distill
-from training.distill_loss import deployment_pairs, teacher_trajectory
-from training.prepare import prepare_dataset
 
 TINY = dict(batch_size=2, pairs=2, lr=1e-3, log_every=2, num_workers=0, device="cpu", progress=False,
             max_frame_len=64)
@@ -200,7 +200,8 @@ def test_student_runs_one_single_branch_evaluation_per_update(distilled, vocoder
 
 
 def test_student_bundle_has_no_guidance_input_and_matches_torch(distilled, vocoder, tmp_path):
-    from export.onnx_export import export_bundle
+    from rtsvc.export.onnx_export import export_bundle
+
     from rtsvc.backends.bundle import STUDENT_DIT_INPUTS
     from rtsvc.backends.onnx_backend import OnnxBackend
     from rtsvc.backends.torch_backend import TorchBackend
@@ -304,8 +305,9 @@ def v3_distilled(tmp_path_factory, v3_data, v3_teacher):
 
 
 def test_v3_batch_conditioning_has_no_whisper_and_a_per_item_bad_cvec():
+    from rtsvc.training.distill_loss import batch_conditioning
+
     from rtsvc.models.guidance import degrade_content
-    from training.distill_loss import batch_conditioning
 
     g = torch.Generator().manual_seed(0)
     batch = {"mel": torch.randn(2, 30, 128, generator=g), "spk_id": torch.tensor([0, 1]),
@@ -358,8 +360,8 @@ def test_v3_distill_user_errors(v3_teacher, v3_data, data, tmp_path):
 def test_v3_student_exports_and_converts_at_one_evaluation(v3_distilled, tmp_path, capsys, monkeypatch,
                                                          tiny_pretrained):
     import soundfile as sf
+    from rtsvc.export.quantize import quantize_bundle
 
-    from export.quantize import quantize_bundle
     from rtsvc.backends.bundle import STUDENT_V3_DIT_INPUTS
     from rtsvc.backends.onnx_backend import OnnxBackend
     from rtsvc.backends.torch_backend import TorchBackend

@@ -2,15 +2,15 @@
 (training.distill_cache); 1 is the original recipe, bit for bit."""
 
 import pytest
+import rtsvc.training.distill as distill_module
 import torch
+from rtsvc.training.distill import DistillConfig, distill
+from rtsvc.training.distill_cache import TrajectoryCache
+from rtsvc.training.distill_loss import Trajectories, distill_loss, teacher_trajectories, trajectory_loss
+from rtsvc.training.prepare import prepare_dataset
 
-import training.distill as distill_module
 from tests.test_prepare import cheap_extract, make_voices
 from tests.tiny_models import make_tiny_dit_checkpoint
-from training.distill import DistillConfig, distill
-from training.distill_cache import TrajectoryCache
-from training.distill_loss import Trajectories, distill_loss, teacher_trajectories, trajectory_loss
-from training.prepare import prepare_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 TINY = dict(batch_size=2, pairs=2, lr=1e-3, log_every=2, num_workers=0, device="cpu", progress=False,

@@ -200,9 +200,10 @@ def tiny(tmp_path_factory):
 
 def _v3_student(teacher, root):
     """A V3 student made the way `rtsvc distill` makes one (two steps on cheap features)."""
+    from rtsvc.training.distill import DistillConfig, distill
+    from rtsvc.training.prepare import prepare_dataset
+
     from tests.test_prepare import cheap_extract, make_voices
-    from training.distill import DistillConfig, distill
-    from training.prepare import prepare_dataset
 
     data = root / "data3"
     make_voices(data, broken=False)

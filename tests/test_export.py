@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 import soundfile as sf
 import torch
+from rtsvc.export.onnx_export import export_bundle, export_dit
+from rtsvc.export.parity import check_dit
 
-from export.onnx_export import export_bundle, export_dit
-from export.parity import check_dit
 from rtsvc.backends.bundle import bundle_components, read_bundle, sha256_file
 from rtsvc.backends.onnx_backend import (
     CPU,

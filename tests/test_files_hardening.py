@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+from rtsvc.training.prepare import normalize_loudness
 
 from rtsvc.backends.bundle import MANIFEST
 from rtsvc.settings import Knobs
 from tests.cli_helpers import harmonic_tone, run_cli, write_wav
 from tests.test_bundle import make_fake_bundle
-from training.prepare import normalize_loudness
 
 
 def one_line_error(code: int, err: str) -> str:

@@ -32,7 +32,7 @@ FIELDS = [("family",), ("name",), ("audio",), ("audio", "sample_rate"), ("audio"
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from export.onnx_export import export_bundle
+    from rtsvc.export.onnx_export import export_bundle
 
     root = tmp_path_factory.mktemp("fuzz_manifest")
     ckpt = make_tiny_dit_checkpoint(root / "tiny.ckpt", dim=32, depth=1)

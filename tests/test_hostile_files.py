@@ -165,7 +165,8 @@ def test_a_real_checkpoint_still_loads_after_the_checks(tiny_ckpt, tmp_path):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A real tiny V2 bundle and a V3 one (exported once for the module) and a pretrained dir."""
-    from export.onnx_export import export_bundle
+    from rtsvc.export.onnx_export import export_bundle
+
     from tests.tiny_encoders import make_tiny_pretrained_dir
     from tests.upstream.fixtures import make_v3_head
 

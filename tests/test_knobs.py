@@ -5,10 +5,10 @@ import re
 
 import pytest
 import typer
+from rtsvc.commands.cli_options import knob_options, tidy_command
 from typer.testing import CliRunner
 
-import cli
-from cli_options import knob_options, tidy_command
+from rtsvc.commands import cli
 from rtsvc.errors import UserError
 from rtsvc.serve.protocol import ProtocolError, parse_set, parse_start
 from rtsvc.settings import (

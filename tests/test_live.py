@@ -97,8 +97,9 @@ def test_live_runs_a_v3_student_bundle_at_its_auto_block(pulse, tmp_path, tiny_p
     """Issue 14's CPU voice, tiny: a V3 one-evaluation student exported with its encoders. `rtsvc
     live --model` measures and names its block, extracts F0 beside ContentVec (the default), plays
     audio out and reports its underruns (counted, not asserted: CI shares its cores)."""
+    from rtsvc.export.onnx_export import export_bundle
+
     from benchmarks.real_size_student import write_student
-    from export.onnx_export import export_bundle
 
     pretrained = tiny_pretrained
     ckpt = write_student(tmp_path / "student.ckpt", dim=64, depth=2)
@@ -117,7 +118,7 @@ def test_live_runs_a_v3_student_bundle_at_its_auto_block(pulse, tmp_path, tiny_p
 
 def test_live_unknown_device_is_a_clear_error(pulse):
     env = pulse.client_env()
-    cmd = [sys.executable, "-m", "cli", "live", "--input", "no-such-mic", "--duration", "1"]
+    cmd = [sys.executable, "-m", "rtsvc.commands.cli", "live", "--input", "no-such-mic", "--duration", "1"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "no input device matches 'no-such-mic'" in result.stderr
@@ -344,7 +345,7 @@ def test_live_by_pulse_names_with_a_monitor(tmp_path):
         with open(log, "w") as stream:
             args = ["--input", "mic", "--output", "speaker", "--monitor", "phones", "--pitch", "12",
                     "--duration", "5", "--gate", "-60", "--block-ms", "50"]  # auto measures a busy machine
-            live = subprocess.Popen([sys.executable, "-m", "cli", "live", *args],
+            live = subprocess.Popen([sys.executable, "-m", "rtsvc.commands.cli", "live", *args],
                                     env=server.client_env(), stdin=subprocess.DEVNULL, stdout=stream,
                                     stderr=subprocess.STDOUT)
         try:

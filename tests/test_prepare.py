@@ -13,10 +13,7 @@ import pyloudnorm
 import pytest
 import soundfile as sf
 import torch
-
-from rtsvc.dsp.mel import log_mel_spectrogram, rms_per_frame
-from tests.cli_helpers import run_cli
-from training.prepare import (
+from rtsvc.training.prepare import (
     MIN_CLIP_S,
     cache_root,
     load_metadata,
@@ -24,6 +21,9 @@ from training.prepare import (
     prepare_dataset,
     slice_clips,
 )
+
+from rtsvc.dsp.mel import log_mel_spectrogram, rms_per_frame
+from tests.cli_helpers import run_cli
 
 SR_IN = 22050
 VOICES = {"low": (120.0, 0.9), "high": (300.0, 0.4)}  # name: (mean F0 Hz, harmonic falloff)
@@ -181,7 +181,7 @@ def test_a_crash_in_one_file_is_reported_not_fatal(tmp_path):
 
 
 def test_too_little_audio_is_warned_per_speaker(prepared):
-    from training.prepare import too_little_audio
+    from rtsvc.training.prepare import too_little_audio
 
     _, result = prepared  # 3 x 2 s per speaker: far too little to fine-tune on
     warnings = too_little_audio(result)

@@ -113,8 +113,9 @@ def test_directml_sessions_turn_memory_patterns_off():
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_pretrained):
     """A tiny bundle exported from a .safetensors voice (export reads those as it reads checkpoints)."""
-    from export.onnx_export import export_bundle
-    from export.safetensors_export import export_safetensors
+    from rtsvc.export.onnx_export import export_bundle
+    from rtsvc.export.safetensors_export import export_safetensors
+
     from tests.tiny_models import make_tiny_dit_checkpoint
 
     root = tmp_path_factory.mktemp("providers")

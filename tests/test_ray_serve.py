@@ -87,7 +87,8 @@ def ray_server(model):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "cli", "serve", "--ray", "auto", "--replicas", "2", "--port", str(port),
+    cmd = [sys.executable, "-m", "rtsvc.commands.cli",
+           "serve", "--ray", "auto", "--replicas", "2", "--port", str(port),
            "--model", str(ckpt), "--pretrained-dir", str(pretrained), "--device", "cpu", "--max-batch", "4"]
     log = open(ckpt.parent / "serve.log", "w+")  # noqa: SIM115 - read back at the end
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

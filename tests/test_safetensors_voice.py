@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def v2(tmp_path_factory):
     root = tmp_path_factory.mktemp("st-v2")
     ckpt = make_tiny_dit_checkpoint(root / "v2.ckpt", speakers=("alice", "bob", "carol"))
-    from export.safetensors_export import export_safetensors
+    from rtsvc.export.safetensors_export import export_safetensors
 
     path, _ = export_safetensors(ckpt, root / "v2.safetensors")
     return ckpt, path
@@ -98,7 +98,7 @@ def test_loading_needs_no_pickle(v2, monkeypatch):
 
 
 def test_v3_lora_carried_is_exact_and_folded_is_plain_v3(tmp_path, tiny_pretrained_v3):
-    from export.safetensors_export import export_safetensors
+    from rtsvc.export.safetensors_export import export_safetensors
 
     ckpt, _ = make_v3_head(tmp_path / "v3-lora.ckpt", lora_rank=4, lora_alpha=8.0)
     carried, _ = export_safetensors(ckpt, tmp_path / "carried.safetensors")
@@ -124,7 +124,7 @@ def test_v3_lora_carried_is_exact_and_folded_is_plain_v3(tmp_path, tiny_pretrain
 
 
 def test_a_student_keeps_its_marker_and_output(tmp_path, tiny_pretrained):
-    from export.safetensors_export import export_safetensors
+    from rtsvc.export.safetensors_export import export_safetensors
 
     ckpt = make_tiny_dit_checkpoint(tmp_path / "student.ckpt", student_nfe=2)
     path, _ = export_safetensors(ckpt, tmp_path / "student.safetensors")

@@ -606,7 +606,7 @@ def fast_voices(source: VoiceSource) -> VoiceSource:
 
 @pytest.mark.slow
 def test_bundle_is_served_through_onnx_runtime(tiny_model, tmp_path, capsys, monkeypatch):
-    from export.onnx_export import export_bundle
+    from rtsvc.export.onnx_export import export_bundle
 
     ckpt, pretrained = tiny_model
     bundle = tmp_path / "tiny.rtsvc"

@@ -335,7 +335,8 @@ def test_overload_keeps_every_clients_latency_bounded_and_says_what_it_dropped()
 def test_sigterm_and_sigint_close_clients_with_1001_and_exit_0(signum):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "COLUMNS": "200",
            "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", "0"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "rtsvc.commands.cli",
+                             "serve", "--port", "0"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     watchdog = threading.Timer(120, proc.kill)  # a hung server ends the test instead of CI
     watchdog.start()

@@ -146,7 +146,8 @@ def serve_process(*args: str, max_files: int | None = None):
             hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, hard))
 
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", "0", *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "rtsvc.commands.cli",
+                             "serve", "--port", "0", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=limit_files)
     watchdog = threading.Timer(150, proc.kill)  # a hung server ends the test instead of CI

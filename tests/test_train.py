@@ -19,22 +19,22 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from rtsvc.training import loss as loss_module
+from rtsvc.training import progress as progress_module
+from rtsvc.training.dataset import ClipDataset, StepBatchSampler, collate
+from rtsvc.training.loss import flow_loss, sample_time
+from rtsvc.training.model import extend_speakers, from_scratch
+from rtsvc.training.optim import make_optimizer, param_groups
+from rtsvc.training.prepare import cache_root, load_metadata
+from rtsvc.training.progress import TrainProgress
+from rtsvc.training.train import TrainConfig, train
 
-import cli
+from rtsvc.commands import cli
 from rtsvc.errors import UserError
 from rtsvc.models.loading import load_dit
 from tests.cli_helpers import run_cli
 from tests.test_prepare import SECONDS, VOICES, make_voices, voice
 from tests.tiny_models import make_tiny_dit_checkpoint
-from training import loss as loss_module
-from training import progress as progress_module
-from training.dataset import ClipDataset, StepBatchSampler, collate
-from training.loss import flow_loss, sample_time
-from training.model import extend_speakers, from_scratch
-from training.optim import make_optimizer, param_groups
-from training.prepare import cache_root, load_metadata
-from training.progress import TrainProgress
-from training.train import TrainConfig, train
 
 TINY = dict(model="dit-64-2", batch_size=4, lr=3e-3, log_every=5, num_workers=0, device="cpu",
             progress=False)
@@ -237,13 +237,13 @@ def test_ctrl_c_saves_the_current_step_and_resume_finishes(data, tmp_path, monke
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the step still completes
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("training.train.flow_loss", interrupting)
+    monkeypatch.setattr("rtsvc.training.train.flow_loss", interrupting)
     run = tmp_path / "run"
     result = train(TrainConfig(data=str(data), out=str(run), max_steps=50, save_every=100, eval_every=0,
                                **TINY))
     assert result.interrupted and result.global_step == 7 and len(result.losses) == 7
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 7
-    monkeypatch.setattr("training.train.flow_loss", real)
+    monkeypatch.setattr("rtsvc.training.train.flow_loss", real)
     finished = train(TrainConfig(data=str(data), out=str(run), max_steps=10, save_every=100, eval_every=0,
                                  resume=True, **TINY))
     assert not finished.interrupted and finished.global_step == 10 and len(finished.losses) == 3
@@ -404,7 +404,7 @@ def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
     fake.SummaryWriter = lambda logdir: types.SimpleNamespace(
         add_scalar=lambda tag, value, step: scalars.append((tag, value, step)), close=lambda: None)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
-    from training.train import MetricsLog
+    from rtsvc.training.train import MetricsLog
 
     log = MetricsLog(tmp_path, None)
     log.write({"step": 10, "loss": 0.5, "lr": 1e-4, "time": 123.0})

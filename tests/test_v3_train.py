@@ -4,6 +4,10 @@ freeze_adaln_and_tembed), LoRA (adapters and speaker table train, nothing else),
 
 import pytest
 import torch
+from rtsvc.training.dataset import data_family
+from rtsvc.training.loss import speaker_drop
+from rtsvc.training.prepare import cache_root, load_metadata
+from rtsvc.training.train import TrainConfig, train
 
 from rtsvc.errors import UserError
 from rtsvc.models.loading import load_dit
@@ -11,10 +15,6 @@ from rtsvc.models.lora import LoRALinear
 from tests.test_prepare import make_voices
 from tests.test_train import _cli
 from tests.upstream.fixtures import make_v3_head
-from training.dataset import data_family
-from training.loss import speaker_drop
-from training.prepare import cache_root, load_metadata
-from training.train import TrainConfig, train
 
 TINY = dict(batch_size=4, lr=3e-3, log_every=5, num_workers=0, device="cpu", progress=False, eval_every=0)
 

@@ -47,7 +47,8 @@ def sources(pulse) -> list[str]:
 def start(pulse, args: list[str], log: Path) -> subprocess.Popen:
     """`rtsvc live --input pulse --virtual-mic NAME ARGS` reading "mic.monitor"."""
     with open(log, "w") as stream:
-        return subprocess.Popen([sys.executable, "-m", "cli", "live", "--input", "pulse", "--virtual-mic",
+        return subprocess.Popen([sys.executable, "-m", "rtsvc.commands.cli",
+                                 "live", "--input", "pulse", "--virtual-mic",
                                  NAME, "--block-ms", "50", "--gate", "-60", *args],
                                 env=pulse.client_env(source="mic.monitor"), stdin=subprocess.DEVNULL,
                                 stdout=stream, stderr=subprocess.STDOUT, cwd=str(ROOT))

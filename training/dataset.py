@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from rtsvc.training.config import MAX_FRAME_LEN
+from rtsvc.training.prepare import cache_root
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, Sampler
 
 from rtsvc.models.families import family_named
-from training.config import MAX_FRAME_LEN
-from training.prepare import cache_root
 
 CROP_TRIES = 10
 MAX_UNVOICED = 0.9

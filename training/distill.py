@@ -18,24 +18,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
-
-from rtsvc.errors import UserError
-from rtsvc.models.families import FAMILIES, default_guidance, family_named, student_velocity, teacher_velocity
-from rtsvc.models.loading import LoadedDiT, load_dit
-from rtsvc.models.schedules import student_grid
-from rtsvc.models.student import STUDENT_KEY, StudentInfo, make_student
-from rtsvc.settings import KNOB_ROWS
-from training.checkpoint import load_checkpoint
-from training.config import DistillConfig
-from training.dataset import ClipDataset, StepBatchSampler, collate, data_family
-from training.distill_cache import TrajectoryCache
-from training.distill_loss import teacher_trajectories, trajectory_loss
-from training.model import model_name
-from training.optim import BETAS, WARMUP_RATIO, make_optimizer
-from training.prepare import load_metadata
-from training.progress import TrainProgress
-from training.train import (
+from rtsvc.training.checkpoint import load_checkpoint
+from rtsvc.training.config import DistillConfig
+from rtsvc.training.dataset import ClipDataset, StepBatchSampler, collate, data_family
+from rtsvc.training.distill_cache import TrajectoryCache
+from rtsvc.training.distill_loss import teacher_trajectories, trajectory_loss
+from rtsvc.training.model import model_name
+from rtsvc.training.optim import BETAS, WARMUP_RATIO, make_optimizer
+from rtsvc.training.prepare import load_metadata
+from rtsvc.training.progress import TrainProgress
+from rtsvc.training.train import (
     LAST,
     MetricsLog,
     StopFlag,
@@ -46,6 +38,14 @@ from training.train import (
     log_window,
     save_or_stop,
 )
+from torch.utils.data import DataLoader
+
+from rtsvc.errors import UserError
+from rtsvc.models.families import FAMILIES, default_guidance, family_named, student_velocity, teacher_velocity
+from rtsvc.models.loading import LoadedDiT, load_dit
+from rtsvc.models.schedules import student_grid
+from rtsvc.models.student import STUDENT_KEY, StudentInfo, make_student
+from rtsvc.settings import KNOB_ROWS
 
 TEACHER_POINTS = 32  # the teacher's reference: upstream convert's 32-point grid
 

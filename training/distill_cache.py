@@ -14,8 +14,7 @@ stays bit-exact (at the cost of up to CACHE_BATCHES teacher batches at start).
 """
 
 import torch
-
-from training.distill_loss import Trajectories
+from rtsvc.training.distill_loss import Trajectories
 
 CACHE_BATCHES = 4  # kept batches: reuse draws from the last few, not only the newest (less correlated)
 

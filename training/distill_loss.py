@@ -16,13 +16,13 @@ the student's batch (the teacher's P - 1 guided evaluations dominate the cost).
 from dataclasses import dataclass, replace
 
 import torch
+from rtsvc.training.dataset import lengths_to_mask
 
 from rtsvc.dsp.mel import normalize_mel
 from rtsvc.models.families import GuidedVelocity, StepVelocity, family_named
 from rtsvc.models.flow import Conditioning
 from rtsvc.models.schedules import time_grid
 from rtsvc.models.student import StudentInfo
-from training.dataset import lengths_to_mask
 
 
 def batch_conditioning(batch: dict[str, torch.Tensor], family: str, guidance: dict) -> Conditioning:

@@ -13,12 +13,12 @@ All randomness comes from the `generator` passed in, so a step's draw depends on
 import math
 
 import torch
+from rtsvc.training.config import WHISPER_DROP
+from rtsvc.training.dataset import lengths_to_mask
 
 from rtsvc.dsp.mel import normalize_mel
 from rtsvc.models.families import family_named
 from rtsvc.models.flow import Conditioning
-from training.config import WHISPER_DROP
-from training.dataset import lengths_to_mask
 
 SPEAKER_DROP_SCRATCH, SPEAKER_DROP_FINETUNE = 0.2, 0.0  # V3: upstream pretrain.yaml / finetune.yaml
 

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import pyloudnorm
 import torch
+from rtsvc.training.pitch_stats import dataset_pitch_stats
 
 from rtsvc.dsp.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE, load_audio
 from rtsvc.dsp.slicer import TRAINING_KEEP_RANGE_DB, TRAINING_MAX_SIL_KEPT_MS, slice_at_silences
 from rtsvc.errors import UserError
-from training.pitch_stats import dataset_pitch_stats
 
 CACHE_DIR = ".rtsvc-cache"
 METADATA = "metadata.json"

@@ -22,6 +22,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rtsvc.training.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
+from rtsvc.training.config import TrainConfig
+from rtsvc.training.dataset import ClipDataset, StepBatchSampler, collate, data_family
+from rtsvc.training.loss import SPEAKER_DROP_FINETUNE, SPEAKER_DROP_SCRATCH, flow_loss
+from rtsvc.training.model import DEFAULT_MODEL, TrainModel, from_pretrained, from_scratch, set_trainable
+from rtsvc.training.optim import BETAS, WARMUP_RATIO, current_lr, make_optimizer
+from rtsvc.training.pitch_stats import checkpoint_pitch_stats
+from rtsvc.training.prepare import load_metadata
+from rtsvc.training.progress import TrainProgress
+from rtsvc.training.validate import MAX_VAL_FRAMES, ValSettings, validate
 from torch.utils.data import DataLoader
 
 from rtsvc.compute import pick_device
@@ -29,16 +39,6 @@ from rtsvc.dsp.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE
 from rtsvc.errors import UserError
 from rtsvc.models.families import family_named
 from rtsvc.models.loading import load_vocoder
-from training.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
-from training.config import TrainConfig
-from training.dataset import ClipDataset, StepBatchSampler, collate, data_family
-from training.loss import SPEAKER_DROP_FINETUNE, SPEAKER_DROP_SCRATCH, flow_loss
-from training.model import DEFAULT_MODEL, TrainModel, from_pretrained, from_scratch, set_trainable
-from training.optim import BETAS, WARMUP_RATIO, current_lr, make_optimizer
-from training.pitch_stats import checkpoint_pitch_stats
-from training.prepare import load_metadata
-from training.progress import TrainProgress
-from training.validate import MAX_VAL_FRAMES, ValSettings, validate
 
 FINETUNE_LR, SCRATCH_LR = 5e-5, 1e-3  # upstream README fine-tune / config pretrain.yaml
 FINETUNE_WD, SCRATCH_WD = 0.01, 0.0

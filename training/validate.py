@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rtsvc.training.dataset import ClipDataset, collate, lengths_to_mask
+from rtsvc.training.loss import flow_loss
 
 from rtsvc.dsp.audio import SAMPLE_RATE, save_audio
 from rtsvc.dsp.mel import LOG_MEL_MAX, LOG_MEL_MIN
 from rtsvc.models.families import sample_mel
 from rtsvc.models.flow import Conditioning
 from rtsvc.models.guidance import Guidance
-from training.dataset import ClipDataset, collate, lengths_to_mask
-from training.loss import flow_loss
 
 VAL_SEED = 1234
 MAX_VAL_FRAMES = 1024  # longer held-out clips are cut (about 12 s) to bound memory and time

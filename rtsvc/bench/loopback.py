@@ -258,7 +258,7 @@ def loopback_report(config: StreamConfig, live_args: list[str] = (), seconds: fl
 def start_live(server: PulseServer, args: list[str], log: Path) -> subprocess.Popen:
     """`rtsvc live --input pulse --output pulse ARGS` reading mic.monitor and playing into "speaker"."""
     exe = shutil.which("rtsvc")
-    cmd = [exe] if exe else [sys.executable, "-m", "cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "rtsvc.commands.cli"]
     with open(log, "w") as stream:  # a file, not a pipe: a pipe nobody drains can block the child
         return subprocess.Popen([*cmd, "live", "--input", "pulse", "--output", "pulse", *args],
                                 env=server.client_env(sink="speaker", source="mic.monitor"),

@@ -1,6 +1,6 @@
 """`rtsvc distill --teacher-reuse`: steps/s and the student's quality at equal wall time (issue 26).
 
-    PYTHONPATH=$PWD python tests/measure_distill_reuse.py --work /tmp/distill-reuse --seconds 600 --reuse 4
+    PYTHONPATH=$PWD python benchmarks/distill_reuse.py --work /tmp/distill-reuse --seconds 600 --reuse 4
 
 Uses tests/measure_distill.py's tiny setup (espeak-ng data through tiny random encoders, bimodal
 targets, a dit-128-2 teacher trained from scratch), then distils two students from that teacher,
@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.measure_distill import CFG, make_data, table, train_teacher
+from benchmarks.distill_tiny import CFG, make_data, table, train_teacher
 
 CHUNK = 24  # steps per turn (--chunk; a multiple of --reuse: a turn starts on a refresh)
 
 
 def run_chunk(work: Path, reuse: int, until: int, chunk: int = CHUNK) -> float:
     """Continue arm `reuse` to step `until`; returns the wall seconds it took."""
-    from training.distill import DistillConfig, distill
+    from rtsvc.training.distill import DistillConfig, distill
 
     out = work / f"student-nfe1-reuse{reuse}"
     started = time.perf_counter()
