@@ -1,6 +1,7 @@
 """Test-wide settings (no network, deterministic threads) and the tiny models every module shares."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,14 @@ def pytest_collection_modifyitems(config, items):
         module = item.module.__name__.rsplit(".", 1)[-1]
         if module in SLOW_MODULES or item.originalname in SLOW_TESTS.get(module, ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def pulse():
+    """A private PulseAudio with null sinks `mic` and `speaker` (the live rig; tests/test_live.py)."""
+    if shutil.which("pulseaudio") is None:
+        pytest.skip("pulseaudio is not installed (apt-get install pulseaudio libasound2-plugins)")
+    from rtsvc.bench.loopback import PulseServer
+
+    with PulseServer(("mic", "speaker")) as server:
+        yield server

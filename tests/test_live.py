@@ -41,12 +41,6 @@ def median_f0(x: np.ndarray, rate: int = SR) -> tuple[float, int]:
     return (float(np.median(voiced)) if voiced.size else 0.0), int(voiced.size)
 
 
-@pytest.fixture(scope="module")
-def pulse():
-    if shutil.which("pulseaudio") is None:
-        pytest.skip("pulseaudio is not installed (apt-get install pulseaudio libasound2-plugins)")
-    with PulseServer(("mic", "speaker")) as server:
-        yield server
 
 
 def live_with_tone(pulse, args: list[str], tmp_path: Path, start_timeout: float = 60,

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from rtsvc.bench.blocks import sung_tone
+from rtsvc.dsp.signals import sung_tone
 from rtsvc.engine import RateAdapter, StreamConfig, StreamingConverter
 from rtsvc.errors import UserError
 from rtsvc.pipeline import PipelinedAdapter

@@ -2,7 +2,6 @@
 microphone and hears the converted tone; nothing is left after Ctrl-C-like ends, SIGTERM, a failing
 voice, and a SIGKILLed run's leftovers are cleaned at the next start."""
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from rtsvc.bench.blocks import sung_tone
-from rtsvc.bench.loopback import PulseServer, wait_for_start
+from rtsvc.bench.loopback import wait_for_start
+from rtsvc.dsp.signals import sung_tone
 from rtsvc.errors import UserError
 from rtsvc.live.virtual_mic import VirtualMic, check_virtual_mic, owned_modules
 from tests.test_live import SR, TONE_F0, median_f0
@@ -23,12 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = "rtsvc_test_mic"
 
 
-@pytest.fixture(scope="module")
-def pulse():
-    if shutil.which("pulseaudio") is None:
-        pytest.skip("pulseaudio is not installed (apt-get install pulseaudio libasound2-plugins)")
-    with PulseServer(("mic", "speaker")) as server:
-        yield server
 
 
 def pactl(pulse, *args: str) -> str:
