@@ -1,4 +1,4 @@
-"""The voice-activity gate measured (docs/incoming-vmic-vad.md; a measurement, not a test).
+"""The voice-activity gate measured (docs/benchmarks.md, "Voice-activity gate"; a measurement, not a test).
 
     python -m benchmarks.vad_cost [--block-ms 150.9] [--repeats 3]
 
@@ -12,7 +12,7 @@ frames that hold a breath or a key press, and over all non-speech frames); false
 gated; onset: from a sentence's start to its first passed frame. Detectors: the level gate alone,
 Silero VAD (rtsvc.dsp.vad) at thresholds, and webrtcvad (webrtcvad-wheels, modes 1-3) in its place.
 Cost per block: the engine with the gate on vs off, alternated, on the same blocks. The webrtcvad rows
-need `pip install webrtcvad-wheels` (not a dependency: it lost, see docs/incoming-vmic-vad.md).
+need `pip install webrtcvad-wheels` (not a dependency: it lost; docs/benchmarks.md, "Voice-activity gate").
 """
 
 import argparse

@@ -615,8 +615,9 @@ def test_live_buffer_returns_to_its_target_after_a_cpu_hog(pulse, tmp_path):
     clip = tmp_path / "tone.wav"
     sf.write(clip, sung_tone(60.0, f0=TONE_F0), SR)
     log = tmp_path / "live.log"
-    # RTSVC_HOG_LIVE_ARGS: the same check for another voice, e.g. the issue-23 student:
-    # "--model student.rtsvc --pretrained-dir P --f0 fcpe --block-ms auto" (docs/incoming-latency.md)
+    # RTSVC_HOG_LIVE_ARGS: the same check for another voice, e.g. the real-size student
+    # (docs/benchmarks.md, "End-to-end latency"):
+    # "--model student.rtsvc --pretrained-dir P --f0 fcpe --block-ms auto"
     args = shlex.split(os.environ.get("RTSVC_HOG_LIVE_ARGS", "--block-ms 69.7"))
     live = start_live(pulse, [*args, "--gate", "-60", "--duration", "34"], log)
     player = None

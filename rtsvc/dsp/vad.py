@@ -3,7 +3,8 @@
 The model is the one the `silero-vad` wheel ships (silero_vad/data/silero_vad.onnx, MIT); it is run
 here on onnxruntime with numpy, so the package's own Python code (and torch) is never imported.
 It scores 32 ms frames (512 samples at 16 kHz, with the previous 64 samples as context and a
-recurrent state) with a speech probability. Measured against webrtcvad in docs/incoming-vmic-vad.md.
+recurrent state) with a speech probability. Measured against webrtcvad in docs/benchmarks.md
+("Voice-activity gate").
 
 `StreamVad` follows a stream at the engine's rate and answers "was there speech in the last N
 samples?". It never delays the audio: a decision uses the frames complete so far, so the last
