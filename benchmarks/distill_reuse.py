@@ -1,4 +1,4 @@
-"""`rtsvc distill --teacher-reuse`: steps/s and the student's quality at equal wall time (issue 26).
+"""`rtsvc distill --teacher-reuse`: steps/s and the student's quality at equal wall time.
 
     PYTHONPATH=$PWD python benchmarks/distill_reuse.py --work /tmp/distill-reuse --seconds 600 --reuse 4
 

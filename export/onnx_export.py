@@ -206,7 +206,7 @@ def export_encoders(paths, work: Path, opset: int, tolerance: float, step: Progr
 
 def export_fcpe(work: Path, opset: int, tolerance: float, step: ProgressFn):
     """FCPE's network from torchfcpe's bundled weights (MIT; no download) + its parity rows: on ONNX
-    Runtime it is ~1.9x faster than torch on one CPU core (issue 14), so `--f0 fcpe` runs it there."""
+    Runtime it is ~1.9x faster than torch on one CPU core, so `--f0 fcpe` runs it there."""
     from rtsvc.features.f0 import load_fcpe
 
     step("exporting fcpe.onnx")

@@ -1,7 +1,7 @@
 """int8 ONNX graphs for CPUs: what `rtsvc export --precision int8` writes, with its parity table.
 
 Per graph, the scheme that measured faster on a 2-core AVX-512 VNNI CPU (docs/benchmarks.md,
-issue 14):
+"int8 bundles"):
 
     dit.onnx, contentvec.onnx, whisper_encoder.onnx   dynamic int8 (weights int8 per channel,
         activations quantized per call): their cost is MatMul/Gemm, which ONNX Runtime runs as

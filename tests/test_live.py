@@ -214,7 +214,7 @@ def test_output_fifo_returns_to_its_target_after_a_stall_and_counts_the_trim():
 
 
 def test_output_fifo_without_trimming_would_have_drifted():
-    """The same stall with trimming off (a huge tolerance): the delay stays (what issue 23 saw)."""
+    """The same stall with trimming off (a huge tolerance): the delay stays (the drift live used to have)."""
     fifo = OutputFifo(prime=1764, max_level=441000, max_prime=1764 + 1764, tolerance=10 ** 9)
     totals = simulate_live(fifo, 600, stall=range(200, 250))
     assert fifo.trims == 0 and totals[-1][0] > totals[-1][1] + 10000
@@ -417,7 +417,7 @@ def test_status_lines_never_wrap_on_a_narrow_terminal():
     assert len(lines) == 3 and all(len(line) <= 60 for line in lines)  # cut, so rich Live redraws in place
 
 
-# --- issue 23/24: what live says, how it stops, and that it never drifts ---------------------------
+# --- what live says, how it stops, and that it never drifts ---------------------------
 
 LONG_SOURCE = "alsa_output.usb-Focusrite_Scarlett_2i2_USB-00.analog-stereo.monitor"
 

@@ -107,7 +107,7 @@ def slice_clips(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, min_s: float 
     """Non-silent pieces at least `min_s` long, cut to whole mel frames."""
     pieces = []
     ranges = slice_at_silences(audio, sample_rate, max_length_s=max_s, keep_range_db=TRAINING_KEEP_RANGE_DB,
-                               max_sil_kept_ms=TRAINING_MAX_SIL_KEPT_MS)  # as before issue 22
+                               max_sil_kept_ms=TRAINING_MAX_SIL_KEPT_MS)  # as training data was sliced before
     for start, end in ranges:
         piece = audio[start:end]
         piece = piece[: len(piece) // HOP_LENGTH * HOP_LENGTH]

@@ -288,7 +288,7 @@ class OnnxBackend:
         fcpe_net = None
         if f0 == "fcpe" and fcpe_file:
             # F0 on its graph is short (~10 ms a block on 2 cores): beside the encoders it is the one
-            # that takes `encoder_threads`, and the encoders keep the backend's (measured, issue 14)
+            # that takes `encoder_threads`, and the encoders keep the backend's (measured)
             session = make_session(self.bundle.graph(fcpe_file), self._providers, threads)
             fcpe_net = OnnxFcpeNet(session, device)
             threads = self._threads

@@ -127,7 +127,7 @@ FcpeNet = Callable[[torch.Tensor], torch.Tensor]  # FCPE's network: mel [b, t, 1
 def _fcpe(device: str | torch.device, net: FcpeNet | None = None):
     """FCPE's (single, batched) F0 functions. `net` replaces the torch network (the mel front end and
     the decoder stay torchfcpe's): an exported bundle's `fcpe.onnx` on ONNX Runtime, ~1.9x faster
-    on a CPU core (issue 14)."""
+    on a CPU core."""
     model = load_fcpe(device)
     f0_min = float(model.get_model_f0_range()["f0_min"])
     network = net or model.model

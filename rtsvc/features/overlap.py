@@ -1,4 +1,4 @@
-"""Run a window's F0 extraction alongside its encoders (issue 14).
+"""Run a window's F0 extraction alongside its encoders.
 
 Once a window's 16 kHz segment exists, F0 and the encoders (ContentVec, Whisper) read it and write
 different frame stores, so they need not wait for each other. On a 2-core CPU, one stream's F0

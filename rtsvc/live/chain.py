@@ -3,7 +3,7 @@ output FIFOs, and the guard that lengthens its block under sustained overload.
 
 Overload: a block whose compute takes longer than the block itself, block after block, piles input
 up faster than it is converted; the FIFO can only trim what has been converted, so delay would grow
-without bound (issue 23 saw 300-480 ms where 64 ms was announced). `OverloadGuard` watches the
+without bound (300-480 ms where 64 ms was announced, measured). `OverloadGuard` watches the
 recent compute (the slower stage when pipelined) and the input backlog; after OVERLOAD_S of
 overload it rebuilds the engine at the next longer candidate block (`rtsvc.autoblock`), says so,
 and steps back down after CALM_S of comfortable headroom.

@@ -1,6 +1,6 @@
 """`rtsvc live --audio-api pulse`: PulseAudio/PipeWire streams with explicit buffer sizes (pasimple).
 
-Why: PortAudio reaches PulseAudio through ALSA's pulse plugin, which on the issue-23 rig buffered
+Why: PortAudio reaches PulseAudio through ALSA's pulse plugin, which on the PulseAudio test rig buffered
 70-100 ms whatever latency PortAudio asked for. libpulse's simple API (wrapped by the maintained
 `pasimple` package; PipeWire's pulse server answers it too) takes the buffer attributes directly:
 `fragsize` for a recording stream, `tlength` / `minreq` / `prebuf` for playback (with

@@ -8,11 +8,11 @@ Output buffering: the engine delivers a block at a time, so the output FIFO is p
 `jitter_ms` of silence when the first block with sound arrives (silent blocks before it, e.g. gated
 ones that cost a model voice ~1 ms, would otherwise set the schedule). A block is then on time while
 its compute takes at most `jitter_ms` longer than that first block's did, whatever the block
-length; on a machine whose load moves compute by more (issue 14: 70-200 ms within a minute), the
+length; on a machine whose load moves compute by more (70-200 ms within a minute, measured), the
 FIFO runs dry (an underrun) and is primed again with the silence it lacked added to the prime (at
 most one block more in all), so the next equally late block is on time: latency grows only where
 it must.
-Drift (issue 23): what waits between the callbacks returns to its target after a stall or a burst:
+Drift: what waits between the callbacks returns to its target after a stall or a burst:
 queued input over it is skipped and converted audio over it is dropped, both crossfaded and counted
 as trims (`rtsvc/live/fifo.py`); under sustained overload the block grows (`rtsvc/live/chain.py`).
 The status shows the end-to-end estimate: algorithmic + buffer + device (docs/latency.md).

@@ -19,9 +19,9 @@ from rtsvc.settings import Knobs
 from rtsvc.voice import Voice
 from rtsvc.voices.defaults import DIT_CONTEXT_MS
 
-STREAMING_TORCH_THREADS = 1  # torch on 2 busy cores: 2 threads made FCPE 10x slower per block (issue 14)
+STREAMING_TORCH_THREADS = 1  # torch on 2 busy cores: 2 threads made FCPE 10x slower per block
 # one stream's F0 beside its encoders (live, convert --stream, bench); `serve` keeps it off (its
-# streams already fill the cores); measured in docs/benchmarks.md, issue 14
+# streams already fill the cores); measured in docs/benchmarks.md
 CONCURRENT_F0 = True
 # ONNX encoder sessions' threads while a torch F0 runs beside them (on the other core); a bundle's
 # FCPE graph (~10 ms a block) takes this instead and the encoders keep ONNX Runtime's default
@@ -193,7 +193,7 @@ def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
     check_speaker(spec.speaker, model.speakers)  # a name or a blend of names (rtsvc.voices.blend)
     f0 = spec.f0 or DEFAULT_F0  # library callers may pass any rtsvc.features.f0_methods name
     own = getattr(model, "feature_extractor", None)  # a bundle exported --with-encoders runs its own
-    # F0 beside the encoders on a CPU: each takes one core (measured fastest, issue 14)
+    # F0 beside the encoders on a CPU: each takes one core (measured fastest)
     beside = spec.concurrent_f0 and spec.streaming and spec.threads is None and torch_device.type == "cpu"
     encoder_threads = ENCODER_THREADS_BESIDE_F0 if beside else None
     features = (own(pretrained, f0, torch_device, encoder_threads) if own else None) or \
