@@ -1,8 +1,8 @@
 """A stateless soft limiter: output stays under full scale without a hard clip.
 
 WORLD resynthesis (the DSP voice) and a vocoder can overshoot their input's peak: a 0.99-peak input
-at pitch 0 came out with full-scale samples, which a file writer or a device then hard-clips
-. Samples under the knee (-1 dBFS) pass untouched; above it a tanh curve bends them
+at pitch 0 came out with full-scale samples, which a file writer or a device then hard-clips.
+Samples under the knee (-1 dBFS) pass untouched; above it a tanh curve bends them
 towards CEILING. Being stateless (one sample in, one out), it gives the same samples whichever
 block boundaries a stream has, so streaming and offline output still agree.
 """
