@@ -291,14 +291,16 @@ def serve_clients(tiny, max_batch: int):
     knobs = Knobs(steps=3, gate_db=-120.0)
     config = StreamConfig(block_ms=150.0, context_ms=300.0)
 
-    async def client(server, i):
-        await asyncio.sleep(i * block / SR)
+    async def client(server, i, t0):
         audio = sung_tone(0.7, SR, f0=150.0 + 60 * i)
         async with connect(f"ws://127.0.0.1:{server.port}/v1/stream", max_size=None) as ws:
             await ws.send(json.dumps({"type": "start", "sample_rate": SR, "format": "f32le", **CLIENTS[i]}))
             assert json.loads(await ws.recv())["type"] == "ready"
             parts = []
-            for begin in range(0, len(audio), block):
+            for k, begin in enumerate(range(0, len(audio), block)):
+                # real-time pace, client i one block behind client i - 1: blocks of equal shape (once the
+                # windows are full) come due together, as a live server's clients' blocks do
+                await asyncio.sleep(max(0.0, t0 + (i + k) * block / SR - asyncio.get_running_loop().time()))
                 await ws.send(audio[begin:begin + block].astype("<f4").tobytes())
                 parts.append(np.frombuffer(await ws.recv(), "<f4"))
             await ws.send(json.dumps({"type": "flush"}))
@@ -311,7 +313,8 @@ def serve_clients(tiny, max_batch: int):
                               model_source(tiny), knobs, config)
         await server.start()
         try:
-            clients = [client(server, i) for i in range(len(CLIENTS))]
+            t0 = asyncio.get_running_loop().time() + 0.5  # every client connected by then
+            clients = [client(server, i, t0) for i in range(len(CLIENTS))]
             outs = await asyncio.wait_for(asyncio.gather(*clients), 240)
         finally:
             await server.close()
