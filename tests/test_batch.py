@@ -326,9 +326,15 @@ def serve_clients(tiny, max_batch: int):
 
 def test_batched_server_equals_one_at_a_time_server_per_client(tiny):
     alone, no_batches = serve_clients(tiny, max_batch=1)
-    together, sizes = serve_clients(tiny, max_batch=4)
-    assert no_batches == [] and max(sizes) >= 2, sizes  # the second server really batched
-    for a, b in zip(alone, together, strict=True):
-        assert a.shape == b.shape and np.abs(a).max() > 1e-3
-        np.testing.assert_allclose(b, a, atol=1e-5)
-    assert np.abs(together[0] - together[1]).max() > 1e-2
+    assert no_batches == []
+    tries = []
+    for _ in range(3):  # whether blocks meet in a batch depends on the scheduler's timing: every try
+        together, sizes = serve_clients(tiny, max_batch=4)  # must equal one-at-a-time, one must batch
+        tries.append(max(sizes))
+        for a, b in zip(alone, together, strict=True):
+            assert a.shape == b.shape and np.abs(a).max() > 1e-3
+            np.testing.assert_allclose(b, a, atol=1e-5)
+        assert np.abs(together[0] - together[1]).max() > 1e-2
+        if tries[-1] >= 2:
+            break
+    assert max(tries) >= 2, tries  # the batched server really batched
