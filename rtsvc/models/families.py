@@ -189,8 +189,8 @@ def check_sizes(sizes: dict, default_head_dim: int, path: Path) -> None:
 def tensor_dim(state: dict[str, torch.Tensor], key: str, axis: int, path: Path) -> int:
     """A size the model takes from one of the checkpoint's tensors (UserError if it has none)."""
     tensor = state.get(key)
-    if tensor is None or tensor.ndim <= axis:
-        raise UserError(f"{path} does not hold a RIFT-SVC DiT: {key} is missing or not a matrix")
+    if tensor is None or tensor.ndim <= axis or tensor.shape[axis] < 1:
+        raise UserError(f"{path} does not hold a RIFT-SVC DiT: {key} is missing, not a matrix or empty")
     return int(tensor.shape[axis])
 
 
