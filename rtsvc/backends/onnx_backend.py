@@ -121,7 +121,8 @@ class OnnxBackend:
         self.skip_layers = None if layers is None else tuple(int(i) for i in layers)  # fixed in the V3 graph
         # format 2 graphs take speaker weights [b, num_speaker] (blends); format 1 an index [b]
         self.takes_speaker_weights = bundle.manifest["format_version"] >= SPEAKER_WEIGHTS_VERSION
-        self.num_speaker = int(bundle.manifest["dit"].get("num_speaker", len(self.speakers)))
+        num_speaker = bundle.manifest["dit"].get("num_speaker")  # validated: null or a positive integer
+        self.num_speaker = len(self.speakers) if num_speaker is None else int(num_speaker)
         self.pitch_stats = dict(bundle.manifest.get("pitch_stats") or {})  # speaker -> log-F0 stats
         self.device = device
         self._providers, self._threads = list(providers), threads  # for the optional encoder sessions
