@@ -5,6 +5,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI draws the same fuzz examples on every run (a red CI names a case anyone can rerun); a developer's
+# run draws new ones each time (CI=true pytest reproduces CI's)
+settings.register_profile("ci", derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
