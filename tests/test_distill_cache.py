@@ -7,27 +7,15 @@ import torch
 from rtsvc.training.distill import DistillConfig, distill
 from rtsvc.training.distill_cache import TrajectoryCache
 from rtsvc.training.distill_loss import Trajectories, distill_loss, teacher_trajectories, trajectory_loss
-from rtsvc.training.prepare import prepare_dataset
 
-from tests.test_prepare import cheap_extract, make_voices
-from tests.tiny_models import make_tiny_dit_checkpoint
+from tests import test_distill
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 TINY = dict(batch_size=2, pairs=2, lr=1e-3, log_every=2, num_workers=0, device="cpu", progress=False,
             max_frame_len=64, cfg_strength=1.5)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_voices(root, broken=False)
-    prepare_dataset(root, cheap_extract, {"f0": "test"}, workers=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_tiny_dit_checkpoint(tmp_path_factory.mktemp("teacher") / "t.ckpt", speakers=("high", "low"))
+data, teacher = test_distill.data, test_distill.teacher  # the same fixtures: prepared set, teacher
 
 
 def _entry(tag: float) -> Trajectories:
