@@ -648,3 +648,20 @@ def test_live_buffer_returns_to_its_target_after_a_cpu_hog(pulse, tmp_path):
     # caught mid-compute (an underrun on a machine still busy with others), so it is bounded loosely
     assert all(d <= 20.0 for _, d in settled), text[-3000:]
     assert float(np.median([abs(d) for _, d in settled])) <= 20.0, text[-3000:]
+
+
+@pytest.mark.slow
+def test_the_two_monitor_clock_measures_a_known_delay_line():
+    """`rtsvc bench --loopback`'s clock (mic.monitor -> speaker.monitor on the server's clock): a
+    pass-through client with a 100 ms delay line measures 100 ms more than without it."""
+    from benchmarks.rig_floor import floor_row
+
+    plain = floor_row(5.0, 10.0, seconds=5.0)
+    delayed = floor_row(5.0, 10.0, seconds=5.0, delay_ms=100.0)
+    extra = delayed["clock_ms"] - plain["clock_ms"]
+    print(f"\nclock: {plain['clock_ms']:.1f} ms plain, {delayed['clock_ms']:.1f} ms with 100 ms more")
+    # the pass-through's start-up eats up to two 5 ms blocks of its delay line (the playback buffer
+    # fills first), so the line is 90-100 ms long in steady state
+    assert 87.0 <= extra <= 108.0, (plain, delayed)
+    # the pass-through alone: the server's record + playback buffers and at most two queued blocks
+    assert 0.0 < plain["clock_ms"] <= plain["reported_in_ms"] + plain["reported_out_ms"] + 15.0, plain

@@ -1,9 +1,13 @@
 """End-to-end latency of `rtsvc live` (`rtsvc bench --loopback`) through PulseAudio null sinks.
 
-A private PulseAudio server with two null sinks ("mic", "speaker") stands in for a sound card. A
-measuring process plays tone bursts into "mic" and records "speaker.monitor" in one full-duplex
-stream while `rtsvc live` runs between them; the same rig recording "mic.monitor" directly gives
-the rig's own delay, which is subtracted. The tests drive live audio through the same rig.
+A private PulseAudio server with two null sinks ("mic", "speaker") stands in for a sound card:
+audio reaches "mic.monitor" when the microphone would have captured it, and "speaker.monitor" when
+the speaker would play it. A measuring process plays tone bursts into "mic" and records both monitors
+at once, stamping each fragment on the server's clock (`monitor_delays`), so each burst's delay from
+one monitor to the other is what `rtsvc live` adds between microphone and ear, with no rig delay to
+subtract. (The first rig recorded through PortAudio and subtracted its own delay measured in a
+separate run; that delay moved by 10-40 ms between runs and overstated live's figure by 30-40 ms:
+`benchmarks/rig_floor.py` compares the two.) The tests drive live audio through the same server.
 """
 
 import os
@@ -153,7 +157,8 @@ def playrec_main(argv: list[str] | None = None) -> None:
     np.save(out_path, np.stack((played, recorded[:, 0])))
 
 
-def _rig(server: PulseServer, source: str, seconds: float, workdir: Path, attempts: int = 3) -> np.ndarray:
+def rig_delays(server: PulseServer, source: str, seconds: float, workdir: Path,
+               attempts: int = 3) -> np.ndarray:
     """Play bursts into "mic" while recording `source`; each burst's delay in seconds (retried: a
     PulseAudio stream sometimes starts late on a busy machine and hears nothing)."""
     out = workdir / f"rig-{source}.npy"
@@ -170,18 +175,99 @@ def _rig(server: PulseServer, source: str, seconds: float, workdir: Path, attemp
     raise UserError(f"loopback: nothing came back on {source} (is `rtsvc live` passing audio?)")
 
 
+MONITOR_FRAGMENT_MS = 5.0  # record fragments of the two-monitor clock: its timestamps are this fine
+
+
+def monitors_main(argv: list[str] | None = None) -> None:
+    """Child process of the two-monitor clock: `python -c ... OUT.npz SECONDS` plays bursts into "mic"
+    and records "mic.monitor" and "speaker.monitor" at once (pasimple), stamping every fragment with
+    the monotonic time its last sample reached the server's monitor: now - the stream's latency."""
+    import threading
+
+    import pasimple
+
+    out_path, seconds = (argv or sys.argv[1:])[:2]
+    played = burst_train(float(seconds))
+    fragment = int(MONITOR_FRAGMENT_MS * SAMPLE_RATE / 1000)
+    flt = pasimple.PA_SAMPLE_FLOAT32LE
+
+    def open_record(source: str):
+        return pasimple.PaSimple(pasimple.PA_STREAM_RECORD, flt, 1, SAMPLE_RATE, app_name="rtsvc-clock",
+                                 stream_name=source, device_name=source, fragsize=fragment * 4,
+                                 maxlength=SAMPLE_RATE * 4)
+
+    streams = {name: open_record(name) for name in ("mic.monitor", "speaker.monitor")}
+    chunks: dict[str, list] = {name: [] for name in streams}
+    stop = threading.Event()
+
+    def record(name: str) -> None:
+        stream = streams[name]
+        while not stop.is_set():
+            data = np.frombuffer(stream.read(fragment * 4), dtype=np.float32)
+            chunks[name].append((time.monotonic() - stream.get_latency() / 1e6, data))
+
+    threads = [threading.Thread(target=record, args=(name,), daemon=True) for name in streams]
+    for thread in threads:
+        thread.start()
+    player = pasimple.PaSimple(pasimple.PA_STREAM_PLAYBACK, flt, 1, SAMPLE_RATE, app_name="rtsvc-clock",
+                               stream_name="bursts", device_name="mic")
+    player.write(played.astype(np.float32).tobytes())
+    player.drain()
+    time.sleep(1.0)  # the last bursts' way through live
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=2.0)
+    saved = {}
+    for name, parts in chunks.items():
+        audio = np.concatenate([data for _, data in parts])
+        ends = np.cumsum([data.shape[0] for _, data in parts])  # sample index after each fragment
+        # the stream's clock: sample i reached the monitor at start + i / rate; the median over all
+        # fragments of (stamp - index / rate) is robust to a late wake-up of the reading thread
+        starts = [stamp - end / SAMPLE_RATE for (stamp, _), end in zip(parts, ends, strict=True)]
+        start = float(np.median(starts))
+        saved[name.replace(".", "_")] = audio
+        saved[name.replace(".", "_") + "_start"] = np.array(start)
+    np.savez(out_path, **saved)
+
+
+def monitor_delays(server: PulseServer, seconds: float, workdir: Path) -> np.ndarray:
+    """Each burst's delay in seconds from "mic.monitor" to "speaker.monitor" (what `rtsvc live` adds
+    between them: its input buffering, conversion, output buffer and playback stream, and the
+    speaker sink), on the sound server's own clock: no rig delay to subtract."""
+    out = workdir / "monitors.npz"
+    code = "import sys; from rtsvc.bench.loopback import monitors_main; monitors_main(sys.argv[1:])"
+    subprocess.run([sys.executable, "-c", code, str(out), str(seconds)], check=True, timeout=seconds + 60,
+                   env=server.client_env(), capture_output=True)
+    rec = np.load(out)
+    mic, speaker = rec["mic_monitor"], rec["speaker_monitor"]
+    if np.max(np.abs(speaker), initial=0.0) < 1e-3:
+        raise UserError("loopback: nothing came back on speaker.monitor (is `rtsvc live` passing audio?)")
+    # put the speaker recording on the mic recording's timeline: index + (its start - mic's start)
+    shift = int(round((float(rec["speaker_monitor_start"]) - float(rec["mic_monitor_start"])) * SAMPLE_RATE))
+    if shift >= 0:
+        speaker = np.concatenate((np.zeros(shift, np.float32), speaker))
+    else:
+        speaker = speaker[-shift:]
+    # where the burst train starts in the mic recording, so burst_delays finds every onset
+    train = burst_train(seconds)
+    lead = int(round(delay_of(train, mic, max_delay_s=5.0) * SAMPLE_RATE))
+    n = min(train.shape[0], mic.shape[0] - lead, speaker.shape[0] - lead)
+    mic, speaker = mic[lead:lead + n], speaker[lead:lead + n]
+    return burst_delays(mic, speaker, delay_of(mic, speaker))
+
+
 def measure_loopback(live_args: list[str], seconds: float = 6.0, startup_timeout: float = 600.0) -> dict:
-    """End-to-end latency of `rtsvc live LIVE_ARGS` between two PulseAudio null sinks: per-burst
-    delays (ms) with the rig's own mean delay subtracted, and live's summary line."""
+    """End-to-end latency of `rtsvc live LIVE_ARGS` between two PulseAudio null sinks: per-burst delays
+    (ms) from "mic.monitor" to "speaker.monitor" on the server's clock (`monitor_delays`), and live's
+    summary line."""
     with PulseServer() as server, tempfile.TemporaryDirectory() as tmp:
-        rig = _rig(server, "mic.monitor", min(seconds, 6.0), Path(tmp)) * 1000
         log = Path(tmp) / "live.log"
         live = start_live(server, ["--duration", str(seconds + 30), *live_args], log)
         try:
             wait_for_start(live, log, startup_timeout)
             time.sleep(1.0)  # let the streams settle
             try:
-                total = _rig(server, "speaker.monitor", seconds, Path(tmp)) * 1000
+                live_ms = monitor_delays(server, seconds, Path(tmp)) * 1000
             except UserError as err:  # say what live said
                 said = log.read_text(errors="replace")[-600:]
                 raise UserError(f"{err}; live's last lines: {said}") from None
@@ -193,11 +279,11 @@ def measure_loopback(live_args: list[str], seconds: float = 6.0, startup_timeout
                 live.kill()
                 live.wait()
         text = log.read_text(errors="replace")
+    if not live_ms.size:
+        raise UserError(f"loopback: no burst came back through `rtsvc live`; its last lines: {text[-600:]}")
     summary = next((line.strip() for line in text.splitlines() if line.startswith("stopped after")), "")
     started = next((line.strip() for line in text.splitlines() if line.startswith("live:")), "")
-    live_ms = total - float(np.mean(rig))
-    return {"rig_ms": float(np.mean(rig)), "total_ms": float(np.mean(total)),
-            "live_ms": float(np.mean(live_ms)), "live_p95_ms": float(np.percentile(live_ms, 95)),
+    return {"live_ms": float(np.mean(live_ms)), "live_p95_ms": float(np.percentile(live_ms, 95)),
             "bursts": int(live_ms.size),
             "live_summary": summary, "live_start": started, "split": summary_split(summary),
             "log_tail": text[-2000:]}
