@@ -49,7 +49,8 @@ class PulseServer:
 
     def __enter__(self) -> "PulseServer":
         args = ["pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "-n", "--disallow-exit",
-                "--log-target=stderr", "--load=module-native-protocol-unix"]
+                "--log-target=stderr", "--load=module-native-protocol-unix",
+                "--realtime=yes", "--high-priority=yes"]  # as a desktop sound server runs (rtkit)
         args += [f"--load=module-null-sink sink_name={name} rate={SAMPLE_RATE}" for name in self.sinks]
         self.process = subprocess.Popen(args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 15.0
