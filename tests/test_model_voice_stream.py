@@ -26,6 +26,7 @@ from rtsvc.errors import UserError
 from rtsvc.features.cache import ENC_HOP, ENCODER_CONTEXT_S, F0_HOP, FeatureCache, FrameStore
 from rtsvc.features.extractor import FeatureExtractor
 from rtsvc.features.f0 import F0Extractor, make_f0_extractor
+from rtsvc.models.flow import NoiseRows, counter_normal
 from rtsvc.pretrained import resolve_pretrained
 from rtsvc.settings import Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, ENCODER_CONTEXT_MS, MODEL_BLOCK_MS, VOCODER_CONTEXT_FRAMES
@@ -511,3 +512,45 @@ def test_bad_contexts_are_one_line_user_errors(changes, message):
     with pytest.raises(UserError, match=message) as err:
         VoiceSpec(**changes).validate()
     assert "\n" not in str(err.value)
+
+
+# --- exact cuts: the vocoder's source noise is drawn once per sample ---------------------------------
+
+def test_noise_rows_equal_counter_normal_whatever_was_asked_before():
+    rows = NoiseRows(9)
+    for start, count, seed in ((0, 100, 1), (40, 100, 1), (60, 30, 1), (500, 50, 1), (510, 80, 2), (0, 5, 2),
+                               (4, 1, 2), (5, 0, 2)):
+        got = rows.get(start, count, seed)
+        assert torch.equal(got, counter_normal(start, count, 9, seed)), (start, count, seed)
+    got[:] = 0.0  # a caller's tensor is its own: the held rows are not changed through it
+    assert torch.equal(rows.get(0, 5, 2), counter_normal(0, 5, 9, 2))
+
+
+def test_streaming_voice_draws_each_vocoder_noise_sample_once_and_sounds_the_same(tiny, clip, monkeypatch):
+    import rtsvc.models.flow as flow
+
+    drawn = []
+    real = flow.counter_normal
+
+    def counting(start, count, dim, seed=0):
+        if dim == 9:  # the vocoder's harmonic channels (the DiT's start noise has 128)
+            drawn.append(count)
+        return real(start, count, dim, seed)
+
+    monkeypatch.setattr(flow, "counter_normal", counting)
+    import rtsvc.voices.model as model
+
+    monkeypatch.setattr(model, "counter_normal", counting)
+    cached = tiny.for_streaming()
+    a = convert_stream(cached, clip, KNOBS, CONFIG)
+    with_cache = sum(drawn)
+    drawn.clear()
+    plain = tiny.for_streaming()
+    plain.vocoder_noise = None  # every block draws its whole noise (as before the cache)
+    b = convert_stream(plain, clip, KNOBS, CONFIG)
+    assert np.array_equal(a, b) and np.abs(a).max() > 1e-3  # bit for bit
+    lay = StreamLayout.from_config(CONFIG, SR)
+    blocks = len(drawn)
+    per_block = (-(-lay.tail // HOP_LENGTH) + VOCODER_CONTEXT_FRAMES) * HOP_LENGTH  # tail + context frames
+    assert blocks > 5 and sum(drawn) == blocks * per_block
+    assert with_cache < 0.75 * sum(drawn)  # the overlap (context frames + crossfade + search) is reused
