@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=8, help="timed blocks per variant and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0, help="audio per clip for the distances")
+    ap.add_argument("--clips", default="all", choices=("all", "speech", "sung", "none"),
+                    help="clips for the distances (none: costs only)")
     ap.add_argument("--json", default="context_trade.json", help="where the figures are written")
     args = ap.parse_args()
     voice = open_voice(VoiceSpec(model=args.model, pretrained_dir=args.pretrained_dir, f0=args.f0,
@@ -127,7 +129,9 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"{started}, load {os.getloadavg()}, block {config.block_ms:g} ms, context {config.context_ms:g} "
           f"ms, steps {knobs.steps}", flush=True)
-    dist = distances(voice, pairs, knobs, config, inputs(args.seconds))
+    dist = {} if args.clips == "none" else distances(voice, pairs, knobs, config,
+                                                     {k: v for k, v in inputs(args.seconds).items()
+                                                      if args.clips == "all" or k == args.clips})
     cost = costs(voice, pairs, knobs, config, args.blocks, args.rounds)
     Path(args.json).write_text(json.dumps({"distances": {str(k): v for k, v in dist.items()},
                                            "costs": {str(k): v for k, v in cost.items()}}, indent=1))
@@ -139,9 +143,9 @@ def main() -> None:
     for pair in pairs:
         f = [c["features"] for c in cost[pair]]
         d = [c["dit_vocoder"] for c in cost[pair]]
-        q = dist[pair]
+        q = dist.get(pair, {})
         cell = lambda key, q=q: " / ".join(f"{q[n][key]:.3f}" for n in q)  # noqa: E731
-        same = " (identical)" if all(q[n]["identical_to_default"] for n in q) else ""
+        same = " (identical)" if q and all(q[n]["identical_to_default"] for n in q) else ""
         print(f"| {pair[0]:g} | {pair[1]} | {np.mean(f):.1f} ({min(f):.0f}-{max(f):.0f}) | {np.mean(d):.1f} "
               f"({min(d):.0f}-{max(d):.0f}) | "
               + " | ".join(f"{np.mean([c[p] for c in cost[pair]]):.1f}" for p in PARTS)
