@@ -70,7 +70,7 @@ def distances(voice: ModelVoice, pairs: list[tuple[float, int]], knobs: Knobs, c
     return out
 
 
-PARTS = ("contentvec", "f0", "dit", "vocoder")
+PARTS = ("contentvec", "f0")  # stage 1's parts (stage 2 runs outside the voice's own timing here)
 
 
 def block_medians(voice: ModelVoice, config: StreamConfig, knobs: Knobs, blocks: int) -> dict:
@@ -137,18 +137,18 @@ def main() -> None:
                                            "costs": {str(k): v for k, v in cost.items()}}, indent=1))
     print(f"\nstarted {started}, ended {time.strftime('%H:%M UTC', time.gmtime())}, load {os.getloadavg()}")
     print("| encoder ms | vocoder frames | features ms (range) | DiT+vocoder ms (range) | ContentVec | F0 "
-          "| DiT | vocoder | LSD dB vs offline speech / sung | mel L1 vs offline | LSD dB vs default "
+          "| LSD dB vs offline speech / sung | mel L1 vs offline | LSD dB vs default "
           "| mel L1 vs default |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for pair in pairs:
-        f = [c["features"] for c in cost[pair]]
-        d = [c["dit_vocoder"] for c in cost[pair]]
+        f = [c["features"] for c in cost[pair]] or [float("nan")]  # --rounds 0: distances only
+        d = [c["dit_vocoder"] for c in cost[pair]] or [float("nan")]
         q = dist.get(pair, {})
         cell = lambda key, q=q: " / ".join(f"{q[n][key]:.3f}" for n in q)  # noqa: E731
         same = " (identical)" if q and all(q[n]["identical_to_default"] for n in q) else ""
         print(f"| {pair[0]:g} | {pair[1]} | {np.mean(f):.1f} ({min(f):.0f}-{max(f):.0f}) | {np.mean(d):.1f} "
               f"({min(d):.0f}-{max(d):.0f}) | "
-              + " | ".join(f"{np.mean([c[p] for c in cost[pair]]):.1f}" for p in PARTS)
+              + " | ".join(f"{np.mean([c[p] for c in cost[pair]] or [np.nan]):.1f}" for p in PARTS)
               + f" | {cell('lsd_offline')} | {cell('mel_l1_offline')} | "
               f"{cell('lsd_default')}{same} | {cell('mel_l1_default')} |")
 
