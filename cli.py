@@ -44,6 +44,7 @@ def live(
     pitch_reference: o.PitchReference = None,
     context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
     sola_search_ms: o.SolaSearchMs = o.STREAM.sola_search_ms, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
+    encoder_context_ms: o.EncoderContextMs = None, vocoder_context: o.VocoderContext = None,
     concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0, threads: o.Threads = None, jitter_ms: o.JitterMs = "auto",
     duration: o.Duration = None, record: o.Record = None, f0: o.F0 = None, device: o.Device = "auto",
     backend: o.Backend = "auto", precision: o.Precision = "fp32", providers: o.Providers = None,
@@ -85,6 +86,7 @@ def serve(
     replica_cpus: o.ReplicaCpus = 0.0, replica_gpus: o.ReplicaGpus = 0.0, block_ms: o.BlockMs = "auto",
     context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
     sola_search_ms: o.SolaSearchMs = o.STREAM.sola_search_ms, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
+    encoder_context_ms: o.EncoderContextMs = None, vocoder_context: o.VocoderContext = None,
     f0: o.F0 = None, device: o.Device = "auto", backend: o.Backend = "auto", precision: o.Precision = "fp32",
     providers: o.Providers = None, contentvec: o.ContentVec = None, whisper: o.Whisper = None,
     vocoder: o.Vocoder = None, rmvpe: o.Rmvpe = None, knobs: Knobs = KNOBS, typed: dict | None = None,
@@ -112,13 +114,7 @@ def serve(
         return
     voice, knobs, stream_cfg, _ = start_voice(spec, knobs, typed.get("steps"), stream_cfg, _say)
     source = dsp_source() if model is None else model_source(voice, model.name)
-
-    def ready(server) -> None:
-        where = f"{host}:{server.port}"
-        _say(f"rtsvc serving {source.name} voice on http://{where}/ (page, /healthz) and "
-             f"ws://{where}/v1/stream; Ctrl-C or SIGTERM stops")
-
-    run_server(config, source, knobs, stream_cfg, on_ready=ready)
+    run_server(config, source, knobs, stream_cfg, on_ready=o.say_serving(host, source.name))
 
 
 @app.command()
@@ -136,6 +132,7 @@ def convert(
     stream: o.Stream = False, block_ms: o.BlockMs = "auto", context_ms: o.ContextMs = o.STREAM.context_ms,
     crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
     sola_search_ms: o.SolaSearchMs = o.STREAM.sola_search_ms, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
+    encoder_context_ms: o.EncoderContextMs = None, vocoder_context: o.VocoderContext = None,
     concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0, knobs: Knobs = KNOBS, typed: dict | None = None,
 ) -> None:
     """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
@@ -299,6 +296,7 @@ def bench(
     schedule: o.Schedule = KNOBS.schedule, backend: o.BenchBackends = "auto", device: o.BenchDevices = "all",
     context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
     dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS, concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0,
+    encoder_context_ms: o.EncoderContextMs = None, vocoder_context: o.VocoderContext = None,
     seconds: o.Seconds = 5.0, loopback: o.Loopback = False, loopback_live: o.LoopbackLive = "",
     loopback_seconds: o.LoopbackSeconds = 6.0, gap: o.Gap = False,
     crossfades: o.Crossfades = o.GAP_CROSSFADES, sola_searches: o.SolaSearches = o.GAP_SEARCHES,
@@ -357,14 +355,8 @@ def eval_cmd(
     from rtsvc.eval import report
     from rtsvc.eval.runner import eval_plan, prepare_eval, run_eval
 
-    def int8_bundle(bundle: Path) -> Path:  # rtsvc may not import export: the command lends it
-        from rtsvc.export.quantize import int8_copy
-
-        _say(f"quantizing a copy of {bundle} to int8 under {out / 'int8'}")
-        return int8_copy(bundle, out / "int8")
-
     plan = eval_plan(clips, config, reference, _pick(VoiceSpec, locals()).validate(), speaker, speaker_clips,
-                     pitch, seed, f0_tracker, max_seconds, similarity, dnsmos, out, int8_bundle)
+                     pitch, seed, f0_tracker, max_seconds, similarity, dnsmos, out, o.int8_maker(out))
     prepared = prepare_eval(plan)  # bad clips and configurations: said before the progress bar
     with o.progress_bar(console) as bar:
         task = bar.add_task("evaluating", total=None)

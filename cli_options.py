@@ -30,7 +30,15 @@ from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0
 from rtsvc.live import AUDIO_API, DEVICE_BLOCK_MS, JITTER_MS, PULSE_BUFFER_MS
 from rtsvc.serve.server import ServerConfig
 from rtsvc.settings import KNOB_TABLE, Knob, KnobError, knobs_class, validate_knobs
-from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
+from rtsvc.voices.defaults import (
+    DIT_CONTEXT_MS,
+    DSP_BLOCK_MS,
+    ENCODER_CONTEXT_MS,
+    MAX_VOCODER_CONTEXT_FRAMES,
+    MIN_ENCODER_CONTEXT_MS,
+    MODEL_BLOCK_MS,
+    VOCODER_CONTEXT_FRAMES,
+)
 from rtsvc.voices.spec import CONCURRENT_F0
 
 STREAM, SERVER = StreamConfig(), ServerConfig()
@@ -152,6 +160,14 @@ BlockMs = Annotated[str, typer.Option(metavar="MS|auto", rich_help_panel=STREAMI
 DitContextMs = opt(float, "Left context in ms the model's DiT samples before the frames it outputs while "
                    "streaming (>= 0; longer than --context-ms = the whole window; longer costs more DiT "
                    f"time). Models only. Default: {DIT_CONTEXT_MS:g}.", panel=STREAMING)
+EncoderContextMs = opt(float | None, "Left context in ms ContentVec (and Whisper) see before each block's "
+                       f"new audio while streaming (>= {MIN_ENCODER_CONTEXT_MS:g}; older frames come from a "
+                       "cache; bounded by the window, --context-ms + the block's tail: ~335 ms at the "
+                       "defaults; shorter costs less and differs more from offline). Models only. Default: "
+                       f"{ENCODER_CONTEXT_MS:g}.", panel=STREAMING)
+VocoderContext = opt(int | None, "Mel frames (11.6 ms) the vocoder runs on before each block's output while "
+                     f"streaming (0-{MAX_VOCODER_CONTEXT_FRAMES}; fewer costs less, 12 equals vocoding the "
+                     f"whole window). Models only. Default: {VOCODER_CONTEXT_FRAMES}.", panel=STREAMING)
 PitchReference = opt(Path, "Model voices, --pitch auto: a folder of recordings of the target voice whose "
                      "median F0 is the target (for models without pitch statistics, e.g. upstream "
                      "checkpoints; overrides the model's). Default: the model's own statistics.",
@@ -296,6 +312,26 @@ def report_int8(path: Path, rows) -> None:
                 [(r.graph, r.scheme, f"{r.rel_l2:.4f}", f"{r.fp32_ms:.1f}", f"{r.int8_ms:.1f}",
                   f"{r.fp32_ms / r.int8_ms:.2f}x") for r in rows])
     say(f"quantized {path} to int8")
+
+
+def int8_maker(out: Path):
+    """eval's `int8` flag: a function quantizing a bundle's copy under OUT/int8 (rtsvc may not import
+    export: the command lends it)."""
+    def int8_bundle(bundle: Path) -> Path:
+        from rtsvc.export.quantize import int8_copy
+
+        say(f"quantizing a copy of {bundle} to int8 under {out / 'int8'}")
+        return int8_copy(bundle, out / "int8")
+    return int8_bundle
+
+
+def say_serving(host: str, name: str):
+    """serve's on_ready: the line that says where it serves."""
+    def ready(server) -> None:
+        where = f"{host}:{server.port}"
+        say(f"rtsvc serving {name} voice on http://{where}/ (page, /healthz) and "
+            f"ws://{where}/v1/stream; Ctrl-C or SIGTERM stops")
+    return ready
 
 
 # --- help that fits the terminal ------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """`rtsvc distill --teacher-reuse`: steps/s and the student's quality at equal wall time.
 
     PYTHONPATH=$PWD python benchmarks/distill_reuse.py --work /tmp/distill-reuse --seconds 600 --reuse 4
+    PYTHONPATH=$PWD python benchmarks/distill_reuse.py --work W --rounds 3 --no-quality   # steps/s only
 
 Uses tests/measure_distill.py's tiny setup (espeak-ng data through tiny random encoders, bimodal
 targets, a dit-128-2 teacher trained from scratch), then distils two students from that teacher,
@@ -9,6 +10,10 @@ the arm that has used less wall time so far, until both have used --seconds. Alt
 both arms to the same load on a shared machine, so the steps/s ratio is meaningful even when the
 absolute figures are not. Then measure_distill's table: each student's LSD / mel L1 against the
 teacher's guided 32-point output on held-out clips (and the teacher's own few-point grids).
+
+`--rounds N` instead alternates strictly, reuse 1 then reuse R, N rounds of CHUNK steps each (the same
+steps per arm), and reports each round's steps/s and the ratio of each adjacent pair, so the spread of
+the ratio under a changing load shows. `--no-quality` skips the quality table.
 """
 
 import argparse
@@ -25,17 +30,20 @@ from benchmarks.distill_tiny import CFG, make_data, table, train_teacher
 CHUNK = 24  # steps per turn (--chunk; a multiple of --reuse: a turn starts on a refresh)
 
 
-def run_chunk(work: Path, reuse: int, until: int, chunk: int = CHUNK) -> float:
-    """Continue arm `reuse` to step `until`; returns the wall seconds it took."""
+def run_chunk(work: Path, reuse: int, until: int, chunk: int = CHUNK, cpu: list | None = None) -> float:
+    """Continue arm `reuse` to step `until`; returns the wall seconds it took (and appends the CPU
+    seconds to `cpu`: a process paused by a shared machine's scheduler or a SIGSTOP uses none)."""
     from rtsvc.training.distill import DistillConfig, distill
 
     out = work / f"student-nfe1-reuse{reuse}"
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     distill(DistillConfig(teacher=str(work / "teacher" / "last.ckpt"), data=str(work / "wavs"), out=str(out),
                           nfe=1, max_steps=until, batch_size=4, pairs=4, lr=1e-3, save_every=chunk,
                           log_every=max(1, chunk // 2), max_frame_len=128, num_workers=0, device="cpu",
                           progress=False, cfg_strength=CFG, teacher_reuse=reuse,
                           resume=(out / "last.ckpt").exists()))
+    if cpu is not None:
+        cpu.append(time.process_time() - cpu_started)
     return time.perf_counter() - started
 
 
@@ -46,6 +54,47 @@ def window_rate(work: Path, reuse: int) -> float:
     return float(np.median(rates))
 
 
+def chunk_rates(work: Path, reuse: int, first_step: int, last_step: int) -> float:
+    """Median steps/s of the arm's metrics windows ending in (first_step, last_step]."""
+    path = work / f"student-nfe1-reuse{reuse}" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rates = [r["steps_per_s"] for r in rows if first_step < r.get("step", 0) <= last_step]
+    return float(np.median(rates)) if rates else float("nan")
+
+
+def alternate_rounds(work: Path, reuse: int, rounds: int, chunk: int) -> dict:
+    """Reuse 1 and reuse `reuse`, strictly alternated, `rounds` chunks each: per round the wall steps/s
+    (start-up included), the metrics windows' median (pure step time), steps per CPU second (immune to
+    pauses) and their ratios; then the mean and range of each ratio."""
+    done = {1: 0, reuse: 0}
+    rows = []
+    for k in range(rounds):
+        row = {"round": k + 1}
+        for arm in (1, reuse):
+            cpu: list = []
+            spent = run_chunk(work, arm, done[arm] + chunk, chunk, cpu)
+            row[f"reuse{arm}_steps_per_s"] = chunk / spent
+            row[f"reuse{arm}_steps_per_cpu_s"] = chunk / cpu[0]
+            row[f"reuse{arm}_window_steps_per_s"] = chunk_rates(work, arm, done[arm], done[arm] + chunk)
+            row[f"reuse{arm}_load_1m"] = os.getloadavg()[0]
+            done[arm] += chunk
+        row["ratio"] = row[f"reuse{reuse}_steps_per_s"] / row["reuse1_steps_per_s"]
+        row["window_ratio"] = row[f"reuse{reuse}_window_steps_per_s"] / row["reuse1_window_steps_per_s"]
+        row["cpu_ratio"] = row[f"reuse{reuse}_steps_per_cpu_s"] / row["reuse1_steps_per_cpu_s"]
+        rows.append(row)
+        print(f"round {k + 1}: reuse 1 {row['reuse1_steps_per_s']:.3f} steps/s, reuse {reuse} "
+              f"{row[f'reuse{reuse}_steps_per_s']:.3f} (x{row['ratio']:.2f}); windows "
+              f"{row['reuse1_window_steps_per_s']:.3f} vs {row[f'reuse{reuse}_window_steps_per_s']:.3f} "
+              f"(x{row['window_ratio']:.2f}); per CPU s {row['reuse1_steps_per_cpu_s']:.3f} vs "
+              f"{row[f'reuse{reuse}_steps_per_cpu_s']:.3f} (x{row['cpu_ratio']:.2f}); load "
+              f"{row[f'reuse{reuse}_load_1m']:.1f}", flush=True)
+    summary = {key: {"mean": float(np.mean([r[key] for r in rows])), "min": min(r[key] for r in rows),
+                     "max": max(r[key] for r in rows)} for key in ("ratio", "window_ratio", "cpu_ratio")}
+    for key, s in summary.items():
+        print(f"{key}: mean x{s['mean']:.2f} (range x{s['min']:.2f}-x{s['max']:.2f}) over {rounds} rounds")
+    return {"reuse": reuse, "chunk": chunk, "rounds": rows, "summary": summary}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True)
@@ -54,6 +103,9 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=CHUNK, help="steps per turn (a multiple of --reuse)")
+    ap.add_argument("--rounds", type=int, default=0, help="strict alternation: rounds per arm (needs a "
+                    "fresh --work); 0: alternate by wall time until --seconds")
+    ap.add_argument("--no-quality", action="store_true", help="skip the quality table")
     args = ap.parse_args()
     if args.chunk % args.reuse:
         ap.error("--chunk must be a multiple of --reuse")
@@ -61,6 +113,14 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     make_data(args.work)
     train_teacher(args.work, args.teacher_steps, "cpu")
+    if args.rounds:
+        if any((args.work / f"student-nfe1-reuse{r}").exists() for r in (1, args.reuse)):
+            ap.error("--rounds needs students that start from step 0: remove WORK/student-nfe1-reuse*")
+        report = alternate_rounds(args.work, args.reuse, args.rounds, args.chunk)
+        if not args.no_quality:
+            report["table"] = table(args.work, "cpu")
+        (args.work / "rounds.json").write_text(json.dumps(report, indent=1))
+        return
     state = args.work / "arms.json"  # a rerun continues the arms (e.g. with a larger --seconds)
     arms = {1: {"seconds": 0.0, "steps": 0}, args.reuse: {"seconds": 0.0, "steps": 0}}
     turns = []

@@ -23,7 +23,7 @@ from rtsvc.settings import Knobs
 from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
 from rtsvc.voices.dsp import DspVoice
 from rtsvc.voices.model import ModelVoice
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import harmonic_tone, run_cli, write_wav
 from tests.test_cli_errors import fails
 
 ORDER = ["live", "serve", "convert", "devices", "prepare", "train", "distill", "export", "bench", "eval",
@@ -301,3 +301,42 @@ def test_streaming_gap_references_the_offline_voice_and_streams_its_streaming_va
     assert np.isfinite(row["lsd_db"]) and row["block_ms"] == 100.0
     with pytest.raises(ValueError, match="offline voice"):
         streaming_gap(RecordingVoice(True, log), [config], seconds=1.0)
+
+
+def test_encoder_and_vocoder_context_options_reach_the_voice(fake_model, fake_devices, capsys, monkeypatch):
+    bundle, pretrained, calls = fake_model
+    monkeypatch.setattr(rtsvc.live, "run_live", lambda voice, settings, config, **kwargs: {
+        "seconds": 1.0, "blocks": 3, "gated_blocks": 0, "compute_ms_mean": 2.0, "compute_ms_p99": 3.0,
+        "underruns": 0, "overruns": 0, **LIVE_EXTRAS})
+    code, _, err = run_cli(["live", "--model", bundle, "--pretrained-dir", pretrained, "--block-ms", "100",
+                            "--input", "mic", "--encoder-context-ms", "300", "--vocoder-context", "4"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    code, _, err = run_cli(["live", "--model", bundle, "--pretrained-dir", pretrained, "--block-ms", "100",
+                            "--input", "mic"], capsys, monkeypatch)
+    assert code == 0, err
+    assert [(c["encoder_context_ms"], c["vocoder_context"]) for c in calls] == [(300.0, 4), (1000.0, 8)]
+    for name in ("live", "serve", "convert", "bench"):  # None: not typed; VoiceSpec's default, in --help
+        params = {p.name: p for p in _commands()[name].params}
+        assert params["encoder_context_ms"].default is None and "Default: 1000." in params[
+            "encoder_context_ms"].help, name
+        assert params["vocoder_context"].default is None and "Default: 8." in params["vocoder_context"].help
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["live", "--encoder-context-ms", "50"], "--encoder-context-ms must be a number of ms from 100 on"),
+    (["live", "--encoder-context-ms", "nan"], "--encoder-context-ms must be"),
+    (["live", "--vocoder-context", "-1"], "--vocoder-context must be 0 to 64 mel frames, got -1"),
+    (["bench", "--vocoder-context", "65"], "--vocoder-context must be 0 to 64 mel frames, got 65"),
+    (["convert", "in.wav", "out.wav", "--stream", "--encoder-context-ms", "0"], "--encoder-context-ms must"),
+])
+def test_bad_encoder_or_vocoder_context_is_one_line(args, message, fake_model, fake_devices, capsys,
+                                                    monkeypatch, tmp_path):
+    bundle, pretrained, calls = fake_model
+    if args[0] == "convert":
+        write_wav(tmp_path / "in.wav", harmonic_tone(0.5))
+        args = ["convert", str(tmp_path / "in.wav"), str(tmp_path / "out.wav"), *args[3:]]
+    code, _, err = run_cli([*args, "--model", bundle, "--pretrained-dir", pretrained], capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert calls == []  # refused before any model opens

@@ -132,7 +132,28 @@ def test_config_strings():
     assert parse_configs(["live", "offline:steps=8"], reference="live")[1].text == "live"
 
 
+def test_encoder_and_vocoder_context_keys_reach_the_voice_spec():
+    from types import SimpleNamespace
+
+    from rtsvc.eval.runner import _Voices
+    from rtsvc.voices.spec import VoiceSpec
+
+    c = parse_config("live:encoder_context=300,vocoder_context=4,dit_context=100")
+    assert (c.encoder_context_ms, c.vocoder_context, c.dit_context_ms) == (300.0, 4, 100.0)
+    voices = _Voices(SimpleNamespace(spec=VoiceSpec(vocoder_context=12), int8_bundle=None))
+    spec = voices.spec_for(c)
+    assert (spec.encoder_context_ms, spec.vocoder_context, spec.dit_context_ms, spec.streaming) == \
+        (300.0, 4, 100.0, True)
+    plain = voices.spec_for(parse_config("live:block=150.9"))  # not given: the command's spec
+    assert (plain.encoder_context_ms, plain.vocoder_context) == (1000.0, 12)
+
+
 @pytest.mark.parametrize("text, message", [
+    ("live:encoder_context=0.5", "encoder_context must be at least 100 ms, got 0.5"),
+    ("live:encoder_context=inf", "encoder_context must be a finite number"),
+    ("live:vocoder_context=4.5", "vocoder_context must be an integer"),
+    ("live:vocoder_context=65", "vocoder_context must be 0 to 64 mel frames, got 65"),
+    ("offline:encoder_context=300", "encoder_context only apply to live configurations"),
     ("online:steps=3", "starts with the mode, offline or live"),
     ("offline:steps=1", "steps must be between 2 and"),
     ("offline:steps=four", "steps must be an integer"),

@@ -23,12 +23,13 @@ from rtsvc.engine import (
     convert_stream,
 )
 from rtsvc.errors import UserError
-from rtsvc.features.cache import ENC_HOP, F0_HOP, FeatureCache, FrameStore
+from rtsvc.features.cache import ENC_HOP, ENCODER_CONTEXT_S, F0_HOP, FeatureCache, FrameStore
 from rtsvc.features.extractor import FeatureExtractor
 from rtsvc.features.f0 import F0Extractor, make_f0_extractor
+from rtsvc.models.flow import NoiseRows, counter_normal
 from rtsvc.pretrained import resolve_pretrained
 from rtsvc.settings import Knobs
-from rtsvc.voices.defaults import DIT_CONTEXT_MS, MODEL_BLOCK_MS
+from rtsvc.voices.defaults import DIT_CONTEXT_MS, ENCODER_CONTEXT_MS, MODEL_BLOCK_MS, VOCODER_CONTEXT_FRAMES
 from rtsvc.voices.model import ModelVoice
 from rtsvc.voices.spec import VoiceSpec, open_model
 from tests.tiny_models import make_tiny_dit_checkpoint
@@ -424,3 +425,132 @@ def test_a_model_voice_gets_the_model_block_unless_one_is_given(tiny):
     assert auto.config.block_ms == MODEL_BLOCK_MS == 150.0 and auto.layout.block == 13 * HOP_LENGTH
     explicit = StreamingConverter(voice, config=StreamConfig(block_ms=50.0))
     assert explicit.layout.block == 4 * HOP_LENGTH
+
+
+# --- the encoders' window and the vocoder's context: user settings ---------------------------------
+
+class SegmentSpy:
+    """A StubEncoder that also records the 16 kHz length of every segment it is given."""
+
+    def __init__(self, dim: int):
+        self.stub, self.lengths = StubEncoder(dim), []
+
+    def hidden(self, audio_16k, pad_to_30s=True, position_offset=0):
+        self.lengths.append(len(audio_16k))
+        return self.stub.hidden(audio_16k, pad_to_30s, position_offset)
+
+
+def test_a_shorter_encoder_context_shortens_the_encoders_segment():
+    """The encoders hear [previous end - context, end], never more than the window: at CONFIG's 500 ms
+    engine context a 1 s encoder context is the whole window, 300 and 100 ms cut it (cost follows)."""
+    lay = StreamLayout.from_config(CONFIG, SR)
+    windows = list(engine_windows(sung_tone(2.5), CONFIG))
+    heard = {}
+    for ctx in (None, 1.0, 0.3, 0.1):
+        spy = SegmentSpy(768)
+        cache = FeatureCache(FeatureExtractor(spy, None, F0Extractor("acf", local_f0), "cpu"), ctx)
+        for window, start in windows:
+            cache.window(window, start)
+        heard[ctx] = spy.lengths[-1]  # a warm block (the first call is the cold, whole window)
+    assert heard[1.0] == heard[None]  # longer than the window: the whole window
+    new_16k = lay.block * ENCODER_SAMPLE_RATE // SR
+    for ctx in (0.3, 0.1):  # the context on the encoder grid (20 ms) + the block, resampled to 16 kHz
+        assert abs(heard[ctx] - (ctx * ENCODER_SAMPLE_RATE + new_16k)) <= 320 + 1, (ctx, heard[ctx])
+    assert heard[None] > heard[0.3] > heard[0.1]
+    assert heard[None] >= (lay.window - lay.block) * ENCODER_SAMPLE_RATE // SR
+
+
+def test_vocoder_context_sets_the_frames_vocoded(tiny, clip):
+    lay = StreamLayout.from_config(CONFIG, SR)
+    seen = []
+    vocode = tiny.backend.vocode
+
+    def spy(mel, *rest):
+        seen.append(mel.shape[-1])
+        return vocode(mel, *rest)
+
+    tail_frames = lay.window // HOP_LENGTH - (lay.window - lay.tail) // HOP_LENGTH
+    outputs = {}
+    try:
+        tiny.backend.vocode = spy
+        for frames in (0, 4, 8, 12):
+            voice = tiny.for_streaming(vocoder_context=frames)
+            outputs[frames] = convert_stream(voice, clip, KNOBS, CONFIG)
+            assert seen[-1] == tail_frames + frames
+        default = convert_stream(tiny.for_streaming(), clip, KNOBS, CONFIG)
+    finally:
+        del tiny.backend.vocode
+    assert np.array_equal(default, outputs[VOCODER_CONTEXT_FRAMES])  # the default is 8 frames, as before
+    assert VOCODER_CONTEXT_FRAMES == 8 and tiny.vocoder_context == 8
+    assert not np.array_equal(outputs[0], outputs[8])  # fewer frames: the vocoder's edge shows
+    with pytest.raises(UserError, match="vocoder context must be a whole number of frames from 0 to 64"):
+        ModelVoice(tiny.backend, tiny.features, streaming=True, vocoder_context=-1)
+    with pytest.raises(UserError, match="encoder context must be a positive"):
+        ModelVoice(tiny.backend, tiny.features, streaming=True, encoder_context_s=0.0)
+
+
+def test_open_model_passes_the_encoder_and_vocoder_contexts(tiny, tiny_files):
+    ckpt, paths = tiny_files
+    assert ENCODER_CONTEXT_MS == 1000.0 * ENCODER_CONTEXT_S  # the voices' default is the cache's
+    default = tiny.for_streaming()
+    assert default.encoder_context_s == 1.0 and default.cache.encoder_context == SR
+    voice = open_model(VoiceSpec(model=ckpt, backend="torch", device="cpu", f0="dio", streaming=True,
+                                 encoder_context_ms=300.0, vocoder_context=4), paths)
+    assert voice.cache.encoder_context == int(0.3 * SR) and voice.vocoder_context == 4
+    for other in (voice.fork(), voice.for_streaming()):  # a server session and a stream keep them
+        assert other.cache.encoder_context == int(0.3 * SR) and other.vocoder_context == 4
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"encoder_context_ms": 50.0}, "--encoder-context-ms must be a number of ms from 100 on"),
+    ({"encoder_context_ms": float("nan")}, "--encoder-context-ms must be"),
+    ({"encoder_context_ms": float("inf")}, "--encoder-context-ms must be"),
+    ({"vocoder_context": -1}, "--vocoder-context must be 0 to 64 mel frames, got -1"),
+    ({"vocoder_context": 65}, "--vocoder-context must be 0 to 64 mel frames, got 65"),
+])
+def test_bad_contexts_are_one_line_user_errors(changes, message):
+    with pytest.raises(UserError, match=message) as err:
+        VoiceSpec(**changes).validate()
+    assert "\n" not in str(err.value)
+
+
+# --- exact cuts: the vocoder's source noise is drawn once per sample ---------------------------------
+
+def test_noise_rows_equal_counter_normal_whatever_was_asked_before():
+    rows = NoiseRows(9)
+    for start, count, seed in ((0, 100, 1), (40, 100, 1), (60, 30, 1), (500, 50, 1), (510, 80, 2), (0, 5, 2),
+                               (4, 1, 2), (5, 0, 2)):
+        got = rows.get(start, count, seed)
+        assert torch.equal(got, counter_normal(start, count, 9, seed)), (start, count, seed)
+    got[:] = 0.0  # a caller's tensor is its own: the held rows are not changed through it
+    assert torch.equal(rows.get(0, 5, 2), counter_normal(0, 5, 9, 2))
+
+
+def test_streaming_voice_draws_each_vocoder_noise_sample_once_and_sounds_the_same(tiny, clip, monkeypatch):
+    import rtsvc.models.flow as flow
+
+    drawn = []
+    real = flow.counter_normal
+
+    def counting(start, count, dim, seed=0):
+        if dim == 9:  # the vocoder's harmonic channels (the DiT's start noise has 128)
+            drawn.append(count)
+        return real(start, count, dim, seed)
+
+    monkeypatch.setattr(flow, "counter_normal", counting)
+    import rtsvc.voices.model as model
+
+    monkeypatch.setattr(model, "counter_normal", counting)
+    cached = tiny.for_streaming()
+    a = convert_stream(cached, clip, KNOBS, CONFIG)
+    with_cache = sum(drawn)
+    drawn.clear()
+    plain = tiny.for_streaming()
+    plain.vocoder_noise = None  # every block draws its whole noise (as before the cache)
+    b = convert_stream(plain, clip, KNOBS, CONFIG)
+    assert np.array_equal(a, b) and np.abs(a).max() > 1e-3  # bit for bit
+    lay = StreamLayout.from_config(CONFIG, SR)
+    blocks = len(drawn)
+    per_block = (-(-lay.tail // HOP_LENGTH) + VOCODER_CONTEXT_FRAMES) * HOP_LENGTH  # tail + context frames
+    assert blocks > 5 and sum(drawn) == blocks * per_block
+    assert with_cache < 0.75 * sum(drawn)  # the overlap (context frames + crossfade + search) is reused

@@ -13,6 +13,7 @@ from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
 from rtsvc.features.f0_methods import MODEL_F0 as F0_CHOICES
 from rtsvc.settings import DENOISE_CHOICES, MAX_PITCH_SHIFT, MAX_STEPS, SCHEDULES
+from rtsvc.voices.defaults import MAX_VOCODER_CONTEXT_FRAMES, MIN_ENCODER_CONTEXT_MS
 
 MODES = ("offline", "live")
 REFERENCE = "offline:steps=32"  # the upstream offline conversion: what the others are compared with
@@ -22,6 +23,8 @@ KEYS = {  # key: what it sets (shown by --help and in errors)
     "context": "engine left context in ms (live)",
     "crossfade": "SOLA crossfade in ms (live)",
     "dit_context": "left context the DiT samples in ms (live)",
+    "encoder_context": "left context ContentVec/Whisper see in ms (live)",
+    "vocoder_context": "mel frames vocoded before each block's output (live)",
     "f0": f"F0 extractor of the model ({', '.join(F0_CHOICES)})",
     "denoise": f"input noise suppression ({', '.join(DENOISE_CHOICES)})",
     "schedule": f"time grid of a teacher ({', '.join(SCHEDULES)})",
@@ -31,7 +34,7 @@ KEYS = {  # key: what it sets (shown by --help and in errors)
     "name": "the label shown in the table and picture",
 }
 FLAGS = {"int8": "an int8 copy of the bundle (rtsvc export --int8)"}
-LIVE_ONLY = ("block", "context", "crossfade", "dit_context")
+LIVE_ONLY = ("block", "context", "crossfade", "dit_context", "encoder_context", "vocoder_context")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class EvalConfig:
     context_ms: float | None = None
     crossfade_ms: float | None = None
     dit_context_ms: float | None = None
+    encoder_context_ms: float | None = None
+    vocoder_context: int | None = None
     f0: str | None = None
     denoise: str | None = None
     schedule: str | None = None
@@ -129,6 +134,18 @@ def parse_config(text: str) -> EvalConfig:
                 bound = "positive" if key == "block" else ">= 0"
                 raise UserError(f"--config {text!r}: {key} must be {bound} ms, got {value}")
             changes[f"{key}_ms"] = ms
+        elif key == "encoder_context":
+            ms = _number(key, value, text)
+            if ms < MIN_ENCODER_CONTEXT_MS:
+                raise UserError(f"--config {text!r}: encoder_context must be at least "
+                                f"{MIN_ENCODER_CONTEXT_MS:g} ms, got {value}")
+            changes["encoder_context_ms"] = ms
+        elif key == "vocoder_context":
+            frames = _number(key, value, text, int)
+            if not 0 <= frames <= MAX_VOCODER_CONTEXT_FRAMES:
+                raise UserError(f"--config {text!r}: vocoder_context must be 0 to "
+                                f"{MAX_VOCODER_CONTEXT_FRAMES} mel frames, got {frames}")
+            changes["vocoder_context"] = frames
         elif key == "pitch":
             pitch = _number(key, value, text)
             if abs(pitch) > MAX_PITCH_SHIFT:

@@ -151,9 +151,12 @@ class _Voices:
         model = config.model if config.model is not None else base.model
         if config.int8:
             model = self._int8(model, config)
+        pick = lambda own, default: default if own is None else own  # noqa: E731
         return base.with_(model=model, f0=config.f0 or base.f0, backend=config.backend or base.backend,
-                          streaming=config.live, dit_context_ms=config.dit_context_ms
-                          if config.dit_context_ms is not None else base.dit_context_ms)
+                          streaming=config.live,
+                          dit_context_ms=pick(config.dit_context_ms, base.dit_context_ms),
+                          encoder_context_ms=pick(config.encoder_context_ms, base.encoder_context_ms),
+                          vocoder_context=pick(config.vocoder_context, base.vocoder_context))
 
     def _int8(self, model: Path | None, config: EvalConfig) -> Path:
         from rtsvc.backends.bundle import is_bundle, read_bundle

@@ -123,6 +123,35 @@ def counter_normal(start: int, count: int, dim: int, seed: int = 0) -> torch.Ten
     return torch.from_numpy(z.astype(np.float32))
 
 
+class NoiseRows:
+    """`counter_normal` rows of one width for a sliding range of counters, kept between calls.
+
+    Consecutive streaming blocks ask for overlapping ranges (a block's vocoder noise overlaps the
+    previous block's by the vocoder context and the crossfade); the rows held are reused and only the
+    rest is drawn. A row depends only on (seed, counter, dim), so `get` equals `counter_normal` bit
+    for bit whatever was asked before."""
+
+    def __init__(self, dim: int):
+        self.dim, self.seed, self.start = dim, 0, 0
+        self.rows: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self.rows = None
+
+    def get(self, start: int, count: int, seed: int = 0) -> torch.Tensor:
+        """`counter_normal(start, count, self.dim, seed)`."""
+        end = start + count
+        held_end = self.start + (0 if self.rows is None else self.rows.shape[0])
+        if self.rows is None or seed != self.seed or not self.start <= start < held_end:
+            rows = counter_normal(start, count, self.dim, seed)
+        else:  # the held rows from `start` on, then the new ones
+            kept = self.rows[start - self.start: min(end, held_end) - self.start]
+            rows = torch.cat((kept, counter_normal(held_end, end - held_end, self.dim, seed))) \
+                if end > held_end else kept.clone()
+        self.seed, self.start, self.rows = seed, start, rows
+        return rows
+
+
 def frame_noise(start_frame: int, n_frames: int, seed: int = 0, dim: int = N_MELS) -> torch.Tensor:
     """Start noise [n_frames, dim] for absolute mel frames start_frame ... start_frame + n - 1.
 

@@ -12,7 +12,8 @@ engine wants: a per-stream `rtsvc.features.cache.FeatureCache` computes F0 and R
 only, runs ContentVec and Whisper (unpadded) on a bounded window and reuses older frames; `fork()`
 gives a session its own cache over the same backend and encoders; `reset()` clears it. The streaming
 DiT samples only the frames that get vocoded plus `dit_context_ms` of left context (the DiT's cost
-grows with its input; features are still computed on the encoders' window).
+grows with its input; features are still computed on the encoders' window), and the vocoder runs on
+those frames plus `vocoder_context` frames before them.
 `last_ms` holds the last call's time per part (resample, f0, rms, contentvec, whisper, dit, vocoder).
 
 """
@@ -30,24 +31,29 @@ from rtsvc.dsp.formant_warp import warp_formants
 from rtsvc.dsp.mel import denormalize_mel
 from rtsvc.dsp.sinc import sinc_resample
 from rtsvc.errors import UserError
-from rtsvc.features.cache import ENCODER_CONTEXT_S, FeatureCache
+from rtsvc.features.cache import FeatureCache
 from rtsvc.features.f0 import shift_f0
 from rtsvc.features.frames import mel_frame_count
 from rtsvc.features.requests import FeatureSteps, drive
 from rtsvc.models.families import family_named
-from rtsvc.models.flow import Conditioning, counter_normal, frame_noise, sample_on_grid
+from rtsvc.models.flow import Conditioning, NoiseRows, counter_normal, frame_noise, sample_on_grid
 from rtsvc.models.guidance import Guidance
 from rtsvc.models.schedules import time_grid
 from rtsvc.settings import Knobs
 from rtsvc.voices.auto_pitch import PitchFollower, target_median_hz
 from rtsvc.voices.blend import blend_weights, common_speakers, is_blend, parse_blend, speaker_tensor
-from rtsvc.voices.defaults import DIT_CONTEXT_MS, MODEL_BLOCK_MS
+from rtsvc.voices.defaults import (
+    DIT_CONTEXT_MS,
+    ENCODER_CONTEXT_MS,
+    MAX_VOCODER_CONTEXT_FRAMES,
+    MODEL_BLOCK_MS,
+    VOCODER_CONTEXT_FRAMES,
+)
 
 if TYPE_CHECKING:
     from rtsvc.backends.base import Backend
     from rtsvc.features.extractor import FeatureExtractor
 
-VOCODER_CONTEXT_FRAMES = 8  # left frames vocoded before a tail: measured -50 dB off at 8, exact at 12
 HARMONICS = 9  # NSF source channels (fundamental + 8 overtones)
 NOISE_SEED_SALT = 0x5EED  # keeps the vocoder's per-sample noise independent of the flow noise
 
@@ -60,8 +66,10 @@ class ModelVoice:
     `streaming=True`: features come from a per-stream `FeatureCache` (incremental, Whisper unpadded);
     `encoder_context_s` is the left context the encoders see (None: the whole window, nothing reused);
     `dit_context_ms` is the left context the DiT samples before the frames that get vocoded (None: the
-    whole window). Offline, the DiT always runs on the whole window. `concurrent_f0` (streaming): F0
-    runs alongside the encoders on a side thread (same results; `rtsvc.features.overlap`).
+    whole window). Offline, the DiT always runs on the whole window. `vocoder_context`: the mel frames
+    vocoded before the returned tail (their samples are thrown away; the vocoder's convolutions need
+    them). `concurrent_f0` (streaming): F0 runs alongside the encoders on a side thread (same results;
+    `rtsvc.features.overlap`).
     """
 
     sample_rate = SAMPLE_RATE
@@ -69,10 +77,18 @@ class ModelVoice:
     uses_formant = True  # the formant knob warps the generated mel (rtsvc.dsp.formant_warp)
 
     def __init__(self, backend: "Backend", features: "FeatureExtractor", whisper_pad_30s: bool = True,
-                 streaming: bool = False, encoder_context_s: float | None = ENCODER_CONTEXT_S,
-                 dit_context_ms: float | None = DIT_CONTEXT_MS, concurrent_f0: bool = False):
-        if dit_context_ms is not None and dit_context_ms < 0:
+                 streaming: bool = False, encoder_context_s: float | None = ENCODER_CONTEXT_MS / 1000.0,
+                 dit_context_ms: float | None = DIT_CONTEXT_MS, concurrent_f0: bool = False,
+                 vocoder_context: int = VOCODER_CONTEXT_FRAMES):
+        if dit_context_ms is not None and not dit_context_ms >= 0:  # `not >=` also refuses NaN
             raise UserError(f"DiT context must be at least 0 ms, got {dit_context_ms:g}")
+        if encoder_context_s is not None and not 0 < encoder_context_s < float("inf"):
+            raise UserError(f"encoder context must be a positive number of seconds, got "
+                            f"{encoder_context_s:g}")
+        if isinstance(vocoder_context, bool) or not isinstance(vocoder_context, int) \
+                or not 0 <= vocoder_context <= MAX_VOCODER_CONTEXT_FRAMES:
+            raise UserError(f"vocoder context must be a whole number of frames from 0 to "
+                            f"{MAX_VOCODER_CONTEXT_FRAMES}, got {vocoder_context!r}")
         self.backend = backend
         self.features = features
         self.whisper_pad_30s = whisper_pad_30s  # upstream pads every clip to 30 s (offline path only)
@@ -80,9 +96,13 @@ class ModelVoice:
         self.streaming = streaming
         self.encoder_context_s = encoder_context_s  # streaming: None = encoders on the whole window
         self.dit_context_ms = dit_context_ms  # streaming only
+        self.vocoder_context = vocoder_context  # frames; a whole window (offline) starts at frame 0 anyway
         self.concurrent_f0 = concurrent_f0
         self.cache = FeatureCache(features, encoder_context_s, concurrent_f0=concurrent_f0) \
             if streaming else None
+        # streaming: the vocoder's source noise of the samples the last block vocoded, reused where the
+        # next block vocodes them again (its context frames and crossfade: ~45% of them at 150.9 ms)
+        self.vocoder_noise = NoiseRows(HARMONICS) if streaming else None
         self.last_ms: dict[str, float] = {}
         # auto pitch (rtsvc.voices.auto_pitch): per-stream follower; the target from --pitch-reference
         self.pitch_follower, self.pitch_reference, self.auto_pitch = PitchFollower(), None, None
@@ -91,25 +111,31 @@ class ModelVoice:
         voice.pitch_reference = self.pitch_reference  # what a fork shares besides the weights
         return voice
 
-    def for_streaming(self, encoder_context_s: float | None = ENCODER_CONTEXT_S,
-                      dit_context_ms: float | None | EllipsisType = ...) -> "ModelVoice":
+    def for_streaming(self, encoder_context_s: float | None | EllipsisType = ...,
+                      dit_context_ms: float | None | EllipsisType = ...,
+                      vocoder_context: int | None = None) -> "ModelVoice":
         """The streaming variant over the same backend and encoders, with a fresh feature cache;
-        `dit_context_ms` defaults to this voice's (from `open_model(..., dit_context_ms=)`, else
-        DIT_CONTEXT_MS)."""
+        the contexts default to this voice's (from `open_model`, else the defaults)."""
+        if encoder_context_s is ...:
+            encoder_context_s = self.encoder_context_s
         if dit_context_ms is ...:
             dit_context_ms = self.dit_context_ms
+        vocoder_context = self.vocoder_context if vocoder_context is None else vocoder_context
         return self._carry(ModelVoice(self.backend, self.features, self.whisper_pad_30s, True,
-                                      encoder_context_s, dit_context_ms, self.concurrent_f0))
+                                      encoder_context_s, dit_context_ms, self.concurrent_f0, vocoder_context))
 
     def fork(self) -> "ModelVoice":
         """Same weights, own per-stream state (what the server gives each session)."""
         return self._carry(ModelVoice(self.backend, self.features, self.whisper_pad_30s, self.streaming,
-                                      self.encoder_context_s, self.dit_context_ms, self.concurrent_f0))
+                                      self.encoder_context_s, self.dit_context_ms, self.concurrent_f0,
+                                      self.vocoder_context))
 
     def reset(self) -> None:
         self.pitch_follower.reset()
         if self.cache is not None:
             self.cache.reset()
+        if self.vocoder_noise is not None:
+            self.vocoder_noise.clear()
         reset = getattr(self.features, "reset", None)
         if reset is not None:
             reset()
@@ -174,10 +200,12 @@ class ModelVoice:
             self.last_ms = {}
             cond, f0 = self._conditioning(audio, n, spk, knobs.pitch_shift, knobs)
         # vocode only the frames under the requested tail, plus the vocoder's left context
-        first = max(0, (length - need) // HOP_LENGTH - VOCODER_CONTEXT_FRAMES)
+        first = max(0, (length - need) // HOP_LENGTH - self.vocoder_context)
         dit_first = self._dit_first(first)
+        noise = None if self.vocoder_noise is None else self.vocoder_noise.get(
+            start_sample + first * HOP_LENGTH, (n - first) * HOP_LENGTH, knobs.seed ^ NOISE_SEED_SALT)[None]
         return BlockJob(crop(cond, dit_first), f0, first, dit_first, start_sample, knobs,
-                        length - need - first * HOP_LENGTH, need)
+                        length - need - first * HOP_LENGTH, need, noise)
 
     def _dit_first(self, first: int) -> int:
         """First window frame the DiT samples: `dit_context_ms` before the vocoded frames (streaming)."""
@@ -266,6 +294,7 @@ class BlockJob:
     knobs: Knobs
     begin: int  # first returned sample of the vocoded audio
     need: int  # samples returned
+    noise: torch.Tensor | None = None  # the vocoder's source noise, when the voice drew it (streaming)
 
     @property
     def noise_frame(self) -> int:
@@ -320,7 +349,7 @@ def vocode_group(backend: "Backend", jobs: list[BlockJob], mels: list[torch.Tens
     """The stacked vocoder for jobs with one `rtsvc.voices.batch.vocoder_key` (vocoded frames): each
     job's returned samples (see `vocoder_source` for why a tail equals the whole)."""
     device = backend.device
-    sources = [vocoder_source(j.f0, j.first, j.start_sample, j.knobs.seed) for j in jobs]
+    sources = [vocoder_source(j.f0, j.first, j.start_sample, j.knobs.seed, j.noise) for j in jobs]
     phase = _cat([p for p, _ in sources]).to(device)
     noise = _cat([n for _, n in sources]).to(device)
     f0 = _cat([j.f0[:, j.first:] for j in jobs])
@@ -328,19 +357,22 @@ def vocode_group(backend: "Backend", jobs: list[BlockJob], mels: list[torch.Tens
     return [j.cut(a) for j, a in zip(jobs, audio, strict=True)]
 
 
-def vocoder_source(f0: torch.Tensor, first: int, start_sample: int,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def vocoder_source(f0: torch.Tensor, first: int, start_sample: int, seed: int,
+                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Harmonic phases [1, 9] and source noise [1, samples, 9] for vocoding frames first ... n-1 of
     f0 [1, n]. The phases start where vocoding the whole window would have them at frame `first`,
     and the noise is tied to absolute samples, so vocoding a tail gives the same samples as
-    vocoding everything (up to the receptive field)."""
+    vocoding everything (up to the receptive field). `noise`: that noise drawn already (a streaming
+    voice's `NoiseRows`: the same values)."""
     device = f0.device
     cycles = (f0[:, :first].double() * HOP_LENGTH / SAMPLE_RATE).sum(dim=1, keepdim=True)
     harmonic = torch.arange(1, HARMONICS + 1, dtype=torch.float64, device=device)
     phase = ((cycles * harmonic) % 1.0 + base_phase(seed).to(device)) % 1.0
     n_samples = (f0.shape[1] - first) * HOP_LENGTH
-    noise = counter_normal(start_sample + first * HOP_LENGTH, n_samples, HARMONICS,
-                           seed ^ NOISE_SEED_SALT)[None].to(device)
+    if noise is None:
+        noise = counter_normal(start_sample + first * HOP_LENGTH, n_samples, HARMONICS,
+                               seed ^ NOISE_SEED_SALT)[None]
+    noise = noise.to(device)
     return phase.float(), noise
 
 

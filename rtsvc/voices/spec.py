@@ -17,7 +17,13 @@ from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0, f0_method
 from rtsvc.pretrained import DEFAULT_PRETRAINED_DIR, PretrainedPaths, resolve_pretrained
 from rtsvc.settings import Knobs
 from rtsvc.voice import Voice
-from rtsvc.voices.defaults import DIT_CONTEXT_MS
+from rtsvc.voices.defaults import (
+    DIT_CONTEXT_MS,
+    ENCODER_CONTEXT_MS,
+    MAX_VOCODER_CONTEXT_FRAMES,
+    MIN_ENCODER_CONTEXT_MS,
+    VOCODER_CONTEXT_FRAMES,
+)
 
 STREAMING_TORCH_THREADS = 1  # torch on 2 busy cores: 2 threads made FCPE 10x slower per block
 # one stream's F0 beside its encoders (live, convert --stream, bench); `serve` keeps it off (its
@@ -48,6 +54,8 @@ class VoiceSpec:
     providers: str | None = None  # ONNX Runtime providers, e.g. "cuda,cpu"
     streaming: bool = True
     dit_context_ms: float = DIT_CONTEXT_MS  # streaming: left context the DiT samples
+    encoder_context_ms: float = ENCODER_CONTEXT_MS  # streaming: left context ContentVec/Whisper see
+    vocoder_context: int = VOCODER_CONTEXT_FRAMES  # streaming: mel frames vocoded before the output
     threads: int | None = None  # CPU threads: torch's (process-wide) and each ONNX Runtime session's;
     # None: ONNX Runtime's own default, and torch at STREAMING_TORCH_THREADS when streaming on a CPU
     concurrent_f0: bool = False  # streaming: F0 beside the encoders on a side thread (same results)
@@ -64,6 +72,12 @@ class VoiceSpec:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
         if not self.dit_context_ms >= 0:  # `not >=` also refuses NaN
             raise UserError(f"--dit-context-ms must be at least 0 ms, got {self.dit_context_ms:g}")
+        if not MIN_ENCODER_CONTEXT_MS <= self.encoder_context_ms < float("inf"):  # NaN fails too
+            raise UserError(f"--encoder-context-ms must be a number of ms from {MIN_ENCODER_CONTEXT_MS:g} on "
+                            f"(the encoders' edge frames), got {self.encoder_context_ms:g}")
+        if not 0 <= self.vocoder_context <= MAX_VOCODER_CONTEXT_FRAMES:
+            raise UserError(f"--vocoder-context must be 0 to {MAX_VOCODER_CONTEXT_FRAMES} mel frames, "
+                            f"got {self.vocoder_context}")
         if self.providers is not None:  # a typo fails here, even where no bundle would use them
             from rtsvc.backends.providers import parse_providers  # onnxruntime-free until a probe
 
@@ -199,7 +213,8 @@ def open_model(spec: VoiceSpec, pretrained: PretrainedPaths) -> Voice:
     features = (own(pretrained, f0, torch_device, encoder_threads) if own else None) or \
         FeatureExtractor.from_pretrained(pretrained, f0=f0, device=torch_device, family=model.family)
     voice = ModelVoice(model, features, streaming=spec.streaming, dit_context_ms=spec.dit_context_ms,
-                       concurrent_f0=spec.concurrent_f0)
+                       concurrent_f0=spec.concurrent_f0, encoder_context_s=spec.encoder_context_ms / 1000.0,
+                       vocoder_context=spec.vocoder_context)
     voice.speaker_index(spec.speaker)  # a blend on a bundle that takes an index only fails here
     if spec.pitch_reference is not None:  # --pitch auto's target from recordings (one F0 pass at start)
         from rtsvc.voices.auto_pitch import reference_stats
