@@ -130,7 +130,7 @@ def convert(
     whisper: o.Whisper = None, vocoder: o.Vocoder = None, rmvpe: o.Rmvpe = None, f0: o.F0 = None,
     device: o.Device = "auto", backend: o.Backend = "auto", providers: o.Providers = None,
     precision: o.Precision = "fp32", use_fp16: o.UseFp16 = False,
-    restore_loudness: o.RestoreLoudness = "true", target_loudness: o.TargetLoudness = -18.0,
+    restore_loudness: o.RestoreLoudness = None, target_loudness: o.TargetLoudness = -18.0,
     fade_duration: o.FadeDuration = o.FADE_MS, join: o.Join = "fades",
     cvec_downsample_rate: o.CvecDownsampleRate = 2, batch_size: o.BatchSize = 1, robust_f0: o.RobustF0 = 0,
     stream: o.Stream = False, block_ms: o.BlockMs = "auto", context_ms: o.ContextMs = o.STREAM.context_ms,
@@ -148,8 +148,8 @@ def convert(
     )
 
     check_f0(f0)
-    restore = check_upstream_options(restore_loudness, cvec_downsample_rate, batch_size, robust_f0,
-                                     model is not None and not stream)
+    upstream = check_upstream_options(restore_loudness, cvec_downsample_rate, batch_size, robust_f0,
+                                      model is not None and not stream, "cfg_strength" in typed)
     precision = "fp16" if use_fp16 else precision
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
     check_output_path(output, input)
@@ -160,8 +160,6 @@ def convert(
     # a file needs no real-time tuning: an auto block is the live default, not measured
     voice, knobs, _, _ = start_voice(spec, knobs, typed.get("steps"), None, _say)
     config = config.for_voice(voice)
-    if robust_f0:
-        voice.features.robust_f0 = robust_f0
     with o.progress_bar(console) as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
@@ -169,7 +167,7 @@ def convert(
             seconds = stream_file(voice, input, output, knobs, config, progress=update)
         else:  # piece by piece: memory bounded whatever the length. The DSP voice keeps each
             # slice's level; models hear the training loudness
-            seconds = convert_file(voice, input, output, knobs, progress=update, restore_loudness=restore,
+            seconds = convert_file(voice, input, output, knobs, progress=update, upstream=upstream,
                                    target_lufs=None if model is None else target_loudness, join=join,
                                    fade_ms=fade_duration, limit=model is None)  # models: as upstream
     _say(f"wrote {output} ({seconds:.2f} s)")

@@ -404,8 +404,9 @@ InputFile = Annotated[Path, typer.Argument(help="Input audio file (wav, flac, og
                                            "mono).")]
 OutputFile = Annotated[Path, typer.Argument(help="Output file, 44.1 kHz mono; format from the extension "
                                             "(.wav, .flac, .ogg).")]
-RestoreLoudness = opt(str, "Give each slice back its input loudness (true) or keep the model's "
-                      "--target-loudness (false), as upstream's --restore-loudness. Default: true.")
+RestoreLoudness = opt(str | None, "Give each slice back its input loudness (true) or keep the model's "
+                      "--target-loudness (false), as upstream's --restore-loudness. Default: true (V3), "
+                      "false for V2 models (the V2 release's infer.py).")
 TargetLoudness = opt(float, "Loudness (LUFS) each slice is brought to before conversion, as upstream. "
                      "Default: -18.")
 FadeDuration = opt(float, f"Fade at each slice boundary in ms (upstream's join: half-Hann in, linear out). "

@@ -240,10 +240,10 @@ def test_upstream_option_names_reach_the_conversion(tmp_path, capsys, monkeypatc
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
     assert seen["knobs"].pitch_shift == 3 and seen["knobs"].steps == 7
-    assert seen["restore_loudness"] is False and seen["fade_ms"] == 30 and seen["join"] == "fades"
+    assert seen["upstream"].restore_loudness is False and seen["fade_ms"] == 30 and seen["join"] == "fades"
     assert seen["target_lufs"] is None  # the DSP voice keeps each slice's level
     code, _, _ = run_cli(args[:3], capsys, monkeypatch)
-    assert seen["restore_loudness"] is True  # upstream V3's default
+    assert seen["upstream"].restore_loudness is None  # not given: the model family's default
     code, _, err = run_cli([*args[:3], "--restore-loudness", "maybe"], capsys, monkeypatch)
     assert code == 2 and "--restore-loudness takes true or false" in err
     code, _, err = run_cli([*args[:3], "--batch-size", "4"], capsys, monkeypatch)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
+from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE
 from rtsvc.dsp.formant_warp import warp_formants
 from rtsvc.dsp.mel import denormalize_mel
 from rtsvc.dsp.sinc import sinc_resample
@@ -198,11 +198,11 @@ class ModelVoice:
     def _conditioning(self, audio: np.ndarray, n: int, spk: int, semitones: float,
                       knobs: Knobs | None = None):
         """Every feature over the whole window on its n = len // 512 frames, as upstream's infer.py
-        (the offline path): the encoders hear soxr's 16 kHz (librosa.resample), F0 the sinc
-        resampler upstream's RMVPE uses."""
+        (the offline path): the encoders hear the family's 16 kHz (`FeatureExtractor.encoder_16k`), F0
+        the sinc resampler upstream's RMVPE uses."""
         feats, device = self.features, self.backend.device
         row = lambda a: torch.as_tensor(a, dtype=torch.float32).to(device)[None]  # noqa: E731 - [1, n, ...]
-        audio_16k = self._timed("resample", resample, audio, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        audio_16k = self._timed("resample", feats.encoder_16k, audio)
         f0_16k = self._timed("resample_f0", sinc_resample, audio, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
         auto = knobs is not None and knobs.pitch_mode != "fixed"
         f0 = row(self._timed("f0", feats.f0_clip, audio, f0_16k, n, 0.0 if auto else semitones))  # shifted
@@ -234,7 +234,7 @@ class ModelVoice:
         """F0 (Hz per mel frame, unshifted) of 44.1 kHz audio with this voice's F0 extractor."""
         n = -(-len(audio) // HOP_LENGTH)
         padded = np.pad(np.asarray(audio, dtype=np.float32), (0, n * HOP_LENGTH - len(audio)))
-        audio_16k = resample(padded, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        audio_16k = sinc_resample(padded, SAMPLE_RATE, ENCODER_SAMPLE_RATE)  # as F0 hears it everywhere
         return torch.as_tensor(self.features.f0(audio_16k, n)).cpu().numpy()
 
     def _timed(self, name: str, fn, *args, **kwargs):
