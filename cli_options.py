@@ -415,8 +415,9 @@ Join = opt(str, "How slices are joined: fades (upstream's, no overlap) or crossf
            "by --fade-duration and crossfade). Default: fades.")
 UseFp16 = opt(bool, "Upstream's name for --precision fp16 (CUDA only; a CPU keeps fp32). Default: off "
               "(fp32; upstream's infer.py defaults to fp16 on CUDA).", panel=MODEL)
-CvecDownsampleRate = opt(int, "Upstream's bad-ContentVec downsampling rate; only 2 (upstream's default) is "
-                         "supported. Default: 2.", panel=ADVANCED)
+CvecDownsampleRate = opt(int, "V3 models, offline: how coarsely content-degradation guidance blurs "
+                         "ContentVec (every 2nd frame resized to 1/rate and back), as upstream. Default: 2.",
+                         panel=ADVANCED)
 BatchSize = opt(int, "Slices per batch, as upstream; only 1 is supported. Default: 1.", panel=ADVANCED)
 RobustF0 = opt(int, "Upstream's robust F0 for models: 0 off, 1 fill RMVPE's unvoiced frames where WORLD or "
                "Praat hear pitch, 2 median of the three with outliers replaced (needs praat-parselmouth; "

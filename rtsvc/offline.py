@@ -159,9 +159,13 @@ def check_upstream_options(restore_loudness: str | None, cvec_downsample_rate: i
         restore = None
     elif (restore := UPSTREAM_SWITCH.get(restore_loudness.strip().lower())) is None:
         raise UserError(f"--restore-loudness takes true or false, got {restore_loudness!r}")
-    if cvec_downsample_rate != 2 or batch_size != 1:
-        raise UserError("--cvec-downsample-rate other than 2 and --batch-size other than 1 are not "
-                        "supported yet")
+    if batch_size != 1:
+        raise UserError("--batch-size other than 1 is not supported yet")
+    if cvec_downsample_rate < 1:
+        raise UserError(f"--cvec-downsample-rate must be at least 1, got {cvec_downsample_rate}")
+    if cvec_downsample_rate != 2 and not model_offline:
+        raise UserError("--cvec-downsample-rate applies to V3 models converting offline (not the DSP voice "
+                        "or --stream)")
     if robust_f0 not in (0, 1, 2):
         raise UserError(f"--robust-f0 takes 0, 1 or 2, got {robust_f0}")
     if robust_f0 and not model_offline:
@@ -200,6 +204,11 @@ def convert_file(
     if upstream is not None:
         if upstream.robust_f0:
             voice.features.robust_f0 = upstream.robust_f0
+        if upstream.cvec_downsample_rate != 2:
+            if voice.backend.family != "v3":
+                raise UserError("--cvec-downsample-rate applies to V3 models (the V2 release has no "
+                                "content-degradation guidance)")
+            voice.cvec_downsample_rate = upstream.cvec_downsample_rate
         knobs, restore_loudness, release = release_rules(voice, knobs, upstream.restore_loudness,
                                                         upstream.cfg_given)
     sr = voice.sample_rate

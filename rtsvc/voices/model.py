@@ -18,7 +18,7 @@ grows with its input; features are still computed on the encoders' window).
 """
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from types import EllipsisType
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,7 @@ from rtsvc.features.frames import mel_frame_count
 from rtsvc.features.requests import FeatureSteps, drive
 from rtsvc.models.families import family_named
 from rtsvc.models.flow import Conditioning, counter_normal, frame_noise, sample_on_grid
-from rtsvc.models.guidance import Guidance
+from rtsvc.models.guidance import CVEC_DOWNSAMPLE_RATE, Guidance, degrade_content
 from rtsvc.models.schedules import time_grid
 from rtsvc.settings import Knobs
 from rtsvc.voices.auto_pitch import PitchFollower, target_median_hz
@@ -84,6 +84,7 @@ class ModelVoice:
         self.cache = FeatureCache(features, encoder_context_s, concurrent_f0=concurrent_f0) \
             if streaming else None
         self.last_ms: dict[str, float] = {}
+        self.cvec_downsample_rate = CVEC_DOWNSAMPLE_RATE  # upstream's --cvec-downsample-rate (V3, offline)
         # auto pitch (rtsvc.voices.auto_pitch): per-stream follower; the target from --pitch-reference
         self.pitch_follower, self.pitch_reference, self.auto_pitch = PitchFollower(), None, None
 
@@ -215,6 +216,8 @@ class ModelVoice:
         cond = Conditioning(spk=speaker_tensor(spk, device), f0=f0,
                             rms=row(self._timed("rms", feats.rms, audio)),
                             cvec=row(self._timed("contentvec", feats.content, audio_16k, n)), whisper=whisper)
+        if self.cvec_downsample_rate != CVEC_DOWNSAMPLE_RATE:  # V3's degraded content at another rate
+            cond = replace(cond, bad_cvec=degrade_content(cond.cvec, self.cvec_downsample_rate))
         return cond, f0
 
     def _semitones(self, knobs: Knobs, f0: torch.Tensor, new_frames: int) -> float:
