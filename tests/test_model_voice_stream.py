@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from rtsvc.bench.blocks import log_spectral_distance
-from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
+from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE
 from rtsvc.dsp.mel import rms_per_frame
 from rtsvc.dsp.signals import sung_tone
+from rtsvc.dsp.sinc import sinc_resample
 from rtsvc.engine import (
     StreamConfig,
     StreamingConverter,
@@ -72,11 +73,12 @@ class PrefixReference(FeatureCache):
         s, e = start_sample, start_sample + len(audio)
         self.stream = np.concatenate((self.stream, audio[len(self.stream) - s:]))
         assert len(self.stream) == e
-        prefix_16k = resample(self.stream, SR, ENCODER_SAMPLE_RATE)
+        prefix_16k = self.features.encoder_16k(self.stream)  # each extractor's resampler, as offline
+        f0_16k = sinc_resample(self.stream, SR, ENCODER_SAMPLE_RATE)
         for store in (self.f0, self.rms, self.cvec, self.whisper):
             store.clear()
         self.rms.write(0, rms_per_frame(self.stream)[0])
-        self.f0.write(0, torch.from_numpy(np.asarray(self.features.f0_extractor(prefix_16k), np.float32)))
+        self.f0.write(0, torch.from_numpy(np.asarray(self.features.f0_extractor(f0_16k), np.float32)))
         enc_a = -(-s // ENC_HOP) * ENC_HOP
         seg = prefix_16k[enc_a // F0_HOP * 160:]
         self.cvec.write(enc_a // ENC_HOP, self.features.contentvec.hidden(seg))
@@ -166,7 +168,7 @@ def test_cache_rms_and_local_f0_equal_the_whole_stream_and_the_whole_window(loca
         whole = rms_per_frame(window)[0]
         worst_win = max(worst_win, (rms[2:] - whole[2:]).abs().max().item())
         a = -(-start // F0_HOP) * F0_HOP
-        raw = local_f0(resample(window[a - start:], SR, ENCODER_SAMPLE_RATE))
+        raw = local_f0(sinc_resample(window[a - start:], SR, ENCODER_SAMPLE_RATE))  # as F0 hears it
         held = cache.f0.rows[a // F0_HOP - cache.f0.first:][: len(raw)].numpy()
         np.testing.assert_allclose(held[3:-3], raw[3: len(held) - 3], atol=1e-3)
     assert cache.cold_starts == 1  # one stream, continued every block
