@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rtsvc.bench.blocks import log_spectral_distance
-from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE
+from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.dsp.mel import rms_per_frame
 from rtsvc.dsp.signals import sung_tone
 from rtsvc.dsp.sinc import sinc_resample
@@ -426,3 +426,35 @@ def test_a_model_voice_gets_the_model_block_unless_one_is_given(tiny):
     assert auto.config.block_ms == MODEL_BLOCK_MS == 150.0 and auto.layout.block == 13 * HOP_LENGTH
     explicit = StreamingConverter(voice, config=StreamConfig(block_ms=50.0))
     assert explicit.layout.block == 4 * HOP_LENGTH
+
+
+def test_cache_f0_hears_the_sinc_resampler_as_offline():
+    """Issue 22: F0 hears upstream RMVPE's resampler (sinc, width 128) offline; the cache's segments,
+    on the 10 ms grid, hear the whole stream's sinc output (past the segment's edge) and not soxr's."""
+    heard = []
+
+    def recording_f0(audio_16k):
+        heard.append(np.asarray(audio_16k).copy())
+        return local_f0(audio_16k)
+
+    stub = FeatureExtractor(StubEncoder(768), StubEncoder(1280), F0Extractor("acf", recording_f0), "cpu")
+    cache = FeatureCache(stub)
+    audio = sung_tone(3.0)
+    windows = list(engine_windows(audio))[:6]
+    for window, start in windows:
+        cache.window(window, start)
+    first_window, _ = windows[0]
+    n = len(first_window) // HOP_LENGTH * HOP_LENGTH
+    assert np.array_equal(heard[0], sinc_resample(first_window[:n], SR, ENCODER_SAMPLE_RATE))  # cold
+    window, start = windows[-1]  # an update: a segment from the F0 grid on, inside the stream
+    block = start // 5  # engine_windows: window k starts k blocks into the stream
+    stream = np.concatenate((np.zeros(len(window) - block, np.float32), audio))[: start + len(window)]
+    assert np.array_equal(stream[start:], window)
+    stream_16k = sinc_resample(stream, SR, ENCODER_SAMPLE_RATE)
+    seg = heard[-1]
+    offset = len(stream_16k) - len(seg)
+    assert offset % 160 == 0 and offset > 0
+    inside = slice(200, len(seg) - 200)  # away from both of the segment's edges
+    np.testing.assert_allclose(seg[inside], stream_16k[offset:][inside], atol=2e-6)
+    soxr = resample(stream, SR, ENCODER_SAMPLE_RATE)
+    assert np.abs(seg[inside] - soxr[offset:offset + len(seg)][inside]).max() > 1e-5
