@@ -149,3 +149,20 @@ def test_v2_restores_loudness_measured_before_the_silent_tail():
         np.testing.assert_allclose(got, want, atol=1e-6)
     assert np.abs(convert_offline(Model(), audio, Knobs(), release="v2")
                   - convert_offline(Model(), audio, Knobs(), release="v3")).max() > 1e-4
+
+
+def test_v2_refuses_cvec_downsample_rate(tmp_path):
+    from rtsvc.errors import UserError
+    from rtsvc.offline import UpstreamOptions, convert_file
+    from rtsvc.settings import Knobs
+
+    class Backend:
+        family = "v2"
+
+    class V2Voice:
+        backend, sample_rate = Backend(), SR
+
+    src = write_wav(tmp_path / "in.wav", harmonic_tone(1.0))
+    with pytest.raises(UserError, match="applies to V3 models"):
+        convert_file(V2Voice(), src, tmp_path / "out.wav", Knobs(),
+                     upstream=UpstreamOptions(cvec_downsample_rate=4))
