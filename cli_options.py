@@ -418,7 +418,8 @@ UseFp16 = opt(bool, "Upstream's name for --precision fp16 (CUDA only; a CPU keep
 CvecDownsampleRate = opt(int, "V3 models, offline: how coarsely content-degradation guidance blurs "
                          "ContentVec (every 2nd frame resized to 1/rate and back), as upstream. Default: 2.",
                          panel=ADVANCED)
-BatchSize = opt(int, "Slices per batch, as upstream; only 1 is supported. Default: 1.", panel=ADVANCED)
+BatchSize = opt(int, "Models, offline: slices converted per padded DiT batch, as upstream's (each as it "
+                "would be alone; a checkpoint on torch). Default: 1.", panel=ADVANCED)
 RobustF0 = opt(int, "Upstream's robust F0 for models: 0 off, 1 fill RMVPE's unvoiced frames where WORLD or "
                "Praat hear pitch, 2 median of the three with outliers replaced (needs praat-parselmouth; "
                "offline only). Default: 0.", panel=MODEL)

@@ -159,8 +159,10 @@ def check_upstream_options(restore_loudness: str | None, cvec_downsample_rate: i
         restore = None
     elif (restore := UPSTREAM_SWITCH.get(restore_loudness.strip().lower())) is None:
         raise UserError(f"--restore-loudness takes true or false, got {restore_loudness!r}")
-    if batch_size != 1:
-        raise UserError("--batch-size other than 1 is not supported yet")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size != 1 and not model_offline:
+        raise UserError("--batch-size applies to models converting offline (not the DSP voice or --stream)")
     if cvec_downsample_rate < 1:
         raise UserError(f"--cvec-downsample-rate must be at least 1, got {cvec_downsample_rate}")
     if cvec_downsample_rate != 2 and not model_offline:
@@ -221,7 +223,8 @@ def convert_file(
             return np.zeros_like(audio)
         out = convert_offline(voice, audio, knobs, target_lufs=target_lufs,
                               restore_loudness=restore_loudness, join=join, fade_ms=fade_ms,
-                              crossfade_ms=fade_ms, release=release)
+                              crossfade_ms=fade_ms, release=release,
+                              batch_size=1 if upstream is None else upstream.batch_size)
         # the voice-activity gate: non-speech gives silence (phantom voice from breath, typing)
         return out * speech_mask(audio, sr, knobs.vad_threshold) if knobs.vad == "on" else out
 
@@ -320,6 +323,30 @@ def _pieces(blocks: Iterable[np.ndarray], sample_rate: int, piece: int):
         yield buffer
 
 
+def _convert_group(voice: Voice, items: list[tuple[int, np.ndarray]], knobs: Knobs) -> list[np.ndarray]:
+    """Each (place, slice) converted as a stream of its own; several at once as one padded batch."""
+    if len(items) == 1:
+        voice.reset()  # every slice is a stream of its own
+        place, piece = items[0]
+        return [np.asarray(voice.convert(piece, knobs, start_sample=place), dtype=np.float32)]
+    from rtsvc.backends.torch_backend import TorchBackend
+    from rtsvc.voices.batch import run_padded
+
+    backend = getattr(voice, "backend", None)
+    if getattr(voice, "streaming", True) or not isinstance(backend, TorchBackend) or backend.student:
+        raise UserError("--batch-size above 1 needs a model checkpoint on the torch backend (not a bundle, "
+                        "a distilled student, the DSP voice or --stream)")
+    jobs = []
+    for place, piece in items:
+        voice.reset()
+        jobs.append(voice.prepare(piece, knobs, start_sample=place))
+    live = [k for k, job in enumerate(jobs) if job is not None]  # (None: shorter than one frame)
+    outs = [np.zeros(len(piece), dtype=np.float32) for _, piece in items]
+    for k, out in zip(live, run_padded(backend, [jobs[k] for k in live]) if live else [], strict=True):
+        outs[k] = np.asarray(out, dtype=np.float32)
+    return outs
+
+
 JOINS = ("fades", "crossfade")
 RELEASES = ("v3", "v2")  # whose infer.py convert_offline follows: c03fa59 (V3) or the V2 release (ec67126)
 
@@ -341,6 +368,7 @@ def convert_offline(
     voice: Voice, audio: np.ndarray, knobs: Knobs, progress: Progress | None = None,
     target_lufs: float | None = TARGET_LUFS, restore_loudness: bool = True,
     crossfade_ms: float = CROSSFADE_MS, join: str = "fades", fade_ms: float = FADE_MS, release: str = "v3",
+    batch_size: int = 1,
 ) -> np.ndarray:
     """Convert a whole recording (mono float at `voice.sample_rate`); output has the same length.
 
@@ -349,6 +377,8 @@ def convert_offline(
     "crossfade" (ours: slices overlap by `crossfade_ms` and crossfade). `release`: whose infer.py,
     "v3" (c03fa59's) or "v2" (the V2 release's: its slicer, `rtsvc.dsp.slicer_v2`, and the restored
     loudness measured on the vocoder's whole frames, before the slice's last L mod 512 silent samples).
+    `batch_size` > 1 (upstream's --batch-size; a model voice on torch): that many slices of similar
+    length per padded DiT batch (`rtsvc.voices.batch.run_padded`), each as it would be alone.
     """
     if join not in JOINS:
         raise UserError(f"unknown join {join!r}: use {' or '.join(JOINS)}")
@@ -362,24 +392,31 @@ def convert_offline(
     pad = int(crossfade_ms * sr / 1000) // 2 if join == "crossfade" else 0  # neighbours overlap by 2 * pad
     ranges = slice_pieces(audio, sr, release)
     meter = _meter(sr) if target_lufs is not None else None
-    pieces = []
-    for i, (place, a, b) in enumerate(ranges):
+    inputs = []  # (place, slice at the model's loudness, its own loudness)
+    for place, a, b in ranges:
         if pad:  # ours: extended into the neighbours, placed where the audio came from
             place, a, b = max(0, a - pad), max(0, a - pad), min(len(audio), b + pad)
         piece = audio[a:b]
         loudness = _loudness(meter, piece, sr) if meter is not None else None
         if meter is not None:
             piece = _to_loudness(piece, loudness, target_lufs)
-        voice.reset()  # every slice is a stream of its own
-        out = np.asarray(voice.convert(np.asarray(piece, dtype=np.float32), knobs, start_sample=place),
-                         dtype=np.float32)
-        out = np.pad(out[: len(piece)], (0, max(0, len(piece) - len(out))))
-        if restore_loudness and meter is not None and loudness is not None:
-            heard = out[: len(out) // HOP * HOP] if release == "v2" else out  # V2: before the zero pad
-            out = _to_loudness(out, _loudness(meter, heard, sr), loudness)
-        pieces.append((place, out))
+        inputs.append((place, np.asarray(piece, dtype=np.float32), loudness))
+    outs: list = [None] * len(inputs)
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][1]))  # as upstream: similar lengths
+    groups = [[i] for i in range(len(inputs))] if batch_size <= 1 else \
+        [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    for group in groups:
+        converted = _convert_group(voice, [inputs[i][:2] for i in group], knobs)
+        for i, out in zip(group, converted, strict=True):
+            place, piece, loudness = inputs[i]
+            out = np.pad(out[: len(piece)], (0, max(0, len(piece) - len(out))))
+            if restore_loudness and meter is not None and loudness is not None:
+                heard = out[: len(out) // HOP * HOP] if release == "v2" else out  # V2: before the zero pad
+                out = _to_loudness(out, _loudness(meter, heard, sr), loudness)
+            outs[i] = (place, out)
         if progress is not None:
-            progress(i + 1, len(ranges))
+            progress(sum(o is not None for o in outs), len(inputs))
+    pieces = outs
     if join == "crossfade":
         return join_with_crossfade(pieces, len(audio), 2 * pad)
     return join_with_fades(pieces, len(audio), int(fade_ms * sr / 1000))

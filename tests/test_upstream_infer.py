@@ -246,8 +246,10 @@ def test_upstream_option_names_reach_the_conversion(tmp_path, capsys, monkeypatc
     assert seen["upstream"].restore_loudness is None  # not given: the model family's default
     code, _, err = run_cli([*args[:3], "--restore-loudness", "maybe"], capsys, monkeypatch)
     assert code == 2 and "--restore-loudness takes true or false" in err
-    code, _, err = run_cli([*args[:3], "--batch-size", "4"], capsys, monkeypatch)
-    assert code == 2 and "not supported" in err
+    code, _, err = run_cli([*args[:3], "--batch-size", "4"], capsys, monkeypatch)  # no --model
+    assert code == 2 and "--batch-size applies to models converting offline" in err
+    code, _, err = run_cli([*args[:3], "--batch-size", "0"], capsys, monkeypatch)
+    assert code == 2 and "--batch-size must be at least 1" in err
     code, _, err = run_cli([*args[:3], "--robust-f0", "3"], capsys, monkeypatch)
     assert code == 2 and "--robust-f0 takes 0, 1 or 2" in err
     code, _, err = run_cli([*args[:3], "--robust-f0", "1"], capsys, monkeypatch)  # no --model

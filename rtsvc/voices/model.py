@@ -293,10 +293,11 @@ def stack(items: list[Conditioning]) -> Conditioning:
     """Conditionings of equal frame count as one batch (a field stays None only if it is in all)."""
     if len(items) == 1:
         return items[0]
-    columns = {f.name: [getattr(c, f.name) for c in items] for f in fields(Conditioning)}
+    columns = {f.name: [getattr(c, f.name) for c in items]
+               for f in fields(Conditioning) if f.name != "items_alone"}
     columns["spk"] = common_speakers(columns["spk"])  # a blend among indices: all as weights
     return Conditioning(**{name: None if col[0] is None else torch.cat(col, dim=0)
-                           for name, col in columns.items()})
+                           for name, col in columns.items()}, items_alone=items[0].items_alone)
 
 
 def sample_group(backend: "Backend", jobs: list[BlockJob]) -> list[torch.Tensor]:
