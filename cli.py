@@ -139,21 +139,15 @@ def convert(
     concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0, knobs: Knobs = KNOBS, typed: dict | None = None,
 ) -> None:
     """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
-    from rtsvc.offline import (
-        check_input_file,
-        check_output_path,
-        check_upstream_options,
-        convert_file,
-        stream_file,
-    )
+    from rtsvc import offline
 
     check_f0(f0)
-    upstream = check_upstream_options(restore_loudness, cvec_downsample_rate, batch_size, robust_f0,
-                                      model is not None and not stream, "cfg_strength" in typed)
+    upstream = offline.check_upstream_options(restore_loudness, cvec_downsample_rate, batch_size, robust_f0,
+                                              model is not None and not stream, "cfg_strength" in typed)
     precision = "fp16" if use_fp16 else precision
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
-    check_output_path(output, input)
-    check_input_file(input)  # before any model loads; read block by block
+    offline.check_output_path(output, input)
+    offline.check_input_file(input)  # before any model loads; read block by block
     if model is None and f0 not in (None, "pyworld"):
         _say(f"note: the DSP voice uses pyworld for F0; --f0 {f0} is ignored")
     spec = _pick(VoiceSpec, locals(), speaker=knobs.speaker, streaming=stream)
@@ -164,12 +158,12 @@ def convert(
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
         if stream:  # block by block through the engine, as live/serve would hear it
-            seconds = stream_file(voice, input, output, knobs, config, progress=update)
+            seconds = offline.stream_file(voice, input, output, knobs, config, progress=update)
         else:  # piece by piece: memory bounded whatever the length. The DSP voice keeps each
             # slice's level; models hear the training loudness
-            seconds = convert_file(voice, input, output, knobs, progress=update, upstream=upstream,
-                                   target_lufs=None if model is None else target_loudness, join=join,
-                                   fade_ms=fade_duration, limit=model is None)  # models: as upstream
+            seconds = offline.convert_file(voice, input, output, knobs, progress=update, upstream=upstream,
+                                           target_lufs=None if model is None else target_loudness,
+                                           join=join, fade_ms=fade_duration, limit=model is None)
     _say(f"wrote {output} ({seconds:.2f} s)")
 
 

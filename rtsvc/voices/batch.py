@@ -22,6 +22,10 @@ measurement). Streams of one server share one block layout; streams with differe
 settings form separate DiT groups. V3's guidance rescale divides by the std of the whole batch (as
 upstream), so V3 blocks with rescale on run one per DiT call (their vocoder still batches). Within
 a group each item equals its one-at-a-time result to float tolerance.
+
+Offline slices of different lengths (`convert --batch-size`) are the exception: `run_padded` pads
+them into one DiT batch with every item computed alone (`Conditioning.items_alone`: padded frames
+zeroed before each depthwise conv, V3's rescale std per item), and vocodes them one by one.
 """
 
 import time
