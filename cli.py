@@ -126,7 +126,7 @@ def convert(
     whisper: o.Whisper = None, vocoder: o.Vocoder = None, rmvpe: o.Rmvpe = None, f0: o.F0 = None,
     device: o.Device = "auto", backend: o.Backend = "auto", providers: o.Providers = None,
     precision: o.Precision = "fp32", use_fp16: o.UseFp16 = False,
-    restore_loudness: o.RestoreLoudness = "true", target_loudness: o.TargetLoudness = -18.0,
+    restore_loudness: o.RestoreLoudness = None, target_loudness: o.TargetLoudness = -18.0,
     fade_duration: o.FadeDuration = o.FADE_MS, join: o.Join = "fades",
     cvec_downsample_rate: o.CvecDownsampleRate = 2, batch_size: o.BatchSize = 1, robust_f0: o.RobustF0 = 0,
     stream: o.Stream = False, block_ms: o.BlockMs = "auto", context_ms: o.ContextMs = o.STREAM.context_ms,
@@ -136,39 +136,31 @@ def convert(
     concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0, knobs: Knobs = KNOBS, typed: dict | None = None,
 ) -> None:
     """Convert a recording offline into the target voice (or through the DSP voice with no --model)."""
-    from rtsvc.offline import (
-        check_input_file,
-        check_output_path,
-        check_upstream_options,
-        convert_file,
-        stream_file,
-    )
+    from rtsvc import offline
 
     check_f0(f0)
-    restore = check_upstream_options(restore_loudness, cvec_downsample_rate, batch_size, robust_f0,
-                                     model is not None and not stream)
+    upstream = offline.check_upstream_options(restore_loudness, cvec_downsample_rate, batch_size, robust_f0,
+                                              model is not None and not stream, "cfg_strength" in typed)
     precision = "fp16" if use_fp16 else precision
     config = StreamConfig(parse_block_ms(block_ms), context_ms, crossfade_ms, sola_search_ms).validate()
-    check_output_path(output, input)
-    check_input_file(input)  # before any model loads; read block by block
+    offline.check_output_path(output, input)
+    offline.check_input_file(input)  # before any model loads; read block by block
     if model is None and f0 not in (None, "pyworld"):
         _say(f"note: the DSP voice uses pyworld for F0; --f0 {f0} is ignored")
     spec = _pick(VoiceSpec, locals(), speaker=knobs.speaker, streaming=stream)
     # a file needs no real-time tuning: an auto block is the live default, not measured
     voice, knobs, _, _ = start_voice(spec, knobs, typed.get("steps"), None, _say)
     config = config.for_voice(voice)
-    if robust_f0:
-        voice.features.robust_f0 = robust_f0
     with o.progress_bar(console) as bar:
         task = bar.add_task("streaming" if stream else "converting", total=None)
         update = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
         if stream:  # block by block through the engine, as live/serve would hear it
-            seconds = stream_file(voice, input, output, knobs, config, progress=update)
+            seconds = offline.stream_file(voice, input, output, knobs, config, progress=update)
         else:  # piece by piece: memory bounded whatever the length. The DSP voice keeps each
             # slice's level; models hear the training loudness
-            seconds = convert_file(voice, input, output, knobs, progress=update, restore_loudness=restore,
-                                   target_lufs=None if model is None else target_loudness, join=join,
-                                   fade_ms=fade_duration, limit=model is None)  # models: as upstream
+            seconds = offline.convert_file(voice, input, output, knobs, progress=update, upstream=upstream,
+                                           target_lufs=None if model is None else target_loudness,
+                                           join=join, fade_ms=fade_duration, limit=model is None)
     _say(f"wrote {output} ({seconds:.2f} s)")
 
 

@@ -440,8 +440,9 @@ InputFile = Annotated[Path, typer.Argument(help="Input audio file (wav, flac, og
                                            "mono).")]
 OutputFile = Annotated[Path, typer.Argument(help="Output file, 44.1 kHz mono; format from the extension "
                                             "(.wav, .flac, .ogg).")]
-RestoreLoudness = opt(str, "Give each slice back its input loudness (true) or keep the model's "
-                      "--target-loudness (false), as upstream's --restore-loudness. Default: true.")
+RestoreLoudness = opt(str | None, "Give each slice back its input loudness (true) or keep the model's "
+                      "--target-loudness (false), as upstream's --restore-loudness. Default: true (V3), "
+                      "false for V2 models (the V2 release's infer.py).")
 TargetLoudness = opt(float, "Loudness (LUFS) each slice is brought to before conversion, as upstream. "
                      "Default: -18.")
 FadeDuration = opt(float, f"Fade at each slice boundary in ms (upstream's join: half-Hann in, linear out). "
@@ -450,9 +451,11 @@ Join = opt(str, "How slices are joined: fades (upstream's, no overlap) or crossf
            "by --fade-duration and crossfade). Default: fades.")
 UseFp16 = opt(bool, "Upstream's name for --precision fp16 (CUDA only; a CPU keeps fp32). Default: off "
               "(fp32; upstream's infer.py defaults to fp16 on CUDA).", panel=MODEL)
-CvecDownsampleRate = opt(int, "Upstream's bad-ContentVec downsampling rate; only 2 (upstream's default) is "
-                         "supported. Default: 2.", panel=ADVANCED)
-BatchSize = opt(int, "Slices per batch, as upstream; only 1 is supported. Default: 1.", panel=ADVANCED)
+CvecDownsampleRate = opt(int, "V3 models, offline: how coarsely content-degradation guidance blurs "
+                         "ContentVec (every 2nd frame resized to 1/rate and back), as upstream. Default: 2.",
+                         panel=ADVANCED)
+BatchSize = opt(int, "Models, offline: slices converted per padded DiT batch, as upstream's (each as it "
+                "would be alone; a checkpoint on torch). Default: 1.", panel=ADVANCED)
 RobustF0 = opt(int, "Upstream's robust F0 for models: 0 off, 1 fill RMVPE's unvoiced frames where WORLD or "
                "Praat hear pitch, 2 median of the three with outliers replaced (needs praat-parselmouth; "
                "offline only). Default: 0.", panel=MODEL)

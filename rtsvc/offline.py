@@ -9,6 +9,7 @@ ours instead: slices extended by half the crossfade into their neighbours and cr
 """
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -20,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from rtsvc.dsp.audio import HOP_LENGTH as HOP
 from rtsvc.dsp.audio import read_audio_blocks
 from rtsvc.dsp.denoise import denoise_clip
 from rtsvc.dsp.limiter import soft_limit
 from rtsvc.dsp.slicer import CROSSFADE_MS, FADE_MS, join_with_crossfade, join_with_fades, slice_at_silences
+from rtsvc.dsp.slicer_v2 import slice_release_v2
 from rtsvc.dsp.vad import speech_mask
 from rtsvc.engine import StreamConfig, StreamingConverter
 from rtsvc.errors import UserError
@@ -34,6 +37,7 @@ TARGET_LUFS = -18.0  # upstream infer.py --target-loudness (the training data's 
 LOUDNESS_BLOCK_S = 0.1  # upstream meter block size; shorter slices are left as they are
 PEAK_LIMIT = 0.99  # upstream: scale down a normalised slice whose peak passes 1.0
 SILENCE_PEAK_DB = -70.0  # a whole input below this peak is "silent": nothing to convert
+V2_RELEASE_CFG = 0.0  # ec67126 infer.py --cfg-strength default: the null (Whisper-dropped) velocity alone
 PIECE_S = 30.0  # files are converted about this much at a time (cut in a silence): bounded memory
 
 Progress = Callable[[int, int], None]  # (slices done, slices total)
@@ -138,26 +142,55 @@ UPSTREAM_SWITCH = {"true": True, "1": True, "yes": True, "on": True,
                    "false": False, "0": False, "no": False, "off": False}  # as upstream's click options
 
 
-def check_upstream_options(restore_loudness: str, cvec_downsample_rate: int, batch_size: int, robust_f0: int,
-                           model_offline: bool) -> bool:
-    """Upstream infer.py's options as `convert` takes them; returns --restore-loudness as a bool."""
-    restore = UPSTREAM_SWITCH.get(restore_loudness.strip().lower())
-    if restore is None:
+@dataclasses.dataclass(frozen=True)
+class UpstreamOptions:
+    """Upstream infer.py's options as `rtsvc convert` took them (None: not given)."""
+    restore_loudness: bool | None = None  # None: the model family's infer.py default (`release_rules`)
+    cvec_downsample_rate: int = 2
+    batch_size: int = 1
+    robust_f0: int = 0
+    cfg_given: bool = False  # --cfg-strength was typed
+
+
+def check_upstream_options(restore_loudness: str | None, cvec_downsample_rate: int, batch_size: int,
+                           robust_f0: int, model_offline: bool, cfg_given: bool = False) -> UpstreamOptions:
+    """Upstream infer.py's options as `convert` takes them, checked."""
+    if restore_loudness is None:
+        restore = None
+    elif (restore := UPSTREAM_SWITCH.get(restore_loudness.strip().lower())) is None:
         raise UserError(f"--restore-loudness takes true or false, got {restore_loudness!r}")
-    if cvec_downsample_rate != 2 or batch_size != 1:
-        raise UserError("--cvec-downsample-rate other than 2 and --batch-size other than 1 are not "
-                        "supported yet")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size != 1 and not model_offline:
+        raise UserError("--batch-size applies to models converting offline (not the DSP voice or --stream)")
+    if cvec_downsample_rate < 1:
+        raise UserError(f"--cvec-downsample-rate must be at least 1, got {cvec_downsample_rate}")
+    if cvec_downsample_rate != 2 and not model_offline:
+        raise UserError("--cvec-downsample-rate applies to V3 models converting offline (not the DSP voice "
+                        "or --stream)")
     if robust_f0 not in (0, 1, 2):
         raise UserError(f"--robust-f0 takes 0, 1 or 2, got {robust_f0}")
     if robust_f0 and not model_offline:
         raise UserError("--robust-f0 applies to models converting offline (not the DSP voice or --stream)")
-    return restore
+    return UpstreamOptions(restore, cvec_downsample_rate, batch_size, robust_f0, cfg_given)
+
+
+def release_rules(voice: Voice, knobs: Knobs, restore_loudness: bool | None,
+                  cfg_given: bool) -> tuple[Knobs, bool, str]:
+    """(knobs, restore_loudness, release) of the infer.py a model's family goes with, for what the
+    user left unset: a V2 model follows the V2 release's ("v2", ec67126: its slicer, --restore-loudness
+    off, --cfg-strength 0, i.e. Whisper dropped), everything else c03fa59's ("v3": restore on)."""
+    if getattr(getattr(voice, "backend", None), "family", None) == "v2":
+        knobs = knobs if cfg_given else dataclasses.replace(knobs, cfg_strength=V2_RELEASE_CFG)
+        return knobs, bool(restore_loudness), "v2"
+    return knobs, restore_loudness is not False, "v3"
 
 
 def convert_file(
     voice: Voice, input_path: str | Path, output_path: str | Path, knobs: Knobs,
     progress: Progress | None = None, target_lufs: float | None = TARGET_LUFS, restore_loudness: bool = True,
     piece_s: float = PIECE_S, join: str = "fades", fade_ms: float = FADE_MS, limit: bool = True,
+    release: str = "v3", upstream: UpstreamOptions | None = None,
 ) -> float:
     """Convert a file of any length into `output_path` piece by piece: about `piece_s` seconds
     (cut in a silence) are in memory at a time. The output is written to a temporary file beside
@@ -165,8 +198,21 @@ def convert_file(
     `limit`: bend overshoot with the soft limiter (the DSP voice); off, the samples are written as
     upstream's infer.py writes them (a model voice's default: parity with upstream).
 
+    `upstream` (what `rtsvc convert` took): `release_rules` decide restore_loudness, release and
+    the V2 guidance from it instead of the arguments.
+
     Within a piece this is `convert_offline`; pieces are independent, as its slices are."""
     check_input_file(input_path)
+    if upstream is not None:
+        if upstream.robust_f0:
+            voice.features.robust_f0 = upstream.robust_f0
+        if upstream.cvec_downsample_rate != 2:
+            if voice.backend.family != "v3":
+                raise UserError("--cvec-downsample-rate applies to V3 models (the V2 release has no "
+                                "content-degradation guidance)")
+            voice.cvec_downsample_rate = upstream.cvec_downsample_rate
+        knobs, restore_loudness, release = release_rules(voice, knobs, upstream.restore_loudness,
+                                                        upstream.cfg_given)
     sr = voice.sample_rate
     total = sf.info(str(input_path)).duration
     piece = int(piece_s * sr)
@@ -177,7 +223,8 @@ def convert_file(
             return np.zeros_like(audio)
         out = convert_offline(voice, audio, knobs, target_lufs=target_lufs,
                               restore_loudness=restore_loudness, join=join, fade_ms=fade_ms,
-                              crossfade_ms=fade_ms)
+                              crossfade_ms=fade_ms, release=release,
+                              batch_size=1 if upstream is None else upstream.batch_size)
         # the voice-activity gate: non-speech gives silence (phantom voice from breath, typing)
         return out * speech_mask(audio, sr, knobs.vad_threshold) if knobs.vad == "on" else out
 
@@ -276,19 +323,62 @@ def _pieces(blocks: Iterable[np.ndarray], sample_rate: int, piece: int):
         yield buffer
 
 
+def _convert_group(voice: Voice, items: list[tuple[int, np.ndarray]], knobs: Knobs) -> list[np.ndarray]:
+    """Each (place, slice) converted as a stream of its own; several at once as one padded batch."""
+    if len(items) == 1:
+        voice.reset()  # every slice is a stream of its own
+        place, piece = items[0]
+        return [np.asarray(voice.convert(piece, knobs, start_sample=place), dtype=np.float32)]
+    from rtsvc.backends.torch_backend import TorchBackend
+    from rtsvc.voices.batch import run_padded
+
+    backend = getattr(voice, "backend", None)
+    if getattr(voice, "streaming", True) or not isinstance(backend, TorchBackend) or backend.student:
+        raise UserError("--batch-size above 1 needs a model checkpoint on the torch backend (not a bundle, "
+                        "a distilled student, the DSP voice or --stream)")
+    jobs = []
+    for place, piece in items:
+        voice.reset()
+        jobs.append(voice.prepare(piece, knobs, start_sample=place))
+    live = [k for k, job in enumerate(jobs) if job is not None]  # (None: shorter than one frame)
+    outs = [np.zeros(len(piece), dtype=np.float32) for _, piece in items]
+    for k, out in zip(live, run_padded(backend, [jobs[k] for k in live]) if live else [], strict=True):
+        outs[k] = np.asarray(out, dtype=np.float32)
+    return outs
+
+
 JOINS = ("fades", "crossfade")
+RELEASES = ("v3", "v2")  # whose infer.py convert_offline follows: c03fa59 (V3) or the V2 release (ec67126)
+
+
+def slice_pieces(audio: np.ndarray, sample_rate: int, release: str = "v3") -> list[tuple[int, int, int]]:
+    """(place, first, end) per slice: audio[first:end] is converted and its output goes to `place`
+    (the V2 release places a slice at its first 10 ms frame, up to 40 ms before its first sample).
+    Input with no slice (all below the threshold, or only zero-length cuts) is one piece, on purpose."""
+    if release == "v2":
+        pieces = [(p, a, b) for p, a, b in slice_release_v2(audio, sample_rate) if b > a]
+    elif release == "v3":
+        pieces = [(a, a, b) for a, b in slice_at_silences(audio, sample_rate)]
+    else:
+        raise ValueError(f"unknown release {release!r}: use {' or '.join(RELEASES)}")
+    return pieces or [(0, 0, len(audio))]
 
 
 def convert_offline(
     voice: Voice, audio: np.ndarray, knobs: Knobs, progress: Progress | None = None,
     target_lufs: float | None = TARGET_LUFS, restore_loudness: bool = True,
-    crossfade_ms: float = CROSSFADE_MS, join: str = "fades", fade_ms: float = FADE_MS,
+    crossfade_ms: float = CROSSFADE_MS, join: str = "fades", fade_ms: float = FADE_MS, release: str = "v3",
+    batch_size: int = 1,
 ) -> np.ndarray:
     """Convert a whole recording (mono float at `voice.sample_rate`); output has the same length.
 
     `target_lufs=None` keeps each slice's level (the DSP voice needs no loudness normalisation).
     `join`: "fades" (upstream's: half-Hann fade-in, linear fade-out over `fade_ms`, no overlap) or
-    "crossfade" (ours: slices overlap by `crossfade_ms` and crossfade).
+    "crossfade" (ours: slices overlap by `crossfade_ms` and crossfade). `release`: whose infer.py,
+    "v3" (c03fa59's) or "v2" (the V2 release's: its slicer, `rtsvc.dsp.slicer_v2`, and the restored
+    loudness measured on the vocoder's whole frames, before the slice's last L mod 512 silent samples).
+    `batch_size` > 1 (upstream's --batch-size; a model voice on torch): that many slices of similar
+    length per padded DiT batch (`rtsvc.voices.batch.run_padded`), each as it would be alone.
     """
     if join not in JOINS:
         raise UserError(f"unknown join {join!r}: use {' or '.join(JOINS)}")
@@ -300,24 +390,33 @@ def convert_offline(
     if knobs.denoise != "off":  # before slicing: the slicer then sees the denoised silences
         audio = denoise_clip(audio, sr, knobs.denoise)
     pad = int(crossfade_ms * sr / 1000) // 2 if join == "crossfade" else 0  # neighbours overlap by 2 * pad
-    ranges = slice_at_silences(audio, sr)
+    ranges = slice_pieces(audio, sr, release)
     meter = _meter(sr) if target_lufs is not None else None
-    pieces = []
-    for i, (a, b) in enumerate(ranges):
-        a, b = max(0, a - pad), min(len(audio), b + pad)
+    inputs = []  # (place, slice at the model's loudness, its own loudness)
+    for place, a, b in ranges:
+        if pad:  # ours: extended into the neighbours, placed where the audio came from
+            place, a, b = max(0, a - pad), max(0, a - pad), min(len(audio), b + pad)
         piece = audio[a:b]
         loudness = _loudness(meter, piece, sr) if meter is not None else None
         if meter is not None:
             piece = _to_loudness(piece, loudness, target_lufs)
-        voice.reset()  # every slice is a stream of its own
-        out = np.asarray(voice.convert(np.asarray(piece, dtype=np.float32), knobs, start_sample=a),
-                         dtype=np.float32)
-        out = np.pad(out[: len(piece)], (0, max(0, len(piece) - len(out))))
-        if restore_loudness and meter is not None and loudness is not None:
-            out = _to_loudness(out, _loudness(meter, out, sr), loudness)
-        pieces.append((a, out))
+        inputs.append((place, np.asarray(piece, dtype=np.float32), loudness))
+    outs: list = [None] * len(inputs)
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][1]))  # as upstream: similar lengths
+    groups = [[i] for i in range(len(inputs))] if batch_size <= 1 else \
+        [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    for group in groups:
+        converted = _convert_group(voice, [inputs[i][:2] for i in group], knobs)
+        for i, out in zip(group, converted, strict=True):
+            place, piece, loudness = inputs[i]
+            out = np.pad(out[: len(piece)], (0, max(0, len(piece) - len(out))))
+            if restore_loudness and meter is not None and loudness is not None:
+                heard = out[: len(out) // HOP * HOP] if release == "v2" else out  # V2: before the zero pad
+                out = _to_loudness(out, _loudness(meter, heard, sr), loudness)
+            outs[i] = (place, out)
         if progress is not None:
-            progress(i + 1, len(ranges))
+            progress(sum(o is not None for o in outs), len(inputs))
+    pieces = outs
     if join == "crossfade":
         return join_with_crossfade(pieces, len(audio), 2 * pad)
     return join_with_fades(pieces, len(audio), int(fade_ms * sr / 1000))

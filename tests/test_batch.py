@@ -112,7 +112,8 @@ class CountingEncoders:
                 return outer.whisper.hidden_batch(audios, offsets)
 
         return FeatureExtractor(Content(), Whisper() if self.whisper is not None else None,
-                                features.f0_extractor, features.device, features.content_resize)
+                                features.f0_extractor, features.device, features.content_resize,
+                                features.encoder_sinc_width)
 
 
 def batched_vs_alone(tiny, backend, streams=STREAMS) -> tuple[float, CountingBackend, dict]:

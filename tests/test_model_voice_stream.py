@@ -16,6 +16,7 @@ from rtsvc.bench.blocks import log_spectral_distance
 from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
 from rtsvc.dsp.mel import rms_per_frame
 from rtsvc.dsp.signals import sung_tone
+from rtsvc.dsp.sinc import sinc_resample
 from rtsvc.engine import (
     StreamConfig,
     StreamingConverter,
@@ -73,11 +74,12 @@ class PrefixReference(FeatureCache):
         s, e = start_sample, start_sample + len(audio)
         self.stream = np.concatenate((self.stream, audio[len(self.stream) - s:]))
         assert len(self.stream) == e
-        prefix_16k = resample(self.stream, SR, ENCODER_SAMPLE_RATE)
+        prefix_16k = self.features.encoder_16k(self.stream)  # each extractor's resampler, as offline
+        f0_16k = sinc_resample(self.stream, SR, ENCODER_SAMPLE_RATE)
         for store in (self.f0, self.rms, self.cvec, self.whisper):
             store.clear()
         self.rms.write(0, rms_per_frame(self.stream)[0])
-        self.f0.write(0, torch.from_numpy(np.asarray(self.features.f0_extractor(prefix_16k), np.float32)))
+        self.f0.write(0, torch.from_numpy(np.asarray(self.features.f0_extractor(f0_16k), np.float32)))
         enc_a = -(-s // ENC_HOP) * ENC_HOP
         seg = prefix_16k[enc_a // F0_HOP * 160:]
         self.cvec.write(enc_a // ENC_HOP, self.features.contentvec.hidden(seg))
@@ -167,7 +169,7 @@ def test_cache_rms_and_local_f0_equal_the_whole_stream_and_the_whole_window(loca
         whole = rms_per_frame(window)[0]
         worst_win = max(worst_win, (rms[2:] - whole[2:]).abs().max().item())
         a = -(-start // F0_HOP) * F0_HOP
-        raw = local_f0(resample(window[a - start:], SR, ENCODER_SAMPLE_RATE))
+        raw = local_f0(sinc_resample(window[a - start:], SR, ENCODER_SAMPLE_RATE))  # as F0 hears it
         held = cache.f0.rows[a // F0_HOP - cache.f0.first:][: len(raw)].numpy()
         np.testing.assert_allclose(held[3:-3], raw[3: len(held) - 3], atol=1e-3)
     assert cache.cold_starts == 1  # one stream, continued every block
@@ -554,3 +556,34 @@ def test_streaming_voice_draws_each_vocoder_noise_sample_once_and_sounds_the_sam
     per_block = (-(-lay.tail // HOP_LENGTH) + VOCODER_CONTEXT_FRAMES) * HOP_LENGTH  # tail + context frames
     assert blocks > 5 and sum(drawn) == blocks * per_block
     assert with_cache < 0.75 * sum(drawn)  # the overlap (context frames + crossfade + search) is reused
+
+def test_cache_f0_hears_the_sinc_resampler_as_offline():
+    """Issue 22: F0 hears upstream RMVPE's resampler (sinc, width 128) offline; the cache's segments,
+    on the 10 ms grid, hear the whole stream's sinc output (past the segment's edge) and not soxr's."""
+    heard = []
+
+    def recording_f0(audio_16k):
+        heard.append(np.asarray(audio_16k).copy())
+        return local_f0(audio_16k)
+
+    stub = FeatureExtractor(StubEncoder(768), StubEncoder(1280), F0Extractor("acf", recording_f0), "cpu")
+    cache = FeatureCache(stub)
+    audio = sung_tone(3.0)
+    windows = list(engine_windows(audio))[:6]
+    for window, start in windows:
+        cache.window(window, start)
+    first_window, _ = windows[0]
+    n = len(first_window) // HOP_LENGTH * HOP_LENGTH
+    assert np.array_equal(heard[0], sinc_resample(first_window[:n], SR, ENCODER_SAMPLE_RATE))  # cold
+    window, start = windows[-1]  # an update: a segment from the F0 grid on, inside the stream
+    block = start // 5  # engine_windows: window k starts k blocks into the stream
+    stream = np.concatenate((np.zeros(len(window) - block, np.float32), audio))[: start + len(window)]
+    assert np.array_equal(stream[start:], window)
+    stream_16k = sinc_resample(stream, SR, ENCODER_SAMPLE_RATE)
+    seg = heard[-1]
+    offset = len(stream_16k) - len(seg)
+    assert offset % 160 == 0 and offset > 0
+    inside = slice(200, len(seg) - 200)  # away from both of the segment's edges
+    np.testing.assert_allclose(seg[inside], stream_16k[offset:][inside], atol=2e-6)
+    soxr = resample(stream, SR, ENCODER_SAMPLE_RATE)
+    assert np.abs(seg[inside] - soxr[offset:offset + len(seg)][inside]).max() > 1e-5

@@ -240,14 +240,16 @@ def test_upstream_option_names_reach_the_conversion(tmp_path, capsys, monkeypatc
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
     assert seen["knobs"].pitch_shift == 3 and seen["knobs"].steps == 7
-    assert seen["restore_loudness"] is False and seen["fade_ms"] == 30 and seen["join"] == "fades"
+    assert seen["upstream"].restore_loudness is False and seen["fade_ms"] == 30 and seen["join"] == "fades"
     assert seen["target_lufs"] is None  # the DSP voice keeps each slice's level
     code, _, _ = run_cli(args[:3], capsys, monkeypatch)
-    assert seen["restore_loudness"] is True  # upstream V3's default
+    assert seen["upstream"].restore_loudness is None  # not given: the model family's default
     code, _, err = run_cli([*args[:3], "--restore-loudness", "maybe"], capsys, monkeypatch)
     assert code == 2 and "--restore-loudness takes true or false" in err
-    code, _, err = run_cli([*args[:3], "--batch-size", "4"], capsys, monkeypatch)
-    assert code == 2 and "not supported" in err
+    code, _, err = run_cli([*args[:3], "--batch-size", "4"], capsys, monkeypatch)  # no --model
+    assert code == 2 and "--batch-size applies to models converting offline" in err
+    code, _, err = run_cli([*args[:3], "--batch-size", "0"], capsys, monkeypatch)
+    assert code == 2 and "--batch-size must be at least 1" in err
     code, _, err = run_cli([*args[:3], "--robust-f0", "3"], capsys, monkeypatch)
     assert code == 2 and "--robust-f0 takes 0, 1 or 2" in err
     code, _, err = run_cli([*args[:3], "--robust-f0", "1"], capsys, monkeypatch)  # no --model
@@ -293,3 +295,34 @@ def test_robust_f0_levels_equal_upstreams_ensembles():
     assert light.shape == full.shape == (n,)
     assert (light != rmvpe).any() and (full != rmvpe).any()  # both changed something
     assert full[40] < 400  # the outlier is gone
+
+
+def test_cvec_downsample_rate_is_upstreams_for_v3_and_refused_where_it_means_nothing(
+        tiny_pretrained_v3, tmp_path, capsys, monkeypatch):
+    from rtsvc.pretrained import resolve_pretrained
+    from rtsvc.settings import Knobs
+    from rtsvc.voices.spec import VoiceSpec, open_model
+    from tests.upstream.v3_head import linear_interpolate_tensor
+
+    ckpt, _ = make_v3_head(tmp_path / "v3.ckpt")
+    paths = resolve_pretrained(tiny_pretrained_v3, need=("contentvec", "vocoder"))
+    voice = open_model(VoiceSpec(model=ckpt, backend="torch", device="cpu", f0="dio", streaming=False), paths)
+    audio = harmonic_tone(1.0, 180.0)
+    n = len(audio) // 512
+    outs = {}
+    for rate in (2, 4):
+        voice.cvec_downsample_rate = rate
+        cond, _ = voice._conditioning(audio, n, 0, 0.0)
+        if rate != 2:  # upstream's extract_features: every 2nd frame, to count // rate, back to n
+            ds = cond.cvec[0, ::2, :]
+            ds = linear_interpolate_tensor(ds, ds.shape[0] // rate)
+            want = linear_interpolate_tensor(ds, n)[None]
+            torch.testing.assert_close(cond.bad_cvec, want, atol=1e-6, rtol=0)
+        outs[rate] = voice.convert(audio, Knobs(steps=3))
+    assert np.abs(outs[2] - outs[4]).max() > 1e-4  # the rate reaches the sound
+    src = write_wav(tmp_path / "in.wav", audio)
+    args = ["convert", src, tmp_path / "o.wav", "--cvec-downsample-rate"]
+    code, _, err = run_cli([*args, "4"], capsys, monkeypatch)
+    assert code == 2 and "--cvec-downsample-rate applies to V3 models converting offline" in err  # DSP voice
+    code, _, err = run_cli([*args, "0"], capsys, monkeypatch)
+    assert code == 2 and "at least 1" in err

@@ -307,6 +307,7 @@ class OnnxBackend:
                               fcpe_net=fcpe_net),
             device,
             content_resize,
+            family.encoder_sinc_width,
         )
 
 

@@ -16,8 +16,12 @@ the new samples change:
 Positions are counted from `origin`, the first sample of the stream (or of the window that broke
 continuity). Grids, all whole samples at 44.1 kHz: mel frames every 512, F0 frames every 441 (10 ms
 = 160 samples at 16 kHz), encoder frames every 882 (20 ms = 320). Every 16 kHz segment starts on an
-F0 or encoder frame, so the frames of different segments share one absolute grid (soxr's output
-inside a segment equals the whole stream's to 6e-7; its edge transients stay inside the margins).
+F0 or encoder frame, so the frames of different segments share one absolute grid. Each extractor
+hears the resampler the offline path gives it: F0 the sinc resampler upstream's RMVPE uses
+(`rtsvc.dsp.sinc`, width 128: 441 input samples to 160, so a segment on the F0 grid equals the whole
+stream's inside it), the encoders the family's (`FeatureExtractor.encoder_16k`: soxr, whose output
+inside a segment equals the whole stream's to 6e-7, or the V2 release's sinc at width 6); their edge
+transients (sinc 128: 357 input samples; soxr: < 200 at 16 kHz) stay inside the margins.
 
 Exactness: RMS equals `rms_per_frame` over the whole stream so far (tested to 1e-6). F0 does for an
 extractor whose receptive field fits in `f0_margin_frames` (tested with a local autocorrelation
@@ -37,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, N_FFT, SAMPLE_RATE, resample
+from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, N_FFT, SAMPLE_RATE
+from rtsvc.dsp.sinc import sinc_resample
 from rtsvc.features.f0 import f0_to_mel_frames
 from rtsvc.features.frames import mel_frame_count
 from rtsvc.features.overlap import SideThread
@@ -204,9 +209,8 @@ class FeatureCache:
         started = time.perf_counter()
         self.rms.write(0, _rms(padded, left_reflect=True))
         self._lap("rms", started)
-        audio_16k = self._resample(padded)
-        yield from self._f0_segment(audio_16k, 0, None)
-        yield from self._encoders(audio_16k, 0, None)
+        yield from self._f0_segment(self._resample(padded, for_f0=True), 0, None)
+        yield from self._encoders(self._resample(padded), 0, None)
 
     def _update(self, audio: np.ndarray, s: int) -> None:
         ps = self._prev_start
@@ -231,19 +235,25 @@ class FeatureCache:
         enc_a = _ceil_to(s, ENC_HOP)  # never more than the window
         if self.encoder_context is not None:
             enc_a = max(enc_a, (pe - self.encoder_context) // ENC_HOP * ENC_HOP)
-        # one resampling for both, on the F0 grid (so the 16 kHz samples sit on the stream's grid),
-        # started early enough that soxr's edge transient never reaches an extractor's input
-        seg_a = max(min(f0_a, enc_a) - RESAMPLE_EDGE, _ceil_to(ps, F0_HOP))
-        seg_16k = self._resample(src[seg_a - ps:])
+        # each resampled on the F0 grid (so the 16 kHz samples sit on the stream's grid), started
+        # early enough that the resampler's edge transient never reaches an extractor's input
+        seg_a = max(f0_a - RESAMPLE_EDGE, _ceil_to(ps, F0_HOP))
+        seg_16k = self._resample(src[seg_a - ps:], for_f0=True)
         yield from self._f0_segment(seg_16k[_to_16k(f0_a - seg_a):], f0_a // F0_HOP, f0_first)
+        seg_a = max(enc_a - RESAMPLE_EDGE, _ceil_to(ps, F0_HOP))
+        seg_16k = self._resample(src[seg_a - ps:])
         yield from self._encoders(seg_16k[_to_16k(enc_a - seg_a):], enc_a // ENC_HOP,
                                   None if self.encoder_context is None
                                   else enc_a // ENC_HOP + ENCODER_EDGE_FRAMES)
 
     # --- the extractors --------------------------------------------------------------------------
-    def _resample(self, audio_44k: np.ndarray) -> np.ndarray:
+    def _resample(self, audio_44k: np.ndarray, for_f0: bool = False) -> np.ndarray:
+        """16 kHz as the offline path makes it: F0's sinc (width 128), or the encoders' resampler."""
         started = time.perf_counter()
-        out = resample(audio_44k, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        if for_f0:
+            out = sinc_resample(audio_44k, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        else:
+            out = self.features.encoder_16k(audio_44k)
         self._lap("resample", started)
         return out
 

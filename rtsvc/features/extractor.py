@@ -1,7 +1,8 @@
 """Every conditioning feature of a clip, on the mel frame grid (n = len(audio_44k) // 512 frames).
 
 As upstream infer.py: mel and RMS from the 44.1 kHz audio; ContentVec and Whisper from the audio
-resampled to 16 kHz by soxr (librosa.resample), F0 from the sinc resampler upstream's RMVPE uses;
+resampled to 16 kHz as the family's infer.py does (V3: soxr, as librosa.resample; the V2 release:
+torchaudio's default sinc, width 6), F0 from the sinc resampler upstream's RMVPE uses (width 128);
 each encoder's frames resized onto the n mel frames; F0 through `f0_to_mel_frames` (fill, resample,
 re-zero unvoiced). The per-feature methods take any window, so the streaming engine can compute them
 on bounded windows.
@@ -50,13 +51,14 @@ class FeatureExtractor:
     """
 
     def __init__(self, contentvec, whisper, f0: F0Extractor, device: str | torch.device = "cpu",
-                 content_resize: str = "nearest"):
+                 content_resize: str = "nearest", encoder_sinc_width: int | None = None):
         self.contentvec = contentvec  # rtsvc.features.contentvec.ContentVec
         self.whisper_encoder = whisper  # rtsvc.features.whisper.WhisperEncoder, or None (V3)
         self.f0_extractor = f0
         self.device = torch.device(device)
         self.content_resize = content_resize  # how ContentVec frames go onto the mel grid
         self.robust_f0 = 0  # upstream's --robust-f0 level for whole clips (offline): 0, 1 or 2
+        self.encoder_sinc_width = encoder_sinc_width  # the family's record: None = soxr
 
     @classmethod
     def from_pretrained(cls, paths: PretrainedPaths, f0: str = "rmvpe",
@@ -78,9 +80,18 @@ class FeatureExtractor:
             make_f0_extractor(f0, rmvpe_path=paths.rmvpe, device=device),
             device,
             content_resize,
+            record.encoder_sinc_width,
         )
 
     # ------------------------------------------------------------ per feature, any window
+
+    def encoder_16k(self, audio_44k: np.ndarray) -> np.ndarray:
+        """What the encoders hear of a whole clip offline: 16 kHz by the family's resampler."""
+        if self.encoder_sinc_width is None:
+            return resample(audio_44k, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        # (torchaudio.functional.resample: the kernel in the float32 waveform's dtype)
+        return sinc_resample(audio_44k, SAMPLE_RATE, ENCODER_SAMPLE_RATE, self.encoder_sinc_width,
+                             float32_kernel=True)
 
     def f0(self, audio_16k: np.ndarray, n_frames: int, semitones: float = 0.0) -> torch.Tensor:
         hz = f0_to_mel_frames(self.f0_extractor(audio_16k), n_frames, dtype=np.float64)
@@ -121,7 +132,7 @@ class FeatureExtractor:
         n = mel_frame_count(len(audio_44k))
         if n == 0:
             raise ValueError(f"audio shorter than one mel frame ({HOP_LENGTH} samples)")
-        audio_16k = resample(audio_44k, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        audio_16k = self.encoder_16k(audio_44k)
         f0_16k = sinc_resample(audio_44k, SAMPLE_RATE, ENCODER_SAMPLE_RATE)  # what upstream's RMVPE hears
         return Features(
             f0=self.f0(f0_16k, n, semitones),

@@ -125,7 +125,9 @@ class MLP(nn.Module):
         self.mlp_proj = nn.Linear(dim, inner)
         self.mlp_out = nn.Linear(inner, dim_out or dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:  # padded frames read as the zeros a lone item's conv pads with
+            x = x.masked_fill(~mask[..., None], 0.0)
         x = self.dwconv(x.transpose(1, 2)).transpose(1, 2)
         x = F.relu(self.mlp_proj(self.norm(x))).square()
         return self.mlp_out(self.dropout(x))
@@ -167,11 +169,13 @@ class DiTBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
         self.mlp = MLP(dim, mult=ff_mult, dropout=dropout, kernel_size=kernel_size)
 
-    def forward(self, x, t, rope, mask=None):
+    def forward(self, x, t, rope, mask=None, conv_mask=None):
+        """`mask`: attention keys (upstream's); `conv_mask`: also zero padded frames before the MLP's
+        conv (each item as if alone: padded slices batched offline)."""
         norm, gate, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, t)
         x = x + gate[:, None] * self.attn(norm, rope, mask)
         norm = self.mlp_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        return x + gate_mlp[:, None] * self.mlp(norm)
+        return x + gate_mlp[:, None] * self.mlp(norm, conv_mask)
 
 
 # --- embeddings -------------------------------------------------------------------------------
@@ -210,13 +214,13 @@ class CondEmbedding(nn.Module):
         self.ln = nn.LayerNorm(dim, elementwise_affine=True, eps=LN_EPS)
         self.gate_linear = nn.Linear(2 * dim, dim)
 
-    def forward(self, f0, rms, cvec, whisper):
+    def forward(self, f0, rms, cvec, whisper, mask=None):
         cvec_e = self.ln_cvec(self.cvec_embed(cvec))
         whisper_e = self.ln_whisper(self.whisper_embed(whisper))
         gate = torch.sigmoid(self.gate_linear(torch.cat((cvec_e, whisper_e), dim=-1)))
         cond = (self.f0_embed(f0[..., None] / F0_SCALE) + self.rms_embed(rms[..., None])
                 + gate * cvec_e + (1 - gate) * whisper_e)
-        return self.ln(self.mlp(cond) + cond)
+        return self.ln(self.mlp(cond, mask) + cond)
 
 
 class InputEmbedding(nn.Module):
@@ -231,9 +235,9 @@ class InputEmbedding(nn.Module):
         self.mlp = MLP(dim, dim, mult=EMBED_MLP_MULT)
         self.ln = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.ln(self.proj(torch.cat((self.mel_embed(x), cond), dim=-1)))
-        return self.mlp(x) + x
+        return self.mlp(x, mask) + x
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -257,9 +261,10 @@ class DiT(nn.Module):
         self.output = nn.Linear(c.dim, c.n_mel)
         init_spectral(self)
 
-    def forward(self, x, spk, f0, rms, cvec, whisper, time, drop_whisper, mask=None):
+    def forward(self, x, spk, f0, rms, cvec, whisper, time, drop_whisper, mask=None, items_alone=False):
         """Velocity [b, n, n_mel]. `drop_whisper`: a bool for the whole batch (upstream) or a bool
-        tensor [b], so the null and full CFG branches can share one batch."""
+        tensor [b], so the null and full CFG branches can share one batch. `items_alone`: the convs
+        read zeros past each item's `mask`ed frames too (upstream's mask reaches attention only)."""
         b, n = x.shape[0], x.shape[1]
         if time.ndim == 0:
             time = time.expand(b)
@@ -269,10 +274,11 @@ class DiT(nn.Module):
         null = self.null_whisper_embed.weight.to(whisper.dtype)[None]  # [1, 1, whisper_dim]
         whisper = torch.where(drop_whisper.bool()[:, None, None], null, whisper)
 
-        x = self.input_embed(x, self.cond_embed(f0, rms, cvec, whisper))
+        conv_mask = mask if items_alone else None
+        x = self.input_embed(x, self.cond_embed(f0, rms, cvec, whisper, conv_mask), conv_mask)
         rope = self.rotary_embed(n)
         for block in self.transformer_blocks:
-            x = block(x, t, rope, mask)
+            x = block(x, t, rope, mask, conv_mask)
         return self.output(self.norm_out(x, t))
 
 

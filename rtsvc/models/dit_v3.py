@@ -119,7 +119,9 @@ class DiTV3(nn.Module):
 
     def forward(self, x: torch.Tensor, spk: torch.Tensor, f0: torch.Tensor, rms: torch.Tensor,
                 cvec: torch.Tensor, time: torch.Tensor, drop_speaker: bool | torch.Tensor = False,
-                mask: torch.Tensor | None = None, skip_layers: int | list[int] | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, skip_layers: int | list[int] | None = None,
+                items_alone: bool = False) -> torch.Tensor:
+        """`items_alone`: as V2's `DiT.forward` (the convs read zeros past each item's frames)."""
         b, n = x.shape[0], x.shape[1]
         if time.ndim == 0:
             time = time.expand(b)
@@ -134,5 +136,5 @@ class DiTV3(nn.Module):
         skipped = {skip_layers} if isinstance(skip_layers, int) else set(skip_layers or ())
         for i, block in enumerate(self.transformer_blocks):
             if i not in skipped:
-                x = block(x, t, rope, mask)
+                x = block(x, t, rope, mask, mask if items_alone else None)
         return self.output(self.norm_out(x, t))

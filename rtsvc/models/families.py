@@ -75,6 +75,9 @@ class Family:
     training_drop: str  # the condition training drops for its guidance: "whisper" or "speaker"
     model_hparams: Callable[[Any, str], dict]  # upstream's hyper_parameters.cfg.model for a config
     pretrained_path_in: str = "model"  # where upstream records --pretrained: "model" or "training"
+    # how the encoders' 16 kHz is made offline: None = soxr (V3's librosa.resample), else the sinc
+    # resampler at this lowpass width (the V2 release's torchaudio.functional.resample: 6)
+    encoder_sinc_width: int | None = None
     prepare_condition: Callable[[Conditioning, Guidance], Conditioning] = _unchanged  # once per window
     batch_wide: Callable[[Guidance], bool] = _never  # its guided velocity mixes a batch's items
     adapters: bool = False  # LoRA adapters and frozen adaptive norms (`rtsvc train --lora-rank`)
@@ -280,6 +283,7 @@ V2 = register(Family(
     uses_whisper=True, content_resize="nearest", guidance=("cfg_strength",),
     guided_velocity=_v2_guided, student_velocity=v2_student_velocity, forward=_v2_forward,
     training_drop="whisper", model_hparams=_v2_model_hparams, pretrained_path_in="model",
+    encoder_sinc_width=6,
 ))
 
 V3 = register(Family(

@@ -32,13 +32,19 @@ class Conditioning:
     whisper: torch.Tensor | None = None  # [b, n, 1280]; V2 only
     mask: torch.Tensor | None = None  # [b, n] bool, True = valid frame
     bad_cvec: torch.Tensor | None = None  # [b, n, 768] V3 content-degradation guidance (None: made on use)
+    # padded items batched (offline slices): each computed as if alone (convs and V3's rescale too)
+    items_alone: bool = False
+
+    def alone(self) -> dict:
+        """The DiT keywords for `items_alone` (none when off: any velocity callable takes that)."""
+        return {"items_alone": True} if self.items_alone else {}
 
     def repeat2(self) -> "Conditioning":
         """The same conditioning twice along the batch (for the two CFG branches)."""
         def cat(t):
             return None if t is None else torch.cat((t, t), dim=0)
         return Conditioning(cat(self.spk), cat(self.f0), cat(self.rms), cat(self.cvec), cat(self.whisper),
-                            cat(self.mask), cat(self.bad_cvec))
+                            cat(self.mask), cat(self.bad_cvec), self.items_alone)
 
     def crop(self, first: int) -> "Conditioning":
         """The conditioning from frame `first` on."""
@@ -47,7 +53,7 @@ class Conditioning:
         def cut(t):
             return None if t is None else t[:, first:]
         return Conditioning(self.spk, cut(self.f0), cut(self.rms), cut(self.cvec), cut(self.whisper),
-                            cut(self.mask), cut(self.bad_cvec))
+                            cut(self.mask), cut(self.bad_cvec), self.items_alone)
 
 
 def time_grid(steps: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -66,11 +72,11 @@ def cfg_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond:
     t = t.reshape(-1).expand(b) if t.numel() == 1 else t
     if cfg_strength < CFG_EPS:
         return model(x=x, spk=cond.spk, f0=cond.f0, rms=cond.rms, cvec=cond.cvec, whisper=cond.whisper,
-                     time=t, drop_whisper=True, mask=cond.mask)
+                     time=t, drop_whisper=True, mask=cond.mask, **cond.alone())
     c2 = cond.repeat2()
     drop = torch.arange(2 * b, device=x.device) < b  # null branch first
     v = model(x=torch.cat((x, x)), spk=c2.spk, f0=c2.f0, rms=c2.rms, cvec=c2.cvec, whisper=c2.whisper,
-              time=torch.cat((t, t)), drop_whisper=drop, mask=c2.mask)
+              time=torch.cat((t, t)), drop_whisper=drop, mask=c2.mask, **c2.alone())
     v_null, v_full = v[:b], v[b:]
     return v_null + cfg_strength * (v_full - v_null)
 

@@ -83,10 +83,12 @@ def v3_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
 
     preds = model(x=rep(x), spk=rep(cond.spk), f0=rep(cond.f0), rms=rep(cond.rms),
                   cvec=torch.stack(cvecs, dim=1).flatten(0, 1), time=rep(t),
-                  drop_speaker=torch.tensor(drops, device=x.device).repeat(b), mask=rep(cond.mask))
+                  drop_speaker=torch.tensor(drops, device=x.device).repeat(b), mask=rep(cond.mask),
+                  **cond.alone())
     preds = preds.unflatten(0, (b, k))
     pred = preds[:, 0]
-    std_cond = pred.std()
+    per_item = cond.mask if cond.items_alone else None
+    std_cond = _std(pred, per_item)
     branch = 1
     if use_ds:
         pred = pred + (pred - preds[:, branch]) * g.ds_cfg_strength
@@ -95,11 +97,23 @@ def v3_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
         pred = pred + (pred - preds[:, branch]) * g.spk_cfg_strength
     if use_skip:
         skipped = model(x=x, spk=cond.spk, f0=cond.f0, rms=cond.rms, cvec=cond.cvec, time=t, mask=cond.mask,
-                        skip_layers=list(g.cfg_skip_layers) if g.cfg_skip_layers is not None else None)
+                        skip_layers=list(g.cfg_skip_layers) if g.cfg_skip_layers is not None else None,
+                        **cond.alone())
         pred = pred + (pred - skipped) * g.skip_cfg_strength
     if g.cfg_rescale > CFG_EPS and guided:
-        pred = g.cfg_rescale * (pred * (std_cond / pred.std())) + (1 - g.cfg_rescale) * pred
+        pred = g.cfg_rescale * (pred * (std_cond / _std(pred, per_item))) + (1 - g.cfg_rescale) * pred
     return pred
+
+
+def _std(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rescale's unbiased std: over the whole tensor (upstream), or with a frame mask [b, n] (padded
+    slices batched offline) per item over its valid frames, what that item alone would give: [b, 1, 1]."""
+    if mask is None:
+        return x.std()
+    valid = mask[..., None].to(x.dtype)
+    count = valid.sum(dim=(1, 2), keepdim=True) * x.shape[-1]
+    mean = (x * valid).sum(dim=(1, 2), keepdim=True) / count
+    return (((x - mean) * valid).square().sum(dim=(1, 2), keepdim=True) / (count - 1)).sqrt()
 
 
 def v3_velocity_all_branches(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
@@ -120,7 +134,8 @@ def v3_velocity_all_branches(model: torch.nn.Module, x: torch.Tensor, t: torch.T
                   cvec=torch.stack((cond.cvec, bad, cond.cvec), dim=1).flatten(0, 1), time=rep(t),
                   drop_speaker=drops).unflatten(0, (b, 3))
     pred = preds[:, 0]
-    std_cond = pred.std()
+    per_item = cond.mask if cond.items_alone else None
+    std_cond = _std(pred, per_item)
     ds_on, spk_on, skip_on = ds > CFG_EPS, spk > CFG_EPS, skip > CFG_EPS
     pred = torch.where(ds_on, pred + (pred - preds[:, 1]) * ds, pred)
     pred = torch.where(spk_on, pred + (pred - preds[:, 2]) * spk, pred)

@@ -22,20 +22,35 @@ measurement). Streams of one server share one block layout; streams with differe
 settings form separate DiT groups. V3's guidance rescale divides by the std of the whole batch (as
 upstream), so V3 blocks with rescale on run one per DiT call (their vocoder still batches). Within
 a group each item equals its one-at-a-time result to float tolerance.
+
+Offline slices of different lengths (`convert --batch-size`) are the exception: `run_padded` pads
+them into one DiT batch with every item computed alone (`Conditioning.items_alone`: padded frames
+zeroed before each depthwise conv, V3's rescale std per item), and vocodes them one by one.
 """
 
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
+from rtsvc.dsp.formant_warp import warp_formants
+from rtsvc.dsp.mel import denormalize_mel
 from rtsvc.features.requests import drive_lockstep
 from rtsvc.models.families import Family, family_named
+from rtsvc.models.flow import Conditioning, frame_noise, sample_on_grid
 from rtsvc.settings import Knobs
-from rtsvc.voices.model import BlockJob, ModelVoice, guidance_of, sample_group, stack, vocode_group
+from rtsvc.voices.model import (
+    BlockJob,
+    ModelVoice,
+    guidance_of,
+    sample_group,
+    sampling_grid,
+    stack,
+    vocode_group,
+)
 
 if TYPE_CHECKING:
     from rtsvc.backends.base import Backend
@@ -155,3 +170,36 @@ class BatchedVoice:
 
 __all__ = ["Batcher", "BatchedVoice", "Block", "dit_key", "run_blocks", "run_jobs", "sample_group", "stack",
            "vocode_group", "vocoder_key"]
+
+
+# --- offline slices of different lengths: padded (upstream's --batch-size) ----------------------
+
+def _padded(cond: Conditioning, n: int) -> Conditioning:
+    """`cond` [1, k, ...] zero-padded to n frames, with its frame mask, each item computed alone."""
+    k = cond.f0.shape[1]
+    pad = lambda t: None if t is None else torch.nn.functional.pad(  # noqa: E731 - frames are dim 1
+        t, (0, 0) * (t.dim() - 2) + (0, n - k))
+    mask = (torch.arange(n, device=cond.f0.device) < k)[None]
+    return replace(cond, f0=pad(cond.f0), rms=pad(cond.rms), cvec=pad(cond.cvec), whisper=pad(cond.whisper),
+                   bad_cvec=pad(cond.bad_cvec), mask=mask, items_alone=True)
+
+
+def run_padded(backend: "Backend", jobs: list[BlockJob]) -> list[np.ndarray]:
+    """Whole offline slices (`ModelVoice.prepare` of each, any lengths) as one padded DiT batch, then
+    vocoded one by one: each job's samples as `run_jobs([job])` gives them, to float tolerance. The
+    padded frames are masked from attention, zeroed before every depthwise conv and left out of V3's
+    rescale std (`Conditioning.items_alone`), so nothing of one slice reaches another. A teacher on
+    the torch backend only (a student's or an ONNX graph's velocity takes no per-item mask)."""
+    if len(jobs) == 1:
+        return run_jobs(backend, jobs)
+    guidance = guidance_of(jobs[0].knobs)
+    prepare = family_named(backend.family).prepare_condition
+    lengths = [j.cond.f0.shape[1] for j in jobs]
+    n = max(lengths)
+    cond = stack([_padded(prepare(j.cond, guidance), n) for j in jobs])
+    noise = torch.stack([frame_noise(j.noise_frame, n, j.knobs.seed) for j in jobs]).to(backend.device)
+    velocity = lambda x, t, dt: backend.step_velocity(x, t, dt, cond, guidance)  # noqa: E731
+    x = sample_on_grid(velocity, noise, sampling_grid(backend, jobs[0].knobs))
+    mel = denormalize_mel(x).transpose(1, 2)  # [b, 128, n]
+    return [vocode_group(backend, [j], [warp_formants(mel[i:i + 1, :, :k], j.knobs.formant_shift)])[0]
+            for i, (j, k) in enumerate(zip(jobs, lengths, strict=True))]

@@ -19,14 +19,14 @@ those frames plus `vocoder_context` frames before them.
 """
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from types import EllipsisType
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE, resample
+from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, SAMPLE_RATE
 from rtsvc.dsp.formant_warp import warp_formants
 from rtsvc.dsp.mel import denormalize_mel
 from rtsvc.dsp.sinc import sinc_resample
@@ -37,7 +37,7 @@ from rtsvc.features.frames import mel_frame_count
 from rtsvc.features.requests import FeatureSteps, drive
 from rtsvc.models.families import family_named
 from rtsvc.models.flow import Conditioning, NoiseRows, counter_normal, frame_noise, sample_on_grid
-from rtsvc.models.guidance import Guidance
+from rtsvc.models.guidance import CVEC_DOWNSAMPLE_RATE, Guidance, degrade_content
 from rtsvc.models.schedules import time_grid
 from rtsvc.settings import Knobs
 from rtsvc.voices.auto_pitch import PitchFollower, target_median_hz
@@ -104,6 +104,7 @@ class ModelVoice:
         # next block vocodes them again (its context frames and crossfade: ~45% of them at 150.9 ms)
         self.vocoder_noise = NoiseRows(HARMONICS) if streaming else None
         self.last_ms: dict[str, float] = {}
+        self.cvec_downsample_rate = CVEC_DOWNSAMPLE_RATE  # upstream's --cvec-downsample-rate (V3, offline)
         # auto pitch (rtsvc.voices.auto_pitch): per-stream follower; the target from --pitch-reference
         self.pitch_follower, self.pitch_reference, self.auto_pitch = PitchFollower(), None, None
 
@@ -226,11 +227,11 @@ class ModelVoice:
     def _conditioning(self, audio: np.ndarray, n: int, spk: int, semitones: float,
                       knobs: Knobs | None = None):
         """Every feature over the whole window on its n = len // 512 frames, as upstream's infer.py
-        (the offline path): the encoders hear soxr's 16 kHz (librosa.resample), F0 the sinc
-        resampler upstream's RMVPE uses."""
+        (the offline path): the encoders hear the family's 16 kHz (`FeatureExtractor.encoder_16k`), F0
+        the sinc resampler upstream's RMVPE uses."""
         feats, device = self.features, self.backend.device
         row = lambda a: torch.as_tensor(a, dtype=torch.float32).to(device)[None]  # noqa: E731 - [1, n, ...]
-        audio_16k = self._timed("resample", resample, audio, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        audio_16k = self._timed("resample", feats.encoder_16k, audio)
         f0_16k = self._timed("resample_f0", sinc_resample, audio, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
         auto = knobs is not None and knobs.pitch_mode != "fixed"
         f0 = row(self._timed("f0", feats.f0_clip, audio, f0_16k, n, 0.0 if auto else semitones))  # shifted
@@ -243,6 +244,8 @@ class ModelVoice:
         cond = Conditioning(spk=speaker_tensor(spk, device), f0=f0,
                             rms=row(self._timed("rms", feats.rms, audio)),
                             cvec=row(self._timed("contentvec", feats.content, audio_16k, n)), whisper=whisper)
+        if self.cvec_downsample_rate != CVEC_DOWNSAMPLE_RATE:  # V3's degraded content at another rate
+            cond = replace(cond, bad_cvec=degrade_content(cond.cvec, self.cvec_downsample_rate))
         return cond, f0
 
     def _semitones(self, knobs: Knobs, f0: torch.Tensor, new_frames: int) -> float:
@@ -262,7 +265,7 @@ class ModelVoice:
         """F0 (Hz per mel frame, unshifted) of 44.1 kHz audio with this voice's F0 extractor."""
         n = -(-len(audio) // HOP_LENGTH)
         padded = np.pad(np.asarray(audio, dtype=np.float32), (0, n * HOP_LENGTH - len(audio)))
-        audio_16k = resample(padded, SAMPLE_RATE, ENCODER_SAMPLE_RATE)
+        audio_16k = sinc_resample(padded, SAMPLE_RATE, ENCODER_SAMPLE_RATE)  # as F0 hears it everywhere
         return torch.as_tensor(self.features.f0(audio_16k, n)).cpu().numpy()
 
     def _timed(self, name: str, fn, *args, **kwargs):
@@ -319,10 +322,11 @@ def stack(items: list[Conditioning]) -> Conditioning:
     """Conditionings of equal frame count as one batch (a field stays None only if it is in all)."""
     if len(items) == 1:
         return items[0]
-    columns = {f.name: [getattr(c, f.name) for c in items] for f in fields(Conditioning)}
+    columns = {f.name: [getattr(c, f.name) for c in items]
+               for f in fields(Conditioning) if f.name != "items_alone"}
     columns["spk"] = common_speakers(columns["spk"])  # a blend among indices: all as weights
     return Conditioning(**{name: None if col[0] is None else torch.cat(col, dim=0)
-                           for name, col in columns.items()})
+                           for name, col in columns.items()}, items_alone=items[0].items_alone)
 
 
 def sample_group(backend: "Backend", jobs: list[BlockJob]) -> list[torch.Tensor]:
