@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.stage_split import timed_blocks
 from rtsvc.bench.blocks import log_spectral_distance
 from rtsvc.dsp.signals import sung_tone
-from rtsvc.engine import StreamConfig, StreamingConverter, convert_stream
+from rtsvc.engine import StreamConfig, convert_stream
 from rtsvc.eval.metrics import mel_l1
-from rtsvc.pipeline import PipelinedAdapter
-from rtsvc.settings import Knobs, RuntimeSettings
+from rtsvc.settings import Knobs
 from rtsvc.voices.defaults import ENCODER_CONTEXT_MS, VOCODER_CONTEXT_FRAMES
 from rtsvc.voices.model import ModelVoice
 from rtsvc.voices.spec import VoiceSpec, open_voice, sampling_steps
@@ -75,18 +75,13 @@ PARTS = ("contentvec", "f0")  # stage 1's parts (stage 2 runs outside the voice'
 
 def block_medians(voice: ModelVoice, config: StreamConfig, knobs: Knobs, blocks: int) -> dict:
     """Median ms per block of each stage and of the voice's parts, after two warm-up blocks."""
-    engine = StreamingConverter(voice, RuntimeSettings(replace(knobs, gate_db=-120.0)), config)
-    piped = PipelinedAdapter(engine, voice.sample_rate, lambda out: None, threaded=False)
-    n = engine.layout.block
-    audio = sung_tone((blocks + 3) * n / voice.sample_rate, voice.sample_rate)
-    piped.process(audio[: 2 * n])
-    piped.prepare_ms.clear()
-    piped.run_ms.clear()
     parts: dict = {p: [] for p in PARTS}
-    for i in range(blocks):
-        piped.process(audio[(2 + i) * n:(3 + i) * n])
+
+    def collect() -> None:
         for p in PARTS:
             parts[p].append(voice.last_ms.get(p, 0.0))
+
+    piped = timed_blocks(voice, config, knobs, blocks, after_block=collect)
     out = {"features": float(np.median(piped.prepare_ms)), "dit_vocoder": float(np.median(piped.run_ms))}
     return {**out, **{p: float(np.median(v)) for p, v in parts.items()}}
 

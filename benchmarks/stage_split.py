@@ -23,8 +23,11 @@ from rtsvc.settings import Knobs, RuntimeSettings
 from rtsvc.voices.spec import VoiceSpec, open_voice, sampling_steps
 
 
-def stage_times(voice, config: StreamConfig, knobs: Knobs, blocks: int) -> dict:
-    """Each stage's mean and p99 (ms) over `blocks` blocks of a sung tone, after two warm-up blocks."""
+def timed_blocks(voice, config: StreamConfig, knobs: Knobs, blocks: int,
+                 after_block=None) -> PipelinedAdapter:
+    """`blocks` blocks of a sung tone through the two stages (one thread), after two warm-up blocks
+    whose times are dropped; `after_block()` runs after each timed block. Returns the adapter (its
+    `prepare_ms` / `run_ms` hold the timed blocks)."""
     engine = StreamingConverter(voice, RuntimeSettings(replace(knobs, gate_db=-120.0)), config)
     piped = PipelinedAdapter(engine, voice.sample_rate, lambda out: None, threaded=False)
     n = engine.layout.block
@@ -34,7 +37,14 @@ def stage_times(voice, config: StreamConfig, knobs: Knobs, blocks: int) -> dict:
     piped.run_ms.clear()
     for i in range(blocks):
         piped.process(audio[(2 + i) * n:(3 + i) * n])
-    return piped.stage_stats()
+        if after_block is not None:
+            after_block()
+    return piped
+
+
+def stage_times(voice, config: StreamConfig, knobs: Knobs, blocks: int) -> dict:
+    """Each stage's mean and p99 (ms) over `blocks` blocks of a sung tone, after two warm-up blocks."""
+    return timed_blocks(voice, config, knobs, blocks).stage_stats()
 
 
 def main() -> None:
