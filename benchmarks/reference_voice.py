@@ -219,6 +219,33 @@ def budgeted(command: str, run: Path, minutes: float | None, steps: int | None, 
     return steps
 
 
+def lever_table(eval_json: Path) -> str:
+    """eval.json as a markdown table (mean ±std over clips; fractions in %), for docs/benchmarks.md."""
+    from rtsvc.eval.report import COLUMNS
+
+    result = json.loads(eval_json.read_text())
+
+    def cell(stat: dict | None, fmt: str) -> str:
+        if not stat or stat.get("mean") is None:
+            return "-"
+        scale, fmt = (100.0, "{:.1f}") if "%" in fmt else (1.0, fmt)
+        spread = f" ±{fmt.format(scale * stat['std'])}" if stat.get("n", 0) > 1 else ""
+        return fmt.format(scale * stat["mean"]) + spread
+
+    head = ["configuration", "steps", *(name + (" %" if "%" in fmt else "") for _, name, fmt, _ in COLUMNS),
+            "RTF", "algo ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, summary in result["summary"].items():
+        latency = summary.get("latency_ms")
+        row = [label + (" (reference)" if label == result["reference"] else ""),
+               "-" if label == "input" else str(summary.get("steps", "-")),
+               *(cell(summary.get(key), fmt) for key, _, fmt, _ in COLUMNS),
+               "-" if summary.get("rtf") is None else f"{summary['rtf']:.3f}",
+               "-" if label == "input" else ("offline" if latency is None else f"{latency:.1f}")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("ref-voice"), help="scratch folder (default ref-voice)")
@@ -305,6 +332,10 @@ def main() -> None:
                "live:block=150.9,denoise=deepfilternet,name=noisy deepfilternet"]
     rtsvc("eval", *common, "--clips", noisy, "--out", work / "eval-denoise", "--reference", denoise[0],
           *[x for c in denoise for x in ("--config", c)], log=log)
+    tables = "".join(f"\n{name}\n\n" + lever_table(work / name / "eval.json")
+                     for name in ("eval-levers", "eval-denoise"))
+    (work / "levers.md").write_text(tables)
+    print(tables)
     print(f"done: {work / 'eval-levers' / 'eval.json'}, {work / 'eval-denoise' / 'eval.json'} (+ eval.png); "
           f"commands and their times: {log}")
 
