@@ -2,11 +2,12 @@
 NSF-HiFiGAN that rtsvc's own loader reads and that sounds like what it was trained on."""
 
 import json
+import time
 
 import numpy as np
 import pytest
 import torch
-from rtsvc.training.vocoder import VocoderTraining, load_clips, stft_loss, train_vocoder
+from rtsvc.training.vocoder import ActiveClock, VocoderTraining, load_clips, stft_loss, train_vocoder
 
 from rtsvc.dsp.audio import HOP_LENGTH, SAMPLE_RATE, save_audio
 from rtsvc.dsp.mel import log_mel_spectrogram
@@ -85,3 +86,18 @@ def test_training_lowers_the_loss_and_the_saved_vocoder_loads_and_reproduces_the
 def test_no_clips_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no .wav files"):
         train_vocoder(VocoderTraining(clips=tmp_path, out=tmp_path / "v", max_steps=1, f0="pyworld"))
+
+
+def test_active_clock_does_not_count_a_freeze(monkeypatch):
+    """A SIGSTOP freeze looks like a jump of the wall clock between two beats: it is subtracted; ordinary
+    time (beats on schedule) counts in full."""
+    real, jump = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + jump[0])
+    clock = ActiveClock(beat_s=0.02, gap_s=1.0)
+    time.sleep(0.3)
+    assert clock.stopped_s == 0.0 and 0.25 < clock.seconds() < 1.0
+    jump[0] = 60.0  # the process "was stopped" for a minute
+    time.sleep(0.3)
+    clock.close()
+    assert 59.0 < clock.stopped_s < 60.1
+    assert 0.5 < clock.seconds() < 1.5

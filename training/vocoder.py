@@ -13,6 +13,7 @@ CPU run has, and these two alone give an intelligible, if buzzier and duller, vo
 
 import json
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,11 +35,37 @@ OPENVPI_EXTRA = {"num_gpus": 1, "learning_rate": 0.0002, "seed": 1234, "num_freq
                  "fmax_for_loss": None, "discriminator_periods": [3, 5, 7]}
 
 
+class ActiveClock:
+    """Seconds this process was able to run: wall time minus gaps of more than `gap_s` between the beats
+    of a background thread (a SIGSTOP freeze, e.g. another job's quiet-machine measurement). A busy
+    machine still counts (fewer steps in the same minutes); only being stopped does not."""
+
+    def __init__(self, beat_s: float = 0.5, gap_s: float = 10.0):
+        self.beat_s, self.gap_s = beat_s, gap_s
+        self.started = self._last = time.perf_counter()
+        self.stopped_s = 0.0
+        self._done = threading.Event()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.beat_s):
+            now = time.perf_counter()
+            if now - self._last > self.gap_s:
+                self.stopped_s += now - self._last - self.beat_s
+            self._last = now
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started - self.stopped_s
+
+    def close(self) -> None:
+        self._done.set()
+
+
 @dataclass
 class VocoderTraining:
     clips: Path  # folder searched recursively for *.wav
     out: Path
-    minutes: float | None = None  # wall-time budget; None: run max_steps
+    minutes: float | None = None  # time budget (ActiveClock: stopped time not counted); None: max_steps
     max_steps: int = 2000
     channels: int = 128  # upsample_initial_channel (official: 512)
     segment_frames: int = 32  # mel frames per training segment (32 * 512 = 16384 samples, openvpi's)
@@ -76,6 +103,22 @@ def load_clips(folder: Path, f0: str = "fcpe", device: str = "cpu", min_frames: 
                           torch.from_numpy(f0_to_mel_frames(f0_100, n))))
     if not clips:
         raise UserError(f"every clip under {folder} is shorter than {min_frames} mel frames")
+    return clips
+
+
+def cached_clips(cfg: "VocoderTraining") -> list[Clip]:
+    """`load_clips`, kept in OUT/clips.pt (F0 of a few hundred clips takes minutes on a busy CPU) and
+    reused while the clip names, F0 method and segment length are the same."""
+    key = {"files": sorted(str(p.relative_to(cfg.clips)) for p in Path(cfg.clips).rglob("*.wav")),
+           "f0": cfg.f0, "min_frames": cfg.segment_frames}
+    path = cfg.out / "clips.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        if saved["key"] == key:
+            return [Clip(*row) for row in saved["clips"]]
+    clips = load_clips(cfg.clips, cfg.f0, cfg.device, min_frames=cfg.segment_frames)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "clips": [(c.audio, c.mel, c.f0) for c in clips]}, path)
     return clips
 
 
@@ -130,18 +173,18 @@ def train_vocoder(cfg: VocoderTraining, on_log: Callable[[dict], None] | None = 
         raise UserError("the vocoder needs at least one training step")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    clips = load_clips(cfg.clips, cfg.f0, cfg.device, min_frames=cfg.segment_frames)
+    clips = cached_clips(cfg)
     config = VocoderConfig(upsample_initial_channel=cfg.channels)
     model = NsfHifiGan(config).to(cfg.device).train()
     opt = torch.optim.AdamW(model.parameters(), cfg.learning_rate, betas=(0.8, 0.99))
     cfg.out.mkdir(parents=True, exist_ok=True)
     log_path = cfg.out / "metrics.jsonl"
     log_path.write_text("")
-    started = time.perf_counter()
-    deadline = math.inf if cfg.minutes is None else started + 60 * cfg.minutes
+    clock = ActiveClock()
+    budget_s = math.inf if cfg.minutes is None else 60 * cfg.minutes
     max_steps = cfg.max_steps if cfg.minutes is None else 10 ** 9
     step, last, window = 0, {}, []
-    while step < max_steps and time.perf_counter() < deadline:
+    while step < max_steps and clock.seconds() < budget_s:
         batch = random_batch(clips, cfg.segment_frames, cfg.batch_size, rng)
         mel, f0, audio = (t.to(cfg.device) for t in batch)
         loss, mel_l1 = vocoder_losses(model, mel, f0, audio, cfg.resolutions)
@@ -152,17 +195,21 @@ def train_vocoder(cfg: VocoderTraining, on_log: Callable[[dict], None] | None = 
         step += 1
         window.append((loss.item(), mel_l1.item()))
         if step % cfg.log_every == 0 or step == 1:
-            seconds = time.perf_counter() - started
+            seconds = clock.seconds()
             last = {"step": step, "loss": float(np.mean([w[0] for w in window])),
                     "mel_l1": float(np.mean([w[1] for w in window])), "seconds": round(seconds, 1),
-                    "steps_per_s": round(step / seconds, 3)}
+                    "stopped_s": round(clock.stopped_s, 1), "steps_per_s": round(step / seconds, 3)}
             window = []
             with log_path.open("a") as f:
                 f.write(json.dumps(last) + "\n")
             if on_log is not None:
                 on_log(last)
-    seconds = time.perf_counter() - started
+    seconds, stopped = clock.seconds(), clock.stopped_s
+    clock.close()
+    (cfg.out / "clips.pt").unlink(missing_ok=True)  # a finished vocoder folder holds the vocoder only
     save_vocoder(model.eval(), cfg.out, {"rtsvc_training": {"steps": step, "seconds": round(seconds, 1),
+                                                            "stopped_s": round(stopped, 1),
                                                             "clips": len(clips), "f0": cfg.f0,
                                                             "losses": "mel L1 + multi-resolution STFT"}})
-    return {**last, "steps": step, "seconds": round(seconds, 1), "clips": len(clips)}
+    return {**last, "steps": step, "seconds": round(seconds, 1), "stopped_s": round(stopped, 1),
+            "clips": len(clips)}
