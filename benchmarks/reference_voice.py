@@ -179,6 +179,47 @@ def build_stand_ins(pretrained: Path, data: Path, vocoder_minutes: float, vocode
                             "seconds": round(time.perf_counter() - started, 1)}) + "\n")
 
 
+def vocoder_ceiling(pretrained: Path, clips: Path, f0: str = "fcpe") -> dict:
+    """What the vocoder alone costs: each clip re-synthesised from its own mel + F0 (no DiT), scored like
+    `rtsvc eval` scores a conversion: DNSMOS before/after, Resemblyzer similarity of the copy to the
+    original, mel L1 and LSD between them. Every lever's row carries this loss too."""
+    import torch
+
+    from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, resample
+    from rtsvc.dsp.mel import log_mel_spectrogram
+    from rtsvc.eval.metrics import (
+        Dnsmos,
+        SpeakerEncoder,
+        cosine,
+        level_matched,
+        log_spectral_distance,
+        mel_l1,
+    )
+    from rtsvc.eval.runner import find_clips, read_clip
+    from rtsvc.features.f0 import f0_to_mel_frames, make_f0_extractor
+    from rtsvc.models.loading import load_vocoder
+    from rtsvc.pretrained import LAYOUT
+
+    vocoder, tracker = load_vocoder(pretrained / LAYOUT["vocoder"]), make_f0_extractor(f0)
+    encoder, quality = SpeakerEncoder(), Dnsmos()
+    rows = []
+    for path in find_clips(clips):
+        audio = read_clip(path)
+        n = len(audio) // HOP_LENGTH
+        audio = audio[: n * HOP_LENGTH]
+        f0_frames = f0_to_mel_frames(tracker(resample(audio, 44100, ENCODER_SAMPLE_RATE)), n)
+        with torch.no_grad():
+            copy = vocoder(log_mel_spectrogram(audio), torch.from_numpy(f0_frames)[None],
+                           generator=torch.Generator().manual_seed(0))[0].numpy()
+        rows.append({"clip": path.name, "dnsmos_original": quality(audio)["ovrl"],
+                     "dnsmos_copy": quality(copy)["ovrl"],
+                     "similarity_copy_to_original": cosine(encoder.embed(copy), encoder.embed(audio)),
+                     "mel_l1": mel_l1(level_matched(copy, audio), audio),
+                     "lsd_db": log_spectral_distance(level_matched(copy, audio), audio)})
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "clip"}
+    return {"clips": rows, "mean": mean}
+
+
 def noisy_copy(clips: Path, out: Path, snr_db: float = 10.0) -> Path:
     """The clips with room-like noise (white hiss + 50 Hz hum with harmonics) at `snr_db`: what the
     denoise lever is for."""
@@ -332,6 +373,10 @@ def main() -> None:
                "live:block=150.9,denoise=deepfilternet,name=noisy deepfilternet"]
     rtsvc("eval", *common, "--clips", noisy, "--out", work / "eval-denoise", "--reference", denoise[0],
           *[x for c in denoise for x in ("--config", c)], log=log)
+    if a.build_stand_ins:  # what the stand-in vocoder alone costs, on the converted clips and the target's
+        ceiling = {name: vocoder_ceiling(pretrained, folder, a.f0) for name, folder in
+                   (("source", source), ("target", target))}
+        (work / "vocoder-ceiling.json").write_text(json.dumps(ceiling, indent=2) + "\n")
     tables = "".join(f"\n{name}\n\n" + lever_table(work / name / "eval.json")
                      for name in ("eval-levers", "eval-denoise"))
     (work / "levers.md").write_text(tables)
