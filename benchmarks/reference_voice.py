@@ -19,8 +19,22 @@ The vocoder is the official NSF-HiFiGAN from --pretrained-dir; it is not retrain
 in an hour on espeak would be the weak link and measure itself). Every stage is skipped when its
 output is already in --work, so an interrupted run continues. Ship no weights: --work is scratch.
 
+Without downloads (--build-stand-ins; no network, as on the machine this was built on) the pretrained
+dir is made here first, in the official formats, so every stage runs unchanged:
+- ContentVec: the real size (HuBERT base, 95M parameters) with seeded random weights. Its features
+  carry the audio but were never trained to be speaker-independent, so the source speaker leaks
+  into the conversion: absolute speaker similarity is pessimistic (comparisons between levers hold).
+- vocoder: a small NSF-HiFiGAN (upsample_initial_channel 128, official 512) trained on the training
+  clips for --vocoder-minutes (rtsvc.training.vocoder: mel L1 + multi-resolution STFT, no GAN).
+- no RMVPE (a random one tracks nothing): F0 comes from FCPE (weights in the torchfcpe wheel), so
+  the RMVPE lever cannot be measured; WORLD is compared with FCPE instead.
+- V3 only: V2 needs Whisper large-v3, far too slow as a random real-size network on a CPU.
+
 Full run (about an hour of training + distillation, plus prepare and eval; quiet machine):
     python benchmarks/reference_voice.py --pretrained-dir pretrained --work ref-voice
+Full run without downloads (stand-ins; 15 + 30 + 15 minutes of training):
+    python benchmarks/reference_voice.py --build-stand-ins --work ref-voice-si --vocoder-minutes 15 \
+        --train-minutes 30 --distill-minutes 15 --held-out 4
 Proof that the recipe runs (tiny random components, results meaningless):
     python benchmarks/reference_voice.py --pretrained-dir TINY --work /tmp/ref --train-steps 20 \
         --distill-steps 2 --texts 8 --held-out 2
@@ -63,6 +77,8 @@ HARVARD = [  # Harvard sentences, lists 1-4 (IEEE 1969, public domain)
     "The meal was cooked before the bell rang.", "What joy there is in living.",
 ]
 PROBE_STEPS = 30  # steps of the probe run that measures steps/s before the budgeted run
+VOCODER_CHANNELS = 128  # stand-in vocoder's upsample_initial_channel (official 512): what 2 cores can train
+VOCODER_SEGMENT_FRAMES = 16  # 8192-sample training segments (openvpi: 32) - more steps in the same minutes
 
 
 def rtsvc(*args: object, log: Path | None = None) -> None:
@@ -111,6 +127,99 @@ def make_clips(work: Path, texts: int, held_out: int) -> tuple[Path, Path, Path]
     return data, source, target
 
 
+def write_random_contentvec(directory: Path, seed: int = 0) -> Path:
+    """A real-size ContentVec (HuBERT base + final_proj) with seeded random weights, written like the
+    published `content-vec-best` (config.json + pytorch_model.bin with weight_g / weight_v names). Its
+    features carry the audio but were never trained to drop the speaker: see the module docstring."""
+    import torch
+    from transformers import HubertConfig
+
+    from rtsvc.features.contentvec import HubertModelWithFinalProj
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = HubertModelWithFinalProj(HubertConfig(classifier_proj_size=256,
+                                                  architectures=["HubertModelWithFinalProj"])).eval()
+    model.config.save_pretrained(str(directory))
+    rename = {"parametrizations.weight.original0": "weight_g",
+              "parametrizations.weight.original1": "weight_v"}
+    state = {}
+    for key, value in model.state_dict().items():
+        for new, old in rename.items():
+            key = key.replace(new, old)
+        state[key] = value.clone()
+    torch.save(state, directory / "pytorch_model.bin")
+    return directory
+
+
+def build_stand_ins(pretrained: Path, data: Path, vocoder_minutes: float, vocoder_steps: int | None,
+                    log: Path) -> None:
+    """The pretrained dir without downloads: random real-size ContentVec + an NSF-HiFiGAN trained here on
+    the training clips (rtsvc.training.vocoder). No RMVPE: the recipe then runs on FCPE."""
+    from rtsvc.training.vocoder import VocoderTraining, train_vocoder
+
+    from rtsvc.pretrained import LAYOUT
+
+    contentvec = pretrained / LAYOUT["contentvec"]
+    if not (contentvec / "pytorch_model.bin").exists():
+        write_random_contentvec(contentvec)
+    vocoder = (pretrained / LAYOUT["vocoder"]).parent
+    if (vocoder / "model.ckpt").exists():
+        return
+    print(f"training the stand-in vocoder on {data} "
+          f"({f'{vocoder_steps} steps' if vocoder_steps else f'{vocoder_minutes:g} minutes'})", flush=True)
+    cfg = VocoderTraining(clips=data, out=vocoder.with_name(vocoder.name + ".partial"),
+                          minutes=None if vocoder_steps else vocoder_minutes, max_steps=vocoder_steps or 0,
+                          channels=VOCODER_CHANNELS, segment_frames=VOCODER_SEGMENT_FRAMES)
+    started = time.perf_counter()
+    result = train_vocoder(cfg, on_log=lambda m: print(f"vocoder {m}", flush=True))
+    cfg.out.rename(vocoder)  # only a finished vocoder takes the official name
+    with log.open("a") as f:
+        f.write(json.dumps({"command": ["train_vocoder", str(data)], "result": result,
+                            "seconds": round(time.perf_counter() - started, 1)}) + "\n")
+
+
+def vocoder_ceiling(pretrained: Path, clips: Path, f0: str = "fcpe") -> dict:
+    """What the vocoder alone costs: each clip re-synthesised from its own mel + F0 (no DiT), scored like
+    `rtsvc eval` scores a conversion: DNSMOS before/after, Resemblyzer similarity of the copy to the
+    original, mel L1 and LSD between them. Every lever's row carries this loss too."""
+    import torch
+
+    from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, resample
+    from rtsvc.dsp.mel import log_mel_spectrogram
+    from rtsvc.eval.metrics import (
+        Dnsmos,
+        SpeakerEncoder,
+        cosine,
+        level_matched,
+        log_spectral_distance,
+        mel_l1,
+    )
+    from rtsvc.eval.runner import find_clips, read_clip
+    from rtsvc.features.f0 import f0_to_mel_frames, make_f0_extractor
+    from rtsvc.models.loading import load_vocoder
+    from rtsvc.pretrained import LAYOUT
+
+    vocoder, tracker = load_vocoder(pretrained / LAYOUT["vocoder"]), make_f0_extractor(f0)
+    encoder, quality = SpeakerEncoder(), Dnsmos()
+    rows = []
+    for path in find_clips(clips):
+        audio = read_clip(path)
+        n = len(audio) // HOP_LENGTH
+        audio = audio[: n * HOP_LENGTH]
+        f0_frames = f0_to_mel_frames(tracker(resample(audio, 44100, ENCODER_SAMPLE_RATE)), n)
+        with torch.no_grad():
+            copy = vocoder(log_mel_spectrogram(audio), torch.from_numpy(f0_frames)[None],
+                           generator=torch.Generator().manual_seed(0))[0].numpy()
+        rows.append({"clip": path.name, "dnsmos_original": quality(audio)["ovrl"],
+                     "dnsmos_copy": quality(copy)["ovrl"],
+                     "similarity_copy_to_original": cosine(encoder.embed(copy), encoder.embed(audio)),
+                     "mel_l1": mel_l1(level_matched(copy, audio), audio),
+                     "lsd_db": log_spectral_distance(level_matched(copy, audio), audio)})
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "clip"}
+    return {"clips": rows, "mean": mean}
+
+
 def noisy_copy(clips: Path, out: Path, snr_db: float = 10.0) -> Path:
     """The clips with room-like noise (white hiss + 50 Hz hum with harmonics) at `snr_db`: what the
     denoise lever is for."""
@@ -151,11 +260,45 @@ def budgeted(command: str, run: Path, minutes: float | None, steps: int | None, 
     return steps
 
 
+def lever_table(eval_json: Path) -> str:
+    """eval.json as a markdown table (mean ±std over clips; fractions in %), for docs/benchmarks.md."""
+    from rtsvc.eval.report import COLUMNS
+
+    result = json.loads(eval_json.read_text())
+
+    def cell(stat: dict | None, fmt: str) -> str:
+        if not stat or stat.get("mean") is None:
+            return "-"
+        scale, fmt = (100.0, "{:.1f}") if "%" in fmt else (1.0, fmt)
+        spread = f" ±{fmt.format(scale * stat['std'])}" if stat.get("n", 0) > 1 else ""
+        return fmt.format(scale * stat["mean"]) + spread
+
+    head = ["configuration", "steps", *(name + (" %" if "%" in fmt else "") for _, name, fmt, _ in COLUMNS),
+            "RTF", "algo ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, summary in result["summary"].items():
+        latency = summary.get("latency_ms")
+        row = [label + (" (reference)" if label == result["reference"] else ""),
+               "-" if label == "input" else str(summary.get("steps", "-")),
+               *(cell(summary.get(key), fmt) for key, _, fmt, _ in COLUMNS),
+               "-" if summary.get("rtf") is None else f"{summary['rtf']:.3f}",
+               "-" if label == "input" else ("offline" if latency is None else f"{latency:.1f}")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("ref-voice"), help="scratch folder (default ref-voice)")
-    p.add_argument("--pretrained-dir", type=Path, default=Path("pretrained"))
-    p.add_argument("--family", choices=("v2", "v3"), default="v2")
+    p.add_argument("--pretrained-dir", type=Path, default=None,
+                   help="official components (`rtsvc download`; default pretrained), or with "
+                        "--build-stand-ins where the stand-ins are built (default WORK/pretrained-stand-ins)")
+    p.add_argument("--build-stand-ins", action="store_true",
+                   help="no downloads: random real-size ContentVec + a vocoder trained here; V3, FCPE")
+    p.add_argument("--vocoder-minutes", type=float, default=15.0, help="stand-in vocoder's training time")
+    p.add_argument("--vocoder-steps", type=int, default=None, help="fixed steps instead of --vocoder-minutes")
+    p.add_argument("--family", choices=("v2", "v3"), default=None,
+                   help="default v2; v3 with --build-stand-ins")
     p.add_argument("--model", default="dit-256-4", help="size trained from scratch (default dit-256-4)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--train-minutes", type=float, default=45.0)
@@ -165,7 +308,8 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=len(HARVARD), help=f"sentences used (<= {len(HARVARD)})")
     p.add_argument("--held-out", type=int, default=6, help="last sentences kept out of training")
     p.add_argument("--pitch", type=float, default=0.0, help="eval pitch shift in semitones")
-    p.add_argument("--f0", default="rmvpe", help="F0 extractor for prepare and the model (default rmvpe)")
+    p.add_argument("--f0", default=None,
+                   help="F0 extractor for prepare and the model (default rmvpe; fcpe with --build-stand-ins)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every command (OMP_NUM_THREADS; 1 is steadiest on a busy machine)")
@@ -174,11 +318,20 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
     if not 2 <= a.held_out < a.texts <= len(HARVARD):
         p.error(f"need 2 <= --held-out < --texts <= {len(HARVARD)}")
+    if a.build_stand_ins and a.family == "v2":
+        p.error("--build-stand-ins builds no Whisper (a random large-v3 is too slow here): use --family v3")
+    if a.build_stand_ins and a.f0 == "rmvpe":
+        p.error("--build-stand-ins has no RMVPE (a random one tracks nothing): use --f0 fcpe or pyworld")
+    a.family = a.family or ("v3" if a.build_stand_ins else "v2")
+    a.f0 = a.f0 or ("fcpe" if a.build_stand_ins else "rmvpe")
     work = a.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     log = work / "commands.jsonl"  # what ran and how long it took
-    pretrained = a.pretrained_dir.resolve()
+    default_dir = work / "pretrained-stand-ins" if a.build_stand_ins else Path("pretrained")
+    pretrained = (a.pretrained_dir or default_dir).resolve()
     data, source, target = make_clips(work, a.texts, a.held_out)
+    if a.build_stand_ins:
+        build_stand_ins(pretrained, data, a.vocoder_minutes, a.vocoder_steps, log)
 
     if not (work / "prepare.done").exists():  # (prepare itself also skips files it has done)
         rtsvc("prepare", data, "--pretrained-dir", pretrained, "--f0", a.f0, "--family", a.family,
@@ -205,8 +358,9 @@ def main() -> None:
               "live:block=150.9,name=teacher live 150.9",
               "live:block=197.3,name=teacher live 197.3",
               "live:block=150.9,dit_context=100,name=teacher live 150.9 dit-context 100",
-              "live:block=150.9,f0=fcpe,name=teacher live fcpe",
-              "live:block=150.9,f0=pyworld,name=teacher live world",
+              *[f"live:block=150.9,f0={f0},name=teacher live {label}"
+                for f0, label in (("rmvpe", "rmvpe"), ("fcpe", "fcpe"), ("pyworld", "world"))
+                if f0 != a.f0 and not (f0 == "rmvpe" and a.build_stand_ins)],  # stand-ins: no RMVPE
               f"offline:model={student},name=student offline",
               f"live:block=150.9,model={student},name=student live",
               f"live:block=150.9,model={bundle},name=onnx fp32 live",
@@ -219,6 +373,14 @@ def main() -> None:
                "live:block=150.9,denoise=deepfilternet,name=noisy deepfilternet"]
     rtsvc("eval", *common, "--clips", noisy, "--out", work / "eval-denoise", "--reference", denoise[0],
           *[x for c in denoise for x in ("--config", c)], log=log)
+    if a.build_stand_ins:  # what the stand-in vocoder alone costs, on the converted clips and the target's
+        ceiling = {name: vocoder_ceiling(pretrained, folder, a.f0) for name, folder in
+                   (("source", source), ("target", target))}
+        (work / "vocoder-ceiling.json").write_text(json.dumps(ceiling, indent=2) + "\n")
+    tables = "".join(f"\n{name}\n\n" + lever_table(work / name / "eval.json")
+                     for name in ("eval-levers", "eval-denoise"))
+    (work / "levers.md").write_text(tables)
+    print(tables)
     print(f"done: {work / 'eval-levers' / 'eval.json'}, {work / 'eval-denoise' / 'eval.json'} (+ eval.png); "
           f"commands and their times: {log}")
 
