@@ -358,6 +358,8 @@ def main() -> None:
               "live:block=150.9,name=teacher live 150.9",
               "live:block=197.3,name=teacher live 197.3",
               "live:block=150.9,dit_context=100,name=teacher live 150.9 dit-context 100",
+              "live:block=150.9,encoder_context=200,name=teacher live 150.9 encoder-context 200",
+              "live:block=150.9,vocoder_context=4,name=teacher live 150.9 vocoder-context 4",
               *[f"live:block=150.9,f0={f0},name=teacher live {label}"
                 for f0, label in (("rmvpe", "rmvpe"), ("fcpe", "fcpe"), ("pyworld", "world"))
                 if f0 != a.f0 and not (f0 == "rmvpe" and a.build_stand_ins)],  # stand-ins: no RMVPE
