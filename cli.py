@@ -329,8 +329,8 @@ def bench(
 
         rows = loopback_rows(lib.dsp_configs(configs), configs, model, pretrained_dir, f0, providers,
                              loopback_live, loopback_seconds, _say)
-        o.print_table("end-to-end latency of `rtsvc live` through PulseAudio null sinks (ms, rig delay "
-                      "subtracted)", LOOPBACK_COLUMNS, rows)
+        o.print_table("end-to-end latency of `rtsvc live` through PulseAudio null sinks (ms, mic.monitor "
+                      "to speaker.monitor on the server's clock)", LOOPBACK_COLUMNS, rows)
 
 
 @app.command("eval", help=o.EVAL_HELP)
