@@ -4,7 +4,8 @@ with): infer.py (`main`), slicer.py (`Slicer`, its zero-crossing cuts and `get_r
 nearest) and rift_svc/encoders.py (`WhisperEncoder`).
 
 Unchanged from c03fa59 and taken from `tests.upstream.v3_infer`: `get_mel_spectrogram`, `RMSExtractor`,
-`HubertModelWithFinalProj`, `RMVPE` (torchaudio's sinc resampler at width 128) and `post_process_f0`.
+`HubertModelWithFinalProj`, `RMVPE` (torchaudio's sinc resampler at width 128), `post_process_f0` and
+the slicer's silence search (`silence_tags`).
 The ContentVec and Whisper input is `torchaudio.functional.resample(audio, 44100, 16000)`: the default
 width 6 (`tests.upstream.torchaudio_resample.resample`). The DiT is `tests.upstream.v2_release`'s; the
 RMVPE network and the NSF-HiFiGAN generator are rtsvc's (as in v3_infer). `noise_for` / `source_for`
@@ -31,6 +32,7 @@ from tests.upstream.v3_infer import (
     RMSExtractor,
     get_mel_spectrogram,
     post_process_f0,
+    silence_tags,
 )
 
 # --- slicer.py -----------------------------------------------------------------------------------
@@ -112,53 +114,8 @@ class Slicer:
             start_pos = self._find_best_cut_point(waveform, 0, is_start=True) * self.hop_size
             return [(start_pos, waveform[start_pos:])]
         rms_list = get_rms(y=samples, frame_length=self.win_size, hop_length=self.hop_size).squeeze(0)
-        sil_tags = []
-        silence_start = None
-        clip_start = 0
-        for i, rms in enumerate(rms_list):
-            if rms < self.threshold:
-                if silence_start is None:
-                    silence_start = i
-                continue
-            if silence_start is None:
-                continue
-            is_leading_silence = silence_start == 0 and i > self.max_sil_kept
-            need_slice_middle = i - silence_start >= self.min_interval and i - clip_start >= self.min_length
-            if not is_leading_silence and not need_slice_middle:
-                silence_start = None
-                continue
-            if i - silence_start <= self.max_sil_kept:
-                pos = rms_list[silence_start: i + 1].argmin() + silence_start
-                if silence_start == 0:
-                    sil_tags.append((0, pos))
-                else:
-                    sil_tags.append((pos, pos))
-                clip_start = pos
-            elif i - silence_start <= self.max_sil_kept * 2:
-                pos = rms_list[i - self.max_sil_kept: silence_start + self.max_sil_kept + 1].argmin()
-                pos += i - self.max_sil_kept
-                pos_l = rms_list[silence_start: silence_start + self.max_sil_kept + 1].argmin() + silence_start
-                pos_r = rms_list[i - self.max_sil_kept: i + 1].argmin() + i - self.max_sil_kept
-                if silence_start == 0:
-                    sil_tags.append((0, pos_r))
-                    clip_start = pos_r
-                else:
-                    sil_tags.append((min(pos_l, pos), max(pos_r, pos)))
-                    clip_start = max(pos_r, pos)
-            else:
-                pos_l = rms_list[silence_start: silence_start + self.max_sil_kept + 1].argmin() + silence_start
-                pos_r = rms_list[i - self.max_sil_kept: i + 1].argmin() + i - self.max_sil_kept
-                if silence_start == 0:
-                    sil_tags.append((0, pos_r))
-                else:
-                    sil_tags.append((pos_l, pos_r))
-                clip_start = pos_r
-            silence_start = None
+        sil_tags = silence_tags(self, rms_list)
         total_frames = rms_list.shape[0]
-        if silence_start is not None and total_frames - silence_start >= self.min_interval:
-            silence_end = min(total_frames, silence_start + self.max_sil_kept)
-            pos = rms_list[silence_start: silence_end + 1].argmin() + silence_start
-            sil_tags.append((pos, total_frames + 1))
         if len(sil_tags) == 0:
             start_pos = self._find_best_cut_point(waveform, 0, is_start=True) * self.hop_size
             return [(start_pos, waveform[start_pos:])]

@@ -29,6 +29,59 @@ from tests.upstream.v3_head import RF, DiT, linear_interpolate_tensor
 # --- slicer.py -----------------------------------------------------------------------------------
 
 
+def silence_tags(slicer, rms_list):
+    """Upstream Slicer.slice's silence search, line for line (the same in c03fa59 and ec67126; `self` is
+    `slicer` here): (start, end) frame pairs of the silences to cut."""
+    sil_tags = []
+    silence_start = None
+    clip_start = 0
+    for i, rms in enumerate(rms_list):
+        if rms < slicer.threshold:
+            if silence_start is None:
+                silence_start = i
+            continue
+        if silence_start is None:
+            continue
+        is_leading_silence = silence_start == 0 and i > slicer.max_sil_kept
+        need_slice_middle = i - silence_start >= slicer.min_interval and i - clip_start >= slicer.min_length
+        if not is_leading_silence and not need_slice_middle:
+            silence_start = None
+            continue
+        if i - silence_start <= slicer.max_sil_kept:
+            pos = rms_list[silence_start: i + 1].argmin() + silence_start
+            if silence_start == 0:
+                sil_tags.append((0, pos))
+            else:
+                sil_tags.append((pos, pos))
+            clip_start = pos
+        elif i - silence_start <= slicer.max_sil_kept * 2:
+            pos = rms_list[i - slicer.max_sil_kept: silence_start + slicer.max_sil_kept + 1].argmin()
+            pos += i - slicer.max_sil_kept
+            pos_l = rms_list[silence_start: silence_start + slicer.max_sil_kept + 1].argmin() + silence_start
+            pos_r = rms_list[i - slicer.max_sil_kept: i + 1].argmin() + i - slicer.max_sil_kept
+            if silence_start == 0:
+                sil_tags.append((0, pos_r))
+                clip_start = pos_r
+            else:
+                sil_tags.append((min(pos_l, pos), max(pos_r, pos)))
+                clip_start = max(pos_r, pos)
+        else:
+            pos_l = rms_list[silence_start: silence_start + slicer.max_sil_kept + 1].argmin() + silence_start
+            pos_r = rms_list[i - slicer.max_sil_kept: i + 1].argmin() + i - slicer.max_sil_kept
+            if silence_start == 0:
+                sil_tags.append((0, pos_r))
+            else:
+                sil_tags.append((pos_l, pos_r))
+            clip_start = pos_r
+        silence_start = None
+    total_frames = rms_list.shape[0]
+    if silence_start is not None and total_frames - silence_start >= slicer.min_interval:
+        silence_end = min(total_frames, silence_start + slicer.max_sil_kept)
+        pos = rms_list[silence_start: silence_end + 1].argmin() + silence_start
+        sil_tags.append((pos, total_frames + 1))
+    return sil_tags
+
+
 class Slicer:
     def __init__(self, sr, threshold=-30., min_length=3000, min_interval=100, hop_size=20, max_sil_kept=5000):
         if not min_length >= min_interval >= hop_size:
@@ -52,53 +105,8 @@ class Slicer:
         if samples.shape[0] <= self.min_length:
             return [(0, waveform)]
         rms_list = librosa.feature.rms(y=samples, frame_length=self.win_size, hop_length=self.hop_size).squeeze(0)
-        sil_tags = []
-        silence_start = None
-        clip_start = 0
-        for i, rms in enumerate(rms_list):
-            if rms < self.threshold:
-                if silence_start is None:
-                    silence_start = i
-                continue
-            if silence_start is None:
-                continue
-            is_leading_silence = silence_start == 0 and i > self.max_sil_kept
-            need_slice_middle = i - silence_start >= self.min_interval and i - clip_start >= self.min_length
-            if not is_leading_silence and not need_slice_middle:
-                silence_start = None
-                continue
-            if i - silence_start <= self.max_sil_kept:
-                pos = rms_list[silence_start: i + 1].argmin() + silence_start
-                if silence_start == 0:
-                    sil_tags.append((0, pos))
-                else:
-                    sil_tags.append((pos, pos))
-                clip_start = pos
-            elif i - silence_start <= self.max_sil_kept * 2:
-                pos = rms_list[i - self.max_sil_kept: silence_start + self.max_sil_kept + 1].argmin()
-                pos += i - self.max_sil_kept
-                pos_l = rms_list[silence_start: silence_start + self.max_sil_kept + 1].argmin() + silence_start
-                pos_r = rms_list[i - self.max_sil_kept: i + 1].argmin() + i - self.max_sil_kept
-                if silence_start == 0:
-                    sil_tags.append((0, pos_r))
-                    clip_start = pos_r
-                else:
-                    sil_tags.append((min(pos_l, pos), max(pos_r, pos)))
-                    clip_start = max(pos_r, pos)
-            else:
-                pos_l = rms_list[silence_start: silence_start + self.max_sil_kept + 1].argmin() + silence_start
-                pos_r = rms_list[i - self.max_sil_kept: i + 1].argmin() + i - self.max_sil_kept
-                if silence_start == 0:
-                    sil_tags.append((0, pos_r))
-                else:
-                    sil_tags.append((pos_l, pos_r))
-                clip_start = pos_r
-            silence_start = None
+        sil_tags = silence_tags(self, rms_list)
         total_frames = rms_list.shape[0]
-        if silence_start is not None and total_frames - silence_start >= self.min_interval:
-            silence_end = min(total_frames, silence_start + self.max_sil_kept)
-            pos = rms_list[silence_start: silence_end + 1].argmin() + silence_start
-            sil_tags.append((pos, total_frames + 1))
         if len(sil_tags) == 0:
             return [(0, waveform)]
         non_silence_chunks = []
