@@ -134,22 +134,12 @@ def write_random_contentvec(directory: Path, seed: int = 0) -> Path:
     import torch
     from transformers import HubertConfig
 
-    from rtsvc.features.contentvec import HubertModelWithFinalProj
+    from rtsvc.features.contentvec import HubertModelWithFinalProj, save_published_layout
 
-    directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = HubertModelWithFinalProj(HubertConfig(classifier_proj_size=256,
                                                   architectures=["HubertModelWithFinalProj"])).eval()
-    model.config.save_pretrained(str(directory))
-    rename = {"parametrizations.weight.original0": "weight_g",
-              "parametrizations.weight.original1": "weight_v"}
-    state = {}
-    for key, value in model.state_dict().items():
-        for new, old in rename.items():
-            key = key.replace(new, old)
-        state[key] = value.clone()
-    torch.save(state, directory / "pytorch_model.bin")
-    return directory
+    return save_published_layout(model, directory)
 
 
 def build_stand_ins(pretrained: Path, data: Path, vocoder_minutes: float, vocoder_steps: int | None,

@@ -35,7 +35,7 @@ def tiny_hubert_config():
 
 def make_tiny_contentvec(directory: str | Path, seed: int = 0, legacy_bin: bool = True) -> Path:
     """Write a tiny content-vec-best folder; `legacy_bin` mimics the published pytorch_model.bin naming."""
-    from rtsvc.features.contentvec import HubertModelWithFinalProj
+    from rtsvc.features.contentvec import HubertModelWithFinalProj, save_published_layout
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -45,16 +45,7 @@ def make_tiny_contentvec(directory: str | Path, seed: int = 0, legacy_bin: bool 
         with quiet_transformers():
             model.save_pretrained(str(directory))
         return directory
-    model.config.save_pretrained(str(directory))
-    rename = {"parametrizations.weight.original0": "weight_g",
-              "parametrizations.weight.original1": "weight_v"}
-    state = {}
-    for key, value in model.state_dict().items():
-        for new, old in rename.items():
-            key = key.replace(new, old)
-        state[key] = value.clone()
-    torch.save(state, directory / "pytorch_model.bin")
-    return directory
+    return save_published_layout(model, directory)
 
 
 def tiny_whisper_config():

@@ -29,6 +29,26 @@ class HubertModelWithFinalProj(HubertModel):
         self.final_proj = nn.Linear(config.hidden_size, config.classifier_proj_size)
 
 
+# the published pytorch_model.bin names weight-norm pairs as the old torch API did
+PUBLISHED_WEIGHT_NORM = {"parametrizations.weight.original0": "weight_g",
+                         "parametrizations.weight.original1": "weight_v"}
+
+
+def save_published_layout(model: HubertModelWithFinalProj, directory: str | Path) -> Path:
+    """Write `model` as the published content-vec-best folder: config.json + pytorch_model.bin with
+    weight_g / weight_v names (what `ContentVec.load` reads; used to build stand-ins and test files)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(str(directory))
+    state = {}
+    for key, value in model.state_dict().items():
+        for new, old in PUBLISHED_WEIGHT_NORM.items():
+            key = key.replace(new, old)
+        state[key] = value.clone()
+    torch.save(state, directory / "pytorch_model.bin")
+    return directory
+
+
 class ContentVec:
     """`ContentVec.load(dir_or_hub_id).encode(audio_16k, n_frames) -> [n_frames, 768]`."""
 
