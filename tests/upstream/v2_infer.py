@@ -4,8 +4,8 @@ with): infer.py (`main`), slicer.py (`Slicer`, its zero-crossing cuts and `get_r
 nearest) and rift_svc/encoders.py (`WhisperEncoder`).
 
 Unchanged from c03fa59 and taken from `tests.upstream.v3_infer`: `get_mel_spectrogram`, `RMSExtractor`,
-`HubertModelWithFinalProj`, `RMVPE` (torchaudio's sinc resampler at width 128), `post_process_f0` and
-the slicer's silence search (`silence_tags`).
+`HubertModelWithFinalProj`, `RMVPE` (torchaudio's sinc resampler at width 128), `post_process_f0`,
+the slicer's silence search (`silence_tags`) and `apply_fade`.
 The ContentVec and Whisper input is `torchaudio.functional.resample(audio, 44100, 16000)`: the default
 width 6 (`tests.upstream.torchaudio_resample.resample`). The DiT is `tests.upstream.v2_release`'s; the
 RMVPE network and the NSF-HiFiGAN generator are rtsvc's (as in v3_infer). `noise_for` / `source_for`
@@ -30,6 +30,7 @@ from tests.upstream.v3_infer import (
     RMVPE,
     HubertModelWithFinalProj,
     RMSExtractor,
+    apply_fade,
     get_mel_spectrogram,
     post_process_f0,
     silence_tags,
@@ -223,13 +224,6 @@ def load_models(model_path, rmvpe_network, vocoder, contentvec_dir, whisper_dir)
     whisper_encoder = WhisperEncoder.from_pretrained(whisper_dir).eval()
     whisper_feature_extractor = AutoFeatureExtractor.from_pretrained(whisper_dir)
     return model, vocoder, rmvpe, hubert, RMSExtractor(hop_length=512), whisper_encoder, whisper_feature_extractor, spk2idx
-
-
-def apply_fade(audio, fade_samples, fade_in=True):
-    fade_window = np.hanning(fade_samples * 2)
-    fade_curve = fade_window[:fade_samples] if fade_in else fade_window[fade_samples:]
-    audio[:fade_samples] *= fade_curve
-    return audio
 
 
 @torch.no_grad()
