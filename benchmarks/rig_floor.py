@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rtsvc.bench.loopback import PulseServer, monitor_delays, rig_delays
+from rtsvc.bench.loopback import PulseServer, burst_delays, burst_train, delay_of, monitor_delays
+from rtsvc.dsp.audio import SAMPLE_RATE
+from rtsvc.errors import UserError
 
 PASS_THROUGH = r'''
 import collections, sys, threading, time
@@ -53,6 +55,38 @@ while time.time() < end:
     reported.append((rec.get_latency() / 1000, play.get_latency() / 1000))
 print(" ".join(f"{v:.1f}" for v in np.mean(reported, axis=0)), flush=True)
 '''
+
+
+def playrec_main(argv: list[str] | None = None) -> None:
+    """Child process of the first (PortAudio) rig: `python -c ... OUT.npy SECONDS` plays bursts,
+    records, saves.
+
+    A separate process because PortAudio reads PULSE_SINK / PULSE_SOURCE when it starts.
+    """
+    import sounddevice as sd
+
+    out_path, seconds = (argv or sys.argv[1:])[:2]
+    played = burst_train(float(seconds))
+    recorded = sd.playrec(played, samplerate=SAMPLE_RATE, channels=1, device="pulse", blocking=True)
+    np.save(out_path, np.stack((played, recorded[:, 0])))
+
+
+def rig_delays(server: PulseServer, source: str, seconds: float, workdir: Path,
+               attempts: int = 3) -> np.ndarray:
+    """Play bursts into "mic" while recording `source`; each burst's delay in seconds (retried: a
+    PulseAudio stream sometimes starts late on a busy machine and hears nothing)."""
+    out = workdir / f"rig-{source}.npy"
+    code = "import sys; from benchmarks.rig_floor import playrec_main; playrec_main(sys.argv[1:])"
+    for _ in range(attempts):
+        subprocess.run([sys.executable, "-c", code, str(out), str(seconds)], check=True,
+                       timeout=seconds + 30, env=server.client_env(sink="mic", source=source),
+                       capture_output=True, cwd=Path(__file__).resolve().parents[1])  # finds `benchmarks`
+        played, recorded = np.load(out)
+        if np.max(np.abs(recorded)) >= 1e-3:
+            delays = burst_delays(played, recorded, delay_of(played, recorded))
+            if delays.size:
+                return delays
+    raise UserError(f"loopback: nothing came back on {source} (is `rtsvc live` passing audio?)")
 
 
 def floor_row(block_ms: float, tlength_ms: float, seconds: float, delay_ms: float = 0.0) -> dict:

@@ -7,7 +7,7 @@ at once, stamping each fragment on the server's clock (`monitor_delays`), so eac
 one monitor to the other is what `rtsvc live` adds between microphone and ear, with no rig delay to
 subtract. (The first rig recorded through PortAudio and subtracted its own delay measured in a
 separate run; that delay moved by 10-40 ms between runs and overstated live's figure by 30-40 ms:
-`benchmarks/rig_floor.py` compares the two.) The tests drive live audio through the same server.
+`benchmarks/rig_floor.py` keeps it and compares the two.) The tests drive live audio through the same server.
 """
 
 import os
@@ -145,37 +145,6 @@ def delay_of(played: np.ndarray, recorded: np.ndarray, max_delay_s: float = 2.0,
     return float(np.argmax(corr)) / sample_rate
 
 
-def playrec_main(argv: list[str] | None = None) -> None:
-    """Child process of the loopback rig: `python -c ... OUT.npy SECONDS` plays bursts, records, saves.
-
-    A separate process because PortAudio reads PULSE_SINK / PULSE_SOURCE when it starts.
-    """
-    import sounddevice as sd
-
-    out_path, seconds = (argv or sys.argv[1:])[:2]
-    played = burst_train(float(seconds))
-    recorded = sd.playrec(played, samplerate=SAMPLE_RATE, channels=1, device="pulse", blocking=True)
-    np.save(out_path, np.stack((played, recorded[:, 0])))
-
-
-def rig_delays(server: PulseServer, source: str, seconds: float, workdir: Path,
-               attempts: int = 3) -> np.ndarray:
-    """Play bursts into "mic" while recording `source`; each burst's delay in seconds (retried: a
-    PulseAudio stream sometimes starts late on a busy machine and hears nothing)."""
-    out = workdir / f"rig-{source}.npy"
-    code = "import sys; from rtsvc.bench.loopback import playrec_main; playrec_main(sys.argv[1:])"
-    for _ in range(attempts):
-        subprocess.run([sys.executable, "-c", code, str(out), str(seconds)], check=True,
-                       timeout=seconds + 30, env=server.client_env(sink="mic", source=source),
-                       capture_output=True)
-        played, recorded = np.load(out)
-        if np.max(np.abs(recorded)) >= 1e-3:
-            delays = burst_delays(played, recorded, delay_of(played, recorded))
-            if delays.size:
-                return delays
-    raise UserError(f"loopback: nothing came back on {source} (is `rtsvc live` passing audio?)")
-
-
 MONITOR_FRAGMENT_MS = 5.0  # record fragments of the two-monitor clock: its timestamps are this fine
 
 
@@ -190,11 +159,12 @@ def monitors_main(argv: list[str] | None = None) -> None:
     out_path, seconds = (argv or sys.argv[1:])[:2]
     played = burst_train(float(seconds))
     fragment = int(MONITOR_FRAGMENT_MS * SAMPLE_RATE / 1000)
+    fragment_bytes = fragment * np.dtype(np.float32).itemsize
     flt = pasimple.PA_SAMPLE_FLOAT32LE
 
     def open_record(source: str):
         return pasimple.PaSimple(pasimple.PA_STREAM_RECORD, flt, 1, SAMPLE_RATE, app_name="rtsvc-clock",
-                                 stream_name=source, device_name=source, fragsize=fragment * 4,
+                                 stream_name=source, device_name=source, fragsize=fragment_bytes,
                                  maxlength=SAMPLE_RATE * 4)
 
     streams = {name: open_record(name) for name in ("mic.monitor", "speaker.monitor")}
@@ -204,7 +174,7 @@ def monitors_main(argv: list[str] | None = None) -> None:
     def record(name: str) -> None:
         stream = streams[name]
         while not stop.is_set():
-            data = np.frombuffer(stream.read(fragment * 4), dtype=np.float32)
+            data = np.frombuffer(stream.read(fragment_bytes), dtype=np.float32)
             chunks[name].append((time.monotonic() - stream.get_latency() / 1e6, data))
 
     threads = [threading.Thread(target=record, args=(name,), daemon=True) for name in streams]
