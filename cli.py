@@ -42,15 +42,15 @@ def live(
     output: o.Output = None, monitor: o.Monitor = None, virtual_mic: o.VirtualMicName = None,
     input_rate: o.InputRate = None, output_rate: o.OutputRate = None, block_ms: o.BlockMs = "auto",
     pitch_reference: o.PitchReference = None,
-    context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
-    sola_search_ms: o.SolaSearchMs = o.STREAM.sola_search_ms, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
+    context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = None,
+    sola_search_ms: o.SolaSearchMs = None, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
     encoder_context_ms: o.EncoderContextMs = None, vocoder_context: o.VocoderContext = None,
     concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0, threads: o.Threads = None, jitter_ms: o.JitterMs = "auto",
     duration: o.Duration = None, record: o.Record = None, f0: o.F0 = None, device: o.Device = "auto",
     backend: o.Backend = "auto", precision: o.Precision = "fp32", providers: o.Providers = None,
     contentvec: o.ContentVec = None, whisper: o.Whisper = None, vocoder: o.Vocoder = None,
     rmvpe: o.Rmvpe = None, audio_api: o.AudioApi = o.AUDIO_API, device_buffer_ms: o.DeviceBufferMs = "low",
-    device_block_ms: o.DeviceBlockMs = o.DEVICE_BLOCK_MS, pipeline: o.Pipeline = False,
+    device_block_ms: o.DeviceBlockMs = None, pipeline: o.Pipeline = False,
     knobs: Knobs = KNOBS, typed: dict | None = None,
 ) -> None:
     """Microphone -> voice -> speaker in real time. Keys: up/down pitch, f/F formant, g/G gate, q quit."""
@@ -64,7 +64,7 @@ def live(
     dev_in, dev_out, dev_mon = lib.find_devices(input, output, monitor)  # before a model loads
     voice, knobs, config, choice = start_voice(spec, knobs, typed.get("steps"), config, _say,
                                                   pipelined=pipeline)
-    jitter = lib.auto_jitter_ms(choice, _say) if jitter is None else jitter
+    jitter = lib.auto_jitter_ms(choice, voice.stream_defaults.jitter_ms, _say) if jitter is None else jitter
     _say(lib.live_summary(lib.run_live(
         voice, RuntimeSettings(knobs), config, input_device=dev_in, output_device=dev_out, record=record,
         monitor_device=dev_mon, input_rate=input_rate, output_rate=output_rate, duration=duration,
@@ -84,8 +84,8 @@ def serve(
     batch_deadline_ms: o.BatchDeadlineMs = SERVER.batch_deadline_ms,
     batch_runners: o.BatchRunners = SERVER.batch_runners, ray: o.Ray = None, replicas: o.Replicas = 2,
     replica_cpus: o.ReplicaCpus = 0.0, replica_gpus: o.ReplicaGpus = 0.0, block_ms: o.BlockMs = "auto",
-    context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
-    sola_search_ms: o.SolaSearchMs = o.STREAM.sola_search_ms, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
+    context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = None,
+    sola_search_ms: o.SolaSearchMs = None, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
     encoder_context_ms: o.EncoderContextMs = None, vocoder_context: o.VocoderContext = None,
     f0: o.F0 = None, device: o.Device = "auto", backend: o.Backend = "auto", precision: o.Precision = "fp32",
     providers: o.Providers = None, contentvec: o.ContentVec = None, whisper: o.Whisper = None,
@@ -130,8 +130,8 @@ def convert(
     fade_duration: o.FadeDuration = o.FADE_MS, join: o.Join = "fades",
     cvec_downsample_rate: o.CvecDownsampleRate = 2, batch_size: o.BatchSize = 1, robust_f0: o.RobustF0 = 0,
     stream: o.Stream = False, block_ms: o.BlockMs = "auto", context_ms: o.ContextMs = o.STREAM.context_ms,
-    crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
-    sola_search_ms: o.SolaSearchMs = o.STREAM.sola_search_ms, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
+    crossfade_ms: o.CrossfadeMs = None,
+    sola_search_ms: o.SolaSearchMs = None, dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS,
     encoder_context_ms: o.EncoderContextMs = None, vocoder_context: o.VocoderContext = None,
     concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0, knobs: Knobs = KNOBS, typed: dict | None = None,
 ) -> None:
@@ -286,7 +286,7 @@ def bench(
     model: o.BenchModel = None, pretrained_dir: o.PretrainedDir = Path("pretrained"),
     block_ms: o.BenchBlocks = o.BENCH_BLOCKS, steps: o.BenchSteps = None,
     schedule: o.Schedule = KNOBS.schedule, backend: o.BenchBackends = "auto", device: o.BenchDevices = "all",
-    context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = o.STREAM.crossfade_ms,
+    context_ms: o.ContextMs = o.STREAM.context_ms, crossfade_ms: o.CrossfadeMs = None,
     dit_context_ms: o.DitContextMs = DIT_CONTEXT_MS, concurrent_f0: o.ConcurrentF0 = CONCURRENT_F0,
     encoder_context_ms: o.EncoderContextMs = None, vocoder_context: o.VocoderContext = None,
     seconds: o.Seconds = 5.0, loopback: o.Loopback = False, loopback_live: o.LoopbackLive = "",

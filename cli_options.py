@@ -27,16 +27,16 @@ from rtsvc.engine import StreamConfig
 from rtsvc.errors import UserError
 from rtsvc.eval.configs import help_text as eval_config_help
 from rtsvc.features.f0_methods import DEFAULT_F0, MODEL_F0
-from rtsvc.live import AUDIO_API, DEVICE_BLOCK_MS, JITTER_MS, PULSE_BUFFER_MS
+from rtsvc.live import AUDIO_API, DEVICE_BLOCK_MS, PULSE_BUFFER_MS, PULSE_DEVICE_BLOCK_MS
 from rtsvc.serve.server import ServerConfig
 from rtsvc.settings import KNOB_TABLE, Knob, KnobError, knobs_class, validate_knobs
 from rtsvc.voices.defaults import (
     DIT_CONTEXT_MS,
-    DSP_BLOCK_MS,
+    DSP_STREAM,
     ENCODER_CONTEXT_MS,
     MAX_VOCODER_CONTEXT_FRAMES,
     MIN_ENCODER_CONTEXT_MS,
-    MODEL_BLOCK_MS,
+    MODEL_STREAM,
     VOCODER_CONTEXT_FRAMES,
 )
 from rtsvc.voices.spec import CONCURRENT_F0
@@ -152,8 +152,8 @@ Providers = opt(str | None, "ONNX Runtime providers for .rtsvc bundles, in order
 Schedule = opt(str, next(k for k in KNOB_TABLE if k.name == "schedule").cli_help(), panel=ADVANCED)
 
 BLOCK_AUTO = ("auto = measured at start on this machine: the shortest block whose p99 compute is at most "
-              f"{P99_MARGIN:g} of it, searched from {DSP_BLOCK_MS:g} ms (46.4 ms) for the DSP voice, "
-              f"{MODEL_BLOCK_MS:g} ms (150.9 ms) with --model")
+              f"{P99_MARGIN:g} of it, searched from {DSP_STREAM.block_ms:g} ms for the DSP voice, "
+              f"{MODEL_STREAM.block_ms:g} ms (150.9 ms) with --model")
 BlockMs = Annotated[str, typer.Option(metavar="MS|auto", rich_help_panel=STREAMING, help="Engine block "
                                       "length in ms, or auto (latency and compute per block; rounded to "
                                       f"11.6 ms mel frames). Default: {BLOCK_AUTO}.")]
@@ -173,8 +173,10 @@ PitchReference = opt(Path, "Model voices, --pitch auto: a folder of recordings o
                      "checkpoints; overrides the model's). Default: the model's own statistics.",
                      "--pitch-reference", panel=VOICE)
 ContextMs = opt(float, f"Left context per block in ms. Default: {STREAM.context_ms:g}.", panel=STREAMING)
-CrossfadeMs = opt(float, f"SOLA crossfade in ms. Default: {STREAM.crossfade_ms:g}.", panel=STREAMING)
-SolaSearchMs = opt(float, f"SOLA search window in ms. Default: {STREAM.sola_search_ms:g}.", panel=STREAMING)
+CrossfadeMs = opt(float | None, f"SOLA crossfade in ms. Default: {DSP_STREAM.crossfade_ms:g} for the DSP "
+                  f"voice, {MODEL_STREAM.crossfade_ms:g} with --model.", panel=STREAMING)
+SolaSearchMs = opt(float | None, f"SOLA search window in ms. Default: {DSP_STREAM.sola_search_ms:g} for the "
+                   f"DSP voice, {MODEL_STREAM.sola_search_ms:g} with --model.", panel=STREAMING)
 MaxBatch = opt(int, "Model voices: most clients' blocks run as one batch through every model stage (F0, "
                f"encoders, DiT, vocoder; 1 = each block alone). Default: {SERVER.max_batch}.", panel=SERVING)
 BatchRunners = opt(int, "With --max-batch > 1: threads that run batches (a spare one starts only when a "
@@ -386,8 +388,10 @@ VirtualMicName = opt(str | None, "Linux (PulseAudio/PipeWire): play the converte
 InputRate = opt(int | None, "Input device rate in Hz. Default: the device's.", panel=DEVICE)
 OutputRate = opt(int | None, "Output device rate in Hz. Default: the device's.", panel=DEVICE)
 JitterMs = opt(str, "Output buffer primed with this much silence (ms) to absorb block-to-block changes in "
-               "compute time; auto = with --block-ms auto, the picked block's measured headroom (block minus "
-               f"mean compute, at least {JITTER_MS:g}), else {JITTER_MS:g}. Default: auto.", panel=STREAMING)
+               "compute time; auto = with --block-ms auto, the picked block's measured headroom (block "
+               "minus mean compute, at least the voice's floor), else that floor: "
+               f"{DSP_STREAM.jitter_ms:g} for the DSP voice, {MODEL_STREAM.jitter_ms:g} with --model. "
+               "Default: auto.", panel=STREAMING)
 Duration = opt(float | None, "Stop after this many seconds and exit 0. Default: run until Ctrl-C, SIGTERM or "
                "q.")
 Record = opt(Path | None, "Also write the converted output to this audio file (output device rate). "
@@ -424,13 +428,15 @@ Replicas = opt(int, "--ray: replicas, each holding the voice and its clients. De
 ReplicaCpus = opt(float, "--ray: CPUs Ray reserves per replica. Default: 0.", panel=SERVING)
 ReplicaGpus = opt(float, "--ray: GPUs per replica (e.g. 1, or 0.5 to share one). Default: 0.", panel=SERVING)
 
-AudioApi = opt(str, "How to reach the sound devices: portaudio (any device) or pulse (PulseAudio/PipeWire "
-               "sources and sinks through libpulse, explicit buffer sizes; needs pasimple). Default: "
-               f"{AUDIO_API}.", panel=DEVICE)
+AudioApi = opt(str, "How to reach the sound devices: portaudio (any device), pulse (PulseAudio/PipeWire "
+               "sources and sinks through libpulse, explicit buffer sizes; needs pasimple), or auto: pulse "
+               "when every device is on a running PulseAudio/PipeWire server and pasimple loads, else "
+               f"portaudio (the start line says which). Default: {AUDIO_API}.", panel=DEVICE)
 DeviceBufferMs = opt(str, "Device buffering asked for per stream in ms: PortAudio's suggested latency, or "
                      "the pulse playback buffer; low = PortAudio's low default (pulse: "
                      f"{PULSE_BUFFER_MS:g} ms). Default: low.", panel=DEVICE)
-DeviceBlockMs = opt(float, f"Device callback size in ms. Default: {DEVICE_BLOCK_MS:g}.", panel=DEVICE)
+DeviceBlockMs = opt(float | None, f"Device callback size in ms. Default: {DEVICE_BLOCK_MS:g} (pulse: "
+                    f"{PULSE_DEVICE_BLOCK_MS:g}).", panel=DEVICE)
 Pipeline = opt(bool, "Models: extract block n+1's features while block n's DiT and vocoder run (two threads; "
                "same output; --block-ms auto then needs only the slower half to fit). Default: off.",
                panel=STREAMING)

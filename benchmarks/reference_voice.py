@@ -172,7 +172,8 @@ def build_stand_ins(pretrained: Path, data: Path, vocoder_minutes: float, vocode
 def vocoder_ceiling(pretrained: Path, clips: Path, f0: str = "fcpe") -> dict:
     """What the vocoder alone costs: each clip re-synthesised from its own mel + F0 (no DiT), scored like
     `rtsvc eval` scores a conversion: DNSMOS before/after, Resemblyzer similarity of the copy to the
-    original, mel L1 and LSD between them. Every lever's row carries this loss too."""
+    original, mel L1 and LSD between them, F0 error of the copy (WORLD on both). Every lever's row
+    carries this loss too."""
     import torch
 
     from rtsvc.dsp.audio import ENCODER_SAMPLE_RATE, HOP_LENGTH, resample
@@ -181,9 +182,11 @@ def vocoder_ceiling(pretrained: Path, clips: Path, f0: str = "fcpe") -> dict:
         Dnsmos,
         SpeakerEncoder,
         cosine,
+        f0_accuracy,
         level_matched,
         log_spectral_distance,
         mel_l1,
+        track_f0,
     )
     from rtsvc.eval.runner import find_clips, read_clip
     from rtsvc.features.f0 import f0_to_mel_frames, make_f0_extractor
@@ -192,6 +195,7 @@ def vocoder_ceiling(pretrained: Path, clips: Path, f0: str = "fcpe") -> dict:
 
     vocoder, tracker = load_vocoder(pretrained / LAYOUT["vocoder"]), make_f0_extractor(f0)
     encoder, quality = SpeakerEncoder(), Dnsmos()
+    eval_tracker = make_f0_extractor("pyworld")  # `rtsvc eval`'s default tracker
     rows = []
     for path in find_clips(clips):
         audio = read_clip(path)
@@ -201,11 +205,13 @@ def vocoder_ceiling(pretrained: Path, clips: Path, f0: str = "fcpe") -> dict:
         with torch.no_grad():
             copy = vocoder(log_mel_spectrogram(audio), torch.from_numpy(f0_frames)[None],
                            generator=torch.Generator().manual_seed(0))[0].numpy()
+        pitch = f0_accuracy(track_f0(audio, eval_tracker), track_f0(copy, eval_tracker))
         rows.append({"clip": path.name, "dnsmos_original": quality(audio)["ovrl"],
                      "dnsmos_copy": quality(copy)["ovrl"],
                      "similarity_copy_to_original": cosine(encoder.embed(copy), encoder.embed(audio)),
                      "mel_l1": mel_l1(level_matched(copy, audio), audio),
-                     "lsd_db": log_spectral_distance(level_matched(copy, audio), audio)})
+                     "lsd_db": log_spectral_distance(level_matched(copy, audio), audio),
+                     "f0_cents": pitch.cents, "f0_gross": pitch.gross, "voicing": pitch.voicing})
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "clip"}
     return {"clips": rows, "mean": mean}
 

@@ -17,6 +17,7 @@ need `pip install webrtcvad-wheels` (not a dependency: it lost; docs/benchmarks.
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 from scipy import signal
@@ -26,6 +27,7 @@ from rtsvc.dsp.audio import StreamResampler
 from rtsvc.dsp.vad import HANGOVER_MS
 from rtsvc.engine import StreamConfig, StreamingConverter
 from rtsvc.settings import Knobs, RuntimeSettings
+from rtsvc.voices.defaults import MODEL_STREAM
 from tests.noisy_speech import speech
 
 SR = 44100
@@ -37,7 +39,7 @@ SENTENCES = ("Hello everyone, welcome back to the stream.", "Today we are trying
 
 
 class IdentityVoice:
-    sample_rate, speakers, default_block_ms = SR, ["x"], 150.9
+    sample_rate, speakers, stream_defaults = SR, ["x"], replace(MODEL_STREAM, block_ms=150.9)
 
     def convert(self, audio, knobs, start_sample=0, tail=None):
         return audio[-tail:].copy() if tail else audio.copy()

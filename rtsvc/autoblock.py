@@ -1,7 +1,7 @@
 """`--block-ms auto`: pick the block length by measuring the voice on this machine.
 
-A voice's declared `default_block_ms` says nothing about this CPU, its load or the model's size
-(the DSP voice's 46.4 ms block ran at p99 5x the block on a busy 2-core machine). So `live`,
+A voice's declared block (`stream_defaults.block_ms`) says nothing about this CPU, its load or the
+model's size (the DSP voice's 46.4 ms block ran at p99 5x the block on a busy 2-core machine). So `live`,
 `serve` and `convert --stream` measure: a copy of the voice (same weights, own stream state)
 converts a few blocks of a sung test tone at a candidate block, and the shortest candidate whose
 p99 compute stays within `P99_MARGIN` of the block wins. The search starts at the declared block
@@ -19,8 +19,8 @@ from rtsvc.engine import StreamConfig, StreamingConverter
 from rtsvc.settings import Knobs, RuntimeSettings
 from rtsvc.voice import Voice
 
-# whole mel frames: 46.4, 69.7, 104.5, 150.9, 209.0, 301.9, 406.3, 603.7, 998.4 ms at 44.1 kHz
-CANDIDATE_FRAMES = (4, 6, 9, 13, 18, 26, 35, 52, 86)
+# whole mel frames: 23.2, 34.8, 46.4, 69.7, 104.5, 150.9, 209.0, 301.9, 406.3, 603.7, 998.4 ms at 44.1 kHz
+CANDIDATE_FRAMES = (2, 3, 4, 6, 9, 13, 18, 26, 35, 52, 86)
 P99_MARGIN = 0.7  # p99 compute at most 0.7 of the block: 30% left for the audio thread and load spikes
 MEASURED_BLOCKS = 8  # timed blocks per candidate (after the warm-up); p99 of 8 is about their max
 WARMUP_BLOCKS = 2
@@ -104,11 +104,12 @@ def pick_block(voice: Voice, config: StreamConfig, knobs: Knobs | None = None,
                blocks: int = MEASURED_BLOCKS, pipelined: bool = False) -> AutoBlock:
     """Measure candidates (in mel frames) around the voice's declared block; the shortest that fits."""
     knobs = knobs or Knobs()
+    config = config.with_defaults(voice.stream_defaults)
     config.for_voice(voice)  # the declared block must suit the other lengths (crossfade), as before
     probe = voice.fork() if hasattr(voice, "fork") else voice  # its own stream state, same weights
     rate = voice.sample_rate
     sizes = [frames_to_ms(f, rate) for f in candidates if frames_to_ms(f, rate) >= config.crossfade_ms]
-    declared = min(range(len(sizes)), key=lambda i: abs(sizes[i] - voice.default_block_ms))
+    declared = min(range(len(sizes)), key=lambda i: abs(sizes[i] - voice.stream_defaults.block_ms))
     results: dict[int, tuple[float, float]] = {}
 
     def fits(i: int) -> bool:

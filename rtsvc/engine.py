@@ -34,6 +34,7 @@ from rtsvc.dsp.vad import StreamVad  # onnxruntime loads only when `vad` is on
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
 from rtsvc.voice import Voice
+from rtsvc.voices.defaults import StreamDefaults
 
 GATE_FRAME_MS = 10.0  # the gate opens when any 10 ms frame of the block's region is above threshold
 STATS_WINDOW = 2000  # blocks kept for compute-time percentiles
@@ -42,7 +43,7 @@ RECENT_BLOCKS = 8  # compute_ms_recent: the mean of the last few blocks (what `l
 
 def auto_block_ms(voice: Voice) -> float:
     """The block length for `block_ms=None` ("auto"): the one the voice declares."""
-    return float(voice.default_block_ms)
+    return float(voice.stream_defaults.block_ms)
 
 
 def parse_block_ms(text: str, option: str = "--block-ms") -> float | None:
@@ -59,30 +60,39 @@ def parse_block_ms(text: str, option: str = "--block-ms") -> float | None:
 class StreamConfig:
     """Lengths in milliseconds. Block and context are rounded to whole mel frames (512 samples)
     so every window starts on the model's frame grid; defaults come from docs/streaming.md.
-    `block_ms=None` is "auto": `auto_block_ms(voice)`, resolved by `for_voice` (the engine does)."""
+    None is the voice's own (`Voice.stream_defaults`): `block_ms=None` is "auto" (`auto_block_ms`),
+    crossfade and search the voice's; `for_voice` resolves them (the engine does)."""
 
     block_ms: float | None = None
     context_ms: float = 300.0
-    crossfade_ms: float = 25.0
-    sola_search_ms: float = 10.0
+    crossfade_ms: float | None = None
+    sola_search_ms: float | None = None
 
     def validate(self) -> "StreamConfig":
-        """Check the ranges (with an auto block, what can be checked before the voice is known)."""
+        """Check the ranges (of what is given: the voice's own lengths are checked by for_voice)."""
         if self.block_ms is not None and not 10.0 <= self.block_ms <= 2000.0:
             raise UserError(f"block must be between 10 and 2000 ms, got {self.block_ms:g}")
         if not 0.0 <= self.context_ms <= 10000.0:
             raise UserError(f"context must be between 0 and 10000 ms, got {self.context_ms:g}")
         block_ms = 2000.0 if self.block_ms is None else self.block_ms  # auto: checked by for_voice
-        if not 0.0 <= self.crossfade_ms <= block_ms:
+        if self.crossfade_ms is not None and not 0.0 <= self.crossfade_ms <= block_ms:
             raise UserError(f"crossfade must be between 0 and the block length, got {self.crossfade_ms:g} ms")
-        if not 0.0 <= self.sola_search_ms <= 100.0:
+        if self.sola_search_ms is not None and not 0.0 <= self.sola_search_ms <= 100.0:
             raise UserError(f"SOLA search must be between 0 and 100 ms, got {self.sola_search_ms:g}")
         return self
 
+    def with_defaults(self, defaults: StreamDefaults) -> "StreamConfig":
+        """This config with crossfade and search not given taken from `defaults`; the block stays."""
+        pick = lambda own, default: default if own is None else own  # noqa: E731
+        return replace(self, crossfade_ms=pick(self.crossfade_ms, defaults.crossfade_ms),
+                       sola_search_ms=pick(self.sola_search_ms, defaults.sola_search_ms)).validate()
+
     def for_voice(self, voice: Voice) -> "StreamConfig":
-        """This config with an auto block resolved for `voice` (see `auto_block_ms`), validated."""
-        block_ms = auto_block_ms(voice) if self.block_ms is None else self.block_ms
-        return replace(self, block_ms=block_ms).validate()
+        """This config with the voice's lengths where none are given and an auto block resolved for
+        `voice` (see `auto_block_ms`), validated."""
+        config = self.with_defaults(voice.stream_defaults)
+        block_ms = auto_block_ms(voice) if config.block_ms is None else config.block_ms
+        return replace(config, block_ms=block_ms).validate()
 
 
 @dataclass(frozen=True)
@@ -99,8 +109,9 @@ class StreamLayout:
 
     @classmethod
     def from_config(cls, config: StreamConfig, sample_rate: int) -> "StreamLayout":
-        if config.block_ms is None:
-            raise ValueError("an auto block (block_ms=None) needs a voice: use config.for_voice(voice)")
+        if None in (config.block_ms, config.crossfade_ms, config.sola_search_ms):
+            raise ValueError("a config with the voice's own lengths (None) needs the voice: use "
+                             "config.for_voice(voice)")
 
         def to_samples(ms: float) -> int:
             return int(round(ms * sample_rate / 1000.0))

@@ -5,6 +5,7 @@ from typing import Protocol
 import numpy as np
 
 from rtsvc.settings import Knobs
+from rtsvc.voices.defaults import StreamDefaults
 
 
 class Voice(Protocol):
@@ -18,7 +19,7 @@ class Voice(Protocol):
 
     sample_rate: int
     speakers: list[str]
-    default_block_ms: float  # the engine's block for `--block-ms auto`
+    stream_defaults: StreamDefaults  # block (where `--block-ms auto` starts), crossfade, search, jitter
 
     def convert(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                 tail: int | None = None) -> np.ndarray: ...

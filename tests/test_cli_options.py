@@ -18,9 +18,8 @@ from rtsvc.autoblock import AutoBlock
 from rtsvc.bench.blocks import streaming_gap
 from rtsvc.commands import cli
 from rtsvc.engine import StreamConfig
-from rtsvc.live import JITTER_MS
 from rtsvc.settings import Knobs
-from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, MODEL_BLOCK_MS
+from rtsvc.voices.defaults import DIT_CONTEXT_MS, DSP_BLOCK_MS, DSP_STREAM, MODEL_BLOCK_MS, MODEL_STREAM
 from rtsvc.voices.dsp import DspVoice
 from rtsvc.voices.model import ModelVoice
 from tests.cli_helpers import harmonic_tone, run_cli, write_wav
@@ -81,7 +80,11 @@ def test_every_option_states_its_default_and_knob_defaults_follow_the_dataclasse
         assert f"Default: {DIT_CONTEXT_MS:g}." in params["dit_context_ms"].help, name
         block = params["block_ms"]  # auto: both values with their units, in every command
         assert "auto = measured at start on this machine" in block.help, name
-        assert "from 50 ms (46.4 ms) for the DSP voice, 150 ms (150.9 ms) with --model" in block.help, name
+        assert "from 23.2 ms for the DSP voice, 150 ms (150.9 ms) with --model" in block.help, name
+        for option, lengths in (("crossfade_ms", "15 for the DSP voice, 25 with --model"),
+                                ("sola_search_ms", "20 for the DSP voice, 10 with --model")):
+            if option in params:  # None: the voice's own, both stated with their voice
+                assert params[option].default is None and f"Default: {lengths}." in params[option].help, name
         assert block.default == ("auto" if name != "bench" else "50,100,150,250"), name
 
 
@@ -214,7 +217,8 @@ def test_live_block_is_auto_per_voice_and_explicit_values_win(fake_model, fake_d
     def pick_block(voice, config, knobs=None):
         measured.append(voice)
         mean = 90.0 if voice.speakers == ["alice"] else 1.0
-        return AutoBlock(voice.default_block_ms, [(voice.default_block_ms, 95.0, mean)])
+        block = voice.stream_defaults.block_ms
+        return AutoBlock(block, [(block, 95.0, mean)])
 
     monkeypatch.setattr(rtsvc.autoblock, "pick_block", pick_block)
     for args in ([], ["--model", bundle, "--pretrained-dir", pretrained], ["--block-ms", "auto"],
@@ -224,12 +228,14 @@ def test_live_block_is_auto_per_voice_and_explicit_values_win(fake_model, fake_d
         assert code == 0, err
     assert [c.block_ms for c in seen] == [DSP_BLOCK_MS, MODEL_BLOCK_MS, DSP_BLOCK_MS, 70.0, MODEL_BLOCK_MS]
     assert [type(v).__name__ for v in measured] == ["DspVoice", "ModelVoice", "DspVoice", "ModelVoice"]
-    # auto jitter: the measured block's headroom (50 - 1, 150 - 90 ms), at least 40 ms; a given block
-    # was not measured, a given --jitter-ms wins
-    assert jitters == [49.0, 60.0, 49.0, JITTER_MS, 25.0]
+    # auto jitter: the measured block's headroom (23.2 - 1, 150 - 90 ms), at least the voice's floor
+    # (20 DSP, 40 model); a given block was not measured (the floor), a given --jitter-ms wins
+    assert jitters == [23.0, 60.0, 23.0, MODEL_STREAM.jitter_ms, 25.0]
+    assert (DSP_STREAM.jitter_ms, MODEL_STREAM.jitter_ms) == (20.0, 40.0)
     low = AutoBlock(50.0, [(50.0, 30.0, 25.0)])
-    assert rtsvc.live.auto_jitter_ms(low) == JITTER_MS  # 25 ms of headroom: the 40 ms floor
-    assert (DSP_BLOCK_MS, MODEL_BLOCK_MS) == (50.0, 150.0)
+    assert rtsvc.live.auto_jitter_ms(low, 40.0) == 40.0  # 25 ms of headroom: the 40 ms floor
+    assert rtsvc.live.auto_jitter_ms(low, 20.0) == 25.0
+    assert (DSP_BLOCK_MS, MODEL_BLOCK_MS) == (23.2, 150.0)
 
 
 def test_bench_loopback_measures_every_block_and_the_table_has_the_real_time_margin(capsys, monkeypatch):
@@ -237,11 +243,12 @@ def test_bench_loopback_measures_every_block_and_the_table_has_the_real_time_mar
     monkeypatch.setattr(rtsvc.bench.loopback, "loopback_report",
                         lambda config, args, seconds: measured.append(config) or ("row",) * 11)
     monkeypatch.setattr(rtsvc.autoblock, "pick_block", lambda voice, config, knobs=None: AutoBlock(
-        voice.default_block_ms, [(voice.default_block_ms, 1.0, 1.0)]))  # auto: what a quiet machine picks
+        voice.stream_defaults.block_ms, [(voice.stream_defaults.block_ms, 1.0, 1.0)]))  # a quiet machine
     code, out, err = run_cli(["bench", "--block-ms", "auto,100,50", "--seconds", "0.3", "--loopback"],
                              capsys, monkeypatch)
     assert code == 0, err
-    assert [c.block_ms for c in measured] == [50.0, 100.0]  # auto is 50 for the DSP voice: measured once
+    assert [c.block_ms for c in measured] == [23.2, 100.0, 50.0]  # auto is 23.2 for the DSP voice
+    assert [(c.crossfade_ms, c.sola_search_ms) for c in measured] == [(15.0, 20.0)] * 3  # the DSP voice's
     assert "p99/block" in out
     row = next(line for line in out.splitlines() if "│ dsp" in line and " 104.5 " in line)  # 100 ms: 9 frames
     p99_ms, margin = (float(cell) for cell in row.split("│")[8:12:3])

@@ -11,7 +11,7 @@ from rtsvc.errors import UserError
 from rtsvc.offline import convert_offline
 from rtsvc.pretrained import resolve_pretrained
 from rtsvc.settings import Knobs
-from rtsvc.voices.defaults import MODEL_BLOCK_MS
+from rtsvc.voices.defaults import MODEL_STREAM
 from rtsvc.voices.spec import VoiceSpec, open_model
 from tests.cli_helpers import SR, harmonic_tone, run_cli, write_wav
 from tests.tiny_models import make_tiny_dit_checkpoint
@@ -107,7 +107,7 @@ class EchoVoice:
 
     sample_rate = SR
     speakers = ["echo"]
-    default_block_ms = MODEL_BLOCK_MS  # what `auto` gave any voice but the DSP voice
+    stream_defaults = MODEL_STREAM  # what `auto` gives any voice but the DSP voice
 
     def __init__(self, gain: float = 1.0):
         self.gain, self.calls, self.resets = gain, [], 0

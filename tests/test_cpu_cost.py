@@ -21,6 +21,7 @@ from rtsvc.models.guidance import Guidance
 from rtsvc.models.loading import load_dit, load_vocoder
 from rtsvc.pretrained import resolve_pretrained
 from rtsvc.settings import Knobs
+from rtsvc.voices.defaults import MODEL_STREAM
 from rtsvc.voices.spec import VoiceSpec, open_model
 from tests.cli_helpers import run_cli
 from tests.tiny_models import make_tiny_dit_checkpoint
@@ -30,7 +31,7 @@ class SleepyVoice:
     """A voice whose compute per block is known: 0.95 of the block below 100 ms, 0.3 above."""
 
     sample_rate = SAMPLE_RATE
-    default_block_ms = 150.0
+    stream_defaults = MODEL_STREAM
     speakers = ["x"]
 
     def __init__(self, slow_below_ms: float = 100.0, slow: float = 0.95, fast: float = 0.3):

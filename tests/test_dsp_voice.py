@@ -28,9 +28,9 @@ def sung_tone(seconds=1.2, f0=180.0, seed=0):
     return x.astype(np.float32)
 
 
-def median_f0(y, start=0.0, stop=None):
+def median_f0(y, start=0.0, stop=None, floor=71.0):
     y = y[int(start * SR): None if stop is None else int(stop * SR)].astype(np.float64)
-    f0, _ = pyworld.harvest(y, SR, frame_period=10)
+    f0, _ = pyworld.harvest(y, SR, f0_floor=floor, frame_period=10)
     return float(np.median(f0[f0 > 0]))
 
 
@@ -97,6 +97,25 @@ def test_streaming_is_close_to_offline(tone):
           f"F0 {median_f0(streamed):.1f} vs {median_f0(offline):.1f} Hz")
     assert gap < 3.0 and gap < baseline
     assert median_f0(streamed) == pytest.approx(median_f0(offline), rel=0.01)
+
+
+@pytest.mark.parametrize("f0,pitch", [(150.0, -12), (120.0, -12), (220.0, 12)])
+def test_streaming_defaults_keep_the_pitch_of_low_and_high_voices(f0, pitch):
+    """The DSP voice's short default block: SOLA must reach a whole output period (60 Hz here; a 5 ms
+    search left it 1336 cents off, the block rate heard as pitch)."""
+    voice = DspVoice()
+    source, knobs = sung_tone(1.5, f0), Knobs(pitch_shift=pitch, gate_db=-70)
+    config = StreamConfig().for_voice(voice)
+    assert config.block_ms < 25.0  # the defaults under test are the short ones
+    streamed = convert_stream(voice, source, knobs, config)
+    target = f0 * 2 ** (pitch / 12)
+    cents = 1200 * np.log2(median_f0(streamed, start=0.2, floor=50.0) / target)
+    gap = log_spectral_distance(streamed, voice.convert(source, knobs))
+    print(f"\nstreamed at {config.block_ms} ms: {cents:+.1f} cents from {target:.0f} Hz, LSD {gap:.2f} dB")
+    assert abs(cents) < 25 and gap < 2.75
+    too_short = convert_stream(voice, source, knobs, StreamConfig(config.block_ms, 300.0, 5.0, 5.0))
+    if f0 * 2 ** (pitch / 12) < 80:  # the search below one output period: the check can fail
+        assert abs(1200 * np.log2(median_f0(too_short, start=0.2, floor=50.0) / target)) > 100
 
 
 def test_pitch_knob_change_mid_stream_takes_effect(tone):

@@ -13,7 +13,7 @@ from rtsvc.engine import (
 )
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
-from rtsvc.voices.defaults import DSP_BLOCK_MS, MODEL_BLOCK_MS
+from rtsvc.voices.defaults import DSP_BLOCK_MS, DSP_STREAM, MODEL_BLOCK_MS, MODEL_STREAM
 
 SR = 44100
 
@@ -23,7 +23,7 @@ class IdentityVoice:
 
     sample_rate = SR
     speakers = ["identity"]
-    default_block_ms = MODEL_BLOCK_MS  # what `auto` gave any voice but the DSP voice
+    stream_defaults = MODEL_STREAM  # what `auto` gives any voice but the DSP voice
 
     def __init__(self):
         self.calls, self.resets = [], 0
@@ -42,7 +42,7 @@ class PhaseJumpVoice:
 
     sample_rate = SR
     speakers = ["tone"]
-    default_block_ms = MODEL_BLOCK_MS  # what `auto` gave any voice but the DSP voice
+    stream_defaults = MODEL_STREAM  # what `auto` gives any voice but the DSP voice
 
     def __init__(self, freq=441.0, seed=0):
         self.freq, self.rng = freq, np.random.default_rng(seed)
@@ -213,10 +213,18 @@ def test_auto_block_is_the_dsp_block_for_the_dsp_voice_and_the_model_block_other
     from rtsvc.voices.dsp import DspVoice
 
     assert StreamConfig().block_ms is None  # auto
-    assert StreamingConverter(DspVoice(), config=StreamConfig()).layout.block == 4 * 512  # 46.4 ms
+    assert StreamingConverter(DspVoice(), config=StreamConfig()).layout.block == 2 * 512  # 23.2 ms
     assert StreamingConverter(IdentityVoice(), config=StreamConfig()).layout.block == 13 * 512  # 150.9 ms
     assert StreamConfig(block_ms=70).for_voice(DspVoice()).block_ms == 70  # explicit wins
-    assert (DSP_BLOCK_MS, MODEL_BLOCK_MS) == (50.0, 150.0)
+    assert (DSP_BLOCK_MS, MODEL_BLOCK_MS) == (23.2, 150.0)
+    # crossfade and SOLA search: the voice's own unless given
+    assert (DSP_STREAM.crossfade_ms, DSP_STREAM.sola_search_ms) == (15.0, 20.0)
+    assert (MODEL_STREAM.crossfade_ms, MODEL_STREAM.sola_search_ms) == (25.0, 10.0)
+    dsp, model = StreamConfig().for_voice(DspVoice()), StreamConfig().for_voice(IdentityVoice())
+    assert (dsp.crossfade_ms, dsp.sola_search_ms) == (15, 20)
+    assert (model.crossfade_ms, model.sola_search_ms) == (25, 10)
+    assert StreamConfig(crossfade_ms=12, sola_search_ms=0).for_voice(DspVoice()).crossfade_ms == 12
+    assert StreamConfig(block_ms=70).validate().crossfade_ms is None  # resolved only with the voice
     with pytest.raises(UserError, match="crossfade"):  # an auto block is checked once it is known
         StreamConfig(crossfade_ms=100).validate().for_voice(DspVoice())
     assert StreamConfig(crossfade_ms=100).for_voice(IdentityVoice()).crossfade_ms == 100

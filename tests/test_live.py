@@ -1,5 +1,6 @@
 """Live audio for real: `rtsvc live` between two PulseAudio null sinks, plus device lookup units."""
 
+import importlib.util
 import os
 import pty
 import shutil
@@ -81,6 +82,8 @@ def test_live_pitch_up_an_octave_through_pulseaudio(pulse, tmp_path):
     assert voiced >= 150  # at least 1.5 s of the 3 s tone came through voiced
     assert f0_out == pytest.approx(2 * f0_in, rel=0.03)
     assert "stopped after" in text and "underruns" in text
+    if importlib.util.find_spec("pasimple") is not None:  # --audio-api auto on a PulseAudio server
+        assert "(pulse)" in text, text
     rec, rate = sf.read(record, dtype="float32")
     assert rate == SR and 2.0 * SR < rec.size <= 5.5 * SR  # input-driven: PulseAudio starts late
     assert median_f0(rec)[0] == pytest.approx(2 * f0_in, rel=0.03)
@@ -307,6 +310,21 @@ def test_pulse_sources_and_sinks_are_listed_by_name(pulse, monkeypatch):
     assert {("mic.monitor", True, False), ("speaker", False, True), ("mic", False, True)} <= names
 
 
+def test_audio_api_auto_takes_the_native_pulse_client_only_where_every_device_is_on_the_server():
+    from rtsvc.live.devices import choose_audio_api
+
+    sink = {"index": 3, "name": "speaker", "pulse": "speaker"}
+    default, hw = {"index": 0, "name": "default"}, {"index": 1, "name": "hw:0,0", "pulse": None}
+    assert choose_audio_api("auto", [sink, default], server=True, native=True) == "pulse"
+    assert choose_audio_api("auto", [sink, hw], server=True, native=True) == "portaudio"  # a card of its own
+    assert choose_audio_api("auto", [sink, default], server=False, native=True) == "portaudio"
+    assert choose_audio_api("auto", [sink, default], server=True, native=False) == "portaudio"  # no pasimple
+    assert choose_audio_api("portaudio", [sink], server=True, native=True) == "portaudio"  # as asked
+    assert choose_audio_api("pulse", [hw], server=False, native=False) == "pulse"  # opening it says why
+    with pytest.raises(UserError, match="--audio-api must be one of auto, portaudio, pulse, got 'jack'"):
+        choose_audio_api("jack", [sink])
+
+
 def test_pulse_routing_sets_and_restores_the_stream_target(monkeypatch):
     monkeypatch.setenv("PULSE_SINK", "before")
     with pulse_routing({"pulse": "speaker"}, "output"):
@@ -480,10 +498,10 @@ def test_status_fits_80_columns_with_every_field():
     plain = "\n".join(lines)
     assert all(len(line) <= 79 for line in lines) and "…" not in plain, plain
     e2e = conv.engine.latency_ms + (4800 + 480 + 960) / 48 + 47.0
-    for part in (f"e2e ~{e2e:.0f} ms", "algo 76", "buffer 130", "device 47", "under 12", "over 353",
+    for part in (f"e2e ~{e2e:.0f} ms", "algo 48", "buffer 130", "device 47", "under 12", "over 353",
                  "trim 67", "pitch -12", "formant 1.25", "gate -55 dB", "gain -12/+12 dB",
                  "denoise deepfilternet",
-                 "1234.5 s", "compute 0/46 ms"):
+                 "1234.5 s", "compute 0/23 ms"):
         assert part in plain, (part, plain)
 
 

@@ -18,7 +18,7 @@ from rtsvc.engine import StreamConfig, StreamLayout
 from rtsvc.errors import UserError
 from rtsvc.serve.server import ServerConfig, StreamServer, VoiceSource, check_config, dsp_source
 from rtsvc.settings import Knobs
-from rtsvc.voices.defaults import DSP_BLOCK_MS, MODEL_BLOCK_MS
+from rtsvc.voices.defaults import DSP_STREAM, MODEL_STREAM
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -32,7 +32,7 @@ class IdentityVoice:
 
     sample_rate = 44100
     speakers = ["echo", "other"]
-    default_block_ms = MODEL_BLOCK_MS  # what `auto` gave any voice but the DSP voice
+    stream_defaults = MODEL_STREAM  # what `auto` gives any voice but the DSP voice
 
     def convert(self, audio, knobs, start_sample=0, tail=None):
         return audio[-tail:].copy() if tail else audio.copy()
@@ -150,7 +150,9 @@ def test_round_trip_accounts_for_every_sample(fmt, rate):
     result, summary = run(main())
     ready, flushed, out = result["ready"], result["flushed"], result["out"]
     assert ready["sample_rate"] == rate and ready["format"] == fmt and ready["speakers"] == ["dsp"]
-    default = StreamLayout.from_config(StreamConfig(block_ms=DSP_BLOCK_MS), 44100)  # auto, DSP; at 44.1 kHz
+    dsp = DSP_STREAM  # auto, DSP; at 44.1 kHz
+    config = StreamConfig(dsp.block_ms, 300.0, dsp.crossfade_ms, dsp.sola_search_ms)
+    default = StreamLayout.from_config(config, 44100)
     assert ready["latency_ms"] == pytest.approx(default.latency * 1000 / 44100, abs=0.01)
     assert flushed["samples_in"] == flushed["samples_out"] == audio.shape[0] == out.shape[0]
     assert summary["samples_in"] == summary["samples_out"] == audio.shape[0]
@@ -727,7 +729,7 @@ def test_info_gives_the_page_speakers_controls_and_latency_before_start():
     assert refused[0] == 401
     assert status == 200 and kind.startswith("application/json")
     assert info["voice"] == "dsp" and info["speakers"] == ["dsp"] and info["settings"]["denoise"] == "off"
-    assert info["latency_ms"] == pytest.approx(76.2, abs=0.5)  # the DSP voice's auto block (README)
+    assert info["latency_ms"] == pytest.approx(48.2, abs=0.5)  # DSP auto: 23.2 + 15 + 20 / 2
     names = [c["name"] for c in info["controls"]]
     assert "formant_shift" in names and "cfg_strength" not in names  # only what the DSP voice uses
     denoise = next(c for c in info["controls"] if c["name"] == "denoise")
@@ -749,5 +751,5 @@ def test_page_controls_follow_the_model_family():
     assert "cfg_strength" not in names["v3"] and "steps" in names["v3"] and "formant_shift" in names["v3"]
     assert not {"cfg_strength", "ds_cfg_strength", "steps"} & set(names["dsp"])
     v3_voice = SimpleNamespace(speakers=["a"], backend=SimpleNamespace(family="v3"), fork=lambda: None,
-                               default_block_ms=150.0)
+                               stream_defaults=MODEL_STREAM)
     assert model_source(v3_voice).family == "v3" and dsp_source().family == "dsp"

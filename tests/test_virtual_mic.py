@@ -132,9 +132,11 @@ import sys
 from rtsvc.engine import StreamConfig
 from rtsvc.live import run_live
 from rtsvc.settings import Knobs, RuntimeSettings
+from dataclasses import replace
+from rtsvc.voices.defaults import MODEL_STREAM
 
 class CrashingVoice:
-    sample_rate, speakers, default_block_ms = 44100, ["x"], 50.0
+    sample_rate, speakers, stream_defaults = 44100, ["x"], replace(MODEL_STREAM, block_ms=50.0)
     calls = 0
     def convert(self, audio, knobs, start_sample=0, tail=None):
         self.calls += 1

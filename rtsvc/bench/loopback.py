@@ -297,10 +297,12 @@ def loopback_row(label: str, res: dict) -> tuple[str, ...]:
 
 
 def loopback_args(config: StreamConfig, model_args: list[str] = ()) -> list[str]:
-    """`rtsvc live` options for one loopback row: the block (auto allowed) and lengths of `config`."""
+    """`rtsvc live` options for one loopback row: the block (auto allowed) and lengths of `config`
+    (None: the voice's own)."""
     block = "auto" if config.block_ms is None else f"{config.block_ms:g}"
-    return ["--block-ms", block, "--context-ms", f"{config.context_ms:g}", "--crossfade-ms",
-            f"{config.crossfade_ms:g}", "--sola-search-ms", f"{config.sola_search_ms:g}", "--gate", "-70",
+    lengths = (("--crossfade-ms", config.crossfade_ms), ("--sola-search-ms", config.sola_search_ms))
+    given = [arg for flag, value in lengths if value is not None for arg in (flag, f"{value:g}")]
+    return ["--block-ms", block, "--context-ms", f"{config.context_ms:g}", *given, "--gate", "-70",
             *model_args]
 
 

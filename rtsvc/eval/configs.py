@@ -73,7 +73,7 @@ class EvalConfig:
         return StreamConfig(block_ms=pick(self.block_ms, defaults.block_ms),
                             context_ms=pick(self.context_ms, defaults.context_ms),
                             crossfade_ms=pick(self.crossfade_ms, defaults.crossfade_ms),
-                            sola_search_ms=defaults.sola_search_ms).validate()
+                            sola_search_ms=defaults.sola_search_ms).validate()  # None: the voice's
 
 
 def _number(key: str, value: str, text: str, kind: type = float):

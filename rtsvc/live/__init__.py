@@ -11,8 +11,8 @@ from rtsvc.live.keys import KeyReader, key_help
 from rtsvc.live.run import (
     AUDIO_API,
     DEVICE_BLOCK_MS,
-    JITTER_MS,
     PULSE_BUFFER_MS,
+    PULSE_DEVICE_BLOCK_MS,
     auto_jitter_ms,
     check_live_options,
     live_summary,
@@ -23,7 +23,7 @@ from rtsvc.live.run import (
 from rtsvc.live.state import LiveState
 from rtsvc.live.virtual_mic import VirtualMic, check_virtual_mic
 
-__all__ = ["AUDIO_API", "DEVICE_BLOCK_MS", "JITTER_MS", "PULSE_BUFFER_MS", "KeyReader",
+__all__ = ["AUDIO_API", "DEVICE_BLOCK_MS", "PULSE_BUFFER_MS", "PULSE_DEVICE_BLOCK_MS", "KeyReader",
            "LiveState", "OutputFifo", "auto_jitter_ms", "check_live_options",
            "devices_table", "find_device", "find_devices", "key_help", "list_devices", "live_summary",
            "parse_device_buffer_ms", "parse_jitter_ms", "run_live", "VirtualMic", "check_virtual_mic"]

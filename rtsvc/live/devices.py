@@ -158,3 +158,47 @@ def devices_table(devices: list[dict]) -> str:
         details = f"{where}, in {d['inputs']} out {d['outputs']}, {d['default_rate']} Hz"
         lines += ["", head, f"    {details}" + (f", default {defaults}" if defaults else "")]
     return "\n".join(lines)
+
+
+AUDIO_APIS = ("auto", "portaudio", "pulse")
+
+
+def pulse_server_running() -> bool:
+    """A PulseAudio (or PipeWire pulse) server answers `pactl info`."""
+    if shutil.which("pactl") is None:
+        return False
+    try:
+        return subprocess.run(["pactl", "info"], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def pasimple_loads() -> bool:
+    try:
+        import pasimple  # noqa: F401
+    except (ImportError, OSError):  # not installed / libpulse-simple missing
+        return False
+    return True
+
+
+def on_pulse_server(device: dict) -> bool:
+    """A device that a native pulse client can open: a source/sink entry, or PortAudio's pulse / default
+    device (the ALSA plugin to the same server)."""
+    return bool(device.get("pulse")) or device["name"] in (PULSE_DEVICE, "default")
+
+
+def choose_audio_api(api: str, devices: list[dict], server: bool | None = None, native: bool | None = None
+                     ) -> str:
+    """`--audio-api`: portaudio or pulse as asked; auto = pulse when every device is on a running
+    PulseAudio/PipeWire server and pasimple loads (its explicit buffers measured 83 ms mic to ear where
+    the ALSA plugin gave 169-190, docs/benchmarks.md), else portaudio. `server` / `native`: known answers
+    to "does a server run" / "does pasimple load" (None: find out)."""
+    if api not in AUDIO_APIS:
+        raise UserError(f"--audio-api must be one of {', '.join(AUDIO_APIS)}, got {api!r}")
+    if api != "auto":
+        return api
+    if not all(on_pulse_server(d) for d in devices):
+        return "portaudio"
+    server = pulse_server_running() if server is None else server
+    native = pasimple_loads() if native is None else native
+    return "pulse" if server and native else "portaudio"

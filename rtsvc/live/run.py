@@ -36,7 +36,14 @@ from rtsvc.dsp.audio import rms_db
 from rtsvc.engine import StreamConfig, StreamLayout
 from rtsvc.errors import UserError
 from rtsvc.live.chain import Conversion, OverloadGuard
-from rtsvc.live.devices import MAX_RATE, MIN_RATE, find_devices, load_sounddevice, pulse_routing
+from rtsvc.live.devices import (
+    MAX_RATE,
+    MIN_RATE,
+    choose_audio_api,
+    find_devices,
+    load_sounddevice,
+    pulse_routing,
+)
 from rtsvc.live.fifo import OutputFifo
 from rtsvc.live.keys import KeyReader, key_help
 from rtsvc.live.state import LiveState
@@ -49,8 +56,8 @@ if TYPE_CHECKING:
     from rtsvc.autoblock import AutoBlock
 
 DEVICE_BLOCK_MS = 10.0  # PortAudio callback size
-AUDIO_API = "portaudio"  # --audio-api default
-JITTER_MS = 40.0  # silence primed into the output FIFO to absorb block-wise delivery (at least)
+PULSE_DEVICE_BLOCK_MS = 5.0  # --audio-api pulse: record fragment and playback write size
+AUDIO_API = "auto"  # --audio-api default: pulse on a pulse server with pasimple, else portaudio
 MAX_JITTER_MS = 2000.0
 MAX_QUEUE_S = 1.0  # more unprocessed input than this: drop the oldest (overrun)
 STATUS_HZ = 4.0
@@ -274,33 +281,41 @@ def open_streams(sd, api: str, dev_in: dict, dev_out: dict, dev_mon: dict | None
 def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | None = None,
              input_device: str | int | dict | None = None, output_device: str | int | dict | None = None,
              input_rate: int | None = None, output_rate: int | None = None, duration: float | None = None,
-             record: str | Path | None = None, jitter_ms: float = JITTER_MS, console=None,
+             record: str | Path | None = None, jitter_ms: float | None = None, console=None,
              keys: bool = True, monitor_device: str | int | dict | None = None, audio_api: str = AUDIO_API,
-             device_block_ms: float = DEVICE_BLOCK_MS, device_buffer_ms: float | None = None,
+             device_block_ms: float | None = None, device_buffer_ms: float | None = None,
              pipeline: bool = False, adapt: bool = True, virtual_mic: str | None = None) -> dict:
     """Run mic -> voice -> speaker until Ctrl-C, SIGTERM, `q`, or `duration` seconds; return the final
     counters.
 
     Devices are indices or names (`find_device`), PulseAudio/PipeWire sources and sinks included, or
     the entries `find_devices` returned; `monitor_device` also plays the converted voice (e.g.
-    headphones, while the output is a cable). `audio_api`: portaudio (sounddevice) or pulse (a native
-    PulseAudio/PipeWire client with explicit buffers); `device_block_ms` / `device_buffer_ms`: the
-    callback size and the stream buffering asked for (None: PortAudio's "low", pulse PULSE_BUFFER_MS).
+    headphones, while the output is a cable). `jitter_ms`: the output buffer's prime (None: the voice's
+    floor, `stream_defaults.jitter_ms`). `audio_api`: portaudio (sounddevice), pulse (a native
+    PulseAudio/PipeWire client with explicit buffers) or auto (`choose_audio_api`); `device_block_ms` /
+    `device_buffer_ms`: the callback size (None: DEVICE_BLOCK_MS, pulse PULSE_DEVICE_BLOCK_MS) and the
+    stream buffering asked for (None: PortAudio's "low", pulse PULSE_BUFFER_MS).
     `pipeline`: a model voice's features and DiT + vocoder on two threads (`rtsvc.pipeline`).
     `adapt`: lengthen the block under sustained overload (`rtsvc.live.chain.OverloadGuard`).
     `virtual_mic` plays into a new virtual microphone of that name instead of the output device,
     removed however this ends (rtsvc.live.virtual_mic).
     """
-    sd = load_sounddevice() if audio_api == "portaudio" else None
     from rich.console import Console
     from rich.live import Live
 
     console = console or Console(stderr=True)
+    jitter_ms = voice.stream_defaults.jitter_ms if jitter_ms is None else jitter_ms
     check_live_options(input_rate, output_rate, duration, jitter_ms)
     if isinstance(input_device, dict) and isinstance(output_device, dict):  # resolved by find_devices
         dev_in, dev_out, dev_mon = input_device, output_device, monitor_device
     else:
         dev_in, dev_out, dev_mon = find_devices(input_device, output_device, monitor_device)
+    played = [d for d in (dev_out, dev_mon) if d is not None] if virtual_mic is None else \
+        [d for d in (dev_mon,) if d is not None]  # a virtual mic is a pulse sink
+    audio_api = choose_audio_api(audio_api, [dev_in, *played])
+    sd = load_sounddevice() if audio_api == "portaudio" else None
+    if device_block_ms is None:
+        device_block_ms = PULSE_DEVICE_BLOCK_MS if audio_api == "pulse" else DEVICE_BLOCK_MS
     in_rate = int(input_rate or dev_in["default_rate"])
     out_rate = int(output_rate or dev_out["default_rate"])
     state = LiveState()
@@ -462,21 +477,21 @@ def parse_jitter_ms(text: str) -> float | None:
     return value
 
 
-def auto_jitter_ms(choice: "AutoBlock | None", say=None) -> float:
+def auto_jitter_ms(choice: "AutoBlock | None", floor_ms: float, say=None) -> float:
     """`--jitter-ms auto`: with a measured (auto) block, its headroom, so that every block computed
     within the block's length is on time (measured: a V3 student at a 209 ms block had 1 underrun a
-    minute with 40 ms, none with 100 ms); at least JITTER_MS. A given block was not measured: JITTER_MS.
-    `say` is told the buffer an auto block got."""
+    minute with 40 ms, none with 100 ms); at least `floor_ms` (the voice's `stream_defaults.jitter_ms`).
+    A given block was not measured: `floor_ms`. `say` is told the buffer an auto block got."""
     if choice is None:
-        return JITTER_MS
-    jitter = min(MAX_JITTER_MS, max(JITTER_MS, float(np.ceil(choice.headroom_ms))))
+        return floor_ms
+    jitter = min(MAX_JITTER_MS, max(floor_ms, float(np.ceil(choice.headroom_ms))))
     if say is not None:
         say(f"auto jitter buffer: {jitter:.0f} ms (the block's headroom over its mean compute)")
     return jitter
 
 
 def check_live_options(input_rate: int | None = None, output_rate: int | None = None,
-                       duration: float | None = None, jitter_ms: float = JITTER_MS) -> None:
+                       duration: float | None = None, jitter_ms: float = 0.0) -> None:
     """User mistakes in `rtsvc live` options that would otherwise surface late (after the model loads)."""
     for name, rate in (("--input-rate", input_rate), ("--output-rate", output_rate)):
         if rate is not None and not MIN_RATE <= rate <= MAX_RATE:

@@ -85,7 +85,7 @@ from rtsvc.serve.transport import Transport, TransportClosed, WebsocketsTranspor
 from rtsvc.settings import DENOISE_CHOICES, Knobs, RuntimeSettings, knob_spec
 from rtsvc.voice import Voice
 from rtsvc.voices.blend import check_speaker, is_blend
-from rtsvc.voices.defaults import DSP_BLOCK_MS
+from rtsvc.voices.defaults import DSP_STREAM, StreamDefaults
 
 log = logging.getLogger("rtsvc.serve.server")
 
@@ -148,7 +148,7 @@ class VoiceSource:
     make: Callable[[], Voice]
     model: Voice | None = None  # the shared model voice behind `make`, for batching (None: DSP)
     family: str = "dsp"  # "dsp", or the model family ("v2", "v3"): which controls the page shows
-    default_block_ms: float = DSP_BLOCK_MS  # the voice's own block for `--block-ms auto`
+    stream_defaults: StreamDefaults = DSP_STREAM  # the voice's own lengths (`--block-ms auto` etc.)
     capabilities: Capabilities | None = None  # what the voice honours (None: all its family's knobs)
 
     def __post_init__(self):
@@ -202,7 +202,7 @@ def batched_source(source: VoiceSource, scheduler: BatchScheduler, config: Serve
     def make() -> Voice:
         return BatchedVoice(voice.fork(), batcher, block_s)
 
-    return VoiceSource(source.name, source.speakers, make, voice, source.family, source.default_block_ms,
+    return VoiceSource(source.name, source.speakers, make, voice, source.family, source.stream_defaults,
                        source.capabilities)
 
 
@@ -454,9 +454,9 @@ class StreamServer:
         from rtsvc.engine import StreamConfig, StreamLayout
 
         kind = self.source.family
-        config = self.stream_config or StreamConfig()
+        config = (self.stream_config or StreamConfig()).with_defaults(self.source.stream_defaults)
         if config.block_ms is None:  # auto, as the voice would resolve it
-            config = replace(config, block_ms=self.source.default_block_ms)
+            config = replace(config, block_ms=self.source.stream_defaults.block_ms)
         latency = StreamLayout.from_config(config, SAMPLE_RATE).latency
         return {"voice": self.source.name, "speakers": list(self.source.speakers),
                 "settings": knobs_dict(self.knobs), "auth": bool(self.config.token),
@@ -723,7 +723,7 @@ def dsp_source(f0_method: str = "dio") -> VoiceSource:
     from rtsvc.voices.dsp import DspVoice
 
     voice = DspVoice(f0_method)  # stateless: one instance serves every session
-    return VoiceSource("dsp", list(voice.speakers), lambda: voice, default_block_ms=voice.default_block_ms)
+    return VoiceSource("dsp", list(voice.speakers), lambda: voice, stream_defaults=voice.stream_defaults)
 
 
 def model_source(voice: Voice, name: str = "model") -> VoiceSource:
@@ -744,7 +744,7 @@ def model_source(voice: Voice, name: str = "model") -> VoiceSource:
 
     batchable = voice if hasattr(voice, "prepare") and getattr(voice, "streaming", False) else None
     family = voice.backend.family  # its model family: which controls the page shows
-    return VoiceSource(name, list(voice.speakers), make, batchable, family, voice.default_block_ms,
+    return VoiceSource(name, list(voice.speakers), make, batchable, family, voice.stream_defaults,
                        capabilities_of(voice, family))
 
 

@@ -152,7 +152,7 @@ class BatchedVoice:
         self.budget_s = budget_s
         self.sample_rate = voice.sample_rate
         self.speakers = voice.speakers
-        self.default_block_ms = voice.default_block_ms
+        self.stream_defaults = voice.stream_defaults
 
     def convert(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                 tail: int | None = None) -> np.ndarray:

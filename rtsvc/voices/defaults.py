@@ -1,7 +1,33 @@
 """Streaming defaults the voices declare, torch-free so the command line can show them in --help."""
 
-DSP_BLOCK_MS = 50.0  # 4 mel frames = 46.4 ms: DSP voice p99 ~0.45 of the block, 2 cores (docs/benchmarks.md)
+from dataclasses import dataclass
+
+# 2 mel frames = 23.2 ms: the DSP voice costs 8 ms per block there (p99 13), 2 cores; with the lengths
+# below and a 20 ms pulse playback buffer, under 100 ms mic to ear, no underrun (docs/benchmarks.md)
+DSP_BLOCK_MS = 23.2
 MODEL_BLOCK_MS = 150.0  # 13 frames = 150.9 ms: a model block costs 30-300 ms on a CPU (tiny: p99 0.28 of it)
+
+
+@dataclass(frozen=True)
+class StreamDefaults:
+    """What a voice streams with unless told otherwise (ms): `--block-ms auto` searches from
+    `block_ms`; `jitter_ms` is the least silence primed into live's output buffer."""
+
+    block_ms: float
+    crossfade_ms: float
+    sola_search_ms: float
+    jitter_ms: float
+
+
+# WORLD resynthesises each window with its own phase, so SOLA must be able to shift a block by a whole
+# period of the output: 20 ms is one period at the 50 Hz F0 floor (a 5 ms search left 60 Hz output
+# 1336 cents off, docs/benchmarks.md); a 15 ms crossfade (10 ms: +0.6 dB from offline at +12
+# semitones). The jitter prime rides out pyworld holding the GIL (up to 14 ms a call): 20 ms, no
+# underrun in 60 s; 10 ms underran 3-4 times a minute
+DSP_STREAM = StreamDefaults(DSP_BLOCK_MS, crossfade_ms=15.0, sola_search_ms=20.0, jitter_ms=20.0)
+# a model's blocks join less cleanly (each is sampled with its own context): longer fades, and a
+# prime for compute that moves by tens of ms from block to block
+MODEL_STREAM = StreamDefaults(MODEL_BLOCK_MS, crossfade_ms=25.0, sola_search_ms=10.0, jitter_ms=40.0)
 DIT_CONTEXT_MS = 250.0  # streaming model voices: left context the DiT sees before the vocoded frames
 # streaming model voices: left context the encoders (ContentVec, Whisper) see before the new samples;
 # the engine's window (--context-ms + the block's tail) bounds it, so at the default context of 300 ms

@@ -23,7 +23,7 @@ from rtsvc.errors import UserError
 from rtsvc.features.f0_methods import DSP_F0
 from rtsvc.features.f0_methods import f0_method as f0_row
 from rtsvc.settings import Knobs
-from rtsvc.voices.defaults import DSP_BLOCK_MS
+from rtsvc.voices.defaults import DSP_STREAM
 
 FRAME_HOP = 256  # analysis hop in samples (5.8 ms); 512-aligned windows land on the same frame grid
 F0_FLOOR = 50.0
@@ -58,7 +58,7 @@ class DspVoice:
     """A `Voice` that needs no model: WORLD pitch shift (semitones) and formant shift (factor)."""
 
     speakers = ["dsp"]
-    default_block_ms = DSP_BLOCK_MS
+    stream_defaults = DSP_STREAM
     uses_formant = True  # the formant knob applies (model voices too: rtsvc.dsp.formant_warp)
 
     def __init__(self, f0_method: str = "dio", sample_rate: int = SAMPLE_RATE):

@@ -46,7 +46,7 @@ from rtsvc.voices.defaults import (
     DIT_CONTEXT_MS,
     ENCODER_CONTEXT_MS,
     MAX_VOCODER_CONTEXT_FRAMES,
-    MODEL_BLOCK_MS,
+    MODEL_STREAM,
     VOCODER_CONTEXT_FRAMES,
 )
 
@@ -73,7 +73,7 @@ class ModelVoice:
     """
 
     sample_rate = SAMPLE_RATE
-    default_block_ms = MODEL_BLOCK_MS
+    stream_defaults = MODEL_STREAM
     uses_formant = True  # the formant knob warps the generated mel (rtsvc.dsp.formant_warp)
 
     def __init__(self, backend: "Backend", features: "FeatureExtractor", whisper_pad_30s: bool = True,
