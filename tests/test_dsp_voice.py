@@ -9,7 +9,7 @@ from rtsvc.bench.blocks import log_spectral_distance
 from rtsvc.engine import StreamConfig, convert_stream
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
-from rtsvc.voices.dsp import DspVoice, shift_envelope
+from rtsvc.voices.dsp import DspVoice, shift_envelope, sparse_aperiodicity
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -116,6 +116,20 @@ def test_streaming_defaults_keep_the_pitch_of_low_and_high_voices(f0, pitch):
     too_short = convert_stream(voice, source, knobs, StreamConfig(config.block_ms, 300.0, 5.0, 5.0))
     if f0 * 2 ** (pitch / 12) < 80:  # the search below one output period: the check can fail
         assert abs(1200 * np.log2(median_f0(too_short, start=0.2, floor=50.0) / target)) > 100
+
+
+def test_sparse_aperiodicity_stays_close_to_every_frame_and_so_does_the_voice(tone):
+    x = tone.astype(np.float64)
+    f0, times = pyworld.dio(x, SR, frame_period=256 / SR * 1000)
+    f0 = pyworld.stonemask(x, f0, times, SR)
+    full = pyworld.d4c(x, f0, times, SR)
+    assert np.array_equal(sparse_aperiodicity(x, f0, times, SR, every=1), full)
+    sparse = sparse_aperiodicity(x, f0, times, SR, every=4)
+    assert sparse.shape == full.shape and np.abs(sparse - full).mean() < 0.1
+    knobs = Knobs(pitch_shift=5, gate_db=-70)
+    fast = DspVoice().convert(tone, knobs)
+    every_frame = DspVoice(aperiodicity_every=1).convert(tone, knobs)
+    assert not np.array_equal(fast, every_frame) and log_spectral_distance(fast, every_frame) < 0.5
 
 
 def test_pitch_knob_change_mid_stream_takes_effect(tone):

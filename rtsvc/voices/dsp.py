@@ -79,8 +79,10 @@ class DspVoice:
     stream_defaults = DSP_STREAM
     uses_formant = True  # the formant knob applies (model voices too: rtsvc.dsp.formant_warp)
 
-    def __init__(self, f0_method: str = "dio", sample_rate: int = SAMPLE_RATE):
+    def __init__(self, f0_method: str = "dio", sample_rate: int = SAMPLE_RATE,
+                 aperiodicity_every: int = APERIODICITY_EVERY):
         self.f0_method = f0_row(f0_method, DSP_F0, option="DSP F0 method").name
+        self.aperiodicity_every = aperiodicity_every
         self.sample_rate = sample_rate
         self.frame_period_ms = FRAME_HOP / sample_rate * 1000.0
 
@@ -118,7 +120,7 @@ class DspVoice:
         first = max(0, (n - need) // FRAME_HOP - MARGIN_FRAMES)
         f0, times = np.ascontiguousarray(f0[first:]), np.ascontiguousarray(times[first:])
         envelope = pyworld.cheaptrick(x, f0, times, self.sample_rate)
-        aperiodicity = sparse_aperiodicity(x, f0, times, self.sample_rate)
+        aperiodicity = sparse_aperiodicity(x, f0, times, self.sample_rate, self.aperiodicity_every)
         f0 = f0 * 2.0 ** (knobs.pitch_shift / 12.0)  # unvoiced frames stay 0
         envelope = shift_envelope(envelope, knobs.formant_shift)
         y = pyworld.synthesize(f0, envelope, aperiodicity, self.sample_rate, self.frame_period_ms)
