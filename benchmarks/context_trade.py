@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="audio per clip for the distances")
     ap.add_argument("--clips", default="all", choices=("all", "speech", "sung", "none"),
                     help="clips for the distances (none: costs only)")
-    ap.add_argument("--json", default="context_trade.json", help="where the figures are written")
+    ap.add_argument("--json", default=None, help="also write the figures as JSON here (default: no file)")
     args = ap.parse_args()
     voice = open_voice(VoiceSpec(model=args.model, pretrained_dir=args.pretrained_dir, f0=args.f0,
                                  streaming=True, threads=args.threads))
@@ -128,8 +128,9 @@ def main() -> None:
                                                      {k: v for k, v in inputs(args.seconds).items()
                                                       if args.clips == "all" or k == args.clips})
     cost = costs(voice, pairs, knobs, config, args.blocks, args.rounds)
-    Path(args.json).write_text(json.dumps({"distances": {str(k): v for k, v in dist.items()},
-                                           "costs": {str(k): v for k, v in cost.items()}}, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"distances": {str(k): v for k, v in dist.items()},
+                                               "costs": {str(k): v for k, v in cost.items()}}, indent=1))
     print(f"\nstarted {started}, ended {time.strftime('%H:%M UTC', time.gmtime())}, load {os.getloadavg()}")
     print("| encoder ms | vocoder frames | features ms (range) | DiT+vocoder ms (range) | ContentVec | F0 "
           "| LSD dB vs offline speech / sung | mel L1 vs offline | LSD dB vs default "
