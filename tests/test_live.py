@@ -490,7 +490,7 @@ def test_status_fits_80_columns_with_every_field():
     fifo.underruns, fifo.overruns, fifo.trims = 12, 345, 67
     state = LiveState(input_db=-23.4, input_overruns=8, seconds=1234.5)
     settings = RuntimeSettings(Knobs(pitch_shift=-12, formant_shift=1.25, gate_db=-55, input_gain_db=-12,
-                                     output_gain_db=12, denoise="deepfilternet"))
+                                     output_gain_db=12, denoise="deepfilternet", vad="on"))
     text = status_lines(conv, fifo, state, settings, device_ms=47.0, keys=None, width=79)
     console = Console(width=80, record=True, force_terminal=True)
     console.print(text)
@@ -500,7 +500,7 @@ def test_status_fits_80_columns_with_every_field():
     e2e = conv.engine.latency_ms + (4800 + 480 + 960) / 48 + 47.0
     for part in (f"e2e ~{e2e:.0f} ms", "algo 48", "buffer 130", "device 47", "under 12", "over 353",
                  "trim 67", "pitch -12", "formant 1.25", "gate -55 dB", "gain -12/+12 dB",
-                 "denoise deepfilternet",
+                 "denoise deepfilternet vad",
                  "1234.5 s", "compute 0/23 ms"):
         assert part in plain, (part, plain)
 

@@ -175,6 +175,7 @@ def status_lines(conversion: Conversion, fifo: OutputFifo, state: LiveState, set
     second.append(f"target {split['buffer_target_ms']:.0f} ms  {state.seconds:6.1f} s")
     formant = f" formant {knobs.formant_shift:g}" if keys is None or keys.formant else ""
     denoise = f" denoise {knobs.denoise}" if knobs.denoise != "off" else ""
+    denoise += " vad" if knobs.vad == "on" else ""  # the voice-activity gate is on
     gains = f"{knobs.input_gain_db:+g}/{knobs.output_gain_db:+g}"
     auto = st.get("auto_pitch")  # --pitch auto: the shift chosen
     auto = f" auto {auto:+.1f}" if auto is not None else ""
