@@ -33,8 +33,7 @@ from rtsvc.dsp.sola import crossfade, find_sola_offset
 from rtsvc.dsp.vad import StreamVad  # onnxruntime loads only when `vad` is on
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
-from rtsvc.voice import Voice
-from rtsvc.voices.defaults import StreamDefaults
+from rtsvc.voice import StreamDefaults, Voice
 
 GATE_FRAME_MS = 10.0  # the gate opens when any 10 ms frame of the block's region is above threshold
 STATS_WINDOW = 2000  # blocks kept for compute-time percentiles

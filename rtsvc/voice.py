@@ -1,11 +1,23 @@
 """What the streaming engine and `convert` need from a voice (a model or the DSP voice)."""
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from rtsvc.settings import Knobs
-from rtsvc.voices.defaults import StreamDefaults
+
+
+@dataclass(frozen=True)
+class StreamDefaults:
+    """What a voice streams with unless told otherwise (ms): `--block-ms auto` searches from
+    `block_ms`; `jitter_ms` is the least silence primed into live's output buffer. The values:
+    rtsvc/voices/defaults.py."""
+
+    block_ms: float
+    crossfade_ms: float
+    sola_search_ms: float
+    jitter_ms: float
 
 
 class Voice(Protocol):

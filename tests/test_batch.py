@@ -25,8 +25,8 @@ from rtsvc.voices.spec import VoiceSpec, open_model, open_voice
 from tests.tiny_models import make_tiny_dit_checkpoint
 
 SR = 44100
-LAYOUT = StreamLayout.from_config(StreamConfig(block_ms=150.0, context_ms=300.0), SR)
-SHORT = StreamLayout.from_config(StreamConfig(block_ms=100.0, context_ms=200.0), SR)
+LAYOUT = StreamLayout.from_config(StreamConfig(150.0, 300.0, 25.0, 10.0), SR)  # a model's lengths
+SHORT = StreamLayout.from_config(StreamConfig(100.0, 200.0, 25.0, 10.0), SR)
 # (input f0 Hz, knobs, first round, layout)
 STREAMS = [
     (150.0, Knobs(speaker="alice", pitch_shift=0.0, cfg_strength=2.0, steps=3, seed=0), 0, LAYOUT),

@@ -221,7 +221,7 @@ def test_cache_memory_is_bounded_and_reset_clears_it(local_features):
 def test_encoder_reuse_keeps_old_frames_and_refreshes_the_newest(local_features):
     stub = FeatureExtractor(StubEncoder(768), StubEncoder(1280), F0Extractor("acf", local_f0), "cpu")
     cache = FeatureCache(stub, encoder_context_s=0.3)
-    windows = list(engine_windows(sung_tone(3.0), StreamConfig(block_ms=150, context_ms=1000)))
+    windows = list(engine_windows(sung_tone(3.0), StreamConfig(150, 1000, 25.0, 10.0)))
     for window, start in windows[:-1]:
         cache.window(window, start)
     store, encoder = cache.whisper, stub.whisper_encoder

@@ -83,9 +83,9 @@ from rtsvc.serve.protocol import (
 from rtsvc.serve.scheduler import DEFAULT_BATCH_DEADLINE_MS, BatchScheduler, BlockScheduler, Scheduler
 from rtsvc.serve.transport import Transport, TransportClosed, WebsocketsTransport, limit_send_buffer
 from rtsvc.settings import DENOISE_CHOICES, Knobs, RuntimeSettings, knob_spec
-from rtsvc.voice import Voice
+from rtsvc.voice import StreamDefaults, Voice
 from rtsvc.voices.blend import check_speaker, is_blend
-from rtsvc.voices.defaults import DSP_STREAM, StreamDefaults
+from rtsvc.voices.defaults import DSP_STREAM
 
 log = logging.getLogger("rtsvc.serve.server")
 

@@ -1,23 +1,12 @@
 """Streaming defaults the voices declare, torch-free so the command line can show them in --help."""
 
-from dataclasses import dataclass
+from rtsvc.voice import StreamDefaults
 
-# 2 mel frames = 23.2 ms: the DSP voice costs 8 ms per block there (p99 13), 2 cores; with the lengths
-# below and a 20 ms pulse playback buffer, under 100 ms mic to ear, no underrun (docs/benchmarks.md)
+# 2 mel frames = 23.2 ms: the DSP voice costs 12-21 ms a block of continuous voice on 2 AVX2 cores
+# (auto may pick longer there); with the lengths below and the pulse client, 116-124 ms mic to ear
+# through PulseAudio without underruns, against 169-190 ms before (docs/benchmarks.md)
 DSP_BLOCK_MS = 23.2
 MODEL_BLOCK_MS = 150.0  # 13 frames = 150.9 ms: a model block costs 30-300 ms on a CPU (tiny: p99 0.28 of it)
-
-
-@dataclass(frozen=True)
-class StreamDefaults:
-    """What a voice streams with unless told otherwise (ms): `--block-ms auto` searches from
-    `block_ms`; `jitter_ms` is the least silence primed into live's output buffer."""
-
-    block_ms: float
-    crossfade_ms: float
-    sola_search_ms: float
-    jitter_ms: float
-
 
 # WORLD resynthesises each window with its own phase, so SOLA must be able to shift a block by a whole
 # period of the output: 20 ms is one period at the 50 Hz F0 floor (a 5 ms search left 60 Hz output
