@@ -89,12 +89,15 @@ class DspVoice:
     def reset(self) -> None:
         """Stateless: every window is analysed on its own."""
 
-    def _f0(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _f0(self, x: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+        """F0 and frame times of `x` from frame `first` on (tracked over all of `x`)."""
         fs, fp = self.sample_rate, self.frame_period_ms
         if self.f0_method == "harvest":
-            return pyworld.harvest(x, fs, f0_floor=F0_FLOOR, f0_ceil=F0_CEIL, frame_period=fp)
+            f0, times = pyworld.harvest(x, fs, f0_floor=F0_FLOOR, f0_ceil=F0_CEIL, frame_period=fp)
+            return np.ascontiguousarray(f0[first:]), np.ascontiguousarray(times[first:])
         f0, times = pyworld.dio(x, fs, f0_floor=F0_FLOOR, f0_ceil=F0_CEIL, frame_period=fp, speed=DIO_SPEED)
-        return pyworld.stonemask(x, f0, times, fs), times
+        f0, times = np.ascontiguousarray(f0[first:]), np.ascontiguousarray(times[first:])
+        return pyworld.stonemask(x, f0, times, fs), times  # per frame: refining only these is exact
 
     def convert(self, audio: np.ndarray, knobs: Knobs, start_sample: int = 0,
                 tail: int | None = None) -> np.ndarray:
@@ -116,9 +119,8 @@ class DspVoice:
         skip = max(0, (n - need - F0_CONTEXT) // FRAME_HOP) * FRAME_HOP
         x = audio[skip:].astype(np.float64)
         n -= skip
-        f0, times = self._f0(x)
         first = max(0, (n - need) // FRAME_HOP - MARGIN_FRAMES)
-        f0, times = np.ascontiguousarray(f0[first:]), np.ascontiguousarray(times[first:])
+        f0, times = self._f0(x, first)
         envelope = pyworld.cheaptrick(x, f0, times, self.sample_rate)
         aperiodicity = sparse_aperiodicity(x, f0, times, self.sample_rate, self.aperiodicity_every)
         f0 = f0 * 2.0 ** (knobs.pitch_shift / 12.0)  # unvoiced frames stay 0
