@@ -127,7 +127,8 @@ async def client(port: int, i: int, audio: np.ndarray, pace_s: float = 0.0, star
             ready = json.loads(await asyncio.wait_for(ws.recv(), 60))
             assert ready["type"] == "ready", ready
             result["replica"] = ready.get("replica")  # only under Ray
-            if started is not None:
+            if started is not None:  # an asyncio.Event, told which replica took the stream
+                started.replica = result["replica"]
                 started.set()
             for begin in range(0, len(audio), block):
                 await ws.send(audio[begin:begin + block].astype("<f4").tobytes())
@@ -200,11 +201,17 @@ def test_two_replicas_convert_like_the_plain_server_and_survive_a_replica_kill(r
 
     async def main():
         long_audio = sung_tone(3.0, SR, f0=200.0)
-        started = [asyncio.Event() for _ in CLIENTS]
-        tasks = [asyncio.create_task(client(port, i, long_audio, pace_s=0.05, started=started[i]))
-                 for i in range(len(CLIENTS))]
-        for event in started:
-            await asyncio.wait_for(event.wait(), 60)
+        for _ in range(3):  # Serve may route every stream of a round to one replica: then start again
+            started = [asyncio.Event() for _ in CLIENTS]
+            tasks = [asyncio.create_task(client(port, i, long_audio, pace_s=0.05, started=started[i]))
+                     for i in range(len(CLIENTS))]
+            for event in started:
+                await asyncio.wait_for(event.wait(), 60)
+            if len({event.replica for event in started}) == 2:  # set by `client` when ready
+                break
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.sleep(0.5)  # every client is mid-stream now: kill one replica's process
         victim = sorted(pids)[0]
         os.kill(pids[victim], signal.SIGKILL)

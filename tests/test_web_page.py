@@ -218,7 +218,7 @@ def test_control_panel_renders_keeps_settings_and_presets_in_headless_chromium(t
     assert before["controls"] == ["pitch_shift", "formant_shift", "gate_db", "vad", "input_gain_db",
                                   "output_gain_db", "denoise"]  # the DSP voice: basic knobs (KNOB_TABLE)
     assert before["denoise"] == ["off", "deepfilternet", "rnnoise"]
-    assert "latency ≈ 76 ms in the engine" in before["status"] and before["mics"] >= 1
+    assert "latency ≈ 48 ms in the engine" in before["status"] and before["mics"] >= 1
     assert edited["pitch"] == "7" and edited["presets"] == ["robot"]  # the preset brought 7 back
     assert "noise suppression" in edited["status"]  # its latency is shown before Start
     assert reloaded["pitch"] == "7" and reloaded["denoiseValue"] == "rnnoise"
@@ -230,7 +230,7 @@ def test_control_panel_renders_keeps_settings_and_presets_in_headless_chromium(t
     top = image[: image.shape[0] // 2]
     assert (top.mean(axis=2) > 150).mean() > 0.002  # light text on the dark panel
     assert ready["settings"]["pitch_shift"] == 7 and ready["settings"]["denoise"] == "rnnoise"
-    assert ready["latency_ms"] > 76 + 30  # the denoiser's delay is in the reported latency
+    assert ready["latency_ms"] > 48 + 30  # the denoiser's delay is in the reported latency
     assert state["error"] is None and state["samplesReceived"] > 9600
 
 
