@@ -47,13 +47,15 @@ def read():
                 queue.popleft()
 threading.Thread(target=read, daemon=True).start()
 print("started", flush=True)
-silence, reported, end = bytes(block * frame), [], time.time() + seconds
+silence, reported, held, end = bytes(block * frame), [], [], time.time() + seconds
 while time.time() < end:
-    with lock:
+    with lock:  # the line's real length when each block is taken (a starved pop shortens it)
+        held.append((time.time(), len(queue) * block_ms))
         data = queue.popleft() if queue else silence
     play.write(data)
     reported.append((rec.get_latency() / 1000, play.get_latency() / 1000))
 print(" ".join(f"{v:.1f}" for v in np.mean(reported, axis=0)), flush=True)
+print(" ".join(f"{t:.3f}:{ms:g}" for t, ms in held), flush=True)
 '''
 
 
@@ -91,8 +93,9 @@ def rig_delays(server: PulseServer, source: str, seconds: float, workdir: Path,
 
 def floor_row(block_ms: float, tlength_ms: float, seconds: float, delay_ms: float = 0.0) -> dict:
     """One pass-through run (with a `delay_ms` delay line, rounded to blocks): the rig's own delay, the
-    pass-through's delay over it (mean, p95), the two-monitor clock's figure, and the record /
-    playback latencies the server reported (ms)."""
+    pass-through's delay over it (mean, p95), the two-monitor clock's figure, the record /
+    playback latencies the server reported, and the audio the client's queue held on average while
+    the clock measured (ms)."""
     with PulseServer() as server, tempfile.TemporaryDirectory() as tmp:
         rig = rig_delays(server, "mic.monitor", 6.0, Path(tmp)) * 1000
         env = server.client_env(sink="speaker", source="mic.monitor")
@@ -103,8 +106,11 @@ def floor_row(block_ms: float, tlength_ms: float, seconds: float, delay_ms: floa
             client.stdout.readline()
             time.sleep(1.0)
             total = rig_delays(server, "speaker.monitor", seconds, Path(tmp)) * 1000
+            clock_from = time.time()
             clock = monitor_delays(server, seconds, Path(tmp)) * 1000
+            clock_to = time.time()
             reported_in, reported_out = map(float, client.stdout.readline().split())
+            held = [tuple(map(float, pair.split(":"))) for pair in client.stdout.readline().split()]
         finally:
             client.kill()
             client.wait()
@@ -112,7 +118,8 @@ def floor_row(block_ms: float, tlength_ms: float, seconds: float, delay_ms: floa
     return {"block_ms": block_ms, "tlength_ms": tlength_ms, "rig_ms": float(rig.mean()),
             "floor_ms": float(over.mean()), "floor_p95_ms": float(np.percentile(over, 95)),
             "clock_ms": float(clock.mean()), "clock_p95_ms": float(np.percentile(clock, 95)),
-            "reported_in_ms": reported_in, "reported_out_ms": reported_out}
+            "reported_in_ms": reported_in, "reported_out_ms": reported_out,
+            "held_ms": float(np.mean([ms for t, ms in held if clock_from <= t <= clock_to]))}
 
 
 def main() -> None:

@@ -677,9 +677,12 @@ def test_the_two_monitor_clock_measures_a_known_delay_line():
     plain = floor_row(5.0, 10.0, seconds=5.0)
     delayed = floor_row(5.0, 10.0, seconds=5.0, delay_ms=100.0)
     extra = delayed["clock_ms"] - plain["clock_ms"]
-    print(f"\nclock: {plain['clock_ms']:.1f} ms plain, {delayed['clock_ms']:.1f} ms with 100 ms more")
-    # the pass-through's start-up eats up to two 5 ms blocks of its delay line (the playback buffer
-    # fills first), so the line is 90-100 ms long in steady state
-    assert 87.0 <= extra <= 108.0, (plain, delayed)
+    held = delayed["held_ms"] - plain["held_ms"]
+    print(f"\nclock: {plain['clock_ms']:.1f} ms plain, {delayed['clock_ms']:.1f} ms with 100 ms more; "
+          f"the queues held {held:.1f} ms more")
+    # the line is 100 ms when primed; start-up and any starved pop on a busy machine (CI) each eat a
+    # 5 ms block of it, so the clock is held to what the client's queue really held
+    assert 70.0 <= held <= 105.0, (plain, delayed)
+    assert abs(extra - held) <= 8.0, (plain, delayed)
     # the pass-through alone: the server's record + playback buffers and at most two queued blocks
     assert 0.0 < plain["clock_ms"] <= plain["reported_in_ms"] + plain["reported_out_ms"] + 15.0, plain
