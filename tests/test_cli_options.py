@@ -81,8 +81,8 @@ def test_every_option_states_its_default_and_knob_defaults_follow_the_dataclasse
         block = params["block_ms"]  # auto: both values with their units, in every command
         assert "auto = measured at start on this machine" in block.help, name
         assert "from 23.2 ms for the DSP voice, 150 ms (150.9 ms) with --model" in block.help, name
-        for option, lengths in (("crossfade_ms", "15 for the DSP voice, 25 with --model"),
-                                ("sola_search_ms", "20 for the DSP voice, 10 with --model")):
+        for option, lengths in (("crossfade_ms", "12 for the DSP voice, 25 with --model"),
+                                ("sola_search_ms", "8 for the DSP voice, 10 with --model")):
             if option in params:  # None: the voice's own, both stated with their voice
                 assert params[option].default is None and f"Default: {lengths}." in params[option].help, name
         assert block.default == ("auto" if name != "bench" else "50,100,150,250"), name
@@ -248,7 +248,7 @@ def test_bench_loopback_measures_every_block_and_the_table_has_the_real_time_mar
                              capsys, monkeypatch)
     assert code == 0, err
     assert [c.block_ms for c in measured] == [23.2, 100.0, 50.0]  # auto is 23.2 for the DSP voice
-    assert [(c.crossfade_ms, c.sola_search_ms) for c in measured] == [(15.0, 20.0)] * 3  # the DSP voice's
+    assert [(c.crossfade_ms, c.sola_search_ms) for c in measured] == [(12.0, 8.0)] * 3  # the DSP voice's
     assert "p99/block" in out
     row = next(line for line in out.splitlines() if "│ dsp" in line and " 104.5 " in line)  # 100 ms: 9 frames
     p99_ms, margin = (float(cell) for cell in row.split("│")[8:12:3])

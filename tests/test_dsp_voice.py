@@ -9,7 +9,7 @@ from rtsvc.bench.blocks import log_spectral_distance
 from rtsvc.engine import StreamConfig, convert_stream
 from rtsvc.errors import UserError
 from rtsvc.settings import Knobs, RuntimeSettings
-from rtsvc.voices.dsp import DspVoice, shift_envelope, sparse_aperiodicity
+from rtsvc.voices.dsp import DspVoice, lead_f0, shift_envelope, sparse_aperiodicity, world_phase_steps
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -95,27 +95,70 @@ def test_streaming_is_close_to_offline(tone):
     print(f"\nlog-spectral distance streaming vs offline: {gap:.2f} dB "
           f"(offline +12 vs +11 semitones: {baseline:.2f} dB); "
           f"F0 {median_f0(streamed):.1f} vs {median_f0(offline):.1f} Hz")
-    assert gap < 3.0 and gap < baseline
+    # a 360 Hz tone with vibrato at the short defaults (23.2 ms, 12 ms crossfade): 3.8 dB (2.5 with the
+    # earlier 15 ms crossfade and 20 ms search; speech is as close as then, docs/benchmarks.md)
+    assert gap < 4.25 and gap < baseline
     assert median_f0(streamed) == pytest.approx(median_f0(offline), rel=0.01)
 
 
 @pytest.mark.parametrize("f0,pitch", [(150.0, -12), (120.0, -12), (220.0, 12)])
 def test_streaming_defaults_keep_the_pitch_of_low_and_high_voices(f0, pitch):
-    """The DSP voice's short default block: SOLA must reach a whole output period (60 Hz here; a 5 ms
-    search left it 1336 cents off, the block rate heard as pitch)."""
-    voice = DspVoice()
+    """The DSP voice's short default block and 8 ms SOLA search: each window continues the last one's
+    pulse clock, so no whole output period (17 ms at 60 Hz) of search is needed (windows that start
+    their pulses afresh can lose the pitch at these lengths: the block rate heard as pitch)."""
     source, knobs = sung_tone(1.5, f0), Knobs(pitch_shift=pitch, gate_db=-70)
-    config = StreamConfig().for_voice(voice)
-    assert config.block_ms < 25.0  # the defaults under test are the short ones
-    streamed = convert_stream(voice, source, knobs, config)
+    config = StreamConfig().for_voice(DspVoice())
+    assert config.block_ms < 25.0 and config.sola_search_ms < 10.0  # the defaults under test
     target = f0 * 2 ** (pitch / 12)
+    streamed = convert_stream(DspVoice(), source, knobs, config)
     cents = 1200 * np.log2(median_f0(streamed, start=0.2, floor=50.0) / target)
-    gap = log_spectral_distance(streamed, voice.convert(source, knobs))
+    gap = log_spectral_distance(streamed, DspVoice().convert(source, knobs))
     print(f"\nstreamed at {config.block_ms} ms: {cents:+.1f} cents from {target:.0f} Hz, LSD {gap:.2f} dB")
-    assert abs(cents) < 25 and gap < 2.75
-    too_short = convert_stream(voice, source, knobs, StreamConfig(config.block_ms, 300.0, 5.0, 5.0))
-    if f0 * 2 ** (pitch / 12) < 80:  # the search below one output period: the check can fail
-        assert abs(1200 * np.log2(median_f0(too_short, start=0.2, floor=50.0) / target)) > 100
+    # LSD to offline: 2.0-2.2 dB up to 75 Hz out, 3.2 at 440 Hz (15 / 20 ms lengths: 1.8-2.5 dB)
+    assert abs(cents) < 25 and gap < (4.0 if target > 300 else 2.75)
+
+
+def test_each_window_continues_the_last_ones_pulses():
+    """Two overlapping windows synthesise the same pulses where they overlap (the join), not pulses
+    of their own: correlation near 1, where windows that start afresh land anywhere."""
+    source, knobs = sung_tone(1.2, 140.0).astype(np.float32), Knobs(pitch_shift=-5, gate_db=-70)
+    window, tail, block, join = 15872, 2568, 1024, 441
+
+    def joins(voice: DspVoice) -> list[float]:
+        found, previous = [], None
+        for i in range(12):  # after the tone's breathy gap (0.45-0.6 s)
+            end = int(0.75 * SR) + i * block
+            out = voice.convert(source[end - window: end], knobs, start_sample=end - window, tail=tail)
+            if previous is not None:
+                found.append(float(np.corrcoef(previous[block: block + join], out[:join])[0, 1]))
+            previous = out
+        return found
+
+    continued, afresh = joins(DspVoice()), joins(DspVoice(continue_phase=False))
+    print(f"\njoin correlation: continued {np.round(continued, 2)}, afresh {np.round(afresh, 2)}")
+    assert np.median(continued) > 0.95 and min(continued) > 0.8
+    assert np.median(afresh) < 0.8
+
+
+def test_the_pulse_clock_follows_world_synthesis():
+    """`world_phase_steps` is WORLD's time base: a synthesis of a flat spectrum puts its pulses (the
+    waveform's peaks) where the clock crosses 2 pi; the lead F0 puts the clock where it is asked."""
+    fs, hop, frames = SR, 256, 40
+    f0 = np.linspace(110.0, 160.0, frames)
+    f0[25:28] = 0.0  # an unvoiced stretch: the clock runs at WORLD's 500 Hz there
+    envelope = np.full((frames, 1025), 1e-4)
+    aperiodicity = np.full((frames, 1025), 1e-6)
+    y = pyworld.synthesize(f0, envelope, aperiodicity, fs, hop / fs * 1000)
+    clock = np.cumsum(world_phase_steps(f0, fs, hop, 2048))
+    predicted = np.flatnonzero(np.diff(np.floor(clock / (2 * np.pi))) > 0)
+    # voiced pulses on both sides of the unvoiced stretch (its own pulses carry only noise)
+    voiced = [p for p in predicted if 50 < p < 24 * hop or 29 * hop < p < (frames - 2) * hop]
+    assert len(voiced) > 20 and any(p > 29 * hop for p in voiced)
+    assert all(abs(int(np.argmax(np.abs(y[p - 40: p + 40]))) - 40) <= 3 for p in voiced)
+    for target in (0.0, 1.0, 3.0, 6.0):
+        g = lead_f0(f0, target, fs, hop, 2048)
+        lead = np.sum(world_phase_steps(np.r_[np.full(4, g), f0[:2]], fs, hop, 2048)[: 4 * hop])
+        assert abs((lead - target + np.pi) % (2 * np.pi) - np.pi) < 1e-6 and abs(g - f0[0]) <= 25.0
 
 
 def test_sparse_aperiodicity_stays_close_to_every_frame_and_so_does_the_voice(tone):

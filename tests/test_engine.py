@@ -218,10 +218,10 @@ def test_auto_block_is_the_dsp_block_for_the_dsp_voice_and_the_model_block_other
     assert StreamConfig(block_ms=70).for_voice(DspVoice()).block_ms == 70  # explicit wins
     assert (DSP_BLOCK_MS, MODEL_BLOCK_MS) == (23.2, 150.0)
     # crossfade and SOLA search: the voice's own unless given
-    assert (DSP_STREAM.crossfade_ms, DSP_STREAM.sola_search_ms) == (15.0, 20.0)
+    assert (DSP_STREAM.crossfade_ms, DSP_STREAM.sola_search_ms) == (12.0, 8.0)
     assert (MODEL_STREAM.crossfade_ms, MODEL_STREAM.sola_search_ms) == (25.0, 10.0)
     dsp, model = StreamConfig().for_voice(DspVoice()), StreamConfig().for_voice(IdentityVoice())
-    assert (dsp.crossfade_ms, dsp.sola_search_ms) == (15, 20)
+    assert (dsp.crossfade_ms, dsp.sola_search_ms) == (12, 8)
     assert (model.crossfade_ms, model.sola_search_ms) == (25, 10)
     assert StreamConfig(crossfade_ms=12, sola_search_ms=0).for_voice(DspVoice()).crossfade_ms == 12
     assert StreamConfig(block_ms=70).validate().crossfade_ms is None  # resolved only with the voice

@@ -216,6 +216,22 @@ def test_output_fifo_returns_to_its_target_after_a_stall_and_counts_the_trim():
     assert max(total for total, _ in totals[200:260]) > fifo.target + 20000  # the stall really piled up
 
 
+def test_output_fifo_settles_to_what_the_output_needed_and_not_after_an_underrun():
+    """`settle(margin)`: the first block's target (its compute and the whole prime) is cut to the
+    lowest level the output reached plus `margin`; a window with an underrun is not settled on."""
+    fifo = OutputFifo(prime=1764, max_level=44100, max_prime=3528, tolerance=441)
+    totals = simulate_live(fifo, 300, stall=range(0))  # 2 ticks (20 ms) of compute every 4 chunks
+    first_target, low = fifo.target, fifo.low_water
+    assert low is not None and low > 441 + 882  # the slack the output never needed
+    assert fifo.settle(882) == low - 882 and fifo.target == first_target - (low - 882)
+    totals = simulate_live(fifo, 300, stall=range(0))  # the same FIFO, the stream going on
+    assert fifo.underruns == 0 and fifo.trims >= 1  # the excess was cut, and the output kept up
+    assert max(abs(total - target) for total, target in totals[-100:]) <= 441
+    assert fifo.settle(882) == 0  # settled: nothing more to take
+    fifo.pop(10 ** 5)  # an underrun: that window tells nothing
+    assert fifo.underruns == 1 and fifo.low_water is None and fifo.settle(0) == 0
+
+
 def test_output_fifo_without_trimming_would_have_drifted():
     """The same stall with trimming off (a huge tolerance): the delay stays (the drift live used to have)."""
     fifo = OutputFifo(prime=1764, max_level=441000, max_prime=1764 + 1764, tolerance=10 ** 9)

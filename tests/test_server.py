@@ -729,7 +729,7 @@ def test_info_gives_the_page_speakers_controls_and_latency_before_start():
     assert refused[0] == 401
     assert status == 200 and kind.startswith("application/json")
     assert info["voice"] == "dsp" and info["speakers"] == ["dsp"] and info["settings"]["denoise"] == "off"
-    assert info["latency_ms"] == pytest.approx(48.2, abs=0.5)  # DSP auto: 23.2 + 15 + 20 / 2
+    assert info["latency_ms"] == pytest.approx(39.2, abs=0.5)  # DSP auto: 23.2 + 12 + 8 / 2
     names = [c["name"] for c in info["controls"]]
     assert "formant_shift" in names and "cfg_strength" not in names  # only what the DSP voice uses
     denoise = next(c for c in info["controls"] if c["name"] == "denoise")

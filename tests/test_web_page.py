@@ -218,7 +218,7 @@ def test_control_panel_renders_keeps_settings_and_presets_in_headless_chromium(t
     assert before["controls"] == ["pitch_shift", "formant_shift", "gate_db", "vad", "input_gain_db",
                                   "output_gain_db", "denoise"]  # the DSP voice: basic knobs (KNOB_TABLE)
     assert before["denoise"] == ["off", "deepfilternet", "rnnoise"]
-    assert "latency ≈ 48 ms in the engine" in before["status"] and before["mics"] >= 1
+    assert "latency ≈ 39 ms in the engine" in before["status"] and before["mics"] >= 1
     assert edited["pitch"] == "7" and edited["presets"] == ["robot"]  # the preset brought 7 back
     assert "noise suppression" in edited["status"]  # its latency is shown before Start
     assert reloaded["pitch"] == "7" and reloaded["denoiseValue"] == "rnnoise"

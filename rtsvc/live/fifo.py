@@ -8,6 +8,12 @@ or where a stall ends in a burst. So the FIFO keeps a target for that total (set
 arrives, raised by each underrun's lateness up to `max_prime`) and, once the smallest total over
 the last `settle` pushes stands more than `tolerance` above it, drops the excess at the head,
 crossfaded, and counts it (`trims`, `trimmed`).
+
+Settling: the target set from the first block carries that block's compute time and the whole prime,
+which the output may never need. The FIFO records its lowest level after a pop (`low_water`, the
+slack it had when a block was slowest); `settle(margin)` lowers the target by what that low-water
+mark stood above `margin`, and the trim above then cuts it. An underrun restarts the record, so only
+windows that ran clean are settled on.
 """
 
 import threading
@@ -30,7 +36,7 @@ class OutputFifo:
         self.prime, self.max_level = prime, max_level
         self.max_prime = prime if max_prime is None else max(prime, max_prime)  # the prime grows up to this
         self.tolerance = max(1, prime // 4) if tolerance is None else tolerance
-        self.crossfade, self.settle = crossfade, settle
+        self.crossfade, self.settle_pushes = crossfade, settle
         self.primed = False
         self.underruns = self.overruns = 0
         self.trims = self.trimmed = 0  # drift cut back to the target: times, samples dropped
@@ -39,6 +45,8 @@ class OutputFifo:
         self.target: int | None = None  # level + queued to hold (None until audio arrives)
         self.queued = 0  # upstream samples the last push reported (input not yet converted)
         self._totals: deque[int] = deque(maxlen=settle)
+        self.low_water: int | None = None  # the least level after a pop since the last settle / underrun
+        self.settled = 0  # samples the target was lowered by in all
 
     @property
     def total(self) -> int:
@@ -70,7 +78,7 @@ class OutputFifo:
                 self._trim(self.total - self.target)
                 return
             self._totals.append(self.total)
-            if len(self._totals) == self.settle and min(self._totals) > self.target + self.tolerance:
+            if len(self._totals) == self.settle_pushes and min(self._totals) > self.target + self.tolerance:
                 self._trim(min(self._totals) - self.target)
 
     def retarget(self, target: int) -> None:
@@ -123,4 +131,20 @@ class OutputFifo:
                 self.underruns += 1
                 self.primed = False
                 self.dry = count - filled
+                self.low_water = None
+            else:
+                self.low_water = self.level if self.low_water is None else min(self.low_water, self.level)
         return out
+
+    def settle(self, margin: int) -> int:
+        """Lower the target by the low-water mark's excess over `margin` (when more than the trim
+        tolerance) and start a new record; the samples it was lowered by."""
+        with self._lock:
+            low, self.low_water = self.low_water, None
+            if low is None or self.target is None or not self.primed or low - margin <= self.tolerance:
+                return 0
+            excess = low - margin
+            self.target -= excess
+            self.settled += excess
+            self._totals.clear()
+            return excess

@@ -11,7 +11,8 @@ its compute takes at most `jitter_ms` longer than that first block's did, whatev
 length; on a machine whose load moves compute by more (70-200 ms within a minute, measured), the
 FIFO runs dry (an underrun) and is primed again with the silence it lacked added to the prime (at
 most one block more in all), so the next equally late block is on time: latency grows only where
-it must.
+it must. Every SETTLE_S the buffer is cut to what the output needed at its lowest in that window plus
+half the prime (`OutputFifo.settle`), so latency also shrinks where it can.
 Drift: what waits between the callbacks returns to its target after a stall or a burst:
 queued input over it is skipped and converted audio over it is dropped, both crossfaded and counted
 as trims (`rtsvc/live/fifo.py`); under sustained overload the block grows (`rtsvc/live/chain.py`).
@@ -63,6 +64,10 @@ MAX_QUEUE_S = 1.0  # more unprocessed input than this: drop the oldest (overrun)
 STATUS_HZ = 4.0
 LOG_EVERY_S = 1.0  # stderr no terminal: one plain status line this often
 TRIM_TOLERANCE_MS = 10.0  # the output buffer may stand this far above its target before it is trimmed
+# every SETTLE_S the output buffer is cut to keep half the jitter prime in hand at its lowest over the
+# window (`OutputFifo.settle`): the first block's target carries its compute and the whole prime.
+# DSP voice through the rig: 93-100 ms mic to ear against 109-121 without (docs/benchmarks.md)
+SETTLE_S = 10.0
 PULSE_BUFFER_MS = 20.0  # --audio-api pulse: playback buffer (tlength) unless --device-buffer-ms
 INPUT_WAIT_S = 10.0  # how long to wait for the first input callback before warning
 
@@ -401,7 +406,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
             if key_reader is not None:
                 console.print(key_help(voice), style="dim", highlight=False, soft_wrap=True)
                 key_reader.start()
-            started = last_log = time.monotonic()
+            started = last_log = last_settle = time.monotonic()
             with Live(status(), console=console, refresh_per_second=STATUS_HZ, transient=False,
                       redirect_stderr=False, auto_refresh=console.is_terminal) as panel:
                 try:
@@ -410,6 +415,10 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                         now = time.monotonic()
                         state.seconds = now - started
                         device_ms = (in_stream.latency + out_stream.latency) * 1000.0  # pulse: measured
+                        if fifo.started and now - last_settle >= SETTLE_S:
+                            for each in (fifo, monitor_fifo):  # the prime grows with underruns: so does this
+                                each.settle(each.prime // 2)
+                            last_settle = now
                         if fifo.started:
                             split = latency_split(conversion, fifo, device_ms)
                             buffer_sum, e2e_sum, samples = (buffer_sum + split["buffer_ms"],
@@ -457,6 +466,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
     result["gated_blocks"] += conversion.earlier_gated
     result.update(underruns=fifo.underruns, overruns=fifo.overruns + state.input_overruns,
                   trims=fifo.trims, trimmed_ms=fifo.trimmed * 1000.0 / out_rate,
+                  settled_ms=fifo.settled * 1000.0 / out_rate,
                   portaudio_flags=state.portaudio_flags, seconds=state.seconds, input_rate=in_rate,
                   output_rate=out_rate, device_latency_ms=device_ms, block_changes=guard.changes,
                   buffer_ms_mean=buffer_sum / max(samples, 1), e2e_ms_mean=e2e_sum / max(samples, 1),
@@ -512,5 +522,6 @@ def live_summary(result: dict, record: str | Path | None = None) -> str:
             f"({result['trimmed_ms']:.0f} ms), e2e estimate {result['e2e_ms_mean']:.0f} ms = algorithmic "
             f"{result['algorithmic_ms']:.0f} + buffer {result['buffer_ms_mean']:.0f} + device "
             f"{result['device_latency_ms']:.0f}, limited samples {result['limited_samples']}"
+            + (f", buffer settled -{result['settled_ms']:.0f} ms" if result.get('settled_ms') else "")
             + (f", block changes {result['block_changes']}" if result['block_changes'] else "")
             + (f", recorded {record}" if record else ""))

@@ -722,8 +722,10 @@ def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
 def dsp_source(f0_method: str = "dio") -> VoiceSource:
     from rtsvc.voices.dsp import DspVoice
 
-    voice = DspVoice(f0_method)  # stateless: one instance serves every session
-    return VoiceSource("dsp", list(voice.speakers), lambda: voice, stream_defaults=voice.stream_defaults)
+    checked = DspVoice(f0_method)  # a bad F0 method fails at start, not at the first client
+    # one voice per session: each continues its own stream's pulse clock
+    return VoiceSource("dsp", list(checked.speakers), lambda: DspVoice(checked.f0_method),
+                       stream_defaults=checked.stream_defaults)
 
 
 def model_source(voice: Voice, name: str = "model") -> VoiceSource:

@@ -8,12 +8,14 @@ from rtsvc.voice import StreamDefaults
 DSP_BLOCK_MS = 23.2
 MODEL_BLOCK_MS = 150.0  # 13 frames = 150.9 ms: a model block costs 30-300 ms on a CPU (tiny: p99 0.28 of it)
 
-# WORLD resynthesises each window with its own phase, so SOLA must be able to shift a block by a whole
-# period of the output: 20 ms is one period at the 50 Hz F0 floor (a 5 ms search left 60 Hz output
-# 1336 cents off, docs/benchmarks.md); a 15 ms crossfade (10 ms: +0.6 dB from offline at +12
-# semitones). The jitter prime rides out pyworld holding the GIL (up to 14 ms a call): 20 ms, no
-# underrun in 60 s; 10 ms underran 3-4 times a minute
-DSP_STREAM = StreamDefaults(DSP_BLOCK_MS, crossfade_ms=15.0, sola_search_ms=20.0, jitter_ms=20.0)
+# the DSP voice continues WORLD's pulse clock from window to window (rtsvc/voices/dsp.py), so SOLA
+# only trims what F0 re-estimated with more right context moves: a 12 ms crossfade and 8 ms search,
+# 9 ms less than the 15 / 20 ms its windows needed when each started its pulses afresh (a 6 ms search
+# left 60 Hz output 318-695 cents off then). Pitch within 10 cents from 60 to 440 Hz out; speech as far
+# from offline as before (2.43 dB LSD, 2.41 before), steady tones 0.6 dB further (docs/benchmarks.md).
+# The jitter prime rides out pyworld holding the GIL (~5 ms a call): 20 ms, no underrun in 60 s; 10 ms
+# underran 3-4 times a minute
+DSP_STREAM = StreamDefaults(DSP_BLOCK_MS, crossfade_ms=12.0, sola_search_ms=8.0, jitter_ms=20.0)
 # a model's blocks join less cleanly (each is sampled with its own context): longer fades, and a
 # prime for compute that moves by tens of ms from block to block
 MODEL_STREAM = StreamDefaults(MODEL_BLOCK_MS, crossfade_ms=25.0, sola_search_ms=10.0, jitter_ms=40.0)

@@ -8,6 +8,13 @@ breathy and unvoiced sounds stay noise instead of turning into a metallic buzz.
 Streaming: the engine passes a window [left context | tail]; F0 is tracked over the whole window
 (cheap, and it needs the context), the expensive envelope/aperiodicity analysis and the synthesis
 run only on the frames that cover the requested tail.
+
+Phase: WORLD starts each synthesis with its pulse clock at phase 0, so two windows would place their
+glottal pulses anywhere relative to each other and the engine's SOLA would need a whole output period
+of search (20 ms at 50 Hz) to line them up: 10 ms of latency. Instead each window after the first is
+synthesised with PHASE_LEAD_FRAMES frames before it whose F0 is chosen so that the clock reaches the
+phase the previous window's clock had at that sample (`world_phase_steps` follows synthesis.cpp's
+time base); the pulses then continue where the last window put them and a short crossfade joins them.
 """
 
 import warnings
@@ -38,6 +45,11 @@ DIO_SPEED = 3
 # analysed every APERIODICITY_EVERY frames (and the last) and interpolated between: 0.05-0.38 dB LSD
 # from every frame offline, no change in the streaming-vs-offline distance (docs/benchmarks.md)
 APERIODICITY_EVERY = 4
+# frames synthesised (and dropped) before a streaming window, their F0 chosen to continue the pulse
+# clock: 4 frames (23 ms) reach any phase with the F0 at most 25 Hz from the first real frame's
+PHASE_LEAD_FRAMES = 4
+WORLD_DEFAULT_F0 = 500.0  # synthesis.cpp: unvoiced samples' pulse clock (kDefaultF0)
+LEAD_F0_FLOOR = 40.0  # a lead F0 below this is raised a cycle (WORLD treats < fs/fft_size + 1 as unvoiced)
 
 
 def shift_envelope(envelope: np.ndarray, factor: float) -> np.ndarray:
@@ -72,6 +84,39 @@ def sparse_aperiodicity(x: np.ndarray, f0: np.ndarray, times: np.ndarray, fs: in
     return sparse[left] * (1.0 - weight) + sparse[right] * weight
 
 
+def world_phase_steps(f0: np.ndarray, fs: int, hop: int, fft_size: int) -> np.ndarray:
+    """Per-sample steps (radians) of WORLD's pulse clock for a synthesis of `f0` (frames `hop`
+    samples apart), as synthesis.cpp's time base: F0 under fs / fft_size + 1 is unvoiced; F0 and
+    voicing are linear between frames (one more extrapolated past the last); voicing is a 0.5
+    threshold, and unvoiced samples tick at kDefaultF0. Pulses fall where the sum crosses 2 pi."""
+    f0 = np.where(f0 < fs / fft_size + 1.0, 0.0, f0)
+    voiced = (f0 != 0.0).astype(np.float64)
+    if f0.shape[0] > 1:
+        f0, voiced = np.r_[f0, 2 * f0[-1] - f0[-2]], np.r_[voiced, 2 * voiced[-1] - voiced[-2]]
+    frames = np.arange(f0.shape[0]) * hop
+    samples = np.arange((f0.shape[0] - (f0.shape[0] > 1)) * hop)
+    step = np.interp(samples, frames, f0)
+    step[np.interp(samples, frames, voiced) <= 0.5] = WORLD_DEFAULT_F0
+    return 2.0 * np.pi * step / fs
+
+
+def lead_f0(f0: np.ndarray, target: float, fs: int, hop: int, fft_size: int,
+            lead: int = PHASE_LEAD_FRAMES) -> float:
+    """The F0 of `lead` frames put before `f0` so that WORLD's pulse clock stands at `target`
+    (radians, mod 2 pi) where `f0` begins: the nearest to its first F0 (200 Hz if unvoiced)."""
+    start = float(f0[0]) if f0[0] >= LEAD_F0_FLOOR else 200.0
+
+    def clock(g: float) -> float:  # the clock's phase where the real frames start
+        steps = world_phase_steps(np.r_[np.full(lead, g), f0[:2]], fs, hop, fft_size)
+        return float(np.sum(steps[:lead * hop]))
+
+    at_start = clock(start)
+    per_hz = clock(start + 1.0) - at_start  # the clock is affine in the lead F0
+    delta = (target - at_start + np.pi) % (2.0 * np.pi) - np.pi
+    g = start + delta / per_hz
+    return g + 2.0 * np.pi / per_hz if g < LEAD_F0_FLOOR else g
+
+
 class DspVoice:
     """A `Voice` that needs no model: WORLD pitch shift (semitones) and formant shift (factor)."""
 
@@ -80,14 +125,17 @@ class DspVoice:
     uses_formant = True  # the formant knob applies (model voices too: rtsvc.dsp.formant_warp)
 
     def __init__(self, f0_method: str = "dio", sample_rate: int = SAMPLE_RATE,
-                 aperiodicity_every: int = APERIODICITY_EVERY):
+                 aperiodicity_every: int = APERIODICITY_EVERY, continue_phase: bool = True):
         self.f0_method = f0_row(f0_method, DSP_F0, option="DSP F0 method").name
         self.aperiodicity_every = aperiodicity_every
+        self.continue_phase = continue_phase  # False: each window's pulses start afresh (SOLA aligns them)
         self.sample_rate = sample_rate
         self.frame_period_ms = FRAME_HOP / sample_rate * 1000.0
+        self.reset()
 
     def reset(self) -> None:
-        """Stateless: every window is analysed on its own."""
+        """A new stream: no pulse clock to continue."""
+        self._clock: tuple[int, np.ndarray] | None = None  # (stream sample, clock from there on)
 
     def _f0(self, x: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
         """F0 and frame times of `x` from frame `first` on (tracked over all of `x`)."""
@@ -125,10 +173,28 @@ class DspVoice:
         aperiodicity = sparse_aperiodicity(x, f0, times, self.sample_rate, self.aperiodicity_every)
         f0 = f0 * 2.0 ** (knobs.pitch_shift / 12.0)  # unvoiced frames stay 0
         envelope = shift_envelope(envelope, knobs.formant_shift)
-        y = pyworld.synthesize(f0, envelope, aperiodicity, self.sample_rate, self.frame_period_ms)
+        y = self._synthesize(f0, envelope, aperiodicity, start_sample + skip + first * FRAME_HOP)
         # y[0] sits at window sample first * FRAME_HOP; pyworld returns len(f0) * hop samples
         begin = n - need - first * FRAME_HOP
         out = y[begin:begin + need]
         if out.shape[0] < need:  # never expected (synthesis covers past the window end); be safe
             out = np.pad(out, (0, need - out.shape[0]))
         return np.nan_to_num(out).astype(np.float32)
+
+    def _synthesize(self, f0: np.ndarray, envelope: np.ndarray, aperiodicity: np.ndarray,
+                    at: int) -> np.ndarray:
+        """WORLD synthesis of frames starting at stream sample `at`, its pulse clock continuing the
+        previous window's when that one covered `at` (see the module docstring)."""
+        fs, fft_size = self.sample_rate, (envelope.shape[1] - 1) * 2
+        lead = 0
+        clock = self._clock if self.continue_phase else None
+        if clock is not None and 0 <= at - clock[0] < clock[1].shape[0]:
+            lead = PHASE_LEAD_FRAMES
+            g = lead_f0(f0, float(clock[1][at - clock[0]]), fs, FRAME_HOP, fft_size)
+            f0 = np.r_[np.full(lead, g), f0]
+            envelope = np.concatenate((np.repeat(envelope[:1], lead, axis=0), envelope))
+            aperiodicity = np.concatenate((np.repeat(aperiodicity[:1], lead, axis=0), aperiodicity))
+        y = pyworld.synthesize(f0, envelope, aperiodicity, fs, self.frame_period_ms)
+        clock = np.cumsum(np.r_[0.0, world_phase_steps(f0, fs, FRAME_HOP, fft_size)])  # before each sample
+        self._clock = (at, clock[lead * FRAME_HOP:])
+        return y[lead * FRAME_HOP:]
