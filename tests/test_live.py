@@ -514,7 +514,8 @@ def test_status_fits_80_columns_with_every_field():
     plain = "\n".join(lines)
     assert all(len(line) <= 79 for line in lines) and "…" not in plain, plain
     e2e = conv.engine.latency_ms + (4800 + 480 + 960) / 48 + 47.0
-    for part in (f"e2e ~{e2e:.0f} ms", "algo 48", "buffer 130", "device 47", "under 12", "over 353",
+    for part in (f"e2e ~{e2e:.0f} ms", f"algo {conv.engine.latency_ms:.0f}", "buffer 130", "device 47",
+                 "under 12", "over 353",
                  "trim 67", "pitch -12", "formant 1.25", "gate -55 dB", "gain -12/+12 dB",
                  "denoise deepfilternet vad",
                  "1234.5 s", "compute 0/23 ms"):
