@@ -227,7 +227,7 @@ def test_output_fifo_settles_to_what_the_output_needed_and_not_after_an_underrun
     totals = simulate_live(fifo, 300, stall=range(0))  # the same FIFO, the stream going on
     assert fifo.underruns == 0 and fifo.trims >= 1  # the excess was cut, and the output kept up
     assert max(abs(total - target) for total, target in totals[-100:]) <= 441
-    assert fifo.settle(882) == 0  # settled: nothing more to take
+    assert 882 <= fifo.low_water <= 882 + 441  # settled: the margin left, within one chunk
     fifo.pop(10 ** 5)  # an underrun: that window tells nothing
     assert fifo.underruns == 1 and fifo.low_water is None and fifo.settle(0) == 0
 

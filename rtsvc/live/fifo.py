@@ -12,8 +12,8 @@ crossfaded, and counts it (`trims`, `trimmed`).
 Settling: the target set from the first block carries that block's compute time and the whole prime,
 which the output may never need. The FIFO records its lowest level after a pop (`low_water`, the
 slack it had when a block was slowest); `settle(margin)` lowers the target by what that low-water
-mark stood above `margin`, and the trim above then cuts it. An underrun restarts the record, so only
-windows that ran clean are settled on.
+mark stood above `margin` and cuts it at once. An underrun restarts the record, so only windows that
+ran clean are settled on.
 """
 
 import threading
@@ -137,14 +137,15 @@ class OutputFifo:
         return out
 
     def settle(self, margin: int) -> int:
-        """Lower the target by the low-water mark's excess over `margin` (when more than the trim
-        tolerance) and start a new record; the samples it was lowered by."""
+        """Lower the target by the low-water mark's excess over `margin` and cut that much now
+        (crossfaded; an excess shorter than the seam is left), then start a new record; the samples
+        the target was lowered by."""
         with self._lock:
             low, self.low_water = self.low_water, None
-            if low is None or self.target is None or not self.primed or low - margin <= self.tolerance:
+            if low is None or self.target is None or not self.primed or low - margin <= self.crossfade:
                 return 0
             excess = low - margin
             self.target -= excess
             self.settled += excess
-            self._totals.clear()
+            self._trim(excess)
             return excess
