@@ -381,8 +381,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
     try:
         dev_out = vmic.create() if vmic is not None else dev_out  # removed in the finally below
         in_stream, out_stream, mon_stream = open_streams(
-            sd, audio_api, dev_in, dev_out, dev_mon, in_rate, out_rate, device_block_ms,
-            PULSE_BUFFER_MS if audio_api == "pulse" and device_buffer_ms is None else device_buffer_ms,
+            sd, audio_api, dev_in, dev_out, dev_mon, in_rate, out_rate, device_block_ms, device_buffer_ms,
             on_input, on_output, on_monitor)
         device_ms = (in_stream.latency + out_stream.latency) * 1000.0
         if mon_stream is not None:

@@ -3,8 +3,8 @@
 from rtsvc.voice import StreamDefaults
 
 # 2 mel frames = 23.2 ms: the DSP voice costs 12-21 ms a block of continuous voice on 2 AVX2 cores
-# (auto may pick longer there); with the lengths below and the pulse client, 116-124 ms mic to ear
-# through PulseAudio without underruns, against 169-190 ms before (docs/benchmarks.md)
+# (auto may pick longer there); with the lengths below, the pulse client and the settled buffer,
+# 92-102 ms mic to ear through PulseAudio without underruns (docs/benchmarks.md)
 DSP_BLOCK_MS = 23.2
 MODEL_BLOCK_MS = 150.0  # 13 frames = 150.9 ms: a model block costs 30-300 ms on a CPU (tiny: p99 0.28 of it)
 
