@@ -174,7 +174,8 @@ class DspVoice:
         aperiodicity = sparse_aperiodicity(x, f0, times, self.sample_rate, self.aperiodicity_every)
         f0 = f0 * 2.0 ** (knobs.pitch_shift / 12.0)  # unvoiced frames stay 0
         envelope = shift_envelope(envelope, knobs.formant_shift)
-        y = self._synthesize(f0, envelope, aperiodicity, start_sample + skip + first * FRAME_HOP)
+        at = None if tail is None else start_sample + skip + first * FRAME_HOP  # offline: nothing to continue
+        y = self._synthesize(f0, envelope, aperiodicity, at)
         # y[0] sits at window sample first * FRAME_HOP; pyworld returns len(f0) * hop samples
         begin = n - need - first * FRAME_HOP
         out = y[begin:begin + need]
@@ -183,12 +184,13 @@ class DspVoice:
         return np.nan_to_num(out).astype(np.float32)
 
     def _synthesize(self, f0: np.ndarray, envelope: np.ndarray, aperiodicity: np.ndarray,
-                    at: int) -> np.ndarray:
+                    at: int | None) -> np.ndarray:
         """WORLD synthesis of frames starting at stream sample `at`, its pulse clock continuing the
-        previous window's when that one covered `at` (see the module docstring)."""
+        previous window's when that one covered `at` (see the module docstring); `at` None: a whole
+        clip, synthesised as WORLD does."""
         fs, fft_size = self.sample_rate, (envelope.shape[1] - 1) * 2
         lead = 0
-        clock = self._clock if self.continue_phase else None
+        clock = self._clock if self.continue_phase and at is not None else None
         if clock is not None and 0 <= at - clock[0] < clock[1].shape[0]:
             lead = PHASE_LEAD_FRAMES
             g = lead_f0(f0, float(clock[1][at - clock[0]]), fs, FRAME_HOP, fft_size)
@@ -196,6 +198,8 @@ class DspVoice:
             envelope = np.concatenate((np.repeat(envelope[:1], lead, axis=0), envelope))
             aperiodicity = np.concatenate((np.repeat(aperiodicity[:1], lead, axis=0), aperiodicity))
         y = pyworld.synthesize(f0, envelope, aperiodicity, fs, self.frame_period_ms)
-        clock = np.cumsum(np.r_[0.0, world_phase_steps(f0, fs, FRAME_HOP, fft_size)])  # before each sample
-        self._clock = (at, clock[lead * FRAME_HOP:])
+        if at is not None:
+            steps = world_phase_steps(f0, fs, FRAME_HOP, fft_size)
+            clock = np.cumsum(np.r_[0.0, steps])  # the phase before each sample
+            self._clock = (at, clock[lead * FRAME_HOP:])
         return y[lead * FRAME_HOP:]
