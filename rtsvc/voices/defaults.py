@@ -12,7 +12,7 @@ MODEL_BLOCK_MS = 150.0  # 13 frames = 150.9 ms: a model block costs 30-300 ms on
 # only trims what F0 re-estimated with more right context moves: a 12 ms crossfade and 8 ms search,
 # 9 ms less than the 15 / 20 ms its windows needed when each started its pulses afresh (a 6 ms search
 # left 60 Hz output 318-695 cents off then). Pitch within 10 cents from 60 to 440 Hz out; speech as far
-# from offline as before (2.43 dB LSD, 2.41 before), steady tones 0.6 dB further (docs/benchmarks.md).
+# from offline as before (2.47 dB LSD, 2.41 before), steady tones 0.6 dB further (docs/benchmarks.md).
 # The jitter prime rides out pyworld holding the GIL (~5 ms a call): 20 ms, no underrun in 60 s; 10 ms
 # underran 3-4 times a minute
 DSP_STREAM = StreamDefaults(DSP_BLOCK_MS, crossfade_ms=12.0, sola_search_ms=8.0, jitter_ms=20.0)

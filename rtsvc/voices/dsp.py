@@ -190,16 +190,16 @@ class DspVoice:
         clip, synthesised as WORLD does."""
         fs, fft_size = self.sample_rate, (envelope.shape[1] - 1) * 2
         lead = 0
-        clock = self._clock if self.continue_phase and at is not None else None
-        if clock is not None and 0 <= at - clock[0] < clock[1].shape[0]:
+        streaming = self.continue_phase and at is not None
+        previous = self._clock if streaming else None
+        if previous is not None and 0 <= at - previous[0] < previous[1].shape[0]:
             lead = PHASE_LEAD_FRAMES
-            g = lead_f0(f0, float(clock[1][at - clock[0]]), fs, FRAME_HOP, fft_size)
+            g = lead_f0(f0, float(previous[1][at - previous[0]]), fs, FRAME_HOP, fft_size)
             f0 = np.r_[np.full(lead, g), f0]
             envelope = np.concatenate((np.repeat(envelope[:1], lead, axis=0), envelope))
             aperiodicity = np.concatenate((np.repeat(aperiodicity[:1], lead, axis=0), aperiodicity))
         y = pyworld.synthesize(f0, envelope, aperiodicity, fs, self.frame_period_ms)
-        if at is not None:
-            steps = world_phase_steps(f0, fs, FRAME_HOP, fft_size)
-            clock = np.cumsum(np.r_[0.0, steps])  # the phase before each sample
+        if streaming:  # the clock the next window continues
+            clock = np.cumsum(np.r_[0.0, world_phase_steps(f0, fs, FRAME_HOP, fft_size)])  # phase before each
             self._clock = (at, clock[lead * FRAME_HOP:])
         return y[lead * FRAME_HOP:]
