@@ -31,6 +31,9 @@ with warnings.catch_warnings():
 
 SR = 44100
 TONE_F0 = 180.0
+# voiced 10 ms frames the 3 s tone must keep: dio finds 252 in the tone and 250 in its offline
+# conversion; a live run that cut its first second (an output stalled at start) kept 127-178
+VOICED_MIN = 200
 
 
 def median_f0(x: np.ndarray, rate: int = SR) -> tuple[float, int]:
@@ -79,7 +82,7 @@ def test_live_pitch_up_an_octave_through_pulseaudio(pulse, tmp_path):
     f0_out, voiced = median_f0(out)
     print(f"\nlive via PulseAudio: input F0 {f0_in:.1f} Hz, output F0 {f0_out:.1f} Hz, "
           f"{voiced / 100:.2f} s voiced of {out.size / SR:.2f} s captured\n{text.strip().splitlines()[-1]}")
-    assert voiced >= 150  # at least 1.5 s of the 3 s tone came through voiced
+    assert voiced >= VOICED_MIN
     assert f0_out == pytest.approx(2 * f0_in, rel=0.03)
     assert "stopped after" in text and "underruns" in text
     if importlib.util.find_spec("pasimple") is not None:  # --audio-api auto on a PulseAudio server
@@ -391,7 +394,8 @@ def test_live_by_pulse_names_with_a_monitor(tmp_path):
     f0_in, _ = median_f0(sung_tone(3.0, f0=TONE_F0))
     for sink, path in files.items():
         f0_out, voiced = median_f0(np.fromfile(path, dtype=np.float32))
-        assert voiced >= 150, (sink, voiced)
+        print(f"\n{sink}: {voiced / 100:.2f} s voiced")
+        assert voiced >= VOICED_MIN, (sink, voiced)
         assert f0_out == pytest.approx(2 * f0_in, rel=0.03), sink
 
 
@@ -623,7 +627,8 @@ def test_live_through_the_native_pulse_api(pulse, tmp_path):
     out, text = live_with_tone(pulse, args, tmp_path)
     f0_out, voiced = median_f0(out)
     print("\n" + "\n".join(line for line in text.splitlines() if line.startswith(("live:", "stopped"))))
-    assert "(pulse)" in text and voiced >= 100
+    print(f"{voiced / 100:.2f} s voiced")
+    assert "(pulse)" in text and voiced >= VOICED_MIN
     assert f0_out == pytest.approx(2 * TONE_F0, rel=0.03)
 
 

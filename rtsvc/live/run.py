@@ -70,6 +70,10 @@ TRIM_TOLERANCE_MS = 10.0  # the output buffer may stand this far above its targe
 SETTLE_S = 10.0
 PULSE_BUFFER_MS = 20.0  # --audio-api pulse: playback buffer (tlength) unless --device-buffer-ms
 INPUT_WAIT_S = 10.0  # how long to wait for the first input callback before warning
+# An output counts as running once it has taken this much audio: PortAudio's ALSA `pulse` device
+# takes one callback's worth, then often nothing for 1.6-2 s. Sound arriving in that stall would pile
+# up in the FIFO and be trimmed as drift, cutting the first second that was said.
+OUTPUT_RUNNING_MS = 200.0
 
 
 def _writes_to_fd2(console) -> bool:
@@ -128,6 +132,25 @@ def _wait_for_input(state: LiveState, console, timeout: float = INPUT_WAIT_S) ->
         return
     if state.frames_in == 0:
         console.print(f"warning: no input audio after {timeout:.0f} s; still waiting", style="yellow")
+
+
+def _wait_for_outputs(state: LiveState, rate: int, monitor: bool, console,
+                      timeout: float = INPUT_WAIT_S) -> None:
+    """Return once each output has taken OUTPUT_RUNNING_MS of audio (past the stall after its start)."""
+    need = int(OUTPUT_RUNNING_MS * rate / 1000)
+    deadline = time.monotonic() + timeout
+
+    def running() -> bool:
+        return state.frames_out >= need and (not monitor or state.frames_monitor >= need)
+
+    try:
+        while not running() and time.monotonic() < deadline and not state.stop.is_set():
+            time.sleep(0.02)
+    except KeyboardInterrupt:
+        state.stop.set()
+        return
+    if not running():
+        console.print(f"warning: the output took no audio for {timeout:.0f} s; still waiting", style="yellow")
 
 
 def _worker(conversion: Conversion, inbox: queue.Queue, state: LiveState) -> None:
@@ -372,6 +395,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
 
     def on_monitor(outdata, frames, time_info, status):
         outdata[:, 0] = monitor_fifo.pop(frames)
+        state.frames_monitor += frames
         if outdata.shape[1] > 1:
             outdata[:, 1:] = outdata[:, :1]
 
@@ -395,6 +419,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
         with sigterm_as_stop(state), native_stderr_above(console), in_stream, out_stream, \
                 (mon_stream or nullcontext()):
             _wait_for_input(state, console)
+            _wait_for_outputs(state, out_rate, mon_stream is not None, console)
             monitor = f", monitor {dev_mon['name']}" if dev_mon is not None else ""
             console.print(f"live: {dev_in['name']} ({in_rate} Hz) -> {dev_out['name']} ({out_rate} Hz)"
                           f"{monitor}, block {conversion.block_ms:.0f} ms"
