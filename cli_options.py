@@ -435,8 +435,9 @@ AudioApi = opt(str, "How to reach the sound devices: portaudio (any device), pul
 DeviceBufferMs = opt(str, "Device buffering asked for per stream in ms: PortAudio's suggested latency, or "
                      "the pulse playback buffer; low = PortAudio's low default (pulse: "
                      f"{PULSE_BUFFER_MS:g} ms). Default: low.", panel=DEVICE)
-DeviceBlockMs = opt(float | None, f"Device callback size in ms. Default: {DEVICE_BLOCK_MS:g} (pulse: "
-                    f"{PULSE_DEVICE_BLOCK_MS:g}).", panel=DEVICE)
+DeviceBlockMs = opt(float | None, "Device callback size in ms; 0 = the host API's own (PortAudio only). "
+                    f"Default: {DEVICE_BLOCK_MS:g} (pulse: {PULSE_DEVICE_BLOCK_MS:g}; a JACK server, e.g. "
+                    "PipeWire's: 0, its period).", panel=DEVICE)
 Pipeline = opt(bool, "Models: extract block n+1's features while block n's DiT and vocoder run (two threads; "
                "same output; --block-ms auto then needs only the slower half to fit). Default: off.",
                panel=STREAMING)

@@ -455,6 +455,22 @@ def test_status_lines_never_wrap_on_a_narrow_terminal():
     assert len(lines) == 3 and all(len(line) <= 60 for line in lines)  # cut, so rich Live redraws in place
 
 
+def test_a_latency_the_host_api_cannot_have_reads_as_unknown_not_as_days():
+    """PortAudio's JACK host API on PipeWire reports 97391 s per stream: the device part is "?" and
+    e2e leaves it out, instead of a 194783175 ms estimate."""
+    from types import SimpleNamespace
+
+    from rtsvc.live.run import device_latency_ms, status_lines
+
+    stream = SimpleNamespace
+    assert device_latency_ms(stream(latency=0.012), stream(latency=0.008)) == pytest.approx(20.0)
+    for bad in (97391.54, -0.01, float("nan")):
+        assert device_latency_ms(stream(latency=0.012), stream(latency=bad)) is None
+    conv = FakeConversion({"compute_ms_recent": 5.0})
+    text = status_lines(conv, OutputFifo(10, 100), LiveState(), RuntimeSettings(), None, None).plain
+    assert "+ device ?" in text and "e2e ~" in text
+
+
 # --- what live says, how it stops, and that it never drifts ---------------------------
 
 LONG_SOURCE = "alsa_output.usb-Focusrite_Scarlett_2i2_USB-00.analog-stereo.monitor"

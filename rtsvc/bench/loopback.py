@@ -219,6 +219,12 @@ def monitor_delays(server: PulseServer, seconds: float, workdir: Path) -> np.nda
         speaker = np.concatenate((np.zeros(shift, np.float32), speaker))
     else:
         speaker = speaker[-shift:]
+    return pair_delays(mic, speaker, seconds)
+
+
+def pair_delays(mic: np.ndarray, speaker: np.ndarray, seconds: float) -> np.ndarray:
+    """Each burst's delay in seconds from `mic` to `speaker`, two recordings on one timeline of a
+    `seconds` burst train played into the mic."""
     # where the burst train starts in the mic recording, so burst_delays finds every onset
     train = burst_train(seconds)
     lead = int(round(delay_of(train, mic, max_delay_s=5.0) * SAMPLE_RATE))

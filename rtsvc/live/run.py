@@ -57,6 +57,12 @@ if TYPE_CHECKING:
     from rtsvc.autoblock import AutoBlock
 
 DEVICE_BLOCK_MS = 10.0  # PortAudio callback size
+# PortAudio on a JACK server (PipeWire's JACK): 0, JACK's own period. A fixed size unequal to the
+# period adds PortAudio's adapting buffer: 101 vs 88 ms mic to ear at a 256-sample quantum
+# (benchmarks/pipewire_rig.py, docs/benchmarks.md)
+JACK_DEVICE_BLOCK_MS = 0.0
+MAX_DEVICE_BLOCK_MS = 100.0
+NOMINAL_CHUNK_MS = 5.0  # the input chunk assumed until a variable-size (0) callback has delivered one
 PULSE_DEVICE_BLOCK_MS = 5.0  # --audio-api pulse: record fragment and playback write size
 AUDIO_API = "auto"  # --audio-api default: pulse on a pulse server with pasimple, else portaudio
 MAX_JITTER_MS = 2000.0
@@ -74,6 +80,9 @@ INPUT_WAIT_S = 10.0  # how long to wait for the first input callback before warn
 # takes one callback's worth, then often nothing for 1.6-2 s. Sound arriving in that stall would pile
 # up in the FIFO and be trimmed as drift, cutting the first second that was said.
 OUTPUT_RUNNING_MS = 200.0
+# A stream latency over this is no latency but a host API's bad report: PortAudio's JACK host API on
+# PipeWire's JACK gives 97391 s (a wrapped frame count); the device part then reads "?"
+MAX_DEVICE_LATENCY_S = 5.0
 
 
 def _writes_to_fd2(console) -> bool:
@@ -166,21 +175,35 @@ def _worker(conversion: Conversion, inbox: queue.Queue, state: LiveState) -> Non
         state.stop.set()
 
 
-def latency_split(conversion: Conversion, fifo: OutputFifo, device_ms: float) -> dict:
+def device_latency_ms(*streams) -> float | None:
+    """The streams' own latencies summed (ms), as the host API reports them; None where one is not a
+    latency (negative, not finite or over MAX_DEVICE_LATENCY_S)."""
+    seconds = [float(stream.latency) for stream in streams]
+    if not all(0.0 <= value <= MAX_DEVICE_LATENCY_S for value in seconds):  # NaN fails too
+        return None
+    return sum(seconds) * 1000.0
+
+
+def ms_text(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f}"
+
+
+def latency_split(conversion: Conversion, fifo: OutputFifo, device_ms: float | None) -> dict:
     """The current end-to-end estimate and its parts (ms): algorithmic (the engine), buffer (input
     waiting for the worker + converted audio waiting for the device: compute time and jitter
-    slack live here), device (PortAudio's / the sound server's stream latencies)."""
+    slack live here), device (PortAudio's / the sound server's stream latencies; None: not reported,
+    left out of e2e)."""
     rate = conversion.out_rate
     algo = conversion.engine.latency_ms
     # now, not as of the last push: mid-compute the FIFO drains while input queues up
     buffer_ms = (fifo.level + conversion.inbox_samples() + conversion.held()) * 1000.0 / rate
     target_ms = (fifo.target or 0) * 1000.0 / rate
-    return {"e2e_ms": algo + buffer_ms + device_ms, "algorithmic_ms": algo, "buffer_ms": buffer_ms,
+    return {"e2e_ms": algo + buffer_ms + (device_ms or 0.0), "algorithmic_ms": algo, "buffer_ms": buffer_ms,
             "buffer_target_ms": target_ms, "device_ms": device_ms}
 
 
 def status_lines(conversion: Conversion, fifo: OutputFifo, state: LiveState, settings: RuntimeSettings,
-                 device_ms: float, keys: KeyReader | None, width: int = 200):
+                 device_ms: float | None, keys: KeyReader | None, width: int = 200):
     """The live status: three lines of at most 79 columns (each cut only on a narrower terminal)."""
     from rich.text import Text
 
@@ -192,7 +215,7 @@ def status_lines(conversion: Conversion, fifo: OutputFifo, state: LiveState, set
     first.append(f"in {bar} {state.input_db:6.1f} dB  ",
                  style="green" if state.input_db > knobs.gate_db else "dim")
     first.append(f"e2e ~{split['e2e_ms']:.0f} ms = algo {split['algorithmic_ms']:.0f} + buffer "
-                 f"{split['buffer_ms']:.0f} + device {device_ms:.0f}")
+                 f"{split['buffer_ms']:.0f} + device {ms_text(device_ms)}")
     rtf_style = "red" if st["rtf"] > 0.9 else "yellow" if st["rtf"] > 0.6 else "green"
     second = Text()
     second.append(f"compute {st['compute_ms_recent']:.0f}/{st['block_ms']:.0f} ms (rtf {st['rtf']:.2f})  ",
@@ -221,12 +244,12 @@ def status_lines(conversion: Conversion, fifo: OutputFifo, state: LiveState, set
     return Text("\n").join(lines)
 
 
-def log_line(conversion: Conversion, fifo: OutputFifo, state: LiveState, device_ms: float) -> str:
+def log_line(conversion: Conversion, fifo: OutputFifo, state: LiveState, device_ms: float | None) -> str:
     """One plain status line (printed every LOG_EVERY_S when stderr is no terminal)."""
     st, split = conversion.engine.stats(), latency_split(conversion, fifo, device_ms)
     return (f"[{state.seconds:6.1f} s] e2e ~{split['e2e_ms']:.0f} ms = algo {split['algorithmic_ms']:.0f} + "
             f"buffer {split['buffer_ms']:.0f} (target {split['buffer_target_ms']:.0f}) + device "
-            f"{device_ms:.0f}; compute {st['compute_ms_recent']:.0f}/{st['block_ms']:.0f} ms; under "
+            f"{ms_text(device_ms)}; compute {st['compute_ms_recent']:.0f}/{st['block_ms']:.0f} ms; under "
             f"{fifo.underruns} over {fifo.overruns + state.input_overruns} trim {fifo.trims}")
 
 
@@ -344,7 +367,10 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
     audio_api = choose_audio_api(audio_api, [dev_in, *played])
     sd = load_sounddevice() if audio_api == "portaudio" else None
     if device_block_ms is None:
-        device_block_ms = PULSE_DEVICE_BLOCK_MS if audio_api == "pulse" else DEVICE_BLOCK_MS
+        on_jack = any("JACK" in d.get("hostapi", "") for d in (dev_in, *played))
+        device_block_ms = PULSE_DEVICE_BLOCK_MS if audio_api == "pulse" else \
+            JACK_DEVICE_BLOCK_MS if on_jack else DEVICE_BLOCK_MS
+    check_device_block(device_block_ms, audio_api)
     in_rate = int(input_rate or dev_in["default_rate"])
     out_rate = int(output_rate or dev_out["default_rate"])
     state = LiveState()
@@ -356,8 +382,8 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                                      max_prime=prime + block_out, tolerance=tolerance) for _ in range(2))
     inbox: queue.Queue = queue.Queue()
     vmic = VirtualMic(virtual_mic, out_rate) if virtual_mic else None
-    in_chunk = int(in_rate * device_block_ms / 1000)
-    max_chunks = int(MAX_QUEUE_S * 1000 / device_block_ms)
+    # input frames per callback (a 0 block: whatever the host API delivers, learnt from the callbacks)
+    state.input_chunk = int(in_rate * (device_block_ms or NOMINAL_CHUNK_MS) / 1000)
 
     recorder = None
     if record is not None:
@@ -368,7 +394,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
         except Exception as err:
             raise UserError(f"cannot write recording {record}: {err}") from None
     conversion = Conversion(voice, settings, config, in_rate, out_rate, [fifo], recorder, pipeline,
-                            inbox_samples=lambda: inbox.qsize() * in_chunk * out_rate // in_rate)
+                            inbox_samples=lambda: inbox.qsize() * state.input_chunk * out_rate // in_rate)
     guard = OverloadGuard(conversion, enabled=adapt)
 
     def on_input(indata, frames, time_info, status):
@@ -376,8 +402,9 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
             state.portaudio_flags += 1
         mono = indata[:, 0].copy()
         state.frames_in += frames
+        state.input_chunk = frames
         state.input_db = rms_db(mono)
-        if inbox.qsize() > max_chunks:  # the worker is behind: drop the oldest audio
+        if inbox.qsize() * frames > MAX_QUEUE_S * in_rate:  # the worker is behind: drop the oldest audio
             try:
                 inbox.get_nowait()
             except queue.Empty:
@@ -407,14 +434,14 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
         in_stream, out_stream, mon_stream = open_streams(
             sd, audio_api, dev_in, dev_out, dev_mon, in_rate, out_rate, device_block_ms, device_buffer_ms,
             on_input, on_output, on_monitor)
-        device_ms = (in_stream.latency + out_stream.latency) * 1000.0
+        device_ms = device_latency_ms(in_stream, out_stream)
         if mon_stream is not None:
             conversion.fifos.append(monitor_fifo)
         worker = threading.Thread(target=_worker, args=(conversion, inbox, state), daemon=True)
         key_reader = KeyReader(settings, state, voice) if keys and sys.stdin.isatty() else None
         worker.start()
         status = lambda: status_lines(conversion, fifo, state, settings,  # noqa: E731
-                                      (in_stream.latency + out_stream.latency) * 1000.0, key_reader,
+                                      device_latency_ms(in_stream, out_stream), key_reader,
                                       max(20, console.width - 1))
         with sigterm_as_stop(state), native_stderr_above(console), in_stream, out_stream, \
                 (mon_stream or nullcontext()):
@@ -424,7 +451,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
             console.print(f"live: {dev_in['name']} ({in_rate} Hz) -> {dev_out['name']} ({out_rate} Hz)"
                           f"{monitor}, block {conversion.block_ms:.0f} ms"
                           f"{' pipelined' if pipeline else ''}, algorithmic latency "
-                          f"{conversion.engine.latency_ms:.0f} ms, device buffers {device_ms:.0f} ms "
+                          f"{conversion.engine.latency_ms:.0f} ms, device buffers {ms_text(device_ms)} ms "
                           f"({audio_api}). Ctrl-C to stop.", highlight=False, soft_wrap=True,
                           markup=False)  # device names are literal
             if key_reader is not None:
@@ -438,7 +465,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                         state.stop.wait(1.0 / STATUS_HZ)
                         now = time.monotonic()
                         state.seconds = now - started
-                        device_ms = (in_stream.latency + out_stream.latency) * 1000.0  # pulse: measured
+                        device_ms = device_latency_ms(in_stream, out_stream)  # pulse: measured
                         if fifo.started and now - last_settle >= SETTLE_S:
                             for each in (fifo, monitor_fifo):  # the prime grows with underruns: so does this
                                 each.settle(each.prime // 2)
@@ -525,6 +552,15 @@ def auto_jitter_ms(choice: "AutoBlock | None", floor_ms: float, say=None) -> flo
     return jitter
 
 
+def check_device_block(block_ms: float, audio_api: str) -> None:
+    """--device-block-ms: 0 (PortAudio only: the host API's own size) up to MAX_DEVICE_BLOCK_MS."""
+    low = 0.0 if audio_api == "portaudio" else 1.0
+    if not low <= block_ms <= MAX_DEVICE_BLOCK_MS:  # NaN fails too
+        raise UserError(f"--device-block-ms must be between {low:g} and {MAX_DEVICE_BLOCK_MS:g} ms "
+                        f"({'0: the host API picks' if low == 0 else 'the pulse API needs a size'}), "
+                        f"got {block_ms:g}")
+
+
 def check_live_options(input_rate: int | None = None, output_rate: int | None = None,
                        duration: float | None = None, jitter_ms: float = 0.0) -> None:
     """User mistakes in `rtsvc live` options that would otherwise surface late (after the model loads)."""
@@ -545,7 +581,7 @@ def live_summary(result: dict, record: str | Path | None = None) -> str:
             f"{result['underruns']}, overruns {result['overruns']}, trims {result['trims']} "
             f"({result['trimmed_ms']:.0f} ms), e2e estimate {result['e2e_ms_mean']:.0f} ms = algorithmic "
             f"{result['algorithmic_ms']:.0f} + buffer {result['buffer_ms_mean']:.0f} + device "
-            f"{result['device_latency_ms']:.0f}, limited samples {result['limited_samples']}"
+            f"{ms_text(result['device_latency_ms'])}, limited samples {result['limited_samples']}"
             + (f", buffer settled -{result['settled_ms']:.0f} ms" if result.get('settled_ms') else "")
             + (f", block changes {result['block_changes']}" if result['block_changes'] else "")
             + (f", recorded {record}" if record else ""))

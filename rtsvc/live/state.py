@@ -13,6 +13,7 @@ class LiveState:
     input_db: float = -120.0
     frames_in: int = 0  # device frames seen by the callbacks
     frames_out: int = 0
+    input_chunk: int = 0  # frames of the last input callback
     frames_monitor: int = 0  # frames the monitor output (headphones) took
     seconds: float = 0.0
     error: BaseException | None = None
