@@ -56,15 +56,16 @@ class PipeWireServer:
 
     def __enter__(self) -> "PipeWireServer":
         try:
-            for args in (["dbus-daemon", "--session", "--nofork", f"--address={self.env['DBUS_SESSION_BUS_ADDRESS']}"],
-                         ["pipewire"], ["wireplumber"], ["pipewire-pulse"]):
+            bus = f"--address={self.env['DBUS_SESSION_BUS_ADDRESS']}"
+            for args in (["dbus-daemon", "--session", "--nofork", bus], ["pipewire"], ["wireplumber"],
+                         ["pipewire-pulse"]):
                 self.processes.append(subprocess.Popen(args, env=self.env, stdout=subprocess.DEVNULL,
                                                        stderr=subprocess.DEVNULL))
                 time.sleep(0.5)
             self._wait(["pactl", "info"], "pipewire-pulse")
             for name in ("mic", "speaker"):
-                self.run("pactl", "load-module", "module-null-sink", f"sink_name={name}", f"rate={SAMPLE_RATE}",
-                         "channels=1")
+                self.run("pactl", "load-module", "module-null-sink", f"sink_name={name}",
+                         f"rate={SAMPLE_RATE}", "channels=1")
             self.run("pw-metadata", "-n", "settings", "0", "clock.force-rate", str(SAMPLE_RATE))
             self._wait(["pw-link", "-o"], "the null sinks' ports", want="speaker")
         except BaseException:
@@ -134,12 +135,12 @@ def clock_main(out_path: str, seconds: float) -> None:
     np.savez(out_path, mic=mic, speaker=speaker)
 
 
-VARIANTS = {  # name: (how live reaches the server, its device options, JACK quantum or None)
+PULSE_NAMES = ["--input", "mic.monitor", "--output", "speaker"]
+VARIANTS = {  # name: (live's device options, the JACK quantum it runs at, or None: not a JACK client)
     "portaudio JACK, quantum 256": (["--input", MIC, "--output", SPEAKER], "256/44100"),
     "portaudio JACK, quantum 128": (["--input", MIC, "--output", SPEAKER], "128/44100"),
-    "portaudio ALSA pulse plugin": (["--input", "mic.monitor", "--output", "speaker", "--audio-api", "portaudio"],
-                                    None),
-    "native pulse (pasimple)": (["--input", "mic.monitor", "--output", "speaker", "--audio-api", "pulse"], None),
+    "portaudio ALSA pulse plugin": ([*PULSE_NAMES, "--audio-api", "portaudio"], None),
+    "native pulse (pasimple)": ([*PULSE_NAMES, "--audio-api", "pulse"], None),
 }
 
 
@@ -155,9 +156,10 @@ def measure(server: PipeWireServer, variant: str, seconds: float, live_args: lis
         try:
             wait_for_start(live, log, 120)
             time.sleep(1.0)
-            code = "import sys; from benchmarks.pipewire_rig import clock_main; clock_main(sys.argv[1], float(sys.argv[2]))"
-            subprocess.run([sys.executable, "-c", code, str(rec), str(seconds)], check=True, timeout=seconds + 60,
-                           env=server.jack_env(CLOCK_QUANTUM), capture_output=True)
+            code = ("import sys; from benchmarks.pipewire_rig import clock_main; "
+                    "clock_main(sys.argv[1], float(sys.argv[2]))")
+            subprocess.run([sys.executable, "-c", code, str(rec), str(seconds)], check=True,
+                           timeout=seconds + 60, env=server.jack_env(CLOCK_QUANTUM), capture_output=True)
         finally:
             live.send_signal(signal.SIGINT)
             try:
@@ -184,16 +186,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--live", default="", help="more `rtsvc live` options for every row")
     args = parser.parse_args(argv)
     live_args = ["--block-ms", args.block_ms, *args.live.split()]
-    print("| way to the server | e2e mean ms | p95 | underruns | compute ms | buffer (live's estimate) | bursts |")
+    print("| way to the server | e2e mean ms | p95 | underruns | compute ms | buffer (live's estimate) "
+          "| bursts |")
     print("|---|---|---|---|---|---|---|")
     with PipeWireServer() as server:
         for _ in range(args.rounds):
             for variant in args.variants:
                 row = measure(server, variant, args.seconds, live_args)
-                sp = row["split"]
-                print(f"| {variant} | {row['mean']:.1f} | {row['p95']:.1f} | {sp.get('underruns', '?'):.0f} | "
-                      f"{sp.get('compute_ms', float('nan')):.1f} | {sp.get('buffer_ms', float('nan')):.0f} | "
-                      f"{row['bursts']} |", flush=True)
+                part = {name: row["split"].get(name, float("nan"))
+                        for name in ("underruns", "compute_ms", "buffer_ms")}
+                print(f"| {variant} | {row['mean']:.1f} | {row['p95']:.1f} | {part['underruns']:.0f} | "
+                      f"{part['compute_ms']:.1f} | {part['buffer_ms']:.0f} | {row['bursts']} |", flush=True)
 
 
 if __name__ == "__main__":
