@@ -11,8 +11,9 @@ its compute takes at most `jitter_ms` longer than that first block's did, whatev
 length; on a machine whose load moves compute by more (70-200 ms within a minute, measured), the
 FIFO runs dry (an underrun) and is primed again with the silence it lacked added to the prime (at
 most one block more in all), so the next equally late block is on time: latency grows only where
-it must. Every SETTLE_S the buffer is cut to what the output needed at its lowest in that window plus
-half the prime (`OutputFifo.settle`), so latency also shrinks where it can.
+it must. After SETTLE_FIRST_S, then every SETTLE_S, the buffer is cut to what the output needed at
+its lowest in that window plus half the prime (`OutputFifo.settle`), so latency also shrinks where
+it can.
 Drift: what waits between the callbacks returns to its target after a stall or a burst:
 queued input over it is skipped and converted audio over it is dropped, both crossfaded and counted
 as trims (`rtsvc/live/fifo.py`); under sustained overload the block grows (`rtsvc/live/chain.py`).
@@ -74,6 +75,9 @@ TRIM_TOLERANCE_MS = 10.0  # the output buffer may stand this far above its targe
 # window (`OutputFifo.settle`): the first block's target carries its compute and the whole prime.
 # DSP voice through the rig: 93-100 ms mic to ear against 109-121 without (docs/benchmarks.md)
 SETTLE_S = 10.0
+# the first settling comes sooner: 4 s of low water already holds the worst block (rig, alternated:
+# 93, 89, 95 ms and no underrun against 96, 95, 116 ms with 1, 1, 5 at 10 s; docs/benchmarks.md)
+SETTLE_FIRST_S = 4.0
 PULSE_BUFFER_MS = 20.0  # --audio-api pulse: playback buffer (tlength) unless --device-buffer-ms
 INPUT_WAIT_S = 10.0  # how long to wait for the first input callback before warning
 # An output counts as running once it has taken this much audio: PortAudio's ALSA `pulse` device
@@ -457,7 +461,8 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
             if key_reader is not None:
                 console.print(key_help(voice), style="dim", highlight=False, soft_wrap=True)
                 key_reader.start()
-            started = last_log = last_settle = time.monotonic()
+            started = last_log = time.monotonic()
+            next_settle = started + SETTLE_FIRST_S
             with Live(status(), console=console, refresh_per_second=STATUS_HZ, transient=False,
                       redirect_stderr=False, auto_refresh=console.is_terminal) as panel:
                 try:
@@ -466,10 +471,10 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                         now = time.monotonic()
                         state.seconds = now - started
                         device_ms = device_latency_ms(in_stream, out_stream)  # pulse: measured
-                        if fifo.started and now - last_settle >= SETTLE_S:
+                        if fifo.started and now >= next_settle:
                             for each in (fifo, monitor_fifo):  # the prime grows with underruns: so does this
                                 each.settle(each.prime // 2)
-                            last_settle = now
+                            next_settle = now + SETTLE_S
                         if fifo.started:
                             split = latency_split(conversion, fifo, device_ms)
                             buffer_sum, e2e_sum, samples = (buffer_sum + split["buffer_ms"],
