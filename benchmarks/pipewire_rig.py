@@ -18,7 +18,6 @@ Needs Debian's pipewire, pipewire-pulse, pipewire-jack, wireplumber and dbus, an
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtsvc.bench.loopback import burst_train, pair_delays, summary_split, wait_for_start
+from rtsvc.bench.loopback import burst_train, pair_delays, stop_live, summary_split, wait_for_start
 from rtsvc.dsp.audio import SAMPLE_RATE
 from rtsvc.errors import UserError
 
@@ -161,12 +160,7 @@ def measure(server: PipeWireServer, variant: str, seconds: float, live_args: lis
             subprocess.run([sys.executable, "-c", code, str(rec), str(seconds)], check=True,
                            timeout=seconds + 60, env=server.jack_env(CLOCK_QUANTUM), capture_output=True)
         finally:
-            live.send_signal(signal.SIGINT)
-            try:
-                live.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                live.kill()
-                live.wait()
+            stop_live(live)
         text = log.read_text(errors="replace")
         data = np.load(rec)
         delays = pair_delays(data["mic"], data["speaker"], seconds) * 1000

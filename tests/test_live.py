@@ -47,6 +47,15 @@ def median_f0(x: np.ndarray, rate: int = SR) -> tuple[float, int]:
 
 
 
+def play_tone_into_live(live: subprocess.Popen, log: Path, env: dict, tone: Path,
+                        start_timeout: float = 60, end_timeout: float = 60) -> None:
+    """Once live has started, play TONE into "mic" and wait for live to end (by --duration) cleanly."""
+    wait_for_start(live, log, timeout=start_timeout)
+    time.sleep(0.5)
+    subprocess.run(["paplay", "-d", "mic", str(tone)], env=env, check=True, timeout=30)
+    assert live.wait(timeout=end_timeout) == 0, log.read_text()
+
+
 def live_with_tone(pulse, args: list[str], tmp_path: Path, start_timeout: float = 60,
                    end_timeout: float = 60) -> tuple[np.ndarray, str]:
     """`rtsvc live ARGS` through the null sinks while a 3 s sung tone plays into "mic": what came
@@ -59,10 +68,7 @@ def live_with_tone(pulse, args: list[str], tmp_path: Path, start_timeout: float 
                                   "--channels=1", f"--rate={SR}"], env=pulse.env, stdout=sink)
     live = start_live(pulse, args, log)
     try:
-        wait_for_start(live, log, timeout=start_timeout)
-        time.sleep(0.5)
-        subprocess.run(["paplay", "-d", "mic", str(tone)], env=pulse.env, check=True, timeout=30)
-        assert live.wait(timeout=end_timeout) == 0, log.read_text()
+        play_tone_into_live(live, log, pulse.env, tone, start_timeout, end_timeout)
     finally:
         for proc in (live, parec):
             if proc.poll() is None:
@@ -380,10 +386,7 @@ def test_live_by_pulse_names_with_a_monitor(tmp_path):
                                     env=server.client_env(), stdin=subprocess.DEVNULL, stdout=stream,
                                     stderr=subprocess.STDOUT)
         try:
-            wait_for_start(live, log, timeout=60)
-            time.sleep(0.5)
-            subprocess.run(["paplay", "-d", "mic", str(tone)], env=server.env, check=True, timeout=30)
-            assert live.wait(timeout=60) == 0, log.read_text()
+            play_tone_into_live(live, log, server.env, tone)
         finally:
             for proc in (live, *recorders):
                 if proc.poll() is None:

@@ -4,7 +4,6 @@ period, and the converted tone comes out an octave up (benchmarks/pipewire_rig.p
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +11,8 @@ import pytest
 import soundfile as sf
 
 from benchmarks.pipewire_rig import MIC, SPEAKER, PipeWireServer
-from rtsvc.bench.loopback import wait_for_start
 from rtsvc.dsp.signals import sung_tone
-from tests.test_live import SR, TONE_F0, VOICED_MIN, median_f0
+from tests.test_live import SR, TONE_F0, VOICED_MIN, median_f0, play_tone_into_live
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,10 +34,7 @@ def test_live_through_portaudio_jack_on_pipewire(tmp_path):
                                     env=server.jack_env("256/44100"), stdin=subprocess.DEVNULL, stdout=stream,
                                     stderr=subprocess.STDOUT, cwd=str(ROOT))
         try:
-            wait_for_start(live, log, timeout=60)
-            time.sleep(0.5)
-            subprocess.run(["paplay", "-d", "mic", str(tone)], env=server.env, check=True, timeout=30)
-            assert live.wait(timeout=60) == 0, log.read_text()
+            play_tone_into_live(live, log, server.env, tone)
         finally:
             for proc in (live, parec):
                 if proc.poll() is None:

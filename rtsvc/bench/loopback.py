@@ -249,12 +249,7 @@ def measure_loopback(live_args: list[str], seconds: float = 6.0, startup_timeout
                 said = log.read_text(errors="replace")[-600:]
                 raise UserError(f"{err}; live's last lines: {said}") from None
         finally:
-            live.send_signal(signal.SIGINT)  # a clean Ctrl-C: live prints its counters
-            try:
-                live.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                live.kill()
-                live.wait()
+            stop_live(live)
         text = log.read_text(errors="replace")
     if not live_ms.size:
         raise UserError(f"loopback: no burst came back through `rtsvc live`; its last lines: {text[-600:]}")
@@ -329,6 +324,16 @@ def start_live(server: PulseServer, args: list[str], log: Path) -> subprocess.Po
                                 env=server.client_env(sink="speaker", source="mic.monitor"),
                                 stdin=subprocess.DEVNULL, stdout=stream, stderr=subprocess.STDOUT,
                                 cwd=str(Path(__file__).resolve().parent.parent))
+
+
+def stop_live(process: subprocess.Popen) -> None:
+    """A clean Ctrl-C (live prints its counters), killed if it has not stopped within 30 s."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def wait_for_start(process: subprocess.Popen, log: Path, timeout: float) -> None:
