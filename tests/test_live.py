@@ -474,6 +474,16 @@ def test_a_latency_the_host_api_cannot_have_reads_as_unknown_not_as_days():
     assert "+ device ?" in text and "e2e ~" in text
 
 
+def test_device_block_zero_is_the_host_apis_own_size_and_only_portaudio_has_one():
+    from rtsvc.live.run import check_device_block
+
+    check_device_block(0.0, "portaudio")  # JACK's period
+    check_device_block(5.0, "pulse")
+    for block, api in ((0.0, "pulse"), (-1.0, "portaudio"), (float("nan"), "portaudio"), (250.0, "pulse")):
+        with pytest.raises(UserError, match="--device-block-ms must be between"):
+            check_device_block(block, api)
+
+
 # --- what live says, how it stops, and that it never drifts ---------------------------
 
 LONG_SOURCE = "alsa_output.usb-Focusrite_Scarlett_2i2_USB-00.analog-stereo.monitor"
