@@ -134,36 +134,27 @@ def native_stderr_above(console) -> Iterator[None]:
             console.file = previous
 
 
-def _wait_for_input(state: LiveState, console, timeout: float = INPUT_WAIT_S) -> None:
-    """Return once the input callback has delivered audio (PulseAudio can take a second or more)."""
+def _wait_until(ready, state: LiveState, console, warning: str, timeout: float = INPUT_WAIT_S) -> None:
+    """Return once `ready()` holds, live is stopped, or `timeout` s have passed (then print `warning`)."""
     deadline = time.monotonic() + timeout
     try:
-        while state.frames_in == 0 and time.monotonic() < deadline and not state.stop.is_set():
+        while not ready() and time.monotonic() < deadline and not state.stop.is_set():
             time.sleep(0.02)
     except KeyboardInterrupt:
         state.stop.set()
         return
-    if state.frames_in == 0:
-        console.print(f"warning: no input audio after {timeout:.0f} s; still waiting", style="yellow")
+    if not ready():
+        console.print(f"warning: {warning}", style="yellow")
 
 
-def _wait_for_outputs(state: LiveState, rate: int, monitor: bool, console,
-                      timeout: float = INPUT_WAIT_S) -> None:
-    """Return once each output has taken OUTPUT_RUNNING_MS of audio (past the stall after its start)."""
+def _wait_for_streams(state: LiveState, rate: int, monitor: bool, console) -> None:
+    """Return once the input has delivered audio (PulseAudio can take a second or more) and each
+    output has taken OUTPUT_RUNNING_MS of it (past the stall after its start)."""
+    _wait_until(lambda: state.frames_in > 0, state, console,
+                f"no input audio after {INPUT_WAIT_S:.0f} s; still waiting")
     need = int(OUTPUT_RUNNING_MS * rate / 1000)
-    deadline = time.monotonic() + timeout
-
-    def running() -> bool:
-        return state.frames_out >= need and (not monitor or state.frames_monitor >= need)
-
-    try:
-        while not running() and time.monotonic() < deadline and not state.stop.is_set():
-            time.sleep(0.02)
-    except KeyboardInterrupt:
-        state.stop.set()
-        return
-    if not running():
-        console.print(f"warning: the output took no audio for {timeout:.0f} s; still waiting", style="yellow")
+    _wait_until(lambda: state.frames_out >= need and (not monitor or state.frames_monitor >= need), state,
+                console, f"the output took no audio for {INPUT_WAIT_S:.0f} s; still waiting")
 
 
 def _worker(conversion: Conversion, inbox: queue.Queue, state: LiveState) -> None:
@@ -449,8 +440,7 @@ def run_live(voice: Voice, settings: RuntimeSettings, config: StreamConfig | Non
                                       max(20, console.width - 1))
         with sigterm_as_stop(state), native_stderr_above(console), in_stream, out_stream, \
                 (mon_stream or nullcontext()):
-            _wait_for_input(state, console)
-            _wait_for_outputs(state, out_rate, mon_stream is not None, console)
+            _wait_for_streams(state, out_rate, mon_stream is not None, console)
             monitor = f", monitor {dev_mon['name']}" if dev_mon is not None else ""
             console.print(f"live: {dev_in['name']} ({in_rate} Hz) -> {dev_out['name']} ({out_rate} Hz)"
                           f"{monitor}, block {conversion.block_ms:.0f} ms"
